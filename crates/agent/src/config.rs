@@ -1,0 +1,233 @@
+//! `agent.toml`: who the node is, where the control plane is, and the
+//! services this agent supervises.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use nix::sys::signal::Signal;
+use serde::Deserialize;
+
+use crate::health::{HealthCheck, ResolvedCheck};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: Option<String>,
+    server: Option<String>,
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default, rename = "service")]
+    services: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Option<String>,
+    command: Option<Vec<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    working_dir: Option<String>,
+    health: Option<HealthCheck>,
+    stop_signal: Option<String>,
+    stop_grace: Option<String>,
+    #[serde(default)]
+    backup: Vec<PathBuf>,
+    backups_kept: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node: String,
+    pub server: String,
+    pub state_dir: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// Program and arguments; `{release}` stands for the release directory.
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub working_dir: Option<String>,
+    pub health: ResolvedCheck,
+    pub stop_signal: Signal,
+    pub stop_grace_ms: u64,
+    /// Paths copied before a switch and restored by a rollback.
+    pub backup: Vec<PathBuf>,
+    pub backups_kept: usize,
+}
+
+pub const RELEASE_PLACEHOLDER: &str = "{release}";
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<AgentConfig, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading agent config {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("invalid agent config {}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<AgentConfig, String> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| one_line(&e.to_string()))?;
+        let node = match raw.node {
+            Some(n) => n,
+            None => hostname()?,
+        };
+        if !valid_name(&node) {
+            return Err(format!(
+                "node: {node:?} is not a valid node name (1-128 characters of a-z, A-Z, 0-9, '-', '_', '.')"
+            ));
+        }
+        let server = raw
+            .server
+            .unwrap_or_else(|| "http://127.0.0.1:7700".to_string());
+        if !(server.starts_with("http://") || server.starts_with("https://")) {
+            return Err(format!("server: {server:?} must start with http:// or https://"));
+        }
+        let state_dir = raw
+            .state_dir
+            .ok_or_else(|| "state_dir: is required".to_string())?;
+        if raw.services.is_empty() {
+            return Err("service: at least one [[service]] is required".into());
+        }
+        let mut services: Vec<ServiceConfig> = Vec::new();
+        for (i, s) in raw.services.into_iter().enumerate() {
+            let at = format!("service[{i}]");
+            let name = s.name.ok_or_else(|| format!("{at}.name: is required"))?;
+            rollwave_core::validate_service_name(&format!("{at}.name"), &name)
+                .map_err(|e| e.to_string())?;
+            if services.iter().any(|o| o.name == name) {
+                return Err(format!("{at}.name: service {name:?} is declared twice"));
+            }
+            let at = format!("service.{name}");
+            let command = s
+                .command
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| format!("{at}.command: is required (program and arguments)"))?;
+            let health = s
+                .health
+                .ok_or_else(|| format!("{at}.health: is required"))?
+                .resolve(&format!("{at}.health"))
+                .map_err(|e| e.to_string())?;
+            let stop_signal = match s.stop_signal.as_deref() {
+                None => Signal::SIGTERM,
+                Some(sig) => parse_signal(sig)
+                    .ok_or_else(|| format!("{at}.stop_signal: {sig:?} is not a signal name like SIGTERM"))?,
+            };
+            let stop_grace_ms = match s.stop_grace.as_deref() {
+                None => 10_000,
+                Some(g) => rollwave_core::parse_duration(&format!("{at}.stop_grace"), g)
+                    .map_err(|e| e.to_string())?,
+            };
+            for p in &s.backup {
+                if !p.is_absolute() {
+                    return Err(format!("{at}.backup: {} must be an absolute path", p.display()));
+                }
+            }
+            let backups_kept = s.backups_kept.unwrap_or(3);
+            if backups_kept == 0 {
+                return Err(format!("{at}.backups_kept: must be at least 1"));
+            }
+            services.push(ServiceConfig {
+                name,
+                command,
+                env: s.env,
+                working_dir: s.working_dir,
+                health,
+                stop_signal,
+                stop_grace_ms,
+                backup: s.backup,
+                backups_kept,
+            });
+        }
+        Ok(AgentConfig {
+            node,
+            server: server.trim_end_matches('/').to_string(),
+            state_dir,
+            labels: raw.labels,
+            services,
+        })
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+fn hostname() -> Result<String, String> {
+    nix::unistd::gethostname()
+        .map_err(|e| format!("node: not set and the hostname is unreadable: {e}"))?
+        .into_string()
+        .map_err(|_| "node: not set and the hostname is not UTF-8".to_string())
+}
+
+fn parse_signal(s: &str) -> Option<Signal> {
+    let upper = s.trim().to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node = "n1"
+server = "http://127.0.0.1:7700"
+state_dir = "/tmp/x"
+labels = { rack = "r1" }
+
+[[service]]
+name = "api"
+command = ["{release}/bin/api", "--port", "8080"]
+stop_signal = "INT"
+stop_grace = "3s"
+backup = ["/var/lib/api"]
+health = { type = "http", url = "http://127.0.0.1:8080/healthz" }
+"#;
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = AgentConfig::parse(GOOD).unwrap();
+        assert_eq!(c.node, "n1");
+        assert_eq!(c.labels["rack"], "r1");
+        let s = &c.services[0];
+        assert_eq!(s.stop_signal, Signal::SIGINT);
+        assert_eq!(s.stop_grace_ms, 3000);
+        assert_eq!(s.backups_kept, 3);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (GOOD.replace("\"3s\"", "\"5 parsecs\""), "service.api.stop_grace"),
+            (GOOD.replace("\"INT\"", "\"SIGFOO\""), "service.api.stop_signal"),
+            (GOOD.replace("state_dir = \"/tmp/x\"", ""), "state_dir"),
+            (GOOD.replace("\"/var/lib/api\"", "\"rel\""), "service.api.backup"),
+            (GOOD.replace("name = \"api\"", "name = \"../x\""), "service[0].name"),
+            (GOOD.replace("node = \"n1\"", "node = \"a b\""), "node"),
+            (GOOD.replace("labels", "lables"), "unknown field"),
+        ];
+        for (text, field) in cases {
+            let err = AgentConfig::parse(&text).unwrap_err();
+            assert!(err.contains(field), "{err} should name {field}");
+            assert!(!err.contains('\n'), "{err} should be one line");
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The on-disk layout of a service on a node, and the few filesystem
+//! operations that must be atomic or crash-safe:
+//!
+//! ```text
+//! state_dir/services/<name>/releases/<version>/   unpacked, verified releases
+//! state_dir/services/<name>/releases/<version>.sha256   marker: staged and verified
+//! state_dir/services/<name>/current -> releases/<version>   switched atomically
+//! state_dir/services/<name>/backups/<task id>/    copies of the backup paths
+//! state_dir/services/<name>/process.json          the running process, for re-adoption
+//! state_dir/tasks/<task id>.json                  task journal
+//! ```
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct ServiceDirs {
+    pub root: PathBuf,
+}
+
+impl ServiceDirs {
+    pub fn new(state_dir: &Path, service: &str) -> Self {
+        ServiceDirs {
+            root: state_dir.join("services").join(service),
+        }
+    }
+    pub fn releases(&self) -> PathBuf {
+        self.root.join("releases")
+    }
+    pub fn release(&self, version: &str) -> PathBuf {
+        self.releases().join(version)
+    }
+    fn marker(&self, version: &str) -> PathBuf {
+        self.releases().join(format!("{version}.sha256"))
+    }
+    pub fn current_link(&self) -> PathBuf {
+        self.root.join("current")
+    }
+    pub fn backups(&self) -> PathBuf {
+        self.root.join("backups")
+    }
+    pub fn process_file(&self) -> PathBuf {
+        self.root.join("process.json")
+    }
+
+    pub fn create(&self) -> io::Result<()> {
+        fs::create_dir_all(self.releases())?;
+        fs::create_dir_all(self.backups())
+    }
+
+    /// The version `current` points at, if any.
+    pub fn current_version(&self) -> Option<String> {
+        let target = fs::read_link(self.current_link()).ok()?;
+        target.file_name()?.to_str().map(str::to_string)
+    }
+
+    /// Whether `version` is unpacked and was verified against `sha256`.
+    pub fn is_staged(&self, version: &str, sha256: &str) -> bool {
+        self.release(version).is_dir()
+            && fs::read_to_string(self.marker(version)).is_ok_and(|m| m.trim() == sha256)
+    }
+
+    pub fn mark_staged(&self, version: &str, sha256: &str) -> io::Result<()> {
+        write_atomic(&self.marker(version), sha256.as_bytes())
+    }
+
+    /// Verified versions present on disk, oldest name first.
+    pub fn staged(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(self.releases()) else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".sha256").map(str::to_string))
+            .filter(|v| self.release(v).is_dir())
+            .collect();
+        out.sort_by(|a, b| match (semver::Version::parse(a), semver::Version::parse(b)) {
+            (Ok(a), Ok(b)) => a.cmp(&b),
+            _ => a.cmp(b),
+        });
+        out
+    }
+
+    /// Removes a release that is present but not verified (a crash mid-stage).
+    pub fn discard_unverified(&self, version: &str) -> io::Result<()> {
+        let _ = fs::remove_file(self.marker(version));
+        match fs::remove_dir_all(self.release(version)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Points `current` at `version` (or removes it for `None`) atomically:
+    /// a new link is created beside it and renamed over it.
+    pub fn switch_current(&self, version: Option<&str>) -> io::Result<()> {
+        let link = self.current_link();
+        match version {
+            Some(v) => {
+                let tmp = self.root.join(format!(".current.tmp-{}", std::process::id()));
+                let _ = fs::remove_file(&tmp);
+                symlink(Path::new("releases").join(v), &tmp)?;
+                fs::rename(&tmp, &link)?;
+            }
+            None => match fs::remove_file(&link) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            },
+        }
+        fsync_dir(&self.root)
+    }
+}
+
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+/// Writes a file through a temporary sibling and a rename, fsyncing both.
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let parent = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(parent)?;
+    let tmp = parent.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    fsync_dir(parent)
+}
+
+/// Copies a file or directory tree; symlinks are copied as links.
+pub fn copy_tree(from: &Path, to: &Path) -> io::Result<u64> {
+    let meta = fs::symlink_metadata(from)?;
+    if meta.file_type().is_symlink() {
+        symlink(fs::read_link(from)?, to)?;
+        Ok(1)
+    } else if meta.is_dir() {
+        fs::create_dir_all(to)?;
+        fs::set_permissions(to, meta.permissions())?;
+        let mut n = 0;
+        for entry in fs::read_dir(from)? {
+            let entry = entry?;
+            n += copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+        }
+        Ok(n)
+    } else {
+        fs::copy(from, to)?;
+        Ok(1)
+    }
+}
+
+/// Removes a file or tree if present.
+pub fn remove_path(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switches_current_atomically_and_lists_staged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = ServiceDirs::new(tmp.path(), "api");
+        dirs.create().unwrap();
+        assert_eq!(dirs.current_version(), None);
+        for v in ["1.10.0", "1.2.0"] {
+            fs::create_dir_all(dirs.release(v)).unwrap();
+            dirs.mark_staged(v, "abc").unwrap();
+        }
+        fs::create_dir_all(dirs.release("3.0.0")).unwrap(); // not verified
+        assert_eq!(dirs.staged(), vec!["1.2.0", "1.10.0"]);
+        assert!(dirs.is_staged("1.2.0", "abc"));
+        assert!(!dirs.is_staged("1.2.0", "abd"));
+        assert!(!dirs.is_staged("3.0.0", "abc"));
+        dirs.switch_current(Some("1.2.0")).unwrap();
+        assert_eq!(dirs.current_version().as_deref(), Some("1.2.0"));
+        dirs.switch_current(Some("1.10.0")).unwrap();
+        assert_eq!(dirs.current_version().as_deref(), Some("1.10.0"));
+        dirs.switch_current(None).unwrap();
+        assert_eq!(dirs.current_version(), None);
+    }
+
+    #[test]
+    fn copies_and_removes_trees() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        fs::create_dir_all(src.join("a/b")).unwrap();
+        fs::write(src.join("a/b/f"), "data").unwrap();
+        symlink("b/f", src.join("a/link")).unwrap();
+        let n = copy_tree(&src, &tmp.path().join("dst")).unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(fs::read_to_string(tmp.path().join("dst/a/link")).unwrap(), "data");
+        remove_path(&tmp.path().join("dst")).unwrap();
+        assert!(!tmp.path().join("dst").exists());
+        remove_path(&tmp.path().join("dst")).unwrap();
+    }
+}

@@ -1,0 +1,68 @@
+//! The node agent: supervises the node's services, and carries out the
+//! control plane's tasks on them (stage, verify, back up, switch, gate, roll
+//! back), over one outbound session.
+
+pub mod artifact;
+pub mod config;
+mod executor;
+pub mod health;
+pub mod layout;
+mod session;
+mod supervisor;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, Notify};
+
+pub use config::AgentConfig;
+
+use crate::executor::{Executor, Service};
+use crate::layout::ServiceDirs;
+
+/// Runs the agent until `shutdown` resolves. Services keep running after the
+/// agent exits: the next agent re-adopts them.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    std::fs::create_dir_all(config.state_dir.join("tasks"))
+        .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+    let client = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .context("building http client")?;
+    let check_client = health::check_client().context("building health check client")?;
+    let changed = Arc::new(Notify::new());
+    let mut services = BTreeMap::new();
+    for svc in &config.services {
+        let dirs = ServiceDirs::new(&config.state_dir, &svc.name);
+        dirs.create()
+            .with_context(|| format!("creating {}", dirs.root.display()))?;
+        let sup = supervisor::spawn(
+            svc.clone(),
+            dirs.clone(),
+            changed.clone(),
+            check_client.clone(),
+        );
+        services.insert(svc.name.clone(), Arc::new(Service::new(svc.clone(), dirs, sup)));
+    }
+    let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
+    let executor = Executor::new(
+        config.state_dir.clone(),
+        config.server.clone(),
+        client,
+        services.clone(),
+        outbox_tx,
+        changed.clone(),
+    );
+    tracing::info!(node = %config.node, server = %config.server, services = services.len(), "agent started");
+    tokio::select! {
+        _ = session::run(config.clone(), services, executor, outbox_rx, changed) => {}
+        _ = shutdown => tracing::info!("agent stopping; services keep running"),
+    }
+    Ok(())
+}

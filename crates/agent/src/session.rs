@@ -1,0 +1,117 @@
+//! The agent's one long-lived connection to the control plane: a WebSocket
+//! the agent opens (so nodes need no inbound port), reopened with backoff
+//! whenever it drops. Tasks arrive on it the moment they are decided; status
+//! changes and task reports go out on it, queued while it is down.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rollwave_api::{AgentMessage, ServerMessage, AGENT_CONNECT_PATH, AGENT_PROTOCOL};
+use tokio::sync::{mpsc, Notify};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::config::AgentConfig;
+use crate::executor::{snapshot, Executor, Services};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
+
+pub async fn run(
+    config: Arc<AgentConfig>,
+    services: Services,
+    executor: Arc<Executor>,
+    mut outbox: mpsc::UnboundedReceiver<AgentMessage>,
+    changed: Arc<Notify>,
+) {
+    let url = format!(
+        "{}{}",
+        config
+            .server
+            .replacen("http://", "ws://", 1)
+            .replacen("https://", "wss://", 1),
+        AGENT_CONNECT_PATH
+    );
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        match session(&config, &url, &services, &executor, &mut outbox, &changed).await {
+            Ok(Ended::Refused(reason)) => {
+                tracing::error!(reason = %reason, "control plane refused this agent");
+                tokio::time::sleep(REFUSED_BACKOFF).await;
+                continue;
+            }
+            Ok(Ended::Closed) => {
+                tracing::warn!("connection to the control plane closed; reconnecting");
+                backoff = BACKOFF_MIN;
+            }
+            Err(e) => {
+                tracing::warn!(server = %config.server, error = %e, retry_in = ?backoff, "control plane unreachable");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+enum Ended {
+    Closed,
+    Refused(String),
+}
+
+async fn session(
+    config: &AgentConfig,
+    url: &str,
+    services: &Services,
+    executor: &Arc<Executor>,
+    outbox: &mut mpsc::UnboundedReceiver<AgentMessage>,
+    changed: &Notify,
+) -> anyhow::Result<Ended> {
+    let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+    let (mut sink, mut stream) = ws.split();
+    let mut reported = snapshot(services);
+    let hello = AgentMessage::Hello {
+        protocol: AGENT_PROTOCOL,
+        node: config.node.clone(),
+        labels: config.labels.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        services: reported.clone(),
+    };
+    sink.send(Message::text(serde_json::to_string(&hello)?))
+        .await?;
+    tracing::info!(server = %config.server, node = %config.node, "connected to the control plane");
+    loop {
+        tokio::select! {
+            frame = stream.next() => match frame {
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerMessage>(text.as_str()) {
+                    Ok(ServerMessage::Task(task)) => {
+                        tracing::info!(task = %task.id, service = %task.service, "task received");
+                        executor.submit(task);
+                    }
+                    Ok(ServerMessage::Welcome { .. }) => {}
+                    Ok(ServerMessage::Refused { reason }) => return Ok(Ended::Refused(reason)),
+                    Err(e) => tracing::warn!(error = %e, "malformed message from the control plane"),
+                },
+                Some(Ok(Message::Close(_))) | None => return Ok(Ended::Closed),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+            },
+            msg = outbox.recv() => {
+                let Some(msg) = msg else { return Ok(Ended::Closed) };
+                let text = serde_json::to_string(&msg)?;
+                if let Err(e) = sink.send(Message::text(text)).await {
+                    // Results must not be lost: the control plane resends
+                    // the task on reconnect and the journal answers it.
+                    return Err(e.into());
+                }
+            }
+            _ = changed.notified() => {
+                let now = snapshot(services);
+                if now != reported {
+                    sink.send(Message::text(serde_json::to_string(&AgentMessage::Status { services: now.clone() })?)).await?;
+                    reported = now;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The wire format shared by the server, the agent and the CLI: HTTP bodies,
+//! the agent session protocol and the mapping of error codes to HTTP status.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use rollwave_core::{
+    ArtifactFormat, NodeView, Release, Rollout, RolloutFile, ServiceView, TaskOutcome,
+};
+
+/// Bumped on any incompatible change to [`AgentMessage`] or [`ServerMessage`].
+pub const AGENT_PROTOCOL: u32 = 1;
+
+/// Path of the agent session WebSocket.
+pub const AGENT_CONNECT_PATH: &str = "/v1/agent/connect";
+
+/// Sent by an agent over its session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// First message of every session.
+    Hello {
+        protocol: u32,
+        node: String,
+        labels: BTreeMap<String, String>,
+        agent_version: String,
+        services: BTreeMap<String, ServiceView>,
+    },
+    /// Sent whenever a service's version, health or staged releases change.
+    Status {
+        services: BTreeMap<String, ServiceView>,
+    },
+    /// A step of a task has begun (download, verify, backup, switch, gate, ...).
+    TaskPhase { task_id: String, phase: String },
+    /// A task has ended. Sent again if the same task is received again.
+    TaskResult {
+        task_id: String,
+        outcome: TaskOutcome,
+    },
+}
+
+/// Sent by the control plane over an agent session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    Welcome { node: String },
+    /// The session is refused; the agent should not retry quickly.
+    Refused { reason: String },
+    Task(Task),
+}
+
+/// Work for one service on one node. Tasks are idempotent by `id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    pub rollout: u64,
+    pub service: String,
+    pub action: TaskAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TaskAction {
+    /// Stage `version`, back up, switch to it and hold it healthy for
+    /// `min_healthy_time_ms` within `healthy_deadline_ms`; on failure return to
+    /// the previous version and restore the backup.
+    Upgrade {
+        version: String,
+        artifact: ArtifactRef,
+        min_healthy_time_ms: u64,
+        healthy_deadline_ms: u64,
+    },
+    /// Return to `to_version` (none: the service did not run before) and
+    /// restore the backup taken by `upgrade_task`.
+    Revert {
+        to_version: Option<String>,
+        upgrade_task: String,
+        healthy_deadline_ms: u64,
+    },
+}
+
+/// Where an agent downloads an artifact from, and what it must hash to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactRef {
+    /// Path on the control plane, e.g. `/v1/releases/api/2.0.0/artifact`.
+    pub path: String,
+    pub sha256: String,
+    pub size: u64,
+    pub format: ArtifactFormat,
+}
+
+pub fn artifact_path(service: &str, version: &str) -> String {
+    format!("/v1/releases/{service}/{version}/artifact")
+}
+
+/// Response of `POST /v1/releases/{service}/{version}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushResponse {
+    pub release: Release,
+    /// False when the same content had been pushed before.
+    pub created: bool,
+}
+
+/// Body of `POST /v1/rollouts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartRollout {
+    pub spec: RolloutFile,
+}
+
+/// Response of the rollout endpoints: the rollout and what the fleet looked
+/// like for it when it started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutResponse {
+    pub rollout: Rollout,
+}
+
+/// Error codes, each with its one HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    NotFound,
+    Conflict,
+    PayloadTooLarge,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest => 400,
+            ErrorCode::NotFound => 404,
+            ErrorCode::Conflict => 409,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_tagged_json() {
+        let m = AgentMessage::TaskResult {
+            task_id: "r1-up-n1".into(),
+            outcome: TaskOutcome::Failed {
+                reason: "health check failed".into(),
+            },
+        };
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"task_result","task_id":"r1-up-n1","outcome":{"result":"failed","reason":"health check failed"}}"#
+        );
+        assert_eq!(serde_json::from_str::<AgentMessage>(&json).unwrap(), m);
+    }
+}

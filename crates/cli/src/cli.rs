@@ -1,0 +1,168 @@
+//! Command-line definitions.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "rollwave", version, about = "Upgrade a fleet of nodes to a new release, safely")]
+pub struct Cli {
+    /// Control plane address for client commands.
+    #[arg(long, global = true, env = "ROLLWAVE_SERVER", default_value = "http://127.0.0.1:7700")]
+    pub server: String,
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the control plane.
+    Server {
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "./rollwave-data")]
+        data_dir: PathBuf,
+    },
+    /// Run the node agent.
+    Agent {
+        #[arg(long, short = 'c')]
+        config: PathBuf,
+    },
+    /// Push and list releases.
+    #[command(subcommand)]
+    Release(ReleaseCommand),
+    /// Start, watch and steer rollouts.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+    /// Show the fleet: every node, its services, versions and health.
+    Nodes {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a local fleet and upgrade it end to end under load.
+    Demo(DemoArgs),
+    /// The small HTTP service the demo fleet runs.
+    #[command(hide = true)]
+    DemoService {
+        /// The release directory (holds release.toml).
+        #[arg(long)]
+        release: PathBuf,
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+impl Command {
+    /// Long-running commands log at info by default; client verbs stay quiet.
+    pub fn is_daemon(&self) -> bool {
+        matches!(self, Command::Server { .. } | Command::Agent { .. })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReleaseCommand {
+    /// Upload a release: a .tar.gz or a single executable.
+    Push {
+        service: String,
+        version: String,
+        file: PathBuf,
+    },
+    /// List releases.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Start a rollout: `rollwave rollout start api@2.0.0 --batch 2`.
+    Start(StartArgs),
+    /// Show a rollout (the newest if no id is given).
+    Status {
+        id: Option<u64>,
+        /// Follow the rollout until it ends.
+        #[arg(long)]
+        watch: bool,
+        /// Wait for the end; exit non-zero unless every node is on the target version.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List rollouts.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop starting nodes; nodes in flight finish.
+    Pause { id: u64 },
+    Resume { id: u64 },
+    /// Stop the rollout; upgraded nodes keep the new version.
+    Cancel { id: u64 },
+    /// Return every node this rollout upgraded to its previous version.
+    Rollback { id: u64 },
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// `service@version`; may come from the file instead.
+    pub target: Option<String>,
+    /// A rollout.toml; flags override its fields.
+    #[arg(long, short = 'f')]
+    pub file: Option<PathBuf>,
+    /// Label selector: `k=v`, `k!=v`, `k in (a,b)`, `k`, `!k`, comma-separated.
+    #[arg(long)]
+    pub selector: Option<String>,
+    /// Nodes per batch: a count or a percentage of the selected nodes.
+    #[arg(long)]
+    pub batch: Option<String>,
+    /// Nodes that may be unavailable at once (count or %); defaults to the batch size.
+    #[arg(long)]
+    pub max_unavailable: Option<String>,
+    /// How long a node must stay healthy after its switch.
+    #[arg(long)]
+    pub min_healthy_time: Option<String>,
+    /// How long a node has to become healthy after its switch.
+    #[arg(long)]
+    pub healthy_deadline: Option<String>,
+    /// The rollout fails if no node finishes for this long.
+    #[arg(long)]
+    pub progress_deadline: Option<String>,
+    /// Failed nodes tolerated before the rollout fails.
+    #[arg(long)]
+    pub max_failures: Option<u32>,
+    /// Leave upgraded nodes as they are when the rollout fails.
+    #[arg(long)]
+    pub no_auto_rollback: bool,
+    /// Wait for the end; exit non-zero unless every node is on the target version.
+    #[arg(long)]
+    pub wait: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 6)]
+    pub nodes: usize,
+    /// Roll out a release that never becomes healthy, and watch it roll back.
+    #[arg(long)]
+    pub bad: bool,
+    /// Print one JSON object at the end instead of the summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Leave the fleet running and print the server address.
+    #[arg(long)]
+    pub keep: bool,
+}

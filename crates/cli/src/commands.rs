@@ -1,0 +1,296 @@
+//! What each subcommand does.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use rollwave_api::{NodeView, PushResponse, Release, RolloutFile, RolloutResponse, StartRollout};
+use rollwave_core::{parse_version, validate_service_name, Rollout, StrategyFile};
+
+use crate::cli::{Cli, Command, ReleaseCommand, RolloutCommand, StartArgs};
+use crate::client::{user_error, ApiClient};
+use crate::render;
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Server { listen, data_dir } => {
+            let config = rollwave_server::ServerConfig { listen, data_dir };
+            rollwave_server::run(config, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent { config } => {
+            let config = rollwave_agent::AgentConfig::load(&config).map_err(user_error)?;
+            rollwave_agent::run(config, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DemoService { release, listen } => {
+            crate::demo_service::run(&release, listen, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(args) => crate::demo::run(args).await,
+        Command::Nodes { json } => {
+            let api = ApiClient::new(&cli.server)?;
+            let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;
+            if json {
+                print_json(&nodes)?;
+            } else {
+                print!("{}", render::nodes(&nodes, now_ms()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Release(cmd) => release(ApiClient::new(&cli.server)?, cmd).await,
+        Command::Rollout(cmd) => rollout(ApiClient::new(&cli.server)?, cmd).await,
+    }
+}
+
+async fn release(api: ApiClient, cmd: ReleaseCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ReleaseCommand::Push {
+            service,
+            version,
+            file,
+        } => {
+            validate_service_name("service", &service).map_err(|e| user_error(e.to_string()))?;
+            parse_version("version", &version).map_err(|e| user_error(e.to_string()))?;
+            let bytes = std::fs::read(&file)
+                .map_err(|e| user_error(format!("reading release file {}: {e}", file.display())))?;
+            let filename = file
+                .file_name()
+                .and_then(|f| f.to_str())
+                .unwrap_or(&service)
+                .to_string();
+            let path = format!(
+                "/v1/releases/{service}/{version}?filename={}",
+                urlencode(&filename)
+            );
+            let resp: PushResponse = api.post_bytes(&path, bytes).await?;
+            let r = &resp.release;
+            if resp.created {
+                println!(
+                    "pushed {}@{} ({:?}, {} bytes, sha256 {})",
+                    r.service, r.version, r.format, r.size, r.sha256
+                );
+            } else {
+                println!(
+                    "{}@{} was already pushed with the same content (sha256 {})",
+                    r.service, r.version, r.sha256
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ReleaseCommand::List { json } => {
+            let releases: Vec<Release> = api.get("/v1/releases").await?;
+            if json {
+                print_json(&releases)?;
+            } else {
+                print!("{}", render::releases(&releases));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        RolloutCommand::Start(args) => {
+            let (wait, json) = (args.wait, args.json);
+            let spec = start_spec(&args)?;
+            let resp: RolloutResponse = api.post("/v1/rollouts", &StartRollout { spec }).await?;
+            let r = resp.rollout;
+            if !json {
+                print!("{}", render::started(&r));
+            }
+            if wait {
+                let r = follow(&api, r.id, !json).await?;
+                if json {
+                    print_json(&r)?;
+                }
+                return Ok(wait_code(&r));
+            }
+            if json {
+                print_json(&r)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RolloutCommand::Status {
+            id,
+            watch,
+            wait,
+            json,
+        } => {
+            let id = match id {
+                Some(id) => id,
+                None => newest(&api).await?,
+            };
+            if watch || wait {
+                let r = follow(&api, id, !json).await?;
+                if json {
+                    print_json(&r)?;
+                }
+                return Ok(if wait { wait_code(&r) } else { ExitCode::SUCCESS });
+            }
+            let resp: RolloutResponse = api.get(&format!("/v1/rollouts/{id}")).await?;
+            if json {
+                print_json(&resp.rollout)?;
+            } else {
+                print!("{}", render::status(&resp.rollout, now_ms()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RolloutCommand::List { json } => {
+            let rollouts: Vec<Rollout> = api.get("/v1/rollouts").await?;
+            if json {
+                print_json(&rollouts)?;
+            } else {
+                print!("{}", render::rollouts(&rollouts));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RolloutCommand::Pause { id } => command(&api, id, "pause").await,
+        RolloutCommand::Resume { id } => command(&api, id, "resume").await,
+        RolloutCommand::Cancel { id } => command(&api, id, "cancel").await,
+        RolloutCommand::Rollback { id } => command(&api, id, "rollback").await,
+    }
+}
+
+async fn command(api: &ApiClient, id: u64, verb: &str) -> anyhow::Result<ExitCode> {
+    let resp: RolloutResponse = api
+        .post(&format!("/v1/rollouts/{id}/{verb}"), &serde_json::json!({}))
+        .await?;
+    println!("rollout {id} is {}", resp.rollout.state.as_str());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Builds the rollout request from the file and the flags, and validates it
+/// here so bad input fails before anything reaches the control plane.
+fn start_spec(args: &StartArgs) -> anyhow::Result<RolloutFile> {
+    let base = match &args.file {
+        Some(path) => read_rollout_file(path)?,
+        None => RolloutFile::default(),
+    };
+    let (service, version) = match &args.target {
+        Some(t) => {
+            let (s, v) = t.split_once('@').ok_or_else(|| {
+                user_error(format!(
+                    "target: {t:?} must be service@version, like api@2.0.0"
+                ))
+            })?;
+            (Some(s.to_string()), Some(v.to_string()))
+        }
+        None => (None, None),
+    };
+    let flags = RolloutFile {
+        service,
+        version,
+        selector: args.selector.clone(),
+        strategy: StrategyFile {
+            batch: args.batch.as_deref().map(Into::into),
+            max_unavailable: args.max_unavailable.as_deref().map(Into::into),
+            min_healthy_time: args.min_healthy_time.clone(),
+            healthy_deadline: args.healthy_deadline.clone(),
+            progress_deadline: args.progress_deadline.clone(),
+            max_failures: args.max_failures,
+            auto_rollback: args.no_auto_rollback.then_some(false),
+        },
+    };
+    let file = base.merge(flags);
+    let origin = args
+        .file
+        .as_ref()
+        .map(|p| format!(" {}", p.display()))
+        .unwrap_or_default();
+    file.resolve()
+        .map_err(|e| user_error(format!("invalid rollout spec{origin}: {e}")))?;
+    Ok(file)
+}
+
+fn read_rollout_file(path: &Path) -> anyhow::Result<RolloutFile> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| user_error(format!("reading rollout spec {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        let msg = e.message().to_string();
+        let at = e
+            .span()
+            .map(|s| {
+                let line = text[..s.start].matches('\n').count() + 1;
+                format!(" (line {line})")
+            })
+            .unwrap_or_default();
+        user_error(format!(
+            "invalid rollout spec {}{at}: {msg}",
+            path.display()
+        ))
+    })
+}
+
+async fn newest(api: &ApiClient) -> anyhow::Result<u64> {
+    let rollouts: Vec<Rollout> = api.get("/v1/rollouts").await?;
+    rollouts
+        .first()
+        .map(|r| r.id)
+        .ok_or_else(|| user_error("there are no rollouts yet"))
+}
+
+/// Follows a rollout until it ends, printing its events as they happen and,
+/// on a terminal, a progress bar.
+pub async fn follow(api: &ApiClient, id: u64, show: bool) -> anyhow::Result<Rollout> {
+    let mut view = render::Follower::new(show);
+    loop {
+        let resp: RolloutResponse = api
+            .get(&format!("/v1/rollouts/{id}"))
+            .await
+            .with_context(|| format!("following rollout {id}"))?;
+        let r = resp.rollout;
+        view.update(&r);
+        if !r.is_active() {
+            view.finish(&r);
+            return Ok(r);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn wait_code(r: &Rollout) -> ExitCode {
+    if r.fully_upgraded() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,275 @@
+//! A local fleet of real processes: one control plane and N agents, each
+//! supervising the demo service on a loopback port, all under one directory.
+//! Used by `rollwave demo` and by the integration tests. Everything it starts
+//! is killed when it is dropped, services included.
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use rollwave_api::NodeView;
+
+use crate::client::ApiClient;
+
+pub struct FleetSpec {
+    /// The `rollwave` executable to run.
+    pub exe: PathBuf,
+    /// Where data dirs, state dirs, configs and logs go.
+    pub dir: PathBuf,
+    pub nodes: usize,
+    /// Health check interval of the demo service.
+    pub check_interval: String,
+}
+
+pub struct Node {
+    pub name: String,
+    pub state_dir: PathBuf,
+    pub config: PathBuf,
+    /// Port of the node's service.
+    pub port: u16,
+    agent: Option<Child>,
+}
+
+pub struct Fleet {
+    exe: PathBuf,
+    pub dir: PathBuf,
+    pub addr: SocketAddr,
+    server: Option<Child>,
+    pub nodes: Vec<Node>,
+}
+
+/// A free loopback port (released again, so the race is small and harmless
+/// for a local fleet).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Fleet {
+    /// Starts the control plane and every agent, and waits until all agents
+    /// are connected.
+    pub async fn launch(spec: FleetSpec) -> anyhow::Result<Fleet> {
+        std::fs::create_dir_all(&spec.dir)
+            .with_context(|| format!("creating {}", spec.dir.display()))?;
+        let (server, addr) = start_server(&spec.exe, &spec.dir, "127.0.0.1:0".parse()?).await?;
+        let mut fleet = Fleet {
+            exe: spec.exe.clone(),
+            dir: spec.dir.clone(),
+            addr,
+            server: Some(server),
+            nodes: Vec::new(),
+        };
+        for i in 1..=spec.nodes {
+            let name = format!("node-{i}");
+            let state_dir = spec.dir.join(&name);
+            std::fs::create_dir_all(state_dir.join("data"))?;
+            let port = free_port()?;
+            let config = state_dir.join("agent.toml");
+            std::fs::write(&config, agent_toml(&spec, &fleet.url(), &name, i, &state_dir, port))?;
+            fleet.nodes.push(Node {
+                name,
+                state_dir,
+                config,
+                port,
+                agent: None,
+            });
+            fleet.start_agent(i - 1)?;
+        }
+        fleet.wait_online(spec.nodes).await?;
+        Ok(fleet)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn api(&self) -> anyhow::Result<ApiClient> {
+        ApiClient::new(&self.url())
+    }
+
+    pub fn service_urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("http://127.0.0.1:{}/", n.port))
+            .collect()
+    }
+
+    pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = &mut self.nodes[i];
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(node.state_dir.join("agent.log"))?;
+        let child = Command::new(&self.exe)
+            .arg("agent")
+            .arg("--config")
+            .arg(&node.config)
+            .env("ROLLWAVE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting agent of {}", node.name))?;
+        node.agent = Some(child);
+        Ok(())
+    }
+
+    /// Kills an agent with SIGKILL; its service keeps running.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(child) = self.nodes[i].agent.take() {
+            kill_group(child);
+        }
+    }
+
+    /// Kills the control plane with SIGKILL.
+    pub fn kill_server(&mut self) {
+        if let Some(child) = self.server.take() {
+            kill_group(child);
+        }
+    }
+
+    /// Starts the control plane again on the same address and data dir.
+    pub async fn restart_server(&mut self) -> anyhow::Result<()> {
+        self.kill_server();
+        let (child, _) = start_server(&self.exe, &self.dir, self.addr).await?;
+        self.server = Some(child);
+        Ok(())
+    }
+
+    pub async fn nodes_view(&self) -> anyhow::Result<Vec<NodeView>> {
+        self.api()?.get("/v1/nodes").await
+    }
+
+    /// Waits until `n` agents hold a session.
+    pub async fn wait_online(&self, n: usize) -> anyhow::Result<()> {
+        let api = self.api()?;
+        for _ in 0..600 {
+            if let Ok(nodes) = api.get::<Vec<NodeView>>("/v1/nodes").await {
+                if nodes.iter().filter(|v| v.online).count() >= n {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("agents did not connect within 60s; see the logs under {}", self.dir.display())
+    }
+
+    /// Kills every process of the fleet: agents, their services, the server.
+    pub fn shutdown(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill_agent(i);
+            kill_services(&self.nodes[i].state_dir);
+        }
+        self.kill_server();
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn kill_group(mut child: Child) {
+    let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Kills the services an agent left running, found through its state dir.
+pub fn kill_services(state_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(state_dir.join("services")) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(bytes) = std::fs::read(e.path().join("process.json")) else {
+            continue;
+        };
+        let pid = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("pid")?.as_i64());
+        if let Some(pid) = pid.filter(|p| *p > 1) {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+async fn start_server(exe: &Path, dir: &Path, listen: SocketAddr) -> anyhow::Result<(Child, SocketAddr)> {
+    let out_path = dir.join("server.out");
+    let out = File::create(&out_path)?;
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))?;
+    let mut child = Command::new(exe)
+        .arg("server")
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--data-dir")
+        .arg(dir.join("server-data"))
+        .env("ROLLWAVE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting the control plane")?;
+    const READY: &str = "listening on http://";
+    for _ in 0..600 {
+        let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+        if let Some(rest) = text.split(READY).nth(1) {
+            let addr = rest.lines().next().unwrap_or("").trim();
+            let addr = addr.parse().with_context(|| format!("control plane printed address {addr:?}"))?;
+            return Ok((child, addr));
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "control plane exited with {status}; see {}",
+                dir.join("server.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kill_group(child);
+    bail!("control plane did not start within 30s")
+}
+
+fn agent_toml(spec: &FleetSpec, server: &str, name: &str, i: usize, state_dir: &Path, port: u16) -> String {
+    let exe = spec.exe.display().to_string();
+    format!(
+        r#"node = "{name}"
+server = "{server}"
+state_dir = {state_dir:?}
+
+[labels]
+rack = "r{rack}"
+
+[[service]]
+name = "api"
+command = [{exe:?}, "demo-service", "--release", "{{release}}", "--listen", "127.0.0.1:{port}"]
+stop_grace = "5s"
+backup = [{data:?}]
+health = {{ type = "http", url = "http://127.0.0.1:{port}/healthz", interval = "{interval}", timeout = "1s", healthy_threshold = 1, unhealthy_threshold = 2 }}
+"#,
+        state_dir = state_dir.display().to_string(),
+        rack = (i - 1) % 3 + 1,
+        data = state_dir.join("data").display().to_string(),
+        interval = spec.check_interval,
+    )
+}
+
+impl Fleet {
+    /// Leaves every process running and forgets them (for `demo --keep`).
+    pub fn detach(mut self) {
+        self.server = None;
+        for n in &mut self.nodes {
+            n.agent = None;
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! The `rollwave` binary: the control plane, the agent, the client verbs and
+//! the demo, behind one set of subcommands.
+
+pub mod cli;
+pub mod client;
+mod commands;
+pub mod demo;
+pub mod demo_service;
+pub mod fleet;
+pub mod load;
+pub mod logging;
+pub mod render;
+
+use std::process::ExitCode;
+
+pub use client::UserError;
+
+/// Runs a parsed command line; the exit code reflects the outcome.
+pub async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
+    commands::run(cli).await
+}
+
+/// The one-line message shown for an error: its context chain, joined.
+pub fn error_line(e: &anyhow::Error) -> String {
+    if let Some(u) = e.downcast_ref::<UserError>() {
+        return u.0.clone();
+    }
+    let parts: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+    parts.join(": ").replace('\n', " ")
+}
+
+/// 2 for bad input (as for bad flags), 1 for anything else.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.chain().any(|c| c.downcast_ref::<UserError>().is_some()) {
+        2
+    } else {
+        1
+    }
+}

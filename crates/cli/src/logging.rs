@@ -1,0 +1,21 @@
+//! Log setup: human-readable to stderr by default, JSON for log shippers.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Cli, LogFormat};
+
+pub fn init(cli: &Cli) {
+    let default = if cli.command.is_daemon() {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter = EnvFilter::try_from_env("ROLLWAVE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_target(false).init(),
+    }
+}

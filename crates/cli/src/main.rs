@@ -1,0 +1,22 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = rollwave::cli::Cli::parse();
+    rollwave::logging::init(&cli);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(rollwave::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", rollwave::error_line(&e));
+            ExitCode::from(rollwave::exit_code(&e))
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! Human-readable output: tables, rollout status, and live following.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rollwave_api::{NodeView, Release};
+use rollwave_core::{format_duration, Health, NodeState, Rollout};
+
+fn secs(ms: u64) -> String {
+    format!("{:.1}s", ms as f64 / 1000.0)
+}
+
+fn ago(now: u64, then: u64) -> String {
+    let s = now.saturating_sub(then) / 1000;
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m ago", s / 60),
+        _ => format!("{}h ago", s / 3600),
+    }
+}
+
+fn table(rows: Vec<Vec<String>>) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ", w = widths[c]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn health(h: Health) -> &'static str {
+    match h {
+        Health::Healthy => "healthy",
+        Health::Unhealthy => "unhealthy",
+        Health::Starting => "starting",
+        Health::Stopped => "stopped",
+    }
+}
+
+pub fn nodes(nodes: &[NodeView], now: u64) -> String {
+    let mut rows = vec![vec![
+        "NODE".into(),
+        "STATUS".into(),
+        "LAST SEEN".into(),
+        "SERVICE".into(),
+        "VERSION".into(),
+        "HEALTH".into(),
+        "STAGED".into(),
+        "LABELS".into(),
+    ]];
+    for n in nodes {
+        let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let status = if n.online { "online" } else { "offline" };
+        let seen = if n.online { "now".to_string() } else { ago(now, n.last_seen) };
+        if n.services.is_empty() {
+            rows.push(vec![n.name.clone(), status.into(), seen.clone(), "-".into(), "-".into(), "-".into(), "-".into(), labels.join(",")]);
+        }
+        for (name, s) in &n.services {
+            rows.push(vec![
+                n.name.clone(),
+                status.into(),
+                seen.clone(),
+                name.clone(),
+                s.version.clone().unwrap_or_else(|| "-".into()),
+                if n.online { health(s.health).into() } else { "unknown".into() },
+                if s.staged.is_empty() { "-".into() } else { s.staged.join(",") },
+                labels.join(","),
+            ]);
+        }
+    }
+    table(rows)
+}
+
+pub fn releases(releases: &[Release]) -> String {
+    let mut rows = vec![vec!["SERVICE".into(), "VERSION".into(), "FORMAT".into(), "SIZE".into(), "SHA256".into()]];
+    for r in releases {
+        rows.push(vec![
+            r.service.clone(),
+            r.version.clone(),
+            format!("{:?}", r.format).to_lowercase(),
+            r.size.to_string(),
+            r.sha256.clone(),
+        ]);
+    }
+    table(rows)
+}
+
+fn from_versions(r: &Rollout) -> String {
+    let mut v: Vec<String> = r
+        .nodes
+        .values()
+        .map(|n| n.from_version.clone().unwrap_or_else(|| "none".into()))
+        .collect();
+    v.sort();
+    v.dedup();
+    v.join(",")
+}
+
+pub fn rollouts(rollouts: &[Rollout]) -> String {
+    let mut rows = vec![vec!["ID".into(), "SERVICE".into(), "FROM -> TO".into(), "STATE".into(), "PROGRESS".into(), "DURATION".into()]];
+    for r in rollouts {
+        let end = r.finished_at.unwrap_or(r.updated_at);
+        rows.push(vec![
+            r.id.to_string(),
+            r.spec.service.clone(),
+            format!("{} -> {}", from_versions(r), r.spec.version),
+            r.state.as_str().into(),
+            format!("{}/{}", r.count(NodeState::Upgraded), r.nodes.len()),
+            format_duration(end.saturating_sub(r.created_at) / 1000 * 1000),
+        ]);
+    }
+    table(rows)
+}
+
+pub fn started(r: &Rollout) -> String {
+    let mut out = format!(
+        "rollout {} started: {} {} -> {} on {} nodes in {} batches\n",
+        r.id,
+        r.spec.service,
+        from_versions(r),
+        r.spec.version,
+        r.nodes.len(),
+        r.batches.len()
+    );
+    for (i, b) in r.batches.iter().enumerate() {
+        let _ = writeln!(out, "  batch {}: {}", i + 1, b.join(", "));
+    }
+    if !r.left_out.is_empty() {
+        let _ = writeln!(out, "  left out by the selector: {}", r.left_out.join(", "));
+    }
+    for e in r.events.iter().filter(|e| e.message.starts_with("already unavailable")) {
+        let _ = writeln!(out, "  warning: {}", e.message);
+    }
+    out
+}
+
+fn counts(r: &Rollout) -> String {
+    let mut by: BTreeMap<&str, usize> = BTreeMap::new();
+    for n in r.nodes.values() {
+        *by.entry(n.state.as_str()).or_default() += 1;
+    }
+    by.iter().map(|(s, c)| format!("{c} {s}")).collect::<Vec<_>>().join(", ")
+}
+
+pub fn status(r: &Rollout, now: u64) -> String {
+    let end = r.finished_at.unwrap_or(now);
+    let mut out = format!(
+        "rollout {}: {} {} -> {}  {}  ({} elapsed)\n",
+        r.id,
+        r.spec.service,
+        from_versions(r),
+        r.spec.version,
+        r.state.as_str(),
+        format_duration(end.saturating_sub(r.created_at) / 1000 * 1000)
+    );
+    let _ = writeln!(out, "  nodes: {}", counts(r));
+    if let Some(reason) = &r.reason {
+        let _ = writeln!(out, "  reason: {reason}");
+    }
+    if let Some(w) = &r.waiting {
+        let _ = writeln!(out, "  waiting: {w}");
+    }
+    let mut rows = vec![vec!["  BATCH".into(), "NODE".into(), "STATE".into(), "FROM".into(), "DETAIL".into()]];
+    for (i, b) in r.batches.iter().enumerate() {
+        for name in b {
+            let n = &r.nodes[name];
+            let detail = n
+                .reason
+                .clone()
+                .or_else(|| n.phase.clone())
+                .unwrap_or_default();
+            rows.push(vec![
+                format!("  {}", i + 1),
+                name.clone(),
+                n.state.as_str().into(),
+                n.from_version.clone().unwrap_or_else(|| "-".into()),
+                detail,
+            ]);
+        }
+    }
+    out.push_str(&table(rows));
+    out
+}
+
+/// Prints a rollout's events as they appear, with a progress bar on a terminal.
+pub struct Follower {
+    show: bool,
+    printed: usize,
+    bar: Option<ProgressBar>,
+}
+
+impl Follower {
+    pub fn new(show: bool) -> Self {
+        Follower {
+            show,
+            printed: 0,
+            bar: None,
+        }
+    }
+
+    fn line(&self, s: String) {
+        match &self.bar {
+            Some(bar) => bar.println(s),
+            None => println!("{s}"),
+        }
+    }
+
+    pub fn update(&mut self, r: &Rollout) {
+        if !self.show {
+            return;
+        }
+        if self.bar.is_none() && std::io::stdout().is_terminal() {
+            let bar = ProgressBar::new(r.nodes.len() as u64);
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} nodes done  {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            self.bar = Some(bar);
+        }
+        for e in &r.events[self.printed.min(r.events.len())..] {
+            let at = secs(e.at.saturating_sub(r.created_at));
+            let who = e.node.as_deref().unwrap_or("rollout");
+            self.line(format!("[{at:>7}] {who}: {}", e.message));
+        }
+        self.printed = r.events.len();
+        if let Some(bar) = &self.bar {
+            let done = r.nodes.values().filter(|n| !matches!(n.state, NodeState::Pending) && !n.state.in_flight()).count();
+            bar.set_position(done as u64);
+            bar.set_message(r.waiting.clone().unwrap_or_else(|| r.state.as_str().to_string()));
+        }
+    }
+
+    pub fn finish(&mut self, r: &Rollout) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        if self.show {
+            print!("{}", status(r, r.finished_at.unwrap_or(r.updated_at)));
+        }
+    }
+}

@@ -1,0 +1,45 @@
+use std::time::Duration;
+
+use crate::SpecError;
+
+/// A duration as written by users (`"10s"`, `"1m30s"`), kept in milliseconds.
+pub type Span = u64;
+
+/// Parses a human duration such as `500ms`, `10s`, `1m30s` or `2h`.
+pub fn parse_duration(field: &str, s: &str) -> Result<Span, SpecError> {
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
+        SpecError::new(
+            field,
+            format!("{s:?} is not a duration (like 500ms, 10s, 5m, 1h): {e}"),
+        )
+    })?;
+    u64::try_from(d.as_millis())
+        .map_err(|_| SpecError::new(field, format!("{s:?} is too long a duration")))
+}
+
+/// Formats milliseconds the way users write them (`1m 30s`).
+pub fn format_duration(ms: Span) -> String {
+    humantime::format_duration(Duration::from_millis(ms)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_common_forms() {
+        assert_eq!(parse_duration("f", "500ms"), Ok(500));
+        assert_eq!(parse_duration("f", "10s"), Ok(10_000));
+        assert_eq!(parse_duration("f", "1m30s"), Ok(90_000));
+        assert_eq!(parse_duration("f", " 2h "), Ok(7_200_000));
+    }
+
+    #[test]
+    fn rejects_unknown_units_naming_the_field() {
+        let err = parse_duration("strategy.min_healthy_time", "5 parsecs").unwrap_err();
+        assert_eq!(err.field, "strategy.min_healthy_time");
+        assert!(err.to_string().contains("\"5 parsecs\" is not a duration"), "{err}");
+        assert!(parse_duration("f", "").is_err());
+        assert!(parse_duration("f", "-3s").is_err());
+    }
+}

@@ -1,0 +1,80 @@
+//! Pure domain logic of rollwave: rollout specs, the fleet as observed, the
+//! rollout state machine and the planner that drives it.
+//!
+//! Nothing in this crate performs I/O or reads a clock: time comes in as a
+//! [`Timestamp`] argument, so every decision can be replayed and property-tested.
+
+mod amount;
+mod duration;
+mod error;
+mod fleet;
+pub mod invariants;
+mod planner;
+mod rollout;
+mod selector;
+mod spec;
+
+pub use amount::Amount;
+pub use duration::{format_duration, parse_duration, Span};
+pub use error::SpecError;
+pub use fleet::{Fleet, Health, NodeView, ServiceView};
+pub use planner::{plan_batches, step, Decision, Dispatch};
+pub use rollout::{
+    CommandError, NodeProgress, NodeState, Rollout, RolloutEvent, RolloutState, TaskKind,
+    TaskOutcome, TaskRef,
+};
+pub use selector::Selector;
+pub use spec::{RolloutFile, RolloutSpec, StrategyFile};
+
+/// Milliseconds since the Unix epoch. The only notion of time in this crate.
+pub type Timestamp = u64;
+
+/// Validates a version string: semantic versioning, as releases are ordered by it.
+pub fn parse_version(field: &str, s: &str) -> Result<semver::Version, SpecError> {
+    semver::Version::parse(s.trim()).map_err(|e| {
+        SpecError::new(
+            field,
+            format!("{s:?} is not a semantic version (like 1.2.3): {e}"),
+        )
+    })
+}
+
+/// Validates a service name: it becomes a directory name on every node.
+pub fn validate_service_name(field: &str, s: &str) -> Result<(), SpecError> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !s.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::new(
+            field,
+            format!("{s:?} is not a valid service name (1-64 characters of a-z, A-Z, 0-9, '-', '_', '.', not starting with '.')"),
+        ))
+    }
+}
+
+/// How a release's artifact is packaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArtifactFormat {
+    /// A gzip-compressed tarball, unpacked into the release directory.
+    TarGz,
+    /// A single executable, installed as `<release dir>/<service>`.
+    Executable,
+}
+
+/// A pushed release: one version of one service, stored content-addressed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Release {
+    pub service: String,
+    pub version: String,
+    pub sha256: String,
+    pub size: u64,
+    pub format: ArtifactFormat,
+    pub filename: String,
+    pub created_at: Timestamp,
+}

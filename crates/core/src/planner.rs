@@ -1,0 +1,420 @@
+//! The planner: given a rollout, the fleet as observed and the time, decide
+//! what happens next. See `crates/core/PLANNER.md` for the rules.
+
+use std::collections::BTreeMap;
+
+use crate::invariants::{self, unavailable_count};
+use crate::{
+    format_duration, Fleet, Health, NodeProgress, NodeState, Rollout, RolloutSpec, RolloutState,
+    SpecError, TaskKind, TaskRef, Timestamp,
+};
+
+/// A task to send to a node's agent, persisted before it is sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dispatch {
+    pub node: String,
+    pub task: TaskRef,
+}
+
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub rollout: Rollout,
+    pub dispatch: Vec<Dispatch>,
+    /// When `step` should run again even if nothing is observed to change.
+    pub next_wakeup: Option<Timestamp>,
+    pub changed: bool,
+}
+
+/// Creates a rollout: selects the nodes that run the service and match the
+/// selector, and splits them into batches.
+pub fn plan_batches(
+    id: u64,
+    spec: RolloutSpec,
+    fleet: &Fleet,
+    now: Timestamp,
+) -> Result<Rollout, SpecError> {
+    let runs: Vec<_> = fleet
+        .values()
+        .filter(|n| n.services.contains_key(&spec.service))
+        .collect();
+    if runs.is_empty() {
+        return Err(SpecError::new(
+            "service",
+            format!("no node runs service {:?}", spec.service),
+        ));
+    }
+    let (mut selected, left_out): (Vec<_>, Vec<_>) =
+        runs.into_iter().partition(|n| spec.selector.matches(&n.labels));
+    if selected.is_empty() {
+        return Err(SpecError::new(
+            "selector",
+            format!(
+                "{:?} matches none of the {} nodes running {}",
+                spec.selector.to_string(),
+                left_out.len(),
+                spec.service
+            ),
+        ));
+    }
+    // Nodes that are already down go first: switching them costs no
+    // availability. Offline nodes go last, to give them time to come back.
+    let rank = |n: &crate::NodeView| match (n.online, n.available(&spec.service)) {
+        (true, false) => 0,
+        (true, true) => 1,
+        (false, _) => 2,
+    };
+    selected.sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.name.cmp(&b.name)));
+    let size = spec.batch_size(selected.len());
+    let batches: Vec<Vec<String>> = selected
+        .chunks(size)
+        .map(|c| c.iter().map(|n| n.name.clone()).collect())
+        .collect();
+    let mut nodes = BTreeMap::new();
+    for (b, batch) in batches.iter().enumerate() {
+        for name in batch {
+            let from_version = fleet[name]
+                .services
+                .get(&spec.service)
+                .and_then(|s| s.version.clone());
+            nodes.insert(
+                name.clone(),
+                NodeProgress {
+                    batch: b,
+                    from_version,
+                    state: NodeState::Pending,
+                    task: None,
+                    phase: None,
+                    reason: None,
+                    waiting_since: None,
+                    updated_at: now,
+                },
+            );
+        }
+    }
+    let mut rollout = Rollout {
+        id,
+        generation: 0,
+        spec,
+        state: RolloutState::Running,
+        reason: None,
+        waiting: None,
+        created_at: now,
+        updated_at: now,
+        finished_at: None,
+        last_progress_at: now,
+        batches,
+        nodes,
+        left_out: left_out.iter().map(|n| n.name.clone()).collect(),
+        events: Vec::new(),
+    };
+    let down: Vec<String> = selected
+        .iter()
+        .filter(|n| !n.available(&rollout.spec.service))
+        .map(|n| describe_down(n, &rollout.spec.service))
+        .collect();
+    rollout.event(
+        now,
+        None,
+        format!(
+            "rollout of {}@{} over {} nodes in {} batches of up to {size}",
+            rollout.spec.service,
+            rollout.spec.version,
+            selected.len(),
+            rollout.batches.len()
+        ),
+    );
+    if !down.is_empty() {
+        rollout.event(
+            now,
+            None,
+            format!(
+                "already unavailable before the rollout, counted against max_unavailable: {}",
+                down.join(", ")
+            ),
+        );
+    }
+    debug_assert_eq!(
+        invariants::planned_once(&rollout.batches, selected.iter().map(|n| n.name.as_str())),
+        Ok(())
+    );
+    Ok(rollout)
+}
+
+fn describe_down(n: &crate::NodeView, service: &str) -> String {
+    if !n.online {
+        return format!("{} (offline)", n.name);
+    }
+    let health = n.services.get(service).map(|s| s.health).unwrap_or_default();
+    let h = match health {
+        Health::Healthy => "healthy",
+        Health::Unhealthy => "unhealthy",
+        Health::Starting => "starting",
+        Health::Stopped => "stopped",
+    };
+    format!("{} ({h})", n.name)
+}
+
+/// Decides the next actions of a rollout. Pure and idempotent: calling it
+/// again with the same inputs decides nothing new.
+pub fn step(current: &Rollout, fleet: &Fleet, now: Timestamp) -> Decision {
+    let mut r = current.clone();
+    let mut dispatch = Vec::new();
+    let mut wake = Wake::default();
+
+    give_up_on_lost_tasks(&mut r, fleet, now, &mut wake);
+
+    if r.state == RolloutState::Running {
+        let failures = r.count(NodeState::Failed) as u32;
+        if failures > r.spec.max_failures {
+            let failed: Vec<String> = r
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.state == NodeState::Failed)
+                .map(|(name, n)| format!("{name}: {}", n.reason.as_deref().unwrap_or("failed")))
+                .collect();
+            let reason = format!(
+                "{failures} node(s) failed, more than max_failures = {} ({})",
+                r.spec.max_failures,
+                failed.join("; ")
+            );
+            fail(&mut r, reason, now);
+        } else if now >= r.last_progress_at + r.spec.progress_deadline {
+            let reason = format!(
+                "no node finished for {} (progress_deadline){}",
+                format_duration(r.spec.progress_deadline),
+                r.waiting.as_deref().map(|w| format!(": {w}")).unwrap_or_default()
+            );
+            fail(&mut r, reason, now);
+        } else {
+            wake.at(r.last_progress_at + r.spec.progress_deadline);
+        }
+    }
+
+    match r.state {
+        RolloutState::Running => run_batches(&mut r, fleet, now, &mut dispatch, &mut wake),
+        RolloutState::RollingBack => roll_back(&mut r, now, &mut dispatch),
+        _ => {}
+    }
+
+    let changed = r != *current;
+    if changed {
+        r.updated_at = now;
+    }
+    Decision {
+        rollout: r,
+        dispatch,
+        next_wakeup: wake.0,
+        changed,
+    }
+}
+
+fn fail(r: &mut Rollout, reason: String, now: Timestamp) {
+    if r.spec.auto_rollback {
+        r.set_state(
+            RolloutState::RollingBack,
+            Some(format!("{reason}; rolling back")),
+            now,
+        );
+    } else {
+        r.set_state(RolloutState::Failed, Some(reason), now);
+    }
+}
+
+/// A task whose node has been offline for longer than the node's health
+/// deadline is given up as unreachable (not failed: nothing is known of it).
+fn give_up_on_lost_tasks(r: &mut Rollout, fleet: &Fleet, now: Timestamp, wake: &mut Wake) {
+    let deadline = r.spec.healthy_deadline;
+    let mut lost = Vec::new();
+    for (name, task) in r.in_flight() {
+        let view = fleet.get(name);
+        if view.is_some_and(|v| v.online) {
+            continue;
+        }
+        let since = view.map_or(task.started_at, |v| v.last_seen.max(task.started_at));
+        if now >= since + deadline {
+            lost.push((name.to_string(), since));
+        } else {
+            wake.at(since + deadline);
+        }
+    }
+    for (name, since) in lost {
+        let n = r.nodes.get_mut(&name).expect("in-flight node is in the rollout");
+        let reason = format!(
+            "agent unreachable for {} while its task ran; its outcome is unknown",
+            format_duration(now - since)
+        );
+        n.state = NodeState::Unreachable;
+        n.reason = Some(reason.clone());
+        n.phase = None;
+        n.updated_at = now;
+        r.last_progress_at = now;
+        r.event(now, Some(&name), reason);
+    }
+}
+
+fn run_batches(
+    r: &mut Rollout,
+    fleet: &Fleet,
+    now: Timestamp,
+    dispatch: &mut Vec<Dispatch>,
+    wake: &mut Wake,
+) {
+    // Giving up on the last pending nodes of a batch finishes it: the next
+    // batch starts (or the rollout completes) in this same step, so that a
+    // second step with the same inputs has nothing left to decide.
+    while run_current_batch(r, fleet, now, dispatch, wake) {}
+}
+
+/// Whether batch `b` still has a node pending or in flight.
+fn batch_open(r: &Rollout, b: usize) -> bool {
+    r.batches[b].iter().any(|n| {
+        let s = r.nodes[n].state;
+        s == NodeState::Pending || s.in_flight()
+    })
+}
+
+/// Works on the first unfinished batch. Returns true when this finished it,
+/// so that the next one can start at once.
+fn run_current_batch(
+    r: &mut Rollout,
+    fleet: &Fleet,
+    now: Timestamp,
+    dispatch: &mut Vec<Dispatch>,
+    wake: &mut Wake,
+) -> bool {
+    let Some(batch) = (0..r.batches.len()).find(|&b| batch_open(r, b)) else {
+        let reason = summary(r);
+        r.set_state(RolloutState::Completed, Some(reason), now);
+        return false;
+    };
+
+    let service = r.spec.service.clone();
+    let budget = r.spec.unavailable_budget(r.nodes.len());
+    let mut unavailable = unavailable_count(r, fleet);
+    let mut waits = Vec::new();
+    for name in r.batches[batch].clone() {
+        if r.nodes[&name].state != NodeState::Pending {
+            continue;
+        }
+        let view = fleet.get(&name).filter(|v| v.online);
+        let Some(view) = view else {
+            let n = r.nodes.get_mut(&name).expect("batch node is in the rollout");
+            let since = *n.waiting_since.get_or_insert(now);
+            if now >= since + r.spec.healthy_deadline {
+                let last_seen = fleet.get(&name).map(|v| v.last_seen).unwrap_or(0);
+                let reason = format!(
+                    "offline when its turn came and for {} after (last seen {} ago)",
+                    format_duration(r.spec.healthy_deadline),
+                    format_duration(now.saturating_sub(last_seen) / 1000 * 1000)
+                );
+                n.state = NodeState::Unreachable;
+                n.reason = Some(reason.clone());
+                n.updated_at = now;
+                r.last_progress_at = now;
+                r.event(now, Some(&name), reason);
+            } else {
+                wake.at(since + r.spec.healthy_deadline);
+                waits.push(format!("{name} is offline"));
+            }
+            continue;
+        };
+        // Back online: should it drop off again, its grace period starts anew.
+        if let Some(n) = r.nodes.get_mut(&name) {
+            n.waiting_since = None;
+        }
+        let already_down = !view.available(&service);
+        if !already_down && unavailable >= budget {
+            waits.push(format!(
+                "{name} waits: {unavailable} of at most {budget} nodes unavailable"
+            ));
+            continue;
+        }
+        if !already_down {
+            unavailable += 1;
+        }
+        let task = TaskRef {
+            id: r.task_id(&name, TaskKind::Upgrade),
+            kind: TaskKind::Upgrade,
+            started_at: now,
+        };
+        let n = r.nodes.get_mut(&name).expect("batch node is in the rollout");
+        n.state = NodeState::Upgrading;
+        n.task = Some(task.clone());
+        n.waiting_since = None;
+        n.updated_at = now;
+        r.event(now, Some(&name), format!("upgrade to {} started", r.spec.version));
+        dispatch.push(Dispatch { node: name, task });
+    }
+    let in_flight: Vec<&str> = r.in_flight().map(|(n, _)| n).collect();
+    let waiting = if !waits.is_empty() {
+        Some(format!("batch {}: {}", batch + 1, waits.join("; ")))
+    } else if !in_flight.is_empty() {
+        Some(format!(
+            "batch {} of {}: waiting for {} to pass the health gate",
+            batch + 1,
+            r.batches.len(),
+            in_flight.join(", ")
+        ))
+    } else {
+        None
+    };
+    r.waiting = waiting;
+    !batch_open(r, batch)
+}
+
+fn roll_back(r: &mut Rollout, now: Timestamp, dispatch: &mut Vec<Dispatch>) {
+    let to_revert: Vec<String> = r
+        .nodes
+        .iter()
+        .filter(|(_, n)| n.state == NodeState::Upgraded)
+        .map(|(name, _)| name.clone())
+        .collect();
+    // Straight back, all at once: no batches, no waiting for waves.
+    for name in to_revert {
+        let task = TaskRef {
+            id: r.task_id(&name, TaskKind::Revert),
+            kind: TaskKind::Revert,
+            started_at: now,
+        };
+        let n = r.nodes.get_mut(&name).expect("node is in the rollout");
+        n.state = NodeState::RollingBack;
+        n.task = Some(task.clone());
+        n.updated_at = now;
+        let to = n.from_version.clone().unwrap_or_else(|| "nothing".into());
+        r.event(now, Some(&name), format!("rollback to {to} started"));
+        dispatch.push(Dispatch { node: name, task });
+    }
+    let busy: Vec<&str> = r.in_flight().map(|(n, _)| n).collect();
+    if busy.is_empty() {
+        let reason = r.reason.clone();
+        r.set_state(RolloutState::RolledBack, None, now);
+        r.reason = reason;
+    } else {
+        r.waiting = Some(format!("rolling back: waiting for {}", busy.join(", ")));
+    }
+}
+
+fn summary(r: &Rollout) -> String {
+    let total = r.nodes.len();
+    let up = r.count(NodeState::Upgraded);
+    let mut parts = vec![format!("{up} of {total} nodes upgraded")];
+    for (state, label) in [
+        (NodeState::Failed, "failed"),
+        (NodeState::Unreachable, "unreachable"),
+    ] {
+        let c = r.count(state);
+        if c > 0 {
+            parts.push(format!("{c} {label}"));
+        }
+    }
+    parts.join(", ")
+}
+
+#[derive(Default)]
+struct Wake(Option<Timestamp>);
+
+impl Wake {
+    fn at(&mut self, t: Timestamp) {
+        self.0 = Some(self.0.map_or(t, |w| w.min(t)));
+    }
+}

@@ -1,0 +1,374 @@
+//! The persisted state of one rollout and the operator commands on it.
+//!
+//! Every mutation here is a pure function of the current state, its input and
+//! `now`; the server persists the result before acting on it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{format_duration, RolloutSpec, Timestamp};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    Running,
+    Paused,
+    /// Every planned node has finished (upgraded, failed within budget, or unreachable).
+    Completed,
+    /// Stopped by failures, with automatic rollback off.
+    Failed,
+    /// Stopped by the operator; upgraded nodes stay upgraded.
+    Cancelled,
+    /// Returning every upgraded node to its previous version.
+    RollingBack,
+    RolledBack,
+}
+
+impl RolloutState {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            RolloutState::Completed
+                | RolloutState::Failed
+                | RolloutState::Cancelled
+                | RolloutState::RolledBack
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Running => "running",
+            RolloutState::Paused => "paused",
+            RolloutState::Completed => "completed",
+            RolloutState::Failed => "failed",
+            RolloutState::Cancelled => "cancelled",
+            RolloutState::RollingBack => "rolling_back",
+            RolloutState::RolledBack => "rolled_back",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    Pending,
+    /// An upgrade task is in flight.
+    Upgrading,
+    /// Passed its health gate on the target version.
+    Upgraded,
+    /// Failed its upgrade; its agent put it back on its previous version.
+    Failed,
+    /// Could not be reached when its turn came or while its task ran: not a
+    /// verdict on the release.
+    Unreachable,
+    /// A revert task is in flight.
+    RollingBack,
+    RolledBack,
+    RollbackFailed,
+}
+
+impl NodeState {
+    pub fn in_flight(self) -> bool {
+        matches!(self, NodeState::Upgrading | NodeState::RollingBack)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Pending => "pending",
+            NodeState::Upgrading => "upgrading",
+            NodeState::Upgraded => "upgraded",
+            NodeState::Failed => "failed",
+            NodeState::Unreachable => "unreachable",
+            NodeState::RollingBack => "rolling_back",
+            NodeState::RolledBack => "rolled_back",
+            NodeState::RollbackFailed => "rollback_failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// Stage, back up, switch to the target version and pass the health gate.
+    Upgrade,
+    /// Return to the version the node ran before this rollout.
+    Revert,
+}
+
+/// A task assigned to a node. Its id is derived from the rollout, the node and
+/// the kind, so re-sending it after a crash is recognised by the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRef {
+    pub id: String,
+    pub kind: TaskKind,
+    pub started_at: Timestamp,
+}
+
+/// What an agent reports when a task ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum TaskOutcome {
+    Succeeded,
+    Failed { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeProgress {
+    pub batch: usize,
+    /// The version the node ran when the rollout started.
+    pub from_version: Option<String>,
+    pub state: NodeState,
+    /// The in-flight task, or the last one.
+    pub task: Option<TaskRef>,
+    /// The latest step an agent reported for the in-flight task.
+    #[serde(default)]
+    pub phase: Option<String>,
+    pub reason: Option<String>,
+    /// Since when the node has been offline while its turn had come.
+    #[serde(default)]
+    pub waiting_since: Option<Timestamp>,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutEvent {
+    pub at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub id: u64,
+    /// Bumped by the store on every write; writes compare and swap on it.
+    pub generation: u64,
+    pub spec: RolloutSpec,
+    pub state: RolloutState,
+    /// Why the rollout is in its state (failure, cancellation, rollback).
+    pub reason: Option<String>,
+    /// What the rollout waits for now, if anything.
+    #[serde(default)]
+    pub waiting: Option<String>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    pub finished_at: Option<Timestamp>,
+    pub last_progress_at: Timestamp,
+    pub batches: Vec<Vec<String>>,
+    pub nodes: BTreeMap<String, NodeProgress>,
+    /// Nodes running the service that the selector left out.
+    pub left_out: Vec<String>,
+    pub events: Vec<RolloutEvent>,
+}
+
+/// An operator command that does not apply to the rollout's current state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("rollout {id} is {state}: cannot {command}")]
+pub struct CommandError {
+    pub id: u64,
+    pub state: &'static str,
+    pub command: &'static str,
+}
+
+impl Rollout {
+    pub fn task_id(&self, node: &str, kind: TaskKind) -> String {
+        let k = match kind {
+            TaskKind::Upgrade => "up",
+            TaskKind::Revert => "rb",
+        };
+        format!("r{}-{k}-{node}", self.id)
+    }
+
+    /// Whether the executor still has to watch this rollout.
+    pub fn is_active(&self) -> bool {
+        !self.state.is_terminal() || self.nodes.values().any(|n| n.state.in_flight())
+    }
+
+    pub fn in_flight(&self) -> impl Iterator<Item = (&str, &TaskRef)> {
+        self.nodes.iter().filter_map(|(name, n)| {
+            n.task
+                .as_ref()
+                .filter(|_| n.state.in_flight())
+                .map(|t| (name.as_str(), t))
+        })
+    }
+
+    pub fn count(&self, state: NodeState) -> usize {
+        self.nodes.values().filter(|n| n.state == state).count()
+    }
+
+    /// Whether every node the rollout targeted ended on the target version.
+    pub fn fully_upgraded(&self) -> bool {
+        self.state == RolloutState::Completed
+            && self.nodes.values().all(|n| n.state == NodeState::Upgraded)
+    }
+
+    pub(crate) fn event(&mut self, now: Timestamp, node: Option<&str>, message: String) {
+        self.events.push(RolloutEvent {
+            at: now,
+            node: node.map(str::to_string),
+            message,
+        });
+    }
+
+    pub(crate) fn set_state(&mut self, state: RolloutState, reason: Option<String>, now: Timestamp) {
+        if self.state == state {
+            return;
+        }
+        let msg = match &reason {
+            Some(r) => format!("rollout {}: {r}", state.as_str()),
+            None => format!("rollout {}", state.as_str()),
+        };
+        self.event(now, None, msg);
+        self.state = state;
+        if reason.is_some() {
+            self.reason = reason;
+        }
+        if state.is_terminal() {
+            self.finished_at = Some(now);
+            self.waiting = None;
+        }
+    }
+
+    fn refuse(&self, command: &'static str) -> CommandError {
+        CommandError {
+            id: self.id,
+            state: self.state.as_str(),
+            command,
+        }
+    }
+
+    pub fn pause(&mut self, now: Timestamp) -> Result<(), CommandError> {
+        match self.state {
+            RolloutState::Running => {
+                self.set_state(RolloutState::Paused, None, now);
+                self.waiting = Some("paused by operator: resume to continue".into());
+                Ok(())
+            }
+            RolloutState::Paused => Ok(()),
+            _ => Err(self.refuse("pause")),
+        }
+    }
+
+    pub fn resume(&mut self, now: Timestamp) -> Result<(), CommandError> {
+        match self.state {
+            RolloutState::Paused => {
+                self.set_state(RolloutState::Running, None, now);
+                self.waiting = None;
+                // Time spent paused is not a lack of progress.
+                self.last_progress_at = now;
+                Ok(())
+            }
+            RolloutState::Running => Ok(()),
+            _ => Err(self.refuse("resume")),
+        }
+    }
+
+    pub fn cancel(&mut self, now: Timestamp) -> Result<(), CommandError> {
+        match self.state {
+            RolloutState::Running | RolloutState::Paused => {
+                self.set_state(
+                    RolloutState::Cancelled,
+                    Some("cancelled by operator; upgraded nodes keep the new version".into()),
+                    now,
+                );
+                Ok(())
+            }
+            RolloutState::Cancelled => Ok(()),
+            _ => Err(self.refuse("cancel")),
+        }
+    }
+
+    /// Returns every node this rollout upgraded to its previous version.
+    pub fn rollback(&mut self, now: Timestamp) -> Result<(), CommandError> {
+        match self.state {
+            RolloutState::RollingBack | RolloutState::RolledBack => Ok(()),
+            _ => {
+                self.set_state(
+                    RolloutState::RollingBack,
+                    Some("rollback requested by operator".into()),
+                    now,
+                );
+                self.finished_at = None;
+                Ok(())
+            }
+        }
+    }
+
+    /// Records a progress step of an in-flight task; stale reports are ignored.
+    pub fn record_phase(&mut self, node: &str, task_id: &str, phase: &str, now: Timestamp) -> bool {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return false;
+        };
+        let current = n.task.as_ref().is_some_and(|t| t.id == task_id) && n.state.in_flight();
+        if !current || n.phase.as_deref() == Some(phase) {
+            return false;
+        }
+        n.phase = Some(phase.to_string());
+        n.updated_at = now;
+        self.event(now, Some(node), phase.to_string());
+        true
+    }
+
+    /// Records the end of a task. Idempotent: a result for a task that is not
+    /// the node's current one, or that was already recorded, changes nothing.
+    pub fn record_result(
+        &mut self,
+        node: &str,
+        task_id: &str,
+        outcome: &TaskOutcome,
+        now: Timestamp,
+    ) -> bool {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return false;
+        };
+        let Some(task) = n.task.as_ref().filter(|t| t.id == task_id) else {
+            return false;
+        };
+        // A node given up as unreachable may still report how its task ended.
+        if !n.state.in_flight() && n.state != NodeState::Unreachable {
+            return false;
+        }
+        let kind = task.kind;
+        let elapsed = now.saturating_sub(task.started_at);
+        let (state, reason, msg) = match (kind, outcome) {
+            (TaskKind::Upgrade, TaskOutcome::Succeeded) => (
+                NodeState::Upgraded,
+                None,
+                format!("upgraded to {} in {}", self.spec.version, format_duration(elapsed)),
+            ),
+            (TaskKind::Upgrade, TaskOutcome::Failed { reason }) => (
+                NodeState::Failed,
+                Some(reason.clone()),
+                format!("upgrade failed, node back on its previous version: {reason}"),
+            ),
+            (TaskKind::Revert, TaskOutcome::Succeeded) => (
+                NodeState::RolledBack,
+                None,
+                format!(
+                    "rolled back to {}",
+                    n.from_version.as_deref().unwrap_or("its previous version")
+                ),
+            ),
+            (TaskKind::Revert, TaskOutcome::Failed { reason }) => (
+                NodeState::RollbackFailed,
+                Some(reason.clone()),
+                format!("rollback failed: {reason}"),
+            ),
+        };
+        n.state = state;
+        n.reason = reason;
+        n.phase = None;
+        n.updated_at = now;
+        self.last_progress_at = now;
+        self.event(now, Some(node), msg);
+        // A node given up as unreachable may report a late upgrade after the
+        // rollback finished: reopen it, so that this node is returned too.
+        if state == NodeState::Upgraded && self.state == RolloutState::RolledBack {
+            self.set_state(RolloutState::RollingBack, None, now);
+            self.finished_at = None;
+        }
+        true
+    }
+}

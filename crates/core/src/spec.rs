@@ -1,0 +1,266 @@
+use serde::{Deserialize, Serialize};
+
+use crate::{parse_duration, parse_version, validate_service_name, Amount, Selector, Span, SpecError};
+
+/// A rollout as users write it, in `rollout.toml` or as flags: every field
+/// optional and unparsed, so that [`RolloutFile::resolve`] can name the field
+/// that is wrong. This is also the body of `POST /v1/rollouts`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutFile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    #[serde(default)]
+    pub strategy: StrategyFile,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StrategyFile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<CountOrText>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<CountOrText>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_healthy_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_deadline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_deadline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_failures: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_rollback: Option<bool>,
+}
+
+/// `batch = 2` and `batch = "25%"` are both natural to write in TOML.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CountOrText {
+    Count(i64),
+    Text(String),
+}
+
+impl CountOrText {
+    fn amount(&self, field: &str) -> Result<Amount, SpecError> {
+        match self {
+            CountOrText::Count(n) => u32::try_from(*n)
+                .map(Amount::Count)
+                .map_err(|_| SpecError::new(field, format!("{n} is not a node count"))),
+            CountOrText::Text(s) => Amount::parse(field, s),
+        }
+    }
+}
+
+impl From<&str> for CountOrText {
+    fn from(s: &str) -> Self {
+        CountOrText::Text(s.to_string())
+    }
+}
+
+/// A validated rollout specification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutSpec {
+    pub service: String,
+    pub version: String,
+    pub selector: Selector,
+    /// Nodes per batch; a batch starts when the previous one has finished.
+    pub batch: Amount,
+    /// How many selected nodes may be unavailable at once, counting nodes
+    /// that were already unhealthy or offline.
+    pub max_unavailable: Amount,
+    /// How long a node must stay healthy after its switch to pass its gate.
+    pub min_healthy_time: Span,
+    /// How long a node has, from its switch, to pass its gate.
+    pub healthy_deadline: Span,
+    /// The rollout fails when no node finishes for this long.
+    pub progress_deadline: Span,
+    /// Failed nodes tolerated; one more fails the rollout.
+    pub max_failures: u32,
+    /// Whether a failed rollout returns upgraded nodes to their previous version.
+    pub auto_rollback: bool,
+}
+
+pub const DEFAULT_BATCH: Amount = Amount::Percent(25);
+pub const DEFAULT_MIN_HEALTHY_TIME: Span = 10_000;
+pub const DEFAULT_HEALTHY_DEADLINE: Span = 5 * 60_000;
+pub const DEFAULT_PROGRESS_DEADLINE: Span = 10 * 60_000;
+
+impl RolloutFile {
+    /// Overlays the fields set in `other` (flags) on this file.
+    pub fn merge(mut self, other: RolloutFile) -> RolloutFile {
+        let s = other.strategy;
+        self.service = other.service.or(self.service);
+        self.version = other.version.or(self.version);
+        self.selector = other.selector.or(self.selector);
+        let t = &mut self.strategy;
+        t.batch = s.batch.or(t.batch.take());
+        t.max_unavailable = s.max_unavailable.or(t.max_unavailable.take());
+        t.min_healthy_time = s.min_healthy_time.or(t.min_healthy_time.take());
+        t.healthy_deadline = s.healthy_deadline.or(t.healthy_deadline.take());
+        t.progress_deadline = s.progress_deadline.or(t.progress_deadline.take());
+        t.max_failures = s.max_failures.or(t.max_failures);
+        t.auto_rollback = s.auto_rollback.or(t.auto_rollback);
+        self
+    }
+
+    /// Validates every field and fills in defaults.
+    pub fn resolve(&self) -> Result<RolloutSpec, SpecError> {
+        let service = self
+            .service
+            .as_deref()
+            .ok_or_else(|| SpecError::new("service", "is required"))?;
+        validate_service_name("service", service)?;
+        let version = self
+            .version
+            .as_deref()
+            .ok_or_else(|| SpecError::new("version", "is required"))?;
+        parse_version("version", version)?;
+        let selector = Selector::parse("selector", self.selector.as_deref().unwrap_or(""))?;
+        let s = &self.strategy;
+        let batch = match &s.batch {
+            Some(b) => b.amount("strategy.batch")?,
+            None => DEFAULT_BATCH,
+        };
+        if matches!(batch, Amount::Count(0) | Amount::Percent(0)) {
+            return Err(SpecError::new("strategy.batch", "must be at least 1 node"));
+        }
+        let max_unavailable = match &s.max_unavailable {
+            Some(m) => m.amount("strategy.max_unavailable")?,
+            None => batch,
+        };
+        if max_unavailable == Amount::Count(0) {
+            return Err(SpecError::new(
+                "strategy.max_unavailable",
+                "0 would never let a node be switched: each switch takes its node out of service for a moment",
+            ));
+        }
+        let dur = |field: &str, v: &Option<String>, default: Span| match v {
+            Some(v) => parse_duration(field, v),
+            None => Ok(default),
+        };
+        let min_healthy_time = dur(
+            "strategy.min_healthy_time",
+            &s.min_healthy_time,
+            DEFAULT_MIN_HEALTHY_TIME,
+        )?;
+        let healthy_deadline = dur(
+            "strategy.healthy_deadline",
+            &s.healthy_deadline,
+            DEFAULT_HEALTHY_DEADLINE,
+        )?;
+        let progress_deadline = dur(
+            "strategy.progress_deadline",
+            &s.progress_deadline,
+            DEFAULT_PROGRESS_DEADLINE,
+        )?;
+        if healthy_deadline <= min_healthy_time {
+            return Err(SpecError::new(
+                "strategy.healthy_deadline",
+                format!(
+                    "{} must be longer than strategy.min_healthy_time ({})",
+                    crate::format_duration(healthy_deadline),
+                    crate::format_duration(min_healthy_time)
+                ),
+            ));
+        }
+        if progress_deadline < healthy_deadline {
+            return Err(SpecError::new(
+                "strategy.progress_deadline",
+                format!(
+                    "{} must be at least strategy.healthy_deadline ({})",
+                    crate::format_duration(progress_deadline),
+                    crate::format_duration(healthy_deadline)
+                ),
+            ));
+        }
+        Ok(RolloutSpec {
+            service: service.to_string(),
+            version: version.trim().to_string(),
+            selector,
+            batch,
+            max_unavailable,
+            min_healthy_time,
+            healthy_deadline,
+            progress_deadline,
+            max_failures: s.max_failures.unwrap_or(0),
+            auto_rollback: s.auto_rollback.unwrap_or(true),
+        })
+    }
+}
+
+impl RolloutSpec {
+    /// Batch size in nodes for a rollout over `selected` nodes (at least 1).
+    pub fn batch_size(&self, selected: usize) -> usize {
+        self.batch.resolve_up(selected).max(1)
+    }
+
+    /// Unavailability budget for `selected` nodes: rounds down, at least 1.
+    pub fn unavailable_budget(&self, selected: usize) -> usize {
+        self.max_unavailable.resolve_down(selected).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(service: &str, version: &str) -> RolloutFile {
+        RolloutFile {
+            service: Some(service.into()),
+            version: Some(version.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_filled_in() {
+        let spec = file("api", "2.0.0").resolve().unwrap();
+        assert_eq!(spec.batch, Amount::Percent(25));
+        assert_eq!(spec.max_unavailable, Amount::Percent(25));
+        assert_eq!(spec.min_healthy_time, 10_000);
+        assert!(spec.auto_rollback);
+        assert_eq!(spec.batch_size(6), 2);
+        assert_eq!(spec.unavailable_budget(6), 1);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut f = file("api", "2.0.0");
+        f.strategy.min_healthy_time = Some("5 parsecs".into());
+        assert_eq!(f.resolve().unwrap_err().field, "strategy.min_healthy_time");
+
+        let mut f = file("api", "two");
+        assert_eq!(f.resolve().unwrap_err().field, "version");
+        f.version = Some("2.0.0".into());
+        f.strategy.batch = Some("0".into());
+        assert_eq!(f.resolve().unwrap_err().field, "strategy.batch");
+        f.strategy.batch = Some(CountOrText::Count(-2));
+        assert_eq!(f.resolve().unwrap_err().field, "strategy.batch");
+        f.strategy.batch = None;
+        f.strategy.max_unavailable = Some("150%".into());
+        assert_eq!(f.resolve().unwrap_err().field, "strategy.max_unavailable");
+
+        assert_eq!(RolloutFile::default().resolve().unwrap_err().field, "service");
+        assert_eq!(file("../x", "1.0.0").resolve().unwrap_err().field, "service");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut base = file("api", "1.0.0");
+        base.strategy.batch = Some("2".into());
+        let mut flags = RolloutFile {
+            version: Some("2.0.0".into()),
+            ..Default::default()
+        };
+        flags.strategy.min_healthy_time = Some("1s".into());
+        let spec = base.merge(flags).resolve().unwrap();
+        assert_eq!(spec.version, "2.0.0");
+        assert_eq!(spec.batch, Amount::Count(2));
+        assert_eq!(spec.min_healthy_time, 1000);
+    }
+}

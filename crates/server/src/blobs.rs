@@ -1,0 +1,112 @@
+//! Content-addressed artifact files: `blobs/<sha256>`, written through a
+//! temporary file, fsynced and renamed, so a crash never leaves a partial
+//! blob under a valid name.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use futures_util::{Stream, StreamExt};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+pub struct Blobs {
+    dir: PathBuf,
+}
+
+/// A received upload, hashed and on disk, not yet under its final name.
+pub struct Upload {
+    pub tmp: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+    pub head: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("artifact is larger than the limit of {0} bytes")]
+    TooLarge(u64),
+    #[error("artifact is empty")]
+    Empty,
+    #[error("reading upload: {0}")]
+    Read(String),
+    #[error("writing upload: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub const MAX_ARTIFACT_BYTES: u64 = 4 << 30;
+
+impl Blobs {
+    pub fn open(dir: PathBuf) -> anyhow::Result<Blobs> {
+        let tmp = dir.join("tmp");
+        // Leftovers of uploads cut short by a crash.
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        Ok(Blobs { dir })
+    }
+
+    pub fn path(&self, sha256: &str) -> PathBuf {
+        self.dir.join(sha256)
+    }
+
+    pub async fn receive<S, E>(&self, mut body: S) -> Result<Upload, UploadError>
+    where
+        S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let tmp = self.dir.join("tmp").join(format!(
+            "upload-{}-{}",
+            std::process::id(),
+            crate::now_ms()
+        ));
+        let result = async {
+            let mut file = tokio::fs::File::create(&tmp).await?;
+            let mut hasher = Sha256::new();
+            let mut size = 0u64;
+            let mut head = Vec::new();
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| UploadError::Read(e.to_string()))?;
+                size += chunk.len() as u64;
+                if size > MAX_ARTIFACT_BYTES {
+                    return Err(UploadError::TooLarge(MAX_ARTIFACT_BYTES));
+                }
+                if head.len() < 512 {
+                    head.extend_from_slice(&chunk[..chunk.len().min(512 - head.len())]);
+                }
+                hasher.update(&chunk);
+                file.write_all(&chunk).await?;
+            }
+            if size == 0 {
+                return Err(UploadError::Empty);
+            }
+            file.sync_all().await?;
+            Ok(Upload {
+                tmp: tmp.clone(),
+                sha256: hex::encode(hasher.finalize()),
+                size,
+                head,
+            })
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result
+    }
+
+    /// Moves an upload under its content address (a no-op if already there).
+    pub async fn commit(&self, upload: &Upload) -> std::io::Result<()> {
+        let dest = self.path(&upload.sha256);
+        if tokio::fs::try_exists(&dest).await? {
+            return discard(&upload.tmp).await;
+        }
+        tokio::fs::rename(&upload.tmp, &dest).await?;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+}
+
+pub async fn discard(tmp: &Path) -> std::io::Result<()> {
+    match tokio::fs::remove_file(tmp).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}

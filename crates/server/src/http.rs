@@ -1,0 +1,231 @@
+//! The HTTP API under `/v1`. Handlers validate input and answer JSON errors;
+//! anything that changes a rollout goes through the reconciler, so that one
+//! task serialises every decision.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rollwave_api::{PushResponse, RolloutResponse, StartRollout, AGENT_CONNECT_PATH};
+use rollwave_core::{parse_version, validate_service_name, ArtifactFormat, NodeView, Release};
+use rollwave_store::PutRelease;
+use serde::Deserialize;
+
+use crate::blobs::{discard, UploadError};
+use crate::reconciler::Command;
+use crate::{now_ms, session, ApiError, Shared};
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route(AGENT_CONNECT_PATH, get(session::connect))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/releases", get(list_releases))
+        .route(
+            "/v1/releases/{service}/{version}",
+            post(push_release).get(get_release),
+        )
+        .route("/v1/releases/{service}/{version}/artifact", get(artifact))
+        .route("/v1/rollouts", get(list_rollouts).post(start_rollout))
+        .route("/v1/rollouts/{id}", get(get_rollout))
+        .route("/v1/rollouts/{id}/{command}", post(rollout_command))
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                rollwave_api::ErrorCode::BadRequest,
+                "method not allowed on this endpoint",
+            )
+        })
+        // Artifacts stream to disk with their own limit; everything else is small.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(shared)
+}
+
+async fn health(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "agents_connected": shared.sessions.connected(),
+    }))
+}
+
+async fn list_nodes(State(shared): State<Arc<Shared>>) -> Json<Vec<NodeView>> {
+    let fleet = shared.fleet.lock().unwrap_or_else(|e| e.into_inner());
+    Json(fleet.values().cloned().collect())
+}
+
+async fn list_releases(State(shared): State<Arc<Shared>>) -> ApiResult<Json<Vec<Release>>> {
+    Ok(Json(shared.store.list_releases().await?))
+}
+
+fn release_key(service: &str, version: &str) -> ApiResult<()> {
+    validate_service_name("service", service)?;
+    parse_version("version", version)?;
+    Ok(())
+}
+
+async fn get_release(
+    State(shared): State<Arc<Shared>>,
+    Path((service, version)): Path<(String, String)>,
+) -> ApiResult<Json<Release>> {
+    release_key(&service, &version)?;
+    let release = shared
+        .store
+        .get_release(&service, &version)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("release {service}@{version} not found")))?;
+    Ok(Json(release))
+}
+
+#[derive(Deserialize)]
+struct PushQuery {
+    filename: Option<String>,
+}
+
+async fn push_release(
+    State(shared): State<Arc<Shared>>,
+    Path((service, version)): Path<(String, String)>,
+    Query(query): Query<PushQuery>,
+    body: Body,
+) -> ApiResult<Response> {
+    release_key(&service, &version)?;
+    let upload = shared
+        .blobs
+        .receive(body.into_data_stream())
+        .await
+        .map_err(|e| match e {
+            UploadError::TooLarge(_) => {
+                ApiError::new(rollwave_api::ErrorCode::PayloadTooLarge, e.to_string())
+            }
+            UploadError::Empty => ApiError::bad_request(e.to_string()),
+            UploadError::Read(_) => ApiError::bad_request(e.to_string()),
+            UploadError::Io(_) => ApiError::internal(e.to_string()),
+        })?;
+    // Sniffed, not declared: a gzip stream is a tarball, anything else must
+    // be an executable the agent runs as is.
+    let format = if upload.head.starts_with(&[0x1f, 0x8b]) {
+        ArtifactFormat::TarGz
+    } else if upload.head.starts_with(b"\x7fELF") || upload.head.starts_with(b"#!") {
+        ArtifactFormat::Executable
+    } else {
+        discard(&upload.tmp).await?;
+        return Err(ApiError::bad_request(
+            "artifact is neither a .tar.gz nor an executable (ELF binary or #! script)",
+        ));
+    };
+    let release = Release {
+        service: service.clone(),
+        version: version.clone(),
+        sha256: upload.sha256.clone(),
+        size: upload.size,
+        format,
+        filename: query.filename.unwrap_or_else(|| service.clone()),
+        created_at: now_ms(),
+    };
+    // The blob is durable before the release that names it.
+    shared.blobs.commit(&upload).await?;
+    match shared.store.put_release(&release).await? {
+        PutRelease::Created(release) => {
+            tracing::info!(service = %service, version = %version, sha256 = %release.sha256, size = release.size, "release pushed");
+            Ok((
+                StatusCode::CREATED,
+                Json(PushResponse {
+                    release,
+                    created: true,
+                }),
+            )
+                .into_response())
+        }
+        PutRelease::Unchanged(release) => Ok(Json(PushResponse {
+            release,
+            created: false,
+        })
+        .into_response()),
+        PutRelease::Conflict(existing) => Err(ApiError::conflict(format!(
+            "release {service}@{version} already exists with sha256 {}, this upload has sha256 {}: releases are immutable, push a new version",
+            existing.sha256, upload.sha256
+        ))),
+    }
+}
+
+async fn artifact(
+    State(shared): State<Arc<Shared>>,
+    Path((service, version)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    release_key(&service, &version)?;
+    let release = shared
+        .store
+        .get_release(&service, &version)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("release {service}@{version} not found")))?;
+    let path = shared.blobs.path(&release.sha256);
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiError::internal(format!("opening artifact {}: {e}", path.display())))?;
+    let len = file.metadata().await?.len();
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+async fn list_rollouts(
+    State(shared): State<Arc<Shared>>,
+) -> ApiResult<Json<Vec<rollwave_core::Rollout>>> {
+    Ok(Json(shared.store.list_rollouts().await?))
+}
+
+fn parse_id(id: &str) -> ApiResult<u64> {
+    id.parse()
+        .map_err(|_| ApiError::bad_request(format!("rollout id {id:?} is not a number")))
+}
+
+async fn get_rollout(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<RolloutResponse>> {
+    let id = parse_id(&id)?;
+    let rollout = shared
+        .store
+        .get_rollout(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("rollout {id} not found")))?;
+    Ok(Json(RolloutResponse { rollout }))
+}
+
+async fn start_rollout(State(shared): State<Arc<Shared>>, body: Bytes) -> ApiResult<Response> {
+    let req: StartRollout = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid rollout request: {e}")))?;
+    let rollout = shared.reconciler.start(req.spec).await?;
+    Ok((StatusCode::CREATED, Json(RolloutResponse { rollout })).into_response())
+}
+
+async fn rollout_command(
+    State(shared): State<Arc<Shared>>,
+    Path((id, command)): Path<(String, String)>,
+) -> ApiResult<Json<RolloutResponse>> {
+    let id = parse_id(&id)?;
+    let command = match command.as_str() {
+        "pause" => Command::Pause,
+        "resume" => Command::Resume,
+        "cancel" => Command::Cancel,
+        "rollback" => Command::Rollback,
+        other => {
+            return Err(ApiError::not_found(format!(
+                "no rollout command {other:?} (pause, resume, cancel, rollback)"
+            )))
+        }
+    };
+    let rollout = shared.reconciler.command(id, command).await?;
+    Ok(Json(RolloutResponse { rollout }))
+}

@@ -1,0 +1,90 @@
+//! The control plane: HTTP API, agent sessions and the rollout reconciler.
+//!
+//! Data flow: agents hold a WebSocket session ([`session`]) over which they
+//! report their services and receive tasks; the [`reconciler`] owns every
+//! active rollout, runs the pure planner on each change and persists each
+//! decision in the [`Store`] before sending the tasks it implies.
+
+mod blobs;
+mod error;
+mod http;
+mod reconciler;
+mod session;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use rollwave_core::{Fleet, Timestamp};
+use rollwave_store::{SqliteStore, Store};
+use tokio::net::TcpListener;
+
+pub use error::ApiError;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+/// State shared by the HTTP handlers, the sessions and the reconciler.
+pub(crate) struct Shared {
+    pub store: Arc<dyn Store>,
+    pub blobs: blobs::Blobs,
+    /// The fleet as observed through agent sessions (and, for offline nodes,
+    /// as last stored).
+    pub fleet: Mutex<Fleet>,
+    pub sessions: session::Sessions,
+    pub reconciler: reconciler::Handle,
+}
+
+pub(crate) fn now_ms() -> Timestamp {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as Timestamp)
+        .unwrap_or(0)
+}
+
+/// Opens the data dir, binds the listener and serves until `shutdown` resolves.
+/// Prints `rollwave server listening on http://ADDR` once ready.
+pub async fn run(
+    config: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let db = config.data_dir.join("rollwave.db");
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&db).with_context(|| format!("opening store {}", db.display()))?,
+    );
+    let blobs = blobs::Blobs::open(config.data_dir.join("blobs"))?;
+    let mut fleet = Fleet::new();
+    for node in store.list_nodes().await.context("loading nodes")? {
+        fleet.insert(node.name.clone(), node);
+    }
+    let (handle, events) = reconciler::channel();
+    let shared = Arc::new(Shared {
+        store,
+        blobs,
+        fleet: Mutex::new(fleet),
+        sessions: session::Sessions::default(),
+        reconciler: handle,
+    });
+    reconciler::spawn(shared.clone(), events)
+        .await
+        .context("loading rollouts")?;
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), "control plane started");
+    println!("rollwave server listening on http://{addr}");
+    axum::serve(listener, http::router(shared))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving http")?;
+    Ok(())
+}

@@ -1,0 +1,408 @@
+//! The rollout executor: a single task that owns every active rollout.
+//!
+//! It is level-triggered. On any event (an agent report, an operator command,
+//! a deadline) it records the input, asks the pure planner what to do next,
+//! persists that decision with a compare-and-swap on the rollout's generation,
+//! and only then sends the tasks the decision implies. A crash between any two
+//! of these steps is harmless: after a restart the rollouts are loaded, agents
+//! reconnect, in-flight tasks are sent again, and agents recognise task ids
+//! they have already run.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rollwave_api::{artifact_path, ArtifactRef, ServerMessage, Task, TaskAction};
+use rollwave_core::{
+    plan_batches, step, Release, Rollout, RolloutFile, TaskKind, TaskOutcome, TaskRef,
+};
+use rollwave_store::StoreError;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{now_ms, ApiError, Shared};
+
+/// Even with nothing to wake for, look again this often: a cheap backstop.
+const MAX_SLEEP: Duration = Duration::from_secs(5);
+
+pub enum Event {
+    Kick,
+    AgentConnected(String),
+    Phase {
+        node: String,
+        task_id: String,
+        phase: String,
+    },
+    Result {
+        node: String,
+        task_id: String,
+        outcome: TaskOutcome,
+    },
+    Start {
+        file: RolloutFile,
+        reply: oneshot::Sender<Result<Rollout, ApiError>>,
+    },
+    Command {
+        id: u64,
+        command: Command,
+        reply: oneshot::Sender<Result<Rollout, ApiError>>,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Command {
+    Pause,
+    Resume,
+    Cancel,
+    Rollback,
+}
+
+#[derive(Clone)]
+pub struct Handle(mpsc::UnboundedSender<Event>);
+
+pub fn channel() -> (Handle, mpsc::UnboundedReceiver<Event>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Handle(tx), rx)
+}
+
+impl Handle {
+    pub fn send(&self, event: Event) {
+        // Only fails when the reconciler is gone, i.e. during shutdown.
+        let _ = self.0.send(event);
+    }
+
+    pub async fn start(&self, file: RolloutFile) -> Result<Rollout, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Event::Start { file, reply });
+        rx.await
+            .unwrap_or_else(|_| Err(ApiError::internal("reconciler stopped")))
+    }
+
+    pub async fn command(&self, id: u64, command: Command) -> Result<Rollout, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Event::Command { id, command, reply });
+        rx.await
+            .unwrap_or_else(|_| Err(ApiError::internal("reconciler stopped")))
+    }
+}
+
+struct Reconciler {
+    shared: Arc<Shared>,
+    active: BTreeMap<u64, Rollout>,
+    releases: HashMap<(String, String), Release>,
+}
+
+/// Loads the active rollouts and starts the reconciler task.
+pub async fn spawn(
+    shared: Arc<Shared>,
+    events: mpsc::UnboundedReceiver<Event>,
+) -> Result<(), StoreError> {
+    let active = shared
+        .store
+        .list_rollouts()
+        .await?
+        .into_iter()
+        .filter(Rollout::is_active)
+        .map(|r| (r.id, r))
+        .collect::<BTreeMap<_, _>>();
+    if !active.is_empty() {
+        tracing::info!(rollouts = ?active.keys().collect::<Vec<_>>(), "resuming rollouts");
+    }
+    let r = Reconciler {
+        shared,
+        active,
+        releases: HashMap::new(),
+    };
+    tokio::spawn(r.run(events));
+    Ok(())
+}
+
+impl Reconciler {
+    async fn run(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
+        let mut sleep = MAX_SLEEP;
+        loop {
+            let event = match tokio::time::timeout(sleep, events.recv()).await {
+                Ok(Some(e)) => Some(e),
+                Ok(None) => return,
+                Err(_) => None,
+            };
+            if let Some(e) = event {
+                self.handle(e).await;
+            }
+            while let Ok(e) = events.try_recv() {
+                self.handle(e).await;
+            }
+            sleep = self.reconcile().await;
+        }
+    }
+
+    async fn handle(&mut self, event: Event) {
+        let now = now_ms();
+        match event {
+            Event::Kick => {}
+            Event::AgentConnected(node) => {
+                let tasks: Vec<(u64, TaskRef)> = self
+                    .active
+                    .values()
+                    .flat_map(|r| {
+                        r.in_flight()
+                            .filter(|(n, _)| *n == node)
+                            .map(|(_, t)| (r.id, t.clone()))
+                    })
+                    .collect();
+                for (id, task) in tasks {
+                    let Some(r) = self.active.get(&id).cloned() else {
+                        continue;
+                    };
+                    self.send_task(&r, &node, &task).await;
+                }
+            }
+            Event::Phase {
+                node,
+                task_id,
+                phase,
+            } => {
+                let ids: Vec<u64> = self.active.keys().copied().collect();
+                for id in ids {
+                    let Some(mut r) = self.active.get(&id).cloned() else {
+                        continue;
+                    };
+                    if r.record_phase(&node, &task_id, &phase, now) {
+                        self.save(r).await;
+                    }
+                }
+            }
+            Event::Result {
+                node,
+                task_id,
+                outcome,
+            } => {
+                let ids: Vec<u64> = self.active.keys().copied().collect();
+                for id in ids {
+                    let Some(mut r) = self.active.get(&id).cloned() else {
+                        continue;
+                    };
+                    if r.record_result(&node, &task_id, &outcome, now) {
+                        tracing::info!(rollout = id, node = %node, task = %task_id, ?outcome, "task ended");
+                        self.save(r).await;
+                    }
+                }
+            }
+            Event::Start { file, reply } => {
+                let result = self.start(file, now).await;
+                let _ = reply.send(result);
+            }
+            Event::Command { id, command, reply } => {
+                let result = self.command(id, command, now).await;
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    async fn start(&mut self, file: RolloutFile, now: u64) -> Result<Rollout, ApiError> {
+        let spec = file.resolve()?;
+        self.release(&spec.service, &spec.version)
+            .await?
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "release {}@{} not found: push it first with `rollwave release push {} {} FILE`",
+                    spec.service, spec.version, spec.service, spec.version
+                ))
+            })?;
+        if let Some(r) = self
+            .active
+            .values()
+            .find(|r| r.spec.service == spec.service)
+        {
+            return Err(ApiError::conflict(format!(
+                "rollout {} of {} is {}: wait for it to finish, cancel it or roll it back first",
+                r.id,
+                r.spec.service,
+                r.state.as_str()
+            )));
+        }
+        let fleet = self.fleet();
+        // Validate against the fleet before allocating an id.
+        plan_batches(0, spec.clone(), &fleet, now)?;
+        let id = self.shared.store.next_rollout_id().await?;
+        let rollout = plan_batches(id, spec, &fleet, now)?;
+        let stored = self.shared.store.insert_rollout(&rollout).await?;
+        tracing::info!(rollout = id, service = %stored.spec.service, version = %stored.spec.version, nodes = stored.nodes.len(), "rollout started");
+        self.active.insert(id, stored);
+        self.reconcile().await;
+        self.current(id).await
+    }
+
+    async fn command(&mut self, id: u64, command: Command, now: u64) -> Result<Rollout, ApiError> {
+        let mut r = match self.active.get(&id) {
+            Some(r) => r.clone(),
+            None => self
+                .shared
+                .store
+                .get_rollout(id)
+                .await?
+                .ok_or_else(|| ApiError::not_found(format!("rollout {id} not found")))?,
+        };
+        if let (Command::Rollback, Some(other)) = (
+            command,
+            self.active
+                .values()
+                .find(|o| o.id != id && o.spec.service == r.spec.service),
+        ) {
+            return Err(ApiError::conflict(format!(
+                "rollout {} of {} is {}: cancel it before rolling back rollout {id}",
+                other.id,
+                other.spec.service,
+                other.state.as_str()
+            )));
+        }
+        let before = r.clone();
+        match command {
+            Command::Pause => r.pause(now)?,
+            Command::Resume => r.resume(now)?,
+            Command::Cancel => r.cancel(now)?,
+            Command::Rollback => r.rollback(now)?,
+        }
+        if r != before {
+            r.updated_at = now;
+            tracing::info!(rollout = id, ?command, "operator command");
+            self.save(r).await;
+        }
+        self.reconcile().await;
+        self.current(id).await
+    }
+
+    async fn current(&self, id: u64) -> Result<Rollout, ApiError> {
+        match self.active.get(&id) {
+            Some(r) => Ok(r.clone()),
+            None => self
+                .shared
+                .store
+                .get_rollout(id)
+                .await?
+                .ok_or_else(|| ApiError::not_found(format!("rollout {id} not found"))),
+        }
+    }
+
+    /// Steps every active rollout; returns how long to sleep until the next deadline.
+    async fn reconcile(&mut self) -> Duration {
+        let now = now_ms();
+        let fleet = self.fleet();
+        let mut wake = now + MAX_SLEEP.as_millis() as u64;
+        let ids: Vec<u64> = self.active.keys().copied().collect();
+        for id in ids {
+            let Some(r) = self.active.get(&id) else {
+                continue;
+            };
+            let decision = step(r, &fleet, now);
+            if let Some(t) = decision.next_wakeup {
+                wake = wake.min(t);
+            }
+            if !decision.changed {
+                continue;
+            }
+            // Persist first: a task is only sent once the decision is durable.
+            let Some(saved) = self.save(decision.rollout).await else {
+                continue;
+            };
+            for d in &decision.dispatch {
+                self.send_task(&saved, &d.node, &d.task).await;
+            }
+        }
+        Duration::from_millis(wake.saturating_sub(now).max(10))
+    }
+
+    /// Writes a rollout and keeps the stored copy; on failure, drops the
+    /// in-memory change and reloads, so memory never runs ahead of the store.
+    async fn save(&mut self, r: Rollout) -> Option<Rollout> {
+        let id = r.id;
+        match self.shared.store.update_rollout(&r).await {
+            Ok(saved) => {
+                if saved.is_active() {
+                    self.active.insert(id, saved.clone());
+                } else {
+                    tracing::info!(rollout = id, state = saved.state.as_str(), reason = ?saved.reason, "rollout finished");
+                    self.active.remove(&id);
+                }
+                Some(saved)
+            }
+            Err(e) => {
+                tracing::error!(rollout = id, error = %e, "persisting rollout; reloading");
+                match self.shared.store.get_rollout(id).await {
+                    Ok(Some(stored)) if stored.is_active() => {
+                        self.active.insert(id, stored);
+                    }
+                    Ok(_) => {
+                        self.active.remove(&id);
+                    }
+                    Err(e) => tracing::error!(rollout = id, error = %e, "reloading rollout"),
+                }
+                None
+            }
+        }
+    }
+
+    async fn send_task(&mut self, r: &Rollout, node: &str, task: &TaskRef) {
+        let action = match task.kind {
+            TaskKind::Upgrade => {
+                let release = match self.release(&r.spec.service, &r.spec.version).await {
+                    Ok(Some(rel)) => rel,
+                    Ok(None) => {
+                        tracing::error!(rollout = r.id, "release of a running rollout is missing");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(rollout = r.id, error = %e.message, "loading release");
+                        return;
+                    }
+                };
+                TaskAction::Upgrade {
+                    version: r.spec.version.clone(),
+                    artifact: ArtifactRef {
+                        path: artifact_path(&release.service, &release.version),
+                        sha256: release.sha256.clone(),
+                        size: release.size,
+                        format: release.format,
+                    },
+                    min_healthy_time_ms: r.spec.min_healthy_time,
+                    healthy_deadline_ms: r.spec.healthy_deadline,
+                }
+            }
+            TaskKind::Revert => TaskAction::Revert {
+                to_version: r.nodes.get(node).and_then(|n| n.from_version.clone()),
+                upgrade_task: r.task_id(node, TaskKind::Upgrade),
+                healthy_deadline_ms: r.spec.healthy_deadline,
+            },
+        };
+        let msg = ServerMessage::Task(Task {
+            id: task.id.clone(),
+            rollout: r.id,
+            service: r.spec.service.clone(),
+            action,
+        });
+        if self.shared.sessions.send(node, msg) {
+            tracing::debug!(node = %node, task = %task.id, "task sent");
+        } else {
+            tracing::debug!(node = %node, task = %task.id, "node offline; task is sent when it reconnects");
+        }
+    }
+
+    async fn release(&mut self, service: &str, version: &str) -> Result<Option<Release>, ApiError> {
+        let key = (service.to_string(), version.to_string());
+        if let Some(r) = self.releases.get(&key) {
+            return Ok(Some(r.clone()));
+        }
+        let found = self.shared.store.get_release(service, version).await?;
+        if let Some(r) = &found {
+            self.releases.insert(key, r.clone());
+        }
+        Ok(found)
+    }
+
+    fn fleet(&self) -> rollwave_core::Fleet {
+        self.shared
+            .fleet
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}

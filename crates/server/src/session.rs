@@ -1,0 +1,238 @@
+//! Agent sessions: one WebSocket per node, opened by the agent (nodes need no
+//! inbound port). The first message is a `hello`; after it the agent streams
+//! status and task reports and the control plane pushes tasks the moment they
+//! are decided.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use futures_util::{SinkExt, StreamExt};
+use rollwave_api::{AgentMessage, ServerMessage, AGENT_PROTOCOL};
+use rollwave_core::NodeView;
+use tokio::sync::mpsc;
+
+use crate::reconciler::Event;
+use crate::{now_ms, Shared};
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const PING_EVERY: Duration = Duration::from_secs(5);
+/// A session that has sent nothing (not even a pong) for this long is dead.
+const SILENCE_LIMIT: Duration = Duration::from_secs(20);
+
+#[derive(Default)]
+pub struct Sessions {
+    inner: Mutex<HashMap<String, SessionHandle>>,
+    next_id: AtomicU64,
+}
+
+struct SessionHandle {
+    id: u64,
+    tx: mpsc::UnboundedSender<ServerMessage>,
+}
+
+impl Sessions {
+    /// Queues a message for a node's session; false if the node has none.
+    pub fn send(&self, node: &str, msg: ServerMessage) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.get(node).is_some_and(|s| s.tx.send(msg).is_ok())
+    }
+
+    pub fn connected(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// The newest session of a node wins: an agent that restarted reconnects
+    /// before the control plane notices its old connection is gone.
+    fn register(&self, node: &str) -> (u64, mpsc::UnboundedReceiver<ServerMessage>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.insert(node.to_string(), SessionHandle { id, tx });
+        (id, rx)
+    }
+
+    /// Removes the session if it is still the node's current one.
+    fn unregister(&self, node: &str, id: u64) -> bool {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.get(node).is_some_and(|s| s.id == id) {
+            inner.remove(node);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+pub async fn connect(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade) -> Response {
+    ws.max_message_size(8 << 20)
+        .on_upgrade(move |socket| async move {
+            if let Err(e) = serve(shared, socket).await {
+                tracing::warn!(error = %e, "agent session ended");
+            }
+        })
+}
+
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+async fn serve(shared: Arc<Shared>, socket: WebSocket) -> anyhow::Result<()> {
+    let (mut sink, mut stream) = socket.split();
+    let first = tokio::time::timeout(HELLO_TIMEOUT, stream.next()).await;
+    let hello = match first {
+        Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str::<AgentMessage>(text.as_str()),
+        _ => anyhow::bail!("agent sent no hello within {HELLO_TIMEOUT:?}"),
+    };
+    let (node, labels, services) = match hello {
+        Ok(AgentMessage::Hello {
+            protocol,
+            node,
+            labels,
+            services,
+            ..
+        }) => {
+            let refusal = if protocol != AGENT_PROTOCOL {
+                Some(format!(
+                    "agent protocol {protocol} is not supported by this control plane (it speaks {AGENT_PROTOCOL})"
+                ))
+            } else if !valid_node_name(&node) {
+                Some(format!(
+                    "node name {node:?} is invalid: use 1-128 characters of a-z, A-Z, 0-9, '-', '_', '.'"
+                ))
+            } else {
+                None
+            };
+            if let Some(reason) = refusal {
+                let msg = serde_json::to_string(&ServerMessage::Refused {
+                    reason: reason.clone(),
+                })?;
+                sink.send(Message::Text(msg.into())).await?;
+                anyhow::bail!("refused agent: {reason}");
+            }
+            (node, labels, services)
+        }
+        Ok(other) => anyhow::bail!("expected hello, got {other:?}"),
+        Err(e) => anyhow::bail!("malformed hello: {e}"),
+    };
+
+    let (id, mut outbox) = shared.sessions.register(&node);
+    let view = NodeView {
+        name: node.clone(),
+        labels,
+        online: true,
+        last_seen: now_ms(),
+        services,
+    };
+    set_node(&shared, view).await;
+    tracing::info!(node = %node, "agent connected");
+    let welcome = serde_json::to_string(&ServerMessage::Welcome { node: node.clone() })?;
+    sink.send(Message::Text(welcome.into())).await?;
+    shared.reconciler.send(Event::AgentConnected(node.clone()));
+
+    let mut ping = tokio::time::interval(PING_EVERY);
+    let mut last_heard = tokio::time::Instant::now();
+    let result: anyhow::Result<()> = async {
+        loop {
+            tokio::select! {
+                msg = outbox.recv() => {
+                    // None: a newer session of the same node replaced this one.
+                    let Some(msg) = msg else { return Ok(()) };
+                    sink.send(Message::Text(serde_json::to_string(&msg)?.into())).await?;
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > SILENCE_LIMIT {
+                        anyhow::bail!("agent silent for {SILENCE_LIMIT:?}");
+                    }
+                    sink.send(Message::Ping(Default::default())).await?;
+                }
+                frame = stream.next() => {
+                    last_heard = tokio::time::Instant::now();
+                    match frame {
+                        Some(Ok(Message::Text(text))) => {
+                            match serde_json::from_str::<AgentMessage>(text.as_str()) {
+                                Ok(msg) => handle(&shared, &node, msg).await,
+                                Err(e) => tracing::warn!(node = %node, error = %e, "malformed agent message"),
+                            }
+                        }
+                        Some(Ok(Message::Close(_))) | None => return Ok(()),
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+    }
+    .await;
+
+    if shared.sessions.unregister(&node, id) {
+        let view = {
+            let mut fleet = shared.fleet.lock().unwrap_or_else(|e| e.into_inner());
+            fleet.get_mut(&node).map(|v| {
+                v.online = false;
+                v.last_seen = now_ms();
+                v.clone()
+            })
+        };
+        if let Some(view) = view {
+            persist(&shared, &view).await;
+        }
+        tracing::info!(node = %node, "agent disconnected");
+        shared.reconciler.send(Event::Kick);
+    }
+    result
+}
+
+async fn handle(shared: &Shared, node: &str, msg: AgentMessage) {
+    match msg {
+        AgentMessage::Hello { .. } => tracing::warn!(node = %node, "duplicate hello ignored"),
+        AgentMessage::Status { services } => {
+            let view = {
+                let mut fleet = shared.fleet.lock().unwrap_or_else(|e| e.into_inner());
+                fleet.get_mut(node).map(|v| {
+                    v.services = services;
+                    v.last_seen = now_ms();
+                    v.clone()
+                })
+            };
+            if let Some(view) = view {
+                persist(shared, &view).await;
+            }
+            shared.reconciler.send(Event::Kick);
+        }
+        AgentMessage::TaskPhase { task_id, phase } => shared.reconciler.send(Event::Phase {
+            node: node.to_string(),
+            task_id,
+            phase,
+        }),
+        AgentMessage::TaskResult { task_id, outcome } => shared.reconciler.send(Event::Result {
+            node: node.to_string(),
+            task_id,
+            outcome,
+        }),
+    }
+}
+
+async fn set_node(shared: &Shared, view: NodeView) {
+    shared
+        .fleet
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(view.name.clone(), view.clone());
+    persist(shared, &view).await;
+}
+
+async fn persist(shared: &Shared, view: &NodeView) {
+    if let Err(e) = shared.store.upsert_node(view).await {
+        tracing::error!(node = %view.name, error = %e, "storing node");
+    }
+}

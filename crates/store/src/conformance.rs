@@ -1,0 +1,289 @@
+//! The behaviour every [`Store`] engine must have, as one test suite.
+//!
+//! Each engine's tests call [`test_suite`] on a fresh, empty store, so an
+//! engine cannot pass by being lenient where the server relies on it being
+//! strict (compare-and-swap, id allocation, ordering). The small constructors
+//! here are public so engines and their callers can build records for their
+//! own tests.
+//!
+//! This is test support: it panics on the first failed expectation.
+
+use std::collections::BTreeMap;
+
+use rollwave_core::{
+    plan_batches, ArtifactFormat, Fleet, Health, NodeView, Release, Rollout, RolloutFile,
+    ServiceView, Timestamp,
+};
+
+use crate::{PutRelease, Store, StoreError};
+
+/// Runs every check against `store`, which must be empty.
+pub async fn test_suite(store: &dyn Store) {
+    nodes(store).await;
+    releases(store).await;
+    rollout_ids(store).await;
+    rollouts(store).await;
+}
+
+/// A node running `api` at `version` (or not running it, if `None`), online.
+pub fn node(name: &str, labels: &[(&str, &str)], version: Option<&str>) -> NodeView {
+    NodeView {
+        name: name.to_string(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        online: true,
+        last_seen: 1_000,
+        services: BTreeMap::from([(
+            "api".to_string(),
+            ServiceView {
+                version: version.map(str::to_string),
+                health: if version.is_some() {
+                    Health::Healthy
+                } else {
+                    Health::Stopped
+                },
+                staged: version.map(str::to_string).into_iter().collect(),
+            },
+        )]),
+    }
+}
+
+pub fn release(service: &str, version: &str, sha256: &str, created_at: Timestamp) -> Release {
+    Release {
+        service: service.to_string(),
+        version: version.to_string(),
+        sha256: sha256.to_string(),
+        size: 1234,
+        format: ArtifactFormat::TarGz,
+        filename: format!("{service}-{version}.tar.gz"),
+        created_at,
+    }
+}
+
+/// A fresh rollout of `api` 2.0.0 over three nodes, as the planner creates it
+/// (generation 0, not yet stored).
+pub fn rollout(id: u64, now: Timestamp) -> Rollout {
+    let spec = RolloutFile {
+        service: Some("api".into()),
+        version: Some("2.0.0".into()),
+        ..Default::default()
+    }
+    .resolve()
+    .expect("a valid rollout spec");
+    let fleet: Fleet = ["web-1", "web-2", "web-3"]
+        .into_iter()
+        .map(|name| (name.to_string(), node(name, &[], Some("1.0.0"))))
+        .collect();
+    plan_batches(id, spec, &fleet, now).expect("planning a rollout over a fleet running api")
+}
+
+async fn nodes(store: &dyn Store) {
+    assert_eq!(store.list_nodes().await.unwrap(), vec![]);
+
+    let b = node("node-b", &[("zone", "b")], Some("1.0.0"));
+    let a = node("node-a", &[("zone", "a")], None);
+    store.upsert_node(&b).await.unwrap();
+    store.upsert_node(&a).await.unwrap();
+    let offline = |n: &NodeView| NodeView {
+        online: false,
+        ..n.clone()
+    };
+    assert_eq!(
+        store.list_nodes().await.unwrap(),
+        vec![offline(&a), offline(&b)],
+        "nodes are listed by name, with online = false"
+    );
+
+    let mut a2 = node("node-a", &[("zone", "c"), ("tier", "edge")], Some("2.0.0"));
+    a2.last_seen = 5_000;
+    store.upsert_node(&a2).await.unwrap();
+    assert_eq!(
+        store.list_nodes().await.unwrap(),
+        vec![offline(&a2), offline(&b)],
+        "an upsert replaces the node of the same name"
+    );
+}
+
+async fn releases(store: &dyn Store) {
+    assert_eq!(store.list_releases().await.unwrap(), vec![]);
+    assert_eq!(store.get_release("api", "2.0.0").await.unwrap(), None);
+
+    let api2 = release("api", "2.0.0", "aaaa", 200);
+    assert_eq!(
+        store.put_release(&api2).await.unwrap(),
+        PutRelease::Created(api2.clone())
+    );
+    assert_eq!(
+        store.get_release("api", "2.0.0").await.unwrap(),
+        Some(api2.clone())
+    );
+
+    // Pushing the same content again later keeps the original record.
+    let again = release("api", "2.0.0", "aaaa", 900);
+    assert_eq!(
+        store.put_release(&again).await.unwrap(),
+        PutRelease::Unchanged(api2.clone())
+    );
+
+    let different = release("api", "2.0.0", "bbbb", 900);
+    assert_eq!(
+        store.put_release(&different).await.unwrap(),
+        PutRelease::Conflict(api2.clone())
+    );
+    assert_eq!(
+        store.get_release("api", "2.0.0").await.unwrap(),
+        Some(api2.clone()),
+        "a conflicting push stores nothing"
+    );
+
+    // Created out of order, across services, to check the listing order.
+    let web1 = release("web", "1.0.0", "cccc", 50);
+    let api1 = release("api", "1.0.0", "dddd", 100);
+    let api3 = release("api", "3.0.0", "eeee", 300);
+    for r in [&web1, &api3, &api1] {
+        assert_eq!(
+            store.put_release(r).await.unwrap(),
+            PutRelease::Created(r.clone())
+        );
+    }
+    assert_eq!(
+        store.list_releases().await.unwrap(),
+        vec![api1, api2, api3, web1.clone()],
+        "releases are listed by service, then creation time"
+    );
+    assert_eq!(store.get_release("web", "1.0.0").await.unwrap(), Some(web1));
+    assert_eq!(store.get_release("web", "2.0.0").await.unwrap(), None);
+    assert_eq!(store.get_release("nope", "1.0.0").await.unwrap(), None);
+}
+
+async fn rollout_ids(store: &dyn Store) {
+    let mut last = store.next_rollout_id().await.unwrap();
+    assert!(last >= 1, "rollout ids start at 1, got {last}");
+    for _ in 0..5 {
+        let next = store.next_rollout_id().await.unwrap();
+        assert!(next > last, "rollout id {next} after {last}");
+        last = next;
+    }
+
+    // Callers allocating at the same time still get distinct ids.
+    let (a, b, c) = tokio::join!(
+        store.next_rollout_id(),
+        store.next_rollout_id(),
+        store.next_rollout_id()
+    );
+    let mut ids = vec![a.unwrap(), b.unwrap(), c.unwrap()];
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "concurrent allocations collided: {ids:?}");
+    assert!(ids[0] > last, "ids {ids:?} reuse one up to {last}");
+}
+
+async fn rollouts(store: &dyn Store) {
+    assert_eq!(store.list_rollouts().await.unwrap(), vec![]);
+
+    let id = store.next_rollout_id().await.unwrap();
+    assert_eq!(store.get_rollout(id).await.unwrap(), None);
+
+    // Whatever generation the caller passes, a new rollout starts at 1.
+    let mut planned = rollout(id, 10_000);
+    planned.generation = 7;
+    let v1 = store.insert_rollout(&planned).await.unwrap();
+    assert_eq!(v1.generation, 1);
+    assert_eq!(
+        v1,
+        Rollout {
+            generation: 1,
+            ..planned.clone()
+        }
+    );
+    assert_eq!(store.get_rollout(id).await.unwrap(), Some(v1.clone()));
+
+    match store.insert_rollout(&planned).await {
+        Err(StoreError::AlreadyExists(got)) => assert_eq!(got, id),
+        other => panic!("inserting rollout {id} twice: expected AlreadyExists, got {other:?}"),
+    }
+    assert_eq!(store.get_rollout(id).await.unwrap(), Some(v1.clone()));
+
+    // A write at the current generation wins and bumps it.
+    let mut paused = v1.clone();
+    paused.pause(11_000).unwrap();
+    let v2 = store.update_rollout(&paused).await.unwrap();
+    assert_eq!(v2.generation, 2);
+    assert_eq!(
+        v2,
+        Rollout {
+            generation: 2,
+            ..paused
+        }
+    );
+    assert_eq!(store.get_rollout(id).await.unwrap(), Some(v2.clone()));
+
+    // A writer still holding generation 1 lost the race: refused, nothing stored.
+    let mut stale = v1.clone();
+    stale.cancel(12_000).unwrap();
+    match store.update_rollout(&stale).await {
+        Err(StoreError::Conflict {
+            id: got,
+            expected,
+            found,
+        }) => assert_eq!((got, expected, found), (id, 1, 2)),
+        other => panic!("stale write of rollout {id}: expected Conflict, got {other:?}"),
+    }
+    assert_eq!(store.get_rollout(id).await.unwrap(), Some(v2.clone()));
+
+    // A generation from the future is just as wrong.
+    let ahead = Rollout {
+        generation: 40,
+        ..v2.clone()
+    };
+    match store.update_rollout(&ahead).await {
+        Err(StoreError::Conflict {
+            expected, found, ..
+        }) => assert_eq!((expected, found), (40, 2)),
+        other => panic!("write of rollout {id} at generation 40: expected Conflict, got {other:?}"),
+    }
+    assert_eq!(store.get_rollout(id).await.unwrap(), Some(v2.clone()));
+
+    // Two writers racing from the same generation: exactly one wins.
+    let mut resumed = v2.clone();
+    resumed.resume(13_000).unwrap();
+    let mut cancelled = v2.clone();
+    cancelled.cancel(13_000).unwrap();
+    let (r1, r2) = tokio::join!(
+        store.update_rollout(&resumed),
+        store.update_rollout(&cancelled)
+    );
+    let winner = match (r1, r2) {
+        (Ok(w), Err(StoreError::Conflict { found: 3, .. }))
+        | (Err(StoreError::Conflict { found: 3, .. }), Ok(w)) => w,
+        other => panic!("racing writes of rollout {id}: expected one win, got {other:?}"),
+    };
+    assert_eq!(winner.generation, 3);
+    assert_eq!(store.get_rollout(id).await.unwrap(), Some(winner.clone()));
+
+    let missing = id + 1_000;
+    let ghost = Rollout {
+        id: missing,
+        generation: 1,
+        ..winner.clone()
+    };
+    match store.update_rollout(&ghost).await {
+        Err(StoreError::NotFound(got)) => assert_eq!(got, missing),
+        other => panic!("update of missing rollout {missing}: expected NotFound, got {other:?}"),
+    }
+    assert_eq!(store.get_rollout(missing).await.unwrap(), None);
+
+    // Newest first: by id, not by creation time or last update.
+    let id2 = store.next_rollout_id().await.unwrap();
+    let second = store.insert_rollout(&rollout(id2, 5_000)).await.unwrap();
+    let id3 = store.next_rollout_id().await.unwrap();
+    let third = store.insert_rollout(&rollout(id3, 1_000)).await.unwrap();
+    let winner = store.update_rollout(&winner).await.unwrap();
+    assert_eq!(
+        store.list_rollouts().await.unwrap(),
+        vec![third, second, winner],
+        "rollouts are listed newest first"
+    );
+}

@@ -1,0 +1,64 @@
+//! Durable state of the control plane behind a small [`Store`] trait.
+//!
+//! The SQLite engine is the embedded default; other engines (etcd) implement
+//! the same trait and must pass the same [`conformance`] suite.
+
+pub mod conformance;
+mod sqlite;
+
+use async_trait::async_trait;
+use rollwave_core::{NodeView, Release, Rollout};
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A compare-and-swap lost: someone else wrote the record first.
+    #[error("rollout {id} was changed concurrently (expected generation {expected}, found {found})")]
+    Conflict { id: u64, expected: u64, found: u64 },
+    #[error("rollout {0} not found")]
+    NotFound(u64),
+    #[error("rollout {0} already exists")]
+    AlreadyExists(u64),
+    #[error("storage failure: {0}")]
+    Backend(String),
+    #[error("corrupt record {key}: {message}")]
+    Corrupt { key: String, message: String },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Outcome of [`Store::put_release`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutRelease {
+    Created(Release),
+    /// The same service@version with the same sha256 was already stored.
+    Unchanged(Release),
+    /// The same service@version exists with different content; nothing stored.
+    Conflict(Release),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Inserts or replaces a node by name. The `online` field is not stored:
+    /// it is a property of the live session, not of the node.
+    async fn upsert_node(&self, node: &NodeView) -> Result<()>;
+    /// All nodes, ordered by name, with `online = false`.
+    async fn list_nodes(&self) -> Result<Vec<NodeView>>;
+
+    async fn put_release(&self, release: &Release) -> Result<PutRelease>;
+    async fn get_release(&self, service: &str, version: &str) -> Result<Option<Release>>;
+    /// All releases ordered by service, then creation time.
+    async fn list_releases(&self) -> Result<Vec<Release>>;
+
+    /// Allocates the next rollout id; ids are never reused, even after a crash.
+    async fn next_rollout_id(&self) -> Result<u64>;
+    /// Stores a new rollout with generation 1; returns it as stored.
+    async fn insert_rollout(&self, rollout: &Rollout) -> Result<Rollout>;
+    /// Replaces a rollout if its stored generation equals `rollout.generation`;
+    /// returns it as stored, with the generation incremented.
+    async fn update_rollout(&self, rollout: &Rollout) -> Result<Rollout>;
+    async fn get_rollout(&self, id: u64) -> Result<Option<Rollout>>;
+    /// All rollouts, newest first.
+    async fn list_rollouts(&self) -> Result<Vec<Rollout>>;
+}

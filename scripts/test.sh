@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. Installs, idempotently, the system packages the
+# tests need first (none beyond the Rust toolchain yet; later suites add
+# etcd, haproxy, wrk and chromium here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=()
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}"
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
