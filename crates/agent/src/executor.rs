@@ -243,6 +243,7 @@ impl Executor {
                     reason: format!("switching the current link: {e}"),
                 };
             }
+            history(svc, &task.id, previous, Some(version));
             let _ = svc.supervisor.start().await;
         } else if svc.supervisor.status().borrow().version.as_deref() != Some(version) {
             // Resumed after the link switched but before the new process ran.
@@ -253,7 +254,9 @@ impl Executor {
             Ok(()) => TaskOutcome::Succeeded,
             Err(why) => {
                 self.phase(task, "rolling_back");
-                let back = self.switch_back(svc, previous, &task.id, deadline_ms).await;
+                let back = self
+                    .switch_back(svc, previous, &task.id, &task.id, deadline_ms)
+                    .await;
                 let to = previous.unwrap_or("no version");
                 let reason = match back {
                     Ok(()) => format!("{why}; rolled back to {to}"),
@@ -307,7 +310,10 @@ impl Executor {
         deadline_ms: u64,
     ) -> TaskOutcome {
         self.phase(task, "switching");
-        if let Err(e) = self.switch_back(svc, to, upgrade_task, deadline_ms).await {
+        if let Err(e) = self
+            .switch_back(svc, to, &task.id, upgrade_task, deadline_ms)
+            .await
+        {
             return TaskOutcome::Failed { reason: e };
         }
         TaskOutcome::Succeeded
@@ -319,15 +325,18 @@ impl Executor {
         &self,
         svc: &Service,
         to: Option<&str>,
+        task_id: &str,
         backup_task: &str,
         deadline_ms: u64,
     ) -> Result<(), String> {
         if svc.dirs.current_version().as_deref() != to {
             svc.supervisor.stop().await?;
             restore(svc, backup_task).map_err(|e| format!("restoring backup: {e}"))?;
+            let from = svc.dirs.current_version();
             svc.dirs
                 .switch_current(to)
                 .map_err(|e| format!("switching the current link: {e}"))?;
+            history(svc, task_id, from.as_deref(), to);
         }
         let Some(to) = to else {
             return Ok(());
@@ -336,6 +345,12 @@ impl Executor {
             svc.supervisor.start().await?;
         }
         gate(svc, to, 0, deadline_ms).await
+    }
+}
+
+fn history(svc: &Service, task: &str, from: Option<&str>, to: Option<&str>) {
+    if let Err(e) = svc.dirs.record_switch(task, from, to) {
+        tracing::warn!(service = %svc.config.name, error = %e, "recording switch history");
     }
 }
 

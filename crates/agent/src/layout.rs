@@ -7,6 +7,7 @@
 //! state_dir/services/<name>/current -> releases/<version>   switched atomically
 //! state_dir/services/<name>/backups/<task id>/    copies of the backup paths
 //! state_dir/services/<name>/process.json          the running process, for re-adoption
+//! state_dir/services/<name>/history.log           one line per switch of `current`
 //! state_dir/tasks/<task id>.json                  task journal
 //! ```
 
@@ -43,6 +44,23 @@ impl ServiceDirs {
     }
     pub fn process_file(&self) -> PathBuf {
         self.root.join("process.json")
+    }
+    pub fn history(&self) -> PathBuf {
+        self.root.join("history.log")
+    }
+
+    /// Appends `<unix ms> <task> <from> -> <to>` to the switch history.
+    pub fn record_switch(&self, task: &str, from: Option<&str>, to: Option<&str>) -> io::Result<()> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.history())?;
+        writeln!(f, "{now} {task} {} -> {}", from.unwrap_or("none"), to.unwrap_or("none"))?;
+        f.sync_all()
     }
 
     pub fn create(&self) -> io::Result<()> {

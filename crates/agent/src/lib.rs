@@ -43,6 +43,7 @@ pub async fn run(
         dirs.create()
             .with_context(|| format!("creating {}", dirs.root.display()))?;
         let sup = supervisor::spawn(
+            config.node.clone(),
             svc.clone(),
             dirs.clone(),
             changed.clone(),

@@ -106,6 +106,7 @@ struct Proc {
 }
 
 pub fn spawn(
+    node: String,
     config: ServiceConfig,
     dirs: ServiceDirs,
     changed: Arc<Notify>,
@@ -114,6 +115,7 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(16);
     let (status_tx, status) = watch::channel(Status::default());
     let s = State {
+        node,
         config,
         dirs,
         changed,
@@ -130,6 +132,7 @@ pub fn spawn(
 }
 
 struct State {
+    node: String,
     config: ServiceConfig,
     dirs: ServiceDirs,
     changed: Arc<Notify>,
@@ -171,7 +174,7 @@ impl State {
                 }
                 _ = sleep_until_opt(restart_at) => {
                     if let Err(e) = self.start() {
-                        tracing::warn!(service = %self.config.name, error = %e, "start failed");
+                        tracing::info!(service = %self.config.name, reason = %e, "not started");
                     }
                     next_check = Instant::now();
                 }
@@ -246,6 +249,8 @@ impl State {
 
     fn start(&mut self) -> Result<(), String> {
         let Some(version) = self.dirs.current_version() else {
+            // Nothing to run until a task installs a release and asks.
+            self.restart_at = None;
             self.publish(|s| {
                 s.health = Health::Stopped;
                 s.version = None;
@@ -258,6 +263,7 @@ impl State {
         let mut cmd = Command::new(fill(&self.config.command[0]));
         cmd.args(self.config.command[1..].iter().map(|a| fill(a)))
             .envs(self.config.env.iter().map(|(k, v)| (k, fill(v))))
+            .env("ROLLWAVE_NODE", &self.node)
             .env("ROLLWAVE_SERVICE", &self.config.name)
             .env("ROLLWAVE_VERSION", &version)
             .env("ROLLWAVE_RELEASE_DIR", &release)

@@ -142,6 +142,7 @@ async fn push(api: &ApiClient, version: &str, healthy: bool) -> anyhow::Result<(
     let bytes = tarball(&DemoRelease {
         version: version.into(),
         healthy,
+        broken_on: Vec::new(),
     })?;
     let _: PushResponse = api
         .post_bytes(

@@ -18,6 +18,9 @@ pub struct DemoRelease {
     /// A broken release answers 503 on /healthz forever.
     #[serde(default = "yes")]
     pub healthy: bool,
+    /// Nodes (by `ROLLWAVE_NODE`) on which this release is broken.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub broken_on: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -50,7 +53,8 @@ pub async fn run(
     let release: DemoRelease =
         toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let version = release.version.clone();
-    let healthy = release.healthy;
+    let node = std::env::var("ROLLWAVE_NODE").unwrap_or_default();
+    let healthy = release.healthy && !release.broken_on.contains(&node);
     let app = Router::new()
         .route("/", get(move || async move { format!("api {version}\n") }))
         .route(

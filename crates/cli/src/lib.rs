@@ -22,11 +22,19 @@ pub async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
 
 /// The one-line message shown for an error: its context chain, joined.
 pub fn error_line(e: &anyhow::Error) -> String {
-    if let Some(u) = e.downcast_ref::<UserError>() {
-        return u.0.clone();
-    }
-    let parts: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-    parts.join(": ").replace('\n', " ")
+    let text = match e.downcast_ref::<UserError>() {
+        Some(u) => u.0.clone(),
+        None => e
+            .chain()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(": "),
+    };
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// 2 for bad input (as for bad flags), 1 for anything else.

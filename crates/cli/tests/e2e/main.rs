@@ -1,1 +1,8 @@
+//! Integration tests with real processes: a control plane and agents started
+//! from the built `rollwave` binary, real demo services on loopback ports,
+//! temporary directories. One test binary, to keep link time down.
 
+mod bad_input;
+mod faults;
+mod harness;
+mod rollouts;

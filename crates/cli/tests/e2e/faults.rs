@@ -1,0 +1,148 @@
+//! Faults mid-rollout: the control plane or an agent killed with SIGKILL, and
+//! artifacts that do not match what was pushed.
+
+use rollwave_core::{NodeState, RolloutState};
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn control_plane_killed_mid_rollout_resumes_where_it_was() {
+    let (mut fleet, _dir) = installed_fleet(4).await;
+    push(&fleet, "2.0.0", true).await;
+    let r = start(&fleet, "2.0.0", |s| s.min_healthy_time = Some("1s".into()))
+        .await
+        .unwrap();
+    // Kill it while the second node is in flight.
+    wait_rollout(&fleet, r.id, "second node in flight", |r| {
+        r.count(NodeState::Upgraded) == 1 && r.in_flight().count() == 1
+    })
+    .await;
+    fleet.kill_server();
+    fleet.restart_server().await.unwrap();
+    fleet.wait_online(4).await.unwrap();
+
+    let r = wait_done(&fleet, r.id).await;
+    assert_eq!(r.state, RolloutState::Completed, "{r:#?}");
+    assert!(r.fully_upgraded());
+    for node in &fleet.nodes {
+        let to_new = switches(&node.state_dir)
+            .into_iter()
+            .filter(|(_, to)| to == "2.0.0")
+            .count();
+        assert_eq!(to_new, 1, "{} switched to 2.0.0 {to_new} times", node.name);
+        assert_eq!(served_version(node.port).await.as_deref(), Some("2.0.0"));
+    }
+    // Kill it again after the end: a finished rollout stays finished.
+    fleet.kill_server();
+    fleet.restart_server().await.unwrap();
+    let again = get(&fleet.api().unwrap(), r.id).await.unwrap();
+    assert_eq!(again.state, RolloutState::Completed);
+    assert_eq!(again.generation, r.generation);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_killed_mid_task_resumes_it_without_switching_twice() {
+    let (mut fleet, _dir) = installed_fleet(3).await;
+    push(&fleet, "2.0.0", true).await;
+    let r = start(&fleet, "2.0.0", |s| s.min_healthy_time = Some("2s".into()))
+        .await
+        .unwrap();
+    let first = r.batches[0][0].clone();
+    let i = fleet.nodes.iter().position(|n| n.name == first).unwrap();
+    // Kill the agent while its node holds the health gate on 2.0.0.
+    wait_rollout(&fleet, r.id, "first node gating", |r| {
+        r.nodes[&first].phase.as_deref() == Some("gating")
+    })
+    .await;
+    fleet.kill_agent(i);
+    // Its service keeps serving while the agent is gone.
+    assert_eq!(served_version(fleet.nodes[i].port).await.as_deref(), Some("2.0.0"));
+    fleet.start_agent(i).unwrap();
+
+    let r = wait_done(&fleet, r.id).await;
+    assert!(r.fully_upgraded(), "{r:#?}");
+    let to_new = switches(&fleet.nodes[i].state_dir)
+        .into_iter()
+        .filter(|(_, to)| to == "2.0.0")
+        .count();
+    assert_eq!(to_new, 1);
+    // The re-adopted service was not restarted: one process served throughout.
+    let log = std::fs::read_to_string(fleet.nodes[i].state_dir.join("agent.log")).unwrap();
+    assert!(log.contains("re-adopted running service"), "{log}");
+    assert_eq!(log.matches("service started").count(), 2, "1.0.0 then 2.0.0 only:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tampered_artifact_is_refused_and_nothing_is_installed() {
+    let (fleet, _dir) = installed_fleet(3).await;
+    let pushed = push(&fleet, "2.0.0", true).await;
+    // Corrupt the stored blob behind the control plane's back: same size,
+    // different content.
+    let blob = fleet.dir.join("server-data/blobs").join(&pushed.release.sha256);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&blob, &bytes).unwrap();
+
+    let r = start(&fleet, "2.0.0", |_| {}).await.unwrap();
+    let r = wait_done(&fleet, r.id).await;
+    assert_eq!(r.state, RolloutState::RolledBack, "{r:#?}");
+    let failed = &r.nodes[&r.batches[0][0]];
+    assert_eq!(failed.state, NodeState::Failed);
+    let reason = failed.reason.as_deref().unwrap();
+    assert!(reason.contains("sha256"), "{reason}");
+    assert!(reason.contains("not installed"), "{reason}");
+    for node in &fleet.nodes {
+        let release = node.state_dir.join("services").join(SERVICE).join("releases/2.0.0");
+        assert!(!release.exists(), "{} has {}", node.name, release.display());
+        assert_eq!(served_version(node.port).await.as_deref(), Some("1.0.0"));
+    }
+
+    // A truncated artifact is refused the same way.
+    std::fs::write(&blob, &bytes[..bytes.len() / 2]).unwrap();
+    let r = start(&fleet, "2.0.0", |_| {}).await.unwrap();
+    let r = wait_done(&fleet, r.id).await;
+    let reason = r.nodes[&r.batches[0][0]].reason.clone().unwrap();
+    assert!(reason.contains("truncated") || reason.contains("bytes"), "{reason}");
+    for (name, v) in versions(&fleet).await {
+        assert_eq!(v.as_deref(), Some("1.0.0"), "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn offline_node_is_reported_unreachable_not_failed() {
+    let (mut fleet, _dir) = installed_fleet(3).await;
+    push(&fleet, "2.0.0", true).await;
+    // node-3's agent and service are gone before the rollout starts.
+    fleet.kill_agent(2);
+    rollwave::fleet::kill_services(&fleet.nodes[2].state_dir);
+    let api = fleet.api().unwrap();
+    wait_until("node-3 offline", || {
+        let api = api.clone();
+        async move {
+            let nodes: Vec<rollwave_api::NodeView> = api.get("/v1/nodes").await.ok()?;
+            nodes.iter().any(|n| n.name == "node-3" && !n.online).then_some(())
+        }
+    })
+    .await;
+    let r = start(&fleet, "2.0.0", |s| {
+        s.batch = Some("1".into());
+        s.max_unavailable = Some("2".into());
+        s.healthy_deadline = Some("2s".into());
+    })
+    .await
+    .unwrap();
+    // Offline nodes go last and are reported before anything starts.
+    assert_eq!(r.batches.last().unwrap(), &["node-3".to_string()]);
+    assert!(
+        r.events.iter().any(|e| e.message.contains("node-3 (offline)")),
+        "{:#?}",
+        r.events
+    );
+    let r = wait_done(&fleet, r.id).await;
+    assert_eq!(r.state, RolloutState::Completed, "{r:#?}");
+    assert_eq!(r.nodes["node-3"].state, NodeState::Unreachable);
+    assert!(r.nodes["node-3"].reason.as_deref().unwrap().contains("offline"));
+    assert_eq!(r.count(NodeState::Failed), 0);
+    assert!(!r.fully_upgraded());
+}

@@ -1,0 +1,179 @@
+//! Shared set-up: a fleet with 1.0.0 installed, waiting helpers, and
+//! inspection of what agents did on disk.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use rollwave::client::ApiClient;
+use rollwave::demo_service::{tarball, DemoRelease};
+use rollwave::fleet::{Fleet, FleetSpec};
+use rollwave_api::{NodeView, PushResponse, RolloutFile, RolloutResponse, StartRollout};
+use rollwave_core::{Rollout, StrategyFile};
+
+pub const SERVICE: &str = "api";
+
+pub fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_rollwave")
+}
+
+/// A fleet of `nodes` agents, with release 1.0.0 pushed and installed everywhere.
+pub async fn installed_fleet(nodes: usize) -> (Fleet, tempfile::TempDir) {
+    let dir = tempfile::Builder::new()
+        .prefix("rollwave-e2e-")
+        .tempdir()
+        .unwrap();
+    let fleet = Fleet::launch(FleetSpec {
+        exe: exe().into(),
+        dir: dir.path().to_path_buf(),
+        nodes,
+        check_interval: "100ms".into(),
+    })
+    .await
+    .unwrap();
+    push(&fleet, "1.0.0", true).await;
+    let r = start(&fleet, "1.0.0", |s| {
+        s.batch = Some("100%".into());
+        s.min_healthy_time = Some("0s".into());
+    })
+    .await
+    .unwrap();
+    let r = wait_done(&fleet, r.id).await;
+    assert!(r.fully_upgraded(), "install failed: {r:#?}");
+    (fleet, dir)
+}
+
+pub async fn push(fleet: &Fleet, version: &str, healthy: bool) -> PushResponse {
+    upload(fleet, version, DemoRelease {
+        version: version.into(),
+        healthy,
+        broken_on: Vec::new(),
+    })
+    .await
+}
+
+/// A release that is healthy everywhere but on `nodes`.
+pub async fn push_broken_on(fleet: &Fleet, version: &str, nodes: &[&str]) -> PushResponse {
+    upload(fleet, version, DemoRelease {
+        version: version.into(),
+        healthy: true,
+        broken_on: nodes.iter().map(|n| n.to_string()).collect(),
+    })
+    .await
+}
+
+async fn upload(fleet: &Fleet, version: &str, release: DemoRelease) -> PushResponse {
+    let bytes = tarball(&release).unwrap();
+    fleet
+        .api()
+        .unwrap()
+        .post_bytes(&format!("/v1/releases/{SERVICE}/{version}"), bytes)
+        .await
+        .unwrap()
+}
+
+/// Starts a rollout of `version` with test-friendly timings, adjusted by `f`.
+pub async fn start(
+    fleet: &Fleet,
+    version: &str,
+    f: impl FnOnce(&mut StrategyFile),
+) -> anyhow::Result<Rollout> {
+    let mut strategy = StrategyFile {
+        batch: Some("1".into()),
+        min_healthy_time: Some("300ms".into()),
+        healthy_deadline: Some("20s".into()),
+        progress_deadline: Some("2m".into()),
+        ..Default::default()
+    };
+    f(&mut strategy);
+    let spec = RolloutFile {
+        service: Some(SERVICE.into()),
+        version: Some(version.into()),
+        selector: None,
+        strategy,
+    };
+    let resp: RolloutResponse = fleet
+        .api()?
+        .post("/v1/rollouts", &StartRollout { spec })
+        .await?;
+    Ok(resp.rollout)
+}
+
+pub async fn get(api: &ApiClient, id: u64) -> anyhow::Result<Rollout> {
+    let resp: RolloutResponse = api.get(&format!("/v1/rollouts/{id}")).await?;
+    Ok(resp.rollout)
+}
+
+/// Polls until `cond` holds. The limit only guards against a hung test; no
+/// test depends on how fast anything happens.
+pub async fn wait_until<F, Fut, T>(what: &str, mut cond: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    for _ in 0..1200 {
+        if let Some(v) = cond().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+pub async fn wait_rollout(fleet: &Fleet, id: u64, what: &str, f: impl Fn(&Rollout) -> bool) -> Rollout {
+    let api = fleet.api().unwrap();
+    wait_until(what, || {
+        let api = api.clone();
+        let f = &f;
+        async move { get(&api, id).await.ok().filter(|r| f(r)) }
+    })
+    .await
+}
+
+/// Waits until the rollout has ended and nothing is in flight.
+pub async fn wait_done(fleet: &Fleet, id: u64) -> Rollout {
+    wait_rollout(fleet, id, "the rollout to end", |r| !r.is_active()).await
+}
+
+pub async fn nodes(fleet: &Fleet) -> Vec<NodeView> {
+    fleet.nodes_view().await.unwrap()
+}
+
+/// Running version of the service on every node, by node name.
+pub async fn versions(fleet: &Fleet) -> Vec<(String, Option<String>)> {
+    nodes(fleet)
+        .await
+        .into_iter()
+        .map(|n| {
+            let v = n.services.get(SERVICE).and_then(|s| s.version.clone());
+            (n.name, v)
+        })
+        .collect()
+}
+
+/// What the node's service itself answers (not what the agent reports).
+pub async fn served_version(port: u16) -> Option<String> {
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    body.split_whitespace().nth(1).map(str::to_string)
+}
+
+/// Switches of `current` the agent recorded, as `(from, to)` pairs.
+pub fn switches(state_dir: &Path) -> Vec<(String, String)> {
+    let text =
+        std::fs::read_to_string(state_dir.join("services").join(SERVICE).join("history.log"))
+            .unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            match parts.as_slice() {
+                [_, _, from, "->", to] => Some((from.to_string(), to.to_string())),
+                _ => None,
+            }
+        })
+        .collect()
+}
