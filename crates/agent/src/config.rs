@@ -85,7 +85,9 @@ impl AgentConfig {
             .server
             .unwrap_or_else(|| "http://127.0.0.1:7700".to_string());
         if !(server.starts_with("http://") || server.starts_with("https://")) {
-            return Err(format!("server: {server:?} must start with http:// or https://"));
+            return Err(format!(
+                "server: {server:?} must start with http:// or https://"
+            ));
         }
         let state_dir = raw
             .state_dir
@@ -114,8 +116,9 @@ impl AgentConfig {
                 .map_err(|e| e.to_string())?;
             let stop_signal = match s.stop_signal.as_deref() {
                 None => Signal::SIGTERM,
-                Some(sig) => parse_signal(sig)
-                    .ok_or_else(|| format!("{at}.stop_signal: {sig:?} is not a signal name like SIGTERM"))?,
+                Some(sig) => parse_signal(sig).ok_or_else(|| {
+                    format!("{at}.stop_signal: {sig:?} is not a signal name like SIGTERM")
+                })?,
             };
             let stop_grace_ms = match s.stop_grace.as_deref() {
                 None => 10_000,
@@ -124,7 +127,10 @@ impl AgentConfig {
             };
             for p in &s.backup {
                 if !p.is_absolute() {
-                    return Err(format!("{at}.backup: {} must be an absolute path", p.display()));
+                    return Err(format!(
+                        "{at}.backup: {} must be an absolute path",
+                        p.display()
+                    ));
                 }
             }
             let backups_kept = s.backups_kept.unwrap_or(3);
@@ -216,11 +222,23 @@ health = { type = "http", url = "http://127.0.0.1:8080/healthz" }
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            (GOOD.replace("\"3s\"", "\"5 parsecs\""), "service.api.stop_grace"),
-            (GOOD.replace("\"INT\"", "\"SIGFOO\""), "service.api.stop_signal"),
+            (
+                GOOD.replace("\"3s\"", "\"5 parsecs\""),
+                "service.api.stop_grace",
+            ),
+            (
+                GOOD.replace("\"INT\"", "\"SIGFOO\""),
+                "service.api.stop_signal",
+            ),
             (GOOD.replace("state_dir = \"/tmp/x\"", ""), "state_dir"),
-            (GOOD.replace("\"/var/lib/api\"", "\"rel\""), "service.api.backup"),
-            (GOOD.replace("name = \"api\"", "name = \"../x\""), "service[0].name"),
+            (
+                GOOD.replace("\"/var/lib/api\"", "\"rel\""),
+                "service.api.backup",
+            ),
+            (
+                GOOD.replace("name = \"api\"", "name = \"../x\""),
+                "service[0].name",
+            ),
             (GOOD.replace("node = \"n1\"", "node = \"a b\""), "node"),
             (GOOD.replace("labels", "lables"), "unknown field"),
         ];

@@ -201,8 +201,14 @@ impl Executor {
                 upgrade_task,
                 healthy_deadline_ms,
             } => {
-                self.revert(&task, &svc, to_version.as_deref(), upgrade_task, *healthy_deadline_ms)
-                    .await
+                self.revert(
+                    &task,
+                    &svc,
+                    to_version.as_deref(),
+                    upgrade_task,
+                    *healthy_deadline_ms,
+                )
+                .await
             }
         };
         journal.done = Some(outcome.clone());
@@ -267,7 +273,13 @@ impl Executor {
         }
     }
 
-    async fn stage(&self, task: &Task, svc: &Service, version: &str, art: &ArtifactRef) -> Result<(), String> {
+    async fn stage(
+        &self,
+        task: &Task,
+        svc: &Service,
+        version: &str,
+        art: &ArtifactRef,
+    ) -> Result<(), String> {
         if svc.dirs.is_staged(version, &art.sha256) {
             return Ok(());
         }
@@ -286,12 +298,11 @@ impl Executor {
         let exec_name = svc.config.name.clone();
         let format = art.format;
         let file2 = file.clone();
-        let staged = tokio::task::spawn_blocking(move || {
-            artifact::stage(&file2, format, &exec_name, &dest)
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
+        let staged =
+            tokio::task::spawn_blocking(move || artifact::stage(&file2, format, &exec_name, &dest))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
         let _ = std::fs::remove_file(&file);
         staged.map_err(|e| format!("release {version} not installed: {e}"))?;
         svc.dirs
@@ -358,12 +369,19 @@ fn valid_task_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 200
         && !id.starts_with('.')
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 /// Waits until the service runs `version` and has been healthy for
 /// `min_healthy_ms` without a break, within `deadline_ms`.
-async fn gate(svc: &Service, version: &str, min_healthy_ms: u64, deadline_ms: u64) -> Result<(), String> {
+async fn gate(
+    svc: &Service,
+    version: &str,
+    min_healthy_ms: u64,
+    deadline_ms: u64,
+) -> Result<(), String> {
     let mut status = svc.supervisor.status();
     let started = Instant::now();
     let deadline = started + Duration::from_millis(deadline_ms);
@@ -371,7 +389,9 @@ async fn gate(svc: &Service, version: &str, min_healthy_ms: u64, deadline_ms: u6
     let generation = status.borrow().generation;
     loop {
         let s = status.borrow_and_update().clone();
-        if s.generation != generation || (s.pid.is_none() && s.last_exit.is_some() && s.version.is_none()) {
+        if s.generation != generation
+            || (s.pid.is_none() && s.last_exit.is_some() && s.version.is_none())
+        {
             let how = s.last_exit.unwrap_or_else(|| "was restarted".into());
             return Err(format!(
                 "health gate failed after {}: {version} {how}",
@@ -463,7 +483,9 @@ fn prune_backups(dir: &Path, keep: usize) {
 }
 
 /// Snapshot of every service as reported to the control plane.
-pub fn snapshot(services: &BTreeMap<String, Arc<Service>>) -> BTreeMap<String, rollwave_core::ServiceView> {
+pub fn snapshot(
+    services: &BTreeMap<String, Arc<Service>>,
+) -> BTreeMap<String, rollwave_core::ServiceView> {
     services
         .iter()
         .map(|(name, svc)| {

@@ -141,7 +141,7 @@ impl HealthCheck {
             }
             Some("exec") => {
                 let command = required(&self.command, "exec").map_err(|m| err("command", m))?;
-                if command.first().map_or(true, String::is_empty) {
+                if command.first().is_none_or(String::is_empty) {
                     return Err(err(
                         "command",
                         r#"must name a program to run, like ["/usr/local/bin/check", "--quick"]"#

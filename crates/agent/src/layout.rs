@@ -50,7 +50,12 @@ impl ServiceDirs {
     }
 
     /// Appends `<unix ms> <task> <from> -> <to>` to the switch history.
-    pub fn record_switch(&self, task: &str, from: Option<&str>, to: Option<&str>) -> io::Result<()> {
+    pub fn record_switch(
+        &self,
+        task: &str,
+        from: Option<&str>,
+        to: Option<&str>,
+    ) -> io::Result<()> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis())
@@ -59,7 +64,12 @@ impl ServiceDirs {
             .create(true)
             .append(true)
             .open(self.history())?;
-        writeln!(f, "{now} {task} {} -> {}", from.unwrap_or("none"), to.unwrap_or("none"))?;
+        writeln!(
+            f,
+            "{now} {task} {} -> {}",
+            from.unwrap_or("none"),
+            to.unwrap_or("none")
+        )?;
         f.sync_all()
     }
 
@@ -91,13 +101,20 @@ impl ServiceDirs {
         };
         let mut out: Vec<String> = entries
             .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".sha256").map(str::to_string))
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_suffix(".sha256")
+                    .map(str::to_string)
+            })
             .filter(|v| self.release(v).is_dir())
             .collect();
-        out.sort_by(|a, b| match (semver::Version::parse(a), semver::Version::parse(b)) {
-            (Ok(a), Ok(b)) => a.cmp(&b),
-            _ => a.cmp(b),
-        });
+        out.sort_by(
+            |a, b| match (semver::Version::parse(a), semver::Version::parse(b)) {
+                (Ok(a), Ok(b)) => a.cmp(&b),
+                _ => a.cmp(b),
+            },
+        );
         out
     }
 
@@ -116,7 +133,9 @@ impl ServiceDirs {
         let link = self.current_link();
         match version {
             Some(v) => {
-                let tmp = self.root.join(format!(".current.tmp-{}", std::process::id()));
+                let tmp = self
+                    .root
+                    .join(format!(".current.tmp-{}", std::process::id()));
                 let _ = fs::remove_file(&tmp);
                 symlink(Path::new("releases").join(v), &tmp)?;
                 fs::rename(&tmp, &link)?;
@@ -219,7 +238,10 @@ mod tests {
         symlink("b/f", src.join("a/link")).unwrap();
         let n = copy_tree(&src, &tmp.path().join("dst")).unwrap();
         assert_eq!(n, 2);
-        assert_eq!(fs::read_to_string(tmp.path().join("dst/a/link")).unwrap(), "data");
+        assert_eq!(
+            fs::read_to_string(tmp.path().join("dst/a/link")).unwrap(),
+            "data"
+        );
         remove_path(&tmp.path().join("dst")).unwrap();
         assert!(!tmp.path().join("dst").exists());
         remove_path(&tmp.path().join("dst")).unwrap();

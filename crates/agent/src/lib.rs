@@ -32,6 +32,8 @@ pub async fn run(
         .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
     let client = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(5))
+        // A download that stalls fails the task instead of holding it forever.
+        .read_timeout(std::time::Duration::from_secs(30))
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .context("building http client")?;
@@ -49,7 +51,10 @@ pub async fn run(
             changed.clone(),
             check_client.clone(),
         );
-        services.insert(svc.name.clone(), Arc::new(Service::new(svc.clone(), dirs, sup)));
+        services.insert(
+            svc.name.clone(),
+            Arc::new(Service::new(svc.clone(), dirs, sup)),
+        );
     }
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
     let executor = Executor::new(

@@ -151,7 +151,9 @@ impl State {
         let interval = self.config.health.interval.max(Duration::from_millis(10));
         let mut next_check = Instant::now();
         loop {
-            let restart_at = self.restart_at.filter(|_| self.proc.is_none() && self.want_running);
+            let restart_at = self
+                .restart_at
+                .filter(|_| self.proc.is_none() && self.want_running);
             let check_due = self.proc.is_some();
             tokio::select! {
                 cmd = rx.recv() => match cmd {
@@ -425,7 +427,8 @@ fn proc_start_ticks(pid: u32) -> Option<u64> {
     if pid == 0 {
         return None;
     }
-    let stat = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")).ok()?;
+    let stat =
+        std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")).ok()?;
     let fields = stat_fields(&stat)?;
     if fields.first() == Some(&"Z") {
         return None;

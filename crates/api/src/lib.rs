@@ -44,9 +44,13 @@ pub enum AgentMessage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
-    Welcome { node: String },
+    Welcome {
+        node: String,
+    },
     /// The session is refused; the agent should not retry quickly.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
     Task(Task),
 }
 

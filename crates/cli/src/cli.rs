@@ -6,10 +6,19 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "rollwave", version, about = "Upgrade a fleet of nodes to a new release, safely")]
+#[command(
+    name = "rollwave",
+    version,
+    about = "Upgrade a fleet of nodes to a new release, safely"
+)]
 pub struct Cli {
     /// Control plane address for client commands.
-    #[arg(long, global = true, env = "ROLLWAVE_SERVER", default_value = "http://127.0.0.1:7700")]
+    #[arg(
+        long,
+        global = true,
+        env = "ROLLWAVE_SERVER",
+        default_value = "http://127.0.0.1:7700"
+    )]
     pub server: String,
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -105,12 +114,20 @@ pub enum RolloutCommand {
         json: bool,
     },
     /// Stop starting nodes; nodes in flight finish.
-    Pause { id: u64 },
-    Resume { id: u64 },
+    Pause {
+        id: u64,
+    },
+    Resume {
+        id: u64,
+    },
     /// Stop the rollout; upgraded nodes keep the new version.
-    Cancel { id: u64 },
+    Cancel {
+        id: u64,
+    },
     /// Return every node this rollout upgraded to its previous version.
-    Rollback { id: u64 },
+    Rollback {
+        id: u64,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -128,7 +128,11 @@ async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode
                 if json {
                     print_json(&r)?;
                 }
-                return Ok(if wait { wait_code(&r) } else { ExitCode::SUCCESS });
+                return Ok(if wait {
+                    wait_code(&r)
+                } else {
+                    ExitCode::SUCCESS
+                });
             }
             let resp: RolloutResponse = api.get(&format!("/v1/rollouts/{id}")).await?;
             if json {

@@ -75,7 +75,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     })
     .await?;
     let api = fleet.api()?;
-    say(format!("control plane at {}; {} agents connected", fleet.url(), args.nodes));
+    say(format!(
+        "control plane at {}; {} agents connected",
+        fleet.url(),
+        args.nodes
+    ));
 
     push(&api, "1.0.0", true).await?;
     let install = start(&api, "1.0.0", "100%", "0s", "30s").await?;
@@ -135,7 +139,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         );
         fleet.detach();
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn push(api: &ApiClient, version: &str, healthy: bool) -> anyhow::Result<()> {
@@ -176,12 +184,7 @@ async fn start(
 }
 
 /// Times taken from the rollout's own event log (control-plane clock).
-pub fn summarize(
-    r: &Rollout,
-    ok: u64,
-    failed: u64,
-    versions: BTreeMap<String, usize>,
-) -> Summary {
+pub fn summarize(r: &Rollout, ok: u64, failed: u64, versions: BTreeMap<String, usize>) -> Summary {
     let event_at = |node: &str, msg: &str| {
         r.events
             .iter()
@@ -209,7 +212,9 @@ pub fn summarize(
         // orchestrator could not shorten.
         let switch_and_gate = batch
             .iter()
-            .filter_map(|n| Some(event_at(n, "upgraded")?.saturating_sub(event_at(n, "switching")?)))
+            .filter_map(|n| {
+                Some(event_at(n, "upgraded")?.saturating_sub(event_at(n, "switching")?))
+            })
             .max()
             .unwrap_or(0);
         if switch_and_gate > 0 {
@@ -218,7 +223,10 @@ pub fn summarize(
         wave_times.push(wave as f64 / 1000.0);
         overheads.push(wave.saturating_sub(switch_and_gate) as f64 / 1000.0);
     }
-    let elapsed = r.finished_at.unwrap_or(r.updated_at).saturating_sub(r.created_at);
+    let elapsed = r
+        .finished_at
+        .unwrap_or(r.updated_at)
+        .saturating_sub(r.created_at);
     let service_start = if starts.is_empty() {
         0.0
     } else {
@@ -246,19 +254,37 @@ fn print_summary(s: &Summary, errors: &[String]) {
     println!("summary");
     println!("  nodes:            {}", s.nodes);
     println!("  waves:            {}", s.waves);
-    println!("  rollout:          {} in {:.1}s", s.rollout_state, s.elapsed_s);
-    for (i, (w, o)) in s.wave_times_s.iter().zip(&s.overhead_per_wave_s).enumerate() {
-        println!("  wave {}:           {w:.2}s (orchestration overhead {o:.2}s)", i + 1);
+    println!(
+        "  rollout:          {} in {:.1}s",
+        s.rollout_state, s.elapsed_s
+    );
+    for (i, (w, o)) in s
+        .wave_times_s
+        .iter()
+        .zip(&s.overhead_per_wave_s)
+        .enumerate()
+    {
+        println!(
+            "  wave {}:           {w:.2}s (orchestration overhead {o:.2}s)",
+            i + 1
+        );
     }
     println!(
         "  per node:         service start {:.2}s + min_healthy_time {:.1}s",
         s.service_start_s, s.min_healthy_time_s
     );
-    println!("  requests:         {} ok, {} failed", s.requests_ok, s.requests_failed);
+    println!(
+        "  requests:         {} ok, {} failed",
+        s.requests_ok, s.requests_failed
+    );
     for e in errors.iter().take(3) {
         println!("    e.g. {e}");
     }
-    let versions: Vec<String> = s.versions.iter().map(|(v, c)| format!("{v}: {c}")).collect();
+    let versions: Vec<String> = s
+        .versions
+        .iter()
+        .map(|(v, c)| format!("{v}: {c}"))
+        .collect();
     println!("  versions:         {}", versions.join(", "));
     if let Some(reason) = &s.reason {
         println!("  outcome:          {reason}");

@@ -48,8 +48,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let path = release_dir.join("release.toml");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let release: DemoRelease =
         toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let version = release.version.clone();

@@ -5,8 +5,8 @@
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -70,7 +70,10 @@ impl Fleet {
             std::fs::create_dir_all(state_dir.join("data"))?;
             let port = free_port()?;
             let config = state_dir.join("agent.toml");
-            std::fs::write(&config, agent_toml(&spec, &fleet.url(), &name, i, &state_dir, port))?;
+            std::fs::write(
+                &config,
+                agent_toml(&spec, &fleet.url(), &name, i, &state_dir, port),
+            )?;
             fleet.nodes.push(Node {
                 name,
                 state_dir,
@@ -157,7 +160,10 @@ impl Fleet {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        bail!("agents did not connect within 60s; see the logs under {}", self.dir.display())
+        bail!(
+            "agents did not connect within 60s; see the logs under {}",
+            self.dir.display()
+        )
     }
 
     /// Kills every process of the fleet: agents, their services, the server.
@@ -200,7 +206,11 @@ pub fn kill_services(state_dir: &Path) {
     }
 }
 
-async fn start_server(exe: &Path, dir: &Path, listen: SocketAddr) -> anyhow::Result<(Child, SocketAddr)> {
+async fn start_server(
+    exe: &Path,
+    dir: &Path,
+    listen: SocketAddr,
+) -> anyhow::Result<(Child, SocketAddr)> {
     let out_path = dir.join("server.out");
     let out = File::create(&out_path)?;
     let log = File::options()
@@ -225,7 +235,9 @@ async fn start_server(exe: &Path, dir: &Path, listen: SocketAddr) -> anyhow::Res
         let text = std::fs::read_to_string(&out_path).unwrap_or_default();
         if let Some(rest) = text.split(READY).nth(1) {
             let addr = rest.lines().next().unwrap_or("").trim();
-            let addr = addr.parse().with_context(|| format!("control plane printed address {addr:?}"))?;
+            let addr = addr
+                .parse()
+                .with_context(|| format!("control plane printed address {addr:?}"))?;
             return Ok((child, addr));
         }
         if let Some(status) = child.try_wait()? {
@@ -240,7 +252,14 @@ async fn start_server(exe: &Path, dir: &Path, listen: SocketAddr) -> anyhow::Res
     bail!("control plane did not start within 30s")
 }
 
-fn agent_toml(spec: &FleetSpec, server: &str, name: &str, i: usize, state_dir: &Path, port: u16) -> String {
+fn agent_toml(
+    spec: &FleetSpec,
+    server: &str,
+    name: &str,
+    i: usize,
+    state_dir: &Path,
+    port: u16,
+) -> String {
     let exe = spec.exe.display().to_string();
     format!(
         r#"node = "{name}"

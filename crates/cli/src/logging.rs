@@ -10,7 +10,8 @@ pub fn init(cli: &Cli) {
     } else {
         "warn"
     };
-    let filter = EnvFilter::try_from_env("ROLLWAVE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let filter =
+        EnvFilter::try_from_env("ROLLWAVE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -24,7 +24,13 @@ fn ago(now: u64, then: u64) -> String {
 fn table(rows: Vec<Vec<String>>) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in rows {
@@ -65,9 +71,22 @@ pub fn nodes(nodes: &[NodeView], now: u64) -> String {
     for n in nodes {
         let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let status = if n.online { "online" } else { "offline" };
-        let seen = if n.online { "now".to_string() } else { ago(now, n.last_seen) };
+        let seen = if n.online {
+            "now".to_string()
+        } else {
+            ago(now, n.last_seen)
+        };
         if n.services.is_empty() {
-            rows.push(vec![n.name.clone(), status.into(), seen.clone(), "-".into(), "-".into(), "-".into(), "-".into(), labels.join(",")]);
+            rows.push(vec![
+                n.name.clone(),
+                status.into(),
+                seen.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                labels.join(","),
+            ]);
         }
         for (name, s) in &n.services {
             rows.push(vec![
@@ -76,8 +95,16 @@ pub fn nodes(nodes: &[NodeView], now: u64) -> String {
                 seen.clone(),
                 name.clone(),
                 s.version.clone().unwrap_or_else(|| "-".into()),
-                if n.online { health(s.health).into() } else { "unknown".into() },
-                if s.staged.is_empty() { "-".into() } else { s.staged.join(",") },
+                if n.online {
+                    health(s.health).into()
+                } else {
+                    "unknown".into()
+                },
+                if s.staged.is_empty() {
+                    "-".into()
+                } else {
+                    s.staged.join(",")
+                },
                 labels.join(","),
             ]);
         }
@@ -86,7 +113,13 @@ pub fn nodes(nodes: &[NodeView], now: u64) -> String {
 }
 
 pub fn releases(releases: &[Release]) -> String {
-    let mut rows = vec![vec!["SERVICE".into(), "VERSION".into(), "FORMAT".into(), "SIZE".into(), "SHA256".into()]];
+    let mut rows = vec![vec![
+        "SERVICE".into(),
+        "VERSION".into(),
+        "FORMAT".into(),
+        "SIZE".into(),
+        "SHA256".into(),
+    ]];
     for r in releases {
         rows.push(vec![
             r.service.clone(),
@@ -111,7 +144,14 @@ fn from_versions(r: &Rollout) -> String {
 }
 
 pub fn rollouts(rollouts: &[Rollout]) -> String {
-    let mut rows = vec![vec!["ID".into(), "SERVICE".into(), "FROM -> TO".into(), "STATE".into(), "PROGRESS".into(), "DURATION".into()]];
+    let mut rows = vec![vec![
+        "ID".into(),
+        "SERVICE".into(),
+        "FROM -> TO".into(),
+        "STATE".into(),
+        "PROGRESS".into(),
+        "DURATION".into(),
+    ]];
     for r in rollouts {
         let end = r.finished_at.unwrap_or(r.updated_at);
         rows.push(vec![
@@ -142,7 +182,11 @@ pub fn started(r: &Rollout) -> String {
     if !r.left_out.is_empty() {
         let _ = writeln!(out, "  left out by the selector: {}", r.left_out.join(", "));
     }
-    for e in r.events.iter().filter(|e| e.message.starts_with("already unavailable")) {
+    for e in r
+        .events
+        .iter()
+        .filter(|e| e.message.starts_with("already unavailable"))
+    {
         let _ = writeln!(out, "  warning: {}", e.message);
     }
     out
@@ -153,7 +197,10 @@ fn counts(r: &Rollout) -> String {
     for n in r.nodes.values() {
         *by.entry(n.state.as_str()).or_default() += 1;
     }
-    by.iter().map(|(s, c)| format!("{c} {s}")).collect::<Vec<_>>().join(", ")
+    by.iter()
+        .map(|(s, c)| format!("{c} {s}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub fn status(r: &Rollout, now: u64) -> String {
@@ -174,7 +221,13 @@ pub fn status(r: &Rollout, now: u64) -> String {
     if let Some(w) = &r.waiting {
         let _ = writeln!(out, "  waiting: {w}");
     }
-    let mut rows = vec![vec!["  BATCH".into(), "NODE".into(), "STATE".into(), "FROM".into(), "DETAIL".into()]];
+    let mut rows = vec![vec![
+        "  BATCH".into(),
+        "NODE".into(),
+        "STATE".into(),
+        "FROM".into(),
+        "DETAIL".into(),
+    ]];
     for (i, b) in r.batches.iter().enumerate() {
         for name in b {
             let n = &r.nodes[name];
@@ -240,9 +293,17 @@ impl Follower {
         }
         self.printed = r.events.len();
         if let Some(bar) = &self.bar {
-            let done = r.nodes.values().filter(|n| !matches!(n.state, NodeState::Pending) && !n.state.in_flight()).count();
+            let done = r
+                .nodes
+                .values()
+                .filter(|n| !matches!(n.state, NodeState::Pending) && !n.state.in_flight())
+                .count();
             bar.set_position(done as u64);
-            bar.set_message(r.waiting.clone().unwrap_or_else(|| r.state.as_str().to_string()));
+            bar.set_message(
+                r.waiting
+                    .clone()
+                    .unwrap_or_else(|| r.state.as_str().to_string()),
+            );
         }
     }
 

@@ -70,7 +70,10 @@ mod tests {
         assert_eq!(Amount::Percent(25).resolve_up(6), 2);
         assert_eq!(Amount::Percent(25).resolve_down(6), 1);
         assert_eq!(Amount::Percent(100).resolve_down(7), 7);
-        assert!(Amount::parse("b", "150%").unwrap_err().to_string().contains("above 100%"));
+        assert!(Amount::parse("b", "150%")
+            .unwrap_err()
+            .to_string()
+            .contains("above 100%"));
         assert!(Amount::parse("b", "two").is_err());
         assert!(Amount::parse("b", "-1").is_err());
     }

@@ -38,7 +38,10 @@ mod tests {
     fn rejects_unknown_units_naming_the_field() {
         let err = parse_duration("strategy.min_healthy_time", "5 parsecs").unwrap_err();
         assert_eq!(err.field, "strategy.min_healthy_time");
-        assert!(err.to_string().contains("\"5 parsecs\" is not a duration"), "{err}");
+        assert!(
+            err.to_string().contains("\"5 parsecs\" is not a duration"),
+            "{err}"
+        );
         assert!(parse_duration("f", "").is_err());
         assert!(parse_duration("f", "-3s").is_err());
     }

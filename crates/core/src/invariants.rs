@@ -10,7 +10,10 @@ pub fn unavailable_count(r: &Rollout, fleet: &Fleet) -> usize {
     r.nodes
         .iter()
         .filter(|(name, n)| {
-            n.state.in_flight() || !fleet.get(*name).is_some_and(|v| v.available(&r.spec.service))
+            n.state.in_flight()
+                || !fleet
+                    .get(*name)
+                    .is_some_and(|v| v.available(&r.spec.service))
         })
         .count()
 }
@@ -38,7 +41,10 @@ pub fn planned_once<'a>(
 /// No batch is larger than the batch size, and none is empty.
 pub fn batches_within(batches: &[Vec<String>], size: usize) -> Result<(), String> {
     match batches.iter().position(|b| b.is_empty() || b.len() > size) {
-        Some(i) => Err(format!("batch {i} has {} nodes, limit {size}", batches[i].len())),
+        Some(i) => Err(format!(
+            "batch {i} has {} nodes, limit {size}",
+            batches[i].len()
+        )),
         None => Ok(()),
     }
 }

@@ -43,8 +43,7 @@ pub fn parse_version(field: &str, s: &str) -> Result<semver::Version, SpecError>
 pub fn validate_service_name(field: &str, s: &str) -> Result<(), SpecError> {
     let ok = !s.is_empty()
         && s.len() <= 64
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
         && !s.starts_with('.');
     if ok {

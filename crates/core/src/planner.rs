@@ -43,8 +43,9 @@ pub fn plan_batches(
             format!("no node runs service {:?}", spec.service),
         ));
     }
-    let (mut selected, left_out): (Vec<_>, Vec<_>) =
-        runs.into_iter().partition(|n| spec.selector.matches(&n.labels));
+    let (mut selected, left_out): (Vec<_>, Vec<_>) = runs
+        .into_iter()
+        .partition(|n| spec.selector.matches(&n.labels));
     if selected.is_empty() {
         return Err(SpecError::new(
             "selector",
@@ -144,7 +145,11 @@ fn describe_down(n: &crate::NodeView, service: &str) -> String {
     if !n.online {
         return format!("{} (offline)", n.name);
     }
-    let health = n.services.get(service).map(|s| s.health).unwrap_or_default();
+    let health = n
+        .services
+        .get(service)
+        .map(|s| s.health)
+        .unwrap_or_default();
     let h = match health {
         Health::Healthy => "healthy",
         Health::Unhealthy => "unhealthy",
@@ -182,7 +187,10 @@ pub fn step(current: &Rollout, fleet: &Fleet, now: Timestamp) -> Decision {
             let reason = format!(
                 "no node finished for {} (progress_deadline){}",
                 format_duration(r.spec.progress_deadline),
-                r.waiting.as_deref().map(|w| format!(": {w}")).unwrap_or_default()
+                r.waiting
+                    .as_deref()
+                    .map(|w| format!(": {w}"))
+                    .unwrap_or_default()
             );
             fail(&mut r, reason, now);
         } else {
@@ -210,11 +218,7 @@ pub fn step(current: &Rollout, fleet: &Fleet, now: Timestamp) -> Decision {
 
 fn fail(r: &mut Rollout, reason: String, now: Timestamp) {
     if r.spec.auto_rollback {
-        r.set_state(
-            RolloutState::RollingBack,
-            Some(format!("{reason}; rolling back")),
-            now,
-        );
+        r.set_state(RolloutState::RollingBack, Some(reason), now);
     } else {
         r.set_state(RolloutState::Failed, Some(reason), now);
     }
@@ -222,12 +226,21 @@ fn fail(r: &mut Rollout, reason: String, now: Timestamp) {
 
 /// A task whose node has been offline for longer than the node's health
 /// deadline is given up as unreachable (not failed: nothing is known of it).
+/// A task whose agent is online but has not reported for the whole progress
+/// deadline has failed: every wait has a deadline, rollbacks included.
 fn give_up_on_lost_tasks(r: &mut Rollout, fleet: &Fleet, now: Timestamp, wake: &mut Wake) {
     let deadline = r.spec.healthy_deadline;
     let mut lost = Vec::new();
+    let mut silent = Vec::new();
     for (name, task) in r.in_flight() {
         let view = fleet.get(name);
         if view.is_some_and(|v| v.online) {
+            let limit = task.started_at + r.spec.progress_deadline;
+            if now >= limit {
+                silent.push((name.to_string(), task.kind));
+            } else {
+                wake.at(limit);
+            }
             continue;
         }
         let since = view.map_or(task.started_at, |v| v.last_seen.max(task.started_at));
@@ -238,12 +251,34 @@ fn give_up_on_lost_tasks(r: &mut Rollout, fleet: &Fleet, now: Timestamp, wake: &
         }
     }
     for (name, since) in lost {
-        let n = r.nodes.get_mut(&name).expect("in-flight node is in the rollout");
+        let n = r
+            .nodes
+            .get_mut(&name)
+            .expect("in-flight node is in the rollout");
         let reason = format!(
             "agent unreachable for {} while its task ran; its outcome is unknown",
             format_duration(now - since)
         );
         n.state = NodeState::Unreachable;
+        n.reason = Some(reason.clone());
+        n.phase = None;
+        n.updated_at = now;
+        r.last_progress_at = now;
+        r.event(now, Some(&name), reason);
+    }
+    for (name, kind) in silent {
+        let reason = format!(
+            "the agent reported no result within {} (progress_deadline) of the task's start",
+            format_duration(r.spec.progress_deadline)
+        );
+        let n = r
+            .nodes
+            .get_mut(&name)
+            .expect("in-flight node is in the rollout");
+        n.state = match kind {
+            TaskKind::Upgrade => NodeState::Failed,
+            TaskKind::Revert => NodeState::RollbackFailed,
+        };
         n.reason = Some(reason.clone());
         n.phase = None;
         n.updated_at = now;
@@ -298,7 +333,10 @@ fn run_current_batch(
         }
         let view = fleet.get(&name).filter(|v| v.online);
         let Some(view) = view else {
-            let n = r.nodes.get_mut(&name).expect("batch node is in the rollout");
+            let n = r
+                .nodes
+                .get_mut(&name)
+                .expect("batch node is in the rollout");
             let since = *n.waiting_since.get_or_insert(now);
             if now >= since + r.spec.healthy_deadline {
                 let last_seen = fleet.get(&name).map(|v| v.last_seen).unwrap_or(0);
@@ -337,12 +375,19 @@ fn run_current_batch(
             kind: TaskKind::Upgrade,
             started_at: now,
         };
-        let n = r.nodes.get_mut(&name).expect("batch node is in the rollout");
+        let n = r
+            .nodes
+            .get_mut(&name)
+            .expect("batch node is in the rollout");
         n.state = NodeState::Upgrading;
         n.task = Some(task.clone());
         n.waiting_since = None;
         n.updated_at = now;
-        r.event(now, Some(&name), format!("upgrade to {} started", r.spec.version));
+        r.event(
+            now,
+            Some(&name),
+            format!("upgrade to {} started", r.spec.version),
+        );
         dispatch.push(Dispatch { node: name, task });
     }
     let in_flight: Vec<&str> = r.in_flight().map(|(n, _)| n).collect();

@@ -212,7 +212,12 @@ impl Rollout {
         });
     }
 
-    pub(crate) fn set_state(&mut self, state: RolloutState, reason: Option<String>, now: Timestamp) {
+    pub(crate) fn set_state(
+        &mut self,
+        state: RolloutState,
+        reason: Option<String>,
+        now: Timestamp,
+    ) {
         if self.state == state {
             return;
         }
@@ -336,7 +341,11 @@ impl Rollout {
             (TaskKind::Upgrade, TaskOutcome::Succeeded) => (
                 NodeState::Upgraded,
                 None,
-                format!("upgraded to {} in {}", self.spec.version, format_duration(elapsed)),
+                format!(
+                    "upgraded to {} in {}",
+                    self.spec.version,
+                    format_duration(elapsed)
+                ),
             ),
             (TaskKind::Upgrade, TaskOutcome::Failed { reason }) => (
                 NodeState::Failed,

@@ -106,8 +106,7 @@ fn split_word<'a>(t: &'a str, word: &str) -> Option<(&'a str, &'a str)> {
 fn key(k: &str) -> Result<String, String> {
     let k = k.trim();
     let ok = !k.is_empty()
-        && k
-            .chars()
+        && k.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
     if ok {
         Ok(k.to_string())
@@ -118,6 +117,9 @@ fn key(k: &str) -> Result<String, String> {
 
 fn value(v: &str) -> Result<String, String> {
     let v = v.trim();
+    if v.is_empty() {
+        return Err("a label value is missing".into());
+    }
     if v.chars().any(|c| "(),=!".contains(c) || c.is_whitespace()) {
         return Err(format!("{v:?} is not a valid label value"));
     }
@@ -193,7 +195,15 @@ mod tests {
 
     #[test]
     fn rejects_malformed_selectors() {
-        for bad in ["rack in (r1", "rack=", "=v", "a,,b", "rack in r1", "k=v w", "a)"] {
+        for bad in [
+            "rack in (r1",
+            "rack=",
+            "=v",
+            "a,,b",
+            "rack in r1",
+            "k=v w",
+            "a)",
+        ] {
             let err = Selector::parse("selector", bad).unwrap_err();
             assert_eq!(err.field, "selector", "{bad}");
         }

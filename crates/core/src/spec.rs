@@ -1,6 +1,8 @@
 use serde::{Deserialize, Serialize};
 
-use crate::{parse_duration, parse_version, validate_service_name, Amount, Selector, Span, SpecError};
+use crate::{
+    parse_duration, parse_version, validate_service_name, Amount, Selector, Span, SpecError,
+};
 
 /// A rollout as users write it, in `rollout.toml` or as flags: every field
 /// optional and unparsed, so that [`RolloutFile::resolve`] can name the field
@@ -245,8 +247,14 @@ mod tests {
         f.strategy.max_unavailable = Some("150%".into());
         assert_eq!(f.resolve().unwrap_err().field, "strategy.max_unavailable");
 
-        assert_eq!(RolloutFile::default().resolve().unwrap_err().field, "service");
-        assert_eq!(file("../x", "1.0.0").resolve().unwrap_err().field, "service");
+        assert_eq!(
+            RolloutFile::default().resolve().unwrap_err().field,
+            "service"
+        );
+        assert_eq!(
+            file("../x", "1.0.0").resolve().unwrap_err().field,
+            "service"
+        );
     }
 
     #[test]

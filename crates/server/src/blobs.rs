@@ -53,11 +53,10 @@ impl Blobs {
         S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let tmp = self.dir.join("tmp").join(format!(
-            "upload-{}-{}",
-            std::process::id(),
-            crate::now_ms()
-        ));
+        let tmp =
+            self.dir
+                .join("tmp")
+                .join(format!("upload-{}-{}", std::process::id(), crate::now_ms()));
         let result = async {
             let mut file = tokio::fs::File::create(&tmp).await?;
             let mut hasher = Sha256::new();

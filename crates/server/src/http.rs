@@ -195,11 +195,20 @@ async fn get_rollout(
     Path(id): Path<String>,
 ) -> ApiResult<Json<RolloutResponse>> {
     let id = parse_id(&id)?;
-    let rollout = shared
-        .store
-        .get_rollout(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("rollout {id} not found")))?;
+    let live = shared
+        .live
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&id)
+        .cloned();
+    let rollout = match live {
+        Some(r) => r,
+        None => shared
+            .store
+            .get_rollout(id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("rollout {id} not found")))?,
+    };
     Ok(Json(RolloutResponse { rollout }))
 }
 

@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     /// as last stored).
     pub fleet: Mutex<Fleet>,
     pub sessions: session::Sessions,
+    /// The reconciler's active rollouts, for readers.
+    pub live: Mutex<std::collections::BTreeMap<u64, rollwave_core::Rollout>>,
     pub reconciler: reconciler::Handle,
 }
 
@@ -70,6 +72,7 @@ pub async fn run(
         blobs,
         fleet: Mutex::new(fleet),
         sessions: session::Sessions::default(),
+        live: Mutex::default(),
         reconciler: handle,
     });
     reconciler::spawn(shared.clone(), events)

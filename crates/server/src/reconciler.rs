@@ -132,6 +132,7 @@ impl Reconciler {
                 self.handle(e).await;
             }
             sleep = self.reconcile().await;
+            self.publish();
         }
     }
 
@@ -161,14 +162,10 @@ impl Reconciler {
                 task_id,
                 phase,
             } => {
-                let ids: Vec<u64> = self.active.keys().copied().collect();
-                for id in ids {
-                    let Some(mut r) = self.active.get(&id).cloned() else {
-                        continue;
-                    };
-                    if r.record_phase(&node, &task_id, &phase, now) {
-                        self.save(r).await;
-                    }
+                for r in self.active.values_mut() {
+                    // Observations, not decisions: kept in memory (and shown
+                    // through `live`), written with the rollout's next decision.
+                    r.record_phase(&node, &task_id, &phase, now);
                 }
             }
             Event::Result {
@@ -396,6 +393,12 @@ impl Reconciler {
             self.releases.insert(key, r.clone());
         }
         Ok(found)
+    }
+
+    /// Shares the active rollouts with readers: the newest state, including
+    /// phases not yet written.
+    fn publish(&self) {
+        *self.shared.live.lock().unwrap_or_else(|e| e.into_inner()) = self.active.clone();
     }
 
     fn fleet(&self) -> rollwave_core::Fleet {

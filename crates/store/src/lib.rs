@@ -14,7 +14,9 @@ pub use sqlite::SqliteStore;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A compare-and-swap lost: someone else wrote the record first.
-    #[error("rollout {id} was changed concurrently (expected generation {expected}, found {found})")]
+    #[error(
+        "rollout {id} was changed concurrently (expected generation {expected}, found {found})"
+    )]
     Conflict { id: u64, expected: u64, found: u64 },
     #[error("rollout {0} not found")]
     NotFound(u64),

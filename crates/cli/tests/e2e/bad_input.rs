@@ -19,7 +19,10 @@ fn cli(server: &str, args: &[&str]) -> Output {
 fn assert_bad(out: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
-    assert!(stderr.contains(needle), "{stderr:?} should mention {needle:?}");
+    assert!(
+        stderr.contains(needle),
+        "{stderr:?} should mention {needle:?}"
+    );
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");
 }
 
@@ -30,8 +33,20 @@ async fn bad_rollouts_are_refused_and_change_nothing() {
     let url = fleet.url();
     let before: Vec<Rollout> = fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
 
-    let out = cli(&url, &["rollout", "start", "api@2.0.0", "--min-healthy-time", "5 parsecs"]);
-    assert_bad(&out, "strategy.min_healthy_time: \"5 parsecs\" is not a duration");
+    let out = cli(
+        &url,
+        &[
+            "rollout",
+            "start",
+            "api@2.0.0",
+            "--min-healthy-time",
+            "5 parsecs",
+        ],
+    );
+    assert_bad(
+        &out,
+        "strategy.min_healthy_time: \"5 parsecs\" is not a duration",
+    );
     let out = cli(&url, &["rollout", "start", "api@2.0.0", "--batch", "150%"]);
     assert_bad(&out, "strategy.batch");
     let out = cli(&url, &["rollout", "start", "api@9.9.9"]);
@@ -42,31 +57,56 @@ async fn bad_rollouts_are_refused_and_change_nothing() {
     assert_bad(&out, "version: \"two\" is not a semantic version");
     let out = cli(&url, &["rollout", "start", "api"]);
     assert_bad(&out, "target");
-    let out = cli(&url, &["rollout", "start", "api@2.0.0", "--selector", "rack=r9"]);
+    let out = cli(
+        &url,
+        &["rollout", "start", "api@2.0.0", "--selector", "rack=r9"],
+    );
     assert_bad(&out, "selector: \"rack=r9\" matches none of the 3 nodes");
-    let out = cli(&url, &["rollout", "start", "api@2.0.0", "--selector", "rack in (r1"]);
+    let out = cli(
+        &url,
+        &["rollout", "start", "api@2.0.0", "--selector", "rack in (r1"],
+    );
     assert_bad(&out, "selector");
     let out = cli(&url, &["rollout", "start", "api@2.0.0", "--bogus"]);
     assert_eq!(out.status.code(), Some(2));
 
     let toml = dir.path().join("rollout.toml");
-    std::fs::write(&toml, "service = \"api\"\nversion = \"2.0.0\"\n[strategy]\nbatch = [1\n").unwrap();
+    std::fs::write(
+        &toml,
+        "service = \"api\"\nversion = \"2.0.0\"\n[strategy]\nbatch = [1\n",
+    )
+    .unwrap();
     let out = cli(&url, &["rollout", "start", "-f", toml.to_str().unwrap()]);
     assert_bad(&out, "invalid rollout spec");
-    std::fs::write(&toml, "service = \"api\"\nversion = \"2.0.0\"\n[strategy]\nbatchsize = 2\n").unwrap();
+    std::fs::write(
+        &toml,
+        "service = \"api\"\nversion = \"2.0.0\"\n[strategy]\nbatchsize = 2\n",
+    )
+    .unwrap();
     let out = cli(&url, &["rollout", "start", "-f", toml.to_str().unwrap()]);
     assert_bad(&out, "unknown field `batchsize`");
-    std::fs::write(&toml, "service = \"api\"\nversion = \"2.0.0\"\n[strategy]\nhealthy_deadline = \"soon\"\n").unwrap();
+    std::fs::write(
+        &toml,
+        "service = \"api\"\nversion = \"2.0.0\"\n[strategy]\nhealthy_deadline = \"soon\"\n",
+    )
+    .unwrap();
     let out = cli(&url, &["rollout", "start", "-f", toml.to_str().unwrap()]);
     assert_bad(&out, "strategy.healthy_deadline");
-    let out = cli(&url, &["rollout", "start", "-f", "/nonexistent/rollout.toml"]);
+    let out = cli(
+        &url,
+        &["rollout", "start", "-f", "/nonexistent/rollout.toml"],
+    );
     assert_bad(&out, "/nonexistent/rollout.toml");
 
     let out = cli(&url, &["rollout", "pause", "999"]);
     assert_bad(&out, "rollout 999 not found");
 
     let after: Vec<Rollout> = fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
-    assert_eq!(after.len(), before.len(), "a refused rollout must not be stored");
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "a refused rollout must not be stored"
+    );
     for (name, v) in versions(&fleet).await {
         assert_eq!(v.as_deref(), Some("1.0.0"), "{name}");
     }
@@ -83,16 +123,35 @@ async fn releases_are_immutable_and_validated() {
     let junk = dir.path().join("junk.bin");
     std::fs::write(&junk, "not an executable").unwrap();
 
-    let out = cli(&url, &["release", "push", "tool", "1.0.0", a.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = cli(&url, &["release", "push", "tool", "1.0.0", a.to_str().unwrap()]);
+    let out = cli(
+        &url,
+        &["release", "push", "tool", "1.0.0", a.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(
+        &url,
+        &["release", "push", "tool", "1.0.0", a.to_str().unwrap()],
+    );
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("already pushed"));
-    let out = cli(&url, &["release", "push", "tool", "1.0.0", b.to_str().unwrap()]);
+    let out = cli(
+        &url,
+        &["release", "push", "tool", "1.0.0", b.to_str().unwrap()],
+    );
     assert_bad(&out, "releases are immutable");
-    let out = cli(&url, &["release", "push", "tool", "1.0.1", junk.to_str().unwrap()]);
+    let out = cli(
+        &url,
+        &["release", "push", "tool", "1.0.1", junk.to_str().unwrap()],
+    );
     assert_bad(&out, "neither a .tar.gz nor an executable");
-    let out = cli(&url, &["release", "push", "../etc", "1.0.1", a.to_str().unwrap()]);
+    let out = cli(
+        &url,
+        &["release", "push", "../etc", "1.0.1", a.to_str().unwrap()],
+    );
     assert_bad(&out, "service");
     let out = cli(&url, &["release", "push", "tool", "1.0.2", "/nonexistent"]);
     assert_bad(&out, "/nonexistent");
@@ -126,7 +185,9 @@ async fn api_answers_json_errors_with_status_codes() {
         let body: serde_json::Value = resp.json().await.unwrap();
         assert_eq!(got, status, "{body}");
         assert_eq!(body["error"]["code"], code, "{body}");
-        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
     }
 }
 

@@ -56,7 +56,10 @@ async fn agent_killed_mid_task_resumes_it_without_switching_twice() {
     .await;
     fleet.kill_agent(i);
     // Its service keeps serving while the agent is gone.
-    assert_eq!(served_version(fleet.nodes[i].port).await.as_deref(), Some("2.0.0"));
+    assert_eq!(
+        served_version(fleet.nodes[i].port).await.as_deref(),
+        Some("2.0.0")
+    );
     fleet.start_agent(i).unwrap();
 
     let r = wait_done(&fleet, r.id).await;
@@ -69,7 +72,11 @@ async fn agent_killed_mid_task_resumes_it_without_switching_twice() {
     // The re-adopted service was not restarted: one process served throughout.
     let log = std::fs::read_to_string(fleet.nodes[i].state_dir.join("agent.log")).unwrap();
     assert!(log.contains("re-adopted running service"), "{log}");
-    assert_eq!(log.matches("service started").count(), 2, "1.0.0 then 2.0.0 only:\n{log}");
+    assert_eq!(
+        log.matches("service started").count(),
+        2,
+        "1.0.0 then 2.0.0 only:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -78,7 +85,10 @@ async fn tampered_artifact_is_refused_and_nothing_is_installed() {
     let pushed = push(&fleet, "2.0.0", true).await;
     // Corrupt the stored blob behind the control plane's back: same size,
     // different content.
-    let blob = fleet.dir.join("server-data/blobs").join(&pushed.release.sha256);
+    let blob = fleet
+        .dir
+        .join("server-data/blobs")
+        .join(&pushed.release.sha256);
     let mut bytes = std::fs::read(&blob).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
@@ -93,7 +103,11 @@ async fn tampered_artifact_is_refused_and_nothing_is_installed() {
     assert!(reason.contains("sha256"), "{reason}");
     assert!(reason.contains("not installed"), "{reason}");
     for node in &fleet.nodes {
-        let release = node.state_dir.join("services").join(SERVICE).join("releases/2.0.0");
+        let release = node
+            .state_dir
+            .join("services")
+            .join(SERVICE)
+            .join("releases/2.0.0");
         assert!(!release.exists(), "{} has {}", node.name, release.display());
         assert_eq!(served_version(node.port).await.as_deref(), Some("1.0.0"));
     }
@@ -103,7 +117,10 @@ async fn tampered_artifact_is_refused_and_nothing_is_installed() {
     let r = start(&fleet, "2.0.0", |_| {}).await.unwrap();
     let r = wait_done(&fleet, r.id).await;
     let reason = r.nodes[&r.batches[0][0]].reason.clone().unwrap();
-    assert!(reason.contains("truncated") || reason.contains("bytes"), "{reason}");
+    assert!(
+        reason.contains("truncated") || reason.contains("bytes"),
+        "{reason}"
+    );
     for (name, v) in versions(&fleet).await {
         assert_eq!(v.as_deref(), Some("1.0.0"), "{name}");
     }
@@ -121,7 +138,10 @@ async fn offline_node_is_reported_unreachable_not_failed() {
         let api = api.clone();
         async move {
             let nodes: Vec<rollwave_api::NodeView> = api.get("/v1/nodes").await.ok()?;
-            nodes.iter().any(|n| n.name == "node-3" && !n.online).then_some(())
+            nodes
+                .iter()
+                .any(|n| n.name == "node-3" && !n.online)
+                .then_some(())
         }
     })
     .await;
@@ -135,14 +155,20 @@ async fn offline_node_is_reported_unreachable_not_failed() {
     // Offline nodes go last and are reported before anything starts.
     assert_eq!(r.batches.last().unwrap(), &["node-3".to_string()]);
     assert!(
-        r.events.iter().any(|e| e.message.contains("node-3 (offline)")),
+        r.events
+            .iter()
+            .any(|e| e.message.contains("node-3 (offline)")),
         "{:#?}",
         r.events
     );
     let r = wait_done(&fleet, r.id).await;
     assert_eq!(r.state, RolloutState::Completed, "{r:#?}");
     assert_eq!(r.nodes["node-3"].state, NodeState::Unreachable);
-    assert!(r.nodes["node-3"].reason.as_deref().unwrap().contains("offline"));
+    assert!(r.nodes["node-3"]
+        .reason
+        .as_deref()
+        .unwrap()
+        .contains("offline"));
     assert_eq!(r.count(NodeState::Failed), 0);
     assert!(!r.fully_upgraded());
 }

@@ -44,21 +44,29 @@ pub async fn installed_fleet(nodes: usize) -> (Fleet, tempfile::TempDir) {
 }
 
 pub async fn push(fleet: &Fleet, version: &str, healthy: bool) -> PushResponse {
-    upload(fleet, version, DemoRelease {
-        version: version.into(),
-        healthy,
-        broken_on: Vec::new(),
-    })
+    upload(
+        fleet,
+        version,
+        DemoRelease {
+            version: version.into(),
+            healthy,
+            broken_on: Vec::new(),
+        },
+    )
     .await
 }
 
 /// A release that is healthy everywhere but on `nodes`.
 pub async fn push_broken_on(fleet: &Fleet, version: &str, nodes: &[&str]) -> PushResponse {
-    upload(fleet, version, DemoRelease {
-        version: version.into(),
-        healthy: true,
-        broken_on: nodes.iter().map(|n| n.to_string()).collect(),
-    })
+    upload(
+        fleet,
+        version,
+        DemoRelease {
+            version: version.into(),
+            healthy: true,
+            broken_on: nodes.iter().map(|n| n.to_string()).collect(),
+        },
+    )
     .await
 }
 
@@ -120,7 +128,12 @@ where
     panic!("timed out waiting for {what}");
 }
 
-pub async fn wait_rollout(fleet: &Fleet, id: u64, what: &str, f: impl Fn(&Rollout) -> bool) -> Rollout {
+pub async fn wait_rollout(
+    fleet: &Fleet,
+    id: u64,
+    what: &str,
+    f: impl Fn(&Rollout) -> bool,
+) -> Rollout {
     let api = fleet.api().unwrap();
     wait_until(what, || {
         let api = api.clone();

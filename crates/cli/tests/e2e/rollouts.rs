@@ -39,21 +39,35 @@ async fn rolling_upgrade_moves_every_node_once_in_batches() {
         .unwrap();
     for n in &r.batches[1] {
         let started = r.nodes[n].task.as_ref().unwrap().started_at;
-        assert!(started >= finished_first, "{n} started before batch 1 ended");
+        assert!(
+            started >= finished_first,
+            "{n} started before batch 1 ended"
+        );
     }
 
     // The CLI agrees, and --wait exits 0 for a fully upgraded fleet.
     let out = Command::new(exe())
-        .args(["--server", &fleet.url(), "rollout", "status", &r.id.to_string(), "--wait"])
+        .args([
+            "--server",
+            &fleet.url(),
+            "rollout",
+            "status",
+            &r.id.to_string(),
+            "--wait",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = Command::new(exe())
         .args(["--server", &fleet.url(), "nodes"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text.matches("2.0.0").count() >= 4, true, "{text}");
+    assert!(text.matches("2.0.0").count() >= 4, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -91,10 +105,21 @@ async fn failing_release_is_rolled_back_everywhere() {
         assert_eq!(served_version(node.port).await.as_deref(), Some("1.0.0"));
     }
     let out = Command::new(exe())
-        .args(["--server", &fleet.url(), "rollout", "status", &r.id.to_string(), "--wait"])
+        .args([
+            "--server",
+            &fleet.url(),
+            "rollout",
+            "status",
+            &r.id.to_string(),
+            "--wait",
+        ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "a rolled-back rollout must not exit 0");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a rolled-back rollout must not exit 0"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -117,14 +142,20 @@ async fn failures_beyond_max_failures_roll_back_nodes_already_upgraded() {
     assert_eq!(r.nodes["node-2"].state, NodeState::RolledBack);
     assert_eq!(r.nodes["node-3"].state, NodeState::Failed);
     assert_eq!(r.nodes["node-4"].state, NodeState::Failed);
-    assert!(r.reason.as_deref().unwrap().contains("max_failures = 1"), "{r:#?}");
+    assert!(
+        r.reason.as_deref().unwrap().contains("max_failures = 1"),
+        "{r:#?}"
+    );
     for (name, v) in versions(&fleet).await {
         assert_eq!(v.as_deref(), Some("1.0.0"), "{name}");
     }
     let history = switches(&fleet.nodes[0].state_dir);
     assert_eq!(
         history[history.len() - 2..],
-        [("1.0.0".into(), "2.0.0".into()), ("2.0.0".into(), "1.0.0".into())]
+        [
+            ("1.0.0".into(), "2.0.0".into()),
+            ("2.0.0".into(), "1.0.0".into())
+        ]
     );
 }
 
@@ -141,7 +172,10 @@ async fn operator_rollback_returns_upgraded_nodes() {
     .await;
     let api = fleet.api().unwrap();
     let _: rollwave_api::RolloutResponse = api
-        .post(&format!("/v1/rollouts/{}/rollback", good.id), &serde_json::json!({}))
+        .post(
+            &format!("/v1/rollouts/{}/rollback", good.id),
+            &serde_json::json!({}),
+        )
         .await
         .unwrap();
     let r = wait_done(&fleet, good.id).await;
@@ -153,7 +187,10 @@ async fn operator_rollback_returns_upgraded_nodes() {
     }
     // Rolling back a finished rollout again changes nothing and is not an error.
     let again: rollwave_api::RolloutResponse = api
-        .post(&format!("/v1/rollouts/{}/rollback", good.id), &serde_json::json!({}))
+        .post(
+            &format!("/v1/rollouts/{}/rollback", good.id),
+            &serde_json::json!({}),
+        )
         .await
         .unwrap();
     assert_eq!(again.rollout.state, RolloutState::RolledBack);
@@ -168,7 +205,10 @@ async fn pause_holds_the_rollout_and_resume_finishes_it() {
         .unwrap();
     let api = fleet.api().unwrap();
     let paused: rollwave_api::RolloutResponse = api
-        .post(&format!("/v1/rollouts/{}/pause", r.id), &serde_json::json!({}))
+        .post(
+            &format!("/v1/rollouts/{}/pause", r.id),
+            &serde_json::json!({}),
+        )
         .await
         .unwrap();
     assert_eq!(paused.rollout.state, RolloutState::Paused);
@@ -186,10 +226,20 @@ async fn pause_holds_the_rollout_and_resume_finishes_it() {
     assert_eq!(still.nodes.values().filter(|n| n.task.is_some()).count(), 1);
 
     let out = std::process::Command::new(exe())
-        .args(["--server", &fleet.url(), "rollout", "resume", &r.id.to_string()])
+        .args([
+            "--server",
+            &fleet.url(),
+            "rollout",
+            "resume",
+            &r.id.to_string(),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r = wait_done(&fleet, r.id).await;
     assert!(r.fully_upgraded(), "{r:#?}");
 }
@@ -206,10 +256,20 @@ async fn cancel_stops_the_rollout_and_keeps_upgraded_nodes() {
     })
     .await;
     let out = std::process::Command::new(exe())
-        .args(["--server", &fleet.url(), "rollout", "cancel", &r.id.to_string()])
+        .args([
+            "--server",
+            &fleet.url(),
+            "rollout",
+            "cancel",
+            &r.id.to_string(),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r = wait_done(&fleet, r.id).await;
     assert_eq!(r.state, RolloutState::Cancelled);
     let upgraded = r.count(NodeState::Upgraded);
@@ -223,7 +283,13 @@ async fn cancel_stops_the_rollout_and_keeps_upgraded_nodes() {
     assert_eq!(on_new, upgraded);
     // A cancelled rollout cannot be resumed.
     let out = std::process::Command::new(exe())
-        .args(["--server", &fleet.url(), "rollout", "resume", &r.id.to_string()])
+        .args([
+            "--server",
+            &fleet.url(),
+            "rollout",
+            "resume",
+            &r.id.to_string(),
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
