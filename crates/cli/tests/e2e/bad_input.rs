@@ -7,15 +7,6 @@ use rollwave_core::Rollout;
 
 use crate::harness::*;
 
-fn cli(server: &str, args: &[&str]) -> Output {
-    Command::new(exe())
-        .arg("--server")
-        .arg(server)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 fn assert_bad(out: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
@@ -107,9 +98,7 @@ async fn bad_rollouts_are_refused_and_change_nothing() {
         before.len(),
         "a refused rollout must not be stored"
     );
-    for (name, v) in versions(&fleet).await {
-        assert_eq!(v.as_deref(), Some("1.0.0"), "{name}");
-    }
+    assert_fleet_on(&fleet, "1.0.0").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::path::Path;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use rollwave::client::ApiClient;
@@ -189,4 +190,33 @@ pub fn switches(state_dir: &Path) -> Vec<(String, String)> {
             }
         })
         .collect()
+}
+
+/// How many times the node's agent switched the service to `version`.
+pub fn switches_to(state_dir: &Path, version: &str) -> usize {
+    switches(state_dir)
+        .into_iter()
+        .filter(|(_, to)| to == version)
+        .count()
+}
+
+/// Runs the `rollwave` CLI against `server`.
+pub fn cli(server: &str, args: &[&str]) -> Output {
+    Command::new(exe())
+        .arg("--server")
+        .arg(server)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Every node runs `version`, as its agent reports and as its service answers.
+pub async fn assert_fleet_on(fleet: &Fleet, version: &str) {
+    for (name, v) in versions(fleet).await {
+        assert_eq!(v.as_deref(), Some(version), "{name}");
+    }
+    for node in &fleet.nodes {
+        let served = served_version(node.port).await;
+        assert_eq!(served.as_deref(), Some(version), "{} serves", node.name);
+    }
 }

@@ -1,8 +1,6 @@
 //! Rollouts on a healthy fleet: rolling batches, a bad release rolled back,
 //! and the operator's controls.
 
-use std::process::Command;
-
 use rollwave_core::{NodeState, RolloutState};
 
 use crate::harness::*;
@@ -20,15 +18,9 @@ async fn rolling_upgrade_moves_every_node_once_in_batches() {
     assert_eq!(r.state, RolloutState::Completed, "{r:#?}");
     assert!(r.fully_upgraded());
 
-    for (name, v) in versions(&fleet).await {
-        assert_eq!(v.as_deref(), Some("2.0.0"), "{name}");
-    }
+    assert_fleet_on(&fleet, "2.0.0").await;
     for node in &fleet.nodes {
-        assert_eq!(served_version(node.port).await.as_deref(), Some("2.0.0"));
-        let to_new = switches(&node.state_dir)
-            .into_iter()
-            .filter(|(_, to)| to == "2.0.0")
-            .count();
+        let to_new = switches_to(&node.state_dir, "2.0.0");
         assert_eq!(to_new, 1, "{} switched to 2.0.0 {to_new} times", node.name);
     }
     // Batch 2 started only after batch 1 finished.
@@ -46,26 +38,16 @@ async fn rolling_upgrade_moves_every_node_once_in_batches() {
     }
 
     // The CLI agrees, and --wait exits 0 for a fully upgraded fleet.
-    let out = Command::new(exe())
-        .args([
-            "--server",
-            &fleet.url(),
-            "rollout",
-            "status",
-            &r.id.to_string(),
-            "--wait",
-        ])
-        .output()
-        .unwrap();
+    let out = cli(
+        &fleet.url(),
+        &["rollout", "status", &r.id.to_string(), "--wait"],
+    );
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = Command::new(exe())
-        .args(["--server", &fleet.url(), "nodes"])
-        .output()
-        .unwrap();
+    let out = cli(&fleet.url(), &["nodes"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.matches("2.0.0").count() >= 4, "{text}");
 }
@@ -98,23 +80,11 @@ async fn failing_release_is_rolled_back_everywhere() {
     for n in &r.batches[1] {
         assert_eq!(r.nodes[n].state, NodeState::Pending);
     }
-    for (name, v) in versions(&fleet).await {
-        assert_eq!(v.as_deref(), Some("1.0.0"), "{name}");
-    }
-    for node in &fleet.nodes {
-        assert_eq!(served_version(node.port).await.as_deref(), Some("1.0.0"));
-    }
-    let out = Command::new(exe())
-        .args([
-            "--server",
-            &fleet.url(),
-            "rollout",
-            "status",
-            &r.id.to_string(),
-            "--wait",
-        ])
-        .output()
-        .unwrap();
+    assert_fleet_on(&fleet, "1.0.0").await;
+    let out = cli(
+        &fleet.url(),
+        &["rollout", "status", &r.id.to_string(), "--wait"],
+    );
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -146,9 +116,7 @@ async fn failures_beyond_max_failures_roll_back_nodes_already_upgraded() {
         r.reason.as_deref().unwrap().contains("max_failures = 1"),
         "{r:#?}"
     );
-    for (name, v) in versions(&fleet).await {
-        assert_eq!(v.as_deref(), Some("1.0.0"), "{name}");
-    }
+    assert_fleet_on(&fleet, "1.0.0").await;
     let history = switches(&fleet.nodes[0].state_dir);
     assert_eq!(
         history[history.len() - 2..],
@@ -182,9 +150,7 @@ async fn operator_rollback_returns_upgraded_nodes() {
     assert_eq!(r.state, RolloutState::RolledBack, "{r:#?}");
     assert_eq!(r.count(NodeState::Upgraded), 0);
     assert!(r.count(NodeState::RolledBack) >= 1, "{r:#?}");
-    for (name, v) in versions(&fleet).await {
-        assert_eq!(v.as_deref(), Some("1.0.0"), "{name}");
-    }
+    assert_fleet_on(&fleet, "1.0.0").await;
     // Rolling back a finished rollout again changes nothing and is not an error.
     let again: rollwave_api::RolloutResponse = api
         .post(
@@ -225,16 +191,7 @@ async fn pause_holds_the_rollout_and_resume_finishes_it() {
     assert_eq!(still.state, RolloutState::Paused);
     assert_eq!(still.nodes.values().filter(|n| n.task.is_some()).count(), 1);
 
-    let out = std::process::Command::new(exe())
-        .args([
-            "--server",
-            &fleet.url(),
-            "rollout",
-            "resume",
-            &r.id.to_string(),
-        ])
-        .output()
-        .unwrap();
+    let out = cli(&fleet.url(), &["rollout", "resume", &r.id.to_string()]);
     assert!(
         out.status.success(),
         "{}",
@@ -255,16 +212,7 @@ async fn cancel_stops_the_rollout_and_keeps_upgraded_nodes() {
         r.count(NodeState::Upgraded) == 1
     })
     .await;
-    let out = std::process::Command::new(exe())
-        .args([
-            "--server",
-            &fleet.url(),
-            "rollout",
-            "cancel",
-            &r.id.to_string(),
-        ])
-        .output()
-        .unwrap();
+    let out = cli(&fleet.url(), &["rollout", "cancel", &r.id.to_string()]);
     assert!(
         out.status.success(),
         "{}",
@@ -282,16 +230,7 @@ async fn cancel_stops_the_rollout_and_keeps_upgraded_nodes() {
         .count();
     assert_eq!(on_new, upgraded);
     // A cancelled rollout cannot be resumed.
-    let out = std::process::Command::new(exe())
-        .args([
-            "--server",
-            &fleet.url(),
-            "rollout",
-            "resume",
-            &r.id.to_string(),
-        ])
-        .output()
-        .unwrap();
+    let out = cli(&fleet.url(), &["rollout", "resume", &r.id.to_string()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled"));
 }
