@@ -57,28 +57,23 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
             println!("{s}");
         }
     };
-    let tmp = tempfile::Builder::new()
-        .prefix("rollwave-demo-")
-        .tempdir()
-        .context("creating a temporary directory")?;
     let exe = std::env::current_exe().context("locating the rollwave executable")?;
     say(format!(
-        "starting a control plane and {} agents under {}",
-        args.nodes,
-        tmp.path().display()
+        "starting a control plane and {} agents, each supervising an `{SERVICE}` service",
+        args.nodes
     ));
     let fleet = Fleet::launch(FleetSpec {
         exe,
-        dir: tmp.path().to_path_buf(),
         nodes: args.nodes,
         check_interval: "100ms".into(),
     })
     .await?;
     let api = fleet.api()?;
     say(format!(
-        "control plane at {}; {} agents connected",
+        "control plane at {}; {} agents connected (data and logs under {})",
         fleet.url(),
-        args.nodes
+        args.nodes,
+        fleet.dir.display()
     ));
 
     push(&api, "1.0.0", true).await?;
@@ -130,14 +125,12 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         rollout.fully_upgraded()
     };
     if args.keep {
-        let dir = tmp.keep();
+        let url = fleet.url();
+        let dir = fleet.detach();
         println!(
-            "fleet left running: server {} (data and logs under {}); try `rollwave --server {} nodes`",
-            fleet.url(),
+            "fleet left running: server {url} (data and logs under {}); try `rollwave --server {url} nodes`",
             dir.display(),
-            fleet.url()
         );
-        fleet.detach();
     }
     Ok(if ok {
         ExitCode::SUCCESS

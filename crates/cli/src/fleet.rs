@@ -20,8 +20,6 @@ use crate::client::ApiClient;
 pub struct FleetSpec {
     /// The `rollwave` executable to run.
     pub exe: PathBuf,
-    /// Where data dirs, state dirs, configs and logs go.
-    pub dir: PathBuf,
     pub nodes: usize,
     /// Health check interval of the demo service.
     pub check_interval: String,
@@ -38,7 +36,11 @@ pub struct Node {
 
 pub struct Fleet {
     exe: PathBuf,
+    /// Where data dirs, state dirs, configs and logs go.
     pub dir: PathBuf,
+    /// Removed after every process is killed (fields drop after `drop`):
+    /// finding the services to kill needs the agents' state dirs.
+    tmp: Option<tempfile::TempDir>,
     pub addr: SocketAddr,
     server: Option<Child>,
     pub nodes: Vec<Node>,
@@ -51,22 +53,26 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Fleet {
-    /// Starts the control plane and every agent, and waits until all agents
-    /// are connected.
+    /// Starts the control plane and every agent in a new temporary
+    /// directory, and waits until all agents are connected.
     pub async fn launch(spec: FleetSpec) -> anyhow::Result<Fleet> {
-        std::fs::create_dir_all(&spec.dir)
-            .with_context(|| format!("creating {}", spec.dir.display()))?;
-        let (server, addr) = start_server(&spec.exe, &spec.dir, "127.0.0.1:0".parse()?).await?;
+        let tmp = tempfile::Builder::new()
+            .prefix("rollwave-fleet-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        let dir = tmp.path().to_path_buf();
+        let (server, addr) = start_server(&spec.exe, &dir, "127.0.0.1:0".parse()?).await?;
         let mut fleet = Fleet {
             exe: spec.exe.clone(),
-            dir: spec.dir.clone(),
+            dir: dir.clone(),
+            tmp: Some(tmp),
             addr,
             server: Some(server),
             nodes: Vec::new(),
         };
         for i in 1..=spec.nodes {
             let name = format!("node-{i}");
-            let state_dir = spec.dir.join(&name);
+            let state_dir = dir.join(&name);
             std::fs::create_dir_all(state_dir.join("data"))?;
             let port = free_port()?;
             let config = state_dir.join("agent.toml");
@@ -284,11 +290,17 @@ health = {{ type = "http", url = "http://127.0.0.1:{port}/healthz", interval = "
 }
 
 impl Fleet {
-    /// Leaves every process running and forgets them (for `demo --keep`).
-    pub fn detach(mut self) {
+    /// Leaves every process and the directory in place and forgets them
+    /// (for `demo --keep`).
+    pub fn detach(mut self) -> PathBuf {
         self.server = None;
         for n in &mut self.nodes {
             n.agent = None;
         }
+        if let Some(tmp) = self.tmp.take() {
+            let _ = tmp.keep();
+        }
+        self.nodes.clear();
+        self.dir.clone()
     }
 }

@@ -19,7 +19,7 @@ fn assert_bad(out: &Output, needle: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_rollouts_are_refused_and_change_nothing() {
-    let (fleet, dir) = installed_fleet(3).await;
+    let fleet = installed_fleet(3).await;
     push(&fleet, "2.0.0", true).await;
     let url = fleet.url();
     let before: Vec<Rollout> = fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
@@ -61,7 +61,7 @@ async fn bad_rollouts_are_refused_and_change_nothing() {
     let out = cli(&url, &["rollout", "start", "api@2.0.0", "--bogus"]);
     assert_eq!(out.status.code(), Some(2));
 
-    let toml = dir.path().join("rollout.toml");
+    let toml = fleet.dir.join("rollout.toml");
     std::fs::write(
         &toml,
         "service = \"api\"\nversion = \"2.0.0\"\n[strategy]\nbatch = [1\n",
@@ -103,13 +103,13 @@ async fn bad_rollouts_are_refused_and_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn releases_are_immutable_and_validated() {
-    let (fleet, dir) = installed_fleet(1).await;
+    let fleet = installed_fleet(1).await;
     let url = fleet.url();
-    let a = dir.path().join("a.sh");
+    let a = fleet.dir.join("a.sh");
     std::fs::write(&a, "#!/bin/sh\necho a\n").unwrap();
-    let b = dir.path().join("b.sh");
+    let b = fleet.dir.join("b.sh");
     std::fs::write(&b, "#!/bin/sh\necho b\n").unwrap();
-    let junk = dir.path().join("junk.bin");
+    let junk = fleet.dir.join("junk.bin");
     std::fs::write(&junk, "not an executable").unwrap();
 
     let out = cli(
@@ -148,7 +148,7 @@ async fn releases_are_immutable_and_validated() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn api_answers_json_errors_with_status_codes() {
-    let (fleet, _dir) = installed_fleet(1).await;
+    let fleet = installed_fleet(1).await;
     let http = reqwest::Client::new();
     let url = fleet.url();
     let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![

@@ -7,7 +7,7 @@ use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn control_plane_killed_mid_rollout_resumes_where_it_was() {
-    let (mut fleet, _dir) = installed_fleet(4).await;
+    let mut fleet = installed_fleet(4).await;
     push(&fleet, "2.0.0", true).await;
     let r = start(&fleet, "2.0.0", |s| s.min_healthy_time = Some("1s".into()))
         .await
@@ -39,7 +39,7 @@ async fn control_plane_killed_mid_rollout_resumes_where_it_was() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_killed_mid_task_resumes_it_without_switching_twice() {
-    let (mut fleet, _dir) = installed_fleet(3).await;
+    let mut fleet = installed_fleet(3).await;
     push(&fleet, "2.0.0", true).await;
     let r = start(&fleet, "2.0.0", |s| s.min_healthy_time = Some("2s".into()))
         .await
@@ -75,7 +75,7 @@ async fn agent_killed_mid_task_resumes_it_without_switching_twice() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tampered_artifact_is_refused_and_nothing_is_installed() {
-    let (fleet, _dir) = installed_fleet(3).await;
+    let fleet = installed_fleet(3).await;
     let pushed = push(&fleet, "2.0.0", true).await;
     // Corrupt the stored blob behind the control plane's back: same size,
     // different content.
@@ -120,7 +120,7 @@ async fn tampered_artifact_is_refused_and_nothing_is_installed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn offline_node_is_reported_unreachable_not_failed() {
-    let (mut fleet, _dir) = installed_fleet(3).await;
+    let mut fleet = installed_fleet(3).await;
     push(&fleet, "2.0.0", true).await;
     // node-3's agent and service are gone before the rollout starts.
     fleet.kill_agent(2);
@@ -163,4 +163,30 @@ async fn offline_node_is_reported_unreachable_not_failed() {
         .contains("offline"));
     assert_eq!(r.count(NodeState::Failed), 0);
     assert!(!r.fully_upgraded());
+}
+
+/// Alive and not a zombie (PID 1 may not reap orphans here).
+fn alive(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.split_whitespace().next() != Some("Z"))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dropping_a_fleet_kills_every_process_it_started() {
+    let fleet = installed_fleet(2).await;
+    let mut pids = Vec::new();
+    for node in &fleet.nodes {
+        let rec = std::fs::read(node.state_dir.join("services/api/process.json")).unwrap();
+        let rec: serde_json::Value = serde_json::from_slice(&rec).unwrap();
+        pids.push(rec["pid"].as_i64().unwrap());
+    }
+    let dir = fleet.dir.clone();
+    assert!(pids.iter().all(|p| alive(*p)));
+    drop(fleet);
+    for pid in pids {
+        assert!(!alive(pid), "service {pid} outlived its fleet");
+    }
+    assert!(!dir.exists(), "{} left behind", dir.display());
 }

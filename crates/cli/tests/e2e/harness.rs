@@ -18,15 +18,11 @@ pub fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_rollwave")
 }
 
-/// A fleet of `nodes` agents, with release 1.0.0 pushed and installed everywhere.
-pub async fn installed_fleet(nodes: usize) -> (Fleet, tempfile::TempDir) {
-    let dir = tempfile::Builder::new()
-        .prefix("rollwave-e2e-")
-        .tempdir()
-        .unwrap();
+/// A fleet of `nodes` agents, with release 1.0.0 pushed and installed
+/// everywhere. Dropping it kills every process it started.
+pub async fn installed_fleet(nodes: usize) -> Fleet {
     let fleet = Fleet::launch(FleetSpec {
         exe: exe().into(),
-        dir: dir.path().to_path_buf(),
         nodes,
         check_interval: "100ms".into(),
     })
@@ -41,7 +37,7 @@ pub async fn installed_fleet(nodes: usize) -> (Fleet, tempfile::TempDir) {
     .unwrap();
     let r = wait_done(&fleet, r.id).await;
     assert!(r.fully_upgraded(), "install failed: {r:#?}");
-    (fleet, dir)
+    fleet
 }
 
 pub async fn push(fleet: &Fleet, version: &str, healthy: bool) -> PushResponse {

@@ -7,7 +7,7 @@ use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rolling_upgrade_moves_every_node_once_in_batches() {
-    let (fleet, _dir) = installed_fleet(4).await;
+    let fleet = installed_fleet(4).await;
     push(&fleet, "2.0.0", true).await;
     let r = start(&fleet, "2.0.0", |s| s.batch = Some("2".into()))
         .await
@@ -54,7 +54,7 @@ async fn rolling_upgrade_moves_every_node_once_in_batches() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn failing_release_is_rolled_back_everywhere() {
-    let (fleet, _dir) = installed_fleet(4).await;
+    let fleet = installed_fleet(4).await;
     push(&fleet, "2.0.0", false).await;
     let r = start(&fleet, "2.0.0", |s| {
         s.batch = Some("2".into());
@@ -95,7 +95,7 @@ async fn failing_release_is_rolled_back_everywhere() {
 #[tokio::test(flavor = "multi_thread")]
 async fn failures_beyond_max_failures_roll_back_nodes_already_upgraded() {
     // 2.0.0 is healthy on node-1 and node-2 but broken on node-3 and node-4.
-    let (fleet, _dir) = installed_fleet(4).await;
+    let fleet = installed_fleet(4).await;
     push_broken_on(&fleet, "2.0.0", &["node-3", "node-4"]).await;
     let r = start(&fleet, "2.0.0", |s| {
         s.batch = Some("1".into());
@@ -129,7 +129,7 @@ async fn failures_beyond_max_failures_roll_back_nodes_already_upgraded() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn operator_rollback_returns_upgraded_nodes() {
-    let (fleet, _dir) = installed_fleet(3).await;
+    let fleet = installed_fleet(3).await;
     push(&fleet, "2.0.0", true).await;
     let good = start(&fleet, "2.0.0", |s| s.batch = Some("1".into()))
         .await
@@ -164,7 +164,7 @@ async fn operator_rollback_returns_upgraded_nodes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pause_holds_the_rollout_and_resume_finishes_it() {
-    let (fleet, _dir) = installed_fleet(3).await;
+    let fleet = installed_fleet(3).await;
     push(&fleet, "2.0.0", true).await;
     let r = start(&fleet, "2.0.0", |s| s.min_healthy_time = Some("1s".into()))
         .await
@@ -203,7 +203,7 @@ async fn pause_holds_the_rollout_and_resume_finishes_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_stops_the_rollout_and_keeps_upgraded_nodes() {
-    let (fleet, _dir) = installed_fleet(3).await;
+    let fleet = installed_fleet(3).await;
     push(&fleet, "2.0.0", true).await;
     let r = start(&fleet, "2.0.0", |s| s.min_healthy_time = Some("1s".into()))
         .await
