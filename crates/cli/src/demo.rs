@@ -24,9 +24,12 @@ pub struct Summary {
     pub waves: usize,
     pub elapsed_s: f64,
     pub wave_times_s: Vec<f64>,
-    /// Per wave: time not spent switching nodes and holding them healthy.
-    pub overhead_per_wave_s: Vec<f64>,
-    pub service_start_s: f64,
+    /// Per wave: time not spent switching nodes and holding them healthy
+    /// (null for a wave whose nodes did not all upgrade).
+    pub overhead_per_wave_s: Vec<Option<f64>>,
+    /// Mean time from a node's switch to its first healthy check (null if
+    /// no node upgraded).
+    pub service_start_s: Option<f64>,
     pub min_healthy_time_s: f64,
     pub requests_ok: u64,
     pub requests_failed: u64,
@@ -214,17 +217,20 @@ pub fn summarize(r: &Rollout, ok: u64, failed: u64, versions: BTreeMap<String, u
             starts.push(switch_and_gate.saturating_sub(r.spec.min_healthy_time));
         }
         wave_times.push(wave as f64 / 1000.0);
-        overheads.push(wave.saturating_sub(switch_and_gate) as f64 / 1000.0);
+        let all_upgraded = batch
+            .iter()
+            .all(|n| r.nodes[n].state == NodeState::Upgraded);
+        overheads.push(
+            (all_upgraded && switch_and_gate > 0)
+                .then(|| wave.saturating_sub(switch_and_gate) as f64 / 1000.0),
+        );
     }
     let elapsed = r
         .finished_at
         .unwrap_or(r.updated_at)
         .saturating_sub(r.created_at);
-    let service_start = if starts.is_empty() {
-        0.0
-    } else {
-        starts.iter().sum::<u64>() as f64 / starts.len() as f64 / 1000.0
-    };
+    let service_start = (!starts.is_empty())
+        .then(|| starts.iter().sum::<u64>() as f64 / starts.len() as f64 / 1000.0);
     Summary {
         nodes: r.nodes.len(),
         waves: r.batches.len(),
@@ -257,15 +263,23 @@ fn print_summary(s: &Summary, errors: &[String]) {
         .zip(&s.overhead_per_wave_s)
         .enumerate()
     {
+        match o {
+            Some(o) => println!(
+                "  wave {}:           {w:.2}s (orchestration overhead {o:.2}s)",
+                i + 1
+            ),
+            None => println!(
+                "  wave {}:           {w:.2}s (not every node upgraded)",
+                i + 1
+            ),
+        }
+    }
+    if let Some(start) = s.service_start_s {
         println!(
-            "  wave {}:           {w:.2}s (orchestration overhead {o:.2}s)",
-            i + 1
+            "  per node:         service start {start:.2}s + min_healthy_time {:.1}s",
+            s.min_healthy_time_s
         );
     }
-    println!(
-        "  per node:         service start {:.2}s + min_healthy_time {:.1}s",
-        s.service_start_s, s.min_healthy_time_s
-    );
     println!(
         "  requests:         {} ok, {} failed",
         s.requests_ok, s.requests_failed

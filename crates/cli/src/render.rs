@@ -226,6 +226,7 @@ pub fn status(r: &Rollout, now: u64) -> String {
         "NODE".into(),
         "STATE".into(),
         "FROM".into(),
+        "AT".into(),
         "DETAIL".into(),
     ]];
     for (i, b) in r.batches.iter().enumerate() {
@@ -241,6 +242,11 @@ pub fn status(r: &Rollout, now: u64) -> String {
                 name.clone(),
                 n.state.as_str().into(),
                 n.from_version.clone().unwrap_or_else(|| "-".into()),
+                if n.state == NodeState::Pending {
+                    "-".into()
+                } else {
+                    format!("+{}", secs(n.updated_at.saturating_sub(r.created_at)))
+                },
                 detail,
             ]);
         }
