@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs, idempotently, the system packages the
-# tests need first (none beyond the Rust toolchain yet; later suites add
-# etcd, haproxy, wrk and chromium here).
+# tests need first (haproxy: the agent's drain tests run a real one; later
+# suites add etcd, wrk and chromium here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=()
+packages=(haproxy)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

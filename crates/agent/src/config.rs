@@ -2,11 +2,13 @@
 //! services this agent supervises.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use nix::sys::signal::Signal;
 use serde::Deserialize;
 
+use crate::haproxy::{DrainConfig, Haproxy};
 use crate::health::{HealthCheck, ResolvedCheck};
 
 #[derive(Debug, Deserialize)]
@@ -35,6 +37,10 @@ struct RawService {
     #[serde(default)]
     backup: Vec<PathBuf>,
     backups_kept: Option<usize>,
+    #[serde(default)]
+    listen: Vec<String>,
+    switch: Option<String>,
+    drain: Option<DrainConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -59,6 +65,21 @@ pub struct ServiceConfig {
     /// Paths copied before a switch and restored by a rollback.
     pub backup: Vec<PathBuf>,
     pub backups_kept: usize,
+    /// Sockets the agent opens and passes to the service (socket activation).
+    pub listen: Vec<SocketAddr>,
+    pub switch: SwitchMode,
+    /// A load balancer to drain the node in before a restart-mode switch.
+    pub drain: Option<Haproxy>,
+}
+
+/// How a service moves from one version to the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwitchMode {
+    /// Start the new version on the same sockets, wait until it is healthy,
+    /// then stop the old one: no connection is refused.
+    Handoff,
+    /// Stop the old version, then start the new one.
+    Restart,
 }
 
 pub const RELEASE_PLACEHOLDER: &str = "{release}";
@@ -133,6 +154,40 @@ impl AgentConfig {
                     ));
                 }
             }
+            let mut listen = Vec::new();
+            for a in &s.listen {
+                let addr: SocketAddr = a.parse().map_err(|_| {
+                    format!("{at}.listen: {a:?} is not an address like 127.0.0.1:8080")
+                })?;
+                if listen.contains(&addr) {
+                    return Err(format!("{at}.listen: {a} is listed twice"));
+                }
+                listen.push(addr);
+            }
+            let switch = match s.switch.as_deref() {
+                None if listen.is_empty() => SwitchMode::Restart,
+                None | Some("handoff") => SwitchMode::Handoff,
+                Some("restart") => SwitchMode::Restart,
+                Some(other) => {
+                    return Err(format!(
+                        "{at}.switch: {other:?} is not a switch mode (handoff or restart)"
+                    ))
+                }
+            };
+            if switch == SwitchMode::Handoff && listen.is_empty() {
+                return Err(format!(
+                    "{at}.switch: handoff needs the sockets to hand off: set {at}.listen"
+                ));
+            }
+            let drain = match &s.drain {
+                None => None,
+                Some(_) if switch == SwitchMode::Handoff => {
+                    return Err(format!(
+                        "{at}.drain: only used with switch = \"restart\" (a handoff refuses no connection)"
+                    ))
+                }
+                Some(d) => Some(d.resolve(&format!("{at}.drain")).map_err(|e| e.to_string())?),
+            };
             let backups_kept = s.backups_kept.unwrap_or(3);
             if backups_kept == 0 {
                 return Err(format!("{at}.backups_kept: must be at least 1"));
@@ -147,6 +202,9 @@ impl AgentConfig {
                 stop_grace_ms,
                 backup: s.backup,
                 backups_kept,
+                listen,
+                switch,
+                drain,
             });
         }
         Ok(AgentConfig {
@@ -217,6 +275,13 @@ health = { type = "http", url = "http://127.0.0.1:8080/healthz" }
         assert_eq!(s.stop_signal, Signal::SIGINT);
         assert_eq!(s.stop_grace_ms, 3000);
         assert_eq!(s.backups_kept, 3);
+        assert_eq!(s.switch, SwitchMode::Restart);
+        let c = AgentConfig::parse(
+            &GOOD.replace("stop_grace", "listen = [\"127.0.0.1:8080\"]\nstop_grace"),
+        )
+        .unwrap();
+        assert_eq!(c.services[0].switch, SwitchMode::Handoff);
+        assert_eq!(c.services[0].listen, ["127.0.0.1:8080".parse().unwrap()]);
     }
 
     #[test]
@@ -241,6 +306,14 @@ health = { type = "http", url = "http://127.0.0.1:8080/healthz" }
             ),
             (GOOD.replace("node = \"n1\"", "node = \"a b\""), "node"),
             (GOOD.replace("labels", "lables"), "unknown field"),
+            (
+                GOOD.replace("stop_grace", "switch = \"handoff\"\nstop_grace"),
+                "service.api.switch",
+            ),
+            (
+                GOOD.replace("stop_grace", "listen = [\"nope\"]\nstop_grace"),
+                "service.api.listen",
+            ),
         ];
         for (text, field) in cases {
             let err = AgentConfig::parse(&text).unwrap_err();

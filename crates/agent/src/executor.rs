@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::artifact;
-use crate::config::ServiceConfig;
+use crate::config::{ServiceConfig, SwitchMode};
 use crate::layout::{copy_tree, remove_path, write_atomic, ServiceDirs};
 use crate::supervisor::Supervisor;
 
@@ -232,43 +232,116 @@ impl Executor {
         if let Err(reason) = self.stage(task, svc, version, art).await {
             return TaskOutcome::Failed { reason };
         }
-        if svc.dirs.current_version().as_deref() != Some(version) {
-            self.phase(task, "switching");
-            if let Err(e) = svc.supervisor.stop().await {
-                return TaskOutcome::Failed { reason: e };
+        let deadline = Instant::now() + Duration::from_millis(deadline_ms);
+        self.phase(task, "switching");
+        let result = match self
+            .switch_to(task, svc, Some(version), Data::Backup(&task.id), deadline)
+            .await
+        {
+            Ok(took) => {
+                self.phase(task, &format!("serving after {}ms", took.as_millis()));
+                self.phase(task, "gating");
+                gate(svc, version, min_healthy_ms, deadline).await
             }
-            // Taken while the service is stopped, so it is consistent.
-            if let Err(e) = backup(svc, &task.id) {
-                let reason = format!("backup failed, nothing switched: {e}");
-                let _ = svc.supervisor.start().await;
-                return TaskOutcome::Failed { reason };
-            }
-            if let Err(e) = svc.dirs.switch_current(Some(version)) {
-                let _ = svc.supervisor.start().await;
-                return TaskOutcome::Failed {
-                    reason: format!("switching the current link: {e}"),
-                };
-            }
-            history(svc, &task.id, previous, Some(version));
-            let _ = svc.supervisor.start().await;
-        } else if svc.supervisor.status().borrow().version.as_deref() != Some(version) {
-            // Resumed after the link switched but before the new process ran.
-            let _ = svc.supervisor.start().await;
+            Err(e) => Err(e),
+        };
+        let Err(why) = result else {
+            return TaskOutcome::Succeeded;
+        };
+        let to = previous.unwrap_or("no version");
+        let on_previous = svc.dirs.current_version().as_deref() == previous
+            && svc.supervisor.status().borrow().version.as_deref() == previous;
+        if on_previous {
+            return TaskOutcome::Failed {
+                reason: format!("{why}; the node stayed on {to}"),
+            };
         }
-        self.phase(task, "gating");
-        match gate(svc, version, min_healthy_ms, deadline_ms).await {
-            Ok(()) => TaskOutcome::Succeeded,
-            Err(why) => {
-                self.phase(task, "rolling_back");
-                let back = self
-                    .switch_back(svc, previous, &task.id, &task.id, deadline_ms)
-                    .await;
-                let to = previous.unwrap_or("no version");
-                let reason = match back {
-                    Ok(()) => format!("{why}; rolled back to {to}"),
-                    Err(e) => format!("{why}; rollback to {to} failed too: {e}"),
-                };
-                TaskOutcome::Failed { reason }
+        self.phase(task, "rolling_back");
+        let deadline = Instant::now() + Duration::from_millis(deadline_ms);
+        let back = self
+            .switch_to(task, svc, previous, Data::Restore(&task.id), deadline)
+            .await;
+        let reason = match back {
+            Ok(_) => format!("{why}; rolled back to {to}"),
+            Err(e) => format!("{why}; rollback to {to} failed too: {e}"),
+        };
+        TaskOutcome::Failed { reason }
+    }
+
+    /// Moves the service to `to` and waits, until `deadline`, for the first
+    /// passing health check. Returns the time from the switch command to then.
+    ///
+    /// Restart mode: drain in the load balancer, stop, back up or restore,
+    /// switch `current`, start, check, re-enable. Handoff mode: back up or
+    /// restore, switch `current`, start the new version beside the old one on
+    /// the same sockets, and promote it once healthy; if it never is, the old
+    /// process, which never stopped serving, stays and `current` goes back.
+    async fn switch_to(
+        &self,
+        task: &Task,
+        svc: &Service,
+        to: Option<&str>,
+        data: Data<'_>,
+        deadline: Instant,
+    ) -> Result<Duration, String> {
+        let started = Instant::now();
+        let from = svc.dirs.current_version();
+        let linked = from.as_deref() == to;
+        let running = svc.supervisor.status().borrow().version.clone();
+        if let (true, Some(v)) = (linked && running.as_deref() == to, to) {
+            // A resumed task that already got here: only wait for health.
+            gate(svc, v, 0, deadline).await?;
+            return Ok(started.elapsed());
+        }
+        let relink = |svc: &Service| -> Result<(), String> {
+            if !linked {
+                data.apply(svc)?;
+                svc.dirs
+                    .switch_current(to)
+                    .map_err(|e| format!("switching the current link: {e}"))?;
+                history(svc, &task.id, from.as_deref(), to);
+            }
+            Ok(())
+        };
+        match (svc.config.switch, to, &running) {
+            (SwitchMode::Handoff, Some(v), Some(_)) => {
+                relink(svc)?;
+                svc.supervisor.handoff().await?;
+                match gate(svc, v, 0, deadline).await {
+                    Ok(()) => {
+                        svc.supervisor.promote().await?;
+                        Ok(started.elapsed())
+                    }
+                    Err(why) => {
+                        svc.supervisor.abort().await?;
+                        if !linked {
+                            svc.dirs.switch_current(from.as_deref()).map_err(|e| {
+                                format!("{why}; switching the current link back: {e}")
+                            })?;
+                            history(svc, &task.id, to, from.as_deref());
+                        }
+                        Err(why)
+                    }
+                }
+            }
+            _ => {
+                // Nothing to drain (or re-enable) when nothing ran before.
+                let lb = svc.config.drain.as_ref().filter(|_| running.is_some());
+                if let Some(lb) = lb {
+                    self.phase(task, "draining");
+                    lb.drain().await.map_err(|e| format!("draining: {e}"))?;
+                }
+                svc.supervisor.stop().await?;
+                relink(svc)?;
+                if let Some(v) = to {
+                    svc.supervisor.start().await?;
+                    gate(svc, v, 0, deadline).await?;
+                }
+                let took = started.elapsed();
+                if let Some(lb) = lb {
+                    lb.ready().await.map_err(|e| format!("re-enabling: {e}"))?;
+                }
+                Ok(took)
             }
         }
     }
@@ -321,41 +394,33 @@ impl Executor {
         deadline_ms: u64,
     ) -> TaskOutcome {
         self.phase(task, "switching");
-        if let Err(e) = self
-            .switch_back(svc, to, &task.id, upgrade_task, deadline_ms)
+        let deadline = Instant::now() + Duration::from_millis(deadline_ms);
+        match self
+            .switch_to(task, svc, to, Data::Restore(upgrade_task), deadline)
             .await
         {
-            return TaskOutcome::Failed { reason: e };
+            Ok(_) => TaskOutcome::Succeeded,
+            Err(reason) => TaskOutcome::Failed { reason },
         }
-        TaskOutcome::Succeeded
     }
+}
 
-    /// Stops the service, restores the backup taken by `backup_task`, points
-    /// `current` at `to` and starts it, waiting until it is healthy.
-    async fn switch_back(
-        &self,
-        svc: &Service,
-        to: Option<&str>,
-        task_id: &str,
-        backup_task: &str,
-        deadline_ms: u64,
-    ) -> Result<(), String> {
-        if svc.dirs.current_version().as_deref() != to {
-            svc.supervisor.stop().await?;
-            restore(svc, backup_task).map_err(|e| format!("restoring backup: {e}"))?;
-            let from = svc.dirs.current_version();
-            svc.dirs
-                .switch_current(to)
-                .map_err(|e| format!("switching the current link: {e}"))?;
-            history(svc, task_id, from.as_deref(), to);
+/// What a switch does with the service's backup paths.
+enum Data<'a> {
+    /// Copy them, under this task's id, before switching.
+    Backup(&'a str),
+    /// Put back the copy taken by this task, before switching.
+    Restore(&'a str),
+}
+
+impl Data<'_> {
+    fn apply(&self, svc: &Service) -> Result<(), String> {
+        match self {
+            Data::Backup(task) => {
+                backup(svc, task).map_err(|e| format!("backup failed, nothing switched: {e}"))
+            }
+            Data::Restore(task) => restore(svc, task).map_err(|e| format!("restoring backup: {e}")),
         }
-        let Some(to) = to else {
-            return Ok(());
-        };
-        if svc.supervisor.status().borrow().version.as_deref() != Some(to) {
-            svc.supervisor.start().await?;
-        }
-        gate(svc, to, 0, deadline_ms).await
     }
 }
 
@@ -375,24 +440,22 @@ fn valid_task_id(id: &str) -> bool {
 }
 
 /// Waits until the service runs `version` and has been healthy for
-/// `min_healthy_ms` without a break, within `deadline_ms`.
+/// `min_healthy_ms` without a break, before `deadline`. Fails at once if the
+/// watched process ends or is replaced.
 async fn gate(
     svc: &Service,
     version: &str,
     min_healthy_ms: u64,
-    deadline_ms: u64,
+    deadline: Instant,
 ) -> Result<(), String> {
     let mut status = svc.supervisor.status();
     let started = Instant::now();
-    let deadline = started + Duration::from_millis(deadline_ms);
     let min_healthy = Duration::from_millis(min_healthy_ms);
     let generation = status.borrow().generation;
     loop {
         let s = status.borrow_and_update().clone();
-        if s.generation != generation
-            || (s.pid.is_none() && s.last_exit.is_some() && s.version.is_none())
-        {
-            let how = s.last_exit.unwrap_or_else(|| "was restarted".into());
+        if s.generation != generation || s.pid.is_none() {
+            let how = s.last_exit.unwrap_or_else(|| "was replaced".into());
             return Err(format!(
                 "health gate failed after {}: {version} {how}",
                 format_duration(started.elapsed().as_millis() as u64 / 100 * 100)
@@ -411,10 +474,13 @@ async fn gate(
                 .last_check
                 .map(|c| c.detail)
                 .unwrap_or_else(|| "no check completed".into());
+            let wanted = if min_healthy_ms == 0 {
+                "never became healthy".to_string()
+            } else {
+                format!("was not healthy for {}", format_duration(min_healthy_ms))
+            };
             return Err(format!(
-                "health gate failed: {version} was not healthy for {} within {} (health {:?}; last check: {last})",
-                format_duration(min_healthy_ms),
-                format_duration(deadline_ms),
+                "health gate failed: {version} {wanted} within healthy_deadline (health {:?}; last check: {last})",
                 s.health
             ));
         }

@@ -5,6 +5,8 @@
 pub mod artifact;
 pub mod config;
 mod executor;
+mod fds;
+pub mod haproxy;
 pub mod health;
 pub mod layout;
 mod session;
@@ -71,4 +73,15 @@ pub async fn run(
         _ = shutdown => tracing::info!("agent stopping; services keep running"),
     }
     Ok(())
+}
+
+/// The shim between the agent and a service that takes sockets: sets
+/// `LISTEN_PID` to its own pid and replaces itself with the service (same
+/// pid), as socket activation requires. Returns only on failure.
+pub fn listen_exec(program: &std::ffi::OsStr, args: &[std::ffi::OsString]) -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new(program)
+        .args(args)
+        .env("LISTEN_PID", std::process::id().to_string())
+        .exec()
 }

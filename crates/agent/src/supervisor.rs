@@ -2,11 +2,21 @@
 //! with backoff when it exits, runs its health check, and stops it with the
 //! configured signal and grace period.
 //!
+//! With `listen` sockets the supervisor opens them once and keeps them for
+//! its whole life, passing them to every process it starts. A handoff starts
+//! the new version as a *candidate* on the same sockets while the current
+//! process keeps serving; the candidate is promoted once healthy and the old
+//! process is then stopped gracefully. The listening sockets never close, so
+//! no connection is refused. Each process also gets a private loopback
+//! socket (named `health`) through which the agent checks that process alone.
+//!
 //! Services run in their own process group, so they outlive an agent that is
-//! killed or restarted; the next agent re-adopts the process recorded in
-//! `process.json` (checking its start time, so a recycled pid is never
-//! mistaken for it) instead of starting a second copy.
+//! killed or restarted; the next agent re-adopts the processes recorded in
+//! `process.json` (checking their start time, so a recycled pid is never
+//! mistaken for them) and takes the listening sockets back from them.
 
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -21,37 +31,47 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 
 use crate::config::{ServiceConfig, RELEASE_PLACEHOLDER};
-use crate::health::{run_check, CheckResult, HealthTracker};
+use crate::fds;
+use crate::health::{run_check, CheckKind, CheckResult, HealthTracker, ResolvedCheck};
 use crate::layout::{write_atomic, ServiceDirs};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A process that ran this long without exiting resets the restart backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
-const ADOPTED_POLL: Duration = Duration::from_millis(100);
+const ADOPTED_POLL: Duration = Duration::from_millis(50);
+const LISTEN_BACKLOG: u32 = 1024;
 
-/// What the supervisor reports about its service.
+/// What the supervisor reports about its service: the process it watches,
+/// which is the handoff candidate while there is one.
 #[derive(Debug, Clone, Default)]
 pub struct Status {
-    /// Version of the running process.
     pub version: Option<String>,
     pub pid: Option<u32>,
     pub health: Health,
-    /// Increments with every process start; tells the health gate whether
-    /// the process it watches is still the one it switched to.
+    /// Increments whenever the watched process changes; tells the health
+    /// gate whether the process it watches is still the one it started.
     pub generation: u64,
     pub healthy_since: Option<Instant>,
     pub last_check: Option<CheckResult>,
     /// How the last process ended, e.g. "exited with status 1".
     pub last_exit: Option<String>,
     pub restarts: u32,
+    /// Whether a handoff candidate runs beside the current process.
+    pub handing_off: bool,
 }
 
 enum Cmd {
-    /// Stop the process and keep it stopped.
+    /// Stop every process and keep the service stopped.
     Stop(oneshot::Sender<()>),
-    /// (Re)start from what `current` points at; replies with the new generation.
+    /// Stop, then start from what `current` points at; replies the generation.
     Start(oneshot::Sender<Result<u64, String>>),
+    /// Start a candidate from `current` beside the running process.
+    Handoff(oneshot::Sender<Result<u64, String>>),
+    /// The candidate becomes the current process; the old one is stopped.
+    Promote(oneshot::Sender<Result<(), String>>),
+    /// Stop the candidate; the current process was never touched.
+    Abort(oneshot::Sender<()>),
 }
 
 #[derive(Clone)]
@@ -65,32 +85,47 @@ impl Supervisor {
         self.status.clone()
     }
 
-    pub async fn stop(&self) -> Result<(), String> {
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, String> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Cmd::Stop(tx))
+            .send(make(tx))
             .await
             .map_err(|_| "supervisor stopped".to_string())?;
         rx.await.map_err(|_| "supervisor stopped".to_string())
     }
 
+    pub async fn stop(&self) -> Result<(), String> {
+        self.call(Cmd::Stop).await
+    }
+
     pub async fn start(&self) -> Result<u64, String> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Cmd::Start(tx))
-            .await
-            .map_err(|_| "supervisor stopped".to_string())?;
-        rx.await.map_err(|_| "supervisor stopped".to_string())?
+        self.call(Cmd::Start).await?
+    }
+
+    pub async fn handoff(&self) -> Result<u64, String> {
+        self.call(Cmd::Handoff).await?
+    }
+
+    pub async fn promote(&self) -> Result<(), String> {
+        self.call(Cmd::Promote).await?
+    }
+
+    pub async fn abort(&self) -> Result<(), String> {
+        self.call(Cmd::Abort).await
     }
 }
 
-/// Recorded so the next agent can re-adopt a running service.
+/// Recorded so the next agent can re-adopt running processes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct ProcessRecord {
     pid: u32,
     /// Start time in clock ticks since boot (field 22 of /proc/PID/stat).
     start_ticks: u64,
     version: String,
+    #[serde(default)]
+    health_addr: Option<SocketAddr>,
+    #[serde(default)]
+    candidate: bool,
 }
 
 enum Running {
@@ -100,9 +135,28 @@ enum Running {
 
 struct Proc {
     pid: u32,
+    start_ticks: u64,
     version: String,
     started: Instant,
     how: Running,
+    health_addr: Option<SocketAddr>,
+    /// The service's check, aimed at this process's private socket.
+    check: ResolvedCheck,
+    tracker: HealthTracker,
+    healthy_since: Option<Instant>,
+    last_check: Option<CheckResult>,
+}
+
+impl Proc {
+    fn record(&self, candidate: bool) -> ProcessRecord {
+        ProcessRecord {
+            pid: self.pid,
+            start_ticks: self.start_ticks,
+            version: self.version.clone(),
+            health_addr: self.health_addr,
+            candidate,
+        }
+    }
 }
 
 pub fn spawn(
@@ -122,10 +176,11 @@ pub fn spawn(
         client,
         status: status_tx,
         proc: None,
+        candidate: None,
+        listeners: Vec::new(),
         want_running: true,
         backoff: BACKOFF_MIN,
         restart_at: Some(Instant::now()),
-        tracker: None,
     };
     tokio::spawn(s.run(rx));
     Supervisor { tx, status }
@@ -139,10 +194,12 @@ struct State {
     client: reqwest::Client,
     status: watch::Sender<Status>,
     proc: Option<Proc>,
+    candidate: Option<Proc>,
+    /// The service's public sockets, held for the supervisor's whole life.
+    listeners: Vec<OwnedFd>,
     want_running: bool,
     backoff: Duration,
     restart_at: Option<Instant>,
-    tracker: Option<HealthTracker>,
 }
 
 impl State {
@@ -153,27 +210,16 @@ impl State {
         loop {
             let restart_at = self
                 .restart_at
-                .filter(|_| self.proc.is_none() && self.want_running);
-            let check_due = self.proc.is_some();
+                .filter(|_| self.proc.is_none() && self.candidate.is_none() && self.want_running);
+            let check_due = self.watched().is_some();
             tokio::select! {
-                cmd = rx.recv() => match cmd {
-                    None => return,
-                    Some(Cmd::Stop(reply)) => {
-                        self.want_running = false;
-                        self.stop().await;
-                        let _ = reply.send(());
-                    }
-                    Some(Cmd::Start(reply)) => {
-                        self.want_running = true;
-                        self.stop().await;
-                        let result = self.start();
-                        next_check = Instant::now();
-                        let _ = reply.send(result.map(|_| self.status.borrow().generation));
-                    }
-                },
-                exit = wait_exit(&mut self.proc) => {
-                    self.exited(exit);
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { return };
+                    self.command(cmd).await;
+                    next_check = Instant::now();
                 }
+                exit = wait_exit(&mut self.proc) => self.exited(false, exit),
+                exit = wait_exit(&mut self.candidate) => self.exited(true, exit),
                 _ = sleep_until_opt(restart_at) => {
                     if let Err(e) = self.start() {
                         tracing::info!(service = %self.config.name, reason = %e, "not started");
@@ -183,91 +229,282 @@ impl State {
                 _ = tokio::time::sleep_until(next_check), if check_due => {
                     // Checks run inline: the timeout bounds them, and a
                     // command arriving meanwhile waits at most that long.
-                    let result = run_check(&self.config.health, &self.client).await;
+                    let check = self.watched().map(|p| p.check.clone());
+                    if let Some(check) = check {
+                        let result = run_check(&check, &self.client).await;
+                        self.record_check(result);
+                    }
                     next_check = Instant::now() + interval;
-                    self.record_check(result);
                 }
             }
         }
     }
 
-    fn publish(&self, f: impl FnOnce(&mut Status)) {
-        self.status.send_modify(f);
+    async fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Stop(reply) => {
+                self.want_running = false;
+                self.stop_all().await;
+                let _ = reply.send(());
+            }
+            Cmd::Start(reply) => {
+                self.want_running = true;
+                self.stop_all().await;
+                let r = self.start().map(|_| self.status.borrow().generation);
+                let _ = reply.send(r);
+            }
+            Cmd::Handoff(reply) => {
+                let r = self.handoff().await;
+                let _ = reply.send(r.map(|_| self.status.borrow().generation));
+            }
+            Cmd::Promote(reply) => {
+                let r = match self.candidate.take() {
+                    Some(c) => {
+                        if let Some(old) = self.proc.replace(c) {
+                            // Stopped in the background: the old process
+                            // drains its connections while the new one serves.
+                            tokio::spawn(stop_proc(
+                                self.config.name.clone(),
+                                old,
+                                self.config.stop_signal,
+                                Duration::from_millis(self.config.stop_grace_ms),
+                            ));
+                        }
+                        self.save_records();
+                        self.publish_watched(false);
+                        Ok(())
+                    }
+                    None => Err("no handoff candidate to promote".to_string()),
+                };
+                let _ = reply.send(r);
+            }
+            Cmd::Abort(reply) => {
+                if let Some(c) = self.candidate.take() {
+                    self.save_records();
+                    self.publish_watched(true);
+                    stop_proc(
+                        self.config.name.clone(),
+                        c,
+                        self.config.stop_signal,
+                        Duration::from_millis(self.config.stop_grace_ms),
+                    )
+                    .await;
+                }
+                if self.proc.is_none() && self.want_running {
+                    self.schedule_restart();
+                }
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Starts a candidate beside the current process. Without sockets to
+    /// share (no `listen`, or they could not be taken back after an agent
+    /// restart) it falls back to stop-then-start.
+    async fn handoff(&mut self) -> Result<(), String> {
+        self.want_running = true;
+        if let Some(c) = self.candidate.take() {
+            stop_proc(self.config.name.clone(), c, Signal::SIGKILL, Duration::ZERO).await;
+        }
+        if self.config.listen.is_empty() || self.proc.is_none() || self.ensure_listeners().is_err()
+        {
+            if !self.config.listen.is_empty() && self.proc.is_some() {
+                tracing::warn!(service = %self.config.name, "listening sockets unavailable; switching by restart");
+            }
+            self.stop_all().await;
+            return self.start();
+        }
+        let version = self
+            .dirs
+            .current_version()
+            .ok_or_else(|| "no release installed".to_string())?;
+        let p = self.spawn_proc(&version)?;
+        tracing::info!(service = %self.config.name, pid = p.pid, version = %version, "handoff candidate started");
+        self.candidate = Some(p);
+        self.save_records();
+        self.publish_watched(true);
+        Ok(())
+    }
+
+    fn watched(&self) -> Option<&Proc> {
+        self.candidate.as_ref().or(self.proc.as_ref())
+    }
+
+    /// Publishes the watched process; `new` marks a change of process.
+    fn publish_watched(&self, new: bool) {
+        let handing_off = self.candidate.is_some();
+        let w = self.watched().map(|p| {
+            (
+                p.version.clone(),
+                p.pid,
+                p.tracker.health(),
+                p.healthy_since,
+                p.last_check.clone(),
+            )
+        });
+        self.status.send_modify(|s| {
+            if new {
+                s.generation += 1;
+            }
+            s.handing_off = handing_off;
+            match w {
+                Some((version, pid, health, since, last)) => {
+                    s.version = Some(version);
+                    s.pid = Some(pid);
+                    s.health = health;
+                    s.healthy_since = since;
+                    s.last_check = last;
+                }
+                None => {
+                    s.version = None;
+                    s.pid = None;
+                    s.health = Health::Stopped;
+                    s.healthy_since = None;
+                }
+            }
+        });
         self.changed.notify_one();
     }
 
     fn record_check(&mut self, result: CheckResult) {
-        if self.proc.is_none() {
+        let name = self.config.name.clone();
+        let Some(p) = self.candidate.as_mut().or(self.proc.as_mut()) else {
             return;
-        }
-        let tracker = self
-            .tracker
-            .get_or_insert_with(|| HealthTracker::new(&self.config.health));
-        let health = tracker.record(&result);
-        let before = self.status.borrow().health;
+        };
+        let before = p.tracker.health();
+        let health = p.tracker.record(&result);
         if health != before {
-            tracing::info!(service = %self.config.name, health = ?health, check = %result.detail, "health changed");
+            tracing::info!(service = %name, pid = p.pid, health = ?health, check = %result.detail, "health changed");
         }
-        self.publish(|s| {
-            if health == Health::Healthy && s.healthy_since.is_none() {
-                s.healthy_since = Some(Instant::now());
-            } else if health != Health::Healthy {
-                s.healthy_since = None;
-            }
-            s.health = health;
-            s.last_check = Some(result);
-        });
+        if health == Health::Healthy {
+            p.healthy_since.get_or_insert_with(Instant::now);
+        } else {
+            p.healthy_since = None;
+        }
+        p.last_check = Some(result);
+        self.publish_watched(false);
     }
 
-    /// Re-adopts the process a previous agent left running, if it is still ours.
+    /// Opens the public sockets if they are not open yet.
+    fn ensure_listeners(&mut self) -> Result<(), String> {
+        if !self.listeners.is_empty() || self.config.listen.is_empty() {
+            return Ok(());
+        }
+        let mut out = Vec::new();
+        for addr in &self.config.listen {
+            out.push(listen_on(*addr).map_err(|e| format!("listening on {addr}: {e}"))?);
+        }
+        self.listeners = out;
+        Ok(())
+    }
+
+    /// Re-adopts the processes a previous agent left running, if they are
+    /// still ours, and takes their listening sockets back.
     fn adopt(&mut self) {
         let path = self.dirs.process_file();
-        let Some(rec) = std::fs::read(&path)
+        let Some(records) = std::fs::read(&path)
             .ok()
-            .and_then(|b| serde_json::from_slice::<ProcessRecord>(&b).ok())
+            .and_then(|b| serde_json::from_slice::<Vec<ProcessRecord>>(&b).ok())
         else {
             return;
         };
-        if proc_start_ticks(rec.pid) != Some(rec.start_ticks) {
-            let _ = std::fs::remove_file(&path);
-            return;
+        for rec in records {
+            if proc_start_ticks(rec.pid) != Some(rec.start_ticks) {
+                continue;
+            }
+            if rec.candidate {
+                // A handoff cut short: its task will run it again.
+                tracing::warn!(service = %self.config.name, pid = rec.pid, "stopping a handoff candidate left by the previous agent");
+                let _ = killpg(Pid::from_raw(rec.pid as i32), Signal::SIGKILL);
+                continue;
+            }
+            if !self.config.listen.is_empty() {
+                match take_listeners(rec.pid, &self.config.listen) {
+                    Ok(l) => self.listeners = l,
+                    Err(e) => {
+                        tracing::warn!(service = %self.config.name, error = %e, "could not take the listening sockets back; the next switch will restart the service")
+                    }
+                }
+            }
+            tracing::info!(service = %self.config.name, pid = rec.pid, version = %rec.version, "re-adopted running service");
+            let check = aimed(&self.config.health, rec.health_addr);
+            self.proc = Some(Proc {
+                pid: rec.pid,
+                start_ticks: rec.start_ticks,
+                version: rec.version.clone(),
+                started: Instant::now(),
+                how: Running::Adopted,
+                health_addr: rec.health_addr,
+                tracker: HealthTracker::new(&check),
+                check,
+                healthy_since: None,
+                last_check: None,
+            });
         }
-        tracing::info!(service = %self.config.name, pid = rec.pid, version = %rec.version, "re-adopted running service");
-        self.proc = Some(Proc {
-            pid: rec.pid,
-            version: rec.version.clone(),
-            started: Instant::now(),
-            how: Running::Adopted,
-        });
-        self.tracker = None;
-        self.publish(|s| {
-            s.version = Some(rec.version);
-            s.pid = Some(rec.pid);
-            s.health = Health::Starting;
-            s.healthy_since = None;
-            s.generation += 1;
-        });
+        self.save_records();
+        self.publish_watched(true);
     }
 
+    fn save_records(&self) {
+        let mut records: Vec<ProcessRecord> = self.proc.iter().map(|p| p.record(false)).collect();
+        records.extend(self.candidate.iter().map(|p| p.record(true)));
+        let result = serde_json::to_vec(&records)
+            .map_err(std::io::Error::other)
+            .and_then(|json| write_atomic(&self.dirs.process_file(), &json));
+        if let Err(e) = result {
+            tracing::warn!(service = %self.config.name, error = %e, "recording processes");
+        }
+    }
+
+    /// Starts the current release as the current process.
     fn start(&mut self) -> Result<(), String> {
         let Some(version) = self.dirs.current_version() else {
             // Nothing to run until a task installs a release and asks.
             self.restart_at = None;
-            self.publish(|s| {
-                s.health = Health::Stopped;
-                s.version = None;
-            });
+            self.publish_watched(false);
             return Err("no release installed".into());
         };
-        let release_dir = self.dirs.release(&version);
-        let release = release_dir.to_string_lossy().to_string();
+        match self.spawn_proc(&version) {
+            Ok(p) => {
+                tracing::info!(service = %self.config.name, pid = p.pid, version = %version, "service started");
+                self.proc = Some(p);
+                self.restart_at = None;
+                self.save_records();
+                self.publish_watched(true);
+                Ok(())
+            }
+            Err(why) => {
+                self.schedule_restart();
+                self.status.send_modify(|s| s.last_exit = Some(why.clone()));
+                self.publish_watched(true);
+                Err(why)
+            }
+        }
+    }
+
+    fn spawn_proc(&mut self, version: &str) -> Result<Proc, String> {
+        let release = self.dirs.release(version).to_string_lossy().to_string();
         let fill = |s: &str| s.replace(RELEASE_PLACEHOLDER, &release);
-        let mut cmd = Command::new(fill(&self.config.command[0]));
-        cmd.args(self.config.command[1..].iter().map(|a| fill(a)))
-            .envs(self.config.env.iter().map(|(k, v)| (k, fill(v))))
+        let program = fill(&self.config.command[0]);
+        let args: Vec<String> = self.config.command[1..].iter().map(|a| fill(a)).collect();
+        let sockets = !self.config.listen.is_empty();
+        let mut cmd = if sockets {
+            // LISTEN_PID must be the service's own pid, known only after
+            // fork: a shim sets it and execs the service, keeping the pid.
+            let exe =
+                std::env::current_exe().map_err(|e| format!("locating the agent binary: {e}"))?;
+            let mut c = Command::new(exe);
+            c.arg("listen-exec").arg("--").arg(&program).args(&args);
+            c
+        } else {
+            let mut c = Command::new(&program);
+            c.args(&args);
+            c
+        };
+        cmd.envs(self.config.env.iter().map(|(k, v)| (k, fill(v))))
             .env("ROLLWAVE_NODE", &self.node)
             .env("ROLLWAVE_SERVICE", &self.config.name)
-            .env("ROLLWAVE_VERSION", &version)
+            .env("ROLLWAVE_VERSION", version)
             .env("ROLLWAVE_RELEASE_DIR", &release)
             .current_dir(
                 self.config
@@ -279,69 +516,68 @@ impl State {
             .stdin(Stdio::null())
             .process_group(0)
             .kill_on_drop(false);
-        let result = cmd.spawn();
-        let child = match result {
-            Ok(c) => c,
-            Err(e) => {
-                let why = format!("starting {}: {e}", fill(&self.config.command[0]));
-                self.schedule_restart();
-                self.publish(|s| {
-                    s.health = Health::Stopped;
-                    s.last_exit = Some(why.clone());
-                    s.version = None;
-                    s.pid = None;
-                });
-                return Err(why);
-            }
-        };
-        let pid = child.id().unwrap_or(0);
-        if let Some(start_ticks) = proc_start_ticks(pid) {
-            let rec = ProcessRecord {
-                pid,
-                start_ticks,
-                version: version.clone(),
-            };
-            if let Ok(json) = serde_json::to_vec(&rec) {
-                if let Err(e) = write_atomic(&self.dirs.process_file(), &json) {
-                    tracing::warn!(service = %self.config.name, error = %e, "recording process");
-                }
-            }
+        let mut health_addr = None;
+        let mut keep = Vec::new();
+        if sockets {
+            self.ensure_listeners()?;
+            let private = listen_on("127.0.0.1:0".parse().expect("literal address"))
+                .map_err(|e| format!("opening the private health socket: {e}"))?;
+            let private_addr =
+                std::net::TcpListener::from(private.try_clone().map_err(|e| e.to_string())?)
+                    .local_addr()
+                    .map_err(|e| e.to_string())?;
+            health_addr = Some(private_addr);
+            let mut all: Vec<&OwnedFd> = self.listeners.iter().collect();
+            all.push(&private);
+            let mut names = vec!["listen"; self.listeners.len()];
+            names.push("health");
+            cmd.env("LISTEN_FDS", all.len().to_string())
+                .env("LISTEN_FDNAMES", names.join(":"));
+            keep = fds::pass_fds(&mut cmd, &all).map_err(|e| format!("passing sockets: {e}"))?;
+            keep.push(private);
         }
-        tracing::info!(service = %self.config.name, pid, version = %version, "service started");
-        self.proc = Some(Proc {
+        let spawned = cmd.spawn();
+        drop(keep);
+        let child = spawned.map_err(|e| format!("starting {program}: {e}"))?;
+        let pid = child.id().unwrap_or(0);
+        let check = aimed(&self.config.health, health_addr);
+        Ok(Proc {
             pid,
-            version: version.clone(),
+            start_ticks: proc_start_ticks(pid).unwrap_or(0),
+            version: version.to_string(),
             started: Instant::now(),
             how: Running::Child(child),
-        });
-        self.tracker = None;
-        self.restart_at = None;
-        self.publish(|s| {
-            s.version = Some(version);
-            s.pid = Some(pid);
-            s.health = Health::Starting;
-            s.healthy_since = None;
-            s.generation += 1;
-        });
-        Ok(())
+            health_addr,
+            tracker: HealthTracker::new(&check),
+            check,
+            healthy_since: None,
+            last_check: None,
+        })
     }
 
-    fn exited(&mut self, how: String) {
-        let Some(p) = self.proc.take() else { return };
-        tracing::warn!(service = %self.config.name, pid = p.pid, version = %p.version, exit = %how, "service exited");
-        let _ = std::fs::remove_file(self.dirs.process_file());
+    fn exited(&mut self, candidate: bool, how: String) {
+        let slot = if candidate {
+            &mut self.candidate
+        } else {
+            &mut self.proc
+        };
+        let Some(p) = slot.take() else { return };
+        tracing::warn!(service = %self.config.name, pid = p.pid, version = %p.version, exit = %how, candidate, "service exited");
         if p.started.elapsed() >= STABLE_AFTER {
             self.backoff = BACKOFF_MIN;
         }
-        self.schedule_restart();
-        self.publish(|s| {
-            s.health = Health::Stopped;
-            s.healthy_since = None;
-            s.pid = None;
-            s.version = None;
+        // A failed candidate is the handoff's failure, not a crash to retry.
+        if !candidate && self.candidate.is_none() {
+            self.schedule_restart();
+        }
+        self.save_records();
+        self.status.send_modify(|s| {
             s.last_exit = Some(how);
             s.restarts += 1;
         });
+        // The watched process changed if it was the one that ended.
+        let watched_changed = candidate || self.candidate.is_none();
+        self.publish_watched(watched_changed);
     }
 
     fn schedule_restart(&mut self) {
@@ -349,29 +585,93 @@ impl State {
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
 
-    /// Signals the process group, waits out the grace period, then kills it.
-    async fn stop(&mut self) {
-        let Some(mut p) = self.proc.take() else {
-            return;
-        };
-        let pgid = Pid::from_raw(p.pid as i32);
+    async fn stop_all(&mut self) {
         let grace = Duration::from_millis(self.config.stop_grace_ms);
-        let _ = killpg(pgid, self.config.stop_signal);
-        let exited = tokio::time::timeout(grace, wait_proc(&mut p)).await.is_ok();
-        if !exited {
-            tracing::warn!(service = %self.config.name, pid = p.pid, "grace period over; killing");
-            let _ = killpg(pgid, Signal::SIGKILL);
-            let _ = wait_proc(&mut p).await;
+        let procs: Vec<Proc> = self
+            .candidate
+            .take()
+            .into_iter()
+            .chain(self.proc.take())
+            .collect();
+        let had = !procs.is_empty();
+        for p in procs {
+            stop_proc(self.config.name.clone(), p, self.config.stop_signal, grace).await;
         }
-        let _ = std::fs::remove_file(self.dirs.process_file());
-        tracing::info!(service = %self.config.name, pid = p.pid, version = %p.version, "service stopped");
-        self.publish(|s| {
-            s.health = Health::Stopped;
-            s.healthy_since = None;
-            s.pid = None;
-            s.version = None;
-        });
+        if had {
+            self.save_records();
+            self.publish_watched(true);
+        }
     }
+}
+
+/// Signals a process group, waits out the grace period, then kills it.
+async fn stop_proc(service: String, mut p: Proc, signal: Signal, grace: Duration) {
+    let pgid = Pid::from_raw(p.pid as i32);
+    let _ = killpg(pgid, signal);
+    if tokio::time::timeout(grace, wait_proc(&mut p))
+        .await
+        .is_err()
+    {
+        tracing::warn!(service = %service, pid = p.pid, "grace period over; killing");
+        let _ = killpg(pgid, Signal::SIGKILL);
+        let _ = wait_proc(&mut p).await;
+    }
+    tracing::info!(service = %service, pid = p.pid, version = %p.version, "service stopped");
+}
+
+/// A listening socket with a generous backlog: during a restart-mode switch
+/// connections wait in it instead of being refused.
+fn listen_on(addr: SocketAddr) -> std::io::Result<OwnedFd> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(LISTEN_BACKLOG)?;
+    Ok(listener.into_std()?.into())
+}
+
+/// Takes the public sockets back from a running service (fds 3, 4, ...),
+/// checking each is bound where the configuration says.
+fn take_listeners(pid: u32, addrs: &[SocketAddr]) -> Result<Vec<OwnedFd>, String> {
+    let mut out = Vec::new();
+    for (i, want) in addrs.iter().enumerate() {
+        let fd = fds::take_fd(pid, fds::LISTEN_FDS_START + i as i32)
+            .map_err(|e| format!("taking fd {} from pid {pid}: {e}", 3 + i))?;
+        let l = std::net::TcpListener::from(fd);
+        let got = l.local_addr().map_err(|e| e.to_string())?;
+        if got != *want {
+            return Err(format!(
+                "fd {} of pid {pid} is bound to {got}, not {want}",
+                3 + i
+            ));
+        }
+        out.push(l.into());
+    }
+    Ok(out)
+}
+
+/// The service's check aimed at one process's private socket, if it has one.
+fn aimed(check: &ResolvedCheck, private: Option<SocketAddr>) -> ResolvedCheck {
+    let Some(addr) = private else {
+        return check.clone();
+    };
+    let mut c = check.clone();
+    c.kind = match &check.kind {
+        CheckKind::Http { url } => {
+            let (scheme, rest) = url.split_once("://").unwrap_or(("http", url));
+            let path = rest.find('/').map(|i| &rest[i..]).unwrap_or("/");
+            CheckKind::Http {
+                url: format!("{scheme}://{addr}{path}"),
+            }
+        }
+        CheckKind::Tcp { .. } => CheckKind::Tcp {
+            address: addr.to_string(),
+        },
+        other => other.clone(),
+    };
+    c
 }
 
 async fn wait_proc(p: &mut Proc) -> String {
@@ -381,7 +681,7 @@ async fn wait_proc(p: &mut Proc) -> String {
             Err(e) => format!("lost track of the process: {e}"),
         },
         Running::Adopted => loop {
-            if !alive(p.pid) {
+            if proc_start_ticks(p.pid) != Some(p.start_ticks) {
                 return "exited (adopted process; status unknown)".to_string();
             }
             tokio::time::sleep(ADOPTED_POLL).await;
@@ -415,33 +715,21 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
     }
 }
 
-/// A process is alive if it exists and is not a zombie.
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat_fields(&stat).is_some_and(|f| f.first() != Some(&"Z")),
-        Err(_) => false,
-    }
-}
-
+/// Start time of a live (not zombie) process, which with its pid identifies it.
 fn proc_start_ticks(pid: u32) -> Option<u64> {
     if pid == 0 {
         return None;
     }
     let stat =
         std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")).ok()?;
-    let fields = stat_fields(&stat)?;
+    // Fields after the parenthesised command name (which may contain spaces).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
     if fields.first() == Some(&"Z") {
         return None;
     }
-    // Fields after the command: state is field 3, starttime is field 22.
+    // State is field 3, starttime field 22.
     fields.get(22 - 3)?.parse().ok()
-}
-
-/// The fields of /proc/PID/stat after the parenthesised command name, which
-/// may itself contain spaces and parentheses.
-fn stat_fields(stat: &str) -> Option<Vec<&str>> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    Some(rest.split_whitespace().collect())
 }
 
 #[cfg(test)]
@@ -450,9 +738,38 @@ mod tests {
 
     #[test]
     fn reads_own_start_time() {
-        let me = std::process::id();
-        assert!(proc_start_ticks(me).is_some());
-        assert!(alive(me));
-        assert!(!alive(u32::MAX - 1));
+        assert!(proc_start_ticks(std::process::id()).is_some());
+        assert!(proc_start_ticks(u32::MAX - 1).is_none());
+    }
+
+    #[test]
+    fn aims_checks_at_the_private_socket() {
+        let check = |kind| ResolvedCheck {
+            kind,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 1,
+            unhealthy_threshold: 1,
+        };
+        let addr: SocketAddr = "127.0.0.1:4321".parse().unwrap();
+        let http = check(CheckKind::Http {
+            url: "http://127.0.0.1:8080/healthz?x=1".into(),
+        });
+        assert_eq!(
+            aimed(&http, Some(addr)).kind,
+            CheckKind::Http {
+                url: "http://127.0.0.1:4321/healthz?x=1".into()
+            }
+        );
+        assert_eq!(aimed(&http, None), http);
+        let tcp = check(CheckKind::Tcp {
+            address: "127.0.0.1:8080".into(),
+        });
+        assert_eq!(
+            aimed(&tcp, Some(addr)).kind,
+            CheckKind::Tcp {
+                address: "127.0.0.1:4321".into()
+            }
+        );
     }
 }

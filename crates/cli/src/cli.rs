@@ -65,8 +65,16 @@ pub enum Command {
         /// The release directory (holds release.toml).
         #[arg(long)]
         release: PathBuf,
+        /// Bind this address; without it, serve the sockets passed by
+        /// socket activation (LISTEN_FDS).
         #[arg(long)]
-        listen: SocketAddr,
+        listen: Option<SocketAddr>,
+    },
+    /// Sets LISTEN_PID and runs a service in its place (used by the agent).
+    #[command(hide = true)]
+    ListenExec {
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<std::ffi::OsString>,
     },
 }
 
@@ -182,4 +190,23 @@ pub struct DemoArgs {
     /// Leave the fleet running and print the server address.
     #[arg(long)]
     pub keep: bool,
+    /// How nodes switch versions: `handoff` (no connection refused) or
+    /// `restart` (stop, then start), for comparison.
+    #[arg(long, value_enum, default_value_t = DemoSwitch::Handoff)]
+    pub switch: DemoSwitch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DemoSwitch {
+    Handoff,
+    Restart,
+}
+
+impl DemoSwitch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DemoSwitch::Handoff => "handoff",
+            DemoSwitch::Restart => "restart",
+        }
+    }
 }

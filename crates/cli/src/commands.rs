@@ -29,6 +29,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => crate::demo::run(args).await,
+        Command::ListenExec { command } => {
+            let err = rollwave_agent::listen_exec(&command[0], &command[1..]);
+            Err(anyhow::anyhow!(
+                "running {}: {err}",
+                command[0].to_string_lossy()
+            ))
+        }
         Command::Nodes { json } => {
             let api = ApiClient::new(&cli.server)?;
             let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;

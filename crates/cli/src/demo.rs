@@ -62,13 +62,13 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     };
     let exe = std::env::current_exe().context("locating the rollwave executable")?;
     say(format!(
-        "starting a control plane and {} agents, each supervising an `{SERVICE}` service",
-        args.nodes
+        "starting a control plane and {} agents, each supervising an `{SERVICE}` service (switch: {})",
+        args.nodes,
+        args.switch.as_str()
     ));
     let fleet = Fleet::launch(FleetSpec {
-        exe,
-        nodes: args.nodes,
-        check_interval: "100ms".into(),
+        switch: args.switch.as_str().into(),
+        ..FleetSpec::new(exe, args.nodes)
     })
     .await?;
     let api = fleet.api()?;

@@ -44,7 +44,7 @@ pub fn tarball(release: &DemoRelease) -> anyhow::Result<Vec<u8>> {
 
 pub async fn run(
     release_dir: &Path,
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let path = release_dir.join("release.toml");
@@ -67,11 +67,94 @@ pub async fn run(
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let listeners = match listen {
+        Some(addr) => vec![tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?],
+        None => activated()?,
+    };
+    // Every socket is served, the private health socket included. On
+    // shutdown all stop accepting at once (the shared sockets stay open in
+    // the agent, so the next version takes the new connections); only after
+    // DRAIN_DELAY are open connections shut down, so one accepted just
+    // before the stop still has its request read and answered.
+    let (stop_accepting, accepting) = tokio::sync::watch::channel(true);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut servers = tokio::task::JoinSet::new();
+    for listener in listeners {
+        let mut stopped = stopped.clone();
+        let listener = Stoppable {
+            inner: listener,
+            accepting: accepting.clone(),
+        };
+        let app = app.clone();
+        servers.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+        });
+    }
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_accepting.send(false);
+        tokio::time::sleep(DRAIN_DELAY).await;
+        let _ = stop.send(true);
+    });
+    while let Some(r) = servers.join_next().await {
+        r??;
+    }
     Ok(())
+}
+
+const DRAIN_DELAY: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// A listener that stops accepting when told, without closing the socket.
+struct Stoppable {
+    inner: tokio::net::TcpListener,
+    accepting: tokio::sync::watch::Receiver<bool>,
+}
+
+impl axum::serve::Listener for Stoppable {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            if !*self.accepting.borrow() {
+                return std::future::pending().await;
+            }
+            tokio::select! {
+                r = self.inner.accept() => match r {
+                    Ok(conn) => return conn,
+                    // Out of fds or similar: back off briefly, as axum does.
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+                },
+                _ = self.accepting.changed() => {}
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// The sockets passed by socket activation (`LISTEN_FDS`, `LISTEN_PID`).
+fn activated() -> anyhow::Result<Vec<tokio::net::TcpListener>> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if fds.len() == 0 {
+        anyhow::bail!("no --listen address and no sockets passed in LISTEN_FDS");
+    }
+    let mut out = Vec::new();
+    for i in 0..fds.len() {
+        let l = fds
+            .take_tcp_listener(i)
+            .with_context(|| format!("taking passed socket {i}"))?
+            .with_context(|| format!("passed socket {i} is not a TCP listener"))?;
+        l.set_nonblocking(true)?;
+        out.push(tokio::net::TcpListener::from_std(l)?);
+    }
+    Ok(out)
 }

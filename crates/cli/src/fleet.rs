@@ -23,6 +23,24 @@ pub struct FleetSpec {
     pub nodes: usize,
     /// Health check interval of the demo service.
     pub check_interval: String,
+    /// `handoff` (the agent holds the sockets) or `restart` (the service
+    /// binds its own port).
+    pub switch: String,
+    /// An HAProxy admin socket to drain each node in (backend `api`, server
+    /// named after the node), for `restart`.
+    pub haproxy_socket: Option<PathBuf>,
+}
+
+impl FleetSpec {
+    pub fn new(exe: PathBuf, nodes: usize) -> FleetSpec {
+        FleetSpec {
+            exe,
+            nodes,
+            check_interval: "100ms".into(),
+            switch: "handoff".into(),
+            haproxy_socket: None,
+        }
+    }
 }
 
 pub struct Node {
@@ -203,11 +221,13 @@ pub fn kill_services(state_dir: &Path) {
         let Ok(bytes) = std::fs::read(e.path().join("process.json")) else {
             continue;
         };
-        let pid = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|v| v.get("pid")?.as_i64());
-        if let Some(pid) = pid.filter(|p| *p > 1) {
-            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        // A list of {pid, ...} records: the current process and any
+        // handoff candidate.
+        let records = serde_json::from_slice::<Vec<serde_json::Value>>(&bytes).unwrap_or_default();
+        for pid in records.iter().filter_map(|r| r.get("pid")?.as_i64()) {
+            if pid > 1 {
+                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
         }
     }
 }
@@ -267,6 +287,21 @@ fn agent_toml(
     port: u16,
 ) -> String {
     let exe = spec.exe.display().to_string();
+    let (listen, sockets) = if spec.switch == "handoff" {
+        (format!("listen = [\"127.0.0.1:{port}\"]\n"), String::new())
+    } else {
+        (
+            String::new(),
+            format!(", \"--listen\", \"127.0.0.1:{port}\""),
+        )
+    };
+    let drain = match &spec.haproxy_socket {
+        Some(sock) => format!(
+            "drain = {{ haproxy_socket = {:?}, backend = \"api\", server = \"{name}\", timeout = \"10s\" }}\n",
+            sock.display().to_string()
+        ),
+        None => String::new(),
+    };
     format!(
         r#"node = "{name}"
 server = "{server}"
@@ -277,13 +312,15 @@ rack = "r{rack}"
 
 [[service]]
 name = "api"
-command = [{exe:?}, "demo-service", "--release", "{{release}}", "--listen", "127.0.0.1:{port}"]
-stop_grace = "5s"
+command = [{exe:?}, "demo-service", "--release", "{{release}}"{sockets}]
+switch = "{switch}"
+{listen}{drain}stop_grace = "5s"
 backup = [{data:?}]
 health = {{ type = "http", url = "http://127.0.0.1:{port}/healthz", interval = "{interval}", timeout = "1s", healthy_threshold = 1, unhealthy_threshold = 2 }}
 "#,
         state_dir = state_dir.display().to_string(),
         rack = (i - 1) % 3 + 1,
+        switch = spec.switch,
         data = state_dir.join("data").display().to_string(),
         interval = spec.check_interval,
     )

@@ -21,13 +21,12 @@ pub fn exe() -> &'static str {
 /// A fleet of `nodes` agents, with release 1.0.0 pushed and installed
 /// everywhere. Dropping it kills every process it started.
 pub async fn installed_fleet(nodes: usize) -> Fleet {
-    let fleet = Fleet::launch(FleetSpec {
-        exe: exe().into(),
-        nodes,
-        check_interval: "100ms".into(),
-    })
-    .await
-    .unwrap();
+    installed(FleetSpec::new(exe().into(), nodes)).await
+}
+
+/// A fleet as `spec` says, with 1.0.0 pushed and installed everywhere.
+pub async fn installed(spec: FleetSpec) -> Fleet {
+    let fleet = Fleet::launch(spec).await.unwrap();
     push(&fleet, "1.0.0", true).await;
     let r = start(&fleet, "1.0.0", |s| {
         s.batch = Some("100%".into());

@@ -4,5 +4,6 @@
 
 mod bad_input;
 mod faults;
+mod handoff;
 mod harness;
 mod rollouts;
