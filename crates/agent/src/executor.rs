@@ -329,7 +329,14 @@ impl Executor {
                 let lb = svc.config.drain.as_ref().filter(|_| running.is_some());
                 if let Some(lb) = lb {
                     self.phase(task, "draining");
-                    lb.drain().await.map_err(|e| format!("draining: {e}"))?;
+                    if let Err(e) = lb.drain().await {
+                        // Nothing was stopped: put the node back in service.
+                        let undo = match lb.ready().await {
+                            Ok(()) => String::new(),
+                            Err(e) => format!(" (and re-enabling failed: {e})"),
+                        };
+                        return Err(format!("draining: {e}{undo}"));
+                    }
                 }
                 svc.supervisor.stop().await?;
                 relink(svc)?;

@@ -57,8 +57,6 @@ pub struct Status {
     /// How the last process ended, e.g. "exited with status 1".
     pub last_exit: Option<String>,
     pub restarts: u32,
-    /// Whether a handoff candidate runs beside the current process.
-    pub handing_off: bool,
 }
 
 enum Cmd {
@@ -282,13 +280,14 @@ impl State {
                 if let Some(c) = self.candidate.take() {
                     self.save_records();
                     self.publish_watched(true);
-                    stop_proc(
+                    // In the background, like a promoted-away process: the
+                    // candidate finishes the requests it took meanwhile.
+                    tokio::spawn(stop_proc(
                         self.config.name.clone(),
                         c,
                         self.config.stop_signal,
                         Duration::from_millis(self.config.stop_grace_ms),
-                    )
-                    .await;
+                    ));
                 }
                 if self.proc.is_none() && self.want_running {
                     self.schedule_restart();
@@ -332,7 +331,6 @@ impl State {
 
     /// Publishes the watched process; `new` marks a change of process.
     fn publish_watched(&self, new: bool) {
-        let handing_off = self.candidate.is_some();
         let w = self.watched().map(|p| {
             (
                 p.version.clone(),
@@ -346,7 +344,6 @@ impl State {
             if new {
                 s.generation += 1;
             }
-            s.handing_off = handing_off;
             match w {
                 Some((version, pid, health, since, last)) => {
                     s.version = Some(version);
