@@ -70,6 +70,8 @@ enum Cmd {
     Promote(oneshot::Sender<Result<(), String>>),
     /// Stop the candidate; the current process was never touched.
     Abort(oneshot::Sender<()>),
+    /// A process stopped in the background has exited (internal).
+    Retired(u32),
 }
 
 #[derive(Clone)]
@@ -122,8 +124,17 @@ struct ProcessRecord {
     version: String,
     #[serde(default)]
     health_addr: Option<SocketAddr>,
-    #[serde(default)]
-    candidate: bool,
+    role: Role,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Role {
+    Current,
+    /// On trial beside the current process.
+    Candidate,
+    /// Told to stop and draining; killed by the next agent if it outlives us.
+    Retiring,
 }
 
 enum Running {
@@ -146,13 +157,13 @@ struct Proc {
 }
 
 impl Proc {
-    fn record(&self, candidate: bool) -> ProcessRecord {
+    fn record(&self, role: Role) -> ProcessRecord {
         ProcessRecord {
             pid: self.pid,
             start_ticks: self.start_ticks,
             version: self.version.clone(),
             health_addr: self.health_addr,
-            candidate,
+            role,
         }
     }
 }
@@ -167,6 +178,8 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(16);
     let (status_tx, status) = watch::channel(Status::default());
     let s = State {
+        me: tx.clone(),
+        retiring: Vec::new(),
         node,
         config,
         dirs,
@@ -185,6 +198,10 @@ pub fn spawn(
 }
 
 struct State {
+    /// For background stops to report back.
+    me: mpsc::Sender<Cmd>,
+    /// Processes stopping in the background.
+    retiring: Vec<ProcessRecord>,
     node: String,
     config: ServiceConfig,
     dirs: ServiceDirs,
@@ -261,12 +278,7 @@ impl State {
                         if let Some(old) = self.proc.replace(c) {
                             // Stopped in the background: the old process
                             // drains its connections while the new one serves.
-                            tokio::spawn(stop_proc(
-                                self.config.name.clone(),
-                                old,
-                                self.config.stop_signal,
-                                Duration::from_millis(self.config.stop_grace_ms),
-                            ));
+                            self.retire(old);
                         }
                         self.save_records();
                         self.publish_watched(false);
@@ -276,18 +288,18 @@ impl State {
                 };
                 let _ = reply.send(r);
             }
+            Cmd::Retired(pid) => {
+                self.retiring.retain(|r| r.pid != pid);
+                self.save_records();
+            }
             Cmd::Abort(reply) => {
                 if let Some(c) = self.candidate.take() {
                     self.save_records();
                     self.publish_watched(true);
                     // In the background, like a promoted-away process: the
                     // candidate finishes the requests it took meanwhile.
-                    tokio::spawn(stop_proc(
-                        self.config.name.clone(),
-                        c,
-                        self.config.stop_signal,
-                        Duration::from_millis(self.config.stop_grace_ms),
-                    ));
+                    self.retire(c);
+                    self.save_records();
                 }
                 if self.proc.is_none() && self.want_running {
                     self.schedule_restart();
@@ -295,6 +307,19 @@ impl State {
                 let _ = reply.send(());
             }
         }
+    }
+
+    /// Stops a process in the background, recording it until it is gone.
+    fn retire(&mut self, p: Proc) {
+        self.retiring.push(p.record(Role::Retiring));
+        let (name, signal) = (self.config.name.clone(), self.config.stop_signal);
+        let grace = Duration::from_millis(self.config.stop_grace_ms);
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            let pid = p.pid;
+            stop_proc(name, p, signal, grace).await;
+            let _ = me.send(Cmd::Retired(pid)).await;
+        });
     }
 
     /// Starts a candidate beside the current process. Without sockets to
@@ -409,10 +434,25 @@ impl State {
             if proc_start_ticks(rec.pid) != Some(rec.start_ticks) {
                 continue;
             }
-            if rec.candidate {
-                // A handoff cut short: its task will run it again.
-                tracing::warn!(service = %self.config.name, pid = rec.pid, "stopping a handoff candidate left by the previous agent");
-                let _ = killpg(Pid::from_raw(rec.pid as i32), Signal::SIGKILL);
+            let check = aimed(&self.config.health, rec.health_addr);
+            let p = Proc {
+                pid: rec.pid,
+                start_ticks: rec.start_ticks,
+                version: rec.version.clone(),
+                started: Instant::now(),
+                how: Running::Adopted,
+                health_addr: rec.health_addr,
+                tracker: HealthTracker::new(&check),
+                check,
+                healthy_since: None,
+                last_check: None,
+            };
+            if rec.role != Role::Current {
+                // A handoff cut short (its task will run it again), or a
+                // process that was draining when the agent died: stopped
+                // gracefully, as it would have been.
+                tracing::warn!(service = %self.config.name, pid = rec.pid, role = ?rec.role, "stopping a process left by the previous agent");
+                self.retire(p);
                 continue;
             }
             if !self.config.listen.is_empty() {
@@ -424,27 +464,17 @@ impl State {
                 }
             }
             tracing::info!(service = %self.config.name, pid = rec.pid, version = %rec.version, "re-adopted running service");
-            let check = aimed(&self.config.health, rec.health_addr);
-            self.proc = Some(Proc {
-                pid: rec.pid,
-                start_ticks: rec.start_ticks,
-                version: rec.version.clone(),
-                started: Instant::now(),
-                how: Running::Adopted,
-                health_addr: rec.health_addr,
-                tracker: HealthTracker::new(&check),
-                check,
-                healthy_since: None,
-                last_check: None,
-            });
+            self.proc = Some(p);
         }
         self.save_records();
         self.publish_watched(true);
     }
 
     fn save_records(&self) {
-        let mut records: Vec<ProcessRecord> = self.proc.iter().map(|p| p.record(false)).collect();
-        records.extend(self.candidate.iter().map(|p| p.record(true)));
+        let mut records: Vec<ProcessRecord> =
+            self.proc.iter().map(|p| p.record(Role::Current)).collect();
+        records.extend(self.candidate.iter().map(|p| p.record(Role::Candidate)));
+        records.extend(self.retiring.iter().cloned());
         let result = serde_json::to_vec(&records)
             .map_err(std::io::Error::other)
             .and_then(|json| write_atomic(&self.dirs.process_file(), &json));
