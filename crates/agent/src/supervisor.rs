@@ -41,6 +41,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 const ADOPTED_POLL: Duration = Duration::from_millis(50);
 const LISTEN_BACKLOG: u32 = 1024;
+/// Check cadence for a process not yet healthy, during its first STARTUP_WINDOW.
+const STARTUP_CHECK_EVERY: Duration = Duration::from_millis(20);
+const STARTUP_WINDOW: Duration = Duration::from_secs(10);
 
 /// What the supervisor reports about its service: the process it watches,
 /// which is the handoff candidate while there is one.
@@ -153,6 +156,7 @@ struct Proc {
     check: ResolvedCheck,
     tracker: HealthTracker,
     healthy_since: Option<Instant>,
+    ever_healthy: bool,
     last_check: Option<CheckResult>,
 }
 
@@ -249,7 +253,14 @@ impl State {
                         let result = run_check(&check, &self.client).await;
                         self.record_check(result);
                     }
-                    next_check = Instant::now() + interval;
+                    // A process that has not been healthy yet is checked more
+                    // often for a while, like a startup probe: a switch waits
+                    // for its first healthy verdict.
+                    let starting = self.watched().is_some_and(|p| {
+                        !p.ever_healthy && p.started.elapsed() < STARTUP_WINDOW
+                    });
+                    let pace = if starting { interval.min(STARTUP_CHECK_EVERY) } else { interval };
+                    next_check = Instant::now() + pace;
                 }
             }
         }
@@ -399,6 +410,7 @@ impl State {
             tracing::info!(service = %name, pid = p.pid, health = ?health, check = %result.detail, "health changed");
         }
         if health == Health::Healthy {
+            p.ever_healthy = true;
             p.healthy_since.get_or_insert_with(Instant::now);
         } else {
             p.healthy_since = None;
@@ -445,6 +457,7 @@ impl State {
                 tracker: HealthTracker::new(&check),
                 check,
                 healthy_since: None,
+                ever_healthy: false,
                 last_check: None,
             };
             if rec.role != Role::Current {
@@ -578,6 +591,7 @@ impl State {
             tracker: HealthTracker::new(&check),
             check,
             healthy_since: None,
+            ever_healthy: false,
             last_check: None,
         })
     }
