@@ -120,3 +120,31 @@ pub fn settled(r: &Rollout) -> Result<(), String> {
     };
     problem.map_or(Ok(()), Err)
 }
+
+/// Nodes running the service, fleet-wide (selected or not), that serve now
+/// and have no task of this rollout in flight: what `min_healthy` floors.
+pub fn fleet_healthy(r: &Rollout, fleet: &Fleet) -> usize {
+    fleet
+        .values()
+        .filter(|v| v.services.contains_key(&r.spec.service))
+        .filter(|v| v.available(&r.spec.service))
+        .filter(|v| !r.nodes.get(&v.name).is_some_and(|n| n.state.in_flight()))
+        .count()
+}
+
+/// In-flight nodes of the rollout per value of `label` (`max_per_domain`).
+pub fn in_flight_by_domain(
+    r: &Rollout,
+    fleet: &Fleet,
+    label: &str,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut by = std::collections::BTreeMap::new();
+    for (name, _) in r.in_flight() {
+        let value = fleet
+            .get(name)
+            .map(|v| crate::planner::label_value(v, label))
+            .unwrap_or_default();
+        *by.entry(value).or_default() += 1;
+    }
+    by
+}

@@ -24,7 +24,9 @@ pub use rollout::{
     TaskOutcome, TaskRef,
 };
 pub use selector::Selector;
-pub use spec::{RolloutFile, RolloutSpec, StrategyFile};
+pub use spec::{
+    CountOrText, Order, RolloutFile, RolloutSpec, Spread, StrategyFile, Wave, WaveFile,
+};
 
 /// Milliseconds since the Unix epoch. The only notion of time in this crate.
 pub type Timestamp = u64;

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use crate::invariants::{self, unavailable_count};
 use crate::{
-    format_duration, Fleet, Health, NodeProgress, NodeState, Rollout, RolloutSpec, RolloutState,
-    SpecError, TaskKind, TaskRef, Timestamp,
+    format_duration, Fleet, Health, NodeProgress, NodeState, NodeView, Rollout, RolloutSpec,
+    RolloutState, SpecError, TaskKind, TaskRef, Timestamp,
 };
 
 /// A task to send to a node's agent, persisted before it is sent.
@@ -43,33 +43,54 @@ pub fn plan_batches(
             format!("no node runs service {:?}", spec.service),
         ));
     }
-    let (mut selected, left_out): (Vec<_>, Vec<_>) = runs
-        .into_iter()
-        .partition(|n| spec.selector.matches(&n.labels));
+    let fleet_size = runs.len();
+    if !spec.nodes.is_empty() {
+        let unknown: Vec<&str> = spec
+            .nodes
+            .iter()
+            .filter(|n| !runs.iter().any(|v| &v.name == *n))
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() {
+            return Err(SpecError::new(
+                "nodes",
+                format!(
+                    "{} do(es) not run service {}",
+                    unknown.join(", "),
+                    spec.service
+                ),
+            ));
+        }
+    }
+    let (selected, left_out): (Vec<_>, Vec<_>) = runs.into_iter().partition(|n| {
+        spec.selector.matches(&n.labels) && (spec.nodes.is_empty() || spec.nodes.contains(&n.name))
+    });
     if selected.is_empty() {
+        let what = if spec.nodes.is_empty() {
+            format!("{:?}", spec.selector.to_string())
+        } else {
+            format!("{:?} with nodes {:?}", spec.selector.to_string(), spec.nodes)
+        };
         return Err(SpecError::new(
             "selector",
             format!(
-                "{:?} matches none of the {} nodes running {}",
-                spec.selector.to_string(),
+                "{what} matches none of the {} nodes running {}",
                 left_out.len(),
                 spec.service
             ),
         ));
     }
-    // Nodes that are already down go first: switching them costs no
-    // availability. Offline nodes go last, to give them time to come back.
-    let rank = |n: &crate::NodeView| match (n.online, n.available(&spec.service)) {
-        (true, false) => 0,
-        (true, true) => 1,
-        (false, _) => 2,
-    };
-    selected.sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.name.cmp(&b.name)));
-    let size = spec.batch_size(selected.len());
-    let batches: Vec<Vec<String>> = selected
-        .chunks(size)
-        .map(|c| c.iter().map(|n| n.name.clone()).collect())
-        .collect();
+    if spec.min_healthy as usize >= fleet_size && selected.iter().any(|n| n.available(&spec.service)) {
+        return Err(SpecError::new(
+            "strategy.min_healthy",
+            format!(
+                "{} healthy nodes must remain but {} runs on {fleet_size}: no healthy node could ever be taken down",
+                spec.min_healthy, spec.service
+            ),
+        ));
+    }
+    let ordered = order_nodes(&spec, selected.clone());
+    let (batches, pauses) = cut(&spec, &ordered);
     let mut nodes = BTreeMap::new();
     for (b, batch) in batches.iter().enumerate() {
         for name in batch {
@@ -104,6 +125,8 @@ pub fn plan_batches(
         finished_at: None,
         last_progress_at: now,
         batches,
+        pauses,
+        promoted: Vec::new(),
         nodes,
         left_out: left_out.iter().map(|n| n.name.clone()).collect(),
         events: Vec::new(),
@@ -117,7 +140,7 @@ pub fn plan_batches(
         now,
         None,
         format!(
-            "rollout of {}@{} over {} nodes in {} batches of up to {size}",
+            "rollout of {}@{} over {} nodes in {} waves",
             rollout.spec.service,
             rollout.spec.version,
             selected.len(),
@@ -139,6 +162,114 @@ pub fn plan_batches(
         Ok(())
     );
     Ok(rollout)
+}
+
+/// The rollout order: one `order_by` domain after another; within each,
+/// nodes already down first (switching them costs no availability), then
+/// healthy ones, offline ones last (time to come back); within each of those,
+/// alternating between `spread_by` domains, so each batch spans as many as it can.
+fn order_nodes<'a>(spec: &RolloutSpec, selected: Vec<&'a NodeView>) -> Vec<Vec<&'a NodeView>> {
+    let groups: Vec<Vec<&NodeView>> = match &spec.order {
+        None => vec![selected],
+        Some(o) => {
+            let mut by: BTreeMap<String, Vec<&NodeView>> = BTreeMap::new();
+            for n in selected {
+                by.entry(label_value(n, &o.label)).or_default().push(n);
+            }
+            let mut out: Vec<Vec<&NodeView>> =
+                o.values.iter().filter_map(|v| by.remove(v)).collect();
+            out.extend(by.into_values());
+            out
+        }
+    };
+    let rank = |n: &NodeView| match (n.online, n.available(&spec.service)) {
+        (true, false) => 0,
+        (true, true) => 1,
+        (false, _) => 2,
+    };
+    groups
+        .into_iter()
+        .map(|mut g| {
+            g.sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.name.cmp(&b.name)));
+            let Some(spread) = &spec.spread else {
+                return g;
+            };
+            let mut out = Vec::with_capacity(g.len());
+            for r in 0..3 {
+                let class: Vec<&NodeView> = g.iter().copied().filter(|n| rank(n) == r).collect();
+                out.extend(interleave(class, &spread.label));
+            }
+            out
+        })
+        .collect()
+}
+
+/// Round-robin over the values of `label`, keeping each value's order.
+fn interleave<'a>(nodes: Vec<&'a NodeView>, label: &str) -> Vec<&'a NodeView> {
+    let mut buckets: BTreeMap<String, std::collections::VecDeque<&NodeView>> = BTreeMap::new();
+    for n in nodes {
+        buckets.entry(label_value(n, label)).or_default().push_back(n);
+    }
+    let mut out = Vec::new();
+    while !buckets.is_empty() {
+        buckets.retain(|_, q| {
+            if let Some(n) = q.pop_front() {
+                out.push(n);
+            }
+            !q.is_empty()
+        });
+    }
+    out
+}
+
+/// A node's value of `label`; nodes without it form their own domain.
+pub(crate) fn label_value(n: &NodeView, label: &str) -> String {
+    n.labels.get(label).cloned().unwrap_or_default()
+}
+
+/// Cuts the ordered groups into batches: rolling batches of `batch` nodes
+/// within each group, or canary waves (cumulative sizes) additionally cut at
+/// group boundaries. Returns the batches and, for each, whether the rollout
+/// waits for a promotion after it.
+fn cut(spec: &RolloutSpec, groups: &[Vec<&NodeView>]) -> (Vec<Vec<String>>, Vec<bool>) {
+    let total: usize = groups.iter().map(Vec::len).sum();
+    let names = |g: &[&NodeView]| g.iter().map(|n| n.name.clone()).collect::<Vec<_>>();
+    if spec.waves.is_empty() {
+        let size = spec.batch_size(total);
+        let batches: Vec<Vec<String>> = groups
+            .iter()
+            .flat_map(|g| g.chunks(size).map(names))
+            .collect();
+        let pauses = vec![false; batches.len()];
+        return (batches, pauses);
+    }
+    // Cut points: each wave's cumulative size (waves that add no node are
+    // dropped), the end, and the group boundaries.
+    let mut wave_ends: BTreeMap<usize, bool> = BTreeMap::new();
+    for w in &spec.waves {
+        let end = w.size.resolve_up(total).clamp(1, total);
+        let e = wave_ends.entry(end).or_insert(false);
+        *e |= w.pause;
+    }
+    let mut cuts: std::collections::BTreeSet<usize> = wave_ends.keys().copied().collect();
+    cuts.insert(total);
+    let mut at = 0;
+    for g in groups {
+        at += g.len();
+        cuts.insert(at);
+    }
+    let flat: Vec<&NodeView> = groups.iter().flatten().copied().collect();
+    let mut batches = Vec::new();
+    let mut pauses = Vec::new();
+    let mut start = 0;
+    for end in cuts {
+        if end > start {
+            batches.push(names(&flat[start..end]));
+            pauses.push(end < total && wave_ends.get(&end).copied().unwrap_or(false));
+            start = end;
+        }
+    }
+    (batches, pauses)
 }
 
 fn describe_down(n: &crate::NodeView, service: &str) -> String {
@@ -323,9 +454,24 @@ fn run_current_batch(
         return false;
     };
 
+    if batch > 0 && r.pauses.get(batch - 1) == Some(&true) && !r.promoted.contains(&(batch - 1)) {
+        r.waiting = Some(format!(
+            "wave {batch} of {} is done: waiting for `rollwave rollout promote {}`",
+            r.batches.len(),
+            r.id
+        ));
+        return false;
+    }
     let service = r.spec.service.clone();
     let budget = r.spec.unavailable_budget(r.nodes.len());
     let mut unavailable = unavailable_count(r, fleet);
+    let min_healthy = r.spec.min_healthy as usize;
+    let mut healthy = invariants::fleet_healthy(r, fleet);
+    let spread = r.spec.spread.clone();
+    let mut busy = spread
+        .as_ref()
+        .map(|s| invariants::in_flight_by_domain(r, fleet, &s.label))
+        .unwrap_or_default();
     let mut waits = Vec::new();
     for name in r.batches[batch].clone() {
         if r.nodes[&name].state != NodeState::Pending {
@@ -367,8 +513,29 @@ fn run_current_batch(
             ));
             continue;
         }
+        if !already_down && healthy <= min_healthy {
+            waits.push(format!(
+                "{name} waits: {healthy} nodes of {service} are healthy fleet-wide and min_healthy is {min_healthy}"
+            ));
+            continue;
+        }
+        let domain = spread.as_ref().map(|s| label_value(view, &s.label));
+        if let (Some(s), Some(d)) = (&spread, &domain) {
+            let in_domain = busy.get(d).copied().unwrap_or(0);
+            if in_domain >= s.max_per_domain as usize {
+                waits.push(format!(
+                    "{name} waits: {in_domain} node(s) with {}={d} already in flight (max_per_domain {})",
+                    s.label, s.max_per_domain
+                ));
+                continue;
+            }
+        }
+        if let Some(d) = domain {
+            *busy.entry(d).or_default() += 1;
+        }
         if !already_down {
             unavailable += 1;
+            healthy -= 1;
         }
         let task = TaskRef {
             id: r.task_id(&name, TaskKind::Upgrade),
@@ -392,10 +559,10 @@ fn run_current_batch(
     }
     let in_flight: Vec<&str> = r.in_flight().map(|(n, _)| n).collect();
     let waiting = if !waits.is_empty() {
-        Some(format!("batch {}: {}", batch + 1, waits.join("; ")))
+        Some(format!("wave {}: {}", batch + 1, waits.join("; ")))
     } else if !in_flight.is_empty() {
         Some(format!(
-            "batch {} of {}: waiting for {} to pass the health gate",
+            "wave {} of {}: waiting for {} to pass the health gate",
             batch + 1,
             r.batches.len(),
             in_flight.join(", ")

@@ -155,7 +155,14 @@ pub struct Rollout {
     pub updated_at: Timestamp,
     pub finished_at: Option<Timestamp>,
     pub last_progress_at: Timestamp,
+    /// The waves, in order; each starts when the one before has finished.
     pub batches: Vec<Vec<String>>,
+    /// Per wave: whether the rollout waits for a promotion once it is done.
+    #[serde(default)]
+    pub pauses: Vec<bool>,
+    /// Waves whose pause the operator has lifted.
+    #[serde(default)]
+    pub promoted: Vec<usize>,
     pub nodes: BTreeMap<String, NodeProgress>,
     /// Nodes running the service that the selector left out.
     pub left_out: Vec<String>,
@@ -267,6 +274,30 @@ impl Rollout {
             }
             RolloutState::Running => Ok(()),
             _ => Err(self.refuse("resume")),
+        }
+    }
+
+    /// Lets a canary continue past the wave it paused after.
+    pub fn promote(&mut self, now: Timestamp) -> Result<(), CommandError> {
+        let waiting = (0..self.batches.len()).find(|&w| {
+            self.pauses.get(w) == Some(&true)
+                && !self.promoted.contains(&w)
+                && self.batches[..=w].iter().flatten().all(|n| {
+                    let s = self.nodes[n].state;
+                    s != NodeState::Pending && !s.in_flight()
+                })
+        });
+        match (self.state, waiting) {
+            (RolloutState::Running | RolloutState::Paused, Some(w)) => {
+                self.promoted.push(w);
+                self.event(now, None, format!("wave {} promoted by operator", w + 1));
+                Ok(())
+            }
+            _ => Err(CommandError {
+                id: self.id,
+                state: "not waiting for a promotion",
+                command: "promote",
+            }),
         }
     }
 

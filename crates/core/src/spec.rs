@@ -16,6 +16,9 @@ pub struct RolloutFile {
     pub version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
+    /// Explicit node names; with a selector, a node must match both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<Vec<String>>,
     #[serde(default)]
     pub strategy: StrategyFile,
 }
@@ -37,6 +40,36 @@ pub struct StrategyFile {
     pub max_failures: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_rollback: Option<bool>,
+    /// `rolling` (the default) or `canary`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Canary waves, cumulative: `["1", "10%", {size = "50%", pause = true}, "100%"]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waves: Option<Vec<WaveFile>>,
+    /// Healthy nodes of the service, fleet-wide, that must always remain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_healthy: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_per_domain: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<Vec<String>>,
+}
+
+/// A canary wave: its cumulative size, and whether the rollout waits for
+/// `rollwave rollout promote` once it is done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum WaveFile {
+    Size(CountOrText),
+    Table {
+        size: CountOrText,
+        #[serde(default)]
+        pause: bool,
+    },
 }
 
 /// `batch = 2` and `batch = "25%"` are both natural to write in TOML.
@@ -85,6 +118,41 @@ pub struct RolloutSpec {
     pub max_failures: u32,
     /// Whether a failed rollout returns upgraded nodes to their previous version.
     pub auto_rollback: bool,
+    /// Explicit node names (empty: every node the selector matches).
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// Canary waves (empty: rolling batches of `batch`).
+    #[serde(default)]
+    pub waves: Vec<Wave>,
+    /// Healthy nodes of the service, across the whole fleet, never to go below.
+    #[serde(default)]
+    pub min_healthy: u32,
+    #[serde(default)]
+    pub spread: Option<Spread>,
+    #[serde(default)]
+    pub order: Option<Order>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wave {
+    /// Cumulative: the nodes done once this wave is done.
+    pub size: Amount,
+    pub pause: bool,
+}
+
+/// At most `max_per_domain` nodes with the same value of `label` in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spread {
+    pub label: String,
+    pub max_per_domain: u32,
+}
+
+/// One value of `label` at a time: `values` first, in that order, then the
+/// others by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    pub label: String,
+    pub values: Vec<String>,
 }
 
 pub const DEFAULT_BATCH: Amount = Amount::Percent(25);
@@ -99,7 +167,15 @@ impl RolloutFile {
         self.service = other.service.or(self.service);
         self.version = other.version.or(self.version);
         self.selector = other.selector.or(self.selector);
+        self.nodes = other.nodes.or(self.nodes);
         let t = &mut self.strategy;
+        t.kind = s.kind.or(t.kind.take());
+        t.waves = s.waves.or(t.waves.take());
+        t.min_healthy = s.min_healthy.or(t.min_healthy);
+        t.spread_by = s.spread_by.or(t.spread_by.take());
+        t.max_per_domain = s.max_per_domain.or(t.max_per_domain);
+        t.order_by = s.order_by.or(t.order_by.take());
+        t.order = s.order.or(t.order.take());
         t.batch = s.batch.or(t.batch.take());
         t.max_unavailable = s.max_unavailable.or(t.max_unavailable.take());
         t.min_healthy_time = s.min_healthy_time.or(t.min_healthy_time.take());
@@ -180,7 +256,111 @@ impl RolloutFile {
                 ),
             ));
         }
+        let waves = match (s.kind.as_deref(), &s.waves) {
+            (None | Some("rolling"), None) => Vec::new(),
+            (None | Some("canary"), Some(waves)) => {
+                if waves.is_empty() {
+                    return Err(SpecError::new("strategy.waves", "needs at least one wave"));
+                }
+                if s.batch.is_some() {
+                    return Err(SpecError::new(
+                        "strategy.batch",
+                        "is for rolling rollouts; a canary's waves set their own sizes",
+                    ));
+                }
+                let mut out = Vec::new();
+                for (i, w) in waves.iter().enumerate() {
+                    let field = format!("strategy.waves[{i}]");
+                    let (size, pause) = match w {
+                        WaveFile::Size(size) => (size, false),
+                        WaveFile::Table { size, pause } => (size, *pause),
+                    };
+                    let size = size.amount(&field)?;
+                    if matches!(size, Amount::Count(0) | Amount::Percent(0)) {
+                        return Err(SpecError::new(field, "a wave must hold at least 1 node"));
+                    }
+                    out.push(Wave { size, pause });
+                }
+                out
+            }
+            (Some("canary"), None) => {
+                return Err(SpecError::new(
+                    "strategy.waves",
+                    "is required for kind = \"canary\", e.g. [\"1\", \"10%\", \"100%\"]",
+                ))
+            }
+            (Some("rolling"), Some(_)) => {
+                return Err(SpecError::new(
+                    "strategy.waves",
+                    "is for kind = \"canary\"; a rolling rollout uses strategy.batch",
+                ))
+            }
+            (Some("all_at_once"), _) => {
+                return Err(SpecError::new(
+                    "strategy.kind",
+                    "\"all_at_once\" is not available in this version (rolling or canary)",
+                ))
+            }
+            (Some(other), _) => {
+                return Err(SpecError::new(
+                    "strategy.kind",
+                    format!("{other:?} is not a strategy (rolling or canary)"),
+                ))
+            }
+        };
+        let spread = match (&s.spread_by, s.max_per_domain) {
+            (Some(label), max) => {
+                label_key("strategy.spread_by", label)?;
+                let max = max.unwrap_or(1);
+                if max == 0 {
+                    return Err(SpecError::new("strategy.max_per_domain", "must be at least 1"));
+                }
+                Some(Spread {
+                    label: label.clone(),
+                    max_per_domain: max,
+                })
+            }
+            (None, Some(_)) => {
+                return Err(SpecError::new(
+                    "strategy.max_per_domain",
+                    "needs strategy.spread_by, the label whose values are the domains",
+                ))
+            }
+            (None, None) => None,
+        };
+        let order = match (&s.order_by, &s.order) {
+            (Some(label), values) => {
+                label_key("strategy.order_by", label)?;
+                let values = values.clone().unwrap_or_default();
+                if let Some(dup) = values.iter().enumerate().find(|(i, v)| values[..*i].contains(v)) {
+                    return Err(SpecError::new(
+                        "strategy.order",
+                        format!("{:?} is listed twice", dup.1),
+                    ));
+                }
+                Some(Order {
+                    label: label.clone(),
+                    values,
+                })
+            }
+            (None, Some(_)) => {
+                return Err(SpecError::new(
+                    "strategy.order",
+                    "needs strategy.order_by, the label the order is about",
+                ))
+            }
+            (None, None) => None,
+        };
+        let nodes = self.nodes.clone().unwrap_or_default();
+        if let Some(n) = nodes.iter().find(|n| n.trim().is_empty()) {
+            return Err(SpecError::new("nodes", format!("{n:?} is not a node name")));
+        }
         Ok(RolloutSpec {
+            nodes,
+            waves,
+            min_healthy: s.min_healthy.unwrap_or(0),
+            spread,
+            order,
             service: service.to_string(),
             version: version.trim().to_string(),
             selector,
@@ -192,6 +372,18 @@ impl RolloutFile {
             max_failures: s.max_failures.unwrap_or(0),
             auto_rollback: s.auto_rollback.unwrap_or(true),
         })
+    }
+}
+
+fn label_key(field: &str, label: &str) -> Result<(), SpecError> {
+    let ok = !label.is_empty()
+        && label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::new(field, format!("{label:?} is not a label key")))
     }
 }
 
@@ -255,6 +447,61 @@ mod tests {
             file("../x", "1.0.0").resolve().unwrap_err().field,
             "service"
         );
+    }
+
+    #[test]
+    fn canary_and_constraints_resolve() {
+        let mut f = file("api", "2.0.0");
+        f.strategy.waves = Some(vec![
+            WaveFile::Size("1".into()),
+            WaveFile::Table {
+                size: "50%".into(),
+                pause: true,
+            },
+        ]);
+        f.strategy.spread_by = Some("rack".into());
+        f.strategy.order_by = Some("region".into());
+        f.strategy.order = Some(vec!["eu-1".into()]);
+        f.strategy.min_healthy = Some(2);
+        let spec = f.resolve().unwrap();
+        assert_eq!(spec.waves.len(), 2);
+        assert!(spec.waves[1].pause);
+        assert_eq!(spec.spread.unwrap().max_per_domain, 1);
+        assert_eq!(spec.order.unwrap().values, ["eu-1"]);
+        assert_eq!(spec.min_healthy, 2);
+    }
+
+    #[test]
+    fn strategy_errors_name_the_field() {
+        let cases: Vec<(Box<dyn Fn(&mut StrategyFile)>, &str)> = vec![
+            (Box::new(|s| s.kind = Some("canary".into())), "strategy.waves"),
+            (Box::new(|s| s.kind = Some("blue-green".into())), "strategy.kind"),
+            (Box::new(|s| s.kind = Some("all_at_once".into())), "strategy.kind"),
+            (Box::new(|s| s.waves = Some(vec![WaveFile::Size("0".into())])), "strategy.waves[0]"),
+            (Box::new(|s| s.waves = Some(vec![])), "strategy.waves"),
+            (
+                Box::new(|s| {
+                    s.waves = Some(vec![WaveFile::Size("1".into())]);
+                    s.batch = Some("2".into());
+                }),
+                "strategy.batch",
+            ),
+            (Box::new(|s| s.max_per_domain = Some(2)), "strategy.max_per_domain"),
+            (Box::new(|s| s.order = Some(vec!["a".into()])), "strategy.order"),
+            (
+                Box::new(|s| {
+                    s.order_by = Some("region".into());
+                    s.order = Some(vec!["a".into(), "a".into()]);
+                }),
+                "strategy.order",
+            ),
+            (Box::new(|s| s.spread_by = Some("a b".into())), "strategy.spread_by"),
+        ];
+        for (set, field) in cases {
+            let mut f = file("api", "2.0.0");
+            set(&mut f.strategy);
+            assert_eq!(f.resolve().unwrap_err().field, field);
+        }
     }
 
     #[test]

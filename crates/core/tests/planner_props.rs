@@ -58,6 +58,7 @@ fn spec(batch: &str, max_unavailable: &str, strategy: StrategyFile) -> RolloutSp
         service: Some(SERVICE.into()),
         version: Some(TO.into()),
         selector: None,
+        nodes: None,
         strategy: StrategyFile {
             batch: Some(batch.into()),
             max_unavailable: Some(max_unavailable.into()),
@@ -223,6 +224,7 @@ impl Case {
             service: Some(SERVICE.into()),
             version: Some(TO.into()),
             selector: Some(self.selector.into()),
+            nodes: None,
             strategy: StrategyFile {
                 batch: Some(self.batch.resolve(n).to_string().as_str().into()),
                 max_unavailable: Some(self.max_unavailable.resolve(n).to_string().as_str().into()),
@@ -231,6 +233,7 @@ impl Case {
                 progress_deadline: Some(format!("{}s", healthy_s + self.progress_extra_s)),
                 max_failures: Some(self.max_failures),
                 auto_rollback: Some(self.auto_rollback),
+                ..Default::default()
             },
         };
         file.resolve().expect("generated spec is valid")
@@ -801,7 +804,7 @@ fn an_offline_node_counts_against_the_budget_then_becomes_unreachable() {
     assert!(d.dispatch.is_empty());
     assert_eq!(
         d.rollout.waiting.as_deref(),
-        Some("batch 1: n1 waits: 1 of at most 1 nodes unavailable")
+        Some("wave 1: n1 waits: 1 of at most 1 nodes unavailable")
     );
     assert_eq!(d.next_wakeup, Some(T0 + 5 * 60 * SEC));
     let d = step(&d.rollout, &fleet, T0 + 5 * 60 * SEC);
@@ -938,7 +941,7 @@ fn a_node_that_came_back_gets_a_fresh_grace_period_when_it_drops_off_again() {
     succeed_all(&mut r, &d, T0 + 10 * SEC);
     fleet.get_mut("n2").unwrap().online = false;
     let d = step(&r, &fleet, T0 + 10 * SEC);
-    assert_eq!(d.rollout.waiting.as_deref(), Some("batch 2: n2 is offline"));
+    assert_eq!(d.rollout.waiting.as_deref(), Some("wave 2: n2 is offline"));
 
     fleet.get_mut("n2").unwrap().online = true;
     fleet.get_mut("n3").unwrap().online = false;
