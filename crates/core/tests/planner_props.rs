@@ -829,7 +829,7 @@ fn an_offline_node_counts_against_the_budget_then_becomes_unreachable() {
     }
     let d = step(&r, &fleet, now);
     assert!(d.dispatch.is_empty());
-    assert_eq!(d.rollout.waiting.as_deref(), Some("batch 3: n2 is offline"));
+    assert_eq!(d.rollout.waiting.as_deref(), Some("wave 3: n2 is offline"));
     assert_eq!(d.next_wakeup, Some(now + 60 * SEC));
     let d = step(&d.rollout, &fleet, now + 60 * SEC);
     assert_eq!(d.rollout.nodes["n2"].state, NodeState::Unreachable);
