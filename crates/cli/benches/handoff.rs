@@ -299,6 +299,7 @@ async fn start(
         service: Some(SERVICE.into()),
         version: Some(version.into()),
         selector: None,
+        nodes: None,
         strategy: StrategyFile {
             batch: Some(batch.into()),
             min_healthy_time: Some(min_healthy_time.into()),

@@ -52,6 +52,8 @@ pub enum Command {
     /// Start, watch and steer rollouts.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Show the plan a rollout would follow now, changing nothing.
+    Plan(StartArgs),
     /// Show the fleet: every node, its services, versions and health.
     Nodes {
         #[arg(long)]
@@ -136,6 +138,10 @@ pub enum RolloutCommand {
     Rollback {
         id: u64,
     },
+    /// Let a canary continue past the wave it waits after.
+    Promote {
+        id: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +175,31 @@ pub struct StartArgs {
     /// Leave upgraded nodes as they are when the rollout fails.
     #[arg(long)]
     pub no_auto_rollback: bool,
+    /// Explicit node names, comma-separated (with a selector, both apply).
+    #[arg(long, value_delimiter = ',')]
+    pub nodes: Option<Vec<String>>,
+    /// Canary waves, cumulative and comma-separated; `:pause` waits for
+    /// `rollout promote` after a wave: `1:pause,10%,50%,100%`.
+    #[arg(long)]
+    pub waves: Option<String>,
+    /// Healthy nodes of the service, fleet-wide, that must always remain.
+    #[arg(long)]
+    pub min_healthy: Option<u32>,
+    /// A label whose values are failure domains (e.g. rack).
+    #[arg(long)]
+    pub spread_by: Option<String>,
+    /// Nodes of one `--spread-by` domain in flight at once (default 1).
+    #[arg(long)]
+    pub max_per_domain: Option<u32>,
+    /// Upgrade one value of this label completely before the next.
+    #[arg(long)]
+    pub order_by: Option<String>,
+    /// Values of `--order-by` to go first, in order, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub order: Option<Vec<String>>,
+    /// Start without printing the plan first.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
     /// Wait for the end; exit non-zero unless every node is on the target version.
     #[arg(long)]
     pub wait: bool,

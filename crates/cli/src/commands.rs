@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rollwave_api::{NodeView, PushResponse, Release, RolloutFile, RolloutResponse, StartRollout};
-use rollwave_core::{parse_version, validate_service_name, Rollout, StrategyFile};
+use rollwave_core::{parse_version, validate_service_name, Rollout, StrategyFile, WaveFile};
 
 use crate::cli::{Cli, Command, ReleaseCommand, RolloutCommand, StartArgs};
 use crate::client::{user_error, ApiClient};
@@ -43,6 +43,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&nodes)?;
             } else {
                 print!("{}", render::nodes(&nodes, now_ms()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan(args) => {
+            let api = ApiClient::new(&cli.server)?;
+            let spec = start_spec(&args)?;
+            let resp: RolloutResponse = api.post("/v1/plan", &StartRollout { spec }).await?;
+            if args.json {
+                print_json(&resp.rollout)?;
+            } else {
+                let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;
+                print!("{}", render::plan(&resp.rollout, &nodes));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -101,11 +113,15 @@ async fn release(api: ApiClient, cmd: ReleaseCommand) -> anyhow::Result<ExitCode
 async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         RolloutCommand::Start(args) => {
-            let (wait, json) = (args.wait, args.json);
+            let (wait, json, yes) = (args.wait, args.json, args.yes);
             let spec = start_spec(&args)?;
             let resp: RolloutResponse = api.post("/v1/rollouts", &StartRollout { spec }).await?;
             let r = resp.rollout;
             if !json {
+                if !yes {
+                    let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;
+                    print!("{}", render::plan(&r, &nodes));
+                }
                 print!("{}", render::started(&r));
             }
             if wait {
@@ -162,6 +178,7 @@ async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode
         RolloutCommand::Resume { id } => command(&api, id, "resume").await,
         RolloutCommand::Cancel { id } => command(&api, id, "cancel").await,
         RolloutCommand::Rollback { id } => command(&api, id, "rollback").await,
+        RolloutCommand::Promote { id } => command(&api, id, "promote").await,
     }
 }
 
@@ -191,11 +208,33 @@ fn start_spec(args: &StartArgs) -> anyhow::Result<RolloutFile> {
         }
         None => (None, None),
     };
+    let waves = args.waves.as_ref().map(|list| {
+        list.split(',')
+            .map(|w| {
+                let w = w.trim();
+                match w.strip_suffix(":pause") {
+                    Some(size) => WaveFile::Table {
+                        size: size.into(),
+                        pause: true,
+                    },
+                    None => WaveFile::Size(w.into()),
+                }
+            })
+            .collect()
+    });
     let flags = RolloutFile {
         service,
         version,
         selector: args.selector.clone(),
+        nodes: args.nodes.clone(),
         strategy: StrategyFile {
+            kind: waves.as_ref().map(|_| "canary".to_string()),
+            waves,
+            min_healthy: args.min_healthy,
+            spread_by: args.spread_by.clone(),
+            max_per_domain: args.max_per_domain,
+            order_by: args.order_by.clone(),
+            order: args.order.clone(),
             batch: args.batch.as_deref().map(Into::into),
             max_unavailable: args.max_unavailable.as_deref().map(Into::into),
             min_healthy_time: args.min_healthy_time.clone(),

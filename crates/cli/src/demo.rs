@@ -168,6 +168,7 @@ async fn start(
         service: Some(SERVICE.into()),
         version: Some(version.into()),
         selector: None,
+        nodes: None,
         strategy: StrategyFile {
             batch: Some(batch.into()),
             min_healthy_time: Some(min_healthy_time.into()),

@@ -322,3 +322,145 @@ impl Follower {
         }
     }
 }
+
+/// Assumed time from a switch command to the new version's first passing
+/// check, for estimates (the health gate's `min_healthy_time` comes on top).
+const SWITCH_ESTIMATE_MS: u64 = 2_000;
+
+/// A rollout's plan: its waves with each node's labels, the constraints that
+/// shaped them, and an estimate of how long it takes.
+pub fn plan(r: &Rollout, fleet: &[NodeView]) -> String {
+    let labels = |name: &str| {
+        fleet
+            .iter()
+            .find(|n| n.name == name)
+            .map(|n| {
+                n.labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default()
+    };
+    let s = &r.spec;
+    let mut out = format!(
+        "plan: {} {} -> {} on {} nodes in {} waves\n",
+        s.service,
+        from_versions(r),
+        s.version,
+        r.nodes.len(),
+        r.batches.len()
+    );
+    let mut rows = vec![vec!["  WAVE".into(), "NODE".into(), "LABELS".into()]];
+    for (i, b) in r.batches.iter().enumerate() {
+        for (j, name) in b.iter().enumerate() {
+            let wave = if j == 0 {
+                format!("  {}", i + 1)
+            } else {
+                "  ".into()
+            };
+            rows.push(vec![wave, name.clone(), labels(name)]);
+        }
+        if r.pauses.get(i) == Some(&true) {
+            rows.push(vec![
+                "  ".into(),
+                "(then waits for `rollwave rollout promote`)".into(),
+                String::new(),
+            ]);
+        }
+    }
+    out.push_str(&table(rows));
+    let budget = s.unavailable_budget(r.nodes.len());
+    let mut constraints = vec![if s.waves.is_empty() {
+        format!("batches of {}", s.batch)
+    } else {
+        let waves: Vec<String> = s
+            .waves
+            .iter()
+            .map(|w| format!("{}{}", w.size, if w.pause { " (pause)" } else { "" }))
+            .collect();
+        format!("canary waves {}", waves.join(", "))
+    }];
+    constraints.push(format!(
+        "max_unavailable {} ({budget} of {} nodes)",
+        s.max_unavailable,
+        r.nodes.len()
+    ));
+    if s.min_healthy > 0 {
+        constraints.push(format!("min_healthy {} fleet-wide", s.min_healthy));
+    }
+    if let Some(sp) = &s.spread {
+        constraints.push(format!(
+            "spread_by {}: at most {} per value at once",
+            sp.label, sp.max_per_domain
+        ));
+    }
+    if let Some(o) = &s.order {
+        let first = if o.values.is_empty() {
+            String::new()
+        } else {
+            format!(": {} first", o.values.join(", "))
+        };
+        constraints.push(format!("order_by {}{first}", o.label));
+    }
+    let _ = writeln!(out, "  constraints: {}", constraints.join("; "));
+    if !s.selector.is_empty() || !s.nodes.is_empty() {
+        let _ = writeln!(
+            out,
+            "  selected by: {}{}",
+            s.selector,
+            if s.nodes.is_empty() {
+                String::new()
+            } else {
+                format!(" nodes {}", s.nodes.join(","))
+            }
+        );
+    }
+    if !r.left_out.is_empty() {
+        let _ = writeln!(out, "  left out: {}", r.left_out.join(", "));
+    }
+    for e in r
+        .events
+        .iter()
+        .filter(|e| e.message.starts_with("already unavailable"))
+    {
+        let _ = writeln!(out, "  warning: {}", e.message);
+    }
+    // Each wave runs in rounds of at most `budget` nodes (fewer with a spread
+    // limit); a round is a switch plus the health gate.
+    let per_round = SWITCH_ESTIMATE_MS + s.min_healthy_time;
+    let mut total = 0;
+    for b in &r.batches {
+        let mut width = budget.max(1);
+        if let Some(sp) = &s.spread {
+            let mut domains: Vec<String> = b
+                .iter()
+                .map(|n| {
+                    fleet
+                        .iter()
+                        .find(|v| &v.name == n)
+                        .and_then(|v| v.labels.get(&sp.label).cloned())
+                        .unwrap_or_default()
+                })
+                .collect();
+            domains.sort();
+            domains.dedup();
+            width = width.min(domains.len() * sp.max_per_domain as usize);
+        }
+        total += b.len().div_ceil(width.max(1)) as u64 * per_round;
+    }
+    let _ = writeln!(
+        out,
+        "  estimated duration: about {} (each round: ~{} to switch + min_healthy_time {}{})",
+        format_duration(total / 1000 * 1000),
+        format_duration(SWITCH_ESTIMATE_MS),
+        format_duration(s.min_healthy_time),
+        if r.pauses.contains(&true) {
+            "; waits for promotion not counted"
+        } else {
+            ""
+        }
+    );
+    out
+}

@@ -1,9 +1,9 @@
 //! The rules a rollout must never break, each written once and used by the
 //! planner's assertions and by the property tests.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use crate::{Fleet, NodeState, Rollout, RolloutState};
+use crate::{Fleet, NodeState, Order, Rollout, RolloutState, TaskKind};
 
 /// Selected nodes that cannot serve now: in flight, offline or not healthy.
 pub fn unavailable_count(r: &Rollout, fleet: &Fleet) -> usize {
@@ -147,4 +147,219 @@ pub fn in_flight_by_domain(
         *by.entry(value).or_default() += 1;
     }
     by
+}
+
+/// A node's value of `label` in `fleet`; nodes without it, or gone from the
+/// fleet, have the empty value.
+fn label_of(fleet: &Fleet, name: &str, label: &str) -> String {
+    fleet
+        .get(name)
+        .map(|v| crate::planner::label_value(v, label))
+        .unwrap_or_default()
+}
+
+/// Where a value of the `order_by` label falls: the listed values first, in
+/// their order, then the others by name.
+fn domain_rank(order: &Order, value: &str) -> (usize, String) {
+    match order.values.iter().position(|v| v == value) {
+        Some(i) => (i, String::new()),
+        None => (order.values.len(), value.to_string()),
+    }
+}
+
+fn is_open(state: NodeState) -> bool {
+    state == NodeState::Pending || state.in_flight()
+}
+
+/// `spread_by`: no more than `max_per_domain` upgrades in flight per value of
+/// the label. Reverts are exempt: a rollback goes straight back, all at once.
+pub fn spread_within(r: &Rollout, fleet: &Fleet) -> Result<(), String> {
+    let Some(spread) = &r.spec.spread else {
+        return Ok(());
+    };
+    let mut by: BTreeMap<String, usize> = BTreeMap::new();
+    for (name, task) in r.in_flight() {
+        if task.kind == TaskKind::Upgrade {
+            *by.entry(label_of(fleet, name, &spread.label)).or_default() += 1;
+        }
+    }
+    match by.iter().find(|(_, &c)| c > spread.max_per_domain as usize) {
+        Some((value, c)) => Err(format!(
+            "{c} upgrades in flight with {}={value:?}, max_per_domain {}",
+            spread.label, spread.max_per_domain
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `min_healthy`: a step never takes the fleet below the floor. Afterwards at
+/// least as many nodes are healthy fleet-wide ([`fleet_healthy`]) as the
+/// floor, or as before the step if there were fewer already.
+pub fn healthy_floor(before: usize, after: usize, min_healthy: usize) -> Result<(), String> {
+    if after < before.min(min_healthy) {
+        Err(format!(
+            "{after} nodes healthy fleet-wide after the step (before: {before}, min_healthy: {min_healthy})"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// `order_by`, as planned: no batch mixes values of the label, and the values
+/// come in their order (listed ones first, then the others by name). `fleet`
+/// holds the labels the rollout was planned with.
+pub fn domains_in_order(r: &Rollout, fleet: &Fleet) -> Result<(), String> {
+    let Some(order) = &r.spec.order else {
+        return Ok(());
+    };
+    let value = |n: &str| label_of(fleet, n, &order.label);
+    for (b, batch) in r.batches.iter().enumerate() {
+        if let Some(other) = batch.iter().find(|n| value(n) != value(&batch[0])) {
+            return Err(format!(
+                "batch {} mixes {}={:?} ({}) and {:?} ({other})",
+                b + 1,
+                order.label,
+                value(&batch[0]),
+                batch[0],
+                value(other)
+            ));
+        }
+    }
+    let flat: Vec<&String> = r.batches.iter().flatten().collect();
+    for pair in flat.windows(2) {
+        let (a, b) = (value(pair[0]), value(pair[1]));
+        if domain_rank(order, &a) > domain_rank(order, &b) {
+            return Err(format!(
+                "{} ({}={a:?}) is planned before {} ({}={b:?})",
+                pair[1], order.label, pair[0], order.label
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `order_by`, as run: a node is started only once no node of an earlier
+/// value of the label is pending or in flight. `started` are the nodes a step
+/// just dispatched upgrades to; `r` is the rollout that step decided.
+pub fn domain_order<'a>(
+    r: &Rollout,
+    fleet: &Fleet,
+    started: impl IntoIterator<Item = &'a str>,
+) -> Result<(), String> {
+    let Some(order) = &r.spec.order else {
+        return Ok(());
+    };
+    let rank = |n: &str| domain_rank(order, &label_of(fleet, n, &order.label));
+    let Some(last) = started.into_iter().max_by_key(|n| rank(n)) else {
+        return Ok(());
+    };
+    let first_open = r
+        .nodes
+        .iter()
+        .filter(|(_, n)| is_open(n.state))
+        .min_by_key(|(name, _)| rank(name));
+    match first_open {
+        Some((other, n)) if rank(other) < rank(last) => Err(format!(
+            "{last} ({}={:?}) started while {other} ({}={:?}) is {}",
+            order.label,
+            label_of(fleet, last, &order.label),
+            order.label,
+            label_of(fleet, other, &order.label),
+            n.state.as_str()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Canary pauses: no node of a wave after a pause starts before that pause's
+/// wave is promoted. `started` are the nodes a step just dispatched upgrades
+/// to; `r` is the rollout that step decided.
+pub fn promotion_respected<'a>(
+    r: &Rollout,
+    started: impl IntoIterator<Item = &'a str>,
+) -> Result<(), String> {
+    for name in started {
+        let Some(batch) = r.nodes.get(name).map(|n| n.batch) else {
+            return Err(format!("{name} was started but is not in the rollout"));
+        };
+        let held = (0..batch).find(|&w| r.pauses.get(w) == Some(&true) && !r.promoted.contains(&w));
+        if let Some(w) = held {
+            return Err(format!(
+                "{name} of wave {} started before wave {} was promoted",
+                batch + 1,
+                w + 1
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Where batches end, as planned. Rolling: every `batch` nodes within each
+/// `order_by` domain, and at each domain's end. Canary: at each wave's
+/// cumulative size (rounded up, at least 1, at most every node) and at each
+/// domain's end, nowhere else. Pauses only after a wave marked `pause`, never
+/// after the last batch. `fleet` holds the labels the rollout was planned with.
+pub fn batch_cuts(r: &Rollout, fleet: &Fleet) -> Result<(), String> {
+    if let Some(b) = r.batches.iter().position(Vec::is_empty) {
+        return Err(format!("batch {} is empty", b + 1));
+    }
+    if r.pauses.len() != r.batches.len() {
+        return Err(format!(
+            "{} pauses for {} batches",
+            r.pauses.len(),
+            r.batches.len()
+        ));
+    }
+    let flat: Vec<&String> = r.batches.iter().flatten().collect();
+    let total = flat.len();
+    let mut domain_ends = BTreeSet::from([total]);
+    if let Some(order) = &r.spec.order {
+        for i in 1..total {
+            if label_of(fleet, flat[i - 1], &order.label) != label_of(fleet, flat[i], &order.label)
+            {
+                domain_ends.insert(i);
+            }
+        }
+    }
+    let mut want_cuts = BTreeSet::new();
+    let mut want_pauses = BTreeSet::new();
+    if r.spec.waves.is_empty() {
+        let size = r.spec.batch_size(total);
+        let mut start = 0;
+        for &end in &domain_ends {
+            want_cuts.extend((start..end).step_by(size).skip(1));
+            want_cuts.insert(end);
+            start = end;
+        }
+    } else {
+        want_cuts.clone_from(&domain_ends);
+        for w in &r.spec.waves {
+            let end = w.size.resolve_up(total).clamp(1, total);
+            want_cuts.insert(end);
+            if w.pause && end < total {
+                want_pauses.insert(end);
+            }
+        }
+    }
+    let mut cuts = BTreeSet::new();
+    let mut pauses = BTreeSet::new();
+    let mut at = 0;
+    for (b, batch) in r.batches.iter().enumerate() {
+        at += batch.len();
+        cuts.insert(at);
+        if r.pauses[b] {
+            pauses.insert(at);
+        }
+    }
+    if cuts != want_cuts {
+        return Err(format!(
+            "batches end after {cuts:?} nodes, expected {want_cuts:?}"
+        ));
+    }
+    if pauses != want_pauses {
+        return Err(format!(
+            "pauses after {pauses:?} nodes, expected {want_pauses:?}"
+        ));
+    }
+    Ok(())
 }

@@ -69,7 +69,11 @@ pub fn plan_batches(
         let what = if spec.nodes.is_empty() {
             format!("{:?}", spec.selector.to_string())
         } else {
-            format!("{:?} with nodes {:?}", spec.selector.to_string(), spec.nodes)
+            format!(
+                "{:?} with nodes {:?}",
+                spec.selector.to_string(),
+                spec.nodes
+            )
         };
         return Err(SpecError::new(
             "selector",
@@ -80,7 +84,9 @@ pub fn plan_batches(
             ),
         ));
     }
-    if spec.min_healthy as usize >= fleet_size && selected.iter().any(|n| n.available(&spec.service)) {
+    if spec.min_healthy as usize >= fleet_size
+        && selected.iter().any(|n| n.available(&spec.service))
+    {
         return Err(SpecError::new(
             "strategy.min_healthy",
             format!(
@@ -208,7 +214,10 @@ fn order_nodes<'a>(spec: &RolloutSpec, selected: Vec<&'a NodeView>) -> Vec<Vec<&
 fn interleave<'a>(nodes: Vec<&'a NodeView>, label: &str) -> Vec<&'a NodeView> {
     let mut buckets: BTreeMap<String, std::collections::VecDeque<&NodeView>> = BTreeMap::new();
     for n in nodes {
-        buckets.entry(label_value(n, label)).or_default().push_back(n);
+        buckets
+            .entry(label_value(n, label))
+            .or_default()
+            .push_back(n);
     }
     let mut out = Vec::new();
     while !buckets.is_empty() {

@@ -313,7 +313,10 @@ impl RolloutFile {
                 label_key("strategy.spread_by", label)?;
                 let max = max.unwrap_or(1);
                 if max == 0 {
-                    return Err(SpecError::new("strategy.max_per_domain", "must be at least 1"));
+                    return Err(SpecError::new(
+                        "strategy.max_per_domain",
+                        "must be at least 1",
+                    ));
                 }
                 Some(Spread {
                     label: label.clone(),
@@ -332,7 +335,11 @@ impl RolloutFile {
             (Some(label), values) => {
                 label_key("strategy.order_by", label)?;
                 let values = values.clone().unwrap_or_default();
-                if let Some(dup) = values.iter().enumerate().find(|(i, v)| values[..*i].contains(v)) {
+                if let Some(dup) = values
+                    .iter()
+                    .enumerate()
+                    .find(|(i, v)| values[..*i].contains(v))
+                {
                     return Err(SpecError::new(
                         "strategy.order",
                         format!("{:?} is listed twice", dup.1),
@@ -383,7 +390,10 @@ fn label_key(field: &str, label: &str) -> Result<(), SpecError> {
     if ok {
         Ok(())
     } else {
-        Err(SpecError::new(field, format!("{label:?} is not a label key")))
+        Err(SpecError::new(
+            field,
+            format!("{label:?} is not a label key"),
+        ))
     }
 }
 
@@ -474,10 +484,22 @@ mod tests {
     #[test]
     fn strategy_errors_name_the_field() {
         let cases: Vec<(Box<dyn Fn(&mut StrategyFile)>, &str)> = vec![
-            (Box::new(|s| s.kind = Some("canary".into())), "strategy.waves"),
-            (Box::new(|s| s.kind = Some("blue-green".into())), "strategy.kind"),
-            (Box::new(|s| s.kind = Some("all_at_once".into())), "strategy.kind"),
-            (Box::new(|s| s.waves = Some(vec![WaveFile::Size("0".into())])), "strategy.waves[0]"),
+            (
+                Box::new(|s| s.kind = Some("canary".into())),
+                "strategy.waves",
+            ),
+            (
+                Box::new(|s| s.kind = Some("blue-green".into())),
+                "strategy.kind",
+            ),
+            (
+                Box::new(|s| s.kind = Some("all_at_once".into())),
+                "strategy.kind",
+            ),
+            (
+                Box::new(|s| s.waves = Some(vec![WaveFile::Size("0".into())])),
+                "strategy.waves[0]",
+            ),
             (Box::new(|s| s.waves = Some(vec![])), "strategy.waves"),
             (
                 Box::new(|s| {
@@ -486,8 +508,14 @@ mod tests {
                 }),
                 "strategy.batch",
             ),
-            (Box::new(|s| s.max_per_domain = Some(2)), "strategy.max_per_domain"),
-            (Box::new(|s| s.order = Some(vec!["a".into()])), "strategy.order"),
+            (
+                Box::new(|s| s.max_per_domain = Some(2)),
+                "strategy.max_per_domain",
+            ),
+            (
+                Box::new(|s| s.order = Some(vec!["a".into()])),
+                "strategy.order",
+            ),
             (
                 Box::new(|s| {
                     s.order_by = Some("region".into());
@@ -495,7 +523,10 @@ mod tests {
                 }),
                 "strategy.order",
             ),
-            (Box::new(|s| s.spread_by = Some("a b".into())), "strategy.spread_by"),
+            (
+                Box::new(|s| s.spread_by = Some("a b".into())),
+                "strategy.spread_by",
+            ),
         ];
         for (set, field) in cases {
             let mut f = file("api", "2.0.0");

@@ -34,6 +34,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/releases/{service}/{version}/artifact", get(artifact))
         .route("/v1/rollouts", get(list_rollouts).post(start_rollout))
         .route("/v1/rollouts/{id}", get(get_rollout))
+        .route("/v1/plan", post(plan_rollout))
         .route("/v1/rollouts/{id}/{command}", post(rollout_command))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
@@ -219,6 +220,17 @@ async fn start_rollout(State(shared): State<Arc<Shared>>, body: Bytes) -> ApiRes
     Ok((StatusCode::CREATED, Json(RolloutResponse { rollout })).into_response())
 }
 
+/// A dry run: the plan `POST /v1/rollouts` would make now, stored nowhere.
+async fn plan_rollout(
+    State(shared): State<Arc<Shared>>,
+    body: Bytes,
+) -> ApiResult<Json<RolloutResponse>> {
+    let req: StartRollout = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid rollout request: {e}")))?;
+    let rollout = shared.reconciler.plan(req.spec).await?;
+    Ok(Json(RolloutResponse { rollout }))
+}
+
 async fn rollout_command(
     State(shared): State<Arc<Shared>>,
     Path((id, command)): Path<(String, String)>,
@@ -229,9 +241,10 @@ async fn rollout_command(
         "resume" => Command::Resume,
         "cancel" => Command::Cancel,
         "rollback" => Command::Rollback,
+        "promote" => Command::Promote,
         other => {
             return Err(ApiError::not_found(format!(
-                "no rollout command {other:?} (pause, resume, cancel, rollback)"
+                "no rollout command {other:?} (pause, resume, cancel, rollback, promote)"
             )))
         }
     };

@@ -46,6 +46,11 @@ pub enum Event {
         command: Command,
         reply: oneshot::Sender<Result<Rollout, ApiError>>,
     },
+    /// Plans a rollout against the fleet as it is now, storing nothing.
+    Plan {
+        file: RolloutFile,
+        reply: oneshot::Sender<Result<Rollout, ApiError>>,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +59,7 @@ pub enum Command {
     Resume,
     Cancel,
     Rollback,
+    Promote,
 }
 
 #[derive(Clone)]
@@ -73,6 +79,13 @@ impl Handle {
     pub async fn start(&self, file: RolloutFile) -> Result<Rollout, ApiError> {
         let (reply, rx) = oneshot::channel();
         self.send(Event::Start { file, reply });
+        rx.await
+            .unwrap_or_else(|_| Err(ApiError::internal("reconciler stopped")))
+    }
+
+    pub async fn plan(&self, file: RolloutFile) -> Result<Rollout, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Event::Plan { file, reply });
         rx.await
             .unwrap_or_else(|_| Err(ApiError::internal("reconciler stopped")))
     }
@@ -188,6 +201,10 @@ impl Reconciler {
                 let result = self.start(file, now).await;
                 let _ = reply.send(result);
             }
+            Event::Plan { file, reply } => {
+                let result = self.plan(file, now).await;
+                let _ = reply.send(result);
+            }
             Event::Command { id, command, reply } => {
                 let result = self.command(id, command, now).await;
                 let _ = reply.send(result);
@@ -195,7 +212,9 @@ impl Reconciler {
         }
     }
 
-    async fn start(&mut self, file: RolloutFile, now: u64) -> Result<Rollout, ApiError> {
+    /// Validates a spec against the releases and the fleet and plans it
+    /// (id 0), changing nothing.
+    async fn plan(&mut self, file: RolloutFile, now: u64) -> Result<Rollout, ApiError> {
         let spec = file.resolve()?;
         self.release(&spec.service, &spec.version)
             .await?
@@ -205,11 +224,13 @@ impl Reconciler {
                     spec.service, spec.version, spec.service, spec.version
                 ))
             })?;
-        if let Some(r) = self
-            .active
-            .values()
-            .find(|r| r.spec.service == spec.service)
-        {
+        Ok(plan_batches(0, spec, &self.fleet(), now)?)
+    }
+
+    async fn start(&mut self, file: RolloutFile, now: u64) -> Result<Rollout, ApiError> {
+        let mut rollout = self.plan(file, now).await?;
+        let service = &rollout.spec.service;
+        if let Some(r) = self.active.values().find(|r| &r.spec.service == service) {
             return Err(ApiError::conflict(format!(
                 "rollout {} of {} is {}: wait for it to finish, cancel it or roll it back first",
                 r.id,
@@ -217,11 +238,9 @@ impl Reconciler {
                 r.state.as_str()
             )));
         }
-        let fleet = self.fleet();
-        // Validate against the fleet before allocating an id.
-        plan_batches(0, spec.clone(), &fleet, now)?;
-        let id = self.shared.store.next_rollout_id().await?;
-        let rollout = plan_batches(id, spec, &fleet, now)?;
+        // The id is allocated only for a plan that stands.
+        rollout.id = self.shared.store.next_rollout_id().await?;
+        let id = rollout.id;
         let stored = self.shared.store.insert_rollout(&rollout).await?;
         tracing::info!(rollout = id, service = %stored.spec.service, version = %stored.spec.version, nodes = stored.nodes.len(), "rollout started");
         self.active.insert(id, stored);
@@ -258,6 +277,7 @@ impl Reconciler {
             Command::Resume => r.resume(now)?,
             Command::Cancel => r.cancel(now)?,
             Command::Rollback => r.rollback(now)?,
+            Command::Promote => r.promote(now)?,
         }
         if r != before {
             r.updated_at = now;

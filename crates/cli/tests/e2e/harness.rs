@@ -94,6 +94,7 @@ pub async fn start(
         service: Some(SERVICE.into()),
         version: Some(version.into()),
         selector: None,
+        nodes: None,
         strategy,
     };
     let resp: RolloutResponse = fleet

@@ -7,3 +7,4 @@ mod faults;
 mod handoff;
 mod harness;
 mod rollouts;
+mod strategies;

@@ -1,0 +1,193 @@
+//! Strategies with real agents: a canary held for a manual promotion, a
+//! quorum floor with a node already down, and the dry-run plan.
+
+use rollwave::fleet::{Fleet, FleetSpec};
+use rollwave_api::NodeView;
+use rollwave_core::{Health, NodeState, RolloutState};
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn canary_waits_for_promotion_after_its_first_wave() {
+    let fleet = installed_fleet(4).await;
+    push(&fleet, "2.0.0", true).await;
+    let out = cli(
+        &fleet.url(),
+        &[
+            "rollout",
+            "start",
+            "api@2.0.0",
+            "--waves",
+            "1:pause,50%,100%",
+            "--min-healthy-time",
+            "300ms",
+            "--yes",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let api = fleet.api().unwrap();
+    let id: Vec<rollwave_core::Rollout> = api.get("/v1/rollouts").await.unwrap();
+    let id = id[0].id;
+    let r = wait_rollout(&fleet, id, "the canary wave to finish", |r| {
+        r.waiting.as_deref().is_some_and(|w| w.contains("promote"))
+    })
+    .await;
+    assert_eq!(
+        r.batches.iter().map(Vec::len).collect::<Vec<_>>(),
+        [1, 1, 2]
+    );
+    assert_eq!(r.count(NodeState::Upgraded), 1);
+    assert_eq!(r.count(NodeState::Pending), 3);
+    // The status says why it waits.
+    let out = cli(&fleet.url(), &["rollout", "status", &id.to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("rollwave rollout promote {id}")),
+        "{text}"
+    );
+    // Nothing moves without the operator.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(get(&api, id).await.unwrap().count(NodeState::Pending), 3);
+
+    let out = cli(&fleet.url(), &["rollout", "promote", &id.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = wait_done(&fleet, id).await;
+    assert!(r.fully_upgraded(), "{r:#?}");
+    assert_fleet_on(&fleet, "2.0.0").await;
+    // Promoting again is refused: nothing waits.
+    let out = cli(&fleet.url(), &["rollout", "promote", &id.to_string()]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+fn healthy(nodes: &[NodeView]) -> usize {
+    nodes
+        .iter()
+        .filter(|n| {
+            n.online
+                && n.services
+                    .get(SERVICE)
+                    .is_some_and(|s| s.health == Health::Healthy)
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn min_healthy_holds_while_a_node_is_already_down() {
+    // A 3-member quorum; node-3 never got a working 1.0.0, so it is down.
+    let fleet = Fleet::launch(FleetSpec::new(exe().into(), 3))
+        .await
+        .unwrap();
+    push_broken_on(&fleet, "1.0.0", &["node-3"]).await;
+    let r = start(&fleet, "1.0.0", |s| {
+        s.batch = Some("100%".into());
+        s.min_healthy_time = Some("0s".into());
+        s.healthy_deadline = Some("2s".into());
+        s.max_failures = Some(1);
+    })
+    .await
+    .unwrap();
+    let r = wait_done(&fleet, r.id).await;
+    assert_eq!(r.nodes["node-3"].state, NodeState::Failed, "{r:#?}");
+    assert_eq!(healthy(&nodes(&fleet).await), 2);
+
+    push(&fleet, "2.0.0", true).await;
+    let r = start(&fleet, "2.0.0", |s| {
+        s.batch = Some("1".into());
+        s.max_unavailable = Some("3".into());
+        s.min_healthy = Some(2);
+    })
+    .await
+    .unwrap();
+    // The node already down goes first: switching it costs nothing.
+    assert_eq!(r.batches[0], ["node-3"]);
+    let api = fleet.api().unwrap();
+    let mut lowest = usize::MAX;
+    let r = loop {
+        let r = get(&api, r.id).await.unwrap();
+        let n = nodes(&fleet).await;
+        // Once node-3 serves, the floor of 2 healthy nodes always holds.
+        if r.nodes["node-3"].state == NodeState::Upgraded {
+            lowest = lowest.min(healthy(&n));
+        }
+        if !r.is_active() {
+            break r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(r.fully_upgraded(), "{r:#?}");
+    assert!(lowest >= 2, "only {lowest} healthy nodes at one point");
+    assert_fleet_on(&fleet, "2.0.0").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_shows_waves_and_changes_nothing() {
+    let fleet = installed_fleet(6).await;
+    push(&fleet, "2.0.0", true).await;
+    let out = cli(
+        &fleet.url(),
+        &[
+            "plan",
+            "api@2.0.0",
+            "--spread-by",
+            "rack",
+            "--batch",
+            "3",
+            "--min-healthy",
+            "4",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("in 2 waves"), "{text}");
+    assert!(text.contains("spread_by rack"), "{text}");
+    assert!(text.contains("min_healthy 4"), "{text}");
+    assert!(text.contains("estimated duration"), "{text}");
+    // Each wave of 3 spans the 3 racks.
+    let out = cli(
+        &fleet.url(),
+        &[
+            "plan",
+            "api@2.0.0",
+            "--spread-by",
+            "rack",
+            "--batch",
+            "3",
+            "--json",
+        ],
+    );
+    let plan: rollwave_core::Rollout = serde_json::from_slice(&out.stdout).unwrap();
+    for wave in &plan.batches {
+        let mut racks: Vec<_> = wave
+            .iter()
+            .map(|n| (n.trim_start_matches("node-").parse::<usize>().unwrap() - 1) % 3)
+            .collect();
+        racks.sort();
+        assert_eq!(racks, [0, 1, 2], "{wave:?}");
+    }
+    // A floor the fleet cannot meet is refused with the reason.
+    let out = cli(&fleet.url(), &["plan", "api@2.0.0", "--min-healthy", "6"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("strategy.min_healthy"));
+    let out = cli(
+        &fleet.url(),
+        &["plan", "api@2.0.0", "--nodes", "node-1,node-9"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("node-9"));
+    let rollouts: Vec<rollwave_core::Rollout> =
+        fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
+    assert_eq!(rollouts.len(), 1, "only the install: a plan stores nothing");
+    assert_eq!(rollouts[0].state, RolloutState::Completed);
+}
