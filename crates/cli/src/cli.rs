@@ -53,7 +53,7 @@ pub enum Command {
     #[command(subcommand)]
     Rollout(RolloutCommand),
     /// Show the plan a rollout would follow now, changing nothing.
-    Plan(StartArgs),
+    Plan(Box<StartArgs>),
     /// Show the fleet: every node, its services, versions and health.
     Nodes {
         #[arg(long)]
@@ -105,7 +105,7 @@ pub enum ReleaseCommand {
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {
     /// Start a rollout: `rollwave rollout start api@2.0.0 --batch 2`.
-    Start(StartArgs),
+    Start(Box<StartArgs>),
     /// Show a rollout (the newest if no id is given).
     Status {
         id: Option<u64>,

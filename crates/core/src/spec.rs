@@ -483,7 +483,8 @@ mod tests {
 
     #[test]
     fn strategy_errors_name_the_field() {
-        let cases: Vec<(Box<dyn Fn(&mut StrategyFile)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut StrategyFile)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (
                 Box::new(|s| s.kind = Some("canary".into())),
                 "strategy.waves",
