@@ -323,6 +323,8 @@ pub fn step(current: &Rollout, fleet: &Fleet, now: Timestamp) -> Decision {
                 failed.join("; ")
             );
             fail(&mut r, reason, now);
+        } else if awaiting_promotion(&r) {
+            // Waiting for the operator, like a pause: not a lack of progress.
         } else if now >= r.last_progress_at + r.spec.progress_deadline {
             let reason = format!(
                 "no node finished for {} (progress_deadline){}",
@@ -441,6 +443,15 @@ fn run_batches(
 }
 
 /// Whether batch `b` still has a node pending or in flight.
+/// Whether the rollout has finished a wave that waits for `promote`.
+pub(crate) fn awaiting_promotion(r: &Rollout) -> bool {
+    (0..r.batches.len())
+        .find(|&b| batch_open(r, b))
+        .is_some_and(|b| {
+            b > 0 && r.pauses.get(b - 1) == Some(&true) && !r.promoted.contains(&(b - 1))
+        })
+}
+
 fn batch_open(r: &Rollout, b: usize) -> bool {
     r.batches[b].iter().any(|n| {
         let s = r.nodes[n].state;
@@ -463,7 +474,7 @@ fn run_current_batch(
         return false;
     };
 
-    if batch > 0 && r.pauses.get(batch - 1) == Some(&true) && !r.promoted.contains(&(batch - 1)) {
+    if awaiting_promotion(r) {
         r.waiting = Some(format!(
             "wave {batch} of {} is done: waiting for `rollwave rollout promote {}`",
             r.batches.len(),
@@ -637,5 +648,72 @@ struct Wake(Option<Timestamp>);
 impl Wake {
     fn at(&mut self, t: Timestamp) {
         self.0 = Some(self.0.map_or(t, |w| w.min(t)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{RolloutFile, ServiceView, StrategyFile, TaskOutcome, WaveFile};
+
+    fn fleet(n: usize) -> Fleet {
+        (1..=n)
+            .map(|i| {
+                let name = format!("n{i}");
+                let view = NodeView {
+                    name: name.clone(),
+                    labels: Default::default(),
+                    online: true,
+                    last_seen: 0,
+                    services: [(
+                        "api".to_string(),
+                        ServiceView {
+                            version: Some("1.0.0".into()),
+                            health: Health::Healthy,
+                            staged: Vec::new(),
+                        },
+                    )]
+                    .into(),
+                };
+                (name, view)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn waiting_for_a_promotion_is_not_a_lack_of_progress() {
+        let spec = RolloutFile {
+            service: Some("api".into()),
+            version: Some("2.0.0".into()),
+            strategy: StrategyFile {
+                waves: Some(vec![
+                    WaveFile::Table {
+                        size: "1".into(),
+                        pause: true,
+                    },
+                    WaveFile::Size("100%".into()),
+                ]),
+                progress_deadline: Some("10m".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let fleet = fleet(3);
+        let d = step(&plan_batches(1, spec, &fleet, 0).unwrap(), &fleet, 0);
+        let mut r = d.rollout;
+        assert!(r.record_result("n1", &d.dispatch[0].task.id, &TaskOutcome::Succeeded, 1_000));
+        // An hour later, still waiting: not failed, nothing started.
+        let hour = 3_600_000;
+        let d = step(&r, &fleet, hour);
+        assert_eq!(d.rollout.state, RolloutState::Running);
+        assert!(d.dispatch.is_empty());
+        assert!(d.rollout.waiting.as_deref().unwrap().contains("promote 1"));
+        r = d.rollout;
+        r.promote(hour).unwrap();
+        let d = step(&r, &fleet, hour + 1);
+        assert_eq!(d.dispatch.len(), 2, "the rest starts after the promotion");
+        assert_eq!(d.rollout.state, RolloutState::Running);
     }
 }

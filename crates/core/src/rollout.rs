@@ -290,6 +290,8 @@ impl Rollout {
         match (self.state, waiting) {
             (RolloutState::Running | RolloutState::Paused, Some(w)) => {
                 self.promoted.push(w);
+                // Time spent waiting for the operator is not a lack of progress.
+                self.last_progress_at = now;
                 self.event(now, None, format!("wave {} promoted by operator", w + 1));
                 Ok(())
             }

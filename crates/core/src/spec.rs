@@ -207,8 +207,11 @@ impl RolloutFile {
         if matches!(batch, Amount::Count(0) | Amount::Percent(0)) {
             return Err(SpecError::new("strategy.batch", "must be at least 1 node"));
         }
+        let canary = s.waves.is_some();
         let max_unavailable = match &s.max_unavailable {
             Some(m) => m.amount("strategy.max_unavailable")?,
+            // A canary's waves set how many nodes go at once.
+            None if canary => Amount::Percent(100),
             None => batch,
         };
         if max_unavailable == Amount::Count(0) {
