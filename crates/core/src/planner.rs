@@ -442,7 +442,6 @@ fn run_batches(
     while run_current_batch(r, fleet, now, dispatch, wake) {}
 }
 
-/// Whether batch `b` still has a node pending or in flight.
 /// Whether the rollout has finished a wave that waits for `promote`.
 pub(crate) fn awaiting_promotion(r: &Rollout) -> bool {
     (0..r.batches.len())
@@ -452,6 +451,7 @@ pub(crate) fn awaiting_promotion(r: &Rollout) -> bool {
         })
 }
 
+/// Whether batch `b` still has a node pending or in flight.
 fn batch_open(r: &Rollout, b: usize) -> bool {
     r.batches[b].iter().any(|n| {
         let s = r.nodes[n].state;
@@ -492,7 +492,15 @@ fn run_current_batch(
         .as_ref()
         .map(|s| invariants::in_flight_by_domain(r, fleet, &s.label))
         .unwrap_or_default();
-    let mut waits = Vec::new();
+    let limits = Limits {
+        service: service.clone(),
+        budget,
+        min_healthy,
+        spread: spread.clone(),
+    };
+    // Why each pending node waits is said once every start of this step is
+    // counted, so that calling `step` again with its output says the same.
+    let mut waits: Vec<Wait> = Vec::new();
     for name in r.batches[batch].clone() {
         if r.nodes[&name].state != NodeState::Pending {
             continue;
@@ -518,7 +526,7 @@ fn run_current_batch(
                 r.event(now, Some(&name), reason);
             } else {
                 wake.at(since + r.spec.healthy_deadline);
-                waits.push(format!("{name} is offline"));
+                waits.push(Wait::Offline(name.clone()));
             }
             continue;
         };
@@ -527,28 +535,15 @@ fn run_current_batch(
             n.waiting_since = None;
         }
         let already_down = !view.available(&service);
-        if !already_down && unavailable >= budget {
-            waits.push(format!(
-                "{name} waits: {unavailable} of at most {budget} nodes unavailable"
-            ));
-            continue;
-        }
-        if !already_down && healthy <= min_healthy {
-            waits.push(format!(
-                "{name} waits: {healthy} nodes of {service} are healthy fleet-wide and min_healthy is {min_healthy}"
-            ));
-            continue;
-        }
         let domain = spread.as_ref().map(|s| label_value(view, &s.label));
-        if let (Some(s), Some(d)) = (&spread, &domain) {
-            let in_domain = busy.get(d).copied().unwrap_or(0);
-            if in_domain >= s.max_per_domain as usize {
-                waits.push(format!(
-                    "{name} waits: {in_domain} node(s) with {}={d} already in flight (max_per_domain {})",
-                    s.label, s.max_per_domain
-                ));
-                continue;
-            }
+        let held = Held {
+            name: name.clone(),
+            already_down,
+            domain: domain.clone(),
+        };
+        if held.reason(&limits, unavailable, healthy, &busy).is_some() {
+            waits.push(Wait::Held(held));
+            continue;
         }
         if let Some(d) = domain {
             *busy.entry(d).or_default() += 1;
@@ -577,6 +572,20 @@ fn run_current_batch(
         );
         dispatch.push(Dispatch { node: name, task });
     }
+    let held = waits.len();
+    let mut waits: Vec<String> = waits
+        .into_iter()
+        .take(MAX_WAITS_SHOWN)
+        .map(|w| match w {
+            Wait::Held(h) => h
+                .reason(&limits, unavailable, healthy, &busy)
+                .expect("a held node stays held as the step starts others"),
+            Wait::Offline(name) => format!("{name} is offline"),
+        })
+        .collect();
+    if held > MAX_WAITS_SHOWN {
+        waits.push(format!("and {} more", held - MAX_WAITS_SHOWN));
+    }
     let in_flight: Vec<&str> = r.in_flight().map(|(n, _)| n).collect();
     let waiting = if !waits.is_empty() {
         Some(format!("wave {}: {}", batch + 1, waits.join("; ")))
@@ -592,6 +601,62 @@ fn run_current_batch(
     };
     r.waiting = waiting;
     !batch_open(r, batch)
+}
+
+/// Held nodes named in `waiting`; the rest are counted.
+const MAX_WAITS_SHOWN: usize = 5;
+
+enum Wait {
+    Offline(String),
+    Held(Held),
+}
+
+/// What holds a pending node back, re-evaluated against the step's counts.
+struct Limits {
+    service: String,
+    budget: usize,
+    min_healthy: usize,
+    spread: Option<crate::Spread>,
+}
+
+struct Held {
+    name: String,
+    already_down: bool,
+    domain: Option<String>,
+}
+
+impl Held {
+    fn reason(
+        &self,
+        l: &Limits,
+        unavailable: usize,
+        healthy: usize,
+        busy: &BTreeMap<String, usize>,
+    ) -> Option<String> {
+        let name = &self.name;
+        if !self.already_down && unavailable >= l.budget {
+            return Some(format!(
+                "{name} waits: {unavailable} of at most {} nodes unavailable",
+                l.budget
+            ));
+        }
+        if !self.already_down && healthy <= l.min_healthy {
+            return Some(format!(
+                "{name} waits: {healthy} nodes of {} are healthy fleet-wide and min_healthy is {}",
+                l.service, l.min_healthy
+            ));
+        }
+        if let (Some(s), Some(d)) = (&l.spread, &self.domain) {
+            let in_domain = busy.get(d).copied().unwrap_or(0);
+            if in_domain >= s.max_per_domain as usize {
+                return Some(format!(
+                    "{name} waits: {in_domain} node(s) with {}={d} already in flight (max_per_domain {})",
+                    s.label, s.max_per_domain
+                ));
+            }
+        }
+        None
+    }
 }
 
 fn roll_back(r: &mut Rollout, now: Timestamp, dispatch: &mut Vec<Dispatch>) {

@@ -1,19 +1,26 @@
-//! Whole rollouts, simulated: random fleets and specs, agents that report
-//! results at random later times, nodes that drop off and come back. After
-//! every planner step the rules in `rollwave_core::invariants` must hold.
+//! Whole rollouts, simulated: random fleets and specs (rolling or canary
+//! waves, `min_healthy`, `spread_by`, `order_by`, explicit nodes), agents
+//! that report results at random later times, nodes that drop off and come
+//! back, and an operator who pauses, cancels, rolls back and promotes canary
+//! waves. After every planner step the rules in `rollwave_core::invariants`
+//! must hold.
 //!
 //! The simulation is driven by a seed so that a failing case replays exactly;
-//! proptest shrinks the fleet, the spec and the knobs around it.
+//! proptest shrinks the fleet, the spec and the knobs around it. Most cases
+//! have up to 300 nodes; a second, smaller set has 300 to 2000.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use rollwave_core::invariants::{
-    batch_order, batches_within, planned_once, settled, unavailable_count, within_budget,
+    batch_cuts, batch_order, batches_within, domain_order, domains_in_order, fleet_healthy,
+    healthy_floor, in_flight_by_domain, planned_once, promotion_respected, settled, spread_within,
+    unavailable_count, within_budget,
 };
 use rollwave_core::{
-    plan_batches, step, Amount, Decision, Fleet, Health, NodeState, NodeView, Rollout, RolloutFile,
-    RolloutSpec, RolloutState, ServiceView, StrategyFile, TaskKind, TaskOutcome, Timestamp,
+    plan_batches, step, Amount, CountOrText, Decision, Fleet, Health, NodeState, NodeView, Rollout,
+    RolloutFile, RolloutSpec, RolloutState, ServiceView, StrategyFile, TaskKind, TaskOutcome,
+    Timestamp, WaveFile,
 };
 
 const SEC: u64 = 1000;
@@ -21,12 +28,10 @@ const T0: Timestamp = 1_700_000_000_000;
 const SERVICE: &str = "api";
 const FROM: &str = "1.0.0";
 const TO: &str = "2.0.0";
-/// Every simulated rollout must reach its end within this many steps.
+/// Every simulated rollout must reach its end within this many steps, or ten
+/// per node for large fleets.
 const MAX_STEPS: usize = 10_000;
-/// Nodes stop dropping off, health stops changing and the operator stops
-/// intervening after this many steps, so that termination does not depend on
-/// luck.
-const CHAOS_STEPS: usize = MAX_STEPS / 2;
+const REGIONS: [&str; 3] = ["eu-1", "us-1", "ap-1"];
 
 // ---------------------------------------------------------------------------
 // Building fleets and specs
@@ -53,20 +58,25 @@ fn fleet_of(nodes: impl IntoIterator<Item = NodeView>) -> Fleet {
 }
 
 /// A spec as a user would write it, validated by `RolloutFile::resolve`.
-fn spec(batch: &str, max_unavailable: &str, strategy: StrategyFile) -> RolloutSpec {
+fn spec_of(strategy: StrategyFile) -> RolloutSpec {
     RolloutFile {
         service: Some(SERVICE.into()),
         version: Some(TO.into()),
         selector: None,
         nodes: None,
-        strategy: StrategyFile {
-            batch: Some(batch.into()),
-            max_unavailable: Some(max_unavailable.into()),
-            ..strategy
-        },
+        strategy,
     }
     .resolve()
     .expect("test spec is valid")
+}
+
+/// A rolling spec with the given batch and budget.
+fn spec(batch: &str, max_unavailable: &str, strategy: StrategyFile) -> RolloutSpec {
+    spec_of(StrategyFile {
+        batch: Some(batch.into()),
+        max_unavailable: Some(max_unavailable.into()),
+        ..strategy
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -74,7 +84,10 @@ fn spec(batch: &str, max_unavailable: &str, strategy: StrategyFile) -> RolloutSp
 
 #[derive(Debug, Clone)]
 struct NodeGen {
+    /// `rack` label r1..r5.
     rack: u8,
+    /// `region` label, one of `REGIONS`; `None`: the node has no region.
+    region: Option<u8>,
     gpu: bool,
     health: Health,
     offline_for: Option<u64>,
@@ -98,48 +111,81 @@ impl AmountGen {
 }
 
 #[derive(Debug, Clone)]
+enum KindGen {
+    /// `named`: whether the file says `kind = "rolling"` or leaves it implied.
+    Rolling { batch: AmountGen, named: bool },
+    /// Waves as `(cumulative size, pause after it)`.
+    Canary {
+        waves: Vec<(AmountGen, bool)>,
+        named: bool,
+    },
+}
+
+#[derive(Debug, Clone)]
 struct Case {
     nodes: Vec<NodeGen>,
     selector: &'static str,
-    batch: AmountGen,
-    max_unavailable: AmountGen,
+    /// Explicit `nodes`, as indices into the fleet; see `Case::explicit_name`.
+    explicit: Option<Vec<u16>>,
+    kind: KindGen,
+    /// `None`: the default (the batch size; every node for a canary).
+    max_unavailable: Option<AmountGen>,
+    /// `min_healthy` as a percentage of the nodes running the service.
+    min_healthy_pct: Option<u32>,
+    /// `spread_by = "rack"`, with `max_per_domain` if set.
+    spread: Option<Option<u32>>,
+    /// `order_by = "region"`, with these values first.
+    order: Option<Vec<&'static str>>,
     max_failures: u32,
     auto_rollback: bool,
-    /// Seconds; healthy_deadline = min_healthy + extra, progress = healthy + extra.
-    min_healthy_s: u64,
+    /// Seconds; healthy_deadline = healthy_time + extra, progress = healthy + extra.
+    healthy_time_s: u64,
     healthy_extra_s: u64,
     progress_extra_s: u64,
+    /// Agents report at multiples of this many milliseconds (when the health
+    /// gate allows), so that reports come together as they do in big fleets.
+    tick: u64,
     /// Percent of tasks whose agent reports a failure.
     fail_pct: u64,
     /// Percent of steps after which a random node goes offline or comes back.
     flap_pct: u64,
     /// Percent of steps after which a random node's health changes.
     churn_pct: u64,
-    /// Percent of steps after which the operator pauses, resumes, cancels or
-    /// rolls back.
+    /// Percent of steps after which the operator pauses, resumes, cancels,
+    /// rolls back or promotes.
     operator_pct: u64,
+    /// Percent of paused canary waves the operator rolls back or cancels
+    /// instead of promoting.
+    abandon_pct: u64,
     seed: u64,
 }
 
-fn node_gen() -> impl Strategy<Value = NodeGen> {
+/// Large fleets are mostly healthy and online, as real ones are: otherwise
+/// they start far beyond any budget and every case is the same stuck one.
+fn node_gen(large: bool) -> impl Strategy<Value = NodeGen> {
+    let (healthy, offline) = if large { (98, 0.01) } else { (6, 0.1) };
     (
-        0u8..4,
+        0u8..5,
+        prop::option::weighted(0.9, 0u8..3),
         any::<bool>(),
         prop_oneof![
-            6 => Just(Health::Healthy),
+            healthy => Just(Health::Healthy),
             1 => Just(Health::Unhealthy),
             1 => Just(Health::Starting),
         ],
-        prop::option::weighted(0.1, 0u64..3_600),
+        prop::option::weighted(offline, 0u64..3_600),
         prop::bool::weighted(0.95),
     )
-        .prop_map(|(rack, gpu, health, offline_for, runs_api)| NodeGen {
-            rack,
-            gpu,
-            health,
-            offline_for,
-            runs_api,
-        })
+        .prop_map(
+            |(rack, region, gpu, health, offline_for, runs_api)| NodeGen {
+                rack,
+                region,
+                gpu,
+                health,
+                offline_for,
+                runs_api,
+            },
+        )
 }
 
 fn amount_gen(min_percent: u32) -> impl Strategy<Value = AmountGen> {
@@ -149,64 +195,144 @@ fn amount_gen(min_percent: u32) -> impl Strategy<Value = AmountGen> {
     ]
 }
 
-fn case_gen() -> impl Strategy<Value = Case> {
-    let nodes = prop_oneof![
-        3 => prop::collection::vec(node_gen(), 1..=20),
-        1 => prop::collection::vec(node_gen(), 1..=300),
-    ];
+/// Large fleets keep batches and budgets to percentages of at least
+/// `min_percent`, so that a case runs in a bounded number of steps.
+fn sized_amount(large: bool, min_percent: u32) -> BoxedStrategy<AmountGen> {
+    if large {
+        (min_percent.max(5)..=100)
+            .prop_map(AmountGen::Percent)
+            .boxed()
+    } else {
+        amount_gen(min_percent).boxed()
+    }
+}
+
+fn kind_gen(large: bool) -> impl Strategy<Value = KindGen> {
+    let wave = (amount_gen(1), prop::bool::weighted(0.3));
+    prop_oneof![
+        (sized_amount(large, 1), any::<bool>())
+            .prop_map(|(batch, named)| KindGen::Rolling { batch, named }),
+        (prop::collection::vec(wave, 1..=4), any::<bool>())
+            .prop_map(|(waves, named)| KindGen::Canary { waves, named }),
+    ]
+}
+
+fn case_gen(large: bool) -> impl Strategy<Value = Case> {
+    let nodes = if large {
+        prop::collection::vec(node_gen(true), 300..=2000).boxed()
+    } else {
+        prop_oneof![
+            3 => prop::collection::vec(node_gen(false), 1..=20),
+            1 => prop::collection::vec(node_gen(false), 1..=300),
+        ]
+        .boxed()
+    };
     let selector = prop::sample::select(vec![
+        "",
         "",
         "",
         "rack=r1",
         "rack in (r1,r2)",
         "rack!=r4",
         "!gpu",
+        "region in (eu-1,us-1)",
     ]);
+    let explicit = prop::option::weighted(0.15, prop::collection::vec(any::<u16>(), 1..=12));
+    // Large fleets keep their floor below 95%, so that enough nodes may be
+    // in flight at once.
+    let min_healthy = prop::option::weighted(0.4, 0u32..=if large { 95 } else { 100 });
+    // In large fleets, one node per rack at a time (also the default when
+    // max_per_domain is left out) would take thousands of steps: small
+    // fleets cover that.
+    let max_per_domain = if large {
+        (5u32..=50).prop_map(Some).boxed()
+    } else {
+        prop::option::weighted(0.7, 1u32..=3).boxed()
+    };
+    let spread = prop::option::weighted(0.4, max_per_domain);
+    let order = prop::option::weighted(
+        0.4,
+        prop::sample::subsequence(vec!["eu-1", "us-1", "ap-1", "sa-1"], 0..=4).prop_shuffle(),
+    );
+    // Half the cases without failed tasks; large fleets with few, or any
+    // would be more than max_failures.
+    let fail_pct = if large {
+        prop_oneof![3 => Just(0u64), 1 => 1u64..=2].boxed()
+    } else {
+        prop_oneof![Just(0u64), 1u64..=30].boxed()
+    };
+    let tick = if large {
+        Just(5 * SEC).boxed()
+    } else {
+        prop_oneof![Just(1u64), Just(SEC)].boxed()
+    };
     (
-        (nodes, selector, amount_gen(1), amount_gen(0)),
-        (0u32..=3, any::<bool>(), 0u64..=10, 1u64..=30, 0u64..=60),
         (
-            0u64..=30,
+            nodes,
+            selector,
+            explicit,
+            kind_gen(large),
+            prop::option::weighted(0.8, sized_amount(large, 0)),
+        ),
+        (min_healthy, spread, order, 0u32..=3, any::<bool>()),
+        (0u64..=10, 1u64..=30, 0u64..=60, tick),
+        (
+            fail_pct,
             0u64..=20,
             0u64..=10,
             prop_oneof![3 => Just(0u64), 1 => 1u64..=3],
+            0u64..=40,
             any::<u64>(),
         ),
     )
         .prop_map(
             |(
-                (nodes, selector, batch, max_unavailable),
-                (max_failures, auto_rollback, min_healthy_s, healthy_extra_s, progress_extra_s),
-                (fail_pct, flap_pct, churn_pct, operator_pct, seed),
+                (nodes, selector, explicit, kind, max_unavailable),
+                (min_healthy_pct, spread, order, max_failures, auto_rollback),
+                (healthy_time_s, healthy_extra_s, progress_extra_s, tick),
+                (fail_pct, flap_pct, churn_pct, operator_pct, abandon_pct, seed),
             )| Case {
                 nodes,
                 selector,
-                batch,
+                explicit,
+                kind,
                 max_unavailable,
+                min_healthy_pct,
+                spread,
+                order,
                 max_failures,
                 auto_rollback,
-                min_healthy_s,
+                healthy_time_s,
                 healthy_extra_s,
                 progress_extra_s,
+                tick,
                 fail_pct,
                 flap_pct,
                 churn_pct,
                 operator_pct,
+                abandon_pct,
                 seed,
             },
         )
+}
+
+fn node_name(i: usize) -> String {
+    format!("n{i:04}")
 }
 
 impl Case {
     fn fleet(&self) -> Fleet {
         fleet_of(self.nodes.iter().enumerate().map(|(i, g)| {
             let mut n = node(
-                &format!("n{i:03}"),
+                &node_name(i),
                 &format!("r{}", g.rack + 1),
                 g.health,
                 g.offline_for.is_none(),
             );
             n.last_seen = T0 - g.offline_for.unwrap_or(0) * SEC;
+            if let Some(r) = g.region {
+                n.labels.insert("region".into(), REGIONS[r as usize].into());
+            }
             if g.gpu {
                 n.labels.insert("gpu".into(), "yes".into());
             }
@@ -217,23 +343,67 @@ impl Case {
         }))
     }
 
+    /// One in fifty explicit names is a node the fleet does not have.
+    fn explicit_name(&self, i: u16) -> String {
+        if i % 50 == 49 {
+            "n-ghost".into()
+        } else {
+            node_name(i as usize % self.nodes.len())
+        }
+    }
+
     fn spec(&self) -> RolloutSpec {
         let n = self.nodes.len();
-        let healthy_s = self.min_healthy_s + self.healthy_extra_s;
+        let running = self.nodes.iter().filter(|g| g.runs_api).count();
+        let amount = |a: &AmountGen| CountOrText::Text(a.resolve(n).to_string());
+        let (kind, batch, waves) = match &self.kind {
+            KindGen::Rolling { batch, named } => {
+                (named.then(|| "rolling".into()), Some(amount(batch)), None)
+            }
+            KindGen::Canary { waves, named } => {
+                let waves = waves
+                    .iter()
+                    .map(|(size, pause)| match pause {
+                        true => WaveFile::Table {
+                            size: amount(size),
+                            pause: true,
+                        },
+                        false => WaveFile::Size(amount(size)),
+                    })
+                    .collect();
+                (named.then(|| "canary".into()), None, Some(waves))
+            }
+        };
+        let healthy_s = self.healthy_time_s + self.healthy_extra_s;
         let file = RolloutFile {
             service: Some(SERVICE.into()),
             version: Some(TO.into()),
             selector: Some(self.selector.into()),
-            nodes: None,
+            nodes: self
+                .explicit
+                .as_ref()
+                .map(|ix| ix.iter().map(|&i| self.explicit_name(i)).collect()),
             strategy: StrategyFile {
-                batch: Some(self.batch.resolve(n).to_string().as_str().into()),
-                max_unavailable: Some(self.max_unavailable.resolve(n).to_string().as_str().into()),
-                min_healthy_time: Some(format!("{}s", self.min_healthy_s)),
+                kind,
+                batch,
+                waves,
+                max_unavailable: self.max_unavailable.as_ref().map(amount),
+                min_healthy: self
+                    .min_healthy_pct
+                    .map(|p| (p as usize * running / 100) as u32),
+                spread_by: self.spread.map(|_| "rack".into()),
+                max_per_domain: self.spread.flatten(),
+                order_by: self.order.as_ref().map(|_| "region".into()),
+                order: self
+                    .order
+                    .as_ref()
+                    .filter(|o| !o.is_empty())
+                    .map(|o| o.iter().map(|v| v.to_string()).collect()),
+                min_healthy_time: Some(format!("{}s", self.healthy_time_s)),
                 healthy_deadline: Some(format!("{healthy_s}s")),
                 progress_deadline: Some(format!("{}s", healthy_s + self.progress_extra_s)),
                 max_failures: Some(self.max_failures),
                 auto_rollback: Some(self.auto_rollback),
-                ..Default::default()
             },
         };
         file.resolve().expect("generated spec is valid")
@@ -280,16 +450,28 @@ struct Sim {
     case: Case,
     rng: Rng,
     now: Timestamp,
+    /// Nodes' labels never change, so this is also the fleet as planned.
     fleet: Fleet,
     rollout: Rollout,
     selected: BTreeSet<String>,
     batch_size: usize,
     budget: usize,
     reports: Vec<Report>,
-    /// Simulated time spent paused, when no deadline runs.
-    paused: u64,
+    /// Simulated time spent waiting for the operator (paused, or a canary
+    /// wave waiting for its promotion), which no deadline should count.
+    held: u64,
+    /// What the operator decides about each paused wave, and when.
+    verdicts: BTreeMap<usize, (Timestamp, Verdict)>,
     /// Task ids dispatched so far, per node and kind.
     dispatched: BTreeMap<(String, u8), String>,
+}
+
+/// What the operator does about a wave waiting for its promotion.
+#[derive(Debug, Clone, Copy)]
+enum Verdict {
+    Promote,
+    RollBack,
+    Cancel,
 }
 
 fn kind_key(k: TaskKind) -> u8 {
@@ -299,23 +481,74 @@ fn kind_key(k: TaskKind) -> u8 {
     }
 }
 
+/// The wave whose promotion the rollout waits for, if any: every node up to
+/// it is done, it pauses, and it is not promoted yet.
+fn awaiting_promotion(r: &Rollout) -> Option<usize> {
+    let running = matches!(r.state, RolloutState::Running | RolloutState::Paused);
+    if !running || !r.pauses.contains(&true) {
+        return None;
+    }
+    let open = r.batches.iter().position(|b| {
+        b.iter().any(|n| {
+            let s = r.nodes[n].state;
+            s == NodeState::Pending || s.in_flight()
+        })
+    })?;
+    let w = open.checked_sub(1)?;
+    (r.pauses[w] && !r.promoted.contains(&w)).then_some(w)
+}
+
+/// Whether `n` is already down (0), healthy (1) or offline (2): the order in
+/// which nodes of one `order_by` domain are planned.
+fn availability_rank(n: &NodeView) -> u8 {
+    match (n.online, n.available(SERVICE)) {
+        (true, false) => 0,
+        (true, true) => 1,
+        (false, _) => 2,
+    }
+}
+
 impl Sim {
-    /// Plans the rollout, or returns `None` when the fleet has nothing to
-    /// roll out to (checking that the planner said so for the right reason).
+    /// Plans the rollout, or returns `None` when the planner refuses the spec
+    /// (checking that it did so for the right reason).
     fn new(case: Case) -> Option<Sim> {
         let fleet = case.fleet();
         let spec = case.spec();
-        let selected: BTreeSet<String> = fleet
+        let runs: Vec<&NodeView> = fleet
             .values()
-            .filter(|n| n.services.contains_key(SERVICE) && spec.selector.matches(&n.labels))
+            .filter(|n| n.services.contains_key(SERVICE))
+            .collect();
+        let selected: BTreeSet<String> = runs
+            .iter()
+            .filter(|n| spec.selector.matches(&n.labels))
+            .filter(|n| spec.nodes.is_empty() || spec.nodes.contains(&n.name))
             .map(|n| n.name.clone())
             .collect();
-        let rollout = match plan_batches(7, spec.clone(), &fleet, T0) {
-            Ok(r) => r,
-            Err(e) => {
-                assert!(selected.is_empty(), "planning failed: {e}");
+        let refusal = if runs.is_empty() {
+            Some("service")
+        } else if spec
+            .nodes
+            .iter()
+            .any(|x| !runs.iter().any(|v| &v.name == x))
+        {
+            Some("nodes")
+        } else if selected.is_empty() {
+            Some("selector")
+        } else if spec.min_healthy as usize >= runs.len()
+            && selected.iter().any(|n| fleet[n].available(SERVICE))
+        {
+            Some("strategy.min_healthy")
+        } else {
+            None
+        };
+        let rollout = match (plan_batches(7, spec.clone(), &fleet, T0), refusal) {
+            (Ok(r), None) => r,
+            (Err(e), Some(field)) => {
+                assert_eq!(e.field, field, "refused for the wrong reason: {e}");
                 return None;
             }
+            (Ok(_), Some(field)) => panic!("planned, but {field} should have been refused"),
+            (Err(e), None) => panic!("planning failed: {e}"),
         };
         let batch_size = spec.batch_size(selected.len());
         let budget = spec.unavailable_budget(selected.len());
@@ -330,69 +563,128 @@ impl Sim {
             batch_size,
             budget,
             reports: Vec::new(),
-            paused: 0,
+            held: 0,
+            verdicts: BTreeMap::new(),
             dispatched: BTreeMap::new(),
         };
-        sim.check_plan(&sim.rollout);
-        // Nodes already down go first, offline ones last.
-        let rank = |name: &String| {
-            let v = &sim.fleet[name];
-            match (v.online, v.available(SERVICE)) {
-                (true, false) => 0,
-                (true, true) => 1,
-                (false, _) => 2,
-            }
-        };
-        let order: Vec<u8> = sim.rollout.batches.iter().flatten().map(rank).collect();
-        assert!(
-            order.windows(2).all(|w| w[0] <= w[1]),
-            "batches not ordered by availability: {order:?}"
-        );
+        sim.check_plan();
         Some(sim)
     }
 
-    fn check_plan(&self, r: &Rollout) {
-        let selected = self.selected.iter().map(String::as_str);
-        planned_once(&r.batches, selected).unwrap();
-        batches_within(&r.batches, self.batch_size).unwrap();
+    /// The plan covers the selection once, cut where the spec says, one
+    /// `order_by` domain after another.
+    fn check_plan(&self) {
+        let r = &self.rollout;
+        planned_once(&r.batches, self.selected.iter().map(String::as_str)).unwrap();
+        if r.spec.waves.is_empty() {
+            batches_within(&r.batches, self.batch_size).unwrap();
+        }
+        batch_cuts(r, &self.fleet).unwrap();
+        domains_in_order(r, &self.fleet).unwrap();
+        assert!(r.promoted.is_empty());
         for (b, batch) in r.batches.iter().enumerate() {
             for name in batch {
                 assert_eq!(r.nodes[name].batch, b, "{name} batch index");
             }
         }
+        self.check_order_within_domains();
     }
 
-    /// One planner step, checked, then applied.
-    fn step(&mut self) -> Decision {
-        let before = unavailable_count(&self.rollout, &self.fleet);
-        let d = step(&self.rollout, &self.fleet, self.now);
+    /// Within each `order_by` domain, nodes already down go first and
+    /// offline ones last; within each of those, `spread_by` domains take
+    /// turns, so that the k-th node of one rack comes before the (k+1)-th of
+    /// any other.
+    fn check_order_within_domains(&self) {
+        let r = &self.rollout;
+        let label = |name: &str, key: &str| -> String {
+            self.fleet[name]
+                .labels
+                .get(key)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let group = |name: &str| match &r.spec.order {
+            Some(o) => label(name, &o.label),
+            None => String::new(),
+        };
+        let rank = |name: &str| availability_rank(&self.fleet[name]);
+        let flat: Vec<&String> = r.batches.iter().flatten().collect();
+        for domain in flat.chunk_by(|a, b| group(a) == group(b)) {
+            let ranks: Vec<u8> = domain.iter().map(|n| rank(n)).collect();
+            assert!(
+                ranks.windows(2).all(|w| w[0] <= w[1]),
+                "not ordered by availability: {ranks:?}"
+            );
+            let Some(spread) = &r.spec.spread else {
+                continue;
+            };
+            for class in domain.chunk_by(|a, b| rank(a) == rank(b)) {
+                let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+                let turns: Vec<usize> = class
+                    .iter()
+                    .map(|n| {
+                        let c = seen.entry(label(n, &spread.label)).or_default();
+                        *c += 1;
+                        *c
+                    })
+                    .collect();
+                assert!(
+                    turns.windows(2).all(|w| w[0] <= w[1]),
+                    "{} domains do not take turns: {turns:?}",
+                    spread.label
+                );
+            }
+        }
+    }
+
+    /// One planner step, checked, then applied. Returns its `next_wakeup`.
+    fn step(&mut self) -> Option<Timestamp> {
+        let mut d = step(&self.rollout, &self.fleet, self.now);
+        let changed = differs(&mut d.rollout, &self.rollout);
         let r = &d.rollout;
         let ctx = || format!("step at +{}ms, state {}", self.now - T0, r.state.as_str());
 
-        self.check_plan(r);
+        // The plan is fixed; only the operator promotes.
         assert_eq!(
             r.batches,
             self.rollout.batches,
             "batches changed: {}",
             ctx()
         );
+        assert_eq!(r.pauses, self.rollout.pauses, "pauses changed: {}", ctx());
         assert_eq!(
-            differs(r, &self.rollout),
-            d.changed,
-            "changed flag: {}",
+            r.promoted,
+            self.rollout.promoted,
+            "promoted changed: {}",
             ctx()
         );
+        assert!(
+            r.nodes
+                .iter()
+                .zip(&self.rollout.nodes)
+                .all(|((a, x), (b, y))| a == b && x.batch == y.batch),
+            "nodes changed: {}",
+            ctx()
+        );
+        assert_eq!(changed, d.changed, "changed flag: {}", ctx());
         if let Some(w) = d.next_wakeup {
             assert!(w > self.now, "next_wakeup {w} is not after now: {}", ctx());
         }
 
-        let after = unavailable_count(r, &self.fleet);
+        let upgrades = d.dispatch.iter().any(|x| x.task.kind == TaskKind::Upgrade);
         let reverts = d.dispatch.iter().any(|x| x.task.kind == TaskKind::Revert);
-        if !reverts {
-            // Rolling back is all at once, on purpose; every other step keeps
-            // to the budget.
+        if upgrades && !reverts {
+            // Rolling back is all at once, on purpose; every step that starts
+            // upgrades keeps to the budget and the floor. (A step that starts
+            // nothing only ever ends tasks.)
+            let (old, fleet) = (&self.rollout, &self.fleet);
+            let (before, after) = (unavailable_count(old, fleet), unavailable_count(r, fleet));
             within_budget(before, after, self.budget).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
+            let (before, after) = (fleet_healthy(old, fleet), fleet_healthy(r, fleet));
+            healthy_floor(before, after, r.spec.min_healthy as usize)
+                .unwrap_or_else(|e| panic!("{e}: {}", ctx()));
         }
+        spread_within(r, &self.fleet).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
 
         let mut started = Vec::new();
         for x in &d.dispatch {
@@ -440,7 +732,31 @@ impl Sim {
             "one step both upgrades and reverts: {}",
             ctx()
         );
-        batch_order(r, started).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
+        batch_order(r, started.iter().copied()).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
+        domain_order(r, &self.fleet, started.iter().copied())
+            .unwrap_or_else(|e| panic!("{e}: {}", ctx()));
+        promotion_respected(r, started.iter().copied())
+            .unwrap_or_else(|e| panic!("{e}: {}", ctx()));
+        if awaiting_promotion(&self.rollout).is_some()
+            && self.rollout.state == RolloutState::Running
+        {
+            // Waiting for the operator is not a lack of progress.
+            let reason = r.reason.as_deref().unwrap_or_default();
+            assert!(
+                !reason.contains("progress_deadline"),
+                "failed while waiting for a promotion: {reason}: {}",
+                ctx()
+            );
+        }
+        if r.state == RolloutState::Running && awaiting_promotion(r).is_some() {
+            assert!(d.dispatch.is_empty(), "dispatched at a pause: {}", ctx());
+            let waiting = r.waiting.as_deref().unwrap_or_default();
+            assert!(
+                waiting.contains("waiting for `rollwave rollout promote 7`"),
+                "waiting for a promotion, but says {waiting:?}: {}",
+                ctx()
+            );
+        }
         if r.state.is_terminal() && !self.rollout.state.is_terminal() {
             settled(r).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
         }
@@ -459,11 +775,17 @@ impl Sim {
             again.rollout
         );
 
-        self.rollout = d.rollout.clone();
-        for x in &d.dispatch {
+        let Decision {
+            rollout,
+            dispatch,
+            next_wakeup,
+            ..
+        } = d;
+        self.rollout = rollout;
+        for x in &dispatch {
             self.agent_takes(&x.node, &x.task.id, x.task.kind);
         }
-        d
+        next_wakeup
     }
 
     /// The node's agent starts the task and schedules how it will end: within
@@ -472,17 +794,14 @@ impl Sim {
         let spec = &self.rollout.spec;
         let (min, deadline) = (spec.min_healthy_time, spec.healthy_deadline);
         let fails = self.rng.percent(self.case.fail_pct);
-        let (due, outcome) = if fails {
+        let lo = if fails { 0 } else { min };
+        let tick = self.case.tick;
+        let due = ((self.now + self.rng.range(lo, deadline)) / tick * tick).max(self.now + lo);
+        let outcome = if fails {
             let reason = format!("health gate failed on {name}");
-            (
-                self.now + self.rng.range(0, deadline),
-                TaskOutcome::Failed { reason },
-            )
+            TaskOutcome::Failed { reason }
         } else {
-            (
-                self.now + self.rng.range(min, deadline),
-                TaskOutcome::Succeeded,
-            )
+            TaskOutcome::Succeeded
         };
         if let Some(s) = self.service(name) {
             s.health = Health::Starting;
@@ -500,27 +819,29 @@ impl Sim {
         self.fleet.get_mut(name)?.services.get_mut(SERVICE)
     }
 
-    /// Delivers every due report of an online node, checking that a repeated
-    /// delivery is ignored.
+    /// Delivers every due report of an online node, checking that delivering
+    /// them all again is ignored.
     fn deliver_due(&mut self) {
         let (due, rest): (Vec<Report>, Vec<Report>) = std::mem::take(&mut self.reports)
             .into_iter()
             .partition(|x| x.due <= self.now && self.fleet[&x.node].online);
         self.reports = rest;
-        for x in due {
+        if due.is_empty() {
+            return;
+        }
+        for x in &due {
             self.rollout
                 .record_result(&x.node, &x.task, &x.outcome, self.now);
-            let once = self.rollout.clone();
+        }
+        let once = self.rollout.clone();
+        for x in &due {
             let twice = self
                 .rollout
                 .record_result(&x.node, &x.task, &x.outcome, self.now + 1);
             assert!(!twice, "second result of {} was recorded", x.task);
-            assert_eq!(
-                self.rollout, once,
-                "second result of {} changed the rollout",
-                x.task
-            );
-
+        }
+        assert_eq!(self.rollout, once, "second results changed the rollout");
+        for x in due {
             let healthy = self.rng.percent(90);
             let Some(s) = self.service(&x.node) else {
                 continue;
@@ -556,8 +877,28 @@ impl Sim {
         if let Some(due) = report {
             next = next.min(due);
         }
-        if self.rollout.state == RolloutState::Paused {
-            self.paused += next - self.now;
+        let awaiting = awaiting_promotion(&self.rollout);
+        if let Some(w) = awaiting {
+            if !self.verdicts.contains_key(&w) {
+                // Promoted some time after the wave is done, up to one and a
+                // half progress deadlines; or given up on within three.
+                let pd = self.rollout.spec.progress_deadline;
+                let verdict = match self.rng.percent(self.case.abandon_pct) {
+                    false => (now + self.rng.range(0, pd + pd / 2), Verdict::Promote),
+                    true if self.rng.percent(50) => {
+                        (now + self.rng.range(0, 3 * pd), Verdict::RollBack)
+                    }
+                    true => (now + self.rng.range(0, 3 * pd), Verdict::Cancel),
+                };
+                self.verdicts.insert(w, verdict);
+            }
+            let (at, _) = self.verdicts[&w];
+            if at > now {
+                next = next.min(at);
+            }
+        }
+        if self.rollout.state == RolloutState::Paused || awaiting.is_some() {
+            self.held += next - self.now;
         }
         self.now = next;
 
@@ -580,14 +921,34 @@ impl Sim {
         self.deliver_due();
     }
 
-    /// Now and then the operator steps in. A paused rollout is always resumed
-    /// eventually: while paused, no deadline runs.
+    /// The operator decides about a wave waiting for its promotion when the
+    /// time has come, and now and then steps in otherwise. A paused rollout is
+    /// always resumed and a waiting wave promoted eventually: while paused,
+    /// no deadline runs.
     fn operate(&mut self, chaos: bool) {
+        if let Some(w) = awaiting_promotion(&self.rollout) {
+            let (at, verdict) = self
+                .verdicts
+                .get(&w)
+                .copied()
+                .unwrap_or((self.now, Verdict::Promote));
+            let now = self.now;
+            let r = &mut self.rollout;
+            let result = match (chaos, at <= now, verdict) {
+                (true, false, _) => Ok(()),
+                (false, _, _) | (true, true, Verdict::Promote) => r
+                    .promote(now)
+                    .map(|()| assert_eq!(r.promoted.last(), Some(&w))),
+                (true, true, Verdict::RollBack) => r.rollback(now),
+                (true, true, Verdict::Cancel) => r.cancel(now),
+            };
+            result.unwrap_or_else(|e| panic!("{verdict:?} at wave {}: {e}", w + 1));
+        }
         let paused = self.rollout.state == RolloutState::Paused;
         let command = if paused && (!chaos || self.rng.percent(20)) {
             3
         } else if chaos && self.rng.percent(self.case.operator_pct) {
-            self.rng.range(0, 3)
+            self.rng.range(0, 4)
         } else {
             return;
         };
@@ -597,7 +958,8 @@ impl Sim {
             0 => self.rollout.cancel(now),
             1 => self.rollout.rollback(now),
             2 => self.rollout.pause(now),
-            _ => self.rollout.resume(now),
+            3 => self.rollout.resume(now),
+            _ => self.rollout.promote(now),
         };
         if result.is_err() {
             assert_eq!(
@@ -613,11 +975,15 @@ impl Sim {
         // progress deadline, and each node finishes at most a few times.
         let n = self.rollout.nodes.len() as u64;
         let time_bound = (4 * n + 4) * self.rollout.spec.progress_deadline;
-        for steps in 0..MAX_STEPS {
-            let d = self.step();
+        // Nodes stop dropping off, health stops changing and the operator
+        // stops intervening halfway, so that termination does not depend on
+        // luck.
+        let max_steps = MAX_STEPS.max(10 * self.fleet.len());
+        for steps in 0..max_steps {
+            let wakeup = self.step();
             if !self.rollout.is_active() {
                 self.check_end();
-                let took = self.now - T0 - self.paused;
+                let took = self.now - T0 - self.held;
                 assert!(
                     took <= time_bound,
                     "took {}s of simulated time, bound {}s",
@@ -626,10 +992,10 @@ impl Sim {
                 );
                 return;
             }
-            self.advance(d.next_wakeup, steps < CHAOS_STEPS);
+            self.advance(wakeup, steps < max_steps / 2);
         }
         panic!(
-            "rollout still {} after {MAX_STEPS} steps ({}s simulated), waiting: {:?}",
+            "rollout still {} after {max_steps} steps ({}s simulated), waiting: {:?}",
             self.rollout.state.as_str(),
             (self.now - T0) / SEC,
             self.rollout.waiting
@@ -681,21 +1047,36 @@ impl Sim {
 
 /// What `Decision::changed` must say: whether the step changed anything
 /// besides `updated_at`.
-fn differs(after: &Rollout, before: &Rollout) -> bool {
-    let mut a = after.clone();
-    a.updated_at = before.updated_at;
-    a != *before
+fn differs(after: &mut Rollout, before: &Rollout) -> bool {
+    let updated_at = after.updated_at;
+    after.updated_at = before.updated_at;
+    let differs = after != before;
+    after.updated_at = updated_at;
+    differs
+}
+
+fn simulate(case: Case) {
+    if let Some(mut sim) = Sim::new(case) {
+        sim.run();
+        sim.late_reports();
+    }
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
-    fn simulated_rollouts_keep_every_invariant(case in case_gen()) {
-        if let Some(mut sim) = Sim::new(case) {
-            sim.run();
-            sim.late_reports();
-        }
+    fn simulated_rollouts_keep_every_invariant(case in case_gen(false)) {
+        simulate(case);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    #[test]
+    fn simulated_rollouts_of_large_fleets_keep_every_invariant(case in case_gen(true)) {
+        simulate(case);
     }
 }
 
@@ -980,4 +1361,301 @@ fn the_last_pending_node_given_up_lets_the_next_batch_start_in_the_same_step() {
     assert_eq!(dispatched(&d), vec![("n2", TaskKind::Upgrade)]);
     let again = step(&d.rollout, &fleet, T0 + 60 * SEC);
     assert!(!again.changed && again.dispatch.is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Examples: canary waves, min_healthy, spread_by, order_by
+
+fn labelled(name: &str, key: &str, value: &str) -> NodeView {
+    let mut n = node(name, "r1", Health::Healthy, true);
+    n.labels.insert(key.into(), value.into());
+    n
+}
+
+/// Records success for the dispatched tasks of `nodes`, which then run the
+/// new version, healthy.
+fn finish(r: &mut Rollout, fleet: &mut Fleet, d: &Decision, nodes: &[&str], now: Timestamp) {
+    for x in d
+        .dispatch
+        .iter()
+        .filter(|x| nodes.contains(&x.node.as_str()))
+    {
+        assert!(r.record_result(&x.node, &x.task.id, &TaskOutcome::Succeeded, now));
+        let s = fleet
+            .get_mut(&x.node)
+            .and_then(|v| v.services.get_mut(SERVICE))
+            .expect("node runs the service");
+        s.version = Some(TO.into());
+        s.health = Health::Healthy;
+    }
+}
+
+#[test]
+fn a_canary_waits_for_its_promotion_after_the_first_wave_then_continues() {
+    let mut fleet = healthy_fleet(4);
+    let spec = spec_of(StrategyFile {
+        kind: Some("canary".into()),
+        waves: Some(vec![
+            WaveFile::Table {
+                size: "1".into(),
+                pause: true,
+            },
+            WaveFile::Size("50%".into()),
+            WaveFile::Size("100%".into()),
+        ]),
+        max_unavailable: Some("2".into()),
+        ..StrategyFile::default()
+    });
+    let mut r = plan_batches(1, spec, &fleet, T0).unwrap();
+    assert_eq!(
+        r.batches,
+        vec![names(&["n1"]), names(&["n2"]), names(&["n3", "n4"])]
+    );
+    assert_eq!(r.pauses, [true, false, false]);
+
+    let d = step(&r, &fleet, T0);
+    assert_eq!(dispatched(&d), [("n1", TaskKind::Upgrade)]);
+    r = d.rollout.clone();
+    assert!(
+        r.clone().promote(T0).is_err(),
+        "nothing to promote while the canary runs"
+    );
+    finish(&mut r, &mut fleet, &d, &["n1"], T0 + 20 * SEC);
+
+    // The canary is done: nothing starts until the operator promotes it,
+    // however long that takes (the progress deadline is 10 minutes).
+    let waiting = Some("wave 1 of 3 is done: waiting for `rollwave rollout promote 1`");
+    for now in [T0 + 20 * SEC, T0 + 2 * 3600 * SEC] {
+        let d = step(&r, &fleet, now);
+        assert!(d.dispatch.is_empty());
+        assert_eq!(d.rollout.waiting.as_deref(), waiting);
+        assert_eq!(d.rollout.state, RolloutState::Running);
+        promotion_respected(&d.rollout, []).unwrap();
+        r = d.rollout;
+    }
+    let now = T0 + 2 * 3600 * SEC;
+    r.promote(now).unwrap();
+    assert_eq!(r.promoted, [0]);
+    assert_eq!(
+        r.events.last().unwrap().message,
+        "wave 1 promoted by operator"
+    );
+
+    let d = step(&r, &fleet, now);
+    assert_eq!(dispatched(&d), [("n2", TaskKind::Upgrade)]);
+    r = d.rollout.clone();
+    assert!(r.clone().promote(now).is_err(), "wave 2 does not pause");
+    finish(&mut r, &mut fleet, &d, &["n2"], now + 20 * SEC);
+    let d = step(&r, &fleet, now + 20 * SEC);
+    assert_eq!(
+        dispatched(&d),
+        [("n3", TaskKind::Upgrade), ("n4", TaskKind::Upgrade)]
+    );
+    r = d.rollout.clone();
+    finish(&mut r, &mut fleet, &d, &["n3", "n4"], now + 40 * SEC);
+    let d = step(&r, &fleet, now + 40 * SEC);
+    assert!(d.rollout.fully_upgraded());
+}
+
+#[test]
+fn min_healthy_keeps_two_of_a_three_node_quorum_upgrading_the_down_node_first() {
+    let mut fleet = healthy_fleet(3);
+    fleet
+        .get_mut("n2")
+        .and_then(|v| v.services.get_mut(SERVICE))
+        .unwrap()
+        .health = Health::Unhealthy;
+    // Budget and batch would allow all three at once: only the floor holds
+    // them back.
+    let spec = spec_of(StrategyFile {
+        batch: Some("100%".into()),
+        max_unavailable: Some("100%".into()),
+        min_healthy: Some(2),
+        ..StrategyFile::default()
+    });
+    let mut r = plan_batches(1, spec, &fleet, T0).unwrap();
+    assert_eq!(r.batches, vec![names(&["n2", "n1", "n3"])]);
+    assert_eq!(fleet_healthy(&r, &fleet), 2);
+
+    let mut now = T0;
+    for node in ["n2", "n1", "n3"] {
+        let d = step(&r, &fleet, now);
+        assert_eq!(dispatched(&d), [(node, TaskKind::Upgrade)]);
+        assert_eq!(
+            fleet_healthy(&d.rollout, &fleet),
+            2,
+            "while {node} upgrades"
+        );
+        if node == "n2" {
+            // n2 was down already: switching it costs nothing. The others
+            // wait, as taking either down would leave one healthy node.
+            assert_eq!(
+                d.rollout.waiting.as_deref(),
+                Some(
+                    "wave 1: n1 waits: 2 nodes of api are healthy fleet-wide and min_healthy is 2; \
+                     n3 waits: 2 nodes of api are healthy fleet-wide and min_healthy is 2"
+                )
+            );
+        }
+        r = d.rollout.clone();
+        now += 20 * SEC;
+        finish(&mut r, &mut fleet, &d, &[node], now);
+        assert_eq!(fleet_healthy(&r, &fleet), 3);
+    }
+    let d = step(&r, &fleet, now);
+    assert!(d.rollout.fully_upgraded());
+}
+
+#[test]
+fn spread_by_rack_never_has_two_nodes_of_one_rack_in_flight() {
+    let mut fleet = fleet_of(
+        [
+            ("n1", "r1"),
+            ("n2", "r1"),
+            ("n3", "r2"),
+            ("n4", "r2"),
+            ("n5", "r3"),
+            ("n6", "r3"),
+        ]
+        .map(|(name, rack)| node(name, rack, Health::Healthy, true)),
+    );
+    let spec = spec_of(StrategyFile {
+        batch: Some("100%".into()),
+        max_unavailable: Some("100%".into()),
+        spread_by: Some("rack".into()),
+        max_per_domain: Some(1),
+        ..StrategyFile::default()
+    });
+    let mut r = plan_batches(1, spec, &fleet, T0).unwrap();
+    // Racks take turns within the batch.
+    assert_eq!(
+        r.batches,
+        vec![names(&["n1", "n3", "n5", "n2", "n4", "n6"])]
+    );
+
+    let one_per_rack = |r: &Rollout, fleet: &Fleet| {
+        spread_within(r, fleet).unwrap();
+        assert!(in_flight_by_domain(r, fleet, "rack")
+            .values()
+            .all(|&c| c <= 1));
+    };
+    let d = step(&r, &fleet, T0);
+    assert_eq!(
+        dispatched(&d),
+        ["n1", "n3", "n5"].map(|n| (n, TaskKind::Upgrade))
+    );
+    let waiting = d.rollout.waiting.as_deref().unwrap();
+    assert!(
+        waiting.contains("n2 waits: 1 node(s) with rack=r1 already in flight (max_per_domain 1)"),
+        "{waiting}"
+    );
+    one_per_rack(&d.rollout, &fleet);
+    let first = d;
+    r = first.rollout.clone();
+
+    // r2 is free again: n4 starts, n2 and n6 still wait for their racks.
+    finish(&mut r, &mut fleet, &first, &["n3"], T0 + 20 * SEC);
+    let d = step(&r, &fleet, T0 + 20 * SEC);
+    assert_eq!(dispatched(&d), [("n4", TaskKind::Upgrade)]);
+    one_per_rack(&d.rollout, &fleet);
+    r = d.rollout.clone();
+
+    finish(&mut r, &mut fleet, &first, &["n1", "n5"], T0 + 30 * SEC);
+    let last = step(&r, &fleet, T0 + 30 * SEC);
+    assert_eq!(
+        dispatched(&last),
+        ["n2", "n6"].map(|n| (n, TaskKind::Upgrade))
+    );
+    one_per_rack(&last.rollout, &fleet);
+    r = last.rollout.clone();
+    finish(&mut r, &mut fleet, &d, &["n4"], T0 + 40 * SEC);
+    finish(&mut r, &mut fleet, &last, &["n2", "n6"], T0 + 40 * SEC);
+    assert!(step(&r, &fleet, T0 + 40 * SEC).rollout.fully_upgraded());
+}
+
+#[test]
+fn order_by_region_finishes_eu_before_any_us_node_starts() {
+    let mut fleet = fleet_of([
+        labelled("n1", "region", "ap-1"),
+        labelled("n2", "region", "eu-1"),
+        labelled("n3", "region", "us-1"),
+        labelled("n4", "region", "eu-1"),
+        labelled("n5", "region", "us-1"),
+        node("n6", "r1", Health::Healthy, true),
+    ]);
+    let spec = spec_of(StrategyFile {
+        batch: Some("100%".into()),
+        max_unavailable: Some("100%".into()),
+        order_by: Some("region".into()),
+        order: Some(vec!["eu-1".into(), "us-1".into()]),
+        ..StrategyFile::default()
+    });
+    let mut r = plan_batches(1, spec, &fleet, T0).unwrap();
+    // The listed regions in their order, then the others by name: n6 has no
+    // region, which sorts first.
+    assert_eq!(
+        r.batches,
+        vec![
+            names(&["n2", "n4"]),
+            names(&["n3", "n5"]),
+            names(&["n6"]),
+            names(&["n1"])
+        ]
+    );
+    domains_in_order(&r, &fleet).unwrap();
+
+    let mut now = T0;
+    let d = step(&r, &fleet, now);
+    assert_eq!(dispatched(&d), ["n2", "n4"].map(|n| (n, TaskKind::Upgrade)));
+    let eu = d;
+    r = eu.rollout.clone();
+
+    // One eu-1 node done is not enough: us-1 waits for the whole region.
+    now += 10 * SEC;
+    finish(&mut r, &mut fleet, &eu, &["n2"], now);
+    let d = step(&r, &fleet, now);
+    assert!(d.dispatch.is_empty());
+    assert_eq!(
+        d.rollout.waiting.as_deref(),
+        Some("wave 1 of 4: waiting for n4 to pass the health gate")
+    );
+    r = d.rollout;
+
+    now += 10 * SEC;
+    finish(&mut r, &mut fleet, &eu, &["n4"], now);
+    for next in [&["n3", "n5"][..], &["n6"], &["n1"]] {
+        let d = step(&r, &fleet, now);
+        let started: Vec<&str> = d.dispatch.iter().map(|x| x.node.as_str()).collect();
+        assert_eq!(started, next);
+        domain_order(&d.rollout, &fleet, started.iter().copied()).unwrap();
+        r = d.rollout.clone();
+        now += 10 * SEC;
+        finish(&mut r, &mut fleet, &d, next, now);
+    }
+    assert!(step(&r, &fleet, now).rollout.fully_upgraded());
+}
+
+#[test]
+fn a_second_step_says_the_same_of_a_node_its_rack_holds_back() {
+    // n1 is down and goes first; n2 waits for its rack (r1); n3, on r2,
+    // starts after it and fills the budget. Asked again, the planner must
+    // decide nothing new: not even a different reason for n2 to wait.
+    let fleet = fleet_of([
+        node("n1", "r1", Health::Unhealthy, true),
+        node("n2", "r1", Health::Healthy, true),
+        node("n3", "r2", Health::Healthy, true),
+    ]);
+    let spec = spec_of(StrategyFile {
+        batch: Some("100%".into()),
+        max_unavailable: Some("2".into()),
+        spread_by: Some("rack".into()),
+        ..StrategyFile::default()
+    });
+    let r = plan_batches(1, spec, &fleet, T0).unwrap();
+    assert_eq!(r.batches, vec![names(&["n1", "n2", "n3"])]);
+    let d = step(&r, &fleet, T0);
+    assert_eq!(dispatched(&d), ["n1", "n3"].map(|n| (n, TaskKind::Upgrade)));
+    let again = step(&d.rollout, &fleet, T0);
+    assert_eq!(again.rollout.waiting, d.rollout.waiting);
+    assert!(!again.changed);
 }
