@@ -196,7 +196,7 @@ fn order_nodes<'a>(spec: &RolloutSpec, selected: Vec<&'a NodeView>) -> Vec<Vec<&
     groups
         .into_iter()
         .map(|mut g| {
-            g.sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.name.cmp(&b.name)));
+            g.sort_by_cached_key(|n| (rank(n), n.name.clone()));
             let Some(spread) = &spec.spread else {
                 return g;
             };
