@@ -24,13 +24,12 @@ use clap::Parser;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rollwave::client::ApiClient;
-use rollwave::demo_service::{tarball, DemoRelease};
+use rollwave::demo::{push, start};
 use rollwave::fleet::{free_port, Fleet, FleetSpec};
-use rollwave_api::{PushResponse, RolloutFile, RolloutResponse, StartRollout};
-use rollwave_core::{Rollout, StrategyFile};
+use rollwave_api::RolloutResponse;
+use rollwave_core::Rollout;
 use serde::Deserialize;
 
-const SERVICE: &str = "api";
 /// The goal: a rollout run makes at least this many requests, none failed.
 const MIN_REQUESTS: u64 = 100_000;
 const SWITCH_P50_GOAL_MS: u64 = 100;
@@ -200,8 +199,8 @@ async fn bench_mode(args: &Args, exe: &Path, mode: &str) -> anyhow::Result<ModeR
         .await
         .with_context(|| format!("launching a fleet of {} nodes", args.nodes))?;
     let api = fleet.api()?;
-    push(&api, "1.0.0").await?;
-    let install = start(&api, "1.0.0", "100%", "0s").await?;
+    push(&api, "1.0.0", true).await?;
+    let install = start(&api, "1.0.0", "100%", "0s", "30s").await?;
     let install = wait_done(&api, install.id).await?;
     if !install.fully_upgraded() {
         bail!(
@@ -211,7 +210,7 @@ async fn bench_mode(args: &Args, exe: &Path, mode: &str) -> anyhow::Result<ModeR
             fleet.dir.display()
         );
     }
-    push(&api, "2.0.0").await?;
+    push(&api, "2.0.0", true).await?;
     println!(
         "fleet of {} nodes on 1.0.0 (logs under {})",
         args.nodes,
@@ -238,7 +237,7 @@ async fn bench_mode(args: &Args, exe: &Path, mode: &str) -> anyhow::Result<ModeR
     )?;
     // Let wrk open its connections first.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rollout = start(&api, "2.0.0", "1", &args.min_healthy_time).await?;
+    let rollout = start(&api, "2.0.0", "1", &args.min_healthy_time, "30s").await?;
     let rollout = wait_done(&api, rollout.id).await?;
     tokio::time::sleep(TAIL).await;
     let loaded = wrk.interrupt().await?;
@@ -274,44 +273,6 @@ async fn bench_mode(args: &Args, exe: &Path, mode: &str) -> anyhow::Result<ModeR
         check_interval,
     })
     // The fleet is dropped here: every process it started is killed.
-}
-
-async fn push(api: &ApiClient, version: &str) -> anyhow::Result<()> {
-    let bytes = tarball(&DemoRelease {
-        version: version.into(),
-        healthy: true,
-        broken_on: Vec::new(),
-    })?;
-    let _: PushResponse = api
-        .post_bytes(&format!("/v1/releases/{SERVICE}/{version}"), bytes)
-        .await
-        .with_context(|| format!("pushing {SERVICE} {version}"))?;
-    Ok(())
-}
-
-async fn start(
-    api: &ApiClient,
-    version: &str,
-    batch: &str,
-    min_healthy_time: &str,
-) -> anyhow::Result<Rollout> {
-    let spec = RolloutFile {
-        service: Some(SERVICE.into()),
-        version: Some(version.into()),
-        selector: None,
-        nodes: None,
-        strategy: StrategyFile {
-            batch: Some(batch.into()),
-            min_healthy_time: Some(min_healthy_time.into()),
-            healthy_deadline: Some("30s".into()),
-            ..Default::default()
-        },
-    };
-    let resp: RolloutResponse = api
-        .post("/v1/rollouts", &StartRollout { spec })
-        .await
-        .with_context(|| format!("starting a rollout of {version}"))?;
-    Ok(resp.rollout)
 }
 
 /// Polls the rollout until it has ended and nothing is in flight.

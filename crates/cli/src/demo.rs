@@ -142,7 +142,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn push(api: &ApiClient, version: &str, healthy: bool) -> anyhow::Result<()> {
+/// Pushes a demo release of the `api` service.
+pub async fn push(api: &ApiClient, version: &str, healthy: bool) -> anyhow::Result<()> {
     let bytes = tarball(&DemoRelease {
         version: version.into(),
         healthy,
@@ -157,7 +158,8 @@ async fn push(api: &ApiClient, version: &str, healthy: bool) -> anyhow::Result<(
     Ok(())
 }
 
-async fn start(
+/// Starts a rolling rollout of the `api` service.
+pub async fn start(
     api: &ApiClient,
     version: &str,
     batch: &str,

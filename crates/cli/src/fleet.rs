@@ -64,10 +64,42 @@ pub struct Fleet {
     pub nodes: Vec<Node>,
 }
 
-/// A free loopback port (released again, so the race is small and harmless
-/// for a local fleet).
+/// A free loopback port for a service, released again for the service to
+/// bind. Taken below the kernel's ephemeral range: outgoing connections (the
+/// load generators open thousands) draw from that range and could grab a
+/// port between this check and the service's bind.
 pub fn free_port() -> anyhow::Result<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    let (low, high) = ephemeral_range();
+    let (from, to) = if low > 12_000 {
+        (10_000, low)
+    } else {
+        (high + 1, 65_535)
+    };
+    for _ in 0..1000 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        let port = from + (h.finish() % u64::from(to - from)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32_768, 60_999))
 }
 
 impl Fleet {

@@ -43,8 +43,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
                 "method not allowed on this endpoint",
             )
         })
-        // Artifacts stream to disk with their own limit; everything else is small.
-        .layer(axum::extract::DefaultBodyLimit::disable())
+        // JSON bodies keep axum's default limit (2 MB); artifacts are read as
+        // a stream, straight to disk, under their own limit (blobs.rs).
         .with_state(shared)
 }
 

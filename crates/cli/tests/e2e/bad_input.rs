@@ -200,3 +200,30 @@ async fn bad_agent_config_is_refused_with_the_field() {
         .unwrap();
     assert_bad(&out, "/nonexistent/agent.toml");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_json_is_refused_and_large_artifacts_stream() {
+    let fleet = installed_fleet(1).await;
+    let url = fleet.url();
+    let http = reqwest::Client::new();
+    // A JSON body far beyond any real rollout spec is refused, not buffered.
+    let huge = format!("{{\"spec\": {{\"service\": \"{}\"}}}}", "a".repeat(8 << 20));
+    let resp = http
+        .post(format!("{url}/v1/rollouts"))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 413);
+    // An artifact larger than that limit still uploads: it streams to disk.
+    let mut script = b"#!/bin/sh\n".to_vec();
+    script.extend(std::iter::repeat_n(b'#', 5 << 20));
+    let resp = http
+        .post(format!("{url}/v1/releases/tool/1.0.0"))
+        .body(script)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+}
