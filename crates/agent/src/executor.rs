@@ -289,9 +289,14 @@ impl Executor {
         let linked = from.as_deref() == to;
         let running = svc.supervisor.status().borrow().version.clone();
         if let (true, Some(v)) = (linked && running.as_deref() == to, to) {
-            // A resumed task that already got here: only wait for health.
+            // A resumed task that already got here: wait for health, and
+            // re-enable the node in case the cut came between start and ready.
             gate(svc, v, 0, deadline).await?;
-            return Ok(started.elapsed());
+            let took = started.elapsed();
+            if let (SwitchMode::Restart, Some(lb)) = (svc.config.switch, &svc.config.drain) {
+                lb.ready().await.map_err(|e| format!("re-enabling: {e}"))?;
+            }
+            return Ok(took);
         }
         let relink = |svc: &Service| -> Result<(), String> {
             if !linked {
@@ -306,13 +311,17 @@ impl Executor {
         match (svc.config.switch, to, &running) {
             (SwitchMode::Handoff, Some(v), Some(_)) => {
                 relink(svc)?;
-                svc.supervisor.handoff().await?;
-                match gate(svc, v, 0, deadline).await {
+                let tried = match svc.supervisor.handoff().await {
+                    Ok(_) => gate(svc, v, 0, deadline).await,
+                    Err(e) => Err(e),
+                };
+                match tried {
                     Ok(()) => {
                         svc.supervisor.promote().await?;
                         Ok(started.elapsed())
                     }
                     Err(why) => {
+                        // The old process never stopped: point `current` back at it.
                         svc.supervisor.abort().await?;
                         if !linked {
                             svc.dirs.switch_current(from.as_deref()).map_err(|e| {
