@@ -196,6 +196,12 @@ impl Executor {
                 )
                 .await
             }
+            TaskAction::Stage { version, artifact } => {
+                match self.stage(&task, &svc, version, artifact).await {
+                    Ok(()) => TaskOutcome::Succeeded,
+                    Err(reason) => TaskOutcome::Failed { reason },
+                }
+            }
             TaskAction::Revert {
                 to_version,
                 upgrade_task,

@@ -75,6 +75,12 @@ pub enum TaskAction {
         min_healthy_time_ms: u64,
         healthy_deadline_ms: u64,
     },
+    /// Download, verify and unpack `version` ahead of the node's turn,
+    /// switching nothing.
+    Stage {
+        version: String,
+        artifact: ArtifactRef,
+    },
     /// Return to `to_version` (none: the service did not run before) and
     /// restore the backup taken by `upgrade_task`.
     Revert {

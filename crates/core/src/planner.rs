@@ -20,6 +20,9 @@ pub struct Dispatch {
 pub struct Decision {
     pub rollout: Rollout,
     pub dispatch: Vec<Dispatch>,
+    /// Stage tasks: nodes to download and verify the release ahead of their
+    /// turn, so that a wave's time is the switch and the health gate.
+    pub stage: Vec<Dispatch>,
     /// When `step` should run again even if nothing is observed to change.
     pub next_wakeup: Option<Timestamp>,
     pub changed: bool,
@@ -114,6 +117,7 @@ pub fn plan_batches(
                     phase: None,
                     reason: None,
                     waiting_since: None,
+                    stage_sent: false,
                     updated_at: now,
                 },
             );
@@ -340,6 +344,10 @@ pub fn step(current: &Rollout, fleet: &Fleet, now: Timestamp) -> Decision {
         }
     }
 
+    let mut stage = Vec::new();
+    if matches!(r.state, RolloutState::Running | RolloutState::Paused) {
+        stage_ahead(&mut r, fleet, now, &mut stage);
+    }
     match r.state {
         RolloutState::Running => run_batches(&mut r, fleet, now, &mut dispatch, &mut wake),
         RolloutState::RollingBack => roll_back(&mut r, now, &mut dispatch),
@@ -353,8 +361,42 @@ pub fn step(current: &Rollout, fleet: &Fleet, now: Timestamp) -> Decision {
     Decision {
         rollout: r,
         dispatch,
+        stage,
         next_wakeup: wake.0,
         changed,
+    }
+}
+
+/// Sends each pending node that is online and lacks the release one stage
+/// task, once; a node that comes back online later gets it then.
+fn stage_ahead(r: &mut Rollout, fleet: &Fleet, now: Timestamp, stage: &mut Vec<Dispatch>) {
+    let version = r.spec.version.clone();
+    let service = r.spec.service.clone();
+    let due: Vec<String> = r
+        .nodes
+        .iter()
+        .filter(|(_, n)| n.state == NodeState::Pending && !n.stage_sent)
+        .filter(|(name, _)| {
+            fleet.get(*name).is_some_and(|v| {
+                v.online
+                    && !v
+                        .services
+                        .get(&service)
+                        .is_some_and(|s| s.staged.contains(&version))
+            })
+        })
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in due {
+        let task = TaskRef {
+            id: r.task_id(&name, TaskKind::Stage),
+            kind: TaskKind::Stage,
+            started_at: now,
+        };
+        if let Some(n) = r.nodes.get_mut(&name) {
+            n.stage_sent = true;
+        }
+        stage.push(Dispatch { node: name, task });
     }
 }
 
@@ -418,8 +460,9 @@ fn give_up_on_lost_tasks(r: &mut Rollout, fleet: &Fleet, now: Timestamp, wake: &
             .get_mut(&name)
             .expect("in-flight node is in the rollout");
         n.state = match kind {
-            TaskKind::Upgrade => NodeState::Failed,
             TaskKind::Revert => NodeState::RollbackFailed,
+            // Stage tasks are never in flight; an upgrade's failure is the rest.
+            TaskKind::Upgrade | TaskKind::Stage => NodeState::Failed,
         };
         n.reason = Some(reason.clone());
         n.phase = None;

@@ -94,6 +94,9 @@ pub enum TaskKind {
     Upgrade,
     /// Return to the version the node ran before this rollout.
     Revert,
+    /// Download, verify and unpack the target version ahead of the node's
+    /// turn; switches nothing.
+    Stage,
 }
 
 /// A task assigned to a node. Its id is derived from the rollout, the node and
@@ -128,6 +131,9 @@ pub struct NodeProgress {
     /// Since when the node has been offline while its turn had come.
     #[serde(default)]
     pub waiting_since: Option<Timestamp>,
+    /// Whether a stage task (download ahead of its turn) was sent.
+    #[serde(default)]
+    pub stage_sent: bool,
     pub updated_at: Timestamp,
 }
 
@@ -183,6 +189,7 @@ impl Rollout {
         let k = match kind {
             TaskKind::Upgrade => "up",
             TaskKind::Revert => "rb",
+            TaskKind::Stage => "st",
         };
         format!("r{}-{k}-{node}", self.id)
     }
@@ -371,6 +378,9 @@ impl Rollout {
         let kind = task.kind;
         let elapsed = now.saturating_sub(task.started_at);
         let (state, reason, msg) = match (kind, outcome) {
+            // Stage tasks never become a node's task: their effect is seen
+            // in the staged versions agents report.
+            (TaskKind::Stage, _) => return false,
             (TaskKind::Upgrade, TaskOutcome::Succeeded) => (
                 NodeState::Upgraded,
                 None,

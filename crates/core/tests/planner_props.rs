@@ -478,6 +478,7 @@ fn kind_key(k: TaskKind) -> u8 {
     match k {
         TaskKind::Upgrade => 0,
         TaskKind::Revert => 1,
+        TaskKind::Stage => 2,
     }
 }
 
@@ -686,6 +687,30 @@ impl Sim {
         }
         spread_within(r, &self.fleet).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
 
+        // Staging ahead: only pending, online nodes, each at most once.
+        for x in &d.stage {
+            assert_eq!(x.task.kind, TaskKind::Stage, "{}", ctx());
+            assert_eq!(
+                self.rollout.nodes[&x.node].state,
+                NodeState::Pending,
+                "{}",
+                ctx()
+            );
+            assert!(
+                self.fleet[&x.node].online,
+                "staging offline {}: {}",
+                x.node,
+                ctx()
+            );
+            let key = (x.node.clone(), kind_key(TaskKind::Stage));
+            assert!(
+                self.dispatched.insert(key, x.task.id.clone()).is_none(),
+                "{} staged twice: {}",
+                x.node,
+                ctx()
+            );
+        }
+
         let mut started = Vec::new();
         for x in &d.dispatch {
             let prior = self.rollout.nodes[&x.node].state;
@@ -712,6 +737,7 @@ impl Sim {
                     );
                     assert_eq!(now_state, NodeState::RollingBack);
                 }
+                TaskKind::Stage => panic!("a stage task among switching tasks: {}", ctx()),
             }
             assert_eq!(x.task.started_at, self.now);
             assert_eq!(r.nodes[&x.node].task.as_ref(), Some(&x.task));
@@ -764,7 +790,7 @@ impl Sim {
         // Level-triggered: the same inputs again decide nothing new.
         let again = step(r, &self.fleet, self.now);
         assert!(
-            again.dispatch.is_empty(),
+            again.dispatch.is_empty() && again.stage.is_empty(),
             "second step dispatched: {}",
             ctx()
         );

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use rollwave_api::{artifact_path, ArtifactRef, ServerMessage, Task, TaskAction};
 use rollwave_core::{
-    plan_batches, step, Release, Rollout, RolloutFile, TaskKind, TaskOutcome, TaskRef,
+    plan_batches, step, NodeState, Release, Rollout, RolloutFile, TaskKind, TaskOutcome, TaskRef,
 };
 use rollwave_store::StoreError;
 use tokio::sync::{mpsc, oneshot};
@@ -154,7 +154,7 @@ impl Reconciler {
         match event {
             Event::Kick => {}
             Event::AgentConnected(node) => {
-                let tasks: Vec<(u64, TaskRef)> = self
+                let mut tasks: Vec<(u64, TaskRef)> = self
                     .active
                     .values()
                     .flat_map(|r| {
@@ -163,6 +163,24 @@ impl Reconciler {
                             .map(|(_, t)| (r.id, t.clone()))
                     })
                     .collect();
+                // A stage task sent before a disconnect may never have
+                // arrived; the agent answers it from its journal if it did.
+                for r in self.active.values() {
+                    let pending = r
+                        .nodes
+                        .get(&node)
+                        .is_some_and(|n| n.stage_sent && n.state == NodeState::Pending);
+                    if pending && !r.state.is_terminal() {
+                        tasks.push((
+                            r.id,
+                            TaskRef {
+                                id: r.task_id(&node, TaskKind::Stage),
+                                kind: TaskKind::Stage,
+                                started_at: now,
+                            },
+                        ));
+                    }
+                }
                 for (id, task) in tasks {
                     let Some(r) = self.active.get(&id).cloned() else {
                         continue;
@@ -321,7 +339,7 @@ impl Reconciler {
             let Some(saved) = self.save(decision.rollout).await else {
                 continue;
             };
-            for d in &decision.dispatch {
+            for d in decision.dispatch.iter().chain(&decision.stage) {
                 self.send_task(&saved, &d.node, &d.task).await;
             }
         }
@@ -360,7 +378,7 @@ impl Reconciler {
 
     async fn send_task(&mut self, r: &Rollout, node: &str, task: &TaskRef) {
         let action = match task.kind {
-            TaskKind::Upgrade => {
+            TaskKind::Upgrade | TaskKind::Stage => {
                 let release = match self.release(&r.spec.service, &r.spec.version).await {
                     Ok(Some(rel)) => rel,
                     Ok(None) => {
@@ -372,16 +390,22 @@ impl Reconciler {
                         return;
                     }
                 };
-                TaskAction::Upgrade {
-                    version: r.spec.version.clone(),
-                    artifact: ArtifactRef {
-                        path: artifact_path(&release.service, &release.version),
-                        sha256: release.sha256.clone(),
-                        size: release.size,
-                        format: release.format,
-                    },
-                    min_healthy_time_ms: r.spec.min_healthy_time,
-                    healthy_deadline_ms: r.spec.healthy_deadline,
+                let artifact = ArtifactRef {
+                    path: artifact_path(&release.service, &release.version),
+                    sha256: release.sha256.clone(),
+                    size: release.size,
+                    format: release.format,
+                };
+                let version = r.spec.version.clone();
+                if task.kind == TaskKind::Stage {
+                    TaskAction::Stage { version, artifact }
+                } else {
+                    TaskAction::Upgrade {
+                        version,
+                        artifact,
+                        min_healthy_time_ms: r.spec.min_healthy_time,
+                        healthy_deadline_ms: r.spec.healthy_deadline,
+                    }
                 }
             }
             TaskKind::Revert => TaskAction::Revert {

@@ -191,3 +191,43 @@ async fn plan_shows_waves_and_changes_nothing() {
     assert_eq!(rollouts.len(), 1, "only the install: a plan stores nothing");
     assert_eq!(rollouts[0].state, RolloutState::Completed);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_node_stages_the_release_ahead_of_its_wave() {
+    let fleet = installed_fleet(3).await;
+    push(&fleet, "2.0.0", true).await;
+    let r = start(&fleet, "2.0.0", |s| {
+        s.batch = Some("1".into());
+        s.min_healthy_time = Some("2s".into());
+    })
+    .await
+    .unwrap();
+    let last = r.batches[2][0].clone();
+    // While the first wave holds its health gate, the last node already has
+    // 2.0.0 downloaded, verified and unpacked, and still runs 1.0.0.
+    let api = fleet.api().unwrap();
+    let view = wait_until("the last node to stage 2.0.0", || {
+        let (api, last) = (api.clone(), last.clone());
+        async move {
+            let nodes: Vec<NodeView> = api.get("/v1/nodes").await.ok()?;
+            let v = nodes.into_iter().find(|n| n.name == last)?;
+            let s = v.services.get(SERVICE)?.clone();
+            s.staged.contains(&"2.0.0".to_string()).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(view.version.as_deref(), Some("1.0.0"));
+    assert_eq!(
+        get(&api, r.id).await.unwrap().nodes[&last].state,
+        NodeState::Pending
+    );
+    let r = wait_done(&fleet, r.id).await;
+    assert!(r.fully_upgraded(), "{r:#?}");
+    // Its upgrade found the release staged: no download in its wave.
+    let downloads = r
+        .events
+        .iter()
+        .filter(|e| e.node.as_deref() == Some(&last) && e.message == "downloading")
+        .count();
+    assert_eq!(downloads, 0, "{:#?}", r.events);
+}
