@@ -118,11 +118,12 @@ async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode
             let resp: RolloutResponse = api.post("/v1/rollouts", &StartRollout { spec }).await?;
             let r = resp.rollout;
             if !json {
-                if !yes {
+                if yes {
+                    print!("{}{}", render::started(&r), render::warnings(&r));
+                } else {
                     let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;
-                    print!("{}", render::plan(&r, &nodes));
+                    print!("{}{}", render::plan(&r, &nodes), render::started(&r));
                 }
-                print!("{}", render::started(&r));
             }
             if wait {
                 let r = follow(&api, r.id, !json).await?;

@@ -100,7 +100,12 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let rollout = start(&api, "2.0.0", &batch, MIN_HEALTHY_TIME, deadline).await?;
     if !quiet {
-        print!("{}", crate::render::started(&rollout));
+        let nodes = fleet.nodes_view().await?;
+        print!(
+            "{}{}",
+            crate::render::plan(&rollout, &nodes),
+            crate::render::started(&rollout)
+        );
     }
     let rollout = crate::commands::follow(&api, rollout.id, !quiet).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;

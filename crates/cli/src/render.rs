@@ -167,29 +167,24 @@ pub fn rollouts(rollouts: &[Rollout]) -> String {
 }
 
 pub fn started(r: &Rollout) -> String {
-    let mut out = format!(
-        "rollout {} started: {} {} -> {} on {} nodes in {} batches\n",
+    format!(
+        "rollout {} started: {} {} -> {} on {} nodes in {} waves\n",
         r.id,
         r.spec.service,
         from_versions(r),
         r.spec.version,
         r.nodes.len(),
         r.batches.len()
-    );
-    for (i, b) in r.batches.iter().enumerate() {
-        let _ = writeln!(out, "  batch {}: {}", i + 1, b.join(", "));
-    }
-    if !r.left_out.is_empty() {
-        let _ = writeln!(out, "  left out by the selector: {}", r.left_out.join(", "));
-    }
-    for e in r
-        .events
+    )
+}
+
+/// Nodes already down when the rollout was planned, one warning line each.
+pub fn warnings(r: &Rollout) -> String {
+    r.events
         .iter()
         .filter(|e| e.message.starts_with("already unavailable"))
-    {
-        let _ = writeln!(out, "  warning: {}", e.message);
-    }
-    out
+        .map(|e| format!("  warning: {}\n", e.message))
+        .collect()
 }
 
 fn counts(r: &Rollout) -> String {
@@ -420,13 +415,7 @@ pub fn plan(r: &Rollout, fleet: &[NodeView]) -> String {
     if !r.left_out.is_empty() {
         let _ = writeln!(out, "  left out: {}", r.left_out.join(", "));
     }
-    for e in r
-        .events
-        .iter()
-        .filter(|e| e.message.starts_with("already unavailable"))
-    {
-        let _ = writeln!(out, "  warning: {}", e.message);
-    }
+    out.push_str(&warnings(r));
     // Each wave runs in rounds of at most `budget` nodes (fewer with a spread
     // limit); a round is a switch plus the health gate.
     let per_round = SWITCH_ESTIMATE_MS + s.min_healthy_time;
