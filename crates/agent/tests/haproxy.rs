@@ -489,8 +489,16 @@ async fn a_socket_nobody_listens_on_is_a_clear_error() {
     // HAProxy does.
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
     let err = unreachable(&socket).status().await.unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        format!("haproxy socket {}: connection refused", socket.display())
+    // Another test in this process may be spawning HAProxy while the
+    // listener exists; its child holds a copy of the fd until it execs, so
+    // the connect can land in that backlog and be reset instead of refused.
+    let prefix = format!("haproxy socket {}: ", socket.display());
+    let message = err.to_string();
+    let reason = message
+        .strip_prefix(&prefix)
+        .unwrap_or_else(|| panic!("{message}"));
+    assert!(
+        ["connection refused", "connection reset by peer"].contains(&reason),
+        "{message}"
     );
 }
