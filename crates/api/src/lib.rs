@@ -123,6 +123,10 @@ pub struct StartRollout {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutResponse {
     pub rollout: Rollout,
+    /// The other rollouts the same request started (one per service of a
+    /// multi-service rollout), each after the ones it depends on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dependents: Vec<Rollout>,
 }
 
 /// Error codes, each with its one HTTP status.

@@ -182,6 +182,10 @@ pub struct StartArgs {
     /// `rollout promote` after a wave: `1:pause,10%,50%,100%`.
     #[arg(long)]
     pub waves: Option<String>,
+    /// Two phases: stage on every node, then switch every node at once;
+    /// any failure switches every node back.
+    #[arg(long, conflicts_with_all = ["waves", "batch"])]
+    pub all_at_once: bool,
     /// Healthy nodes of the service, fleet-wide, that must always remain.
     #[arg(long)]
     pub min_healthy: Option<u32>,

@@ -50,11 +50,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let api = ApiClient::new(&cli.server)?;
             let spec = start_spec(&args)?;
             let resp: RolloutResponse = api.post("/v1/plan", &StartRollout { spec }).await?;
+            let planned = group(resp);
             if args.json {
-                print_json(&resp.rollout)?;
+                print_group_json(&planned)?;
             } else {
                 let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;
-                print!("{}", render::plan(&resp.rollout, &nodes));
+                for r in &planned {
+                    print!("{}", render::plan(r, &nodes));
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -116,24 +119,36 @@ async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode
             let (wait, json, yes) = (args.wait, args.json, args.yes);
             let spec = start_spec(&args)?;
             let resp: RolloutResponse = api.post("/v1/rollouts", &StartRollout { spec }).await?;
-            let r = resp.rollout;
+            let started = group(resp);
             if !json {
                 if yes {
-                    print!("{}{}", render::started(&r), render::warnings(&r));
+                    for r in &started {
+                        print!("{}{}", render::started(r), render::warnings(r));
+                    }
                 } else {
                     let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;
-                    print!("{}{}", render::plan(&r, &nodes), render::started(&r));
+                    for r in &started {
+                        print!("{}", render::plan(r, &nodes));
+                    }
+                    for r in &started {
+                        print!("{}", render::started(r));
+                    }
                 }
             }
             if wait {
-                let r = follow(&api, r.id, !json).await?;
-                if json {
-                    print_json(&r)?;
+                // In dependency order: each waits for the ones before it.
+                let mut finished = Vec::with_capacity(started.len());
+                for r in &started {
+                    finished.push(follow(&api, r.id, !json).await?);
                 }
-                return Ok(wait_code(&r));
+                if json {
+                    print_group_json(&finished)?;
+                }
+                let failed = finished.iter().find(|r| !r.fully_upgraded());
+                return Ok(wait_code(failed.unwrap_or(&finished[0])));
             }
             if json {
-                print_json(&r)?;
+                print_group_json(&started)?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -183,6 +198,22 @@ async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode
     }
 }
 
+/// The rollouts of one request, in dependency order.
+fn group(resp: RolloutResponse) -> Vec<Rollout> {
+    let mut all = vec![resp.rollout];
+    all.extend(resp.dependents);
+    all
+}
+
+/// One rollout as an object (as before multi-service requests); several as
+/// an array.
+fn print_group_json(rollouts: &[Rollout]) -> anyhow::Result<()> {
+    match rollouts {
+        [one] => print_json(one),
+        many => print_json(&many),
+    }
+}
+
 async fn command(api: &ApiClient, id: u64, verb: &str) -> anyhow::Result<ExitCode> {
     let resp: RolloutResponse = api
         .post(&format!("/v1/rollouts/{id}/{verb}"), &serde_json::json!({}))
@@ -228,8 +259,13 @@ fn start_spec(args: &StartArgs) -> anyhow::Result<RolloutFile> {
         version,
         selector: args.selector.clone(),
         nodes: args.nodes.clone(),
+        services: None,
         strategy: StrategyFile {
-            kind: waves.as_ref().map(|_| "canary".to_string()),
+            kind: if args.all_at_once {
+                Some("all_at_once".to_string())
+            } else {
+                waves.as_ref().map(|_| "canary".to_string())
+            },
             waves,
             min_healthy: args.min_healthy,
             spread_by: args.spread_by.clone(),
@@ -251,7 +287,7 @@ fn start_spec(args: &StartArgs) -> anyhow::Result<RolloutFile> {
         .as_ref()
         .map(|p| format!(" {}", p.display()))
         .unwrap_or_default();
-    file.resolve()
+    file.resolve_all()
         .map_err(|e| user_error(format!("invalid rollout spec{origin}: {e}")))?;
     Ok(file)
 }

@@ -176,6 +176,7 @@ pub async fn start(
         version: Some(version.into()),
         selector: None,
         nodes: None,
+        services: None,
         strategy: StrategyFile {
             batch: Some(batch.into()),
             min_healthy_time: Some(min_healthy_time.into()),

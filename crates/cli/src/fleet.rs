@@ -3,6 +3,7 @@
 //! Used by `rollwave demo` and by the integration tests. Everything it starts
 //! is killed when it is dropped, services included.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
@@ -29,6 +30,9 @@ pub struct FleetSpec {
     /// An HAProxy admin socket to drain each node in (backend `api`, server
     /// named after the node), for `restart`.
     pub haproxy_socket: Option<PathBuf>,
+    /// Services every node runs besides `api`, each a demo service on a
+    /// port of its own, with handoff.
+    pub extra_services: Vec<String>,
 }
 
 impl FleetSpec {
@@ -39,6 +43,7 @@ impl FleetSpec {
             check_interval: "100ms".into(),
             switch: "handoff".into(),
             haproxy_socket: None,
+            extra_services: Vec::new(),
         }
     }
 }
@@ -49,6 +54,8 @@ pub struct Node {
     pub config: PathBuf,
     /// Port of the node's service.
     pub port: u16,
+    /// Ports of the `extra_services`, by name.
+    pub extra_ports: BTreeMap<String, u16>,
     agent: Option<Child>,
 }
 
@@ -125,16 +132,22 @@ impl Fleet {
             let state_dir = dir.join(&name);
             std::fs::create_dir_all(state_dir.join("data"))?;
             let port = free_port()?;
+            let mut extra_ports = BTreeMap::new();
+            for service in &spec.extra_services {
+                extra_ports.insert(service.clone(), free_port()?);
+            }
             let config = state_dir.join("agent.toml");
-            std::fs::write(
-                &config,
-                agent_toml(&spec, &fleet.url(), &name, i, &state_dir, port),
-            )?;
+            let mut toml = agent_toml(&spec, &fleet.url(), &name, i, &state_dir, port);
+            for (service, port) in &extra_ports {
+                toml.push_str(&extra_service_toml(&spec, service, *port));
+            }
+            std::fs::write(&config, toml)?;
             fleet.nodes.push(Node {
                 name,
                 state_dir,
                 config,
                 port,
+                extra_ports,
                 agent: None,
             });
             fleet.start_agent(i - 1)?;
@@ -354,6 +367,22 @@ health = {{ type = "http", url = "http://127.0.0.1:{port}/healthz", interval = "
         rack = (i - 1) % 3 + 1,
         switch = spec.switch,
         data = state_dir.join("data").display().to_string(),
+        interval = spec.check_interval,
+    )
+}
+
+/// Another demo service on the node, with handoff and no drain or backup.
+fn extra_service_toml(spec: &FleetSpec, service: &str, port: u16) -> String {
+    let exe = spec.exe.display().to_string();
+    format!(
+        r#"
+[[service]]
+name = "{service}"
+command = [{exe:?}, "demo-service", "--release", "{{release}}"]
+listen = ["127.0.0.1:{port}"]
+stop_grace = "5s"
+health = {{ type = "http", url = "http://127.0.0.1:{port}/healthz", interval = "{interval}", timeout = "1s", healthy_threshold = 1, unhealthy_threshold = 2 }}
+"#,
         interval = spec.check_interval,
     )
 }

@@ -168,13 +168,25 @@ pub fn rollouts(rollouts: &[Rollout]) -> String {
 
 pub fn started(r: &Rollout) -> String {
     format!(
-        "rollout {} started: {} {} -> {} on {} nodes in {} waves\n",
+        "rollout {} started: {} {} -> {} on {} nodes in {} waves{}\n",
         r.id,
         r.spec.service,
         from_versions(r),
         r.spec.version,
         r.nodes.len(),
-        r.batches.len()
+        r.batches.len(),
+        after(r)
+    )
+}
+
+/// When a rollout of a multi-service request begins, if it waits.
+fn after(r: &Rollout) -> String {
+    if r.spec.depends_on.is_empty() {
+        return String::new();
+    }
+    format!(
+        ", once {} completed (depends_on)",
+        r.spec.depends_on.join(" and ")
     )
 }
 
@@ -367,7 +379,12 @@ pub fn plan(r: &Rollout, fleet: &[NodeView]) -> String {
     }
     out.push_str(&table(rows));
     let budget = s.unavailable_budget(r.nodes.len());
-    let mut constraints = vec![if s.waves.is_empty() {
+    let mut constraints = vec![if s.all_at_once {
+        format!(
+            "all at once: every node stages {} first, then all switch together; one failure switches all back",
+            s.version
+        )
+    } else if s.waves.is_empty() {
         format!("batches of {}", s.batch)
     } else {
         let waves: Vec<String> = s
@@ -415,13 +432,20 @@ pub fn plan(r: &Rollout, fleet: &[NodeView]) -> String {
     if !r.left_out.is_empty() {
         let _ = writeln!(out, "  left out: {}", r.left_out.join(", "));
     }
+    if !s.depends_on.is_empty() {
+        let _ = writeln!(
+            out,
+            "  starts after: {} (depends_on)",
+            s.depends_on.join(", ")
+        );
+    }
     out.push_str(&warnings(r));
     // Each wave runs in rounds of at most `budget` nodes (fewer with a spread
     // limit); a round is a switch plus the health gate.
     let per_round = SWITCH_ESTIMATE_MS + s.min_healthy_time;
     let mut total = 0;
     for b in &r.batches {
-        let mut width = budget.max(1);
+        let mut width = if s.all_at_once { b.len() } else { budget };
         if let Some(sp) = &s.spread {
             let mut domains: Vec<String> = b
                 .iter()

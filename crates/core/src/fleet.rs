@@ -1,3 +1,4 @@
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -51,3 +52,29 @@ impl NodeView {
 
 /// Every known node, by name.
 pub type Fleet = BTreeMap<String, NodeView>;
+
+/// Pairs each `(name, value)` of `items` with the entry of that name in
+/// `map`, if any. `items` must come in ascending name order, as a map keyed by
+/// name yields them: both are then walked once, side by side, instead of
+/// searching `map` (comparing names all the way down) for every item.
+pub(crate) fn join_by_name<K: AsRef<str>, T, V>(
+    map: &BTreeMap<String, V>,
+    items: impl IntoIterator<Item = (K, T)>,
+) -> impl Iterator<Item = (K, T, Option<&V>)> {
+    let mut entries = map.iter().peekable();
+    items.into_iter().map(move |(name, value)| {
+        let key = name.as_ref();
+        while let Some(&(k, v)) = entries.peek() {
+            match k.as_str().cmp(key) {
+                Ordering::Less => {}
+                Ordering::Equal => {
+                    entries.next();
+                    return (name, value, Some(v));
+                }
+                Ordering::Greater => break,
+            }
+            entries.next();
+        }
+        (name, value, None)
+    })
+}

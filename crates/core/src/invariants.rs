@@ -3,17 +3,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::fleet::join_by_name;
+use crate::planner::label_value;
 use crate::{Fleet, NodeState, Order, Rollout, RolloutState, TaskKind};
 
 /// Selected nodes that cannot serve now: in flight, offline or not healthy.
 pub fn unavailable_count(r: &Rollout, fleet: &Fleet) -> usize {
-    r.nodes
-        .iter()
-        .filter(|(name, n)| {
-            n.state.in_flight()
-                || !fleet
-                    .get(*name)
-                    .is_some_and(|v| v.available(&r.spec.service))
+    join_by_name(fleet, &r.nodes)
+        .filter(|(_, n, view)| {
+            n.state.in_flight() || !view.is_some_and(|v| v.available(&r.spec.service))
         })
         .count()
 }
@@ -124,11 +122,10 @@ pub fn settled(r: &Rollout) -> Result<(), String> {
 /// Nodes running the service, fleet-wide (selected or not), that serve now
 /// and have no task of this rollout in flight: what `min_healthy` floors.
 pub fn fleet_healthy(r: &Rollout, fleet: &Fleet) -> usize {
-    fleet
-        .values()
-        .filter(|v| v.services.contains_key(&r.spec.service))
-        .filter(|v| v.available(&r.spec.service))
-        .filter(|v| !r.nodes.get(&v.name).is_some_and(|n| n.state.in_flight()))
+    // Serving implies running the service: one lookup of it per node.
+    join_by_name(&r.nodes, fleet)
+        .filter(|(_, v, _)| v.available(&r.spec.service))
+        .filter(|(_, _, n)| !n.is_some_and(|n| n.state.in_flight()))
         .count()
 }
 
@@ -140,30 +137,24 @@ pub fn in_flight_by_domain(
 ) -> std::collections::BTreeMap<String, usize> {
     let mut by = std::collections::BTreeMap::new();
     for (name, _) in r.in_flight() {
-        let value = fleet
-            .get(name)
-            .map(|v| crate::planner::label_value(v, label))
-            .unwrap_or_default();
-        *by.entry(value).or_default() += 1;
+        let value = label_of(fleet, name, label);
+        *by.entry(value.to_string()).or_default() += 1;
     }
     by
 }
 
 /// A node's value of `label` in `fleet`; nodes without it, or gone from the
 /// fleet, have the empty value.
-fn label_of(fleet: &Fleet, name: &str, label: &str) -> String {
-    fleet
-        .get(name)
-        .map(|v| crate::planner::label_value(v, label))
-        .unwrap_or_default()
+fn label_of<'f>(fleet: &'f Fleet, name: &str, label: &str) -> &'f str {
+    fleet.get(name).map_or("", |v| label_value(v, label))
 }
 
 /// Where a value of the `order_by` label falls: the listed values first, in
 /// their order, then the others by name.
-fn domain_rank(order: &Order, value: &str) -> (usize, String) {
+fn domain_rank<'v>(order: &Order, value: &'v str) -> (usize, &'v str) {
     match order.values.iter().position(|v| v == value) {
-        Some(i) => (i, String::new()),
-        None => (order.values.len(), value.to_string()),
+        Some(i) => (i, ""),
+        None => (order.values.len(), value),
     }
 }
 
@@ -177,7 +168,7 @@ pub fn spread_within(r: &Rollout, fleet: &Fleet) -> Result<(), String> {
     let Some(spread) = &r.spec.spread else {
         return Ok(());
     };
-    let mut by: BTreeMap<String, usize> = BTreeMap::new();
+    let mut by: BTreeMap<&str, usize> = BTreeMap::new();
     for (name, task) in r.in_flight() {
         if task.kind == TaskKind::Upgrade {
             *by.entry(label_of(fleet, name, &spread.label)).or_default() += 1;
@@ -228,7 +219,7 @@ pub fn domains_in_order(r: &Rollout, fleet: &Fleet) -> Result<(), String> {
     let flat: Vec<&String> = r.batches.iter().flatten().collect();
     for pair in flat.windows(2) {
         let (a, b) = (value(pair[0]), value(pair[1]));
-        if domain_rank(order, &a) > domain_rank(order, &b) {
+        if domain_rank(order, a) > domain_rank(order, b) {
             return Err(format!(
                 "{} ({}={a:?}) is planned before {} ({}={b:?})",
                 pair[1], order.label, pair[0], order.label
@@ -249,7 +240,7 @@ pub fn domain_order<'a>(
     let Some(order) = &r.spec.order else {
         return Ok(());
     };
-    let rank = |n: &str| domain_rank(order, &label_of(fleet, n, &order.label));
+    let rank = |n: &str| domain_rank(order, label_of(fleet, n, &order.label));
     let Some(last) = started.into_iter().max_by_key(|n| rank(n)) else {
         return Ok(());
     };

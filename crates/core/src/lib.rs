@@ -20,12 +20,12 @@ pub use error::SpecError;
 pub use fleet::{Fleet, Health, NodeView, ServiceView};
 pub use planner::{plan_batches, step, Decision, Dispatch};
 pub use rollout::{
-    CommandError, NodeProgress, NodeState, Rollout, RolloutEvent, RolloutState, TaskKind,
-    TaskOutcome, TaskRef,
+    CommandError, Dependency, NodeProgress, NodeState, Rollout, RolloutEvent, RolloutState,
+    TaskKind, TaskOutcome, TaskRef,
 };
 pub use selector::Selector;
 pub use spec::{
-    CountOrText, Order, RolloutFile, RolloutSpec, Spread, StrategyFile, Wave, WaveFile,
+    CountOrText, Order, RolloutFile, RolloutSpec, ServiceFile, Spread, StrategyFile, Wave, WaveFile,
 };
 
 /// Milliseconds since the Unix epoch. The only notion of time in this crate.

@@ -1,8 +1,9 @@
 //! The planner: given a rollout, the fleet as observed and the time, decide
 //! what happens next. See `crates/core/PLANNER.md` for the rules.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use crate::fleet::join_by_name;
 use crate::invariants::{self, unavailable_count};
 use crate::{
     format_duration, Fleet, Health, NodeProgress, NodeState, NodeView, Rollout, RolloutSpec,
@@ -47,12 +48,14 @@ pub fn plan_batches(
         ));
     }
     let fleet_size = runs.len();
+    let wanted: BTreeSet<&str> = spec.nodes.iter().map(String::as_str).collect();
     if !spec.nodes.is_empty() {
+        let running: BTreeSet<&str> = runs.iter().map(|v| v.name.as_str()).collect();
         let unknown: Vec<&str> = spec
             .nodes
             .iter()
-            .filter(|n| !runs.iter().any(|v| &v.name == *n))
             .map(String::as_str)
+            .filter(|n| !running.contains(n))
             .collect();
         if !unknown.is_empty() {
             return Err(SpecError::new(
@@ -66,7 +69,7 @@ pub fn plan_batches(
         }
     }
     let (selected, left_out): (Vec<_>, Vec<_>) = runs.into_iter().partition(|n| {
-        spec.selector.matches(&n.labels) && (spec.nodes.is_empty() || spec.nodes.contains(&n.name))
+        spec.selector.matches(&n.labels) && (wanted.is_empty() || wanted.contains(n.name.as_str()))
     });
     if selected.is_empty() {
         let what = if spec.nodes.is_empty() {
@@ -98,31 +101,42 @@ pub fn plan_batches(
             ),
         ));
     }
-    let ordered = order_nodes(&spec, selected.clone());
-    let (batches, pauses) = cut(&spec, &ordered);
-    let mut nodes = BTreeMap::new();
-    for (b, batch) in batches.iter().enumerate() {
-        for name in batch {
-            let from_version = fleet[name]
+    let ordered = order_nodes(&spec, &selected);
+    let (waves, pauses) = cut(&spec, &ordered);
+    let batches: Vec<Vec<String>> = waves
+        .iter()
+        .map(|w| w.iter().map(|&i| selected[i].name.clone()).collect())
+        .collect();
+    let mut batch_of = vec![0; selected.len()];
+    for (b, wave) in waves.iter().enumerate() {
+        for &i in wave {
+            batch_of[i] = b;
+        }
+    }
+    // `selected` is in the fleet's order, by name: the map is built from it
+    // in one pass rather than by a search and an insertion per node.
+    let nodes: BTreeMap<String, NodeProgress> = selected
+        .iter()
+        .zip(batch_of)
+        .map(|(n, b)| {
+            let from_version = n
                 .services
                 .get(&spec.service)
                 .and_then(|s| s.version.clone());
-            nodes.insert(
-                name.clone(),
-                NodeProgress {
-                    batch: b,
-                    from_version,
-                    state: NodeState::Pending,
-                    task: None,
-                    phase: None,
-                    reason: None,
-                    waiting_since: None,
-                    stage_sent: false,
-                    updated_at: now,
-                },
-            );
-        }
-    }
+            let progress = NodeProgress {
+                batch: b,
+                from_version,
+                state: NodeState::Pending,
+                task: None,
+                phase: None,
+                reason: None,
+                waiting_since: None,
+                stage_sent: false,
+                updated_at: now,
+            };
+            (n.name.clone(), progress)
+        })
+        .collect();
     let mut rollout = Rollout {
         id,
         generation: 0,
@@ -140,6 +154,8 @@ pub fn plan_batches(
         nodes,
         left_out: left_out.iter().map(|n| n.name.clone()).collect(),
         events: Vec::new(),
+        after: Vec::new(),
+        dependencies_done: false,
     };
     let down: Vec<String> = selected
         .iter()
@@ -178,16 +194,20 @@ pub fn plan_batches(
 /// nodes already down first (switching them costs no availability), then
 /// healthy ones, offline ones last (time to come back); within each of those,
 /// alternating between `spread_by` domains, so each batch spans as many as it can.
-fn order_nodes<'a>(spec: &RolloutSpec, selected: Vec<&'a NodeView>) -> Vec<Vec<&'a NodeView>> {
-    let groups: Vec<Vec<&NodeView>> = match &spec.order {
-        None => vec![selected],
+/// The nodes are given as positions in `selected`.
+fn order_nodes(spec: &RolloutSpec, selected: &[&NodeView]) -> Vec<Vec<usize>> {
+    let groups: Vec<Vec<usize>> = match &spec.order {
+        None => vec![(0..selected.len()).collect()],
         Some(o) => {
-            let mut by: BTreeMap<String, Vec<&NodeView>> = BTreeMap::new();
-            for n in selected {
-                by.entry(label_value(n, &o.label)).or_default().push(n);
+            let mut by: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+            for (i, n) in selected.iter().enumerate() {
+                by.entry(label_value(n, &o.label)).or_default().push(i);
             }
-            let mut out: Vec<Vec<&NodeView>> =
-                o.values.iter().filter_map(|v| by.remove(v)).collect();
+            let mut out: Vec<Vec<usize>> = o
+                .values
+                .iter()
+                .filter_map(|v| by.remove(v.as_str()))
+                .collect();
             out.extend(by.into_values());
             out
         }
@@ -199,31 +219,38 @@ fn order_nodes<'a>(spec: &RolloutSpec, selected: Vec<&'a NodeView>) -> Vec<Vec<&
     };
     groups
         .into_iter()
-        .map(|mut g| {
-            g.sort_by_cached_key(|n| (rank(n), n.name.clone()));
-            let Some(spread) = &spec.spread else {
-                return g;
-            };
-            let mut out = Vec::with_capacity(g.len());
-            for r in 0..3 {
-                let class: Vec<&NodeView> = g.iter().copied().filter(|n| rank(n) == r).collect();
-                out.extend(interleave(class, &spread.label));
+        .map(|g| {
+            // Sorting each class by name, rather than the group by class and
+            // name, ranks every node once; the fleet's name order also makes
+            // the sorts a single pass.
+            let mut classes: [Vec<usize>; 3] = Default::default();
+            for i in g {
+                classes[rank(selected[i])].push(i);
             }
-            out
+            for class in &mut classes {
+                class.sort_by(|&a, &b| selected[a].name.cmp(&selected[b].name));
+            }
+            match &spec.spread {
+                None => classes.concat(),
+                Some(spread) => classes
+                    .into_iter()
+                    .flat_map(|class| interleave(class, selected, &spread.label))
+                    .collect(),
+            }
         })
         .collect()
 }
 
 /// Round-robin over the values of `label`, keeping each value's order.
-fn interleave<'a>(nodes: Vec<&'a NodeView>, label: &str) -> Vec<&'a NodeView> {
-    let mut buckets: BTreeMap<String, std::collections::VecDeque<&NodeView>> = BTreeMap::new();
-    for n in nodes {
+fn interleave(nodes: Vec<usize>, selected: &[&NodeView], label: &str) -> Vec<usize> {
+    let mut out = Vec::with_capacity(nodes.len());
+    let mut buckets: BTreeMap<&str, VecDeque<usize>> = BTreeMap::new();
+    for i in nodes {
         buckets
-            .entry(label_value(n, label))
+            .entry(label_value(selected[i], label))
             .or_default()
-            .push_back(n);
+            .push_back(i);
     }
-    let mut out = Vec::new();
     while !buckets.is_empty() {
         buckets.retain(|_, q| {
             if let Some(n) = q.pop_front() {
@@ -236,22 +263,21 @@ fn interleave<'a>(nodes: Vec<&'a NodeView>, label: &str) -> Vec<&'a NodeView> {
 }
 
 /// A node's value of `label`; nodes without it form their own domain.
-pub(crate) fn label_value(n: &NodeView, label: &str) -> String {
-    n.labels.get(label).cloned().unwrap_or_default()
+pub(crate) fn label_value<'a>(n: &'a NodeView, label: &str) -> &'a str {
+    n.labels.get(label).map_or("", String::as_str)
 }
 
 /// Cuts the ordered groups into batches: rolling batches of `batch` nodes
 /// within each group, or canary waves (cumulative sizes) additionally cut at
 /// group boundaries. Returns the batches and, for each, whether the rollout
 /// waits for a promotion after it.
-fn cut(spec: &RolloutSpec, groups: &[Vec<&NodeView>]) -> (Vec<Vec<String>>, Vec<bool>) {
+fn cut<T: Copy>(spec: &RolloutSpec, groups: &[Vec<T>]) -> (Vec<Vec<T>>, Vec<bool>) {
     let total: usize = groups.iter().map(Vec::len).sum();
-    let names = |g: &[&NodeView]| g.iter().map(|n| n.name.clone()).collect::<Vec<_>>();
     if spec.waves.is_empty() {
         let size = spec.batch_size(total);
-        let batches: Vec<Vec<String>> = groups
+        let batches: Vec<Vec<T>> = groups
             .iter()
-            .flat_map(|g| g.chunks(size).map(names))
+            .flat_map(|g| g.chunks(size).map(<[_]>::to_vec))
             .collect();
         let pauses = vec![false; batches.len()];
         return (batches, pauses);
@@ -271,13 +297,13 @@ fn cut(spec: &RolloutSpec, groups: &[Vec<&NodeView>]) -> (Vec<Vec<String>>, Vec<
         at += g.len();
         cuts.insert(at);
     }
-    let flat: Vec<&NodeView> = groups.iter().flatten().copied().collect();
+    let flat: Vec<T> = groups.iter().flatten().copied().collect();
     let mut batches = Vec::new();
     let mut pauses = Vec::new();
     let mut start = 0;
     for end in cuts {
         if end > start {
-            batches.push(names(&flat[start..end]));
+            batches.push(flat[start..end].to_vec());
             pauses.push(end < total && wave_ends.get(&end).copied().unwrap_or(false));
             start = end;
         }
@@ -354,7 +380,9 @@ pub fn step(current: &Rollout, fleet: &Fleet, now: Timestamp) -> Decision {
         _ => {}
     }
 
-    let changed = r != *current;
+    // A step only ever appends to the event log: a longer one says the
+    // rollout changed without comparing every node.
+    let changed = r.events.len() != current.events.len() || r != *current;
     if changed {
         r.updated_at = now;
     }
@@ -370,33 +398,35 @@ pub fn step(current: &Rollout, fleet: &Fleet, now: Timestamp) -> Decision {
 /// Sends each pending node that is online and lacks the release one stage
 /// task, once; a node that comes back online later gets it then.
 fn stage_ahead(r: &mut Rollout, fleet: &Fleet, now: Timestamp, stage: &mut Vec<Dispatch>) {
-    let version = r.spec.version.clone();
-    let service = r.spec.service.clone();
-    let due: Vec<String> = r
-        .nodes
-        .iter()
-        .filter(|(_, n)| n.state == NodeState::Pending && !n.stage_sent)
-        .filter(|(name, _)| {
-            fleet.get(*name).is_some_and(|v| {
+    let (service, version) = (&r.spec.service, &r.spec.version);
+    let mut due = Vec::with_capacity(r.nodes.len());
+    for (name, n, view) in join_by_name(fleet, &r.nodes) {
+        let send = n.state == NodeState::Pending
+            && !n.stage_sent
+            && view.is_some_and(|v| {
                 v.online
                     && !v
                         .services
-                        .get(&service)
-                        .is_some_and(|s| s.staged.contains(&version))
-            })
-        })
-        .map(|(name, _)| name.clone())
-        .collect();
-    for name in due {
-        let task = TaskRef {
-            id: r.task_id(&name, TaskKind::Stage),
-            kind: TaskKind::Stage,
-            started_at: now,
-        };
-        if let Some(n) = r.nodes.get_mut(&name) {
-            n.stage_sent = true;
+                        .get(service)
+                        .is_some_and(|s| s.staged.contains(version))
+            });
+        if send {
+            let task = TaskRef {
+                id: r.task_id(name, TaskKind::Stage),
+                kind: TaskKind::Stage,
+                started_at: now,
+            };
+            stage.push(Dispatch {
+                node: name.clone(),
+                task,
+            });
         }
-        stage.push(Dispatch { node: name, task });
+        due.push(send);
+    }
+    // Marked in a second pass, in the same order: the task ids above borrow
+    // the whole rollout.
+    for (n, sent) in r.nodes.values_mut().zip(due) {
+        n.stage_sent |= sent;
     }
 }
 
@@ -487,11 +517,17 @@ fn run_batches(
 
 /// Whether the rollout has finished a wave that waits for `promote`.
 pub(crate) fn awaiting_promotion(r: &Rollout) -> bool {
-    (0..r.batches.len())
-        .find(|&b| batch_open(r, b))
-        .is_some_and(|b| {
-            b > 0 && r.pauses.get(b - 1) == Some(&true) && !r.promoted.contains(&(b - 1))
-        })
+    first_open_batch(r).is_some_and(|b| paused_before(r, b))
+}
+
+/// The batch being worked on: the first with a node pending or in flight.
+fn first_open_batch(r: &Rollout) -> Option<usize> {
+    (0..r.batches.len()).find(|&b| batch_open(r, b))
+}
+
+/// Whether batch `b` waits for the wave before it to be promoted.
+fn paused_before(r: &Rollout, b: usize) -> bool {
+    b > 0 && r.pauses.get(b - 1) == Some(&true) && !r.promoted.contains(&(b - 1))
 }
 
 /// Whether batch `b` still has a node pending or in flight.
@@ -511,13 +547,13 @@ fn run_current_batch(
     dispatch: &mut Vec<Dispatch>,
     wake: &mut Wake,
 ) -> bool {
-    let Some(batch) = (0..r.batches.len()).find(|&b| batch_open(r, b)) else {
+    let Some(batch) = first_open_batch(r) else {
         let reason = summary(r);
         r.set_state(RolloutState::Completed, Some(reason), now);
         return false;
     };
 
-    if awaiting_promotion(r) {
+    if paused_before(r, batch) {
         r.waiting = Some(format!(
             "wave {batch} of {} is done: waiting for `rollwave rollout promote {}`",
             r.batches.len(),
@@ -569,7 +605,7 @@ fn run_current_batch(
                 r.event(now, Some(&name), reason);
             } else {
                 wake.at(since + r.spec.healthy_deadline);
-                waits.push(Wait::Offline(name.clone()));
+                waits.push(Wait::Offline(name));
             }
             continue;
         };
@@ -580,16 +616,17 @@ fn run_current_batch(
         let already_down = !view.available(&service);
         let domain = spread.as_ref().map(|s| label_value(view, &s.label));
         let held = Held {
-            name: name.clone(),
+            name,
             already_down,
-            domain: domain.clone(),
+            domain,
         };
-        if held.reason(&limits, unavailable, healthy, &busy).is_some() {
+        if held.hold(&limits, unavailable, healthy, &busy).is_some() {
             waits.push(Wait::Held(held));
             continue;
         }
+        let name = held.name;
         if let Some(d) = domain {
-            *busy.entry(d).or_default() += 1;
+            *busy.entry(d.to_string()).or_default() += 1;
         }
         if !already_down {
             unavailable += 1;
@@ -620,9 +657,12 @@ fn run_current_batch(
         .into_iter()
         .take(MAX_WAITS_SHOWN)
         .map(|w| match w {
-            Wait::Held(h) => h
-                .reason(&limits, unavailable, healthy, &busy)
-                .expect("a held node stays held as the step starts others"),
+            Wait::Held(h) => {
+                let hold = h
+                    .hold(&limits, unavailable, healthy, &busy)
+                    .expect("a held node stays held as the step starts others");
+                h.reason(&limits, hold)
+            }
             Wait::Offline(name) => format!("{name} is offline"),
         })
         .collect();
@@ -649,9 +689,9 @@ fn run_current_batch(
 /// Held nodes named in `waiting`; the rest are counted.
 const MAX_WAITS_SHOWN: usize = 5;
 
-enum Wait {
+enum Wait<'f> {
     Offline(String),
-    Held(Held),
+    Held(Held<'f>),
 }
 
 /// What holds a pending node back, re-evaluated against the step's counts.
@@ -662,43 +702,71 @@ struct Limits {
     spread: Option<crate::Spread>,
 }
 
-struct Held {
+struct Held<'f> {
     name: String,
     already_down: bool,
-    domain: Option<String>,
+    domain: Option<&'f str>,
 }
 
-impl Held {
-    fn reason(
-        &self,
-        l: &Limits,
+/// The limit a held node waits on, with the count that reached it. Kept
+/// apart from its wording: most held nodes are only counted in `waiting`.
+enum Hold<'a> {
+    Budget(usize),
+    Floor(usize),
+    Domain {
+        in_domain: usize,
+        spread: &'a crate::Spread,
+        value: &'a str,
+    },
+}
+
+impl Held<'_> {
+    fn hold<'a>(
+        &'a self,
+        l: &'a Limits,
         unavailable: usize,
         healthy: usize,
         busy: &BTreeMap<String, usize>,
-    ) -> Option<String> {
-        let name = &self.name;
+    ) -> Option<Hold<'a>> {
         if !self.already_down && unavailable >= l.budget {
-            return Some(format!(
-                "{name} waits: {unavailable} of at most {} nodes unavailable",
-                l.budget
-            ));
+            return Some(Hold::Budget(unavailable));
         }
         if !self.already_down && healthy <= l.min_healthy {
-            return Some(format!(
-                "{name} waits: {healthy} nodes of {} are healthy fleet-wide and min_healthy is {}",
-                l.service, l.min_healthy
-            ));
+            return Some(Hold::Floor(healthy));
         }
-        if let (Some(s), Some(d)) = (&l.spread, &self.domain) {
-            let in_domain = busy.get(d).copied().unwrap_or(0);
-            if in_domain >= s.max_per_domain as usize {
-                return Some(format!(
-                    "{name} waits: {in_domain} node(s) with {}={d} already in flight (max_per_domain {})",
-                    s.label, s.max_per_domain
-                ));
+        if let (Some(spread), Some(value)) = (&l.spread, self.domain) {
+            let in_domain = busy.get(value).copied().unwrap_or(0);
+            if in_domain >= spread.max_per_domain as usize {
+                return Some(Hold::Domain {
+                    in_domain,
+                    spread,
+                    value,
+                });
             }
         }
         None
+    }
+
+    fn reason(&self, l: &Limits, hold: Hold) -> String {
+        let name = &self.name;
+        match hold {
+            Hold::Budget(unavailable) => format!(
+                "{name} waits: {unavailable} of at most {} nodes unavailable",
+                l.budget
+            ),
+            Hold::Floor(healthy) => format!(
+                "{name} waits: {healthy} nodes of {} are healthy fleet-wide and min_healthy is {}",
+                l.service, l.min_healthy
+            ),
+            Hold::Domain {
+                in_domain,
+                spread: s,
+                value: d,
+            } => format!(
+                "{name} waits: {in_domain} node(s) with {}={d} already in flight (max_per_domain {})",
+                s.label, s.max_per_domain
+            ),
+        }
     }
 }
 

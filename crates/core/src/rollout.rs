@@ -173,6 +173,22 @@ pub struct Rollout {
     /// Nodes running the service that the selector left out.
     pub left_out: Vec<String>,
     pub events: Vec<RolloutEvent>,
+    /// Rollouts started by the same request that must complete before this
+    /// one starts (`depends_on`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<u64>,
+    /// Set once every rollout in `after` has completed.
+    #[serde(default)]
+    pub dependencies_done: bool,
+}
+
+/// A rollout another one depends on, as the executor sees it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dependency {
+    pub id: u64,
+    pub service: String,
+    pub version: String,
+    pub state: RolloutState,
 }
 
 /// An operator command that does not apply to the rollout's current state.
@@ -192,6 +208,59 @@ impl Rollout {
             TaskKind::Stage => "st",
         };
         format!("r{}-{k}-{node}", self.id)
+    }
+
+    /// Whether this rollout still waits for the rollouts it depends on.
+    pub fn blocked(&self) -> bool {
+        !self.after.is_empty() && !self.dependencies_done
+    }
+
+    /// Holds the rollout until every rollout it depends on has completed,
+    /// and cancels it, untouched, if one of them ends any other way. Returns
+    /// whether the planner may step it.
+    pub fn await_dependencies(&mut self, deps: &[Dependency], now: Timestamp) -> bool {
+        if !self.blocked() || !matches!(self.state, RolloutState::Running | RolloutState::Paused) {
+            return true;
+        }
+        if let Some(d) = deps
+            .iter()
+            .find(|d| d.state.is_terminal() && d.state != RolloutState::Completed)
+        {
+            let reason = format!(
+                "not started: rollout {} of {}@{}, which it depends on, ended {}",
+                d.id,
+                d.service,
+                d.version,
+                d.state.as_str()
+            );
+            self.set_state(RolloutState::Cancelled, Some(reason), now);
+            return false;
+        }
+        let open: Vec<String> = deps
+            .iter()
+            .filter(|d| d.state != RolloutState::Completed)
+            .map(|d| format!("rollout {} of {} ({})", d.id, d.service, d.state.as_str()))
+            .collect();
+        if open.is_empty() {
+            self.dependencies_done = true;
+            self.waiting = None;
+            // The wait was not a lack of progress.
+            self.last_progress_at = now;
+            let done: Vec<String> = deps
+                .iter()
+                .map(|d| format!("{}@{}", d.service, d.version))
+                .collect();
+            self.event(
+                now,
+                None,
+                format!("{} completed: starting", done.join(", ")),
+            );
+            return true;
+        }
+        if self.state == RolloutState::Running {
+            self.waiting = Some(format!("waits for {} to complete", open.join(", ")));
+        }
+        false
     }
 
     /// Whether the executor still has to watch this rollout.
@@ -422,5 +491,82 @@ impl Rollout {
             self.finished_at = None;
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{plan_batches, Fleet, Health, NodeView, RolloutFile, ServiceView};
+
+    fn blocked_rollout() -> Rollout {
+        let fleet: Fleet = [(
+            "n1".to_string(),
+            NodeView {
+                name: "n1".into(),
+                labels: Default::default(),
+                online: true,
+                last_seen: 0,
+                services: [(
+                    "api".to_string(),
+                    ServiceView {
+                        version: Some("1.0.0".into()),
+                        health: Health::Healthy,
+                        staged: Vec::new(),
+                    },
+                )]
+                .into(),
+            },
+        )]
+        .into();
+        let spec = RolloutFile {
+            service: Some("api".into()),
+            version: Some("2.0.0".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let mut r = plan_batches(2, spec, &fleet, 0).unwrap();
+        r.after = vec![1];
+        r
+    }
+
+    fn db(state: RolloutState) -> Dependency {
+        Dependency {
+            id: 1,
+            service: "db".into(),
+            version: "2.0.0".into(),
+            state,
+        }
+    }
+
+    #[test]
+    fn a_dependent_waits_then_starts_with_a_fresh_progress_clock() {
+        let mut r = blocked_rollout();
+        assert!(!r.await_dependencies(&[db(RolloutState::Running)], 1_000));
+        assert_eq!(
+            r.waiting.as_deref(),
+            Some("waits for rollout 1 of db (running) to complete")
+        );
+        let before = r.clone();
+        assert!(!r.await_dependencies(&[db(RolloutState::Running)], 2_000));
+        assert_eq!(r, before, "waiting again changes nothing");
+        assert!(r.await_dependencies(&[db(RolloutState::Completed)], 60_000));
+        assert!(!r.blocked());
+        assert_eq!(r.last_progress_at, 60_000);
+        assert_eq!(r.waiting, None);
+        assert!(r.await_dependencies(&[db(RolloutState::RolledBack)], 61_000));
+    }
+
+    #[test]
+    fn a_dependent_of_a_failed_rollout_is_cancelled_untouched() {
+        let mut r = blocked_rollout();
+        assert!(!r.await_dependencies(&[db(RolloutState::RolledBack)], 1_000));
+        assert_eq!(r.state, RolloutState::Cancelled);
+        assert_eq!(
+            r.reason.as_deref(),
+            Some("not started: rollout 1 of db@2.0.0, which it depends on, ended rolled_back")
+        );
+        assert_eq!(r.count(NodeState::Pending), 1);
     }
 }

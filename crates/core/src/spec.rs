@@ -19,8 +19,26 @@ pub struct RolloutFile {
     /// Explicit node names; with a selector, a node must match both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<Vec<String>>,
+    /// Several services in one rollout, instead of `service` and `version`;
+    /// each is rolled out with the same selector and strategy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<Vec<ServiceFile>>,
     #[serde(default)]
     pub strategy: StrategyFile,
+}
+
+/// One service of a multi-service rollout (`[[services]]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceFile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Services of the same rollout that must have completed before this
+    /// one starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depends_on: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,7 +58,7 @@ pub struct StrategyFile {
     pub max_failures: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_rollback: Option<bool>,
-    /// `rolling` (the default) or `canary`.
+    /// `rolling` (the default), `canary` or `all_at_once`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
     /// Canary waves, cumulative: `["1", "10%", {size = "50%", pause = true}, "100%"]`.
@@ -131,6 +149,14 @@ pub struct RolloutSpec {
     pub spread: Option<Spread>,
     #[serde(default)]
     pub order: Option<Order>,
+    /// Two phases: every node stages the release, then every node switches
+    /// at once; any failure switches every node back.
+    #[serde(default)]
+    pub all_at_once: bool,
+    /// Services (rolled out by sibling rollouts) that must have completed
+    /// before this one starts.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,6 +194,7 @@ impl RolloutFile {
         self.version = other.version.or(self.version);
         self.selector = other.selector.or(self.selector);
         self.nodes = other.nodes.or(self.nodes);
+        self.services = other.services.or(self.services);
         let t = &mut self.strategy;
         t.kind = s.kind.or(t.kind.take());
         t.waves = s.waves.or(t.waves.take());
@@ -186,22 +213,99 @@ impl RolloutFile {
         self
     }
 
-    /// Validates every field and fills in defaults.
+    /// Validates a single-service rollout and fills in defaults.
     pub fn resolve(&self) -> Result<RolloutSpec, SpecError> {
-        let service = self
-            .service
-            .as_deref()
-            .ok_or_else(|| SpecError::new("service", "is required"))?;
-        validate_service_name("service", service)?;
-        let version = self
-            .version
-            .as_deref()
-            .ok_or_else(|| SpecError::new("version", "is required"))?;
-        parse_version("version", version)?;
+        if self.services.is_some() {
+            return Err(SpecError::new(
+                "services",
+                "lists several services: this request takes one (service and version)",
+            ));
+        }
+        self.resolve_one(
+            "service",
+            self.service.as_deref(),
+            "version",
+            self.version.as_deref(),
+        )
+    }
+
+    /// Validates a rollout of one or several services; returns one spec per
+    /// service, each after every service it depends on.
+    pub fn resolve_all(&self) -> Result<Vec<RolloutSpec>, SpecError> {
+        let Some(entries) = &self.services else {
+            return Ok(vec![self.resolve()?]);
+        };
+        for (field, set) in [
+            ("service", self.service.is_some()),
+            ("version", self.version.is_some()),
+        ] {
+            if set {
+                return Err(SpecError::new(
+                    field,
+                    "cannot be combined with [[services]]: give each service its name and version there",
+                ));
+            }
+        }
+        if entries.is_empty() {
+            return Err(SpecError::new("services", "needs at least one service"));
+        }
+        let mut specs = Vec::with_capacity(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            let name_field = format!("services[{i}].name");
+            let mut spec = self.resolve_one(
+                &name_field,
+                e.name.as_deref(),
+                &format!("services[{i}].version"),
+                e.version.as_deref(),
+            )?;
+            if specs
+                .iter()
+                .any(|s: &RolloutSpec| s.service == spec.service)
+            {
+                return Err(SpecError::new(
+                    name_field,
+                    format!("{:?} is listed twice", spec.service),
+                ));
+            }
+            let deps_field = format!("services[{i}].depends_on");
+            let deps = e.depends_on.clone().unwrap_or_default();
+            for (j, d) in deps.iter().enumerate() {
+                if !entries.iter().any(|o| o.name.as_deref() == Some(d)) {
+                    return Err(SpecError::new(
+                        deps_field,
+                        format!("{d:?} is not a service of this rollout"),
+                    ));
+                }
+                if deps[..j].contains(d) {
+                    return Err(SpecError::new(deps_field, format!("{d:?} is listed twice")));
+                }
+            }
+            spec.depends_on = deps;
+            specs.push(spec);
+        }
+        dependency_order(specs)
+    }
+
+    fn resolve_one(
+        &self,
+        service_field: &str,
+        service: Option<&str>,
+        version_field: &str,
+        version: Option<&str>,
+    ) -> Result<RolloutSpec, SpecError> {
+        let service = service.ok_or_else(|| SpecError::new(service_field, "is required"))?;
+        validate_service_name(service_field, service)?;
+        let version = version.ok_or_else(|| SpecError::new(version_field, "is required"))?;
+        parse_version(version_field, version)?;
         let selector = Selector::parse("selector", self.selector.as_deref().unwrap_or(""))?;
         let s = &self.strategy;
+        let all_at_once = s.kind.as_deref() == Some("all_at_once");
+        if all_at_once {
+            all_at_once_fits(s)?;
+        }
         let batch = match &s.batch {
             Some(b) => b.amount("strategy.batch")?,
+            None if all_at_once => Amount::Percent(100),
             None => DEFAULT_BATCH,
         };
         if matches!(batch, Amount::Count(0) | Amount::Percent(0)) {
@@ -211,7 +315,7 @@ impl RolloutFile {
         let max_unavailable = match &s.max_unavailable {
             Some(m) => m.amount("strategy.max_unavailable")?,
             // A canary's waves set how many nodes go at once.
-            None if canary => Amount::Percent(100),
+            None if canary || all_at_once => Amount::Percent(100),
             None => batch,
         };
         if max_unavailable == Amount::Count(0) {
@@ -298,16 +402,11 @@ impl RolloutFile {
                     "is for kind = \"canary\"; a rolling rollout uses strategy.batch",
                 ))
             }
-            (Some("all_at_once"), _) => {
-                return Err(SpecError::new(
-                    "strategy.kind",
-                    "\"all_at_once\" is not available in this version (rolling or canary)",
-                ))
-            }
+            (Some("all_at_once"), _) => Vec::new(),
             (Some(other), _) => {
                 return Err(SpecError::new(
                     "strategy.kind",
-                    format!("{other:?} is not a strategy (rolling or canary)"),
+                    format!("{other:?} is not a strategy (rolling, canary or all_at_once)"),
                 ))
             }
         };
@@ -381,8 +480,114 @@ impl RolloutFile {
             progress_deadline,
             max_failures: s.max_failures.unwrap_or(0),
             auto_rollback: s.auto_rollback.unwrap_or(true),
+            all_at_once,
+            depends_on: Vec::new(),
         })
     }
+}
+
+/// Refuses the settings that contradict switching every node at once and
+/// ending all on one version.
+fn all_at_once_fits(s: &StrategyFile) -> Result<(), SpecError> {
+    let why = "all_at_once switches every selected node in one step";
+    if s.batch.is_some() {
+        return Err(SpecError::new(
+            "strategy.batch",
+            format!("{why}: batches are for kind = \"rolling\""),
+        ));
+    }
+    if s.waves.is_some() {
+        return Err(SpecError::new(
+            "strategy.waves",
+            format!("{why}: waves are for kind = \"canary\""),
+        ));
+    }
+    if let Some(m) = &s.max_unavailable {
+        if m.amount("strategy.max_unavailable")? != Amount::Percent(100) {
+            return Err(SpecError::new(
+                "strategy.max_unavailable",
+                format!("{why}: leave it unset (every selected node is in flight at once), or use kind = \"rolling\""),
+            ));
+        }
+    }
+    if s.max_failures.is_some_and(|m| m > 0) {
+        return Err(SpecError::new(
+            "strategy.max_failures",
+            "all_at_once tolerates no failure: one node failing switches every node back",
+        ));
+    }
+    if s.auto_rollback == Some(false) {
+        return Err(SpecError::new(
+            "strategy.auto_rollback",
+            "all_at_once always switches every node back on a failure, so the fleet never ends mixed",
+        ));
+    }
+    for (field, set) in [
+        ("strategy.spread_by", s.spread_by.is_some()),
+        ("strategy.max_per_domain", s.max_per_domain.is_some()),
+        ("strategy.order_by", s.order_by.is_some()),
+        ("strategy.order", s.order.is_some()),
+    ] {
+        if set {
+            return Err(SpecError::new(
+                field,
+                format!("{why}: there are no waves to spread or order"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Sorts specs so that each comes after everything it depends on, keeping
+/// the listed order otherwise; a cycle is refused with its path.
+fn dependency_order(specs: Vec<RolloutSpec>) -> Result<Vec<RolloutSpec>, SpecError> {
+    fn visit(
+        i: usize,
+        specs: &[RolloutSpec],
+        marks: &mut [u8],
+        path: &mut Vec<usize>,
+        out: &mut Vec<usize>,
+    ) -> Result<(), SpecError> {
+        match marks[i] {
+            2 => return Ok(()),
+            1 => {
+                let start = path.iter().position(|&p| p == i).unwrap_or(0);
+                let mut cycle: Vec<&str> = path[start..]
+                    .iter()
+                    .map(|&p| specs[p].service.as_str())
+                    .collect();
+                cycle.push(&specs[i].service);
+                return Err(SpecError::new(
+                    "services",
+                    format!("depends_on forms a cycle: {}", cycle.join(" -> ")),
+                ));
+            }
+            _ => {}
+        }
+        marks[i] = 1;
+        path.push(i);
+        for d in &specs[i].depends_on {
+            let j = specs
+                .iter()
+                .position(|s| &s.service == d)
+                .expect("dependencies were checked to be services of the rollout");
+            visit(j, specs, marks, path, out)?;
+        }
+        path.pop();
+        marks[i] = 2;
+        out.push(i);
+        Ok(())
+    }
+    let mut marks = vec![0u8; specs.len()];
+    let mut order = Vec::with_capacity(specs.len());
+    for i in 0..specs.len() {
+        visit(i, &specs, &mut marks, &mut Vec::new(), &mut order)?;
+    }
+    let mut slots: Vec<Option<RolloutSpec>> = specs.into_iter().map(Some).collect();
+    Ok(order
+        .into_iter()
+        .map(|i| slots[i].take().expect("each spec is placed once"))
+        .collect())
 }
 
 fn label_key(field: &str, label: &str) -> Result<(), SpecError> {
@@ -497,8 +702,32 @@ mod tests {
                 "strategy.kind",
             ),
             (
-                Box::new(|s| s.kind = Some("all_at_once".into())),
-                "strategy.kind",
+                Box::new(|s| {
+                    s.kind = Some("all_at_once".into());
+                    s.max_failures = Some(1);
+                }),
+                "strategy.max_failures",
+            ),
+            (
+                Box::new(|s| {
+                    s.kind = Some("all_at_once".into());
+                    s.max_unavailable = Some("50%".into());
+                }),
+                "strategy.max_unavailable",
+            ),
+            (
+                Box::new(|s| {
+                    s.kind = Some("all_at_once".into());
+                    s.auto_rollback = Some(false);
+                }),
+                "strategy.auto_rollback",
+            ),
+            (
+                Box::new(|s| {
+                    s.kind = Some("all_at_once".into());
+                    s.spread_by = Some("rack".into());
+                }),
+                "strategy.spread_by",
             ),
             (
                 Box::new(|s| s.waves = Some(vec![WaveFile::Size("0".into())])),
@@ -537,6 +766,75 @@ mod tests {
             set(&mut f.strategy);
             assert_eq!(f.resolve().unwrap_err().field, field);
         }
+    }
+
+    #[test]
+    fn all_at_once_takes_every_node_at_once() {
+        let mut f = file("api", "2.0.0");
+        f.strategy.kind = Some("all_at_once".into());
+        let spec = f.resolve().unwrap();
+        assert!(spec.all_at_once);
+        assert_eq!(spec.batch_size(7), 7);
+        assert_eq!(spec.unavailable_budget(7), 7);
+        assert_eq!(spec.max_failures, 0);
+        assert!(spec.auto_rollback);
+    }
+
+    fn services(list: &[(&str, &[&str])]) -> RolloutFile {
+        RolloutFile {
+            services: Some(
+                list.iter()
+                    .map(|(name, deps)| ServiceFile {
+                        name: Some(name.to_string()),
+                        version: Some("2.0.0".into()),
+                        depends_on: Some(deps.iter().map(|d| d.to_string()).collect()),
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn services_come_after_their_dependencies() {
+        let specs = services(&[("api", &["db", "cache"]), ("db", &[]), ("cache", &["db"])])
+            .resolve_all()
+            .unwrap();
+        let order: Vec<&str> = specs.iter().map(|s| s.service.as_str()).collect();
+        assert_eq!(order, ["db", "cache", "api"]);
+        assert_eq!(specs[2].depends_on, ["db", "cache"]);
+        // A single service resolves the same either way.
+        assert_eq!(file("api", "2.0.0").resolve_all().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn dependency_errors_name_the_problem() {
+        let err = services(&[("api", &["web"]), ("web", &["db"]), ("db", &["api"])])
+            .resolve_all()
+            .unwrap_err();
+        assert_eq!(err.field, "services");
+        assert_eq!(
+            err.message,
+            "depends_on forms a cycle: api -> web -> db -> api"
+        );
+        let err = services(&[("api", &["api"])]).resolve_all().unwrap_err();
+        assert_eq!(err.message, "depends_on forms a cycle: api -> api");
+        let err = services(&[("api", &["dbx"]), ("db", &[])])
+            .resolve_all()
+            .unwrap_err();
+        assert_eq!(err.field, "services[0].depends_on");
+        assert_eq!(err.message, "\"dbx\" is not a service of this rollout");
+        let err = services(&[("db", &[]), ("db", &[])])
+            .resolve_all()
+            .unwrap_err();
+        assert_eq!(err.field, "services[1].name");
+        let mut both = services(&[("db", &[])]);
+        both.service = Some("api".into());
+        assert_eq!(both.resolve_all().unwrap_err().field, "service");
+        assert_eq!(services(&[]).resolve_all().unwrap_err().field, "services");
+        let mut f = services(&[("db", &[])]);
+        f.services.as_mut().unwrap()[0].version = None;
+        assert_eq!(f.resolve_all().unwrap_err().field, "services[0].version");
     }
 
     #[test]

@@ -64,6 +64,7 @@ fn spec_of(strategy: StrategyFile) -> RolloutSpec {
         version: Some(TO.into()),
         selector: None,
         nodes: None,
+        services: None,
         strategy,
     }
     .resolve()
@@ -383,6 +384,7 @@ impl Case {
                 .explicit
                 .as_ref()
                 .map(|ix| ix.iter().map(|&i| self.explicit_name(i)).collect()),
+            services: None,
             strategy: StrategyFile {
                 kind,
                 batch,

@@ -210,14 +210,17 @@ async fn get_rollout(
             .await?
             .ok_or_else(|| ApiError::not_found(format!("rollout {id} not found")))?,
     };
-    Ok(Json(RolloutResponse { rollout }))
+    Ok(Json(RolloutResponse {
+        rollout,
+        dependents: Vec::new(),
+    }))
 }
 
 async fn start_rollout(State(shared): State<Arc<Shared>>, body: Bytes) -> ApiResult<Response> {
     let req: StartRollout = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid rollout request: {e}")))?;
-    let rollout = shared.reconciler.start(req.spec).await?;
-    Ok((StatusCode::CREATED, Json(RolloutResponse { rollout })).into_response())
+    let started = shared.reconciler.start(req.spec).await?;
+    Ok((StatusCode::CREATED, Json(group_response(started))).into_response())
 }
 
 /// A dry run: the plan `POST /v1/rollouts` would make now, stored nowhere.
@@ -227,8 +230,17 @@ async fn plan_rollout(
 ) -> ApiResult<Json<RolloutResponse>> {
     let req: StartRollout = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid rollout request: {e}")))?;
-    let rollout = shared.reconciler.plan(req.spec).await?;
-    Ok(Json(RolloutResponse { rollout }))
+    let planned = shared.reconciler.plan(req.spec).await?;
+    Ok(Json(group_response(planned)))
+}
+
+/// The first rollout of a request, with the ones that depend on it.
+fn group_response(mut rollouts: Vec<rollwave_core::Rollout>) -> RolloutResponse {
+    let rollout = rollouts.remove(0);
+    RolloutResponse {
+        rollout,
+        dependents: rollouts,
+    }
 }
 
 async fn rollout_command(
@@ -249,5 +261,8 @@ async fn rollout_command(
         }
     };
     let rollout = shared.reconciler.command(id, command).await?;
-    Ok(Json(RolloutResponse { rollout }))
+    Ok(Json(RolloutResponse {
+        rollout,
+        dependents: Vec::new(),
+    }))
 }

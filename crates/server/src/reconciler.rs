@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use rollwave_api::{artifact_path, ArtifactRef, ServerMessage, Task, TaskAction};
 use rollwave_core::{
-    plan_batches, step, NodeState, Release, Rollout, RolloutFile, TaskKind, TaskOutcome, TaskRef,
+    plan_batches, step, Dependency, NodeState, Release, Rollout, RolloutFile, RolloutState,
+    TaskKind, TaskOutcome, TaskRef,
 };
 use rollwave_store::StoreError;
 use tokio::sync::{mpsc, oneshot};
@@ -37,9 +38,10 @@ pub enum Event {
         task_id: String,
         outcome: TaskOutcome,
     },
+    /// Starts the rollouts of a request: one per service, in dependency order.
     Start {
         file: RolloutFile,
-        reply: oneshot::Sender<Result<Rollout, ApiError>>,
+        reply: oneshot::Sender<Result<Vec<Rollout>, ApiError>>,
     },
     Command {
         id: u64,
@@ -49,7 +51,7 @@ pub enum Event {
     /// Plans a rollout against the fleet as it is now, storing nothing.
     Plan {
         file: RolloutFile,
-        reply: oneshot::Sender<Result<Rollout, ApiError>>,
+        reply: oneshot::Sender<Result<Vec<Rollout>, ApiError>>,
     },
 }
 
@@ -76,14 +78,14 @@ impl Handle {
         let _ = self.0.send(event);
     }
 
-    pub async fn start(&self, file: RolloutFile) -> Result<Rollout, ApiError> {
+    pub async fn start(&self, file: RolloutFile) -> Result<Vec<Rollout>, ApiError> {
         let (reply, rx) = oneshot::channel();
         self.send(Event::Start { file, reply });
         rx.await
             .unwrap_or_else(|_| Err(ApiError::internal("reconciler stopped")))
     }
 
-    pub async fn plan(&self, file: RolloutFile) -> Result<Rollout, ApiError> {
+    pub async fn plan(&self, file: RolloutFile) -> Result<Vec<Rollout>, ApiError> {
         let (reply, rx) = oneshot::channel();
         self.send(Event::Plan { file, reply });
         rx.await
@@ -230,40 +232,101 @@ impl Reconciler {
         }
     }
 
-    /// Validates a spec against the releases and the fleet and plans it
-    /// (id 0), changing nothing.
-    async fn plan(&mut self, file: RolloutFile, now: u64) -> Result<Rollout, ApiError> {
-        let spec = file.resolve()?;
-        self.release(&spec.service, &spec.version)
-            .await?
-            .ok_or_else(|| {
-                ApiError::not_found(format!(
-                    "release {}@{} not found: push it first with `rollwave release push {} {} FILE`",
-                    spec.service, spec.version, spec.service, spec.version
-                ))
-            })?;
-        Ok(plan_batches(0, spec, &self.fleet(), now)?)
+    /// Validates a request against the releases and the fleet and plans one
+    /// rollout per service (id 0), changing nothing.
+    async fn plan(&mut self, file: RolloutFile, now: u64) -> Result<Vec<Rollout>, ApiError> {
+        let specs = file.resolve_all()?;
+        let fleet = self.fleet();
+        let mut planned = Vec::with_capacity(specs.len());
+        for spec in specs {
+            self.release(&spec.service, &spec.version)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::not_found(format!(
+                        "release {}@{} not found: push it first with `rollwave release push {} {} FILE`",
+                        spec.service, spec.version, spec.service, spec.version
+                    ))
+                })?;
+            planned.push(plan_batches(0, spec, &fleet, now)?);
+        }
+        Ok(planned)
     }
 
-    async fn start(&mut self, file: RolloutFile, now: u64) -> Result<Rollout, ApiError> {
-        let mut rollout = self.plan(file, now).await?;
-        let service = &rollout.spec.service;
-        if let Some(r) = self.active.values().find(|r| &r.spec.service == service) {
-            return Err(ApiError::conflict(format!(
-                "rollout {} of {} is {}: wait for it to finish, cancel it or roll it back first",
-                r.id,
-                r.spec.service,
-                r.state.as_str()
-            )));
+    async fn start(&mut self, file: RolloutFile, now: u64) -> Result<Vec<Rollout>, ApiError> {
+        let mut planned = self.plan(file, now).await?;
+        for p in &planned {
+            let service = &p.spec.service;
+            if let Some(r) = self.active.values().find(|r| &r.spec.service == service) {
+                return Err(ApiError::conflict(format!(
+                    "rollout {} of {} is {}: wait for it to finish, cancel it or roll it back first",
+                    r.id,
+                    r.spec.service,
+                    r.state.as_str()
+                )));
+            }
         }
-        // The id is allocated only for a plan that stands.
-        rollout.id = self.shared.store.next_rollout_id().await?;
-        let id = rollout.id;
-        let stored = self.shared.store.insert_rollout(&rollout).await?;
-        tracing::info!(rollout = id, service = %stored.spec.service, version = %stored.spec.version, nodes = stored.nodes.len(), "rollout started");
-        self.active.insert(id, stored);
+        // Ids are allocated only for plans that stand.
+        let mut ids = HashMap::new();
+        for p in &mut planned {
+            p.id = self.shared.store.next_rollout_id().await?;
+            ids.insert(p.spec.service.clone(), p.id);
+        }
+        for p in &mut planned {
+            p.after = p.spec.depends_on.iter().map(|d| ids[d]).collect();
+        }
+        // All or none: a crash must not leave a dependent without the
+        // rollout it waits for, or the reverse.
+        let stored = self.shared.store.insert_rollouts(&planned).await?;
+        for r in stored {
+            tracing::info!(rollout = r.id, service = %r.spec.service, version = %r.spec.version, nodes = r.nodes.len(), after = ?r.after, "rollout started");
+            self.active.insert(r.id, r);
+        }
         self.reconcile().await;
-        self.current(id).await
+        let mut out = Vec::with_capacity(planned.len());
+        for p in &planned {
+            out.push(self.current(p.id).await?);
+        }
+        Ok(out)
+    }
+
+    /// The rollouts `r` depends on, as they are now.
+    async fn dependencies(&self, r: &Rollout) -> Vec<Dependency> {
+        let mut deps = Vec::with_capacity(r.after.len());
+        for &id in &r.after {
+            let found = match self.active.get(&id) {
+                Some(d) => Some(d.clone()),
+                None => match self.shared.store.get_rollout(id).await {
+                    Ok(found) => found,
+                    Err(e) => {
+                        tracing::error!(rollout = r.id, dependency = id, error = %e, "loading dependency");
+                        // Unknown is not completed: keep waiting.
+                        deps.push(Dependency {
+                            id,
+                            service: "?".into(),
+                            version: "?".into(),
+                            state: RolloutState::Running,
+                        });
+                        continue;
+                    }
+                },
+            };
+            deps.push(match found {
+                Some(d) => Dependency {
+                    id,
+                    service: d.spec.service.clone(),
+                    version: d.spec.version.clone(),
+                    state: d.state,
+                },
+                // Gone from the store: it can never complete.
+                None => Dependency {
+                    id,
+                    service: "?".into(),
+                    version: "?".into(),
+                    state: RolloutState::Cancelled,
+                },
+            });
+        }
+        deps
     }
 
     async fn command(&mut self, id: u64, command: Command, now: u64) -> Result<Rollout, ApiError> {
@@ -325,6 +388,21 @@ impl Reconciler {
         let mut wake = now + MAX_SLEEP.as_millis() as u64;
         let ids: Vec<u64> = self.active.keys().copied().collect();
         for id in ids {
+            let Some(r) = self.active.get(&id) else {
+                continue;
+            };
+            if r.blocked() {
+                let deps = self.dependencies(r).await;
+                let mut held = r.clone();
+                let go = held.await_dependencies(&deps, now);
+                if held != *r {
+                    held.updated_at = now;
+                    self.save(held).await;
+                }
+                if !go {
+                    continue;
+                }
+            }
             let Some(r) = self.active.get(&id) else {
                 continue;
             };

@@ -206,6 +206,33 @@ async fn rollouts(store: &dyn Store) {
     }
     assert_eq!(store.get_rollout(id).await.unwrap(), Some(v1.clone()));
 
+    // Several rollouts go in together or not at all.
+    let (a, b) = (
+        store.next_rollout_id().await.unwrap(),
+        store.next_rollout_id().await.unwrap(),
+    );
+    match store
+        .insert_rollouts(&[rollout(a, 10_000), rollout(id, 10_000)])
+        .await
+    {
+        Err(StoreError::AlreadyExists(got)) => assert_eq!(got, id),
+        other => panic!("expected AlreadyExists for rollout {id}, got {other:?}"),
+    }
+    assert_eq!(
+        store.get_rollout(a).await.unwrap(),
+        None,
+        "half a group stored"
+    );
+    let pair = store
+        .insert_rollouts(&[rollout(a, 10_000), rollout(b, 10_000)])
+        .await
+        .unwrap();
+    assert_eq!(
+        pair.iter().map(|r| r.generation).collect::<Vec<_>>(),
+        [1, 1]
+    );
+    assert_eq!(store.get_rollout(b).await.unwrap(), Some(pair[1].clone()));
+
     // A write at the current generation wins and bumps it.
     let mut paused = v1.clone();
     paused.pause(11_000).unwrap();
@@ -283,7 +310,7 @@ async fn rollouts(store: &dyn Store) {
     let winner = store.update_rollout(&winner).await.unwrap();
     assert_eq!(
         store.list_rollouts().await.unwrap(),
-        vec![third, second, winner],
+        vec![third, second, pair[1].clone(), pair[0].clone(), winner],
         "rollouts are listed newest first"
     );
 }

@@ -55,8 +55,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Allocates the next rollout id; ids are never reused, even after a crash.
     async fn next_rollout_id(&self) -> Result<u64>;
-    /// Stores a new rollout with generation 1; returns it as stored.
-    async fn insert_rollout(&self, rollout: &Rollout) -> Result<Rollout>;
+    /// Stores new rollouts with generation 1, all or none (the rollouts of
+    /// one multi-service request); returns them as stored.
+    async fn insert_rollouts(&self, rollouts: &[Rollout]) -> Result<Vec<Rollout>>;
+    /// Stores one new rollout with generation 1; returns it as stored.
+    async fn insert_rollout(&self, rollout: &Rollout) -> Result<Rollout> {
+        let mut stored = self.insert_rollouts(std::slice::from_ref(rollout)).await?;
+        Ok(stored.remove(0))
+    }
     /// Replaces a rollout if its stored generation equals `rollout.generation`;
     /// returns it as stored, with the generation incremented.
     async fn update_rollout(&self, rollout: &Rollout) -> Result<Rollout>;

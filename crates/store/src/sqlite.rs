@@ -368,26 +368,36 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn insert_rollout(&self, rollout: &Rollout) -> Result<Rollout> {
-        let key = rollout_key(rollout.id);
-        let id = sql_int("rollout id", rollout.id)?;
-        let stored = Rollout {
-            generation: 1,
-            ..rollout.clone()
-        };
-        let json = encode(&key, &stored)?;
-        let inserted = self
-            .conn()
-            .execute(
-                "INSERT INTO rollouts (id, generation, json) VALUES (?1, 1, ?2)
-                 ON CONFLICT (id) DO NOTHING",
-                params![id, json],
-            )
-            .map_err(self.backend(format_args!("storing {key}")))?;
-        if inserted == 0 {
-            return Err(StoreError::AlreadyExists(rollout.id));
+    async fn insert_rollouts(&self, rollouts: &[Rollout]) -> Result<Vec<Rollout>> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction()
+            .map_err(self.backend("starting a transaction"))?;
+        let mut out = Vec::with_capacity(rollouts.len());
+        for rollout in rollouts {
+            let key = rollout_key(rollout.id);
+            let id = sql_int("rollout id", rollout.id)?;
+            let stored = Rollout {
+                generation: 1,
+                ..rollout.clone()
+            };
+            let json = encode(&key, &stored)?;
+            let inserted = tx
+                .execute(
+                    "INSERT INTO rollouts (id, generation, json) VALUES (?1, 1, ?2)
+                     ON CONFLICT (id) DO NOTHING",
+                    params![id, json],
+                )
+                .map_err(self.backend(format_args!("storing {key}")))?;
+            if inserted == 0 {
+                // Dropping the transaction rolls back the ones before.
+                return Err(StoreError::AlreadyExists(rollout.id));
+            }
+            out.push(stored);
         }
-        Ok(stored)
+        tx.commit()
+            .map_err(self.backend("committing new rollouts"))?;
+        Ok(out)
     }
 
     async fn update_rollout(&self, rollout: &Rollout) -> Result<Rollout> {

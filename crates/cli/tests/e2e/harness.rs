@@ -67,13 +67,43 @@ pub async fn push_broken_on(fleet: &Fleet, version: &str, nodes: &[&str]) -> Pus
 }
 
 async fn upload(fleet: &Fleet, version: &str, release: DemoRelease) -> PushResponse {
+    upload_to(fleet, SERVICE, version, release).await
+}
+
+/// Pushes a demo release of `service`, healthy everywhere.
+pub async fn push_service(fleet: &Fleet, service: &str, version: &str) -> PushResponse {
+    let release = DemoRelease {
+        version: version.into(),
+        healthy: true,
+        broken_on: Vec::new(),
+    };
+    upload_to(fleet, service, version, release).await
+}
+
+async fn upload_to(
+    fleet: &Fleet,
+    service: &str,
+    version: &str,
+    release: DemoRelease,
+) -> PushResponse {
     let bytes = tarball(&release).unwrap();
     fleet
         .api()
         .unwrap()
-        .post_bytes(&format!("/v1/releases/{SERVICE}/{version}"), bytes)
+        .post_bytes(&format!("/v1/releases/{service}/{version}"), bytes)
         .await
         .unwrap()
+}
+
+/// Starts the rollouts of a request; returns them in dependency order.
+pub async fn start_file(fleet: &Fleet, spec: RolloutFile) -> anyhow::Result<Vec<Rollout>> {
+    let resp: RolloutResponse = fleet
+        .api()?
+        .post("/v1/rollouts", &StartRollout { spec })
+        .await?;
+    let mut all = vec![resp.rollout];
+    all.extend(resp.dependents);
+    Ok(all)
 }
 
 /// Starts a rollout of `version` with test-friendly timings, adjusted by `f`.
@@ -95,6 +125,7 @@ pub async fn start(
         version: Some(version.into()),
         selector: None,
         nodes: None,
+        services: None,
         strategy,
     };
     let resp: RolloutResponse = fleet
@@ -151,11 +182,16 @@ pub async fn nodes(fleet: &Fleet) -> Vec<NodeView> {
 
 /// Running version of the service on every node, by node name.
 pub async fn versions(fleet: &Fleet) -> Vec<(String, Option<String>)> {
+    versions_of(fleet, SERVICE).await
+}
+
+/// Running version of `service` on every node, by node name.
+pub async fn versions_of(fleet: &Fleet, service: &str) -> Vec<(String, Option<String>)> {
     nodes(fleet)
         .await
         .into_iter()
         .map(|n| {
-            let v = n.services.get(SERVICE).and_then(|s| s.version.clone());
+            let v = n.services.get(service).and_then(|s| s.version.clone());
             (n.name, v)
         })
         .collect()

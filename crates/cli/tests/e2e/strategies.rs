@@ -1,9 +1,11 @@
 //! Strategies with real agents: a canary held for a manual promotion, a
-//! quorum floor with a node already down, and the dry-run plan.
+//! quorum floor with a node already down, the dry-run plan, staging ahead and
+//! a dependency between two services.
 
 use rollwave::fleet::{Fleet, FleetSpec};
 use rollwave_api::NodeView;
-use rollwave_core::{Health, NodeState, RolloutState};
+use rollwave_api::RolloutFile;
+use rollwave_core::{Health, NodeState, Rollout, RolloutState, StrategyFile};
 
 use crate::harness::*;
 
@@ -230,4 +232,111 @@ async fn every_node_stages_the_release_ahead_of_its_wave() {
         .filter(|e| e.node.as_deref() == Some(&last) && e.message == "downloading")
         .count();
     assert_eq!(downloads, 0, "{:#?}", r.events);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_starts_only_once_the_one_it_depends_on_completed() {
+    let mut spec = FleetSpec::new(exe().into(), 3);
+    spec.extra_services = vec!["db".into()];
+    let fleet = installed(spec).await;
+    push_service(&fleet, "db", "1.0.0").await;
+    let install = start_file(
+        &fleet,
+        RolloutFile {
+            service: Some("db".into()),
+            version: Some("1.0.0".into()),
+            strategy: StrategyFile {
+                batch: Some("100%".into()),
+                min_healthy_time: Some("0s".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(wait_done(&fleet, install[0].id).await.fully_upgraded());
+    push_service(&fleet, "db", "2.0.0").await;
+    push(&fleet, "2.0.0", true).await;
+
+    // Listed dependent first: the order comes from depends_on.
+    let file = fleet.dir.join("rollout.toml");
+    std::fs::write(
+        &file,
+        r#"
+[[services]]
+name = "api"
+version = "2.0.0"
+depends_on = ["db"]
+
+[[services]]
+name = "db"
+version = "2.0.0"
+
+[strategy]
+batch = 1
+min_healthy_time = "300ms"
+"#,
+    )
+    .unwrap();
+    let path = file.display().to_string();
+    let out = cli(
+        &fleet.url(),
+        &["rollout", "start", "-f", &path, "--yes", "--wait"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("once db completed (depends_on)"), "{text}");
+
+    let rollouts: Vec<Rollout> = fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
+    let db = rollouts
+        .iter()
+        .find(|r| r.spec.service == "db" && r.spec.version == "2.0.0");
+    let api = rollouts
+        .iter()
+        .find(|r| r.spec.service == "api" && r.spec.version == "2.0.0");
+    let (db, api) = (db.unwrap(), api.unwrap());
+    assert!(db.fully_upgraded() && api.fully_upgraded(), "{rollouts:#?}");
+    assert_eq!(api.after, [db.id]);
+    // No node of api switched before db had completed everywhere.
+    let db_done = db.finished_at.unwrap();
+    for (name, n) in &api.nodes {
+        let started = n.task.as_ref().unwrap().started_at;
+        assert!(
+            started >= db_done,
+            "{name} started at {started}, db done at {db_done}"
+        );
+    }
+    for (name, v) in versions_of(&fleet, "db").await {
+        assert_eq!(v.as_deref(), Some("2.0.0"), "{name}");
+    }
+    assert_fleet_on(&fleet, "2.0.0").await;
+
+    // A cycle is refused before anything starts, naming it.
+    std::fs::write(
+        &file,
+        r#"
+[[services]]
+name = "api"
+version = "2.0.0"
+depends_on = ["db"]
+
+[[services]]
+name = "db"
+version = "2.0.0"
+depends_on = ["api"]
+"#,
+    )
+    .unwrap();
+    let out = cli(&fleet.url(), &["rollout", "start", "-f", &path, "--yes"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("services: depends_on forms a cycle: api -> db -> api"),
+        "{err}"
+    );
 }
