@@ -33,6 +33,7 @@ struct RawService {
     working_dir: Option<String>,
     health: Option<HealthCheck>,
     stop_signal: Option<String>,
+    reload_signal: Option<String>,
     stop_grace: Option<String>,
     #[serde(default)]
     backup: Vec<PathBuf>,
@@ -61,6 +62,10 @@ pub struct ServiceConfig {
     pub working_dir: Option<String>,
     pub health: ResolvedCheck,
     pub stop_signal: Signal,
+    /// Sent to the running process when the service's active version
+    /// changes; without it the service learns of the change from the file
+    /// or the agent's socket.
+    pub reload_signal: Option<Signal>,
     pub stop_grace_ms: u64,
     /// Paths copied before a switch and restored by a rollback.
     pub backup: Vec<PathBuf>,
@@ -141,6 +146,23 @@ impl AgentConfig {
                     format!("{at}.stop_signal: {sig:?} is not a signal name like SIGTERM")
                 })?,
             };
+            let reload_signal = match s.reload_signal.as_deref() {
+                None => None,
+                Some(sig) => match parse_signal(sig) {
+                    // Neither can be caught: the "reload" would stop the service.
+                    Some(s @ (Signal::SIGKILL | Signal::SIGSTOP)) => {
+                        return Err(format!(
+                            "{at}.reload_signal: {s} cannot be handled by a service; use one like SIGHUP"
+                        ))
+                    }
+                    Some(s) => Some(s),
+                    None => {
+                        return Err(format!(
+                            "{at}.reload_signal: {sig:?} is not a signal name like SIGHUP"
+                        ))
+                    }
+                },
+            };
             let stop_grace_ms = match s.stop_grace.as_deref() {
                 None => 10_000,
                 Some(g) => rollwave_core::parse_duration(&format!("{at}.stop_grace"), g)
@@ -199,6 +221,7 @@ impl AgentConfig {
                 working_dir: s.working_dir,
                 health,
                 stop_signal,
+                reload_signal,
                 stop_grace_ms,
                 backup: s.backup,
                 backups_kept,
@@ -276,12 +299,25 @@ health = { type = "http", url = "http://127.0.0.1:8080/healthz" }
         assert_eq!(s.stop_grace_ms, 3000);
         assert_eq!(s.backups_kept, 3);
         assert_eq!(s.switch, SwitchMode::Restart);
+        assert_eq!(s.reload_signal, None);
         let c = AgentConfig::parse(
             &GOOD.replace("stop_grace", "listen = [\"127.0.0.1:8080\"]\nstop_grace"),
         )
         .unwrap();
         assert_eq!(c.services[0].switch, SwitchMode::Handoff);
         assert_eq!(c.services[0].listen, ["127.0.0.1:8080".parse().unwrap()]);
+    }
+
+    #[test]
+    fn parses_the_reload_signal() {
+        for (value, want) in [("SIGHUP", Signal::SIGHUP), ("usr1", Signal::SIGUSR1)] {
+            let text = GOOD.replace(
+                "stop_grace",
+                &format!("reload_signal = {value:?}\nstop_grace"),
+            );
+            let c = AgentConfig::parse(&text).unwrap();
+            assert_eq!(c.services[0].reload_signal, Some(want), "{value}");
+        }
     }
 
     #[test]
@@ -294,6 +330,14 @@ health = { type = "http", url = "http://127.0.0.1:8080/healthz" }
             (
                 GOOD.replace("\"INT\"", "\"SIGFOO\""),
                 "service.api.stop_signal",
+            ),
+            (
+                GOOD.replace("stop_grace", "reload_signal = \"HUPP\"\nstop_grace"),
+                "service.api.reload_signal: \"HUPP\" is not a signal name like SIGHUP",
+            ),
+            (
+                GOOD.replace("stop_grace", "reload_signal = \"KILL\"\nstop_grace"),
+                "service.api.reload_signal: SIGKILL cannot be handled",
             ),
             (GOOD.replace("state_dir = \"/tmp/x\"", ""), "state_dir"),
             (

@@ -584,6 +584,7 @@ pub fn snapshot(
                     version: s.version,
                     health: s.health,
                     staged: svc.dirs.staged(),
+                    ..Default::default()
                 },
             )
         })

@@ -8,7 +8,9 @@
 //! state_dir/services/<name>/backups/<task id>/    copies of the backup paths
 //! state_dir/services/<name>/process.json          the running process, for re-adoption
 //! state_dir/services/<name>/history.log           one line per switch of `current`
+//! state_dir/services/<name>/active_version        the fleet-wide active version, one line
 //! state_dir/tasks/<task id>.json                  task journal
+//! state_dir/agent.sock                            the agent's local HTTP endpoint
 //! ```
 
 use std::fs;
@@ -47,6 +49,31 @@ impl ServiceDirs {
     }
     pub fn history(&self) -> PathBuf {
         self.root.join("history.log")
+    }
+    /// Where the service reads its active version (the version gate).
+    pub fn active_version_file(&self) -> PathBuf {
+        self.root.join("active_version")
+    }
+
+    /// The active version last delivered to this node, if any.
+    pub fn active_version(&self) -> io::Result<Option<String>> {
+        match fs::read_to_string(self.active_version_file()) {
+            Ok(text) => {
+                let v = text.trim();
+                Ok((!v.is_empty()).then(|| v.to_string()))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces the active version file atomically, so a service reading it
+    /// at any moment sees the old version or the new one, never a mix.
+    pub fn write_active_version(&self, version: &str) -> io::Result<()> {
+        write_atomic(
+            &self.active_version_file(),
+            format!("{version}\n").as_bytes(),
+        )
     }
 
     /// Appends `<unix ms> <task> <from> -> <to>` to the switch history.
@@ -149,6 +176,11 @@ impl ServiceDirs {
     }
 }
 
+/// The Unix socket on which the agent serves its local HTTP endpoint.
+pub fn agent_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join("agent.sock")
+}
+
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
@@ -227,6 +259,32 @@ mod tests {
         assert_eq!(dirs.current_version().as_deref(), Some("1.10.0"));
         dirs.switch_current(None).unwrap();
         assert_eq!(dirs.current_version(), None);
+    }
+
+    #[test]
+    fn writes_and_reads_the_active_version() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = ServiceDirs::new(tmp.path(), "api");
+        dirs.create().unwrap();
+        assert_eq!(dirs.active_version().unwrap(), None);
+        dirs.write_active_version("1.0.0").unwrap();
+        assert_eq!(
+            fs::read_to_string(dirs.active_version_file()).unwrap(),
+            "1.0.0\n"
+        );
+        assert_eq!(dirs.active_version().unwrap().as_deref(), Some("1.0.0"));
+        dirs.write_active_version("2.0.0").unwrap();
+        assert_eq!(dirs.active_version().unwrap().as_deref(), Some("2.0.0"));
+        // No temporary file is left beside it.
+        let names: Vec<_> = fs::read_dir(&dirs.root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.contains("active_version"))
+            .collect();
+        assert_eq!(names, ["active_version"]);
+        // A file emptied by hand reads as no version rather than "".
+        fs::write(dirs.active_version_file(), "\n").unwrap();
+        assert_eq!(dirs.active_version().unwrap(), None);
     }
 
     #[test]

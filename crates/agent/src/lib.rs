@@ -6,9 +6,11 @@ pub mod artifact;
 pub mod config;
 mod executor;
 mod fds;
+mod gate;
 pub mod haproxy;
 pub mod health;
 pub mod layout;
+pub mod local;
 mod session;
 mod supervisor;
 
@@ -29,9 +31,18 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let mut config = config;
+    // Services run in their release directory and are told paths under the
+    // state dir (their active version file, the agent socket), so those
+    // paths must not be relative to the agent's working directory.
+    config.state_dir = std::path::absolute(&config.state_dir)
+        .with_context(|| format!("resolving state dir {}", config.state_dir.display()))?;
     let config = Arc::new(config);
     std::fs::create_dir_all(config.state_dir.join("tasks"))
         .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+    let socket = layout::agent_socket(&config.state_dir);
+    // Before any service starts: each is told this socket.
+    let listener = local::bind(&socket)?;
     let client = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(5))
         // A download that stalls fails the task instead of holding it forever.
@@ -52,6 +63,7 @@ pub async fn run(
             dirs.clone(),
             changed.clone(),
             check_client.clone(),
+            socket.clone(),
         );
         services.insert(
             svc.name.clone(),
@@ -67,9 +79,18 @@ pub async fn run(
         outbox_tx,
         changed.clone(),
     );
-    tracing::info!(node = %config.node, server = %config.server, services = services.len(), "agent started");
+    let endpoint = local::router(
+        services
+            .iter()
+            .map(|(name, svc)| (name.clone(), svc.dirs.clone()))
+            .collect(),
+    );
+    tracing::info!(node = %config.node, server = %config.server, services = services.len(), socket = %socket.display(), "agent started");
     tokio::select! {
         _ = session::run(config.clone(), services, executor, outbox_rx, changed) => {}
+        r = local::serve(listener, endpoint) => {
+            r.with_context(|| format!("serving the agent socket {}", socket.display()))?;
+        }
         _ = shutdown => tracing::info!("agent stopping; services keep running"),
     }
     Ok(())

@@ -88,7 +88,10 @@ async fn session(
                         tracing::info!(task = %task.id, service = %task.service, "task received");
                         executor.submit(task);
                     }
-                    Ok(ServerMessage::Welcome { .. }) => {}
+                    Ok(ServerMessage::Welcome { active_versions, .. })
+                    | Ok(ServerMessage::ActiveVersions { active_versions }) => {
+                        crate::gate::apply(services, &active_versions);
+                    }
                     Ok(ServerMessage::Refused { reason }) => return Ok(Ended::Refused(reason)),
                     Err(e) => tracing::warn!(error = %e, "malformed message from the control plane"),
                 },

@@ -17,12 +17,12 @@
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use rollwave_core::Health;
 use serde::{Deserialize, Serialize};
@@ -73,6 +73,9 @@ enum Cmd {
     Promote(oneshot::Sender<Result<(), String>>),
     /// Stop the candidate; the current process was never touched.
     Abort(oneshot::Sender<()>),
+    /// Send the reload signal, if the service has one, to the current
+    /// process and the candidate; replies the pids signalled.
+    Reload(oneshot::Sender<Vec<u32>>),
     /// A process stopped in the background has exited (internal).
     Retired(u32),
 }
@@ -115,6 +118,12 @@ impl Supervisor {
 
     pub async fn abort(&self) -> Result<(), String> {
         self.call(Cmd::Abort).await
+    }
+
+    /// Asks the running processes to reload (the service's `reload_signal`);
+    /// a no-op for a service without one or with nothing running.
+    pub async fn reload(&self) -> Result<Vec<u32>, String> {
+        self.call(Cmd::Reload).await
     }
 }
 
@@ -178,6 +187,7 @@ pub fn spawn(
     dirs: ServiceDirs,
     changed: Arc<Notify>,
     client: reqwest::Client,
+    agent_socket: PathBuf,
 ) -> Supervisor {
     let (tx, rx) = mpsc::channel(16);
     let (status_tx, status) = watch::channel(Status::default());
@@ -189,6 +199,7 @@ pub fn spawn(
         dirs,
         changed,
         client,
+        agent_socket,
         status: status_tx,
         proc: None,
         candidate: None,
@@ -211,6 +222,8 @@ struct State {
     dirs: ServiceDirs,
     changed: Arc<Notify>,
     client: reqwest::Client,
+    /// Told to every process, so it can ask the agent for its active version.
+    agent_socket: PathBuf,
     status: watch::Sender<Status>,
     proc: Option<Proc>,
     candidate: Option<Proc>,
@@ -299,6 +312,9 @@ impl State {
                 };
                 let _ = reply.send(r);
             }
+            Cmd::Reload(reply) => {
+                let _ = reply.send(self.reload());
+            }
             Cmd::Retired(pid) => {
                 self.retiring.retain(|r| r.pid != pid);
                 self.save_records();
@@ -318,6 +334,26 @@ impl State {
                 let _ = reply.send(());
             }
         }
+    }
+
+    /// Sends the reload signal to the current process and the candidate:
+    /// both serve, so both must learn of the change. Retiring processes are
+    /// left alone, they are on their way out.
+    fn reload(&self) -> Vec<u32> {
+        let Some(signal) = self.config.reload_signal else {
+            return Vec::new();
+        };
+        let mut signalled = Vec::new();
+        for p in self.proc.iter().chain(self.candidate.iter()) {
+            match signal_proc(p, signal) {
+                Ok(true) => signalled.push(p.pid),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(service = %self.config.name, pid = p.pid, signal = %signal, error = %e, "sending the reload signal")
+                }
+            }
+        }
+        signalled
     }
 
     /// Stops a process in the background, recording it until it is gone.
@@ -541,7 +577,19 @@ impl State {
             c.args(&args);
             c
         };
+        let active_file = self.dirs.active_version_file();
+        // Read at spawn time: a change after this reaches the process by the
+        // file, the agent socket or the reload signal, not by its env.
+        let active = self.dirs.active_version().unwrap_or_else(|e| {
+            tracing::warn!(service = %self.config.name, file = %active_file.display(), error = %e, "reading the active version");
+            None
+        });
+        // Without a version the variable is unset, not inherited from the
+        // agent's own environment.
+        cmd.env_remove("ROLLWAVE_ACTIVE_VERSION");
         cmd.envs(self.config.env.iter().map(|(k, v)| (k, fill(v))))
+            .env("ROLLWAVE_ACTIVE_VERSION_FILE", &active_file)
+            .env("ROLLWAVE_AGENT_SOCKET", &self.agent_socket)
             .env("ROLLWAVE_NODE", &self.node)
             .env("ROLLWAVE_SERVICE", &self.config.name)
             .env("ROLLWAVE_VERSION", version)
@@ -556,6 +604,9 @@ impl State {
             .stdin(Stdio::null())
             .process_group(0)
             .kill_on_drop(false);
+        if let Some(v) = &active {
+            cmd.env("ROLLWAVE_ACTIVE_VERSION", v);
+        }
         let mut health_addr = None;
         let mut keep = Vec::new();
         if sockets {
@@ -658,6 +709,26 @@ async fn stop_proc(service: String, mut p: Proc, signal: Signal, grace: Duration
         let _ = wait_proc(&mut p).await;
     }
     tracing::info!(service = %service, pid = p.pid, version = %p.version, "service stopped");
+}
+
+/// Signals one process (not its group: a reload is addressed to the service,
+/// whose children may not expect the signal). Returns false when the process
+/// is already gone.
+fn signal_proc(p: &Proc, signal: Signal) -> nix::Result<bool> {
+    // Pid 0 would signal the agent's own process group.
+    if p.pid == 0 {
+        return Ok(false);
+    }
+    // A child is ours until reaped, so its pid cannot be recycled; an
+    // adopted process is identified by its start time.
+    if matches!(p.how, Running::Adopted) && proc_start_ticks(p.pid) != Some(p.start_ticks) {
+        return Ok(false);
+    }
+    match kill(Pid::from_raw(p.pid as i32), signal) {
+        Ok(()) => Ok(true),
+        Err(nix::errno::Errno::ESRCH) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// A listening socket with a generous backlog: during a restart-mode switch
@@ -773,8 +844,125 @@ fn proc_start_ticks(pid: u32) -> Option<u64> {
     fields.get(22 - 3)?.parse().ok()
 }
 
+/// A real supervisor running a shell script as its service, for tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use nix::sys::signal::Signal;
+    use tokio::sync::Notify;
+
+    use crate::config::{ServiceConfig, SwitchMode};
+    use crate::executor::Service;
+    use crate::health::{CheckKind, ResolvedCheck};
+    use crate::layout::{agent_socket, ServiceDirs};
+
+    /// How long a test waits for an effect it polls for; only a broken
+    /// build waits this long.
+    pub const PATIENCE: Duration = Duration::from_secs(20);
+
+    pub struct ShellService {
+        pub config: ServiceConfig,
+        pub dirs: ServiceDirs,
+        socket: PathBuf,
+    }
+
+    /// A service running `sh -c script` from release 1.0.0 once installed.
+    /// Scripts should end on their own (a bounded loop), so a failed test
+    /// leaves no process behind for long.
+    pub fn shell_service(
+        state_dir: &Path,
+        name: &str,
+        script: &str,
+        reload_signal: Option<Signal>,
+    ) -> ShellService {
+        let dirs = ServiceDirs::new(state_dir, name);
+        dirs.create().unwrap();
+        let config = ServiceConfig {
+            name: name.to_string(),
+            command: vec!["sh".into(), "-c".into(), script.into()],
+            env: Default::default(),
+            working_dir: None,
+            health: ResolvedCheck {
+                kind: CheckKind::Exec {
+                    command: vec!["true".into()],
+                },
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(5),
+                healthy_threshold: 1,
+                unhealthy_threshold: 1,
+            },
+            stop_signal: Signal::SIGKILL,
+            reload_signal,
+            stop_grace_ms: 10_000,
+            backup: Vec::new(),
+            backups_kept: 1,
+            listen: Vec::new(),
+            switch: SwitchMode::Restart,
+            drain: None,
+        };
+        ShellService {
+            config,
+            dirs,
+            socket: agent_socket(state_dir),
+        }
+    }
+
+    impl ShellService {
+        pub fn env(mut self, key: &str, path: &Path) -> Self {
+            self.config
+                .env
+                .insert(key.to_string(), path.display().to_string());
+            self
+        }
+
+        /// Installs release 1.0.0 (an empty directory) as `current`.
+        pub fn installed(self) -> Self {
+            std::fs::create_dir_all(self.dirs.release("1.0.0")).unwrap();
+            self.dirs.switch_current(Some("1.0.0")).unwrap();
+            self
+        }
+
+        /// Starts its supervisor, which starts the service if installed.
+        pub fn start(self) -> Service {
+            let sup = super::spawn(
+                "n1".into(),
+                self.config.clone(),
+                self.dirs.clone(),
+                Arc::new(Notify::new()),
+                reqwest::Client::new(),
+                self.socket,
+            );
+            Service::new(self.config, self.dirs, sup)
+        }
+    }
+
+    /// Polls `path` until its content satisfies `done`, or fails the test
+    /// after PATIENCE showing what it last held.
+    pub async fn wait_for_file(path: &Path, done: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let text = std::fs::read_to_string(path).ok();
+            if let Some(t) = &text {
+                if done(t) {
+                    return t.clone();
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} still holds {text:?} after {PATIENCE:?}",
+                path.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::{shell_service, wait_for_file};
     use super::*;
 
     #[test]
@@ -812,5 +1000,52 @@ mod tests {
                 address: "127.0.0.1:4321".into()
             }
         );
+    }
+
+    #[tokio::test]
+    async fn passes_the_active_version_and_delivers_the_reload_signal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (env, got) = (tmp.path().join("env"), tmp.path().join("got"));
+        let script = r#"trap 'echo hup >> "$GOT"' HUP
+echo "${ROLLWAVE_ACTIVE_VERSION-unset} $ROLLWAVE_ACTIVE_VERSION_FILE $ROLLWAVE_AGENT_SOCKET" > "$ENV.tmp"
+mv "$ENV.tmp" "$ENV"
+i=0; while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done"#;
+        let svc = shell_service(tmp.path(), "api", script, Some(Signal::SIGHUP))
+            .env("ENV", &env)
+            .env("GOT", &got)
+            .installed();
+        svc.dirs.write_active_version("1.0.0").unwrap();
+        let svc = svc.start();
+
+        let seen = wait_for_file(&env, |_| true).await;
+        let file = svc.dirs.active_version_file();
+        let socket = tmp.path().join("agent.sock");
+        assert_eq!(
+            seen,
+            format!("1.0.0 {} {}\n", file.display(), socket.display())
+        );
+        let pid = svc.supervisor.status().borrow().pid;
+        assert_eq!(svc.supervisor.reload().await.unwrap(), Vec::from_iter(pid));
+        wait_for_file(&got, |t| t == "hup\n").await;
+
+        // Nothing running: nothing to signal.
+        svc.supervisor.stop().await.unwrap();
+        assert_eq!(svc.supervisor.reload().await.unwrap(), Vec::<u32>::new());
+    }
+
+    #[tokio::test]
+    async fn without_a_reload_signal_reload_is_a_no_op_and_the_version_unset() {
+        let tmp = tempfile::tempdir().unwrap();
+        let env = tmp.path().join("env");
+        let script = r#"echo "${ROLLWAVE_ACTIVE_VERSION-unset}" > "$ENV.tmp"
+mv "$ENV.tmp" "$ENV"
+i=0; while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done"#;
+        let svc = shell_service(tmp.path(), "api", script, None)
+            .env("ENV", &env)
+            .installed()
+            .start();
+        assert_eq!(wait_for_file(&env, |_| true).await, "unset\n");
+        assert_eq!(svc.supervisor.reload().await.unwrap(), Vec::<u32>::new());
+        svc.supervisor.stop().await.unwrap();
     }
 }

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use rollwave_core::{
-    ArtifactFormat, NodeView, Release, Rollout, RolloutFile, ServiceView, TaskOutcome,
+    ActiveVersion, ArtifactFormat, NodeView, Release, Rollout, RolloutFile, ServiceView,
+    TaskOutcome,
 };
 
 /// Bumped on any incompatible change to [`AgentMessage`] or [`ServerMessage`].
@@ -46,6 +47,14 @@ pub enum AgentMessage {
 pub enum ServerMessage {
     Welcome {
         node: String,
+        /// Every service's active version (the version gate), by service.
+        #[serde(default)]
+        active_versions: BTreeMap<String, String>,
+    },
+    /// The active versions changed (a finalize): the whole map, so that
+    /// applying it twice is harmless.
+    ActiveVersions {
+        active_versions: BTreeMap<String, String>,
     },
     /// The session is refused; the agent should not retry quickly.
     Refused {
@@ -127,6 +136,34 @@ pub struct RolloutResponse {
     /// multi-service rollout), each after the ones it depends on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dependents: Vec<Rollout>,
+}
+
+/// Body of `POST /v1/services/{service}/finalize`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Finalize {
+    /// The version to activate; default: the newest one any node runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+}
+
+/// Response of `POST /v1/services/{service}/finalize`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinalizeResponse {
+    pub active: ActiveVersion,
+    /// The active version before, if any.
+    pub previous: Option<String>,
+    /// False when the version was already active.
+    pub changed: bool,
+}
+
+/// One entry of `GET /v1/services`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSummary {
+    pub service: String,
+    pub active: Option<ActiveVersion>,
+    /// How many nodes run each version (`none`: no version running).
+    pub running: BTreeMap<String, usize>,
 }
 
 /// Error codes, each with its one HTTP status.

@@ -59,6 +59,32 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show each service's active version and the versions its nodes run.
+    Services {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a service's fleet-wide active version (the version gate), once
+    /// every node runs it or newer.
+    Finalize {
+        service: String,
+        /// The version to activate (default: the newest one any node runs).
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The execution log of a rollout: every step of every node's tasks,
+    /// with timestamps (the newest rollout if no id is given).
+    Logs {
+        id: Option<u64>,
+        /// Only this node's steps (and the rollout's own).
+        #[arg(long)]
+        node: Option<String>,
+        /// Keep printing new steps until the rollout ends.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
     /// Start a local fleet and upgrade it end to end under load.
     Demo(DemoArgs),
     /// The small HTTP service the demo fleet runs.

@@ -5,7 +5,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use rollwave_api::{NodeView, PushResponse, Release, RolloutFile, RolloutResponse, StartRollout};
+use rollwave_api::{
+    Finalize, FinalizeResponse, NodeView, PushResponse, Release, RolloutFile, RolloutResponse,
+    ServiceSummary, StartRollout,
+};
 use rollwave_core::{parse_version, validate_service_name, Rollout, StrategyFile, WaveFile};
 
 use crate::cli::{Cli, Command, ReleaseCommand, RolloutCommand, StartArgs};
@@ -60,6 +63,52 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Services { json } => {
+            let api = ApiClient::new(&cli.server)?;
+            let services: Vec<ServiceSummary> = api.get("/v1/services").await?;
+            if json {
+                print_json(&services)?;
+            } else {
+                print!("{}", render::services(&services));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Finalize { service, to, json } => {
+            validate_service_name("service", &service).map_err(|e| user_error(e.to_string()))?;
+            if let Some(v) = &to {
+                parse_version("to", v).map_err(|e| user_error(e.to_string()))?;
+            }
+            let api = ApiClient::new(&cli.server)?;
+            let resp: FinalizeResponse = api
+                .post(
+                    &format!("/v1/services/{service}/finalize"),
+                    &Finalize { to },
+                )
+                .await?;
+            if json {
+                print_json(&resp)?;
+            } else if resp.changed {
+                println!(
+                    "{service}: active version {} (was {})",
+                    resp.active.version,
+                    resp.previous.as_deref().unwrap_or("none")
+                );
+            } else {
+                println!(
+                    "{service}: active version is already {}",
+                    resp.active.version
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs { id, node, follow } => {
+            let api = ApiClient::new(&cli.server)?;
+            let id = match id {
+                Some(id) => id,
+                None => newest(&api).await?,
+            };
+            logs(&api, id, node.as_deref(), follow).await
         }
         Command::Release(cmd) => release(ApiClient::new(&cli.server)?, cmd).await,
         Command::Rollout(cmd) => rollout(ApiClient::new(&cli.server)?, cmd).await,
@@ -321,6 +370,37 @@ async fn newest(api: &ApiClient) -> anyhow::Result<u64> {
 
 /// Follows a rollout until it ends, printing its events as they happen and,
 /// on a terminal, a progress bar.
+async fn logs(
+    api: &ApiClient,
+    id: u64,
+    node: Option<&str>,
+    follow: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut printed = 0;
+    loop {
+        let resp: RolloutResponse = api.get(&format!("/v1/rollouts/{id}")).await?;
+        let r = resp.rollout;
+        if let Some(n) = node {
+            if printed == 0 && !r.nodes.contains_key(n) {
+                return Err(user_error(format!(
+                    "node: {n:?} is not part of rollout {id}"
+                )));
+            }
+        }
+        // Events are only ever appended: print what is new since last time.
+        for e in r.events.iter().skip(printed) {
+            if node.is_none() || e.node.is_none() || e.node.as_deref() == node {
+                print!("{}", render::log_line(e));
+            }
+        }
+        printed = r.events.len();
+        if !follow || r.settled() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 pub async fn follow(api: &ApiClient, id: u64, show: bool) -> anyhow::Result<Rollout> {
     let mut view = render::Follower::new(show);
     loop {
@@ -330,7 +410,9 @@ pub async fn follow(api: &ApiClient, id: u64, show: bool) -> anyhow::Result<Roll
             .with_context(|| format!("following rollout {id}"))?;
         let r = resp.rollout;
         view.update(&r);
-        if !r.is_active() {
+        // A completed rollout may keep converging nodes that were offline
+        // for as long as they stay away: that is not worth waiting for.
+        if r.settled() {
             view.finish(&r);
             return Ok(r);
         }

@@ -2,7 +2,7 @@
 //! come from the release it runs (`release.toml` in the release directory).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use axum::http::StatusCode;
@@ -55,6 +55,7 @@ pub async fn run(
     let version = release.version.clone();
     let node = std::env::var("ROLLWAVE_NODE").unwrap_or_default();
     let healthy = release.healthy && !release.broken_on.contains(&node);
+    let active_file = std::env::var_os("ROLLWAVE_ACTIVE_VERSION_FILE").map(PathBuf::from);
     let app = Router::new()
         .route("/", get(move || async move { format!("api {version}\n") }))
         .route(
@@ -66,6 +67,10 @@ pub async fn run(
                     (StatusCode::SERVICE_UNAVAILABLE, "this release is broken\n")
                 }
             }),
+        )
+        .route(
+            "/active-version",
+            get(move || async move { active_version(active_file.as_deref()).await }),
         );
     let listeners = match listen {
         Some(addr) => vec![tokio::net::TcpListener::bind(addr)
@@ -106,6 +111,22 @@ pub async fn run(
         r??;
     }
     Ok(())
+}
+
+/// The active version the agent delivered, read on every request because
+/// the agent rewrites the file while the service runs; `none` before any.
+async fn active_version(file: Option<&Path>) -> (StatusCode, String) {
+    let Some(file) = file else {
+        return (StatusCode::OK, "none".to_string());
+    };
+    match tokio::fs::read_to_string(file).await {
+        Ok(text) => (StatusCode::OK, text.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (StatusCode::OK, "none".to_string()),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading {}: {e}\n", file.display()),
+        ),
+    }
 }
 
 const DRAIN_DELAY: std::time::Duration = std::time::Duration::from_millis(300);

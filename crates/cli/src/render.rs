@@ -5,8 +5,8 @@ use std::fmt::Write;
 use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use rollwave_api::{NodeView, Release};
-use rollwave_core::{format_duration, Health, NodeState, Rollout};
+use rollwave_api::{NodeView, Release, ServiceSummary};
+use rollwave_core::{format_duration, Health, NodeState, Rollout, RolloutEvent};
 
 fn secs(ms: u64) -> String {
     format!("{:.1}s", ms as f64 / 1000.0)
@@ -66,6 +66,7 @@ pub fn nodes(nodes: &[NodeView], now: u64) -> String {
         "VERSION".into(),
         "HEALTH".into(),
         "STAGED".into(),
+        "CONVERGENCE".into(),
         "LABELS".into(),
     ]];
     for n in nodes {
@@ -85,10 +86,18 @@ pub fn nodes(nodes: &[NodeView], now: u64) -> String {
                 "-".into(),
                 "-".into(),
                 "-".into(),
+                "-".into(),
                 labels.join(","),
             ]);
         }
         for (name, s) in &n.services {
+            // A node left behind by a completed rollout, and whether it is
+            // catching up now.
+            let convergence = match (&s.desired, s.converging) {
+                (Some(v), true) => format!("converging: {v}"),
+                (Some(v), false) => format!("behind: {v}"),
+                (None, _) => "-".into(),
+            };
             rows.push(vec![
                 n.name.clone(),
                 status.into(),
@@ -105,9 +114,49 @@ pub fn nodes(nodes: &[NodeView], now: u64) -> String {
                 } else {
                     s.staged.join(",")
                 },
+                convergence,
                 labels.join(","),
             ]);
         }
+    }
+    table(rows)
+}
+
+/// One step of the execution log: when (UTC, to the millisecond), which
+/// node (`-` for the rollout itself), what.
+pub fn log_line(e: &RolloutEvent) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.at);
+    format!(
+        "{}  {:<12} {}\n",
+        humantime::format_rfc3339_millis(at),
+        e.node.as_deref().unwrap_or("-"),
+        e.message
+    )
+}
+
+pub fn services(services: &[ServiceSummary]) -> String {
+    let mut rows = vec![vec![
+        "SERVICE".into(),
+        "ACTIVE".into(),
+        "SET BY".into(),
+        "RUNNING".into(),
+    ]];
+    for s in services {
+        let running: Vec<String> = s
+            .running
+            .iter()
+            .map(|(v, n)| format!("{v} on {n}"))
+            .collect();
+        rows.push(vec![
+            s.service.clone(),
+            s.active.as_ref().map_or("-".into(), |a| a.version.clone()),
+            s.active.as_ref().map_or("-".into(), |a| a.by.clone()),
+            if running.is_empty() {
+                "-".into()
+            } else {
+                running.join(", ")
+            },
+        ]);
     }
     table(rows)
 }

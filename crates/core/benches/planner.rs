@@ -43,6 +43,7 @@ fn fleet() -> Fleet {
                         version: Some("1.0.0".into()),
                         health,
                         staged: Vec::new(),
+                        ..Default::default()
                     },
                 )]
                 .into(),

@@ -26,6 +26,13 @@ pub struct ServiceView {
     /// Versions downloaded, verified and unpacked on the node.
     #[serde(default)]
     pub staged: Vec<String>,
+    /// Set by the control plane, not the agent: the version a completed
+    /// rollout wants here while the node is not on it (it was unreachable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<String>,
+    /// Set by the control plane: switching to `desired` now.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub converging: bool,
 }
 
 /// One node as the control plane sees it.

@@ -87,7 +87,8 @@ pub fn batch_order<'a>(
 
 /// A finished rollout's nodes agree with its verdict: a rolled-back rollout
 /// leaves no node upgraded or in flight; a completed one leaves no node
-/// pending or in flight, and no more failed nodes than `max_failures`.
+/// pending or in flight (but converging: see [`converged_when_back`]), and no
+/// more failed nodes than `max_failures`.
 pub fn settled(r: &Rollout) -> Result<(), String> {
     let bad = |allowed: &dyn Fn(NodeState) -> bool| {
         r.nodes
@@ -111,7 +112,7 @@ pub fn settled(r: &Rollout) -> Result<(), String> {
                     r.spec.max_failures
                 ))
             } else {
-                bad(&|s| s != NodeState::Pending && !s.in_flight())
+                bad(&|s| s != NodeState::Pending && (!s.in_flight() || s == NodeState::Converging))
             }
         }
         _ => None,
@@ -351,6 +352,207 @@ pub fn batch_cuts(r: &Rollout, fleet: &Fleet) -> Result<(), String> {
         return Err(format!(
             "pauses after {pauses:?} nodes, expected {want_pauses:?}"
         ));
+    }
+    Ok(())
+}
+
+/// All at once, the switch: upgrades go out in one step, to every node of the
+/// rollout, and only once every node has staged the release (none pending,
+/// staging, failed or unreachable, whether online or not); and they leave at
+/// least `min_healthy` nodes healthy outside the selection. `before` is the
+/// rollout as the step found it, `after` as it decided it; `started` are the
+/// nodes the step dispatched upgrades to. Other rollouts pass.
+pub fn switched_together<'a>(
+    before: &Rollout,
+    after: &Rollout,
+    fleet: &Fleet,
+    started: impl IntoIterator<Item = &'a str>,
+) -> Result<(), String> {
+    let started: BTreeSet<&str> = started.into_iter().collect();
+    if !after.spec.all_at_once || started.is_empty() {
+        return Ok(());
+    }
+    if let Some((name, n)) = before
+        .nodes
+        .iter()
+        .find(|(_, n)| n.state != NodeState::Staged)
+    {
+        return Err(format!(
+            "all_at_once switched while {name} was {}",
+            n.state.as_str()
+        ));
+    }
+    if let Some(name) = started.iter().find(|n| !after.nodes.contains_key(**n)) {
+        return Err(format!("{name} was switched but is not in the rollout"));
+    }
+    if let Some(name) = after.nodes.keys().find(|n| !started.contains(n.as_str())) {
+        return Err(format!(
+            "all_at_once switched {} of {} nodes, not {name}",
+            started.len(),
+            after.nodes.len()
+        ));
+    }
+    let mut times = BTreeSet::new();
+    for (name, n) in &after.nodes {
+        match &n.task {
+            Some(t) if n.state == NodeState::Upgrading && t.kind == TaskKind::Upgrade => {
+                times.insert(t.started_at);
+            }
+            _ => {
+                return Err(format!(
+                    "{name} is {} after the switch, not upgrading",
+                    n.state.as_str()
+                ))
+            }
+        }
+    }
+    if times.len() > 1 {
+        return Err(format!(
+            "all_at_once switch started at {} different times",
+            times.len()
+        ));
+    }
+    // Every selected node is in flight now: only nodes outside are counted.
+    let outside = fleet_healthy(after, fleet);
+    if outside < after.spec.min_healthy as usize {
+        return Err(format!(
+            "all_at_once switched leaving {outside} healthy nodes outside the rollout, min_healthy {}",
+            after.spec.min_healthy
+        ));
+    }
+    Ok(())
+}
+
+/// All at once, as run: once a step decided a running rollout, no pending
+/// node is online (each was sent its stage task), and the nodes are not all
+/// staged unless fewer than `min_healthy` nodes serve outside the selection
+/// (the switch goes out as soon as the last one has staged). Other rollouts
+/// pass.
+pub fn staged_then_switched(r: &Rollout, fleet: &Fleet) -> Result<(), String> {
+    if !r.spec.all_at_once || r.state != RolloutState::Running {
+        return Ok(());
+    }
+    let online = |name: &str| fleet.get(name).is_some_and(|v| v.online);
+    if let Some((name, _)) = r
+        .nodes
+        .iter()
+        .find(|(name, n)| n.state == NodeState::Pending && online(name))
+    {
+        return Err(format!("{name} is online but still pending, not staging"));
+    }
+    if r.nodes.values().all(|n| n.state == NodeState::Staged) {
+        let outside = fleet
+            .values()
+            .filter(|v| !r.nodes.contains_key(&v.name) && v.available(&r.spec.service))
+            .count();
+        if outside >= r.spec.min_healthy as usize {
+            return Err(format!(
+                "every node is staged but not switched, with {outside} healthy nodes outside the rollout and min_healthy {}",
+                r.spec.min_healthy
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// All at once, while running: a step never leaves a node failed or
+/// unreachable in a running rollout, since any such node sends every node
+/// back (the rollout goes `RollingBack` in that step). Other rollouts pass.
+pub fn fails_as_one(r: &Rollout) -> Result<(), String> {
+    if !r.spec.all_at_once || r.state != RolloutState::Running {
+        return Ok(());
+    }
+    match r
+        .nodes
+        .iter()
+        .find(|(_, n)| matches!(n.state, NodeState::Failed | NodeState::Unreachable))
+    {
+        Some((name, n)) => Err(format!(
+            "all_at_once rollout still running with {name} {}",
+            n.state.as_str()
+        )),
+        None => Ok(()),
+    }
+}
+
+/// All at once, at the end: once the rollout is terminal with nothing in
+/// flight, either every node is upgraded or none is, leaving aside nodes whose
+/// revert failed or whose outcome is unknown (unreachable). A completed one
+/// has every node upgraded. Other rollouts pass.
+pub fn all_or_nothing(r: &Rollout) -> Result<(), String> {
+    if !r.spec.all_at_once || !r.state.is_terminal() || r.in_flight().next().is_some() {
+        return Ok(());
+    }
+    if r.state == RolloutState::Completed {
+        if let Some((name, n)) = r.nodes.iter().find(|(_, n)| n.state != NodeState::Upgraded) {
+            return Err(format!(
+                "all_at_once rollout completed with {name} {}",
+                n.state.as_str()
+            ));
+        }
+        return Ok(());
+    }
+    let counted = r
+        .nodes
+        .iter()
+        .filter(|(_, n)| !matches!(n.state, NodeState::RollbackFailed | NodeState::Unreachable));
+    let up = counted
+        .clone()
+        .find(|(_, n)| n.state == NodeState::Upgraded);
+    let other = counted
+        .clone()
+        .find(|(_, n)| n.state != NodeState::Upgraded);
+    match (up, other) {
+        (Some((u, _)), Some((o, n))) => Err(format!(
+            "all_at_once rollout {} with {u} upgraded but {o} {}",
+            r.state.as_str(),
+            n.state.as_str()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Convergence: once a step decided it, a completed rollout that converges
+/// leaves no node unreachable that it could bring to its version. Each
+/// unreachable node is offline, or online on another version, serving, and
+/// held back by the budget (`unavailable_count` at `unavailable_budget`) or
+/// the `min_healthy` floor (`fleet_healthy` at or below it). One already on
+/// the target version is upgraded at once; one already down converges
+/// whatever the budget. Other rollouts pass.
+pub fn converged_when_back(r: &Rollout, fleet: &Fleet) -> Result<(), String> {
+    if !r.converging() {
+        return Ok(());
+    }
+    let budget = r.spec.unavailable_budget(r.nodes.len());
+    let unavailable = unavailable_count(r, fleet);
+    let healthy = fleet_healthy(r, fleet);
+    let floor = r.spec.min_healthy as usize;
+    let held = unavailable >= budget || healthy <= floor;
+    for (name, n, view) in join_by_name(fleet, &r.nodes) {
+        let Some(v) = view.filter(|v| v.online) else {
+            continue;
+        };
+        if n.state != NodeState::Unreachable {
+            continue;
+        }
+        let version = v
+            .services
+            .get(&r.spec.service)
+            .and_then(|s| s.version.as_deref());
+        if version == Some(r.spec.version.as_str()) {
+            return Err(format!(
+                "{name} is back on {} but still unreachable",
+                r.spec.version
+            ));
+        }
+        if !v.available(&r.spec.service) {
+            return Err(format!("{name} is back, down already, but not converging"));
+        }
+        if !held {
+            return Err(format!(
+                "{name} is back but not converging: {unavailable} of at most {budget} nodes unavailable, {healthy} healthy fleet-wide, min_healthy {floor}"
+            ));
+        }
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ mod amount;
 mod duration;
 mod error;
 mod fleet;
+mod gate;
 pub mod invariants;
 mod planner;
 mod rollout;
@@ -18,6 +19,7 @@ pub use amount::Amount;
 pub use duration::{format_duration, parse_duration, Span};
 pub use error::SpecError;
 pub use fleet::{Fleet, Health, NodeView, ServiceView};
+pub use gate::{check_downgrade, check_finalize, newest_running, ActiveVersion, FinalizeError};
 pub use planner::{plan_batches, step, Decision, Dispatch};
 pub use rollout::{
     CommandError, Dependency, NodeProgress, NodeState, Rollout, RolloutEvent, RolloutState,

@@ -101,6 +101,24 @@ pub fn plan_batches(
             ),
         ));
     }
+    if spec.all_at_once && spec.min_healthy > 0 {
+        let outside = fleet
+            .values()
+            .filter(|n| n.available(&spec.service))
+            .filter(|n| !selected.iter().any(|s| s.name == n.name))
+            .count();
+        if outside < spec.min_healthy as usize {
+            return Err(SpecError::new(
+                "strategy.min_healthy",
+                format!(
+                    "all_at_once switches all {} selected nodes together, leaving {outside} healthy nodes of {} outside the selection, fewer than {}",
+                    selected.len(),
+                    spec.service,
+                    spec.min_healthy
+                ),
+            ));
+        }
+    }
     let ordered = order_nodes(&spec, &selected);
     let (waves, pauses) = cut(&spec, &ordered);
     let batches: Vec<Vec<String>> = waves
@@ -132,6 +150,7 @@ pub fn plan_batches(
                 reason: None,
                 waiting_since: None,
                 stage_sent: false,
+                converged: false,
                 updated_at: now,
             };
             (n.name.clone(), progress)
@@ -156,6 +175,7 @@ pub fn plan_batches(
         events: Vec::new(),
         after: Vec::new(),
         dependencies_done: false,
+        superseded_by: None,
     };
     let down: Vec<String> = selected
         .iter()
@@ -340,7 +360,9 @@ pub fn step(current: &Rollout, fleet: &Fleet, now: Timestamp) -> Decision {
 
     if r.state == RolloutState::Running {
         let failures = r.count(NodeState::Failed) as u32;
-        if failures > r.spec.max_failures {
+        if fail_all_at_once(&mut r, now) {
+            // Every node goes back: see `fail_all_at_once`.
+        } else if failures > r.spec.max_failures {
             let failed: Vec<String> = r
                 .nodes
                 .iter()
@@ -371,13 +393,26 @@ pub fn step(current: &Rollout, fleet: &Fleet, now: Timestamp) -> Decision {
     }
 
     let mut stage = Vec::new();
-    if matches!(r.state, RolloutState::Running | RolloutState::Paused) {
+    if matches!(r.state, RolloutState::Running | RolloutState::Paused) && !r.spec.all_at_once {
         stage_ahead(&mut r, fleet, now, &mut stage);
     }
     match r.state {
+        RolloutState::Running if r.spec.all_at_once => {
+            run_all_at_once(&mut r, fleet, now, &mut dispatch, &mut wake);
+            // A node given up in this step sends every node back in it too,
+            // so that the same step again decides nothing new.
+            if fail_all_at_once(&mut r, now) && r.state == RolloutState::RollingBack {
+                roll_back(&mut r, now, &mut dispatch);
+            }
+        }
         RolloutState::Running => run_batches(&mut r, fleet, now, &mut dispatch, &mut wake),
         RolloutState::RollingBack => roll_back(&mut r, now, &mut dispatch),
         _ => {}
+    }
+    // Also in the step that completes the rollout: nodes already back get
+    // their converge task now, not on a second look.
+    if r.converging() {
+        converge(&mut r, fleet, now, &mut dispatch);
     }
 
     // A step only ever appends to the event log: a longer one says the
@@ -491,8 +526,7 @@ fn give_up_on_lost_tasks(r: &mut Rollout, fleet: &Fleet, now: Timestamp, wake: &
             .expect("in-flight node is in the rollout");
         n.state = match kind {
             TaskKind::Revert => NodeState::RollbackFailed,
-            // Stage tasks are never in flight; an upgrade's failure is the rest.
-            TaskKind::Upgrade | TaskKind::Stage => NodeState::Failed,
+            TaskKind::Upgrade | TaskKind::Stage | TaskKind::Converge => NodeState::Failed,
         };
         n.reason = Some(reason.clone());
         n.phase = None;
@@ -770,6 +804,234 @@ impl Held<'_> {
     }
 }
 
+/// The fleet must end all on one version: while an all-at-once rollout
+/// runs, any node that failed, or whose outcome is unknown, sends every node
+/// back. Returns whether it did.
+fn fail_all_at_once(r: &mut Rollout, now: Timestamp) -> bool {
+    if !r.spec.all_at_once || r.state != RolloutState::Running {
+        return false;
+    }
+    let bad: Vec<String> = r
+        .nodes
+        .iter()
+        .filter(|(_, n)| matches!(n.state, NodeState::Failed | NodeState::Unreachable))
+        .map(|(name, n)| format!("{name}: {}", n.reason.as_deref().unwrap_or("failed")))
+        .collect();
+    if bad.is_empty() {
+        return false;
+    }
+    let switched = r
+        .nodes
+        .values()
+        .any(|n| matches!(n.state, NodeState::Upgrading | NodeState::Upgraded));
+    let reason = format!(
+        "all_at_once: {}; {}",
+        bad.join("; "),
+        if switched {
+            "switching every node back"
+        } else {
+            "no node was switched"
+        }
+    );
+    fail(r, reason, now);
+    true
+}
+
+/// Two phases. One: every node stages the release (its own stage task);
+/// a node offline for `healthy_deadline` ends it, as does any failure (see
+/// `step`). Two: once every node is staged, every switch is sent in this
+/// one step.
+fn run_all_at_once(
+    r: &mut Rollout,
+    fleet: &Fleet,
+    now: Timestamp,
+    dispatch: &mut Vec<Dispatch>,
+    wake: &mut Wake,
+) {
+    let pending: Vec<String> = r
+        .nodes
+        .iter()
+        .filter(|(_, n)| n.state == NodeState::Pending)
+        .map(|(name, _)| name.clone())
+        .collect();
+    let mut offline = Vec::new();
+    for name in pending {
+        let online = fleet.get(&name).is_some_and(|v| v.online);
+        let task = TaskRef {
+            id: r.task_id(&name, TaskKind::Stage),
+            kind: TaskKind::Stage,
+            started_at: now,
+        };
+        let n = r
+            .nodes
+            .get_mut(&name)
+            .expect("pending node is in the rollout");
+        if !online {
+            let since = *n.waiting_since.get_or_insert(now);
+            if now >= since + r.spec.healthy_deadline {
+                let reason = format!(
+                    "offline for {} while every node had to stage",
+                    format_duration(r.spec.healthy_deadline)
+                );
+                n.state = NodeState::Unreachable;
+                n.reason = Some(reason.clone());
+                n.updated_at = now;
+                r.last_progress_at = now;
+                r.event(now, Some(&name), reason);
+            } else {
+                wake.at(since + r.spec.healthy_deadline);
+                offline.push(name);
+            }
+            continue;
+        }
+        n.state = NodeState::Staging;
+        n.task = Some(task.clone());
+        n.waiting_since = None;
+        n.updated_at = now;
+        dispatch.push(Dispatch { node: name, task });
+    }
+    let total = r.nodes.len();
+    let staged = r.count(NodeState::Staged);
+    if staged == total {
+        let floor = r.spec.min_healthy as usize;
+        let healthy = invariants::fleet_healthy(r, fleet);
+        let selected_healthy = r
+            .nodes
+            .keys()
+            .filter(|name| {
+                fleet
+                    .get(name.as_str())
+                    .is_some_and(|v| v.available(&r.spec.service))
+            })
+            .count();
+        let outside = healthy.saturating_sub(selected_healthy);
+        if outside < floor {
+            r.waiting = Some(format!(
+                "all {total} nodes staged: the switch waits, {outside} healthy nodes of {} outside the rollout and min_healthy is {floor}",
+                r.spec.service
+            ));
+            return;
+        }
+        let names: Vec<String> = r.nodes.keys().cloned().collect();
+        for name in names {
+            let task = TaskRef {
+                id: r.task_id(&name, TaskKind::Upgrade),
+                kind: TaskKind::Upgrade,
+                started_at: now,
+            };
+            let n = r.nodes.get_mut(&name).expect("node is in the rollout");
+            n.state = NodeState::Upgrading;
+            n.task = Some(task.clone());
+            n.updated_at = now;
+            r.event(
+                now,
+                Some(&name),
+                format!("upgrade to {} started", r.spec.version),
+            );
+            dispatch.push(Dispatch { node: name, task });
+        }
+    }
+    if r.nodes.values().all(|n| n.state == NodeState::Upgraded) {
+        let reason = summary(r);
+        r.set_state(RolloutState::Completed, Some(reason), now);
+        return;
+    }
+    let staging: Vec<&str> = r
+        .nodes
+        .iter()
+        .filter(|(_, n)| n.state == NodeState::Staging)
+        .map(|(name, _)| name.as_str())
+        .chain(offline.iter().map(String::as_str))
+        .collect();
+    r.waiting = Some(if !staging.is_empty() {
+        format!(
+            "phase 1 of 2, staging {}: {} of {total} nodes staged, waiting for {}",
+            r.spec.version,
+            r.count(NodeState::Staged),
+            names_capped(&staging)
+        )
+    } else {
+        let gating: Vec<&str> = r.in_flight().map(|(n, _)| n).collect();
+        format!(
+            "phase 2 of 2, all {total} nodes switched: waiting for {} to pass the health gate",
+            names_capped(&gating)
+        )
+    });
+}
+
+/// At most `MAX_WAITS_SHOWN` names, then how many more.
+fn names_capped(names: &[&str]) -> String {
+    let mut out = names
+        .iter()
+        .take(MAX_WAITS_SHOWN)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > MAX_WAITS_SHOWN {
+        out.push_str(&format!(" and {} more", names.len() - MAX_WAITS_SHOWN));
+    }
+    out
+}
+
+/// A completed rollout brings nodes it could not reach to its version when
+/// they come back, under the same unavailability budget and health floor,
+/// through the same health gate (the agent switches back if it fails).
+fn converge(r: &mut Rollout, fleet: &Fleet, now: Timestamp, dispatch: &mut Vec<Dispatch>) {
+    let service = r.spec.service.clone();
+    let back: Vec<(String, bool, bool)> = r
+        .nodes
+        .iter()
+        .filter(|(_, n)| n.state == NodeState::Unreachable)
+        .filter_map(|(name, _)| {
+            let v = fleet.get(name).filter(|v| v.online)?;
+            let s = v.services.get(&service);
+            let on_target = s.is_some_and(|s| s.version.as_deref() == Some(&r.spec.version));
+            Some((name.clone(), on_target, !v.available(&service)))
+        })
+        .collect();
+    if back.is_empty() {
+        return;
+    }
+    let budget = r.spec.unavailable_budget(r.nodes.len());
+    let mut unavailable = unavailable_count(r, fleet);
+    let mut healthy = invariants::fleet_healthy(r, fleet);
+    let floor = r.spec.min_healthy as usize;
+    for (name, on_target, already_down) in back {
+        let task = TaskRef {
+            id: r.task_id(&name, TaskKind::Converge),
+            kind: TaskKind::Converge,
+            started_at: now,
+        };
+        let n = r.nodes.get_mut(&name).expect("node is in the rollout");
+        if on_target {
+            // Its upgrade finished while it could not report.
+            n.state = NodeState::Upgraded;
+            n.reason = None;
+            n.updated_at = now;
+            r.event(now, Some(&name), format!("came back on {}", r.spec.version));
+            continue;
+        }
+        if !already_down && (unavailable >= budget || healthy <= floor) {
+            continue;
+        }
+        if !already_down {
+            unavailable += 1;
+            healthy -= 1;
+        }
+        n.state = NodeState::Converging;
+        n.task = Some(task.clone());
+        n.reason = None;
+        n.updated_at = now;
+        r.event(
+            now,
+            Some(&name),
+            format!("back online: converging to {}", r.spec.version),
+        );
+        dispatch.push(Dispatch { node: name, task });
+    }
+    r.reason = Some(summary(r));
+}
+
 fn roll_back(r: &mut Rollout, now: Timestamp, dispatch: &mut Vec<Dispatch>) {
     let to_revert: Vec<String> = r
         .nodes
@@ -847,6 +1109,7 @@ mod tests {
                             version: Some("1.0.0".into()),
                             health: Health::Healthy,
                             staged: Vec::new(),
+                            ..Default::default()
                         },
                     )]
                     .into(),

@@ -66,11 +66,24 @@ pub enum NodeState {
     RollingBack,
     RolledBack,
     RollbackFailed,
+    /// All at once, phase one: downloading and verifying the release.
+    Staging,
+    /// All at once: the release is ready; the switch waits for every node.
+    Staged,
+    /// Back after being unreachable: switching to the version the rest of
+    /// the rollout reached.
+    Converging,
 }
 
 impl NodeState {
     pub fn in_flight(self) -> bool {
-        matches!(self, NodeState::Upgrading | NodeState::RollingBack)
+        matches!(
+            self,
+            NodeState::Upgrading
+                | NodeState::RollingBack
+                | NodeState::Staging
+                | NodeState::Converging
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -83,6 +96,9 @@ impl NodeState {
             NodeState::RollingBack => "rolling_back",
             NodeState::RolledBack => "rolled_back",
             NodeState::RollbackFailed => "rollback_failed",
+            NodeState::Staging => "staging",
+            NodeState::Staged => "staged",
+            NodeState::Converging => "converging",
         }
     }
 }
@@ -97,6 +113,9 @@ pub enum TaskKind {
     /// Download, verify and unpack the target version ahead of the node's
     /// turn; switches nothing.
     Stage,
+    /// An upgrade of a node that was unreachable during the rollout, once
+    /// it is back.
+    Converge,
 }
 
 /// A task assigned to a node. Its id is derived from the rollout, the node and
@@ -134,6 +153,10 @@ pub struct NodeProgress {
     /// Whether a stage task (download ahead of its turn) was sent.
     #[serde(default)]
     pub stage_sent: bool,
+    /// Whether the node reached the target version by converging (its
+    /// backup is under the converge task).
+    #[serde(default)]
+    pub converged: bool,
     pub updated_at: Timestamp,
 }
 
@@ -180,6 +203,10 @@ pub struct Rollout {
     /// Set once every rollout in `after` has completed.
     #[serde(default)]
     pub dependencies_done: bool,
+    /// A newer rollout of the same service: this one no longer converges
+    /// the nodes it could not reach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by: Option<u64>,
 }
 
 /// A rollout another one depends on, as the executor sees it now.
@@ -206,6 +233,7 @@ impl Rollout {
             TaskKind::Upgrade => "up",
             TaskKind::Revert => "rb",
             TaskKind::Stage => "st",
+            TaskKind::Converge => "cv",
         };
         format!("r{}-{k}-{node}", self.id)
     }
@@ -263,9 +291,43 @@ impl Rollout {
         false
     }
 
+    /// Hands the nodes this rollout could not reach over to a newer rollout
+    /// of the same service, which sets the version they should reach.
+    pub fn supersede(&mut self, by: u64, now: Timestamp) {
+        if self.superseded_by.is_some() {
+            return;
+        }
+        self.superseded_by = Some(by);
+        self.event(
+            now,
+            None,
+            format!("superseded by rollout {by}: it takes over the nodes this one could not reach"),
+        );
+        self.updated_at = now;
+    }
+
+    /// Whether the rollout has ended with nothing in flight; a completed one
+    /// may still converge nodes that come back (see [`Rollout::converging`]).
+    pub fn settled(&self) -> bool {
+        self.state.is_terminal() && self.in_flight().next().is_none()
+    }
+
     /// Whether the executor still has to watch this rollout.
     pub fn is_active(&self) -> bool {
-        !self.state.is_terminal() || self.nodes.values().any(|n| n.state.in_flight())
+        !self.state.is_terminal()
+            || self.nodes.values().any(|n| n.state.in_flight())
+            || self.converging()
+    }
+
+    /// Whether this completed rollout still brings nodes it could not reach
+    /// to its version when they come back.
+    pub fn converging(&self) -> bool {
+        self.state == RolloutState::Completed
+            && self.superseded_by.is_none()
+            && self
+                .nodes
+                .values()
+                .any(|n| matches!(n.state, NodeState::Unreachable | NodeState::Converging))
     }
 
     pub fn in_flight(&self) -> impl Iterator<Item = (&str, &TaskRef)> {
@@ -380,6 +442,20 @@ impl Rollout {
     }
 
     pub fn cancel(&mut self, now: Timestamp) -> Result<(), CommandError> {
+        let switching = self.spec.all_at_once
+            && self
+                .nodes
+                .values()
+                .any(|n| matches!(n.state, NodeState::Upgrading | NodeState::Upgraded));
+        if switching && !self.state.is_terminal() {
+            // Stopping here could leave the fleet mixed, which all at once
+            // promises never to do.
+            return Err(CommandError {
+                id: self.id,
+                state: "switching every node at once (roll it back instead)",
+                command: "cancel",
+            });
+        }
         match self.state {
             RolloutState::Running | RolloutState::Paused => {
                 self.set_state(
@@ -447,9 +523,31 @@ impl Rollout {
         let kind = task.kind;
         let elapsed = now.saturating_sub(task.started_at);
         let (state, reason, msg) = match (kind, outcome) {
-            // Stage tasks never become a node's task: their effect is seen
-            // in the staged versions agents report.
-            (TaskKind::Stage, _) => return false,
+            // Only all at once makes a stage task a node's own task.
+            (TaskKind::Stage, TaskOutcome::Succeeded) => (
+                NodeState::Staged,
+                None,
+                format!("staged {}", self.spec.version),
+            ),
+            (TaskKind::Stage, TaskOutcome::Failed { reason }) => (
+                NodeState::Failed,
+                Some(format!("staging failed: {reason}")),
+                format!("staging failed, nothing switched on this node: {reason}"),
+            ),
+            (TaskKind::Converge, TaskOutcome::Succeeded) => (
+                NodeState::Upgraded,
+                None,
+                format!(
+                    "converged to {} in {}",
+                    self.spec.version,
+                    format_duration(elapsed)
+                ),
+            ),
+            (TaskKind::Converge, TaskOutcome::Failed { reason }) => (
+                NodeState::Failed,
+                Some(reason.clone()),
+                format!("converging failed, node back on its previous version: {reason}"),
+            ),
             (TaskKind::Upgrade, TaskOutcome::Succeeded) => (
                 NodeState::Upgraded,
                 None,
@@ -482,6 +580,7 @@ impl Rollout {
         n.reason = reason;
         n.phase = None;
         n.updated_at = now;
+        n.converged |= kind == TaskKind::Converge && state == NodeState::Upgraded;
         self.last_progress_at = now;
         self.event(now, Some(node), msg);
         // A node given up as unreachable may report a late upgrade after the
@@ -513,6 +612,7 @@ mod tests {
                         version: Some("1.0.0".into()),
                         health: Health::Healthy,
                         staged: Vec::new(),
+                        ..Default::default()
                     },
                 )]
                 .into(),

@@ -1,9 +1,11 @@
 //! Whole rollouts, simulated: random fleets and specs (rolling or canary
-//! waves, `min_healthy`, `spread_by`, `order_by`, explicit nodes), agents
-//! that report results at random later times, nodes that drop off and come
-//! back, and an operator who pauses, cancels, rolls back and promotes canary
-//! waves. After every planner step the rules in `rollwave_core::invariants`
-//! must hold.
+//! waves, or all at once; `min_healthy`, `spread_by`, `order_by`, explicit
+//! nodes), agents that report results at random later times (or never, when
+//! their node drops off), nodes that drop off and come back, and an operator
+//! who pauses, cancels, rolls back and promotes canary waves. A completed
+//! rollout keeps converging the nodes it could not reach as they come back,
+//! until it is superseded. After every planner step the rules in
+//! `rollwave_core::invariants` must hold.
 //!
 //! The simulation is driven by a seed so that a failing case replays exactly;
 //! proptest shrinks the fleet, the spec and the knobs around it. Most cases
@@ -13,9 +15,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use rollwave_core::invariants::{
-    batch_cuts, batch_order, batches_within, domain_order, domains_in_order, fleet_healthy,
-    healthy_floor, in_flight_by_domain, planned_once, promotion_respected, settled, spread_within,
-    unavailable_count, within_budget,
+    all_or_nothing, batch_cuts, batch_order, batches_within, converged_when_back, domain_order,
+    domains_in_order, fails_as_one, fleet_healthy, healthy_floor, in_flight_by_domain,
+    planned_once, promotion_respected, settled, spread_within, staged_then_switched,
+    switched_together, unavailable_count, within_budget,
 };
 use rollwave_core::{
     plan_batches, step, Amount, CountOrText, Decision, Fleet, Health, NodeState, NodeView, Rollout,
@@ -48,6 +51,7 @@ fn node(name: &str, rack: &str, health: Health, online: bool) -> NodeView {
                 version: Some(FROM.to_string()),
                 health,
                 staged: Vec::new(),
+                ..Default::default()
             },
         )]),
     }
@@ -120,6 +124,15 @@ enum KindGen {
         waves: Vec<(AmountGen, bool)>,
         named: bool,
     },
+    /// `kind = "all_at_once"`; each flag: whether the file spells out the
+    /// only value it allows for `max_unavailable` ("100%"), `max_failures`
+    /// (0) and `auto_rollback` (true). The case's batch, budget, spread,
+    /// order, failures and rollback settings are left out.
+    AllAtOnce {
+        max_unavailable: bool,
+        max_failures: bool,
+        auto_rollback: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -158,6 +171,15 @@ struct Case {
     /// Percent of paused canary waves the operator rolls back or cancels
     /// instead of promoting.
     abandon_pct: u64,
+    /// Percent of nodes that, once offline, stay offline until the very end
+    /// (`Sim::late_reports`): a completed rollout converges without them.
+    gone_pct: u64,
+    /// Percent of a node's pending task results lost when it drops off: its
+    /// agent finishes the task meanwhile, but the result never arrives.
+    lose_pct: u64,
+    /// Percent of steps after which a newer rollout of the service
+    /// supersedes a converging one.
+    supersede_pct: u64,
     seed: u64,
 }
 
@@ -211,10 +233,17 @@ fn sized_amount(large: bool, min_percent: u32) -> BoxedStrategy<AmountGen> {
 fn kind_gen(large: bool) -> impl Strategy<Value = KindGen> {
     let wave = (amount_gen(1), prop::bool::weighted(0.3));
     prop_oneof![
-        (sized_amount(large, 1), any::<bool>())
+        2 => (sized_amount(large, 1), any::<bool>())
             .prop_map(|(batch, named)| KindGen::Rolling { batch, named }),
-        (prop::collection::vec(wave, 1..=4), any::<bool>())
+        2 => (prop::collection::vec(wave, 1..=4), any::<bool>())
             .prop_map(|(waves, named)| KindGen::Canary { waves, named }),
+        1 => (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+            |(max_unavailable, max_failures, auto_rollback)| KindGen::AllAtOnce {
+                max_unavailable,
+                max_failures,
+                auto_rollback,
+            }
+        ),
     ]
 }
 
@@ -285,6 +314,11 @@ fn case_gen(large: bool) -> impl Strategy<Value = Case> {
             0u64..=40,
             any::<u64>(),
         ),
+        (
+            prop_oneof![Just(0u64), 0u64..=100],
+            prop_oneof![3 => Just(0u64), 1 => 1u64..=50],
+            prop_oneof![3 => Just(0u64), 1 => 1u64..=20],
+        ),
     )
         .prop_map(
             |(
@@ -292,6 +326,7 @@ fn case_gen(large: bool) -> impl Strategy<Value = Case> {
                 (min_healthy_pct, spread, order, max_failures, auto_rollback),
                 (healthy_time_s, healthy_extra_s, progress_extra_s, tick),
                 (fail_pct, flap_pct, churn_pct, operator_pct, abandon_pct, seed),
+                (gone_pct, lose_pct, supersede_pct),
             )| Case {
                 nodes,
                 selector,
@@ -312,6 +347,9 @@ fn case_gen(large: bool) -> impl Strategy<Value = Case> {
                 churn_pct,
                 operator_pct,
                 abandon_pct,
+                gone_pct,
+                lose_pct,
+                supersede_pct,
                 seed,
             },
         )
@@ -361,6 +399,7 @@ impl Case {
             KindGen::Rolling { batch, named } => {
                 (named.then(|| "rolling".into()), Some(amount(batch)), None)
             }
+            KindGen::AllAtOnce { .. } => (Some("all_at_once".into()), None, None),
             KindGen::Canary { waves, named } => {
                 let waves = waves
                     .iter()
@@ -376,7 +415,7 @@ impl Case {
             }
         };
         let healthy_s = self.healthy_time_s + self.healthy_extra_s;
-        let file = RolloutFile {
+        let mut file = RolloutFile {
             service: Some(SERVICE.into()),
             version: Some(TO.into()),
             selector: Some(self.selector.into()),
@@ -408,7 +447,30 @@ impl Case {
                 auto_rollback: Some(self.auto_rollback),
             },
         };
+        if let KindGen::AllAtOnce {
+            max_unavailable,
+            max_failures,
+            auto_rollback,
+        } = self.kind
+        {
+            let s = &mut file.strategy;
+            s.max_unavailable = max_unavailable.then(|| "100%".into());
+            s.max_failures = max_failures.then_some(0);
+            s.auto_rollback = auto_rollback.then_some(true);
+            (s.spread_by, s.max_per_domain) = (None, None);
+            (s.order_by, s.order) = (None, None);
+        }
         file.resolve().expect("generated spec is valid")
+    }
+
+    /// The nodes that, once offline, stay offline until the end: drawn from
+    /// the seed, apart from the simulation's own draws.
+    fn gone(&self) -> BTreeSet<String> {
+        let mut rng = Rng(self.seed ^ 0x676f_6e65);
+        (0..self.nodes.len())
+            .filter(|_| rng.percent(self.gone_pct))
+            .map(node_name)
+            .collect()
     }
 }
 
@@ -446,6 +508,9 @@ struct Report {
     task: String,
     kind: TaskKind,
     outcome: TaskOutcome,
+    /// The node dropped off while the task ran: the task still ends at
+    /// `due`, but its result never reaches the control plane.
+    lost: bool,
 }
 
 struct Sim {
@@ -464,8 +529,15 @@ struct Sim {
     held: u64,
     /// What the operator decides about each paused wave, and when.
     verdicts: BTreeMap<usize, (Timestamp, Verdict)>,
-    /// Task ids dispatched so far, per node and kind.
+    /// Task ids dispatched so far, per node and kind (converge tasks aside).
     dispatched: BTreeMap<(String, u8), String>,
+    /// Nodes that, once offline, stay offline until `late_reports`.
+    gone: BTreeSet<String>,
+    /// Steps that dispatched upgrades of an all-at-once rollout.
+    switches: usize,
+    /// Per node: converge tasks sent, and converge tasks given up as
+    /// unreachable (each of which starts a new period of being unreachable).
+    converges: BTreeMap<String, (usize, usize)>,
 }
 
 /// What the operator does about a wave waiting for its promotion.
@@ -481,7 +553,14 @@ fn kind_key(k: TaskKind) -> u8 {
         TaskKind::Upgrade => 0,
         TaskKind::Revert => 1,
         TaskKind::Stage => 2,
+        TaskKind::Converge => 3,
     }
+}
+
+/// Whether the rollout has finished (a terminal state, nothing in flight)
+/// apart from converging the nodes it could not reach.
+fn done(r: &Rollout) -> bool {
+    r.state.is_terminal() && r.in_flight().next().is_none()
 }
 
 /// The wave whose promotion the rollout waits for, if any: every node up to
@@ -541,6 +620,16 @@ impl Sim {
             && selected.iter().any(|n| fleet[n].available(SERVICE))
         {
             Some("strategy.min_healthy")
+        } else if spec.all_at_once
+            && runs
+                .iter()
+                .filter(|n| n.available(SERVICE) && !selected.contains(&n.name))
+                .count()
+                < spec.min_healthy as usize
+        {
+            // Switching every selected node at once would leave fewer
+            // healthy nodes than the floor.
+            Some("strategy.min_healthy")
         } else {
             None
         };
@@ -556,6 +645,7 @@ impl Sim {
         let batch_size = spec.batch_size(selected.len());
         let budget = spec.unavailable_budget(selected.len());
         let rng = Rng(case.seed);
+        let gone = case.gone();
         let sim = Sim {
             case,
             rng,
@@ -569,6 +659,9 @@ impl Sim {
             held: 0,
             verdicts: BTreeMap::new(),
             dispatched: BTreeMap::new(),
+            gone,
+            switches: 0,
+            converges: BTreeMap::new(),
         };
         sim.check_plan();
         Some(sim)
@@ -581,6 +674,9 @@ impl Sim {
         planned_once(&r.batches, self.selected.iter().map(String::as_str)).unwrap();
         if r.spec.waves.is_empty() {
             batches_within(&r.batches, self.batch_size).unwrap();
+        }
+        if r.spec.all_at_once {
+            assert_eq!(r.batches.len(), 1, "all at once is one batch");
         }
         batch_cuts(r, &self.fleet).unwrap();
         domains_in_order(r, &self.fleet).unwrap();
@@ -644,27 +740,17 @@ impl Sim {
     fn step(&mut self) -> Option<Timestamp> {
         let mut d = step(&self.rollout, &self.fleet, self.now);
         let changed = differs(&mut d.rollout, &self.rollout);
-        let r = &d.rollout;
+        let (old, r) = (&self.rollout, &d.rollout);
         let ctx = || format!("step at +{}ms, state {}", self.now - T0, r.state.as_str());
 
         // The plan is fixed; only the operator promotes.
-        assert_eq!(
-            r.batches,
-            self.rollout.batches,
-            "batches changed: {}",
-            ctx()
-        );
-        assert_eq!(r.pauses, self.rollout.pauses, "pauses changed: {}", ctx());
-        assert_eq!(
-            r.promoted,
-            self.rollout.promoted,
-            "promoted changed: {}",
-            ctx()
-        );
+        assert_eq!(r.batches, old.batches, "batches changed: {}", ctx());
+        assert_eq!(r.pauses, old.pauses, "pauses changed: {}", ctx());
+        assert_eq!(r.promoted, old.promoted, "promoted changed: {}", ctx());
         assert!(
             r.nodes
                 .iter()
-                .zip(&self.rollout.nodes)
+                .zip(&old.nodes)
                 .all(|((a, x), (b, y))| a == b && x.batch == y.batch),
             "nodes changed: {}",
             ctx()
@@ -674,13 +760,16 @@ impl Sim {
             assert!(w > self.now, "next_wakeup {w} is not after now: {}", ctx());
         }
 
-        let upgrades = d.dispatch.iter().any(|x| x.task.kind == TaskKind::Upgrade);
+        let switching = d
+            .dispatch
+            .iter()
+            .any(|x| matches!(x.task.kind, TaskKind::Upgrade | TaskKind::Converge));
         let reverts = d.dispatch.iter().any(|x| x.task.kind == TaskKind::Revert);
-        if upgrades && !reverts {
+        if switching && !reverts {
             // Rolling back is all at once, on purpose; every step that starts
-            // upgrades keeps to the budget and the floor. (A step that starts
-            // nothing only ever ends tasks.)
-            let (old, fleet) = (&self.rollout, &self.fleet);
+            // upgrades or converges keeps to the budget and the floor. (A step
+            // that starts nothing only ever ends tasks.)
+            let fleet = &self.fleet;
             let (before, after) = (unavailable_count(old, fleet), unavailable_count(r, fleet));
             within_budget(before, after, self.budget).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
             let (before, after) = (fleet_healthy(old, fleet), fleet_healthy(r, fleet));
@@ -689,15 +778,16 @@ impl Sim {
         }
         spread_within(r, &self.fleet).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
 
-        // Staging ahead: only pending, online nodes, each at most once.
+        // Staging ahead: only pending, online nodes, each at most once; never
+        // all at once, whose nodes stage as their own task.
+        assert!(
+            !r.spec.all_at_once || d.stage.is_empty(),
+            "stage-ahead tasks all at once: {}",
+            ctx()
+        );
         for x in &d.stage {
             assert_eq!(x.task.kind, TaskKind::Stage, "{}", ctx());
-            assert_eq!(
-                self.rollout.nodes[&x.node].state,
-                NodeState::Pending,
-                "{}",
-                ctx()
-            );
+            assert_eq!(old.nodes[&x.node].state, NodeState::Pending, "{}", ctx());
             assert!(
                 self.fleet[&x.node].online,
                 "staging offline {}: {}",
@@ -714,18 +804,18 @@ impl Sim {
         }
 
         let mut started = Vec::new();
+        let mut converging = Vec::new();
         for x in &d.dispatch {
-            let prior = self.rollout.nodes[&x.node].state;
+            let prior = old.nodes[&x.node].state;
             let now_state = r.nodes[&x.node].state;
             match x.task.kind {
                 TaskKind::Upgrade => {
-                    assert_eq!(
-                        prior,
-                        NodeState::Pending,
-                        "upgrade of {}: {}",
-                        x.node,
-                        ctx()
-                    );
+                    // All at once switches staged nodes; the others, pending ones.
+                    let from = match r.spec.all_at_once {
+                        true => NodeState::Staged,
+                        false => NodeState::Pending,
+                    };
+                    assert_eq!(prior, from, "upgrade of {}: {}", x.node, ctx());
                     assert_eq!(now_state, NodeState::Upgrading);
                     started.push(x.node.as_str());
                 }
@@ -739,10 +829,60 @@ impl Sim {
                     );
                     assert_eq!(now_state, NodeState::RollingBack);
                 }
-                TaskKind::Stage => panic!("a stage task among switching tasks: {}", ctx()),
+                TaskKind::Stage => {
+                    assert!(
+                        r.spec.all_at_once,
+                        "a stage task among switching tasks: {}",
+                        ctx()
+                    );
+                    assert_eq!(old.state, RolloutState::Running, "{}", ctx());
+                    assert_eq!(prior, NodeState::Pending, "stage of {}: {}", x.node, ctx());
+                    assert_eq!(now_state, NodeState::Staging);
+                    assert!(
+                        self.fleet[&x.node].online,
+                        "stage task to offline {}: {}",
+                        x.node,
+                        ctx()
+                    );
+                    assert_eq!(x.task.id, r.task_id(&x.node, TaskKind::Stage));
+                }
+                TaskKind::Converge => {
+                    // Converging starts once completed (in the step that
+                    // completes the rollout, or later), until superseded.
+                    assert!(
+                        r.state == RolloutState::Completed && r.superseded_by.is_none(),
+                        "converge of {} in a rollout {} (superseded by {:?}): {}",
+                        x.node,
+                        old.state.as_str(),
+                        r.superseded_by,
+                        ctx()
+                    );
+                    assert_eq!(
+                        prior,
+                        NodeState::Unreachable,
+                        "converge of {}: {}",
+                        x.node,
+                        ctx()
+                    );
+                    assert_eq!(now_state, NodeState::Converging);
+                    let view = &self.fleet[&x.node];
+                    assert!(view.online, "converge of offline {}: {}", x.node, ctx());
+                    assert_ne!(
+                        view.services[SERVICE].version.as_deref(),
+                        Some(TO),
+                        "converge of {}, already on {TO}: {}",
+                        x.node,
+                        ctx()
+                    );
+                    assert_eq!(x.task.id, format!("r7-cv-{}", x.node));
+                    converging.push(x.node.as_str());
+                }
             }
             assert_eq!(x.task.started_at, self.now);
             assert_eq!(r.nodes[&x.node].task.as_ref(), Some(&x.task));
+            if x.task.kind == TaskKind::Converge {
+                continue;
+            }
             let key = (x.node.clone(), kind_key(x.task.kind));
             if let Some(old) = self.dispatched.insert(key, x.task.id.clone()) {
                 panic!(
@@ -757,17 +897,69 @@ impl Sim {
         let kinds: BTreeSet<u8> = d.dispatch.iter().map(|x| kind_key(x.task.kind)).collect();
         assert!(
             kinds.len() <= 1,
-            "one step both upgrades and reverts: {}",
+            "one step dispatched several kinds of tasks: {}",
             ctx()
         );
+
+        // Convergence: one converge task per period of being unreachable; a
+        // period ends when the node is sent one, and a new one starts when
+        // that task is given up as unreachable. A node comes back on the
+        // target version only if it runs it.
+        for ((name, a), b) in old.nodes.iter().zip(r.nodes.values()) {
+            match (a.state, b.state) {
+                (NodeState::Converging, NodeState::Unreachable) => {
+                    assert!(
+                        !self.fleet[name].online,
+                        "{name}'s converge given up while online: {}",
+                        ctx()
+                    );
+                    self.converges.entry(name.clone()).or_default().1 += 1;
+                }
+                (NodeState::Unreachable, NodeState::Upgraded) => {
+                    let view = &self.fleet[name];
+                    assert!(
+                        view.online && view.services[SERVICE].version.as_deref() == Some(TO),
+                        "{name} came back on {TO} without running it: {}",
+                        ctx()
+                    );
+                    assert!(
+                        r.state == RolloutState::Completed && r.superseded_by.is_none(),
+                        "{name} came back on {TO}: {}",
+                        ctx()
+                    );
+                }
+                _ => {}
+            }
+        }
+        for name in &converging {
+            let (sent, lost) = self.converges.entry(name.to_string()).or_default();
+            *sent += 1;
+            assert!(
+                *sent <= *lost + 1,
+                "{name} got converge task {sent} after losing {lost}: {}",
+                ctx()
+            );
+        }
+        converged_when_back(r, &self.fleet).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
+
+        // All at once: one switch, of every node, once all are staged; any
+        // failure sends every node back; it ends all upgraded or none.
+        switched_together(old, r, &self.fleet, started.iter().copied())
+            .unwrap_or_else(|e| panic!("{e}: {}", ctx()));
+        if r.spec.all_at_once && !started.is_empty() {
+            self.switches += 1;
+            assert_eq!(self.switches, 1, "all at once switched twice: {}", ctx());
+        }
+        fails_as_one(r).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
+        all_or_nothing(r).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
+        staged_then_switched(r, &self.fleet).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
+
         batch_order(r, started.iter().copied()).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
         domain_order(r, &self.fleet, started.iter().copied())
             .unwrap_or_else(|e| panic!("{e}: {}", ctx()));
         promotion_respected(r, started.iter().copied())
             .unwrap_or_else(|e| panic!("{e}: {}", ctx()));
-        if awaiting_promotion(&self.rollout).is_some()
-            && self.rollout.state == RolloutState::Running
-        {
+        if awaiting_promotion(old).is_some() && old.state == RolloutState::Running {
             // Waiting for the operator is not a lack of progress.
             let reason = r.reason.as_deref().unwrap_or_default();
             assert!(
@@ -785,7 +977,7 @@ impl Sim {
                 ctx()
             );
         }
-        if r.state.is_terminal() && !self.rollout.state.is_terminal() {
+        if r.state.is_terminal() && !old.state.is_terminal() {
             settled(r).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
         }
 
@@ -831,8 +1023,11 @@ impl Sim {
         } else {
             TaskOutcome::Succeeded
         };
-        if let Some(s) = self.service(name) {
-            s.health = Health::Starting;
+        // Staging switches nothing: the service keeps serving.
+        if kind != TaskKind::Stage {
+            if let Some(s) = self.service(name) {
+                s.health = Health::Starting;
+            }
         }
         self.reports.push(Report {
             due,
@@ -840,7 +1035,21 @@ impl Sim {
             task: task.to_string(),
             kind,
             outcome,
+            lost: false,
         });
+    }
+
+    /// A node's agent connects or drops off. Dropping off loses some of the
+    /// results it still owes.
+    fn set_online(&mut self, name: &str, online: bool) {
+        let v = self.fleet.get_mut(name).expect("node is in the fleet");
+        v.online = online;
+        v.last_seen = self.now;
+        if !online {
+            for x in self.reports.iter_mut().filter(|x| x.node == name) {
+                x.lost |= self.rng.percent(self.case.lose_pct);
+            }
+        }
     }
 
     fn service(&mut self, name: &str) -> Option<&mut ServiceView> {
@@ -848,21 +1057,40 @@ impl Sim {
     }
 
     /// Delivers every due report of an online node, checking that delivering
-    /// them all again is ignored.
+    /// them all again is ignored; lost ones only end their task on the node.
     fn deliver_due(&mut self) {
         let (due, rest): (Vec<Report>, Vec<Report>) = std::mem::take(&mut self.reports)
             .into_iter()
-            .partition(|x| x.due <= self.now && self.fleet[&x.node].online);
+            .partition(|x| x.due <= self.now && (x.lost || self.fleet[&x.node].online));
         self.reports = rest;
         if due.is_empty() {
             return;
         }
-        for x in &due {
-            self.rollout
-                .record_result(&x.node, &x.task, &x.outcome, self.now);
+        let heard = || due.iter().filter(|x| !x.lost);
+        for x in heard() {
+            if self
+                .rollout
+                .record_result(&x.node, &x.task, &x.outcome, self.now)
+            {
+                // Each kind of task ends in its own states.
+                let ok = x.outcome == TaskOutcome::Succeeded;
+                let want = match (x.kind, ok) {
+                    (TaskKind::Stage, true) => NodeState::Staged,
+                    (TaskKind::Upgrade | TaskKind::Converge, true) => NodeState::Upgraded,
+                    (TaskKind::Revert, true) => NodeState::RolledBack,
+                    (TaskKind::Revert, false) => NodeState::RollbackFailed,
+                    (_, false) => NodeState::Failed,
+                };
+                let got = self.rollout.nodes[&x.node].state;
+                assert_eq!(
+                    got, want,
+                    "{:?} of {} ended {:?}",
+                    x.kind, x.node, x.outcome
+                );
+            }
         }
         let once = self.rollout.clone();
-        for x in &due {
+        for x in heard() {
             let twice = self
                 .rollout
                 .record_result(&x.node, &x.task, &x.outcome, self.now + 1);
@@ -874,8 +1102,14 @@ impl Sim {
             let Some(s) = self.service(&x.node) else {
                 continue;
             };
+            if x.kind == TaskKind::Stage {
+                if x.outcome == TaskOutcome::Succeeded && !s.staged.iter().any(|v| v == TO) {
+                    s.staged.push(TO.to_string());
+                }
+                continue;
+            }
             s.version = Some(match (x.kind, &x.outcome) {
-                (TaskKind::Upgrade, TaskOutcome::Succeeded) => TO.to_string(),
+                (TaskKind::Upgrade | TaskKind::Converge, TaskOutcome::Succeeded) => TO.to_string(),
                 (TaskKind::Revert, TaskOutcome::Failed { .. }) => TO.to_string(),
                 _ => FROM.to_string(),
             });
@@ -899,7 +1133,7 @@ impl Sim {
         let report = self
             .reports
             .iter()
-            .filter(|x| x.due > now && self.fleet[&x.node].online)
+            .filter(|x| x.due > now && (x.lost || self.fleet[&x.node].online))
             .map(|x| x.due)
             .min();
         if let Some(due) = report {
@@ -932,9 +1166,9 @@ impl Sim {
 
         if chaos && self.rng.percent(self.case.flap_pct) {
             let i = self.rng.range(0, self.fleet.len() as u64 - 1) as usize;
-            let v = self.fleet.values_mut().nth(i).expect("index in range");
-            v.online = !v.online;
-            v.last_seen = next;
+            let v = self.fleet.values().nth(i).expect("index in range");
+            let (name, online) = (v.name.clone(), v.online);
+            self.set_online(&name, !online);
         }
         if chaos && self.rng.percent(self.case.churn_pct) {
             let i = self.rng.range(0, self.fleet.len() as u64 - 1) as usize;
@@ -943,6 +1177,36 @@ impl Sim {
             let v = self.fleet.values_mut().nth(i).expect("index in range");
             if let Some(s) = v.services.get_mut(SERVICE) {
                 s.health = health;
+            }
+        }
+        if self.rollout.converging() {
+            // Nodes the rollout could not reach come back, now and then,
+            // unless they are gone for good; some drop off again while they
+            // converge.
+            let away: Vec<(String, NodeState)> = self
+                .rollout
+                .nodes
+                .iter()
+                .filter(|(_, n)| matches!(n.state, NodeState::Unreachable | NodeState::Converging))
+                .map(|(name, n)| (name.clone(), n.state))
+                .collect();
+            for (name, state) in away {
+                let online = self.fleet[&name].online;
+                match state {
+                    NodeState::Unreachable
+                        if !online && !self.gone.contains(&name) && self.rng.percent(25) =>
+                    {
+                        self.set_online(&name, true)
+                    }
+                    NodeState::Converging if online && chaos && self.rng.percent(10) => {
+                        self.set_online(&name, false)
+                    }
+                    _ => {}
+                }
+            }
+            if chaos && self.rng.percent(self.case.supersede_pct) {
+                self.rollout.supersede(8, next);
+                assert!(!self.rollout.converging(), "superseded but converging");
             }
         }
         self.operate(chaos);
@@ -997,7 +1261,27 @@ impl Sim {
         }
     }
 
-    /// Runs the rollout to its end.
+    /// Whether a converging rollout can only wait: nothing in flight, no
+    /// result on its way, and each node it could not reach either offline for
+    /// good or back but held back by the budget or the floor (which
+    /// `converged_when_back` checks after every step).
+    fn resting(&self) -> bool {
+        let r = &self.rollout;
+        r.converging()
+            && r.in_flight().next().is_none()
+            && !self
+                .reports
+                .iter()
+                .any(|x| x.lost || self.fleet[&x.node].online)
+            && r.nodes.iter().all(|(name, n)| {
+                n.state != NodeState::Unreachable
+                    || self.fleet[name].online
+                    || self.gone.contains(name)
+            })
+    }
+
+    /// Runs the rollout to its end: not active any more, or completed and
+    /// resting while it converges.
     fn run(&mut self) {
         // While running, something finishes (or is given up) at least every
         // progress deadline, and each node finishes at most a few times.
@@ -1007,10 +1291,13 @@ impl Sim {
         // stops intervening halfway, so that termination does not depend on
         // luck.
         let max_steps = MAX_STEPS.max(10 * self.fleet.len());
+        let mut finished = false;
         for steps in 0..max_steps {
             let wakeup = self.step();
-            if !self.rollout.is_active() {
-                self.check_end();
+            if !finished && done(&self.rollout) {
+                // Converging the nodes it could not reach takes as long as
+                // they take to come back: not counted.
+                finished = true;
                 let took = self.now - T0 - self.held;
                 assert!(
                     took <= time_bound,
@@ -1018,15 +1305,19 @@ impl Sim {
                     took / SEC,
                     time_bound / SEC
                 );
+            }
+            if !self.rollout.is_active() || self.resting() {
+                self.check_end();
                 return;
             }
             self.advance(wakeup, steps < max_steps / 2);
         }
         panic!(
-            "rollout still {} after {max_steps} steps ({}s simulated), waiting: {:?}",
+            "rollout still {} after {max_steps} steps ({}s simulated), waiting: {:?}, converging: {}",
             self.rollout.state.as_str(),
             (self.now - T0) / SEC,
-            self.rollout.waiting
+            self.rollout.waiting,
+            self.rollout.converging()
         );
     }
 
@@ -1036,30 +1327,48 @@ impl Sim {
         assert_eq!(r.in_flight().count(), 0, "in flight after the end");
         assert!(r.finished_at.is_some());
         assert!(r.waiting.is_none(), "finished but waiting: {:?}", r.waiting);
-        settled(r).unwrap_or_else(|e| panic!("at the end: {e}"));
+        let wakeup = step(r, &self.fleet, self.now).next_wakeup;
+        assert_eq!(wakeup, None, "finished, but asks to be woken up");
+        if r.state == RolloutState::Completed {
+            // Results that came late (while converging) may have failed more
+            // nodes than max_failures: `settled` held when it completed.
+            assert_eq!(r.count(NodeState::Pending), 0);
+        } else {
+            settled(r).unwrap_or_else(|e| panic!("at the end: {e}"));
+        }
+        all_or_nothing(r).unwrap_or_else(|e| panic!("at the end: {e}"));
     }
 
     /// Every node comes back and reports what it still owes, as agents do
-    /// after an outage; the rollout must settle again consistently.
+    /// after an outage; the rollout must settle again consistently, and
+    /// finish converging unless the budget or the floor holds nodes back.
     fn late_reports(&mut self) {
         for v in self.fleet.values_mut() {
             v.online = true;
             v.last_seen = self.now;
         }
-        for _ in 0..10 {
+        let mut wakeup = None;
+        // Converging takes a round per node at worst (a budget of one).
+        for _ in 0..self.rollout.nodes.len() + 10 {
             self.now = self
                 .reports
                 .iter()
                 .map(|x| x.due)
+                .chain(wakeup)
                 .fold(self.now + 1, u64::max);
             self.deliver_due();
-            self.step();
-            if !self.rollout.is_active() && self.reports.is_empty() {
+            wakeup = self.step();
+            if (!self.rollout.is_active() || self.resting()) && self.reports.is_empty() {
                 break;
             }
         }
         let r = &self.rollout;
-        assert!(!r.is_active(), "still active after late reports");
+        assert!(
+            !r.is_active() || self.resting(),
+            "still active after late reports: {}, {:?}",
+            r.state.as_str(),
+            r.waiting
+        );
         assert_eq!(r.in_flight().count(), 0);
         if r.state == RolloutState::RolledBack {
             settled(r).unwrap_or_else(|e| panic!("after late reports: {e}"));
@@ -1070,6 +1379,7 @@ impl Sim {
         if r.state == RolloutState::Completed {
             assert_eq!(r.count(NodeState::Pending), 0);
         }
+        all_or_nothing(r).unwrap_or_else(|e| panic!("after late reports: {e}"));
     }
 }
 
@@ -1686,4 +1996,474 @@ fn a_second_step_says_the_same_of_a_node_its_rack_holds_back() {
     let again = step(&d.rollout, &fleet, T0);
     assert_eq!(again.rollout.waiting, d.rollout.waiting);
     assert!(!again.changed);
+}
+
+// ---------------------------------------------------------------------------
+// Examples: all at once
+
+fn all_at_once(strategy: StrategyFile) -> RolloutSpec {
+    spec_of(StrategyFile {
+        kind: Some("all_at_once".into()),
+        ..strategy
+    })
+}
+
+fn failed() -> TaskOutcome {
+    TaskOutcome::Failed {
+        reason: "health check failed".into(),
+    }
+}
+
+/// Records `outcome` for the dispatched tasks of `nodes`.
+fn report(r: &mut Rollout, d: &Decision, nodes: &[&str], outcome: &TaskOutcome, now: Timestamp) {
+    for x in d
+        .dispatch
+        .iter()
+        .filter(|x| nodes.contains(&x.node.as_str()))
+    {
+        assert!(r.record_result(&x.node, &x.task.id, outcome, now));
+    }
+}
+
+#[test]
+fn all_at_once_stages_every_node_then_switches_them_all_in_one_step() {
+    let mut fleet = healthy_fleet(3);
+    let mut r = plan_batches(1, all_at_once(StrategyFile::default()), &fleet, T0).unwrap();
+    assert_eq!(r.batches, vec![names(&["n1", "n2", "n3"])]);
+
+    // Phase 1: each node stages, as its own task; nothing is staged ahead.
+    let staging = step(&r, &fleet, T0);
+    assert_eq!(
+        dispatched(&staging),
+        ["n1", "n2", "n3"].map(|n| (n, TaskKind::Stage))
+    );
+    assert!(staging.stage.is_empty());
+    assert_eq!(staging.dispatch[0].task.id, "r1-st-n1");
+    r = staging.rollout.clone();
+    assert_eq!(r.count(NodeState::Staging), 3);
+
+    // Two of three staged: the switch waits for the third.
+    report(
+        &mut r,
+        &staging,
+        &["n1", "n2"],
+        &TaskOutcome::Succeeded,
+        T0 + SEC,
+    );
+    let d = step(&r, &fleet, T0 + SEC);
+    assert!(d.dispatch.is_empty());
+    assert_eq!(d.rollout.count(NodeState::Staged), 2);
+    r = d.rollout;
+    report(
+        &mut r,
+        &staging,
+        &["n3"],
+        &TaskOutcome::Succeeded,
+        T0 + 2 * SEC,
+    );
+
+    // Phase 2: every switch, in this one step.
+    let switch = step(&r, &fleet, T0 + 2 * SEC);
+    assert_eq!(
+        dispatched(&switch),
+        ["n1", "n2", "n3"].map(|n| (n, TaskKind::Upgrade))
+    );
+    assert!(switch
+        .dispatch
+        .iter()
+        .all(|x| x.task.started_at == T0 + 2 * SEC));
+    switched_together(&r, &switch.rollout, &fleet, ["n1", "n2", "n3"]).unwrap();
+    r = switch.rollout.clone();
+    finish(&mut r, &mut fleet, &switch, &["n1", "n2"], T0 + 20 * SEC);
+    let d = step(&r, &fleet, T0 + 20 * SEC);
+    assert!(d.dispatch.is_empty());
+    assert_eq!(d.rollout.state, RolloutState::Running);
+    r = d.rollout;
+    finish(&mut r, &mut fleet, &switch, &["n3"], T0 + 30 * SEC);
+    let d = step(&r, &fleet, T0 + 30 * SEC);
+    assert!(d.rollout.fully_upgraded());
+    assert!(!d.rollout.is_active());
+    all_or_nothing(&d.rollout).unwrap();
+}
+
+#[test]
+fn all_at_once_stages_an_offline_node_once_it_is_back_within_its_grace_period() {
+    let mut fleet = healthy_fleet(2);
+    fleet.get_mut("n2").unwrap().online = false;
+    let spec = all_at_once(StrategyFile {
+        healthy_deadline: Some("1m".into()),
+        ..StrategyFile::default()
+    });
+    let r = plan_batches(1, spec, &fleet, T0).unwrap();
+    let d = step(&r, &fleet, T0);
+    assert_eq!(dispatched(&d), [("n1", TaskKind::Stage)]);
+    assert_eq!(d.next_wakeup, Some(T0 + 60 * SEC));
+    let mut r = d.rollout.clone();
+    report(&mut r, &d, &["n1"], &TaskOutcome::Succeeded, T0 + SEC);
+    let d = step(&r, &fleet, T0 + SEC);
+    assert!(d.dispatch.is_empty(), "no switch while n2 has not staged");
+    let r = d.rollout;
+
+    // n2 is back after 30 s: it stages then, and the switch follows.
+    fleet.get_mut("n2").unwrap().online = true;
+    let d = step(&r, &fleet, T0 + 30 * SEC);
+    assert_eq!(dispatched(&d), [("n2", TaskKind::Stage)]);
+    let mut r = d.rollout.clone();
+    report(&mut r, &d, &["n2"], &TaskOutcome::Succeeded, T0 + 40 * SEC);
+    let d = step(&r, &fleet, T0 + 40 * SEC);
+    assert_eq!(dispatched(&d), ["n1", "n2"].map(|n| (n, TaskKind::Upgrade)));
+}
+
+/// Planner bug: the step that gives up a pending offline node of an
+/// all-at-once rollout leaves the rollout running; only the next step sends
+/// every node back, so `step` is not idempotent there.
+#[test]
+fn all_at_once_a_node_offline_for_its_whole_grace_period_ends_the_rollout_in_that_step() {
+    let mut fleet = healthy_fleet(2);
+    fleet.get_mut("n2").unwrap().online = false;
+    let spec = all_at_once(StrategyFile {
+        healthy_deadline: Some("1m".into()),
+        ..StrategyFile::default()
+    });
+    let r = plan_batches(1, spec, &fleet, T0).unwrap();
+    let d = step(&r, &fleet, T0);
+    let mut r = d.rollout.clone();
+    report(&mut r, &d, &["n1"], &TaskOutcome::Succeeded, T0 + SEC);
+    let d = step(&r, &fleet, T0 + 60 * SEC);
+    assert_eq!(d.rollout.nodes["n2"].state, NodeState::Unreachable);
+    fails_as_one(&d.rollout).unwrap();
+    // Nothing was switched: nothing to revert, nothing in flight.
+    assert_eq!(d.rollout.state, RolloutState::RolledBack);
+    let again = step(&d.rollout, &fleet, T0 + 60 * SEC);
+    assert!(!again.changed, "a second step changed the rollout");
+}
+
+#[test]
+fn all_at_once_a_failed_stage_ends_the_rollout_before_any_switch() {
+    let fleet = healthy_fleet(3);
+    let r = plan_batches(1, all_at_once(StrategyFile::default()), &fleet, T0).unwrap();
+    let staging = step(&r, &fleet, T0);
+    let mut r = staging.rollout.clone();
+    report(&mut r, &staging, &["n1"], &TaskOutcome::Succeeded, T0 + SEC);
+    report(&mut r, &staging, &["n2"], &failed(), T0 + SEC);
+    let d = step(&r, &fleet, T0 + SEC);
+    assert!(d.dispatch.is_empty(), "no switch, and nothing to revert");
+    assert_eq!(d.rollout.state, RolloutState::RollingBack);
+    let reason = d.rollout.reason.as_deref().unwrap();
+    assert!(
+        reason.contains("n2: staging failed") && reason.contains("no node was switched"),
+        "{reason}"
+    );
+    // n3 still stages: the rollout ends once it has reported.
+    let mut r = d.rollout;
+    report(
+        &mut r,
+        &staging,
+        &["n3"],
+        &TaskOutcome::Succeeded,
+        T0 + 2 * SEC,
+    );
+    let d = step(&r, &fleet, T0 + 2 * SEC);
+    assert!(d.dispatch.is_empty());
+    assert_eq!(d.rollout.state, RolloutState::RolledBack);
+    assert_eq!(d.rollout.count(NodeState::Upgraded), 0);
+    all_or_nothing(&d.rollout).unwrap();
+}
+
+#[test]
+fn all_at_once_a_failed_switch_reverts_every_node_including_those_still_switching() {
+    let mut fleet = healthy_fleet(3);
+    let r = plan_batches(1, all_at_once(StrategyFile::default()), &fleet, T0).unwrap();
+    let staging = step(&r, &fleet, T0);
+    let mut r = staging.rollout.clone();
+    succeed_all(&mut r, &staging, T0 + SEC);
+    let switch = step(&r, &fleet, T0 + SEC);
+    assert_eq!(switch.dispatch.len(), 3);
+    let mut r = switch.rollout.clone();
+    finish(&mut r, &mut fleet, &switch, &["n1"], T0 + 20 * SEC);
+    report(&mut r, &switch, &["n2"], &failed(), T0 + 20 * SEC);
+    let first = step(&r, &fleet, T0 + 20 * SEC);
+    assert_eq!(first.rollout.state, RolloutState::RollingBack);
+    assert_eq!(dispatched(&first), [("n1", TaskKind::Revert)]);
+
+    // n3's switch passes after all: it is switched back too.
+    let mut r = first.rollout.clone();
+    finish(&mut r, &mut fleet, &switch, &["n3"], T0 + 25 * SEC);
+    let second = step(&r, &fleet, T0 + 25 * SEC);
+    assert_eq!(dispatched(&second), [("n3", TaskKind::Revert)]);
+    let mut r = second.rollout.clone();
+    succeed_all(&mut r, &first, T0 + 30 * SEC);
+    succeed_all(&mut r, &second, T0 + 30 * SEC);
+    let d = step(&r, &fleet, T0 + 30 * SEC);
+    assert_eq!(d.rollout.state, RolloutState::RolledBack);
+    assert_eq!(d.rollout.count(NodeState::Upgraded), 0);
+    all_or_nothing(&d.rollout).unwrap();
+    settled(&d.rollout).unwrap();
+}
+
+/// Open question for the planner: cancelling an all-at-once rollout after
+/// its switch leaves the nodes that passed upgraded and those that failed on
+/// the old version, a mixed fleet that all at once promises never to leave.
+#[test]
+fn all_at_once_cancelled_mid_switch_does_not_end_mixed() {
+    let fleet = healthy_fleet(2);
+    let r = plan_batches(1, all_at_once(StrategyFile::default()), &fleet, T0).unwrap();
+    let d = step(&r, &fleet, T0);
+    let mut r = d.rollout.clone();
+    succeed_all(&mut r, &d, T0 + SEC);
+    let switch = step(&r, &fleet, T0 + SEC);
+    let mut r = switch.rollout.clone();
+    // Refusing the command would do too.
+    let _ = r.cancel(T0 + 2 * SEC);
+    report(
+        &mut r,
+        &switch,
+        &["n1"],
+        &TaskOutcome::Succeeded,
+        T0 + 3 * SEC,
+    );
+    report(&mut r, &switch, &["n2"], &failed(), T0 + 3 * SEC);
+    let mut now = T0 + 3 * SEC;
+    for _ in 0..3 {
+        let d = step(&r, &fleet, now);
+        r = d.rollout.clone();
+        now += SEC;
+        succeed_all(&mut r, &d, now);
+    }
+    assert!(!r.is_active());
+    all_or_nothing(&r).unwrap();
+}
+
+#[test]
+fn all_at_once_keeps_min_healthy_nodes_serving_outside_the_selection() {
+    let mut fleet = fleet_of([
+        node("n1", "r1", Health::Healthy, true),
+        node("n2", "r1", Health::Healthy, true),
+        node("n3", "r2", Health::Healthy, true),
+    ]);
+    let file = |min_healthy| RolloutFile {
+        service: Some(SERVICE.into()),
+        version: Some(TO.into()),
+        selector: Some("rack=r1".into()),
+        nodes: None,
+        services: None,
+        strategy: StrategyFile {
+            kind: Some("all_at_once".into()),
+            min_healthy: Some(min_healthy),
+            ..StrategyFile::default()
+        },
+    };
+    // Switching n1 and n2 together leaves only n3: a floor of 2 is refused.
+    let refused = plan_batches(1, file(2).resolve().unwrap(), &fleet, T0).unwrap_err();
+    assert_eq!(refused.field, "strategy.min_healthy");
+
+    let r = plan_batches(1, file(1).resolve().unwrap(), &fleet, T0).unwrap();
+    let staging = step(&r, &fleet, T0);
+    let mut r = staging.rollout.clone();
+    succeed_all(&mut r, &staging, T0 + SEC);
+    // n3 is down when both are staged: the switch waits for it.
+    fleet
+        .get_mut("n3")
+        .and_then(|v| v.services.get_mut(SERVICE))
+        .unwrap()
+        .health = Health::Unhealthy;
+    let d = step(&r, &fleet, T0 + SEC);
+    assert!(d.dispatch.is_empty());
+    let waiting = d.rollout.waiting.as_deref().unwrap();
+    assert!(waiting.contains("min_healthy is 1"), "{waiting}");
+    fleet
+        .get_mut("n3")
+        .and_then(|v| v.services.get_mut(SERVICE))
+        .unwrap()
+        .health = Health::Healthy;
+    let switch = step(&d.rollout, &fleet, T0 + 2 * SEC);
+    assert_eq!(
+        dispatched(&switch),
+        ["n1", "n2"].map(|n| (n, TaskKind::Upgrade))
+    );
+    switched_together(&d.rollout, &switch.rollout, &fleet, ["n1", "n2"]).unwrap();
+    assert_eq!(fleet_healthy(&switch.rollout, &fleet), 1);
+}
+
+// ---------------------------------------------------------------------------
+// Examples: convergence
+
+/// Three healthy nodes, batches of one, room for two unavailable, a one
+/// minute health deadline; `n3` (planned last) is offline throughout. The
+/// rollout completes with n3 unreachable, and converges.
+fn completed_without_n3() -> (Rollout, Fleet, Timestamp) {
+    let mut fleet = healthy_fleet(3);
+    fleet.get_mut("n3").unwrap().online = false;
+    let strategy = StrategyFile {
+        healthy_deadline: Some("1m".into()),
+        ..StrategyFile::default()
+    };
+    let mut r = plan_batches(1, spec("1", "2", strategy), &fleet, T0).unwrap();
+    let mut now = T0;
+    for node in ["n1", "n2"] {
+        let d = step(&r, &fleet, now);
+        assert_eq!(dispatched(&d), [(node, TaskKind::Upgrade)]);
+        r = d.rollout.clone();
+        now += 20 * SEC;
+        finish(&mut r, &mut fleet, &d, &[node], now);
+    }
+    let d = step(&r, &fleet, now);
+    assert!(d.dispatch.is_empty());
+    now += 60 * SEC;
+    let d = step(&d.rollout, &fleet, now);
+    let r = d.rollout;
+    assert_eq!(r.state, RolloutState::Completed);
+    assert_eq!(r.nodes["n3"].state, NodeState::Unreachable);
+    assert!(r.converging() && r.is_active());
+    (r, fleet, now)
+}
+
+#[test]
+fn a_completed_rollout_converges_a_node_that_comes_back() {
+    let (r, mut fleet, now) = completed_without_n3();
+    let d = step(&r, &fleet, now + 60 * SEC);
+    assert!(!d.changed && d.dispatch.is_empty(), "n3 is still away");
+
+    fleet.get_mut("n3").unwrap().online = true;
+    let now = now + 120 * SEC;
+    let d = step(&r, &fleet, now);
+    assert_eq!(dispatched(&d), [("n3", TaskKind::Converge)]);
+    assert_eq!(d.dispatch[0].task.id, "r1-cv-n3");
+    assert_eq!(d.rollout.nodes["n3"].state, NodeState::Converging);
+    assert_eq!(d.rollout.state, RolloutState::Completed);
+    converged_when_back(&d.rollout, &fleet).unwrap();
+    let mut r = d.rollout.clone();
+    finish(&mut r, &mut fleet, &d, &["n3"], now + 20 * SEC);
+    assert_eq!(r.nodes["n3"].state, NodeState::Upgraded);
+    assert!(r.nodes["n3"].converged);
+    assert!(!r.converging() && !r.is_active());
+    let d = step(&r, &fleet, now + 20 * SEC);
+    assert!(d.dispatch.is_empty());
+    assert!(d.rollout.fully_upgraded());
+}
+
+#[test]
+fn a_node_back_on_the_target_version_is_upgraded_without_a_task() {
+    let (r, mut fleet, now) = completed_without_n3();
+    let n3 = fleet.get_mut("n3").unwrap();
+    n3.online = true;
+    n3.services.get_mut(SERVICE).unwrap().version = Some(TO.into());
+    let d = step(&r, &fleet, now + SEC);
+    assert!(d.dispatch.is_empty());
+    assert_eq!(d.rollout.nodes["n3"].state, NodeState::Upgraded);
+    assert_eq!(
+        d.rollout.events.last().unwrap().message,
+        format!("came back on {TO}")
+    );
+    assert!(!d.rollout.is_active());
+}
+
+#[test]
+fn a_node_that_drops_off_while_converging_converges_again_once_back() {
+    let (r, mut fleet, now) = completed_without_n3();
+    fleet.get_mut("n3").unwrap().online = true;
+    let first = step(&r, &fleet, now);
+    assert_eq!(dispatched(&first), [("n3", TaskKind::Converge)]);
+    let n3 = fleet.get_mut("n3").unwrap();
+    n3.online = false;
+    n3.last_seen = now + SEC;
+    let d = step(&first.rollout, &fleet, now + 61 * SEC);
+    assert_eq!(d.rollout.nodes["n3"].state, NodeState::Unreachable);
+    assert!(d.dispatch.is_empty());
+    let d = step(&d.rollout, &fleet, now + 120 * SEC);
+    assert!(d.dispatch.is_empty(), "n3 is away: nothing to send");
+    fleet.get_mut("n3").unwrap().online = true;
+    let again = step(&d.rollout, &fleet, now + 180 * SEC);
+    assert_eq!(dispatched(&again), [("n3", TaskKind::Converge)]);
+    let twice = step(&again.rollout, &fleet, now + 180 * SEC);
+    assert!(twice.dispatch.is_empty() && !twice.changed);
+}
+
+#[test]
+fn converging_keeps_to_the_unavailability_budget() {
+    // Five nodes, room for three unavailable; n4 and n5 are offline
+    // throughout and end unreachable.
+    let mut fleet = healthy_fleet(5);
+    for n in ["n4", "n5"] {
+        fleet.get_mut(n).unwrap().online = false;
+    }
+    let strategy = StrategyFile {
+        healthy_deadline: Some("1m".into()),
+        ..StrategyFile::default()
+    };
+    let mut r = plan_batches(1, spec("1", "3", strategy), &fleet, T0).unwrap();
+    let mut now = T0;
+    for _ in 0..10 {
+        let d = step(&r, &fleet, now);
+        r = d.rollout.clone();
+        now += 60 * SEC;
+        succeed_all(&mut r, &d, now);
+    }
+    assert_eq!(r.state, RolloutState::Completed);
+    assert_eq!(r.count(NodeState::Unreachable), 2);
+
+    // Both back, while n1 and n2 are down: converging one takes the third
+    // and last unavailable slot; the other waits for it.
+    for n in ["n1", "n2"] {
+        fleet
+            .get_mut(n)
+            .and_then(|v| v.services.get_mut(SERVICE))
+            .unwrap()
+            .health = Health::Unhealthy;
+    }
+    for n in ["n4", "n5"] {
+        fleet.get_mut(n).unwrap().online = true;
+    }
+    let before = unavailable_count(&r, &fleet);
+    let d = step(&r, &fleet, now);
+    assert_eq!(dispatched(&d), [("n4", TaskKind::Converge)]);
+    within_budget(before, unavailable_count(&d.rollout, &fleet), 3).unwrap();
+    converged_when_back(&d.rollout, &fleet).unwrap();
+    let mut r = d.rollout.clone();
+    finish(&mut r, &mut fleet, &d, &["n4"], now + 20 * SEC);
+    let d = step(&r, &fleet, now + 20 * SEC);
+    assert_eq!(dispatched(&d), [("n5", TaskKind::Converge)]);
+}
+
+#[test]
+fn a_superseded_rollout_stops_converging() {
+    let (mut r, mut fleet, now) = completed_without_n3();
+    r.supersede(2, now);
+    assert!(!r.converging() && !r.is_active());
+    fleet.get_mut("n3").unwrap().online = true;
+    let d = step(&r, &fleet, now + SEC);
+    assert!(d.dispatch.is_empty() && !d.changed);
+    assert_eq!(d.rollout.nodes["n3"].state, NodeState::Unreachable);
+}
+
+/// Planner bug: the step that completes a rollout does not converge a node
+/// that is already back, so a second step with the same inputs dispatches
+/// its converge task.
+#[test]
+fn the_step_that_completes_a_rollout_converges_the_nodes_already_back() {
+    let mut fleet = healthy_fleet(2);
+    let strategy = StrategyFile {
+        healthy_deadline: Some("1m".into()),
+        ..StrategyFile::default()
+    };
+    let r = plan_batches(1, spec("1", "2", strategy), &fleet, T0).unwrap();
+    let d = step(&r, &fleet, T0);
+    assert_eq!(dispatched(&d), [("n1", TaskKind::Upgrade)]);
+    // n1 drops off mid-upgrade and is given up; n2 goes next.
+    let n1 = fleet.get_mut("n1").unwrap();
+    n1.online = false;
+    n1.last_seen = T0;
+    let d = step(&d.rollout, &fleet, T0 + 60 * SEC);
+    assert_eq!(d.rollout.nodes["n1"].state, NodeState::Unreachable);
+    assert_eq!(dispatched(&d), [("n2", TaskKind::Upgrade)]);
+    // n1 is back, its result lost, still on the old version; n2 passes.
+    fleet.get_mut("n1").unwrap().online = true;
+    let mut r = d.rollout.clone();
+    succeed_all(&mut r, &d, T0 + 70 * SEC);
+    let d = step(&r, &fleet, T0 + 70 * SEC);
+    assert_eq!(d.rollout.state, RolloutState::Completed);
+    converged_when_back(&d.rollout, &fleet).unwrap();
+    assert_eq!(dispatched(&d), [("n1", TaskKind::Converge)]);
+    let again = step(&d.rollout, &fleet, T0 + 70 * SEC);
+    assert!(again.dispatch.is_empty() && !again.changed);
 }

@@ -10,8 +10,13 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use rollwave_api::{PushResponse, RolloutResponse, StartRollout, AGENT_CONNECT_PATH};
-use rollwave_core::{parse_version, validate_service_name, ArtifactFormat, NodeView, Release};
+use rollwave_api::{
+    Finalize, FinalizeResponse, PushResponse, RolloutResponse, ServiceSummary, StartRollout,
+    AGENT_CONNECT_PATH,
+};
+use rollwave_core::{
+    parse_version, validate_service_name, ArtifactFormat, NodeState, NodeView, Release,
+};
 use rollwave_store::PutRelease;
 use serde::Deserialize;
 
@@ -36,6 +41,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/rollouts/{id}", get(get_rollout))
         .route("/v1/plan", post(plan_rollout))
         .route("/v1/rollouts/{id}/{command}", post(rollout_command))
+        .route("/v1/services", get(list_services))
+        .route("/v1/services/{service}/finalize", post(finalize))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -56,8 +63,79 @@ async fn health(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
 }
 
 async fn list_nodes(State(shared): State<Arc<Shared>>) -> Json<Vec<NodeView>> {
-    let fleet = shared.fleet.lock().unwrap_or_else(|e| e.into_inner());
-    Json(fleet.values().cloned().collect())
+    let mut fleet = shared
+        .fleet
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let live = shared.live.lock().unwrap_or_else(|e| e.into_inner());
+    // What completed rollouts still want of the nodes they could not reach.
+    for r in live.values().filter(|r| r.converging()) {
+        for (name, n) in &r.nodes {
+            let converging = n.state == NodeState::Converging;
+            if n.state != NodeState::Unreachable && !converging {
+                continue;
+            }
+            let Some(s) = fleet
+                .get_mut(name)
+                .and_then(|v| v.services.get_mut(&r.spec.service))
+            else {
+                continue;
+            };
+            if s.version.as_deref() != Some(r.spec.version.as_str()) {
+                s.desired = Some(r.spec.version.clone());
+                s.converging = converging;
+            }
+        }
+    }
+    Json(fleet.into_values().collect())
+}
+
+/// Each service the fleet runs or has an active version for: its active
+/// version and how many nodes run each version.
+async fn list_services(State(shared): State<Arc<Shared>>) -> ApiResult<Json<Vec<ServiceSummary>>> {
+    let mut by: std::collections::BTreeMap<String, ServiceSummary> = Default::default();
+    for a in shared.store.list_active_versions().await? {
+        by.insert(
+            a.service.clone(),
+            ServiceSummary {
+                service: a.service.clone(),
+                active: Some(a),
+                running: Default::default(),
+            },
+        );
+    }
+    let fleet = shared
+        .fleet
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    for n in fleet.values() {
+        for (name, s) in &n.services {
+            let entry = by.entry(name.clone()).or_insert_with(|| ServiceSummary {
+                service: name.clone(),
+                active: None,
+                running: Default::default(),
+            });
+            let v = s.version.clone().unwrap_or_else(|| "none".into());
+            *entry.running.entry(v).or_default() += 1;
+        }
+    }
+    Ok(Json(by.into_values().collect()))
+}
+
+async fn finalize(
+    State(shared): State<Arc<Shared>>,
+    Path(service): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<FinalizeResponse>> {
+    let req: Finalize = if body.is_empty() {
+        Finalize::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("invalid finalize request: {e}")))?
+    };
+    Ok(Json(shared.reconciler.finalize(service, req.to).await?))
 }
 
 async fn list_releases(State(shared): State<Arc<Shared>>) -> ApiResult<Json<Vec<Release>>> {

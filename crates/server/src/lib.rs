@@ -42,6 +42,19 @@ pub(crate) struct Shared {
     pub reconciler: reconciler::Handle,
 }
 
+/// Every service's active version, as agents receive it.
+pub(crate) async fn active_versions(
+    shared: &Shared,
+) -> Result<std::collections::BTreeMap<String, String>, rollwave_store::StoreError> {
+    Ok(shared
+        .store
+        .list_active_versions()
+        .await?
+        .into_iter()
+        .map(|a| (a.service, a.version))
+        .collect())
+}
+
 pub(crate) fn now_ms() -> Timestamp {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

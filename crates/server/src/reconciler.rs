@@ -12,10 +12,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rollwave_api::{artifact_path, ArtifactRef, ServerMessage, Task, TaskAction};
+use rollwave_api::{artifact_path, ArtifactRef, FinalizeResponse, ServerMessage, Task, TaskAction};
 use rollwave_core::{
-    plan_batches, step, Dependency, NodeState, Release, Rollout, RolloutFile, RolloutState,
-    TaskKind, TaskOutcome, TaskRef,
+    check_downgrade, check_finalize, newest_running, plan_batches, step, validate_service_name,
+    ActiveVersion, Dependency, FinalizeError, NodeState, Release, Rollout, RolloutFile,
+    RolloutState, TaskKind, TaskOutcome, TaskRef,
 };
 use rollwave_store::StoreError;
 use tokio::sync::{mpsc, oneshot};
@@ -47,6 +48,12 @@ pub enum Event {
         id: u64,
         command: Command,
         reply: oneshot::Sender<Result<Rollout, ApiError>>,
+    },
+    /// Sets a service's active version once every node runs it or newer.
+    Finalize {
+        service: String,
+        to: Option<String>,
+        reply: oneshot::Sender<Result<FinalizeResponse, ApiError>>,
     },
     /// Plans a rollout against the fleet as it is now, storing nothing.
     Plan {
@@ -88,6 +95,17 @@ impl Handle {
     pub async fn plan(&self, file: RolloutFile) -> Result<Vec<Rollout>, ApiError> {
         let (reply, rx) = oneshot::channel();
         self.send(Event::Plan { file, reply });
+        rx.await
+            .unwrap_or_else(|_| Err(ApiError::internal("reconciler stopped")))
+    }
+
+    pub async fn finalize(
+        &self,
+        service: String,
+        to: Option<String>,
+    ) -> Result<FinalizeResponse, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Event::Finalize { service, to, reply });
         rx.await
             .unwrap_or_else(|_| Err(ApiError::internal("reconciler stopped")))
     }
@@ -225,6 +243,10 @@ impl Reconciler {
                 let result = self.plan(file, now).await;
                 let _ = reply.send(result);
             }
+            Event::Finalize { service, to, reply } => {
+                let result = self.finalize(&service, to, "finalize".into(), now).await;
+                let _ = reply.send(result);
+            }
             Event::Command { id, command, reply } => {
                 let result = self.command(id, command, now).await;
                 let _ = reply.send(result);
@@ -255,13 +277,34 @@ impl Reconciler {
     async fn start(&mut self, file: RolloutFile, now: u64) -> Result<Vec<Rollout>, ApiError> {
         let mut planned = self.plan(file, now).await?;
         for p in &planned {
+            let active = self
+                .shared
+                .store
+                .get_active_version(&p.spec.service)
+                .await?;
+            check_downgrade(&p.spec.service, &p.spec.version, active.as_ref())
+                .map_err(ApiError::conflict)?;
+        }
+        let mut superseded = Vec::new();
+        for p in &planned {
             let service = &p.spec.service;
-            if let Some(r) = self.active.values().find(|r| &r.spec.service == service) {
+            let same = self.active.values().filter(|r| &r.spec.service == service);
+            for r in same {
+                // A completed rollout waiting for offline nodes gives way:
+                // the new one sets the version they should reach.
+                if r.converging() && r.in_flight().next().is_none() {
+                    superseded.push(r.id);
+                    continue;
+                }
                 return Err(ApiError::conflict(format!(
                     "rollout {} of {} is {}: wait for it to finish, cancel it or roll it back first",
                     r.id,
                     r.spec.service,
-                    r.state.as_str()
+                    if r.converging() {
+                        "converging a node that came back"
+                    } else {
+                        r.state.as_str()
+                    }
                 )));
             }
         }
@@ -273,6 +316,13 @@ impl Reconciler {
         }
         for p in &mut planned {
             p.after = p.spec.depends_on.iter().map(|d| ids[d]).collect();
+        }
+        for old in superseded {
+            let Some(mut r) = self.active.get(&old).cloned() else {
+                continue;
+            };
+            r.supersede(ids[&r.spec.service], now);
+            self.save(r).await;
         }
         // All or none: a crash must not leave a dependent without the
         // rollout it waits for, or the reverse.
@@ -287,6 +337,60 @@ impl Reconciler {
             out.push(self.current(p.id).await?);
         }
         Ok(out)
+    }
+
+    /// Moves a service's active version, in one store write, then tells
+    /// every agent. Serialized with rollouts here, so that no rollout below
+    /// the new version can start in between.
+    async fn finalize(
+        &mut self,
+        service: &str,
+        to: Option<String>,
+        by: String,
+        now: u64,
+    ) -> Result<FinalizeResponse, ApiError> {
+        validate_service_name("service", service)?;
+        let fleet = self.fleet();
+        let version = match to {
+            Some(v) => v,
+            None => newest_running(service, &fleet)
+                .ok_or_else(|| ApiError::not_found(format!("no node runs service {service:?}")))?,
+        };
+        let current = self.shared.store.get_active_version(service).await?;
+        let changed =
+            check_finalize(service, &version, &fleet, current.as_ref()).map_err(|e| match e {
+                FinalizeError::Spec(e) => ApiError::from(e),
+                FinalizeError::NoNodes(_) => ApiError::not_found(e.to_string()),
+                FinalizeError::Behind { .. } | FinalizeError::Lower { .. } => {
+                    ApiError::conflict(e.to_string())
+                }
+            })?;
+        let previous = current.as_ref().map(|a| a.version.clone());
+        if !changed {
+            let active = current.expect("unchanged means it was set");
+            return Ok(FinalizeResponse {
+                active,
+                previous,
+                changed: false,
+            });
+        }
+        let active = ActiveVersion {
+            service: service.to_string(),
+            version: version.trim().to_string(),
+            set_at: now,
+            by,
+        };
+        self.shared.store.set_active_version(&active).await?;
+        tracing::info!(service, version = %active.version, previous = ?previous, by = %active.by, "active version set");
+        let active_versions = crate::active_versions(&self.shared).await?;
+        self.shared
+            .sessions
+            .broadcast(&ServerMessage::ActiveVersions { active_versions });
+        Ok(FinalizeResponse {
+            active,
+            previous,
+            changed: true,
+        })
     }
 
     /// The rollouts `r` depends on, as they are now.
@@ -351,6 +455,26 @@ impl Reconciler {
                 other.spec.service,
                 other.state.as_str()
             )));
+        }
+        if let Command::Rollback = command {
+            let active = self
+                .shared
+                .store
+                .get_active_version(&r.spec.service)
+                .await?;
+            let below: Vec<String> = r
+                .nodes
+                .values()
+                .filter_map(|n| n.from_version.clone())
+                .filter(|v| check_downgrade(&r.spec.service, v, active.as_ref()).is_err())
+                .collect();
+            if let Some(v) = below.first() {
+                let reason = check_downgrade(&r.spec.service, v, active.as_ref())
+                    .expect_err("filtered on refusal");
+                return Err(ApiError::conflict(format!(
+                    "rollout {id} cannot be rolled back: {reason}"
+                )));
+            }
         }
         let before = r.clone();
         match command {
@@ -456,7 +580,7 @@ impl Reconciler {
 
     async fn send_task(&mut self, r: &Rollout, node: &str, task: &TaskRef) {
         let action = match task.kind {
-            TaskKind::Upgrade | TaskKind::Stage => {
+            TaskKind::Upgrade | TaskKind::Stage | TaskKind::Converge => {
                 let release = match self.release(&r.spec.service, &r.spec.version).await {
                     Ok(Some(rel)) => rel,
                     Ok(None) => {
@@ -488,7 +612,12 @@ impl Reconciler {
             }
             TaskKind::Revert => TaskAction::Revert {
                 to_version: r.nodes.get(node).and_then(|n| n.from_version.clone()),
-                upgrade_task: r.task_id(node, TaskKind::Upgrade),
+                // The task that took the backup this revert restores.
+                upgrade_task: if r.nodes.get(node).is_some_and(|n| n.converged) {
+                    r.task_id(node, TaskKind::Converge)
+                } else {
+                    r.task_id(node, TaskKind::Upgrade)
+                },
                 healthy_deadline_ms: r.spec.healthy_deadline,
             },
         };

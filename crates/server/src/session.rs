@@ -42,6 +42,14 @@ impl Sessions {
         inner.get(node).is_some_and(|s| s.tx.send(msg).is_ok())
     }
 
+    /// Queues a message for every session.
+    pub fn broadcast(&self, msg: &ServerMessage) {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        for s in inner.values() {
+            let _ = s.tx.send(msg.clone());
+        }
+    }
+
     pub fn connected(&self) -> usize {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
@@ -135,7 +143,13 @@ async fn serve(shared: Arc<Shared>, socket: WebSocket) -> anyhow::Result<()> {
     };
     set_node(&shared, view).await;
     tracing::info!(node = %node, "agent connected");
-    let welcome = serde_json::to_string(&ServerMessage::Welcome { node: node.clone() })?;
+    // Read after registering: a finalize from now on also reaches this
+    // session's outbox, so the agent cannot miss a change.
+    let active_versions = crate::active_versions(&shared).await?;
+    let welcome = serde_json::to_string(&ServerMessage::Welcome {
+        node: node.clone(),
+        active_versions,
+    })?;
     sink.send(Message::Text(welcome.into())).await?;
     shared.reconciler.send(Event::AgentConnected(node.clone()));
 

@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 
 use rollwave_core::{
-    plan_batches, ArtifactFormat, Fleet, Health, NodeView, Release, Rollout, RolloutFile,
-    ServiceView, Timestamp,
+    plan_batches, ActiveVersion, ArtifactFormat, Fleet, Health, NodeView, Release, Rollout,
+    RolloutFile, ServiceView, Timestamp,
 };
 
 use crate::{PutRelease, Store, StoreError};
@@ -23,6 +23,39 @@ pub async fn test_suite(store: &dyn Store) {
     releases(store).await;
     rollout_ids(store).await;
     rollouts(store).await;
+    active_versions(store).await;
+}
+
+async fn active_versions(store: &dyn Store) {
+    assert_eq!(store.list_active_versions().await.unwrap(), vec![]);
+    assert_eq!(store.get_active_version("api").await.unwrap(), None);
+    let v = |service: &str, version: &str, at| ActiveVersion {
+        service: service.into(),
+        version: version.into(),
+        set_at: at,
+        by: "finalize".into(),
+    };
+    store
+        .set_active_version(&v("db", "1.0.0", 1))
+        .await
+        .unwrap();
+    store
+        .set_active_version(&v("api", "1.0.0", 2))
+        .await
+        .unwrap();
+    store
+        .set_active_version(&v("api", "2.0.0", 3))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_active_versions().await.unwrap(),
+        vec![v("api", "2.0.0", 3), v("db", "1.0.0", 1)],
+        "one per service, by name, the last write wins"
+    );
+    assert_eq!(
+        store.get_active_version("api").await.unwrap(),
+        Some(v("api", "2.0.0", 3))
+    );
 }
 
 /// A node running `api` at `version` (or not running it, if `None`), online.
@@ -45,6 +78,7 @@ pub fn node(name: &str, labels: &[(&str, &str)], version: Option<&str>) -> NodeV
                     Health::Stopped
                 },
                 staged: version.map(str::to_string).into_iter().collect(),
+                ..Default::default()
             },
         )]),
     }

@@ -7,7 +7,7 @@ pub mod conformance;
 mod sqlite;
 
 use async_trait::async_trait;
-use rollwave_core::{NodeView, Release, Rollout};
+use rollwave_core::{ActiveVersion, NodeView, Release, Rollout};
 
 pub use sqlite::SqliteStore;
 
@@ -52,6 +52,18 @@ pub trait Store: Send + Sync + 'static {
     async fn get_release(&self, service: &str, version: &str) -> Result<Option<Release>>;
     /// All releases ordered by service, then creation time.
     async fn list_releases(&self) -> Result<Vec<Release>>;
+
+    /// Sets a service's active version (the version gate) in one write.
+    async fn set_active_version(&self, active: &ActiveVersion) -> Result<()>;
+    /// Every service's active version, by service name.
+    async fn list_active_versions(&self) -> Result<Vec<ActiveVersion>>;
+    async fn get_active_version(&self, service: &str) -> Result<Option<ActiveVersion>> {
+        Ok(self
+            .list_active_versions()
+            .await?
+            .into_iter()
+            .find(|a| a.service == service))
+    }
 
     /// Allocates the next rollout id; ids are never reused, even after a crash.
     async fn next_rollout_id(&self) -> Result<u64>;

@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rollwave_core::{NodeView, Release, Rollout};
+use rollwave_core::{ActiveVersion, NodeView, Release, Rollout};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::{PutRelease, Result, Store, StoreError};
@@ -40,6 +40,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE counters (
         name TEXT PRIMARY KEY NOT NULL,
         value INTEGER NOT NULL
+    );",
+    "CREATE TABLE active_versions (
+        service TEXT PRIMARY KEY NOT NULL,
+        json TEXT NOT NULL
     );",
 ];
 
@@ -334,6 +338,43 @@ impl Store for SqliteStore {
         .map_err(self.backend("listing releases"))?;
         rows.iter()
             .map(|(service, version, json)| decode_release(service, version, json))
+            .collect()
+    }
+
+    async fn set_active_version(&self, active: &ActiveVersion) -> Result<()> {
+        let key = format!("active version of {}", active.service);
+        let json = encode(&key, active)?;
+        self.conn()
+            .execute(
+                "INSERT INTO active_versions (service, json) VALUES (?1, ?2)
+                 ON CONFLICT (service) DO UPDATE SET json = excluded.json",
+                params![active.service, json],
+            )
+            .map_err(self.backend(format_args!("storing {key}")))?;
+        Ok(())
+    }
+
+    async fn list_active_versions(&self) -> Result<Vec<ActiveVersion>> {
+        let conn = self.conn();
+        let rows = (|| {
+            let mut stmt =
+                conn.prepare_cached("SELECT service, json FROM active_versions ORDER BY service")?;
+            let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            rows.collect::<rusqlite::Result<Vec<(String, String)>>>()
+        })()
+        .map_err(self.backend("listing active versions"))?;
+        rows.iter()
+            .map(|(service, json)| {
+                let key = format!("active version of {service}");
+                let a: ActiveVersion = decode(&key, json)?;
+                if &a.service != service {
+                    return Err(StoreError::Corrupt {
+                        key,
+                        message: format!("the record names service {:?}", a.service),
+                    });
+                }
+                Ok(a)
+            })
             .collect()
     }
 

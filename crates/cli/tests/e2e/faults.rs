@@ -120,7 +120,7 @@ async fn tampered_artifact_is_refused_and_nothing_is_installed() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn offline_node_is_reported_unreachable_not_failed() {
+async fn an_offline_node_is_skipped_then_converges_when_it_returns() {
     let mut fleet = installed_fleet(3).await;
     push(&fleet, "2.0.0", true).await;
     // node-3's agent and service are gone before the rollout starts.
@@ -154,9 +154,11 @@ async fn offline_node_is_reported_unreachable_not_failed() {
         "{:#?}",
         r.events
     );
-    let r = wait_done(&fleet, r.id).await;
-    assert_eq!(r.state, RolloutState::Completed, "{r:#?}");
-    assert_eq!(r.nodes["node-3"].state, NodeState::Unreachable);
+    let r = wait_rollout(&fleet, r.id, "the rollout to complete", |r| {
+        r.state == RolloutState::Completed
+    })
+    .await;
+    assert_eq!(r.nodes["node-3"].state, NodeState::Unreachable, "{r:#?}");
     assert!(r.nodes["node-3"]
         .reason
         .as_deref()
@@ -164,6 +166,29 @@ async fn offline_node_is_reported_unreachable_not_failed() {
         .contains("offline"));
     assert_eq!(r.count(NodeState::Failed), 0);
     assert!(!r.fully_upgraded());
+    // The fleet's desired version is known for the node left behind.
+    let view = nodes(&fleet).await;
+    let behind = view.iter().find(|n| n.name == "node-3").unwrap();
+    assert_eq!(behind.services[SERVICE].desired.as_deref(), Some("2.0.0"));
+    let out = cli(&fleet.url(), &["nodes"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.starts_with("node-3")).unwrap();
+    assert!(line.contains("behind: 2.0.0"), "{text}");
+
+    // Back online, it converges: switched under the rollout's gate, once.
+    fleet.start_agent(2).unwrap();
+    let r = wait_done(&fleet, r.id).await;
+    assert_eq!(r.state, RolloutState::Completed);
+    assert!(r.fully_upgraded(), "{r:#?}");
+    assert!(
+        r.events
+            .iter()
+            .any(|e| e.node.as_deref() == Some("node-3") && e.message.contains("converg")),
+        "{:#?}",
+        r.events
+    );
+    assert_fleet_on(&fleet, "2.0.0").await;
+    assert_eq!(switches_to(&fleet.nodes[2].state_dir, "2.0.0"), 1);
 }
 
 /// Alive and not a zombie (PID 1 may not reap orphans here).

@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod faults;
+mod gate;
 mod handoff;
 mod harness;
 mod rollouts;

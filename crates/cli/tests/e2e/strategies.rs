@@ -340,3 +340,61 @@ depends_on = ["api"]
         "{err}"
     );
 }
+
+/// The moments upgrade tasks were sent, and the moment the last stage ended.
+fn phases(r: &Rollout) -> (Vec<u64>, u64) {
+    let starts: Vec<u64> = r
+        .events
+        .iter()
+        .filter(|e| e.message.starts_with("upgrade to"))
+        .map(|e| e.at)
+        .collect();
+    let staged = r
+        .events
+        .iter()
+        .filter(|e| e.message.starts_with("staged"))
+        .map(|e| e.at)
+        .max()
+        .unwrap_or(u64::MAX);
+    (starts, staged)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn all_at_once_stages_everywhere_then_switches_together_or_not_at_all() {
+    let fleet = installed_fleet(4).await;
+    let all_at_once = |s: &mut StrategyFile| {
+        s.kind = Some("all_at_once".into());
+        s.batch = None;
+        s.healthy_deadline = Some("5s".into());
+    };
+
+    push(&fleet, "2.0.0", true).await;
+    let r = start(&fleet, "2.0.0", all_at_once).await.unwrap();
+    assert_eq!(r.batches.len(), 1);
+    let r = wait_done(&fleet, r.id).await;
+    assert!(r.fully_upgraded(), "{r:#?}");
+    let (starts, staged) = phases(&r);
+    assert_eq!(starts.len(), 4, "{:#?}", r.events);
+    // Every switch was sent in one step, after every node had staged.
+    assert!(
+        starts.iter().all(|&t| t == starts[0] && t >= staged),
+        "{:#?}",
+        r.events
+    );
+    assert_fleet_on(&fleet, "2.0.0").await;
+
+    // node-3 fails its gate on 3.0.0: every node goes back to 2.0.0.
+    push_broken_on(&fleet, "3.0.0", &["node-3"]).await;
+    let r = start(&fleet, "3.0.0", all_at_once).await.unwrap();
+    let r = wait_done(&fleet, r.id).await;
+    assert_eq!(r.state, RolloutState::RolledBack, "{r:#?}");
+    assert_eq!(r.nodes["node-3"].state, NodeState::Failed);
+    assert_eq!(r.count(NodeState::RolledBack), 3, "{r:#?}");
+    assert!(r.reason.as_deref().unwrap().contains("node-3"), "{r:#?}");
+    let (starts, _) = phases(&r);
+    assert!(starts.iter().all(|&t| t == starts[0]), "{:#?}", r.events);
+    assert_fleet_on(&fleet, "2.0.0").await;
+    for node in &fleet.nodes {
+        assert_eq!(switches_to(&node.state_dir, "3.0.0"), 1, "{}", node.name);
+    }
+}
