@@ -212,6 +212,14 @@ pub struct StartArgs {
     /// any failure switches every node back.
     #[arg(long, conflicts_with_all = ["waves", "batch"])]
     pub all_at_once: bool,
+    /// Allow going to a version older than the nodes run (never below the
+    /// service's active version).
+    #[arg(long)]
+    pub downgrade: bool,
+    /// Once every node runs the new version, make it the service's active
+    /// version (as `rollwave finalize` does).
+    #[arg(long)]
+    pub auto_finalize: bool,
     /// Healthy nodes of the service, fleet-wide, that must always remain.
     #[arg(long)]
     pub min_healthy: Option<u32>,

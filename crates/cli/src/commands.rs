@@ -309,6 +309,7 @@ fn start_spec(args: &StartArgs) -> anyhow::Result<RolloutFile> {
         selector: args.selector.clone(),
         nodes: args.nodes.clone(),
         services: None,
+        downgrade: args.downgrade.then_some(true),
         strategy: StrategyFile {
             kind: if args.all_at_once {
                 Some("all_at_once".to_string())
@@ -328,6 +329,7 @@ fn start_spec(args: &StartArgs) -> anyhow::Result<RolloutFile> {
             progress_deadline: args.progress_deadline.clone(),
             max_failures: args.max_failures,
             auto_rollback: args.no_auto_rollback.then_some(false),
+            auto_finalize: args.auto_finalize.then_some(true),
         },
     };
     let file = base.merge(flags);

@@ -177,6 +177,7 @@ pub async fn start(
         selector: None,
         nodes: None,
         services: None,
+        downgrade: None,
         strategy: StrategyFile {
             batch: Some(batch.into()),
             min_healthy_time: Some(min_healthy_time.into()),

@@ -176,6 +176,7 @@ pub fn plan_batches(
         after: Vec::new(),
         dependencies_done: false,
         superseded_by: None,
+        finalized: None,
     };
     let down: Vec<String> = selected
         .iter()

@@ -207,6 +207,9 @@ pub struct Rollout {
     /// the nodes it could not reach.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub superseded_by: Option<u64>,
+    /// With `auto_finalize`: what finalizing at the end did (or why not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finalized: Option<String>,
 }
 
 /// A rollout another one depends on, as the executor sees it now.
@@ -317,6 +320,24 @@ impl Rollout {
         !self.state.is_terminal()
             || self.nodes.values().any(|n| n.state.in_flight())
             || self.converging()
+            || self.finalize_due()
+    }
+
+    /// Whether `auto_finalize` still has to run: the rollout completed and
+    /// converges nothing more.
+    pub fn finalize_due(&self) -> bool {
+        self.spec.auto_finalize
+            && self.state == RolloutState::Completed
+            && self.finalized.is_none()
+            && !self.converging()
+            && self.in_flight().next().is_none()
+    }
+
+    /// Records what `auto_finalize` did.
+    pub fn record_finalize(&mut self, outcome: String, now: Timestamp) {
+        self.event(now, None, outcome.clone());
+        self.finalized = Some(outcome);
+        self.updated_at = now;
     }
 
     /// Whether this completed rollout still brings nodes it could not reach

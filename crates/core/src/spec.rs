@@ -23,6 +23,9 @@ pub struct RolloutFile {
     /// each is rolled out with the same selector and strategy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub services: Option<Vec<ServiceFile>>,
+    /// Going to an older version than nodes run must be said explicitly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downgrade: Option<bool>,
     #[serde(default)]
     pub strategy: StrategyFile,
 }
@@ -58,6 +61,10 @@ pub struct StrategyFile {
     pub max_failures: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_rollback: Option<bool>,
+    /// Finalize (set the service's active version) once the rollout has
+    /// every node of the service on its version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_finalize: Option<bool>,
     /// `rolling` (the default), `canary` or `all_at_once`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
@@ -157,6 +164,12 @@ pub struct RolloutSpec {
     /// before this one starts.
     #[serde(default)]
     pub depends_on: Vec<String>,
+    /// Nodes may go to an older version than they run.
+    #[serde(default)]
+    pub downgrade: bool,
+    /// Set the service's active version once every node runs this version.
+    #[serde(default)]
+    pub auto_finalize: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,6 +208,7 @@ impl RolloutFile {
         self.selector = other.selector.or(self.selector);
         self.nodes = other.nodes.or(self.nodes);
         self.services = other.services.or(self.services);
+        self.downgrade = other.downgrade.or(self.downgrade);
         let t = &mut self.strategy;
         t.kind = s.kind.or(t.kind.take());
         t.waves = s.waves.or(t.waves.take());
@@ -210,6 +224,7 @@ impl RolloutFile {
         t.progress_deadline = s.progress_deadline.or(t.progress_deadline.take());
         t.max_failures = s.max_failures.or(t.max_failures);
         t.auto_rollback = s.auto_rollback.or(t.auto_rollback);
+        t.auto_finalize = s.auto_finalize.or(t.auto_finalize);
         self
     }
 
@@ -482,6 +497,8 @@ impl RolloutFile {
             auto_rollback: s.auto_rollback.unwrap_or(true),
             all_at_once,
             depends_on: Vec::new(),
+            downgrade: self.downgrade.unwrap_or(false),
+            auto_finalize: s.auto_finalize.unwrap_or(false),
         })
     }
 }
@@ -835,6 +852,17 @@ mod tests {
         let mut f = services(&[("db", &[])]);
         f.services.as_mut().unwrap()[0].version = None;
         assert_eq!(f.resolve_all().unwrap_err().field, "services[0].version");
+    }
+
+    #[test]
+    fn downgrade_and_auto_finalize_are_off_unless_asked() {
+        let spec = file("api", "1.0.0").resolve().unwrap();
+        assert!(!spec.downgrade && !spec.auto_finalize);
+        let mut f = file("api", "1.0.0");
+        f.downgrade = Some(true);
+        f.strategy.auto_finalize = Some(true);
+        let spec = f.resolve().unwrap();
+        assert!(spec.downgrade && spec.auto_finalize);
     }
 
     #[test]

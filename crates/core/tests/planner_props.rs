@@ -69,6 +69,7 @@ fn spec_of(strategy: StrategyFile) -> RolloutSpec {
         selector: None,
         nodes: None,
         services: None,
+        downgrade: None,
         strategy,
     }
     .resolve()
@@ -424,6 +425,7 @@ impl Case {
                 .as_ref()
                 .map(|ix| ix.iter().map(|&i| self.explicit_name(i)).collect()),
             services: None,
+            downgrade: None,
             strategy: StrategyFile {
                 kind,
                 batch,
@@ -445,6 +447,7 @@ impl Case {
                 progress_deadline: Some(format!("{}s", healthy_s + self.progress_extra_s)),
                 max_failures: Some(self.max_failures),
                 auto_rollback: Some(self.auto_rollback),
+                auto_finalize: None,
             },
         };
         if let KindGen::AllAtOnce {
@@ -2247,6 +2250,7 @@ fn all_at_once_keeps_min_healthy_nodes_serving_outside_the_selection() {
         selector: Some("rack=r1".into()),
         nodes: None,
         services: None,
+        downgrade: None,
         strategy: StrategyFile {
             kind: Some("all_at_once".into()),
             min_healthy: Some(min_healthy),

@@ -23,6 +23,32 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{now_ms, ApiError, Shared};
 
+/// Refuses a rollout that would take nodes to an older version than they
+/// run unless the request says `downgrade`.
+fn explicit_downgrade(r: &Rollout) -> Result<(), ApiError> {
+    let Ok(target) = semver::Version::parse(&r.spec.version) else {
+        return Ok(());
+    };
+    let newer: Vec<String> = r
+        .nodes
+        .iter()
+        .filter_map(|(name, n)| {
+            let from = n.from_version.as_deref()?;
+            let v = semver::Version::parse(from).ok()?;
+            (v > target).then(|| format!("{name} runs {from}"))
+        })
+        .collect();
+    if newer.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::bad_request(format!(
+        "downgrade: {}@{} is older than what nodes run ({}): say so with --downgrade (downgrade = true)",
+        r.spec.service,
+        r.spec.version,
+        newer.join(", ")
+    )))
+}
+
 /// Even with nothing to wake for, look again this often: a cheap backstop.
 const MAX_SLEEP: Duration = Duration::from_secs(5);
 
@@ -284,6 +310,9 @@ impl Reconciler {
                 .await?;
             check_downgrade(&p.spec.service, &p.spec.version, active.as_ref())
                 .map_err(ApiError::conflict)?;
+            if !p.spec.downgrade {
+                explicit_downgrade(p)?;
+            }
         }
         let mut superseded = Vec::new();
         for p in &planned {
@@ -515,6 +544,27 @@ impl Reconciler {
             let Some(r) = self.active.get(&id) else {
                 continue;
             };
+            if r.finalize_due() {
+                let mut r = r.clone();
+                let outcome = match self
+                    .finalize(
+                        &r.spec.service,
+                        Some(r.spec.version.clone()),
+                        format!("rollout {id}"),
+                        now,
+                    )
+                    .await
+                {
+                    Ok(f) => format!(
+                        "finalized: the active version of {} is {}",
+                        r.spec.service, f.active.version
+                    ),
+                    Err(e) => format!("not finalized: {}", e.message),
+                };
+                r.record_finalize(outcome, now);
+                self.save(r).await;
+                continue;
+            }
             if r.blocked() {
                 let deps = self.dependencies(r).await;
                 let mut held = r.clone();

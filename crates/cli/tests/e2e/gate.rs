@@ -12,7 +12,16 @@ async fn roll(
     version: &str,
     nodes: &[&str],
 ) -> anyhow::Result<Rollout> {
-    let spec = RolloutFile {
+    roll_with(fleet, version, nodes, |_| {}).await
+}
+
+async fn roll_with(
+    fleet: &rollwave::fleet::Fleet,
+    version: &str,
+    nodes: &[&str],
+    f: impl FnOnce(&mut RolloutFile),
+) -> anyhow::Result<Rollout> {
+    let mut spec = RolloutFile {
         service: Some(SERVICE.into()),
         version: Some(version.into()),
         nodes: (!nodes.is_empty()).then(|| nodes.iter().map(|n| n.to_string()).collect()),
@@ -23,6 +32,7 @@ async fn roll(
         },
         ..Default::default()
     };
+    f(&mut spec);
     let r = start_file(fleet, spec).await?.remove(0);
     let r = wait_done(fleet, r.id).await;
     assert!(r.fully_upgraded(), "{r:#?}");
@@ -41,8 +51,19 @@ async fn finalize_waits_for_every_node_then_reaches_every_service() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("node-3 runs 1.0.0"), "{err}");
 
-    // Before any finalize, going back down is allowed.
-    roll(&fleet, "1.0.0", &["node-2"]).await.unwrap();
+    // Before any finalize, going back down is allowed, when said so.
+    let err = roll(&fleet, "1.0.0", &["node-2"])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("older than what nodes run (node-2 runs 2.0.0)")
+            && err.contains("--downgrade"),
+        "{err}"
+    );
+    roll_with(&fleet, "1.0.0", &["node-2"], |f| f.downgrade = Some(true))
+        .await
+        .unwrap();
     let up = roll(&fleet, "2.0.0", &["node-2", "node-3"]).await.unwrap();
 
     let out = cli(&fleet.url(), &["finalize", "api"]);
@@ -82,7 +103,7 @@ async fn finalize_waits_for_every_node_then_reaches_every_service() {
 
     // Now the data may use 2.0.0's format: no way back below it, neither by
     // a new rollout nor by rolling the last one back.
-    let err = roll(&fleet, "1.0.0", &["node-1"])
+    let err = roll_with(&fleet, "1.0.0", &["node-1"], |f| f.downgrade = Some(true))
         .await
         .unwrap_err()
         .to_string();
@@ -119,4 +140,32 @@ async fn finalize_waits_for_every_node_then_reaches_every_service() {
         &["logs", &up.id.to_string(), "--node", "node-9"],
     );
     assert_eq!(out.status.code(), Some(2));
+
+    // A rollout with auto_finalize moves the gate itself once every node
+    // runs its version.
+    push(&fleet, "3.0.0", true).await;
+    let r = roll_with(&fleet, "3.0.0", &[], |f| {
+        f.strategy.auto_finalize = Some(true)
+    })
+    .await
+    .unwrap();
+    let r = wait_done(&fleet, r.id).await;
+    assert_eq!(
+        r.finalized.as_deref(),
+        Some("finalized: the active version of api is 3.0.0")
+    );
+    for node in &fleet.nodes {
+        let url = format!("http://127.0.0.1:{}/active-version", node.port);
+        wait_until(
+            &format!("{} to see active version 3.0.0", node.name),
+            || {
+                let url = url.clone();
+                async move {
+                    let body = reqwest::get(&url).await.ok()?.text().await.ok()?;
+                    (body.trim() == "3.0.0").then_some(())
+                }
+            },
+        )
+        .await;
+    }
 }

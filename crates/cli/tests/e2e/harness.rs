@@ -126,6 +126,7 @@ pub async fn start(
         selector: None,
         nodes: None,
         services: None,
+        downgrade: None,
         strategy,
     };
     let resp: RolloutResponse = fleet
