@@ -5,14 +5,21 @@
 //! task received again is answered from the journal when it has finished, and
 //! resumed when it was cut short (agent killed): each step checks what is
 //! already done, so nothing is done twice and nothing is skipped.
+//!
+//! Hooks are the exception: they run at least once. A task cut short while
+//! its `pre_node` hooks run runs them again; once they have all passed that is
+//! journaled, and they never run again for the task (the node may have changed
+//! since). `post_node` hooks run again if the task is resumed before its result
+//! is journaled.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use rollwave_api::{AgentMessage, ArtifactRef, Task, TaskAction, TaskOutcome};
-use rollwave_core::{format_duration, Health};
+use rollwave_core::{format_duration, Health, Hook, OnError};
+use rollwave_hooks::HookContext;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -27,6 +34,9 @@ struct Journal {
     task: Task,
     /// The version `current` pointed at when the task first ran.
     previous: Option<String>,
+    /// Every `pre_node` hook passed (or failed with `on_error = continue`).
+    #[serde(default)]
+    pre_node_done: bool,
     done: Option<TaskOutcome>,
 }
 
@@ -59,6 +69,10 @@ pub struct Executor {
     outbox: mpsc::UnboundedSender<AgentMessage>,
     /// Signals that staged releases changed.
     changed: Arc<Notify>,
+    /// For http hooks: one client, so connections to a webhook are reused.
+    hooks_client: reqwest::Client,
+    /// This node's name, told to hooks (see [`Executor::set_node`]).
+    node: OnceLock<String>,
 }
 
 impl Executor {
@@ -70,6 +84,12 @@ impl Executor {
         outbox: mpsc::UnboundedSender<AgentMessage>,
         changed: Arc<Notify>,
     ) -> Arc<Self> {
+        let hooks_client = rollwave_hooks::client().unwrap_or_else(|e| {
+            // The agent's own client differs only in its read timeout, which
+            // a hook's timeout makes moot.
+            tracing::warn!(error = %e, "building the webhook client; using the download client");
+            client.clone()
+        });
         Arc::new(Executor {
             state_dir,
             server,
@@ -78,7 +98,16 @@ impl Executor {
             running: Mutex::new(HashSet::new()),
             outbox,
             changed,
+            hooks_client,
+            node: OnceLock::new(),
         })
+    }
+
+    /// Tells the executor the node's name, for hooks (`ROLLWAVE_NODE` and
+    /// the event's `node`); until it is set, hooks are not told. Only the
+    /// first call counts.
+    pub fn set_node(&self, node: &str) {
+        let _ = self.node.set(node.to_string());
     }
 
     fn journal_path(&self, id: &str) -> PathBuf {
@@ -170,6 +199,7 @@ impl Executor {
             None => Journal {
                 task: task.clone(),
                 previous: svc.dirs.current_version(),
+                pre_node_done: false,
                 done: None,
             },
         };
@@ -184,15 +214,21 @@ impl Executor {
                 artifact,
                 min_healthy_time_ms,
                 healthy_deadline_ms,
+                pre_node,
+                post_node,
             } => {
                 self.upgrade(
                     &task,
                     &svc,
-                    journal.previous.as_deref(),
+                    &mut journal,
                     version,
                     artifact,
                     *min_healthy_time_ms,
                     *healthy_deadline_ms,
+                    NodeHooks {
+                        pre: pre_node,
+                        post: post_node,
+                    },
                 )
                 .await
             }
@@ -229,14 +265,32 @@ impl Executor {
         &self,
         task: &Task,
         svc: &Service,
-        previous: Option<&str>,
+        journal: &mut Journal,
         version: &str,
         art: &ArtifactRef,
         min_healthy_ms: u64,
         deadline_ms: u64,
+        hooks: NodeHooks<'_>,
     ) -> TaskOutcome {
+        let previous = journal.previous.clone();
+        let previous = previous.as_deref();
         if let Err(reason) = self.stage(task, svc, version, art).await {
             return TaskOutcome::Failed { reason };
+        }
+        // After staging, so that a node whose artifact cannot be installed
+        // never runs them; before the switch, so that a failure leaves the
+        // node untouched.
+        if !journal.pre_node_done && !hooks.pre.is_empty() {
+            let ran = self
+                .run_hooks(task, svc, "pre_node", hooks.pre, previous, version)
+                .await;
+            if let Err(reason) = ran {
+                return TaskOutcome::Failed { reason };
+            }
+            journal.pre_node_done = true;
+            if let Err(reason) = self.write_journal(journal) {
+                return TaskOutcome::Failed { reason };
+            }
         }
         let deadline = Instant::now() + Duration::from_millis(deadline_ms);
         self.phase(task, "switching");
@@ -248,6 +302,14 @@ impl Executor {
                 self.phase(task, &format!("serving after {}ms", took.as_millis()));
                 self.phase(task, "gating");
                 gate(svc, version, min_healthy_ms, deadline).await
+            }
+            Err(e) => Err(e),
+        };
+        // A failed post_node hook is a failed gate: the node goes back.
+        let result = match result {
+            Ok(()) => {
+                self.run_hooks(task, svc, "post_node", hooks.post, previous, version)
+                    .await
             }
             Err(e) => Err(e),
         };
@@ -368,6 +430,90 @@ impl Executor {
         }
     }
 
+    /// Runs `hooks` in order, each announced by a phase and reported by
+    /// another (which is how their output reaches the rollout's execution
+    /// log). Fails with the task's reason at the first that fails with
+    /// `on_error = fail`.
+    async fn run_hooks(
+        &self,
+        task: &Task,
+        svc: &Service,
+        which: &str,
+        hooks: &[Hook],
+        previous: Option<&str>,
+        version: &str,
+    ) -> Result<(), String> {
+        if hooks.is_empty() {
+            return Ok(());
+        }
+        let ctx = self.hook_context(task, svc, which, previous, version);
+        for hook in hooks {
+            // Named, not described: a webhook's URL may hold its secret.
+            self.phase(task, &format!("hook {} running", hook.name));
+            let report = rollwave_hooks::run(hook, &ctx, &self.hooks_client).await;
+            let summary = report.summary();
+            match (report.error, hook.on_error) {
+                (None, _) => self.phase(task, &summary),
+                (Some(_), OnError::Continue) => {
+                    self.phase(task, &format!("{summary}; going on (on_error = continue)"))
+                }
+                (Some(error), OnError::Fail) => {
+                    self.phase(task, &summary);
+                    return Err(format!("{which} hook {} failed: {error}", hook.name));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn hook_context(
+        &self,
+        task: &Task,
+        svc: &Service,
+        which: &str,
+        previous: Option<&str>,
+        version: &str,
+    ) -> HookContext {
+        let node = self.node.get();
+        let service = &svc.config.name;
+        let release = svc.dirs.release(version);
+        let mut env = BTreeMap::from([
+            ("ROLLWAVE_HOOK", which.to_string()),
+            ("ROLLWAVE_ROLLOUT", task.rollout.to_string()),
+            ("ROLLWAVE_TASK", task.id.clone()),
+            ("ROLLWAVE_SERVICE", service.clone()),
+            ("ROLLWAVE_VERSION", version.to_string()),
+            (
+                "ROLLWAVE_FROM_VERSION",
+                previous.unwrap_or_default().to_string(),
+            ),
+            ("ROLLWAVE_RELEASE_DIR", release.display().to_string()),
+        ]);
+        if let Some(node) = node {
+            env.insert("ROLLWAVE_NODE", node.clone());
+        }
+        let message = format!(
+            "{which} hook of rollout {}: {service} {} -> {version} on {}",
+            task.rollout,
+            previous.unwrap_or("nothing"),
+            node.map_or("this node", String::as_str)
+        );
+        HookContext {
+            env: env.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            event: serde_json::json!({
+                "hook": which,
+                "rollout": task.rollout,
+                "task": task.id,
+                "node": node,
+                "service": service,
+                "version": version,
+                "from_version": previous,
+                "message": message,
+            }),
+            dir: None,
+        }
+    }
+
     async fn stage(
         &self,
         task: &Task,
@@ -425,6 +571,14 @@ impl Executor {
             Err(reason) => TaskOutcome::Failed { reason },
         }
     }
+}
+
+/// The hooks of an upgrade.
+struct NodeHooks<'a> {
+    /// Run after staging, before anything on the node changes.
+    pre: &'a [Hook],
+    /// Run once the new version passed its health gate.
+    post: &'a [Hook],
 }
 
 /// What a switch does with the service's backup paths.
@@ -592,3 +746,314 @@ pub fn snapshot(
 }
 
 pub type Services = BTreeMap<String, Arc<Service>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use rollwave_api::ArtifactFormat;
+    use rollwave_core::HookAction;
+
+    use crate::supervisor::testing::{shell_service, PATIENCE};
+
+    /// Stands in for the artifact's hash: 2.0.0 is staged ahead, as if by a
+    /// stage task, so no control plane is needed to download it.
+    const SHA: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+    /// A node running service `api` 1.0.0 (backing up `data`) with 2.0.0
+    /// staged, and its executor.
+    struct Node {
+        tmp: tempfile::TempDir,
+        svc: Arc<Service>,
+        executor: Arc<Executor>,
+        outbox: mpsc::UnboundedReceiver<AgentMessage>,
+        data: PathBuf,
+    }
+
+    impl Node {
+        async fn start() -> Node {
+            let tmp = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(tmp.path().join("tasks")).unwrap();
+            let data = tmp.path().join("data");
+            std::fs::write(&data, "v1 data\n").unwrap();
+            // Bounded, so a failed test leaves no process behind for long.
+            let script = "i=0; while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done";
+            let mut s = shell_service(tmp.path(), "api", script, None).installed();
+            s.config.backup = vec![data.clone()];
+            std::fs::create_dir_all(s.dirs.release("2.0.0")).unwrap();
+            s.dirs.mark_staged("2.0.0", SHA).unwrap();
+            let svc = Arc::new(s.start());
+            let (tx, outbox) = mpsc::unbounded_channel();
+            let executor = Executor::new(
+                tmp.path().to_path_buf(),
+                "http://127.0.0.1:9".into(),
+                reqwest::Client::new(),
+                BTreeMap::from([("api".to_string(), svc.clone())]),
+                tx,
+                Arc::new(Notify::new()),
+            );
+            executor.set_node("n1");
+            let node = Node {
+                tmp,
+                svc,
+                executor,
+                outbox,
+                data,
+            };
+            node.wait_running("1.0.0").await;
+            node
+        }
+
+        /// The pid of the healthy process running `version`, once there is one.
+        async fn wait_running(&self, version: &str) -> u32 {
+            let mut status = self.svc.supervisor.status();
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                let s = status.borrow_and_update().clone();
+                if let (Some(pid), Some(v), Health::Healthy) = (s.pid, &s.version, s.health) {
+                    if v == version {
+                        return pid;
+                    }
+                }
+                assert!(Instant::now() < deadline, "{version} not running: {s:?}");
+                let _ = tokio::time::timeout(Duration::from_millis(100), status.changed()).await;
+            }
+        }
+
+        /// Submits `task` and returns its phases and outcome.
+        async fn run(&mut self, task: Task) -> (Vec<String>, TaskOutcome) {
+            let id = task.id.clone();
+            self.executor.submit(task);
+            let mut phases = Vec::new();
+            loop {
+                let msg = tokio::time::timeout(PATIENCE, self.outbox.recv())
+                    .await
+                    .expect("no task result")
+                    .unwrap();
+                match msg {
+                    AgentMessage::TaskPhase { task_id, phase } if task_id == id => {
+                        phases.push(phase)
+                    }
+                    AgentMessage::TaskResult { task_id, outcome } if task_id == id => {
+                        return (phases, outcome)
+                    }
+                    _ => {}
+                }
+            }
+        }
+
+        fn path(&self, name: &str) -> String {
+            self.tmp.path().join(name).display().to_string()
+        }
+
+        fn current(&self) -> String {
+            self.svc.dirs.current_link().display().to_string()
+        }
+    }
+
+    fn upgrade(id: &str, pre_node: Vec<Hook>, post_node: Vec<Hook>) -> Task {
+        Task {
+            id: id.into(),
+            rollout: 7,
+            service: "api".into(),
+            action: TaskAction::Upgrade {
+                version: "2.0.0".into(),
+                artifact: ArtifactRef {
+                    path: "/v1/releases/api/2.0.0/artifact".into(),
+                    sha256: SHA.into(),
+                    size: 0,
+                    format: ArtifactFormat::Executable,
+                },
+                min_healthy_time_ms: 0,
+                healthy_deadline_ms: 20_000,
+                pre_node,
+                post_node,
+            },
+        }
+    }
+
+    fn sh(name: &str, script: &str, on_error: OnError) -> Hook {
+        Hook {
+            name: name.into(),
+            action: HookAction::Exec {
+                command: vec!["sh".into(), "-c".into(), script.into()],
+            },
+            timeout: 20_000,
+            retries: 0,
+            on_error,
+        }
+    }
+
+    fn position(phases: &[String], wanted: impl Fn(&str) -> bool) -> usize {
+        phases
+            .iter()
+            .position(|p| wanted(p))
+            .unwrap_or_else(|| panic!("no such phase in {phases:?}"))
+    }
+
+    #[tokio::test]
+    async fn failed_pre_node_hook_fails_the_task_with_the_node_untouched() {
+        let mut node = Node::start().await;
+        let pid = node.wait_running("1.0.0").await;
+        let env = node.path("env");
+        let script =
+            format!("env | grep '^ROLLWAVE_' | sort > {env}; echo 'not today' >&2; exit 3");
+        let pre = vec![sh("hooks.pre_node[0]", &script, OnError::Fail)];
+        let (phases, outcome) = node.run(upgrade("r7-up-n1", pre, Vec::new())).await;
+
+        assert_eq!(
+            outcome,
+            TaskOutcome::Failed {
+                reason: "pre_node hook hooks.pre_node[0] failed: exited 3".into()
+            }
+        );
+        assert_eq!(phases.len(), 2, "{phases:?}");
+        assert_eq!(phases[0], "hook hooks.pre_node[0] running");
+        assert!(
+            phases[1].starts_with("hook hooks.pre_node[0] failed: exited 3 in "),
+            "{phases:?}"
+        );
+        assert!(phases[1].ends_with(": not today"), "{phases:?}");
+
+        // Nothing stopped, switched or backed up.
+        assert_eq!(node.svc.dirs.current_version().as_deref(), Some("1.0.0"));
+        let s = node.svc.supervisor.status().borrow().clone();
+        assert_eq!((s.pid, s.version.as_deref()), (Some(pid), Some("1.0.0")));
+        assert!(!node.svc.dirs.backups().join("r7-up-n1").exists());
+        assert!(!node.svc.dirs.history().exists());
+
+        let env = std::fs::read_to_string(&env).unwrap();
+        let release = node.svc.dirs.release("2.0.0");
+        for line in [
+            "ROLLWAVE_HOOK=pre_node".to_string(),
+            "ROLLWAVE_ROLLOUT=7".to_string(),
+            "ROLLWAVE_TASK=r7-up-n1".to_string(),
+            "ROLLWAVE_NODE=n1".to_string(),
+            "ROLLWAVE_SERVICE=api".to_string(),
+            "ROLLWAVE_VERSION=2.0.0".to_string(),
+            "ROLLWAVE_FROM_VERSION=1.0.0".to_string(),
+            format!("ROLLWAVE_RELEASE_DIR={}", release.display()),
+        ] {
+            assert!(env.lines().any(|l| l == line), "{line} not in {env}");
+        }
+        node.svc.supervisor.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn failed_post_node_hook_rolls_back_and_restores_the_backup() {
+        let mut node = Node::start().await;
+        let (data, seen, current) = (node.data.clone(), node.path("seen"), node.current());
+        let pre = vec![
+            sh("hooks.pre_node[0]", "echo flaky; exit 1", OnError::Continue),
+            sh("hooks.pre_node[1]", "true", OnError::Fail),
+        ];
+        let post = vec![sh(
+            "hooks.post_node[0]",
+            &format!(
+                "readlink {current} > {seen}; echo 'v2 data' > {}; echo 'smoke test failed'; exit 4",
+                data.display()
+            ),
+            OnError::Fail,
+        )];
+        let (phases, outcome) = node.run(upgrade("r7-up-n1", pre, post)).await;
+
+        assert_eq!(
+            outcome,
+            TaskOutcome::Failed {
+                reason: "post_node hook hooks.post_node[0] failed: exited 4; rolled back to 1.0.0"
+                    .into()
+            }
+        );
+        // It ran against the new version, which is gone again with its data.
+        assert_eq!(std::fs::read_to_string(&seen).unwrap(), "releases/2.0.0\n");
+        assert_eq!(node.svc.dirs.current_version().as_deref(), Some("1.0.0"));
+        node.wait_running("1.0.0").await;
+        assert_eq!(std::fs::read_to_string(&data).unwrap(), "v1 data\n");
+
+        let went_on = position(&phases, |p| {
+            p.starts_with("hook hooks.pre_node[0] failed: exited 1 in ")
+                && p.ends_with(": flaky; going on (on_error = continue)")
+        });
+        let passed = position(&phases, |p| {
+            p.starts_with("hook hooks.pre_node[1] exited 0 in ")
+        });
+        let switching = position(&phases, |p| p == "switching");
+        let gating = position(&phases, |p| p == "gating");
+        let post_running = position(&phases, |p| p == "hook hooks.post_node[0] running");
+        let post_failed = position(&phases, |p| {
+            p.starts_with("hook hooks.post_node[0] failed: exited 4 in ")
+                && p.ends_with(": smoke test failed")
+        });
+        let rolling_back = position(&phases, |p| p == "rolling_back");
+        assert!(
+            went_on < passed
+                && passed < switching
+                && gating < post_running
+                && post_running < post_failed
+                && post_failed < rolling_back,
+            "{phases:?}"
+        );
+        node.svc.supervisor.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn hooks_run_around_the_switch_and_not_again_for_a_done_task() {
+        let mut node = Node::start().await;
+        let (log, current) = (node.path("log"), node.current());
+        let script = format!("echo \"$ROLLWAVE_HOOK $(readlink {current})\" >> {log}");
+        let task = upgrade(
+            "r7-up-n1",
+            vec![sh("hooks.pre_node[0]", &script, OnError::Fail)],
+            vec![sh("hooks.post_node[0]", &script, OnError::Fail)],
+        );
+        let (phases, outcome) = node.run(task.clone()).await;
+        assert_eq!(outcome, TaskOutcome::Succeeded, "{phases:?}");
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "pre_node releases/1.0.0\npost_node releases/2.0.0\n"
+        );
+        assert_eq!(phases[0], "hook hooks.pre_node[0] running");
+        assert!(
+            phases[1].starts_with("hook hooks.pre_node[0] exited 0 in "),
+            "{phases:?}"
+        );
+        assert_eq!(phases[2], "switching");
+        assert_eq!(phases[phases.len() - 2], "hook hooks.post_node[0] running");
+        assert!(
+            phases[phases.len() - 1].starts_with("hook hooks.post_node[0] exited 0 in "),
+            "{phases:?}"
+        );
+        node.wait_running("2.0.0").await;
+
+        // Received again: answered from the journal, no hook run.
+        let (phases, outcome) = node.run(task).await;
+        assert_eq!((phases, outcome), (Vec::new(), TaskOutcome::Succeeded));
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "pre_node releases/1.0.0\npost_node releases/2.0.0\n"
+        );
+        node.svc.supervisor.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_resumed_task_does_not_rerun_pre_node_hooks_that_passed() {
+        let mut node = Node::start().await;
+        // Would fail the task if it ran again.
+        let pre = vec![sh("hooks.pre_node[0]", "exit 1", OnError::Fail)];
+        let task = upgrade("r7-up-n1", pre, Vec::new());
+        // As journaled by an agent killed right after the hooks passed.
+        node.executor
+            .write_journal(&Journal {
+                task: task.clone(),
+                previous: Some("1.0.0".into()),
+                pre_node_done: true,
+                done: None,
+            })
+            .unwrap();
+        let (phases, outcome) = node.run(task).await;
+        assert_eq!(outcome, TaskOutcome::Succeeded, "{phases:?}");
+        assert!(!phases.iter().any(|p| p.contains("hook")), "{phases:?}");
+        node.wait_running("2.0.0").await;
+        node.svc.supervisor.stop().await.unwrap();
+    }
+}

@@ -79,6 +79,7 @@ pub async fn run(
         outbox_tx,
         changed.clone(),
     );
+    executor.set_node(&config.node);
     let endpoint = local::router(
         services
             .iter()

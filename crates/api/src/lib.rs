@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use rollwave_core::{
-    ActiveVersion, ArtifactFormat, NodeView, Release, Rollout, RolloutFile, ServiceView,
-    TaskOutcome,
+    ActiveVersion, ArtifactFormat, Hook, HookReport, NodeView, Release, Rollout, RolloutFile,
+    ServiceView, TaskOutcome,
 };
 
 /// Bumped on any incompatible change to [`AgentMessage`] or [`ServerMessage`].
@@ -83,6 +83,14 @@ pub enum TaskAction {
         artifact: ArtifactRef,
         min_healthy_time_ms: u64,
         healthy_deadline_ms: u64,
+        /// Run before anything on the node changes (after staging); a
+        /// failure (with `on_error = "fail"`) fails the node untouched.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pre_node: Vec<Hook>,
+        /// Run once the new version passed its health gate; a failure (with
+        /// `on_error = "fail"`) fails the node, which goes back.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        post_node: Vec<Hook>,
     },
     /// Download, verify and unpack `version` ahead of the node's turn,
     /// switching nothing.

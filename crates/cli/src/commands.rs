@@ -310,6 +310,7 @@ fn start_spec(args: &StartArgs) -> anyhow::Result<RolloutFile> {
         nodes: args.nodes.clone(),
         services: None,
         downgrade: args.downgrade.then_some(true),
+        hooks: None,
         strategy: StrategyFile {
             kind: if args.all_at_once {
                 Some("all_at_once".to_string())

@@ -178,6 +178,7 @@ pub async fn start(
         nodes: None,
         services: None,
         downgrade: None,
+        hooks: None,
         strategy: StrategyFile {
             batch: Some(batch.into()),
             min_healthy_time: Some(min_healthy_time.into()),

@@ -9,6 +9,7 @@ mod duration;
 mod error;
 mod fleet;
 mod gate;
+mod hooks;
 pub mod invariants;
 mod planner;
 mod rollout;
@@ -20,10 +21,13 @@ pub use duration::{format_duration, parse_duration, Span};
 pub use error::SpecError;
 pub use fleet::{Fleet, Health, NodeView, ServiceView};
 pub use gate::{check_downgrade, check_finalize, newest_running, ActiveVersion, FinalizeError};
+pub use hooks::{
+    Hook, HookAction, HookFile, HookReport, Hooks, HooksFile, OnError, DEFAULT_HOOK_TIMEOUT,
+};
 pub use planner::{plan_batches, step, Decision, Dispatch};
 pub use rollout::{
-    CommandError, Dependency, NodeProgress, NodeState, Rollout, RolloutEvent, RolloutState,
-    TaskKind, TaskOutcome, TaskRef,
+    CommandError, Dependency, HookStage, NodeProgress, NodeState, Rollout, RolloutEvent,
+    RolloutState, TaskKind, TaskOutcome, TaskRef,
 };
 pub use selector::Selector;
 pub use spec::{

@@ -177,6 +177,8 @@ pub fn plan_batches(
         dependencies_done: false,
         superseded_by: None,
         finalized: None,
+        pre_rollout_done: false,
+        end_hooks_done: false,
     };
     let down: Vec<String> = selected
         .iter()

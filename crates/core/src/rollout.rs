@@ -210,6 +210,20 @@ pub struct Rollout {
     /// With `auto_finalize`: what finalizing at the end did (or why not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finalized: Option<String>,
+    /// The `pre_rollout` hooks have run and passed: nodes may change.
+    #[serde(default)]
+    pub pre_rollout_done: bool,
+    /// The hooks of the end (`post_rollout`, then `on_success` or
+    /// `on_failure`) have run.
+    #[serde(default)]
+    pub end_hooks_done: bool,
+}
+
+/// Which hooks of a rollout run now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HookStage {
+    PreRollout,
+    End,
 }
 
 /// A rollout another one depends on, as the executor sees it now.
@@ -321,6 +335,75 @@ impl Rollout {
             || self.nodes.values().any(|n| n.state.in_flight())
             || self.converging()
             || self.finalize_due()
+            || self.end_hooks_due()
+    }
+
+    /// Whether the `pre_rollout` hooks must run before anything starts.
+    pub fn pre_rollout_due(&self) -> bool {
+        !self.spec.hooks.pre_rollout.is_empty()
+            && !self.pre_rollout_done
+            && self.state == RolloutState::Running
+    }
+
+    /// Whether the hooks of the end must run: the rollout ended, with
+    /// nothing in flight, and they have not run.
+    pub fn end_hooks_due(&self) -> bool {
+        !self.end_hooks_done && self.settled() && !self.end_hooks().is_empty()
+    }
+
+    /// The hooks of the end, in order: `post_rollout`, then `on_success` for
+    /// a completed rollout or `on_failure` for one that failed or was rolled
+    /// back (a cancelled one gets only `post_rollout`).
+    pub fn end_hooks(&self) -> Vec<crate::Hook> {
+        let h = &self.spec.hooks;
+        let mut out = h.post_rollout.clone();
+        match self.state {
+            RolloutState::Completed => out.extend(h.on_success.iter().cloned()),
+            RolloutState::Failed | RolloutState::RolledBack => {
+                out.extend(h.on_failure.iter().cloned())
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// Records how a stage of hooks ran. A failed `pre_rollout` hook (with
+    /// `on_error = "fail"`) fails the rollout before any node changed.
+    pub fn record_hooks(
+        &mut self,
+        stage: HookStage,
+        reports: &[crate::HookReport],
+        now: Timestamp,
+    ) {
+        for r in reports {
+            self.event(now, None, r.summary());
+        }
+        let failed = reports
+            .iter()
+            .zip(match stage {
+                HookStage::PreRollout => self.spec.hooks.pre_rollout.clone(),
+                HookStage::End => self.end_hooks(),
+            })
+            .find(|(r, h)| !r.ok && h.on_error == crate::OnError::Fail)
+            .map(|(r, _)| r.clone());
+        match stage {
+            HookStage::PreRollout => {
+                if let Some(f) = failed {
+                    let reason = format!(
+                        "pre_rollout hook {} failed ({}): no node was changed",
+                        f.name,
+                        f.error.as_deref().unwrap_or("failed")
+                    );
+                    self.set_state(RolloutState::Failed, Some(reason), now);
+                } else {
+                    self.pre_rollout_done = true;
+                    // Time spent in hooks is not a lack of progress.
+                    self.last_progress_at = now;
+                }
+            }
+            HookStage::End => self.end_hooks_done = true,
+        }
+        self.updated_at = now;
     }
 
     /// Whether `auto_finalize` still has to run: the rollout completed and

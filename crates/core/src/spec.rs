@@ -26,6 +26,8 @@ pub struct RolloutFile {
     /// Going to an older version than nodes run must be said explicitly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downgrade: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<crate::HooksFile>,
     #[serde(default)]
     pub strategy: StrategyFile,
 }
@@ -170,6 +172,8 @@ pub struct RolloutSpec {
     /// Set the service's active version once every node runs this version.
     #[serde(default)]
     pub auto_finalize: bool,
+    #[serde(default, skip_serializing_if = "crate::Hooks::is_empty")]
+    pub hooks: crate::Hooks,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,6 +213,7 @@ impl RolloutFile {
         self.nodes = other.nodes.or(self.nodes);
         self.services = other.services.or(self.services);
         self.downgrade = other.downgrade.or(self.downgrade);
+        self.hooks = other.hooks.or(self.hooks);
         let t = &mut self.strategy;
         t.kind = s.kind.or(t.kind.take());
         t.waves = s.waves.or(t.waves.take());
@@ -499,6 +504,10 @@ impl RolloutFile {
             depends_on: Vec::new(),
             downgrade: self.downgrade.unwrap_or(false),
             auto_finalize: s.auto_finalize.unwrap_or(false),
+            hooks: match &self.hooks {
+                Some(h) => h.resolve()?,
+                None => crate::Hooks::default(),
+            },
         })
     }
 }

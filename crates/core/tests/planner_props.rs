@@ -70,6 +70,7 @@ fn spec_of(strategy: StrategyFile) -> RolloutSpec {
         nodes: None,
         services: None,
         downgrade: None,
+        hooks: None,
         strategy,
     }
     .resolve()
@@ -426,6 +427,7 @@ impl Case {
                 .map(|ix| ix.iter().map(|&i| self.explicit_name(i)).collect()),
             services: None,
             downgrade: None,
+            hooks: None,
             strategy: StrategyFile {
                 kind,
                 batch,
@@ -2251,6 +2253,7 @@ fn all_at_once_keeps_min_healthy_nodes_serving_outside_the_selection() {
         nodes: None,
         services: None,
         downgrade: None,
+        hooks: None,
         strategy: StrategyFile {
             kind: Some("all_at_once".into()),
             min_healthy: Some(min_healthy),

@@ -8,15 +8,15 @@
 //! reconnect, in-flight tasks are sent again, and agents recognise task ids
 //! they have already run.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rollwave_api::{artifact_path, ArtifactRef, FinalizeResponse, ServerMessage, Task, TaskAction};
 use rollwave_core::{
     check_downgrade, check_finalize, newest_running, plan_batches, step, validate_service_name,
-    ActiveVersion, Dependency, FinalizeError, NodeState, Release, Rollout, RolloutFile,
-    RolloutState, TaskKind, TaskOutcome, TaskRef,
+    ActiveVersion, Dependency, FinalizeError, Hook, HookReport, HookStage, NodeState, OnError,
+    Release, Rollout, RolloutFile, RolloutState, TaskKind, TaskOutcome, TaskRef,
 };
 use rollwave_store::StoreError;
 use tokio::sync::{mpsc, oneshot};
@@ -74,6 +74,12 @@ pub enum Event {
         id: u64,
         command: Command,
         reply: oneshot::Sender<Result<Rollout, ApiError>>,
+    },
+    /// A stage of a rollout's hooks has run.
+    HooksDone {
+        id: u64,
+        stage: HookStage,
+        reports: Vec<HookReport>,
     },
     /// Sets a service's active version once every node runs it or newer.
     Finalize {
@@ -148,6 +154,10 @@ struct Reconciler {
     shared: Arc<Shared>,
     active: BTreeMap<u64, Rollout>,
     releases: HashMap<(String, String), Release>,
+    /// Hook stages running now, each in a task of its own, so that a slow
+    /// hook holds up only its rollout.
+    hooks_running: HashSet<(u64, HookStage)>,
+    hook_client: reqwest::Client,
 }
 
 /// Loads the active rollouts and starts the reconciler task.
@@ -166,10 +176,14 @@ pub async fn spawn(
     if !active.is_empty() {
         tracing::info!(rollouts = ?active.keys().collect::<Vec<_>>(), "resuming rollouts");
     }
+    let hook_client = rollwave_hooks::client()
+        .map_err(|e| StoreError::Backend(format!("building the webhook client: {e}")))?;
     let r = Reconciler {
         shared,
         active,
         releases: HashMap::new(),
+        hooks_running: HashSet::new(),
+        hook_client,
     };
     tokio::spawn(r.run(events));
     Ok(())
@@ -268,6 +282,19 @@ impl Reconciler {
             Event::Plan { file, reply } => {
                 let result = self.plan(file, now).await;
                 let _ = reply.send(result);
+            }
+            Event::HooksDone { id, stage, reports } => {
+                self.hooks_running.remove(&(id, stage));
+                if let Some(mut r) = self.active.get(&id).cloned() {
+                    r.record_hooks(stage, &reports, now);
+                    tracing::info!(
+                        rollout = id,
+                        ?stage,
+                        ok = reports.iter().all(|r| r.ok),
+                        "hooks ran"
+                    );
+                    self.save(r).await;
+                }
             }
             Event::Finalize { service, to, reply } => {
                 let result = self.finalize(&service, to, "finalize".into(), now).await;
@@ -422,6 +449,83 @@ impl Reconciler {
         })
     }
 
+    /// Runs a stage of hooks in a task of its own, once at a time per
+    /// rollout and stage; the result comes back as `HooksDone`. After a
+    /// crash a stage that had not been recorded runs again: hooks run at
+    /// least once.
+    fn run_hooks(&mut self, id: u64, stage: HookStage, hooks: Vec<Hook>, name: &str) {
+        if hooks.is_empty() || !self.hooks_running.insert((id, stage)) {
+            return;
+        }
+        let Some(r) = self.active.get(&id) else {
+            return;
+        };
+        let message = format!(
+            "rollout {} of {}@{} {}{}",
+            r.id,
+            r.spec.service,
+            r.spec.version,
+            r.state.as_str(),
+            r.reason
+                .as_deref()
+                .map(|x| format!(": {x}"))
+                .unwrap_or_default()
+        );
+        let env: BTreeMap<String, String> = [
+            ("ROLLWAVE_HOOK", name.to_string()),
+            ("ROLLWAVE_ROLLOUT", r.id.to_string()),
+            ("ROLLWAVE_SERVICE", r.spec.service.clone()),
+            ("ROLLWAVE_VERSION", r.spec.version.clone()),
+            ("ROLLWAVE_STATE", r.state.as_str().to_string()),
+            ("ROLLWAVE_REASON", r.reason.clone().unwrap_or_default()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let event = serde_json::json!({
+            "hook": name,
+            "rollout": r.id,
+            "service": r.spec.service,
+            "version": r.spec.version,
+            "state": r.state.as_str(),
+            "reason": r.reason,
+            "message": message,
+        });
+        let ctx = rollwave_hooks::HookContext {
+            env,
+            event,
+            dir: None,
+        };
+        let client = self.hook_client.clone();
+        let handle = self.shared.reconciler.clone();
+        tracing::info!(rollout = id, ?stage, hooks = hooks.len(), "running hooks");
+        tokio::spawn(async move {
+            let mut reports = Vec::with_capacity(hooks.len());
+            for hook in &hooks {
+                // `hooks.on_success[1]` runs as `on_success`.
+                let stage_name = hook
+                    .name
+                    .trim_start_matches("hooks.")
+                    .split('[')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                let mut ctx = ctx.clone();
+                ctx.env.insert("ROLLWAVE_HOOK".into(), stage_name.clone());
+                ctx.event["hook"] = stage_name.into();
+                let report = rollwave_hooks::run(hook, &ctx, &client).await;
+                let stop = !report.ok && hook.on_error == OnError::Fail;
+                reports.push(report);
+                // The hooks after a failed one guard a step that will not
+                // happen.
+                if stop && stage == HookStage::PreRollout {
+                    break;
+                }
+            }
+            handle.send(Event::HooksDone { id, stage, reports });
+        });
+    }
+
     /// The rollouts `r` depends on, as they are now.
     async fn dependencies(&self, r: &Rollout) -> Vec<Dependency> {
         let mut deps = Vec::with_capacity(r.after.len());
@@ -544,6 +648,17 @@ impl Reconciler {
             let Some(r) = self.active.get(&id) else {
                 continue;
             };
+            if r.end_hooks_due() {
+                let hooks = r.end_hooks();
+                let finalize = r.finalize_due();
+                self.run_hooks(id, HookStage::End, hooks, "end");
+                if !finalize {
+                    continue;
+                }
+            }
+            let Some(r) = self.active.get(&id) else {
+                continue;
+            };
             if r.finalize_due() {
                 let mut r = r.clone();
                 let outcome = match self
@@ -580,6 +695,11 @@ impl Reconciler {
             let Some(r) = self.active.get(&id) else {
                 continue;
             };
+            if r.pre_rollout_due() {
+                let hooks = r.spec.hooks.pre_rollout.clone();
+                self.run_hooks(id, HookStage::PreRollout, hooks, "pre_rollout");
+                continue;
+            }
             let decision = step(r, &fleet, now);
             if let Some(t) = decision.next_wakeup {
                 wake = wake.min(t);
@@ -657,6 +777,8 @@ impl Reconciler {
                         artifact,
                         min_healthy_time_ms: r.spec.min_healthy_time,
                         healthy_deadline_ms: r.spec.healthy_deadline,
+                        pre_node: r.spec.hooks.pre_node.clone(),
+                        post_node: r.spec.hooks.post_node.clone(),
                     }
                 }
             }

@@ -127,6 +127,7 @@ pub async fn start(
         nodes: None,
         services: None,
         downgrade: None,
+        hooks: None,
         strategy,
     };
     let resp: RolloutResponse = fleet

@@ -7,5 +7,6 @@ mod faults;
 mod gate;
 mod handoff;
 mod harness;
+mod hooks;
 mod rollouts;
 mod strategies;

@@ -1,0 +1,355 @@
+//! Hooks: commands and webhooks run around a rollout (on the control plane)
+//! and around each node's switch (on the node, by its agent).
+
+use serde::{Deserialize, Serialize};
+
+use crate::{format_duration, parse_duration, Span, SpecError};
+
+/// `[hooks]` in `rollout.toml`, as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HooksFile {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pre_rollout: Vec<HookFile>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub post_rollout: Vec<HookFile>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on_success: Vec<HookFile>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on_failure: Vec<HookFile>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pre_node: Vec<HookFile>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub post_node: Vec<HookFile>,
+}
+
+/// One hook as written: `exec` (a command) or `http` (a webhook).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookFile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `http`: send a Slack-compatible body (`{"text": ...}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slack: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    /// `fail` (the default) or `continue`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_error: Option<String>,
+}
+
+/// Validated hooks of a rollout.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hooks {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pre_rollout: Vec<Hook>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub post_rollout: Vec<Hook>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on_success: Vec<Hook>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on_failure: Vec<Hook>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pre_node: Vec<Hook>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub post_node: Vec<Hook>,
+}
+
+impl Hooks {
+    pub fn is_empty(&self) -> bool {
+        self == &Hooks::default()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hook {
+    /// Where it was declared, e.g. `hooks.pre_node[0]`: names it in logs.
+    pub name: String,
+    pub action: HookAction,
+    /// Per attempt.
+    pub timeout: Span,
+    /// Attempts after the first failure, with backoff between them.
+    pub retries: u32,
+    pub on_error: OnError,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum HookAction {
+    /// A program and its arguments, run without a shell.
+    Exec { command: Vec<String> },
+    /// A POST of the event as JSON (or `{"text": ...}` for Slack).
+    Http { url: String, slack: bool },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// The step the hook guards fails.
+    Fail,
+    /// The failure is logged and the step goes on.
+    Continue,
+}
+
+pub const DEFAULT_HOOK_TIMEOUT: Span = 60_000;
+/// Retries are for flaky endpoints, not a way to wait for minutes.
+pub const MAX_HOOK_RETRIES: u32 = 10;
+
+impl HooksFile {
+    pub fn resolve(&self) -> Result<Hooks, SpecError> {
+        let list = |name: &str, hooks: &[HookFile]| -> Result<Vec<Hook>, SpecError> {
+            hooks
+                .iter()
+                .enumerate()
+                .map(|(i, h)| h.resolve(&format!("hooks.{name}[{i}]")))
+                .collect()
+        };
+        Ok(Hooks {
+            pre_rollout: list("pre_rollout", &self.pre_rollout)?,
+            post_rollout: list("post_rollout", &self.post_rollout)?,
+            on_success: list("on_success", &self.on_success)?,
+            on_failure: list("on_failure", &self.on_failure)?,
+            pre_node: list("pre_node", &self.pre_node)?,
+            post_node: list("post_node", &self.post_node)?,
+        })
+    }
+}
+
+impl HookFile {
+    fn resolve(&self, at: &str) -> Result<Hook, SpecError> {
+        let field = |f: &str| format!("{at}.{f}");
+        let kind = match (self.kind.as_deref(), &self.command, &self.url) {
+            (Some(k), _, _) => k,
+            (None, Some(_), None) => "exec",
+            (None, None, Some(_)) => "http",
+            (None, _, _) => {
+                return Err(SpecError::new(
+                    field("kind"),
+                    "is required: \"exec\" (with command) or \"http\" (with url)",
+                ))
+            }
+        };
+        let action = match kind {
+            "exec" => {
+                if self.url.is_some() || self.slack.is_some() {
+                    return Err(SpecError::new(
+                        field("url"),
+                        "is for kind = \"http\"; an exec hook runs its command",
+                    ));
+                }
+                let command = self
+                    .command
+                    .clone()
+                    .filter(|c| c.first().is_some_and(|p| !p.trim().is_empty()))
+                    .ok_or_else(|| {
+                        SpecError::new(
+                            field("command"),
+                            "is required: the program and its arguments, e.g. [\"/usr/local/bin/backup\", \"--meta\"]",
+                        )
+                    })?;
+                HookAction::Exec { command }
+            }
+            "http" => {
+                if self.command.is_some() {
+                    return Err(SpecError::new(
+                        field("command"),
+                        "is for kind = \"exec\"; an http hook posts to its url",
+                    ));
+                }
+                let url = self
+                    .url
+                    .clone()
+                    .ok_or_else(|| SpecError::new(field("url"), "is required"))?;
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(SpecError::new(
+                        field("url"),
+                        format!("{url:?} must start with http:// or https://"),
+                    ));
+                }
+                HookAction::Http {
+                    url,
+                    slack: self.slack.unwrap_or(false),
+                }
+            }
+            other => {
+                return Err(SpecError::new(
+                    field("kind"),
+                    format!("{other:?} is not a hook kind (exec or http)"),
+                ))
+            }
+        };
+        let timeout = match &self.timeout {
+            Some(t) => parse_duration(&field("timeout"), t)?,
+            None => DEFAULT_HOOK_TIMEOUT,
+        };
+        if timeout == 0 {
+            return Err(SpecError::new(field("timeout"), "must be more than 0s"));
+        }
+        let retries = self.retries.unwrap_or(0);
+        if retries > MAX_HOOK_RETRIES {
+            return Err(SpecError::new(
+                field("retries"),
+                format!("{retries} is more than {MAX_HOOK_RETRIES}"),
+            ));
+        }
+        let on_error = match self.on_error.as_deref() {
+            None | Some("fail") => OnError::Fail,
+            Some("continue") => OnError::Continue,
+            Some(other) => {
+                return Err(SpecError::new(
+                    field("on_error"),
+                    format!("{other:?} is not fail or continue"),
+                ))
+            }
+        };
+        Ok(Hook {
+            name: at.to_string(),
+            action,
+            timeout,
+            retries,
+            on_error,
+        })
+    }
+}
+
+impl Hook {
+    /// One line for logs: `hooks.pre_node[0] (exec backup --meta, 1m)`.
+    pub fn describe(&self) -> String {
+        let what = match &self.action {
+            HookAction::Exec { command } => format!("exec {}", command.join(" ")),
+            HookAction::Http { url, .. } => format!("http {url}"),
+        };
+        format!("{} ({what}, {})", self.name, format_duration(self.timeout))
+    }
+}
+
+/// How one hook ran, as recorded in the rollout's execution log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookReport {
+    pub name: String,
+    pub ok: bool,
+    pub attempts: u32,
+    /// Exec: the exit code of the last attempt (none if killed or not run).
+    pub exit_code: Option<i32>,
+    /// Http: the status of the last attempt.
+    pub http_status: Option<u16>,
+    pub duration_ms: u64,
+    /// The end of stdout and stderr (or the response body), at most a few KiB.
+    pub output: String,
+    /// Why the last attempt failed, if it did.
+    pub error: Option<String>,
+}
+
+impl HookReport {
+    /// One line for the execution log.
+    pub fn summary(&self) -> String {
+        let result = match (&self.error, self.exit_code, self.http_status) {
+            (Some(e), _, _) => format!("failed: {e}"),
+            (None, Some(c), _) => format!("exited {c}"),
+            (None, None, Some(s)) => format!("answered {s}"),
+            (None, None, None) => "ok".into(),
+        };
+        let attempts = if self.attempts > 1 {
+            format!(" after {} attempts", self.attempts)
+        } else {
+            String::new()
+        };
+        let output = self.output.trim();
+        let output = if output.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", output.replace('\n', " | "))
+        };
+        format!(
+            "hook {} {result}{attempts} in {}{output}",
+            self.name,
+            format_duration(self.duration_ms)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toml_hooks(text: &str) -> Result<Hooks, SpecError> {
+        let file: HooksFile = toml::from_str(text).unwrap();
+        file.resolve()
+    }
+
+    #[test]
+    fn hooks_resolve_with_defaults() {
+        let h = toml_hooks(
+            r#"
+pre_rollout = [{ command = ["backup", "--meta"], timeout = "5m", retries = 2 }]
+post_node = [{ url = "http://127.0.0.1:9/x", slack = true, on_error = "continue" }]
+"#,
+        )
+        .unwrap();
+        assert_eq!(h.pre_rollout[0].name, "hooks.pre_rollout[0]");
+        assert_eq!(h.pre_rollout[0].timeout, 300_000);
+        assert_eq!(h.pre_rollout[0].retries, 2);
+        assert_eq!(h.pre_rollout[0].on_error, OnError::Fail);
+        assert_eq!(
+            h.post_node[0].action,
+            HookAction::Http {
+                url: "http://127.0.0.1:9/x".into(),
+                slack: true
+            }
+        );
+        assert_eq!(h.post_node[0].on_error, OnError::Continue);
+        assert!(HooksFile::default().resolve().unwrap().is_empty());
+    }
+
+    #[test]
+    fn hook_errors_name_the_field() {
+        for (text, field) in [
+            ("pre_node = [{}]", "hooks.pre_node[0].kind"),
+            (
+                "pre_node = [{ kind = \"exec\" }]",
+                "hooks.pre_node[0].command",
+            ),
+            (
+                "pre_node = [{ command = [\"\"] }]",
+                "hooks.pre_node[0].command",
+            ),
+            (
+                "on_failure = [{ kind = \"mail\" }]",
+                "hooks.on_failure[0].kind",
+            ),
+            (
+                "on_success = [{ url = \"ftp://x\" }]",
+                "hooks.on_success[0].url",
+            ),
+            (
+                "post_rollout = [{ command = [\"x\"], timeout = \"0s\" }]",
+                "hooks.post_rollout[0].timeout",
+            ),
+            (
+                "pre_rollout = [{ command = [\"x\"], retries = 99 }]",
+                "hooks.pre_rollout[0].retries",
+            ),
+            (
+                "pre_rollout = [{ command = [\"x\"], on_error = \"ignore\" }]",
+                "hooks.pre_rollout[0].on_error",
+            ),
+            (
+                "pre_rollout = [{ command = [\"x\"], url = \"http://x\" }]",
+                "hooks.pre_rollout[0].kind",
+            ),
+            (
+                "pre_rollout = [{ kind = \"exec\", command = [\"x\"], url = \"http://x\" }]",
+                "hooks.pre_rollout[0].url",
+            ),
+        ] {
+            assert_eq!(toml_hooks(text).unwrap_err().field, field, "{text}");
+        }
+    }
+}
