@@ -21,6 +21,7 @@ use rollwave_api::{AgentMessage, ArtifactRef, Task, TaskAction, TaskOutcome};
 use rollwave_core::{format_duration, Health, Hook, OnError};
 use rollwave_hooks::HookContext;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
@@ -67,7 +68,7 @@ pub struct Executor {
     running: Mutex<HashSet<String>>,
     /// Messages for the control plane; queued while disconnected.
     outbox: mpsc::UnboundedSender<AgentMessage>,
-    /// Signals that staged releases changed.
+    /// Signals that staged releases or backups changed.
     changed: Arc<Notify>,
     /// For http hooks: one client, so connections to a webhook are reused.
     hooks_client: reqwest::Client,
@@ -368,7 +369,11 @@ impl Executor {
         }
         let relink = |svc: &Service| -> Result<(), String> {
             if !linked {
-                data.apply(svc)?;
+                if let Some(phase) = data.apply(svc, from.as_deref(), to)? {
+                    self.phase(task, &phase);
+                }
+                // The node's list of backups changed.
+                self.changed.notify_one();
                 svc.dirs
                     .switch_current(to)
                     .map_err(|e| format!("switching the current link: {e}"))?;
@@ -590,12 +595,27 @@ enum Data<'a> {
 }
 
 impl Data<'_> {
-    fn apply(&self, svc: &Service) -> Result<(), String> {
+    /// Returns, for a restore, the phase that reports it.
+    fn apply(
+        &self,
+        svc: &Service,
+        from: Option<&str>,
+        to: Option<&str>,
+    ) -> Result<Option<String>, String> {
         match self {
-            Data::Backup(task) => {
-                backup(svc, task).map_err(|e| format!("backup failed, nothing switched: {e}"))
-            }
-            Data::Restore(task) => restore(svc, task).map_err(|e| format!("restoring backup: {e}")),
+            Data::Backup(task) => backup(svc, task, from, to)
+                .map(|()| None)
+                .map_err(|e| format!("backup failed, nothing switched: {e}")),
+            Data::Restore(task) => Ok(restore(svc, task)?.map(|r| match r {
+                Restored::Verified { files, bytes } => format!(
+                    "restored backup {task}: {files} file{}, {}, verified",
+                    if files == 1 { "" } else { "s" },
+                    rollwave_core::format_bytes(bytes)
+                ),
+                Restored::Unverified => {
+                    format!("restored backup {task}: not verified: backup predates checksums")
+                }
+            })),
         }
     }
 }
@@ -664,9 +684,75 @@ async fn gate(
     }
 }
 
-/// Copies the service's backup paths into `backups/<task>/`, then prunes old
-/// generations. A backup is complete once its manifest exists.
-fn backup(svc: &Service, task_id: &str) -> std::io::Result<()> {
+/// `backups/<task>/manifest.json`. Written last: a backup is complete once
+/// it exists.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Manifest {
+    task: String,
+    /// Unix milliseconds.
+    taken_at: u64,
+    from_version: Option<String>,
+    to_version: Option<String>,
+    /// Sums first, so that listing backups need not read past them.
+    file_count: u64,
+    bytes: u64,
+    /// The configured paths, in order: the copy of the i-th is `<i>/`.
+    paths: Vec<BackedUpPath>,
+    /// Every regular file copied, by path inside the backup directory.
+    files: Vec<BackedUpFile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct BackedUpPath {
+    path: PathBuf,
+    existed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct BackedUpFile {
+    /// `<index>/<relative path>`, or `<index>` when the path is a file.
+    path: String,
+    size: u64,
+    sha256: String,
+}
+
+/// A manifest as written now, or as written before checksums: a JSON array
+/// of `[path, existed]` pairs. Those backups still restore.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum AnyManifest {
+    V2(Manifest),
+    V1(Vec<(PathBuf, bool)>),
+}
+
+fn read_manifest(dir: &Path) -> std::io::Result<Option<AnyManifest>> {
+    let bytes = match std::fs::read(dir.join("manifest.json")) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        std::io::Error::other(format!(
+            "{}: not a backup manifest: {e}",
+            dir.join("manifest.json").display()
+        ))
+    })
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Copies the service's backup paths into `backups/<task>/`, hashing each
+/// file as it is copied, then prunes old generations.
+fn backup(
+    svc: &Service,
+    task_id: &str,
+    from: Option<&str>,
+    to: Option<&str>,
+) -> std::io::Result<()> {
     if svc.config.backup.is_empty() {
         return Ok(());
     }
@@ -677,36 +763,240 @@ fn backup(svc: &Service, task_id: &str) -> std::io::Result<()> {
     }
     remove_path(&dir)?;
     std::fs::create_dir_all(&dir)?;
-    let mut entries = Vec::new();
+    let mut paths = Vec::new();
+    let mut files = Vec::new();
     for (i, path) in svc.config.backup.iter().enumerate() {
-        let exists = std::fs::symlink_metadata(path).is_ok();
-        if exists {
-            copy_tree(path, &dir.join(i.to_string()))?;
+        let existed = std::fs::symlink_metadata(path).is_ok();
+        if existed {
+            copy_hashed(path, &dir.join(i.to_string()), &i.to_string(), &mut files)?;
         }
-        entries.push((path.clone(), exists));
+        paths.push(BackedUpPath {
+            path: path.clone(),
+            existed,
+        });
     }
-    let json = serde_json::to_vec_pretty(&entries).map_err(std::io::Error::other)?;
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let m = Manifest {
+        task: task_id.to_string(),
+        taken_at: unix_ms(),
+        from_version: from.map(str::to_string),
+        to_version: to.map(str::to_string),
+        file_count: files.len() as u64,
+        bytes: files.iter().map(|f| f.size).sum(),
+        paths,
+        files,
+    };
+    let json = serde_json::to_vec_pretty(&m).map_err(std::io::Error::other)?;
     write_atomic(&manifest, &json)?;
     prune_backups(&svc.dirs.backups(), svc.config.backups_kept);
     Ok(())
 }
 
-/// Puts the backed-up paths back as they were: present ones replaced by the
-/// copy, ones that did not exist removed.
-fn restore(svc: &Service, task_id: &str) -> std::io::Result<()> {
-    let dir = svc.dirs.backups().join(task_id);
-    let Ok(bytes) = std::fs::read(dir.join("manifest.json")) else {
-        return Ok(());
-    };
-    let entries: Vec<(PathBuf, bool)> =
-        serde_json::from_slice(&bytes).map_err(std::io::Error::other)?;
-    for (i, (path, existed)) in entries.iter().enumerate() {
-        remove_path(path)?;
-        if *existed {
-            copy_tree(&dir.join(i.to_string()), path)?;
+/// As `copy_tree`, recording every regular file copied with the size and
+/// sha256 of the bytes written, read once: a file that changes while it is
+/// copied is recorded as copied, not as it is afterwards.
+fn copy_hashed(
+    from: &Path,
+    to: &Path,
+    rel: &str,
+    files: &mut Vec<BackedUpFile>,
+) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let meta = std::fs::symlink_metadata(from)?;
+    if meta.file_type().is_symlink() {
+        std::os::unix::fs::symlink(std::fs::read_link(from)?, to)?;
+    } else if meta.is_dir() {
+        std::fs::create_dir_all(to)?;
+        std::fs::set_permissions(to, meta.permissions())?;
+        for entry in std::fs::read_dir(from)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let rel = format!("{rel}/{}", name.to_string_lossy());
+            copy_hashed(&entry.path(), &to.join(&name), &rel, files)?;
         }
+    } else {
+        let mut src = std::fs::File::open(from)?;
+        let mut dst = std::fs::File::create(to)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0; 64 * 1024];
+        let mut size = 0;
+        loop {
+            let n = match src.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            hasher.update(&buf[..n]);
+            dst.write_all(&buf[..n])?;
+            size += n as u64;
+        }
+        dst.set_permissions(meta.permissions())?;
+        files.push(BackedUpFile {
+            path: rel.to_string(),
+            size,
+            sha256: hex::encode(hasher.finalize()),
+        });
     }
     Ok(())
+}
+
+/// Every regular file under `path` (or `path` itself), named as in a
+/// manifest with `rel` for `path`, with its size, and its sha256 if `hash`.
+/// Symlinks are neither followed nor counted, as in a backup.
+fn walk_files(
+    path: &Path,
+    rel: &str,
+    hash: bool,
+    out: &mut Vec<(String, PathBuf, u64, Option<String>)>,
+) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            let entry = entry?;
+            let rel = format!("{rel}/{}", entry.file_name().to_string_lossy());
+            walk_files(&entry.path(), &rel, hash, out)?;
+        }
+        return Ok(());
+    }
+    let sha = if hash {
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+        Some(hex::encode(hasher.finalize()))
+    } else {
+        None
+    };
+    out.push((rel.to_string(), path.to_path_buf(), meta.len(), sha));
+    Ok(())
+}
+
+/// What a restore put back.
+#[derive(Debug, PartialEq, Eq)]
+enum Restored {
+    /// Every file read back matched the manifest.
+    Verified { files: u64, bytes: u64 },
+    /// Taken before manifests had checksums.
+    Unverified,
+}
+
+/// Puts the backed-up paths back as they were (present ones replaced by the
+/// copy, ones that did not exist removed), then reads them back and checks
+/// them against the manifest. `None` if the task took no backup.
+fn restore(svc: &Service, task_id: &str) -> Result<Option<Restored>, String> {
+    let dir = svc.dirs.backups().join(task_id);
+    let failed = |e: std::io::Error| format!("restoring backup {task_id}: {e}");
+    let Some(manifest) = read_manifest(&dir).map_err(failed)? else {
+        return Ok(None);
+    };
+    let (paths, files) = match manifest {
+        AnyManifest::V2(m) => (
+            m.paths.into_iter().map(|p| (p.path, p.existed)).collect(),
+            Some(m.files),
+        ),
+        AnyManifest::V1(paths) => (paths, None),
+    };
+    for (i, (path, existed)) in paths.iter().enumerate() {
+        remove_path(path).map_err(failed)?;
+        if *existed {
+            copy_tree(&dir.join(i.to_string()), path).map_err(failed)?;
+        }
+    }
+    let Some(expected) = files else {
+        return Ok(Some(Restored::Unverified));
+    };
+    let mut found = Vec::new();
+    for (i, (path, existed)) in paths.iter().enumerate() {
+        if *existed {
+            walk_files(path, &i.to_string(), true, &mut found).map_err(failed)?;
+        }
+    }
+    let not_verified = |why: String| format!("restore of backup {task_id} not verified: {why}");
+    if found.len() != expected.len() {
+        return Err(not_verified(format!(
+            "{} files restored, {} expected",
+            found.len(),
+            expected.len()
+        )));
+    }
+    let found: BTreeMap<String, (PathBuf, u64, Option<String>)> = found
+        .into_iter()
+        .map(|(rel, path, size, sha)| (rel, (path, size, sha)))
+        .collect();
+    for want in &expected {
+        let Some((path, size, sha)) = found.get(&want.path) else {
+            return Err(not_verified(format!("{} missing", want.path)));
+        };
+        if *size != want.size {
+            return Err(not_verified(format!(
+                "{}: {size} bytes, {} expected",
+                path.display(),
+                want.size
+            )));
+        }
+        if sha.as_deref() != Some(want.sha256.as_str()) {
+            return Err(not_verified(format!("{}: sha256 differs", path.display())));
+        }
+    }
+    Ok(Some(Restored::Verified {
+        files: expected.len() as u64,
+        bytes: expected.iter().map(|f| f.size).sum(),
+    }))
+}
+
+/// The complete backups of a service (those with a manifest), newest first.
+fn list_backups(dir: &Path) -> Vec<rollwave_core::BackupInfo> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut all: Vec<rollwave_core::BackupInfo> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| backup_info(&e.path()))
+        .collect();
+    all.sort_by(|a, b| (b.taken_at, &b.task).cmp(&(a.taken_at, &a.task)));
+    all
+}
+
+fn backup_info(dir: &Path) -> Option<rollwave_core::BackupInfo> {
+    match read_manifest(dir) {
+        Ok(Some(AnyManifest::V2(m))) => Some(rollwave_core::BackupInfo {
+            task: m.task,
+            taken_at: m.taken_at,
+            from_version: m.from_version,
+            to_version: m.to_version,
+            file_count: m.file_count,
+            bytes: m.bytes,
+        }),
+        Ok(Some(AnyManifest::V1(paths))) => {
+            // No sums recorded: count what the copy holds.
+            let taken = std::fs::metadata(dir.join("manifest.json"))
+                .and_then(|m| m.modified())
+                .ok()?;
+            let mut files = Vec::new();
+            for (i, (_, existed)) in paths.iter().enumerate() {
+                if *existed {
+                    let _ = walk_files(&dir.join(i.to_string()), &i.to_string(), false, &mut files);
+                }
+            }
+            Some(rollwave_core::BackupInfo {
+                task: dir.file_name()?.to_string_lossy().into_owned(),
+                taken_at: taken
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                from_version: None,
+                to_version: None,
+                file_count: files.len() as u64,
+                bytes: files.iter().map(|f| f.2).sum(),
+            })
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(backup = %dir.display(), error = %e, "skipping unreadable backup");
+            None
+        }
+    }
 }
 
 fn prune_backups(dir: &Path, keep: usize) {
@@ -738,6 +1028,7 @@ pub fn snapshot(
                     version: s.version,
                     health: s.health,
                     staged: svc.dirs.staged(),
+                    backups: list_backups(&svc.dirs.backups()),
                     ..Default::default()
                 },
             )
@@ -970,6 +1261,9 @@ mod tests {
         node.wait_running("1.0.0").await;
         assert_eq!(std::fs::read_to_string(&data).unwrap(), "v1 data\n");
 
+        let restored = position(&phases, |p| {
+            p == "restored backup r7-up-n1: 1 file, 8 B, verified"
+        });
         let went_on = position(&phases, |p| {
             p.starts_with("hook hooks.pre_node[0] failed: exited 1 in ")
                 && p.ends_with(": flaky; going on (on_error = continue)")
@@ -990,7 +1284,8 @@ mod tests {
                 && passed < switching
                 && gating < post_running
                 && post_running < post_failed
-                && post_failed < rolling_back,
+                && post_failed < rolling_back
+                && rolling_back < restored,
             "{phases:?}"
         );
         node.svc.supervisor.stop().await.unwrap();
@@ -1054,6 +1349,147 @@ mod tests {
         assert_eq!(outcome, TaskOutcome::Succeeded, "{phases:?}");
         assert!(!phases.iter().any(|p| p.contains("hook")), "{phases:?}");
         node.wait_running("2.0.0").await;
+        node.svc.supervisor.stop().await.unwrap();
+    }
+
+    fn revert(id: &str, upgrade_task: &str) -> Task {
+        Task {
+            id: id.into(),
+            rollout: 7,
+            service: "api".into(),
+            action: TaskAction::Revert {
+                to_version: Some("1.0.0".into()),
+                upgrade_task: upgrade_task.into(),
+                healthy_deadline_ms: 20_000,
+            },
+        }
+    }
+
+    fn sha256(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    /// Upgrades `node` to 2.0.0, which backs up its data, then changes the
+    /// data as a migration would.
+    async fn upgraded(node: &mut Node) {
+        let (phases, outcome) = node.run(upgrade("r7-up-n1", Vec::new(), Vec::new())).await;
+        assert_eq!(outcome, TaskOutcome::Succeeded, "{phases:?}");
+        node.wait_running("2.0.0").await;
+        std::fs::write(&node.data, "v2 data, migrated\n").unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_backup_records_versions_and_checksums_and_is_listed() {
+        let mut node = Node::start().await;
+        upgraded(&mut node).await;
+        let dir = node.svc.dirs.backups().join("r7-up-n1");
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(m["task"], "r7-up-n1");
+        assert_eq!(m["from_version"], "1.0.0");
+        assert_eq!(m["to_version"], "2.0.0");
+        assert!(m["taken_at"].as_u64().unwrap() > 0, "{m}");
+        assert_eq!(
+            m["paths"],
+            serde_json::json!([{ "path": node.data, "existed": true }])
+        );
+        assert_eq!(
+            m["files"],
+            serde_json::json!([{ "path": "0", "size": 8, "sha256": sha256(b"v1 data\n") }])
+        );
+        assert_eq!(
+            (m["file_count"].as_u64(), m["bytes"].as_u64()),
+            (Some(1), Some(8))
+        );
+        assert_eq!(std::fs::read(dir.join("0")).unwrap(), b"v1 data\n");
+
+        let services = BTreeMap::from([("api".to_string(), node.svc.clone())]);
+        let listed = &snapshot(&services)["api"].backups;
+        assert_eq!(
+            listed,
+            &[rollwave_core::BackupInfo {
+                task: "r7-up-n1".into(),
+                taken_at: m["taken_at"].as_u64().unwrap(),
+                from_version: Some("1.0.0".into()),
+                to_version: Some("2.0.0".into()),
+                file_count: 1,
+                bytes: 8,
+            }]
+        );
+        node.svc.supervisor.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_revert_restores_the_backup_verified() {
+        let mut node = Node::start().await;
+        upgraded(&mut node).await;
+        let (phases, outcome) = node.run(revert("r7-rv-n1", "r7-up-n1")).await;
+        assert_eq!(outcome, TaskOutcome::Succeeded, "{phases:?}");
+        assert!(
+            phases.contains(&"restored backup r7-up-n1: 1 file, 8 B, verified".to_string()),
+            "{phases:?}"
+        );
+        assert_eq!(std::fs::read_to_string(&node.data).unwrap(), "v1 data\n");
+        node.wait_running("1.0.0").await;
+        node.svc.supervisor.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_revert_from_a_tampered_backup_fails_not_verified() {
+        let mut node = Node::start().await;
+        upgraded(&mut node).await;
+        // Same size, other bytes: only the checksum can tell.
+        let copy = node.svc.dirs.backups().join("r7-up-n1").join("0");
+        std::fs::write(&copy, "v1 dat4\n").unwrap();
+        let (phases, outcome) = node.run(revert("r7-rv-n1", "r7-up-n1")).await;
+        assert_eq!(
+            outcome,
+            TaskOutcome::Failed {
+                reason: format!(
+                    "restore of backup r7-up-n1 not verified: {}: sha256 differs",
+                    node.data.display()
+                )
+            },
+            "{phases:?}"
+        );
+        assert!(
+            !phases.iter().any(|p| p.starts_with("restored")),
+            "{phases:?}"
+        );
+        // Not switched back onto data it cannot vouch for.
+        assert_eq!(node.svc.dirs.current_version().as_deref(), Some("2.0.0"));
+        node.svc.supervisor.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_backup_from_before_checksums_still_restores() {
+        let mut node = Node::start().await;
+        upgraded(&mut node).await;
+        let dir = node.svc.dirs.backups().join("r7-up-n1");
+        let old = serde_json::to_vec(&serde_json::json!([[node.data, true]])).unwrap();
+        std::fs::write(dir.join("manifest.json"), old).unwrap();
+
+        let services = BTreeMap::from([("api".to_string(), node.svc.clone())]);
+        let listed = &snapshot(&services)["api"].backups;
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(
+            (
+                listed[0].task.as_str(),
+                listed[0].file_count,
+                listed[0].bytes
+            ),
+            ("r7-up-n1", 1, 8)
+        );
+
+        let (phases, outcome) = node.run(revert("r7-rv-n1", "r7-up-n1")).await;
+        assert_eq!(outcome, TaskOutcome::Succeeded, "{phases:?}");
+        assert!(
+            phases.contains(
+                &"restored backup r7-up-n1: not verified: backup predates checksums".to_string()
+            ),
+            "{phases:?}"
+        );
+        assert_eq!(std::fs::read_to_string(&node.data).unwrap(), "v1 data\n");
         node.svc.supervisor.stop().await.unwrap();
     }
 }

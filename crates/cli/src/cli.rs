@@ -64,6 +64,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the backups of a service's data a node holds, newest first, as
+    /// its agent last reported them.
+    Backups {
+        node: String,
+        service: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Set a service's fleet-wide active version (the version gate), once
     /// every node runs it or newer.
     Finalize {

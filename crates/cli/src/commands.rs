@@ -49,6 +49,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Backups {
+            node,
+            service,
+            json,
+        } => {
+            let api = ApiClient::new(&cli.server)?;
+            let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;
+            let n = nodes.iter().find(|n| n.name == node).ok_or_else(|| {
+                user_error(format!("node: {node:?} is not known to the control plane"))
+            })?;
+            let s = n
+                .services
+                .get(&service)
+                .ok_or_else(|| user_error(format!("service: {node} does not run {service:?}")))?;
+            if json {
+                print_json(&s.backups)?;
+            } else {
+                print!("{}", render::backups(&s.backups));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Plan(args) => {
             let api = ApiClient::new(&cli.server)?;
             let spec = start_spec(&args)?;

@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use rollwave_api::{NodeView, Release, ServiceSummary};
-use rollwave_core::{format_duration, Health, NodeState, Rollout, RolloutEvent};
+use rollwave_core::{format_duration, BackupInfo, Health, NodeState, Rollout, RolloutEvent};
 
 fn secs(ms: u64) -> String {
     format!("{:.1}s", ms as f64 / 1000.0)
@@ -132,6 +132,29 @@ pub fn log_line(e: &RolloutEvent) -> String {
         e.node.as_deref().unwrap_or("-"),
         e.message
     )
+}
+
+pub fn backups(backups: &[BackupInfo]) -> String {
+    let mut rows = vec![vec![
+        "TASK".into(),
+        "TAKEN".into(),
+        "FROM".into(),
+        "TO".into(),
+        "FILES".into(),
+        "SIZE".into(),
+    ]];
+    for b in backups {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(b.taken_at);
+        rows.push(vec![
+            b.task.clone(),
+            humantime::format_rfc3339_seconds(at).to_string(),
+            b.from_version.clone().unwrap_or_else(|| "-".into()),
+            b.to_version.clone().unwrap_or_else(|| "-".into()),
+            b.file_count.to_string(),
+            rollwave_core::format_bytes(b.bytes),
+        ]);
+    }
+    table(rows)
 }
 
 pub fn services(services: &[ServiceSummary]) -> String {

@@ -22,9 +22,32 @@ pub fn format_duration(ms: Span) -> String {
     humantime::format_duration(Duration::from_millis(ms)).to_string()
 }
 
+/// `3.4 KiB`, as people read sizes.
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut n = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while n >= 1024.0 && unit + 1 < UNITS.len() {
+        n /= 1024.0;
+        unit += 1;
+    }
+    format!("{n:.1} {}", UNITS[unit])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_read_as_people_read_them() {
+        assert_eq!(format_bytes(0), "0 B");
+        assert_eq!(format_bytes(1023), "1023 B");
+        assert_eq!(format_bytes(3482), "3.4 KiB");
+        assert_eq!(format_bytes(5 << 30), "5.0 GiB");
+    }
 
     #[test]
     fn parses_common_forms() {

@@ -33,6 +33,23 @@ pub struct ServiceView {
     /// Set by the control plane: switching to `desired` now.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub converging: bool,
+    /// Complete backups of the service's data on the node, newest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backups: Vec<BackupInfo>,
+}
+
+/// One backup an agent holds: the copy of a service's `backup` paths taken
+/// by an upgrade task before it switched, restored if the node goes back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct BackupInfo {
+    /// The id of the task that took it.
+    pub task: String,
+    /// Unix milliseconds.
+    pub taken_at: u64,
+    pub from_version: Option<String>,
+    pub to_version: Option<String>,
+    pub file_count: u64,
+    pub bytes: u64,
 }
 
 /// One node as the control plane sees it.

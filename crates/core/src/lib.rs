@@ -17,9 +17,9 @@ mod selector;
 mod spec;
 
 pub use amount::Amount;
-pub use duration::{format_duration, parse_duration, Span};
+pub use duration::{format_bytes, format_duration, parse_duration, Span};
 pub use error::SpecError;
-pub use fleet::{Fleet, Health, NodeView, ServiceView};
+pub use fleet::{BackupInfo, Fleet, Health, NodeView, ServiceView};
 pub use gate::{check_downgrade, check_finalize, newest_running, ActiveVersion, FinalizeError};
 pub use hooks::{
     Hook, HookAction, HookFile, HookReport, Hooks, HooksFile, OnError, DEFAULT_HOOK_TIMEOUT,

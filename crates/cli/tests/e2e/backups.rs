@@ -1,0 +1,125 @@
+//! Backups with real agents: a migration that fails on one node rolls the
+//! fleet back, every node's data comes back byte for byte and verified, and
+//! `rollwave backups` lists what each node holds.
+
+use std::path::Path;
+use std::process::Command;
+
+use rollwave_api::RolloutFile;
+use rollwave_core::{BackupInfo, HookFile, HooksFile, RolloutState, StrategyFile};
+
+use crate::harness::*;
+
+/// The file's sha256, by the system's own tool rather than the code under test.
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success(), "sha256sum {}", path.display());
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.split_whitespace().next().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_migration_restores_every_nodes_data_verified() {
+    let fleet = installed_fleet(2).await;
+    push(&fleet, "2.0.0", true).await;
+    let mut before = Vec::new();
+    for node in &fleet.nodes {
+        let file = node.state_dir.join("data").join("db.txt");
+        std::fs::write(&file, format!("schema 1 of {}\n", node.name)).unwrap();
+        before.push((file.clone(), sha256(&file)));
+    }
+    // Every node's state_dir is `<fleet dir>/<node name>`.
+    let migrate = format!(
+        "echo 'schema 2' > {}/$ROLLWAVE_NODE/data/db.txt; \
+         test \"$ROLLWAVE_NODE\" != node-2 || {{ echo 'migration check failed'; exit 1; }}",
+        fleet.dir.display()
+    );
+    let spec = RolloutFile {
+        service: Some(SERVICE.into()),
+        version: Some("2.0.0".into()),
+        hooks: Some(HooksFile {
+            post_node: vec![HookFile {
+                command: Some(vec!["sh".into(), "-c".into(), migrate]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        strategy: StrategyFile {
+            batch: Some("1".into()),
+            min_healthy_time: Some("300ms".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let r = start_file(&fleet, spec).await.unwrap().remove(0);
+    let r = wait_done(&fleet, r.id).await;
+
+    // node-1 kept its migration until node-2 failed; then both went back.
+    assert_eq!(r.state, RolloutState::RolledBack, "{r:#?}");
+    assert_eq!(r.batches[0][0], "node-1", "{r:#?}");
+    for node in &fleet.nodes {
+        assert_eq!(switches_to(&node.state_dir, "2.0.0"), 1, "{}", node.name);
+    }
+    for (file, sha) in &before {
+        assert_eq!(&sha256(file), sha, "{}", file.display());
+    }
+    assert_fleet_on(&fleet, "1.0.0").await;
+    for node in ["node-1", "node-2"] {
+        assert!(
+            r.events.iter().any(|e| e.node.as_deref() == Some(node)
+                && e.message.contains("restored backup")
+                && e.message.contains("1 file")
+                && e.message.contains(", verified")),
+            "{node}: {:#?}",
+            r.events
+        );
+    }
+    let out = cli(
+        &fleet.url(),
+        &["logs", &r.id.to_string(), "--node", "node-1"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("verified"), "{text}");
+
+    // Listed as node-1 last reported it: the upgrade's backup, newest first.
+    let url = fleet.url();
+    let listed: Vec<BackupInfo> = wait_until("node-1 to report its backup", || {
+        let out = cli(&url, &["backups", "node-1", "api", "--json"]);
+        let listed: Vec<BackupInfo> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let reported = listed.first().is_some_and(|b| b.file_count >= 1);
+        async move { reported.then_some(listed) }
+    })
+    .await;
+    let newest = &listed[0];
+    assert_eq!(
+        (newest.from_version.as_deref(), newest.to_version.as_deref()),
+        (Some("1.0.0"), Some("2.0.0")),
+        "{listed:#?}"
+    );
+    assert_eq!(newest.file_count, 1, "{listed:#?}");
+    let out = cli(&url, &["backups", "node-1", "api"]);
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = table.lines().collect();
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(header, ["TASK", "TAKEN", "FROM", "TO", "FILES", "SIZE"]);
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(row[0], newest.task, "{table}");
+    assert_eq!(&row[2..5], ["1.0.0", "2.0.0", "1"], "{table}");
+
+    // Unknown names are user errors that name them.
+    let out = cli(&url, &["backups", "n9", "api"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("node: \"n9\" is not known to the control plane"),
+        "{stderr}"
+    );
+    let out = cli(&url, &["backups", "node-1", "db"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("service: node-1 does not run \"db\""),
+        "{stderr}"
+    );
+}
