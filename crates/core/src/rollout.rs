@@ -386,7 +386,10 @@ impl Rollout {
             })
             .find(|(r, h)| !r.ok && h.on_error == crate::OnError::Fail)
             .map(|(r, _)| r.clone());
+        let running = matches!(self.state, RolloutState::Running | RolloutState::Paused);
         match stage {
+            // Cancelled or rolled back while its hooks ran: only the log.
+            HookStage::PreRollout if !running => {}
             HookStage::PreRollout => {
                 if let Some(f) = failed {
                     let reason = format!(
@@ -760,6 +763,59 @@ mod tests {
         assert_eq!(r.last_progress_at, 60_000);
         assert_eq!(r.waiting, None);
         assert!(r.await_dependencies(&[db(RolloutState::RolledBack)], 61_000));
+    }
+
+    fn report(ok: bool) -> crate::HookReport {
+        crate::HookReport {
+            name: "hooks.pre_rollout[0]".into(),
+            ok,
+            attempts: 1,
+            exit_code: Some(if ok { 0 } else { 3 }),
+            http_status: None,
+            duration_ms: 5,
+            output: String::new(),
+            error: (!ok).then(|| "exited 3".into()),
+        }
+    }
+
+    fn with_pre_rollout_hook() -> Rollout {
+        let mut r = blocked_rollout();
+        r.after.clear();
+        r.spec.hooks.pre_rollout = crate::HooksFile {
+            pre_rollout: vec![crate::HookFile {
+                command: Some(vec!["true".into()]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap()
+        .pre_rollout;
+        r
+    }
+
+    #[test]
+    fn a_failed_pre_rollout_hook_fails_the_rollout_before_any_change() {
+        let mut r = with_pre_rollout_hook();
+        assert!(r.pre_rollout_due());
+        r.record_hooks(HookStage::PreRollout, &[report(false)], 1_000);
+        assert_eq!(r.state, RolloutState::Failed);
+        assert_eq!(
+            r.reason.as_deref(),
+            Some("pre_rollout hook hooks.pre_rollout[0] failed (exited 3): no node was changed")
+        );
+        assert_eq!(r.count(NodeState::Pending), 1);
+
+        let mut r = with_pre_rollout_hook();
+        r.record_hooks(HookStage::PreRollout, &[report(true)], 1_000);
+        assert!(r.pre_rollout_done && !r.pre_rollout_due());
+        assert_eq!(r.state, RolloutState::Running);
+
+        // Cancelled while its hook ran: a late failure changes nothing more.
+        let mut r = with_pre_rollout_hook();
+        r.cancel(500).unwrap();
+        r.record_hooks(HookStage::PreRollout, &[report(false)], 1_000);
+        assert_eq!(r.state, RolloutState::Cancelled);
     }
 
     #[test]
