@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use flate2::read::GzDecoder;
-use rollwave_core::ArtifactFormat;
+use rollwave_core::{error_chain, ArtifactFormat};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
@@ -810,21 +810,6 @@ fn human_bytes(n: u64) -> String {
     } else {
         format!("{n} bytes")
     }
-}
-
-/// An error and its sources on one line, without repeats.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let msg = s.to_string();
-        if !out.ends_with(&msg) {
-            out.push_str(": ");
-            out.push_str(&msg);
-        }
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

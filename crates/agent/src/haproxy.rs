@@ -23,7 +23,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rollwave_core::{format_duration, parse_duration, SpecError};
+use rollwave_core::{describe_io, format_duration, parse_duration, SpecError};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -327,20 +327,6 @@ async fn command_on(socket: &Path, command: &str) -> Result<String, HaproxyError
             reason: describe_io(&e),
         }),
         Ok(Ok(reply)) => Ok(String::from_utf8_lossy(&reply).into_owned()),
-    }
-}
-
-/// `Connection refused (os error 111)` -> `connection refused`.
-fn describe_io(e: &io::Error) -> String {
-    let s = e.to_string();
-    let s = match s.find(" (os error") {
-        Some(i) => &s[..i],
-        None => &s,
-    };
-    let mut chars = s.chars();
-    match chars.next() {
-        Some(first) => first.to_lowercase().chain(chars).collect(),
-        None => format!("{:?}", e.kind()).to_lowercase(),
     }
 }
 

@@ -18,15 +18,15 @@
 //! [`HealthCheck`] is the configuration as written; [`HealthCheck::resolve`]
 //! validates it into a [`ResolvedCheck`] with errors that name the field.
 
-use std::error::Error;
-use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use rollwave_core::{format_duration, parse_duration, Health, SpecError};
+use rollwave_core::{
+    describe_io, error_chain, find_io_error, format_duration, parse_duration, Health, SpecError,
+};
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -456,46 +456,6 @@ fn last_line(output: &[u8]) -> Option<String> {
 
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-fn find_io_error<'a>(e: &'a (dyn Error + 'static)) -> Option<&'a io::Error> {
-    let mut current = Some(e);
-    while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            return Some(io);
-        }
-        current = e.source();
-    }
-    None
-}
-
-/// `Connection refused (os error 111)` becomes `connection refused`.
-fn describe_io(e: &io::Error) -> String {
-    let text = e.to_string();
-    let text = match text.rfind(" (os error ") {
-        Some(i) if text.ends_with(')') => &text[..i],
-        _ => &text,
-    };
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(first) => first.to_lowercase().chain(chars).collect(),
-        None => String::new(),
-    }
-}
-
-/// An error and its sources on one line, without repeats.
-fn error_chain(e: &(dyn Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let msg = s.to_string();
-        if !out.ends_with(&msg) {
-            out.push_str(": ");
-            out.push_str(&msg);
-        }
-        source = s.source();
-    }
-    out
 }
 
 /// Debounces check results into a [`Health`]: healthy after

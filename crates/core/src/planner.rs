@@ -669,25 +669,18 @@ fn run_current_batch(
             unavailable += 1;
             healthy -= 1;
         }
-        let task = TaskRef {
-            id: r.task_id(&name, TaskKind::Upgrade),
-            kind: TaskKind::Upgrade,
-            started_at: now,
-        };
-        let n = r
-            .nodes
-            .get_mut(&name)
-            .expect("batch node is in the rollout");
-        n.state = NodeState::Upgrading;
-        n.task = Some(task.clone());
-        n.waiting_since = None;
-        n.updated_at = now;
         r.event(
             now,
             Some(&name),
             format!("upgrade to {} started", r.spec.version),
         );
-        dispatch.push(Dispatch { node: name, task });
+        dispatch.push(assign(
+            r,
+            name,
+            TaskKind::Upgrade,
+            NodeState::Upgrading,
+            now,
+        ));
     }
     let held = waits.len();
     let mut waits: Vec<String> = waits
@@ -860,11 +853,6 @@ fn run_all_at_once(
     let mut offline = Vec::new();
     for name in pending {
         let online = fleet.get(&name).is_some_and(|v| v.online);
-        let task = TaskRef {
-            id: r.task_id(&name, TaskKind::Stage),
-            kind: TaskKind::Stage,
-            started_at: now,
-        };
         let n = r
             .nodes
             .get_mut(&name)
@@ -887,11 +875,8 @@ fn run_all_at_once(
             }
             continue;
         }
-        n.state = NodeState::Staging;
-        n.task = Some(task.clone());
         n.waiting_since = None;
-        n.updated_at = now;
-        dispatch.push(Dispatch { node: name, task });
+        dispatch.push(assign(r, name, TaskKind::Stage, NodeState::Staging, now));
     }
     let total = r.nodes.len();
     let staged = r.count(NodeState::Staged);
@@ -917,21 +902,18 @@ fn run_all_at_once(
         }
         let names: Vec<String> = r.nodes.keys().cloned().collect();
         for name in names {
-            let task = TaskRef {
-                id: r.task_id(&name, TaskKind::Upgrade),
-                kind: TaskKind::Upgrade,
-                started_at: now,
-            };
-            let n = r.nodes.get_mut(&name).expect("node is in the rollout");
-            n.state = NodeState::Upgrading;
-            n.task = Some(task.clone());
-            n.updated_at = now;
             r.event(
                 now,
                 Some(&name),
                 format!("upgrade to {} started", r.spec.version),
             );
-            dispatch.push(Dispatch { node: name, task });
+            dispatch.push(assign(
+                r,
+                name,
+                TaskKind::Upgrade,
+                NodeState::Upgrading,
+                now,
+            ));
         }
     }
     if r.nodes.values().all(|n| n.state == NodeState::Upgraded) {
@@ -1000,11 +982,6 @@ fn converge(r: &mut Rollout, fleet: &Fleet, now: Timestamp, dispatch: &mut Vec<D
     let mut healthy = invariants::fleet_healthy(r, fleet);
     let floor = r.spec.min_healthy as usize;
     for (name, on_target, already_down) in back {
-        let task = TaskRef {
-            id: r.task_id(&name, TaskKind::Converge),
-            kind: TaskKind::Converge,
-            started_at: now,
-        };
         let n = r.nodes.get_mut(&name).expect("node is in the rollout");
         if on_target {
             // Its upgrade finished while it could not report.
@@ -1021,18 +998,42 @@ fn converge(r: &mut Rollout, fleet: &Fleet, now: Timestamp, dispatch: &mut Vec<D
             unavailable += 1;
             healthy -= 1;
         }
-        n.state = NodeState::Converging;
-        n.task = Some(task.clone());
         n.reason = None;
-        n.updated_at = now;
         r.event(
             now,
             Some(&name),
             format!("back online: converging to {}", r.spec.version),
         );
-        dispatch.push(Dispatch { node: name, task });
+        dispatch.push(assign(
+            r,
+            name,
+            TaskKind::Converge,
+            NodeState::Converging,
+            now,
+        ));
     }
     r.reason = Some(summary(r));
+}
+
+/// Gives a node its task of `kind`, in `state`: the node's task is what
+/// `record_result` matches and what is sent again after a crash.
+fn assign(
+    r: &mut Rollout,
+    name: String,
+    kind: TaskKind,
+    state: NodeState,
+    now: Timestamp,
+) -> Dispatch {
+    let task = TaskRef {
+        id: r.task_id(&name, kind),
+        kind,
+        started_at: now,
+    };
+    let n = r.nodes.get_mut(&name).expect("node is in the rollout");
+    n.state = state;
+    n.task = Some(task.clone());
+    n.updated_at = now;
+    Dispatch { node: name, task }
 }
 
 fn roll_back(r: &mut Rollout, now: Timestamp, dispatch: &mut Vec<Dispatch>) {
@@ -1044,18 +1045,18 @@ fn roll_back(r: &mut Rollout, now: Timestamp, dispatch: &mut Vec<Dispatch>) {
         .collect();
     // Straight back, all at once: no batches, no waiting for waves.
     for name in to_revert {
-        let task = TaskRef {
-            id: r.task_id(&name, TaskKind::Revert),
-            kind: TaskKind::Revert,
-            started_at: now,
-        };
-        let n = r.nodes.get_mut(&name).expect("node is in the rollout");
-        n.state = NodeState::RollingBack;
-        n.task = Some(task.clone());
-        n.updated_at = now;
-        let to = n.from_version.clone().unwrap_or_else(|| "nothing".into());
+        let to = r.nodes[&name]
+            .from_version
+            .clone()
+            .unwrap_or_else(|| "nothing".into());
         r.event(now, Some(&name), format!("rollback to {to} started"));
-        dispatch.push(Dispatch { node: name, task });
+        dispatch.push(assign(
+            r,
+            name,
+            TaskKind::Revert,
+            NodeState::RollingBack,
+            now,
+        ));
     }
     let busy: Vec<&str> = r.in_flight().map(|(n, _)| n).collect();
     if busy.is_empty() {

@@ -15,8 +15,6 @@
 //!   is its secret, and reports end up in the rollout's execution log.
 
 use std::collections::BTreeMap;
-use std::error::Error;
-use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -25,7 +23,9 @@ use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use rollwave_core::{format_duration, Hook, HookAction, HookReport};
+use rollwave_core::{
+    describe_io, error_chain, find_io_error, format_duration, Hook, HookAction, HookReport,
+};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
 
@@ -319,46 +319,6 @@ fn describe_request_error(url: &str, e: reqwest::Error) -> String {
     } else {
         format!("posting to {origin}: {cause}")
     }
-}
-
-fn find_io_error<'a>(e: &'a (dyn Error + 'static)) -> Option<&'a io::Error> {
-    let mut current = Some(e);
-    while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            return Some(io);
-        }
-        current = e.source();
-    }
-    None
-}
-
-/// `No such file or directory (os error 2)` becomes `no such file or directory`.
-fn describe_io(e: &io::Error) -> String {
-    let text = e.to_string();
-    let text = match text.rfind(" (os error ") {
-        Some(i) if text.ends_with(')') => &text[..i],
-        _ => &text,
-    };
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(first) => first.to_lowercase().chain(chars).collect(),
-        None => String::new(),
-    }
-}
-
-/// An error and its sources on one line, without repeats.
-fn error_chain(e: &(dyn Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let msg = s.to_string();
-        if !out.ends_with(&msg) {
-            out.push_str(": ");
-            out.push_str(&msg);
-        }
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]
