@@ -18,7 +18,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use rollwave_api::{AgentMessage, ArtifactRef, Task, TaskAction, TaskOutcome};
-use rollwave_core::{format_duration, Health, Hook, OnError};
+use rollwave_core::{
+    format_duration, Health, Hook, HookAction, OnError, ReleaseManifest, MAX_MANIFEST_BYTES,
+    RELEASE_MANIFEST,
+};
 use rollwave_hooks::HookContext;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -38,6 +41,12 @@ struct Journal {
     /// Every `pre_node` hook passed (or failed with `on_error = continue`).
     #[serde(default)]
     pre_node_done: bool,
+    /// The release's migration started: if the task is resumed before it
+    /// is `migrated`, the backup is restored before it runs again.
+    #[serde(default)]
+    migrating: bool,
+    #[serde(default)]
+    migrated: bool,
     done: Option<TaskOutcome>,
 }
 
@@ -201,6 +210,8 @@ impl Executor {
                 task: task.clone(),
                 previous: svc.dirs.current_version(),
                 pre_node_done: false,
+                migrating: false,
+                migrated: false,
                 done: None,
             },
         };
@@ -235,6 +246,12 @@ impl Executor {
             }
             TaskAction::Stage { version, artifact } => {
                 match self.stage(&task, &svc, version, artifact).await {
+                    Ok(()) => TaskOutcome::Succeeded,
+                    Err(reason) => TaskOutcome::Failed { reason },
+                }
+            }
+            TaskAction::DryRun { version, artifact } => {
+                match self.dry_run(&task, &svc, version, artifact).await {
                     Ok(()) => TaskOutcome::Succeeded,
                     Err(reason) => TaskOutcome::Failed { reason },
                 }
@@ -278,12 +295,25 @@ impl Executor {
         if let Err(reason) = self.stage(task, svc, version, art).await {
             return TaskOutcome::Failed { reason };
         }
+        let release = match release_manifest(svc, version) {
+            Ok(m) => m,
+            Err(reason) => return TaskOutcome::Failed { reason },
+        };
+        // The release's hooks run inside the rollout's: its checks see the
+        // node before the rollout's own undo (e.g. re-enabling traffic).
+        let pre: Vec<Hook> = hooks.pre.iter().chain(&release.pre_node).cloned().collect();
+        let post: Vec<Hook> = release
+            .post_node
+            .iter()
+            .chain(hooks.post)
+            .cloned()
+            .collect();
         // After staging, so that a node whose artifact cannot be installed
         // never runs them; before the switch, so that a failure leaves the
         // node untouched.
-        if !journal.pre_node_done && !hooks.pre.is_empty() {
+        if !journal.pre_node_done && !pre.is_empty() {
             let ran = self
-                .run_hooks(task, svc, "pre_node", hooks.pre, previous, version)
+                .run_hooks(task, svc, "pre_node", &pre, previous, version)
                 .await;
             if let Err(reason) = ran {
                 return TaskOutcome::Failed { reason };
@@ -295,8 +325,20 @@ impl Executor {
         }
         let deadline = Instant::now() + Duration::from_millis(deadline_ms);
         self.phase(task, "switching");
+        let migration = release.migrate.as_ref().map(|hook| Migration {
+            hook,
+            ctx: self.data_context(task, svc, "migrate", previous, version, None),
+            journal: &mut *journal,
+        });
         let result = match self
-            .switch_to(task, svc, Some(version), Data::Backup(&task.id), deadline)
+            .switch_to(
+                task,
+                svc,
+                Some(version),
+                Data::Backup(&task.id),
+                deadline,
+                migration,
+            )
             .await
         {
             Ok(took) => {
@@ -309,7 +351,7 @@ impl Executor {
         // A failed post_node hook is a failed gate: the node goes back.
         let result = match result {
             Ok(()) => {
-                self.run_hooks(task, svc, "post_node", hooks.post, previous, version)
+                self.run_hooks(task, svc, "post_node", &post, previous, version)
                     .await
             }
             Err(e) => Err(e),
@@ -328,7 +370,7 @@ impl Executor {
         self.phase(task, "rolling_back");
         let deadline = Instant::now() + Duration::from_millis(deadline_ms);
         let back = self
-            .switch_to(task, svc, previous, Data::Restore(&task.id), deadline)
+            .switch_to(task, svc, previous, Data::Restore(&task.id), deadline, None)
             .await;
         let reason = match back {
             Ok(_) => format!("{why}; rolled back to {to}"),
@@ -341,10 +383,13 @@ impl Executor {
     /// passing health check. Returns the time from the switch command to then.
     ///
     /// Restart mode: drain in the load balancer, stop, back up or restore,
-    /// switch `current`, start, check, re-enable. Handoff mode: back up or
-    /// restore, switch `current`, start the new version beside the old one on
-    /// the same sockets, and promote it once healthy; if it never is, the old
-    /// process, which never stopped serving, stays and `current` goes back.
+    /// switch `current`, migrate, start, check, re-enable. Handoff mode: back
+    /// up or restore, switch `current`, start the new version beside the old
+    /// one on the same sockets, and promote it once healthy; if it never is,
+    /// the old process, which never stopped serving, stays and `current` goes
+    /// back. A migration always switches by restart: the data must not change
+    /// under a running old version (the agent still holds `listen` sockets,
+    /// so clients wait in the backlog rather than being refused).
     async fn switch_to(
         &self,
         task: &Task,
@@ -352,6 +397,7 @@ impl Executor {
         to: Option<&str>,
         data: Data<'_>,
         deadline: Instant,
+        migration: Option<Migration<'_>>,
     ) -> Result<Duration, String> {
         let started = Instant::now();
         let from = svc.dirs.current_version();
@@ -382,7 +428,7 @@ impl Executor {
             Ok(())
         };
         match (svc.config.switch, to, &running) {
-            (SwitchMode::Handoff, Some(v), Some(_)) => {
+            (SwitchMode::Handoff, Some(v), Some(_)) if migration.is_none() => {
                 relink(svc)?;
                 let tried = match svc.supervisor.handoff().await {
                     Ok(_) => gate(svc, v, 0, deadline).await,
@@ -422,6 +468,9 @@ impl Executor {
                 }
                 svc.supervisor.stop().await?;
                 relink(svc)?;
+                if let Some(m) = migration {
+                    self.migrate(task, svc, m).await?;
+                }
                 if let Some(v) = to {
                     svc.supervisor.start().await?;
                     gate(svc, v, 0, deadline).await?;
@@ -497,6 +546,13 @@ impl Executor {
         if let Some(node) = node {
             env.insert("ROLLWAVE_NODE", node.clone());
         }
+        // Where the data is, for hooks that back up or verify it.
+        let paths = &svc.config.backup;
+        if let Some(first) = paths.first() {
+            env.insert("ROLLWAVE_DATA_DIR", first.display().to_string());
+        }
+        let all: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        env.insert("ROLLWAVE_DATA_PATHS", all.join(":"));
         let message = format!(
             "{which} hook of rollout {}: {service} {} -> {version} on {}",
             task.rollout,
@@ -517,6 +573,132 @@ impl Executor {
             }),
             dir: None,
         }
+    }
+
+    /// Runs the release's migration, at least once: a run cut short by an
+    /// agent restart is undone from the task's backup before it runs again,
+    /// so it always starts from the data the old version left.
+    async fn migrate(&self, task: &Task, svc: &Service, m: Migration<'_>) -> Result<(), String> {
+        if m.journal.migrated {
+            return Ok(());
+        }
+        if m.journal.migrating {
+            self.phase(
+                task,
+                "the migration was cut short: restoring the backup first",
+            );
+            if let Some(phase) = Data::Restore(&task.id).apply(svc, None, None)? {
+                self.phase(task, &phase);
+            }
+        } else {
+            m.journal.migrating = true;
+            self.write_journal(m.journal)?;
+        }
+        if svc.config.backup.is_empty() {
+            self.phase(
+                task,
+                "migrating without a backup: the service declares no backup paths",
+            );
+        }
+        self.phase(task, "hook migrate running");
+        let report = rollwave_hooks::run(m.hook, &m.ctx, &self.hooks_client).await;
+        self.phase(task, &report.summary());
+        if let Some(e) = report.error {
+            return Err(format!("migration failed: {e}"));
+        }
+        m.journal.migrated = true;
+        self.write_journal(m.journal)
+    }
+
+    /// Stages the release and runs its dry run against a throwaway copy of
+    /// the service's backup paths; the service and its data are untouched.
+    async fn dry_run(
+        &self,
+        task: &Task,
+        svc: &Service,
+        version: &str,
+        art: &ArtifactRef,
+    ) -> Result<(), String> {
+        self.stage(task, svc, version, art).await?;
+        let Some(hook) = release_manifest(svc, version)?.dry_run else {
+            self.phase(task, "the release declares no dry run");
+            return Ok(());
+        };
+        let scratch = svc.dirs.dry_runs().join(&task.id);
+        let paths = svc.config.backup.clone();
+        let dir = scratch.clone();
+        let copied = tokio::task::spawn_blocking(move || copy_for_dry_run(&paths, &dir))
+            .await
+            .map_err(|e| e.to_string())?;
+        let copies = match copied {
+            Ok((copies, files)) => {
+                self.phase(
+                    task,
+                    &format!(
+                        "copied {files} file{} of data for the dry run",
+                        if files == 1 { "" } else { "s" }
+                    ),
+                );
+                copies
+            }
+            Err(e) => {
+                let _ = remove_path(&scratch);
+                return Err(format!("copying data for the dry run: {e}"));
+            }
+        };
+        let current = svc.dirs.current_version();
+        let ctx = self.data_context(
+            task,
+            svc,
+            "dry_run",
+            current.as_deref(),
+            version,
+            Some(&copies),
+        );
+        self.phase(task, "hook dry_run running");
+        let report = rollwave_hooks::run(&hook, &ctx, &self.hooks_client).await;
+        self.phase(task, &report.summary());
+        if let Err(e) = remove_path(&scratch) {
+            tracing::warn!(task = %task.id, error = %e, "removing the dry run's copy of the data");
+        }
+        match report.error {
+            None => Ok(()),
+            Some(e) => Err(format!("{e}{}", tail(&report.output))),
+        }
+    }
+
+    /// What `migrate` and `dry_run` run with: the service's environment and
+    /// the hook variables, from the release directory; for a dry run,
+    /// `ROLLWAVE_DATA_DIR` and `ROLLWAVE_DATA_PATHS` name the copies.
+    fn data_context(
+        &self,
+        task: &Task,
+        svc: &Service,
+        which: &str,
+        previous: Option<&str>,
+        version: &str,
+        copies: Option<&[PathBuf]>,
+    ) -> HookContext {
+        let mut ctx = self.hook_context(task, svc, which, previous, version);
+        let mut env = svc.config.env.clone();
+        env.append(&mut ctx.env);
+        if let Some(copies) = copies {
+            if let Some(first) = copies.first() {
+                env.insert("ROLLWAVE_DATA_DIR".into(), first.display().to_string());
+            }
+            let all: Vec<String> = copies.iter().map(|p| p.display().to_string()).collect();
+            env.insert("ROLLWAVE_DATA_PATHS".into(), all.join(":"));
+        }
+        env.insert(
+            "ROLLWAVE_DRY_RUN".into(),
+            if copies.is_some() { "1" } else { "0" }.into(),
+        );
+        if let Ok(Some(active)) = svc.dirs.active_version() {
+            env.insert("ROLLWAVE_ACTIVE_VERSION".into(), active);
+        }
+        ctx.env = env;
+        ctx.dir = Some(svc.dirs.release(version));
+        ctx
     }
 
     async fn stage(
@@ -569,12 +751,86 @@ impl Executor {
         self.phase(task, "switching");
         let deadline = Instant::now() + Duration::from_millis(deadline_ms);
         match self
-            .switch_to(task, svc, to, Data::Restore(upgrade_task), deadline)
+            .switch_to(task, svc, to, Data::Restore(upgrade_task), deadline, None)
             .await
         {
             Ok(_) => TaskOutcome::Succeeded,
             Err(reason) => TaskOutcome::Failed { reason },
         }
+    }
+}
+
+/// The release's migration, run between the switch of `current` and the
+/// start of the new version.
+struct Migration<'a> {
+    hook: &'a Hook,
+    ctx: HookContext,
+    /// Where its progress is journaled.
+    journal: &'a mut Journal,
+}
+
+/// The staged release's `rollwave.toml` (empty when it has none). Its
+/// commands are resolved against the release directory, so `./bin/migrate`
+/// is the release's own.
+fn release_manifest(svc: &Service, version: &str) -> Result<ReleaseManifest, String> {
+    let dir = svc.dirs.release(version);
+    let path = dir.join(RELEASE_MANIFEST);
+    let text = match std::fs::metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ReleaseManifest::default()),
+        Err(e) => return Err(format!("release {version}: {}: {e}", path.display())),
+        Ok(m) if m.len() > MAX_MANIFEST_BYTES => {
+            return Err(format!(
+                "release {version}: {RELEASE_MANIFEST} is {} bytes, more than {MAX_MANIFEST_BYTES}",
+                m.len()
+            ))
+        }
+        Ok(_) => std::fs::read_to_string(&path)
+            .map_err(|e| format!("release {version}: {}: {e}", path.display()))?,
+    };
+    let mut m = ReleaseManifest::parse(&text).map_err(|e| format!("release {version}: {e}"))?;
+    let hooks = m
+        .migrate
+        .iter_mut()
+        .chain(m.dry_run.iter_mut())
+        .chain(m.pre_node.iter_mut())
+        .chain(m.post_node.iter_mut());
+    for hook in hooks {
+        if let HookAction::Exec { command } = &mut hook.action {
+            let program = Path::new(&command[0]);
+            if program.is_relative() && command[0].contains('/') {
+                command[0] = dir.join(program).display().to_string();
+            }
+        }
+    }
+    Ok(m)
+}
+
+/// Copies each of `paths` that exists to `<dir>/<i>`; returns where each
+/// copy is (or would be) and how many entries were copied.
+fn copy_for_dry_run(paths: &[PathBuf], dir: &Path) -> std::io::Result<(Vec<PathBuf>, u64)> {
+    remove_path(dir)?;
+    std::fs::create_dir_all(dir)?;
+    let mut copies = Vec::with_capacity(paths.len());
+    let mut files = 0;
+    for (i, path) in paths.iter().enumerate() {
+        let copy = dir.join(i.to_string());
+        if std::fs::symlink_metadata(path).is_ok() {
+            files += copy_tree(path, &copy)?;
+        }
+        copies.push(copy);
+    }
+    Ok((copies, files))
+}
+
+/// The end of a failed command's output, for the task's reason: the
+/// execution log has it whole.
+fn tail(output: &str) -> String {
+    let last = output.trim().lines().last().unwrap_or_default();
+    if last.is_empty() {
+        String::new()
+    } else {
+        let cut: String = last.chars().take(200).collect();
+        format!(": {cut}")
     }
 }
 
@@ -1331,6 +1587,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_migration_cut_short_is_undone_from_the_backup_before_it_runs_again() {
+        let mut node = Node::start().await;
+        let seen = node.path("seen");
+        let manifest = format!(
+            "[migrate]\ncommand = [\"sh\", \"-c\", \"cat \\\"$ROLLWAVE_DATA_DIR\\\" >> {seen}; echo 'v2 data' > \\\"$ROLLWAVE_DATA_DIR\\\"\"]\n"
+        );
+        let release = node.svc.dirs.release("2.0.0");
+        std::fs::write(release.join(RELEASE_MANIFEST), manifest).unwrap();
+        let task = upgrade("r7-up-n1", Vec::new(), Vec::new());
+        // As left by an agent killed mid-migration: backed up, switched,
+        // the old version stopped, the data half migrated.
+        backup(&node.svc, "r7-up-n1", Some("1.0.0"), Some("2.0.0")).unwrap();
+        node.svc.supervisor.stop().await.unwrap();
+        node.svc.dirs.switch_current(Some("2.0.0")).unwrap();
+        std::fs::write(&node.data, "half migrated\n").unwrap();
+        node.executor
+            .write_journal(&Journal {
+                task: task.clone(),
+                previous: Some("1.0.0".into()),
+                pre_node_done: true,
+                migrating: true,
+                migrated: false,
+                done: None,
+            })
+            .unwrap();
+
+        let (phases, outcome) = node.run(task).await;
+
+        assert_eq!(outcome, TaskOutcome::Succeeded, "{phases:?}");
+        let restored = position(&phases, |p| {
+            p == "restored backup r7-up-n1: 1 file, 8 B, verified"
+        });
+        let migrated = position(&phases, |p| p.starts_with("hook migrate exited 0 in "));
+        assert!(restored < migrated, "{phases:?}");
+        assert_eq!(std::fs::read_to_string(&seen).unwrap(), "v1 data\n");
+        assert_eq!(std::fs::read_to_string(&node.data).unwrap(), "v2 data\n");
+        node.wait_running("2.0.0").await;
+    }
+
+    #[tokio::test]
     async fn a_resumed_task_does_not_rerun_pre_node_hooks_that_passed() {
         let mut node = Node::start().await;
         // Would fail the task if it ran again.
@@ -1342,6 +1638,8 @@ mod tests {
                 task: task.clone(),
                 previous: Some("1.0.0".into()),
                 pre_node_done: true,
+                migrating: false,
+                migrated: false,
                 done: None,
             })
             .unwrap();

@@ -44,6 +44,10 @@ impl ServiceDirs {
     pub fn backups(&self) -> PathBuf {
         self.root.join("backups")
     }
+    /// Throwaway copies of the data, one per dry run task.
+    pub fn dry_runs(&self) -> PathBuf {
+        self.root.join("dry-runs")
+    }
     pub fn process_file(&self) -> PathBuf {
         self.root.join("process.json")
     }

@@ -98,6 +98,13 @@ pub enum TaskAction {
         version: String,
         artifact: ArtifactRef,
     },
+    /// Stage `version` and run the `dry_run` its `rollwave.toml` declares
+    /// against a throwaway copy of the service's data, switching nothing.
+    /// The command comes from the release, never from the task.
+    DryRun {
+        version: String,
+        artifact: ArtifactRef,
+    },
     /// Return to `to_version` (none: the service did not run before) and
     /// restore the backup taken by `upgrade_task`.
     Revert {

@@ -159,8 +159,13 @@ async fn release(api: ApiClient, cmd: ReleaseCommand) -> anyhow::Result<ExitCode
             let resp: PushResponse = api.post_bytes(&path, bytes).await?;
             let r = &resp.release;
             if resp.created {
+                let declares = r
+                    .manifest
+                    .as_ref()
+                    .map(|m| format!(", declares {}", m.describe()))
+                    .unwrap_or_default();
                 println!(
-                    "pushed {}@{} ({:?}, {} bytes, sha256 {})",
+                    "pushed {}@{} ({:?}, {} bytes, sha256 {}{declares})",
                     r.service, r.version, r.format, r.size, r.sha256
                 );
             } else {

@@ -29,16 +29,25 @@ fn yes() -> bool {
 
 /// Builds a demo release tarball in memory.
 pub fn tarball(release: &DemoRelease) -> anyhow::Result<Vec<u8>> {
+    tarball_with(release, &[])
+}
+
+/// A release archive with more files beside `release.toml`, each as
+/// (path, content, mode): e.g. a `rollwave.toml` and the scripts it names.
+pub fn tarball_with(release: &DemoRelease, files: &[(&str, &str, u32)]) -> anyhow::Result<Vec<u8>> {
     let toml = toml::to_string(release)?;
     let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
         Vec::new(),
         flate2::Compression::default(),
     ));
-    let mut header = tar::Header::new_gnu();
-    header.set_size(toml.len() as u64);
-    header.set_mode(0o644);
-    header.set_cksum();
-    builder.append_data(&mut header, "release.toml", toml.as_bytes())?;
+    let all = std::iter::once(("release.toml", toml.as_str(), 0o644)).chain(files.iter().copied());
+    for (path, content, mode) in all {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(content.len() as u64);
+        header.set_mode(mode);
+        header.set_cksum();
+        builder.append_data(&mut header, path, content.as_bytes())?;
+    }
     Ok(builder.into_inner()?.finish()?)
 }
 

@@ -190,14 +190,25 @@ pub fn releases(releases: &[Release]) -> String {
         "VERSION".into(),
         "FORMAT".into(),
         "SIZE".into(),
+        "DECLARES".into(),
         "SHA256".into(),
     ]];
     for r in releases {
+        let declares = r
+            .manifest
+            .as_ref()
+            .map(|m| m.describe())
+            .unwrap_or_default();
         rows.push(vec![
             r.service.clone(),
             r.version.clone(),
             format!("{:?}", r.format).to_lowercase(),
             r.size.to_string(),
+            if declares.is_empty() {
+                "-".into()
+            } else {
+                declares
+            },
             r.sha256.clone(),
         ]);
     }

@@ -123,7 +123,7 @@ impl HooksFile {
 }
 
 impl HookFile {
-    fn resolve(&self, at: &str) -> Result<Hook, SpecError> {
+    pub(crate) fn resolve(&self, at: &str) -> Result<Hook, SpecError> {
         let field = |f: &str| format!("{at}.{f}");
         let kind = match (self.kind.as_deref(), &self.command, &self.url) {
             (Some(k), _, _) => k,

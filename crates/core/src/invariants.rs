@@ -429,7 +429,9 @@ pub fn switched_together<'a>(
 /// (the switch goes out as soon as the last one has staged). Other rollouts
 /// pass.
 pub fn staged_then_switched(r: &Rollout, fleet: &Fleet) -> Result<(), String> {
-    if !r.spec.all_at_once || r.state != RolloutState::Running {
+    // A dry run comes first: see `dry_run_first`.
+    let dry_running = r.spec.dry_run && !r.dry_run_done;
+    if !r.spec.all_at_once || r.state != RolloutState::Running || dry_running {
         return Ok(());
     }
     let online = |name: &str| fleet.get(name).is_some_and(|v| v.online);
@@ -473,6 +475,29 @@ pub fn fails_as_one(r: &Rollout) -> Result<(), String> {
         )),
         None => Ok(()),
     }
+}
+
+/// A release's dry run comes before any change: until it has passed, every
+/// node waits (pending) or runs the dry run, and at most one does.
+pub fn dry_run_first(r: &Rollout) -> Result<(), String> {
+    if !r.spec.dry_run || r.dry_run_done {
+        return Ok(());
+    }
+    if let Some((name, n)) = r
+        .nodes
+        .iter()
+        .find(|(_, n)| !matches!(n.state, NodeState::Pending | NodeState::DryRunning))
+    {
+        return Err(format!(
+            "{name} is {} before the dry run passed",
+            n.state.as_str()
+        ));
+    }
+    let running = r.count(NodeState::DryRunning);
+    if running > 1 {
+        return Err(format!("{running} nodes run the dry run at once"));
+    }
+    Ok(())
 }
 
 /// All at once, at the end: once the rollout is terminal with nothing in

@@ -12,6 +12,7 @@ mod fleet;
 mod gate;
 mod hooks;
 pub mod invariants;
+mod manifest;
 mod planner;
 mod rollout;
 mod selector;
@@ -26,6 +27,7 @@ pub use gate::{check_downgrade, check_finalize, newest_running, ActiveVersion, F
 pub use hooks::{
     Hook, HookAction, HookFile, HookReport, Hooks, HooksFile, OnError, DEFAULT_HOOK_TIMEOUT,
 };
+pub use manifest::{ReleaseManifest, MAX_MANIFEST_BYTES, RELEASE_MANIFEST};
 pub use planner::{plan_batches, step, Decision, Dispatch};
 pub use rollout::{
     CommandError, Dependency, HookStage, NodeProgress, NodeState, Rollout, RolloutEvent,
@@ -86,4 +88,7 @@ pub struct Release {
     pub format: ArtifactFormat,
     pub filename: String,
     pub created_at: Timestamp,
+    /// The archive's `rollwave.toml`, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<ReleaseManifest>,
 }

@@ -7,7 +7,7 @@ use crate::fleet::join_by_name;
 use crate::invariants::{self, unavailable_count};
 use crate::{
     format_duration, Fleet, Health, NodeProgress, NodeState, NodeView, Rollout, RolloutSpec,
-    RolloutState, SpecError, TaskKind, TaskRef, Timestamp,
+    RolloutState, SpecError, TaskKind, TaskOutcome, TaskRef, Timestamp,
 };
 
 /// A task to send to a node's agent, persisted before it is sent.
@@ -179,6 +179,7 @@ pub fn plan_batches(
         finalized: None,
         pre_rollout_done: false,
         end_hooks_done: false,
+        dry_run_done: false,
     };
     let down: Vec<String> = selected
         .iter()
@@ -196,6 +197,13 @@ pub fn plan_batches(
             rollout.batches.len()
         ),
     );
+    if rollout.spec.dry_run {
+        rollout.event(
+            now,
+            None,
+            "the release declares a dry run: it runs first, on one node, against a copy of that node's data".into(),
+        );
+    }
     if !down.is_empty() {
         rollout.event(
             now,
@@ -399,7 +407,9 @@ pub fn step(current: &Rollout, fleet: &Fleet, now: Timestamp) -> Decision {
     if matches!(r.state, RolloutState::Running | RolloutState::Paused) && !r.spec.all_at_once {
         stage_ahead(&mut r, fleet, now, &mut stage);
     }
-    match r.state {
+    let state = r.state;
+    match state {
+        RolloutState::Running if !dry_run_first(&mut r, fleet, now, &mut dispatch) => {}
         RolloutState::Running if r.spec.all_at_once => {
             run_all_at_once(&mut r, fleet, now, &mut dispatch, &mut wake);
             // A node given up in this step sends every node back in it too,
@@ -431,6 +441,59 @@ pub fn step(current: &Rollout, fleet: &Fleet, now: Timestamp) -> Decision {
         next_wakeup: wake.0,
         changed,
     }
+}
+
+/// Before any node changes, when the release declares a dry run: runs it on
+/// the first node of the plan that is online, and again on another if that
+/// one is lost. Returns whether the rollout may go on to change nodes.
+fn dry_run_first(
+    r: &mut Rollout,
+    fleet: &Fleet,
+    now: Timestamp,
+    dispatch: &mut Vec<Dispatch>,
+) -> bool {
+    if !r.spec.dry_run || r.dry_run_done {
+        return true;
+    }
+    if let Some((name, n)) = r
+        .nodes
+        .iter()
+        .find(|(_, n)| n.state == NodeState::DryRunning)
+    {
+        let phase = n.phase.as_deref().unwrap_or("running");
+        r.waiting = Some(format!("dry run on {name}: {phase}"));
+        return false;
+    }
+    let online = r
+        .batches
+        .iter()
+        .flatten()
+        .find(|name| {
+            r.nodes[*name].state == NodeState::Pending && fleet.get(*name).is_some_and(|v| v.online)
+        })
+        .cloned();
+    match online {
+        Some(name) => {
+            r.event(
+                now,
+                Some(&name),
+                format!(
+                    "dry run of {}@{} against a copy of this node's data",
+                    r.spec.service, r.spec.version
+                ),
+            );
+            r.waiting = Some(format!("dry run on {name}: running"));
+            dispatch.push(assign(
+                r,
+                name,
+                TaskKind::DryRun,
+                NodeState::DryRunning,
+                now,
+            ));
+        }
+        None => r.waiting = Some("dry run waits for a node of the plan to be online".into()),
+    }
+    false
 }
 
 /// Sends each pending node that is online and lacks the release one stage
@@ -497,12 +560,12 @@ fn give_up_on_lost_tasks(r: &mut Rollout, fleet: &Fleet, now: Timestamp, wake: &
         }
         let since = view.map_or(task.started_at, |v| v.last_seen.max(task.started_at));
         if now >= since + deadline {
-            lost.push((name.to_string(), since));
+            lost.push((name.to_string(), since, task.kind));
         } else {
             wake.at(since + deadline);
         }
     }
-    for (name, since) in lost {
+    for (name, since, kind) in lost {
         let n = r
             .nodes
             .get_mut(&name)
@@ -511,6 +574,14 @@ fn give_up_on_lost_tasks(r: &mut Rollout, fleet: &Fleet, now: Timestamp, wake: &
             "agent unreachable for {} while its task ran; its outcome is unknown",
             format_duration(now - since)
         );
+        if kind == TaskKind::DryRun {
+            // Nothing changed on the node: another one runs the dry run.
+            n.state = NodeState::Pending;
+            n.phase = None;
+            n.updated_at = now;
+            r.event(now, Some(&name), format!("dry run given up: {reason}"));
+            continue;
+        }
         n.state = NodeState::Unreachable;
         n.reason = Some(reason.clone());
         n.phase = None;
@@ -523,6 +594,12 @@ fn give_up_on_lost_tasks(r: &mut Rollout, fleet: &Fleet, now: Timestamp, wake: &
             "the agent reported no result within {} (progress_deadline) of the task's start",
             format_duration(r.spec.progress_deadline)
         );
+        if kind == TaskKind::DryRun {
+            let failed = TaskOutcome::Failed { reason };
+            let id = r.task_id(&name, kind);
+            r.record_result(&name, &id, &failed, now);
+            continue;
+        }
         let n = r
             .nodes
             .get_mut(&name)
@@ -530,6 +607,7 @@ fn give_up_on_lost_tasks(r: &mut Rollout, fleet: &Fleet, now: Timestamp, wake: &
         n.state = match kind {
             TaskKind::Revert => NodeState::RollbackFailed,
             TaskKind::Upgrade | TaskKind::Stage | TaskKind::Converge => NodeState::Failed,
+            TaskKind::DryRun => NodeState::Pending,
         };
         n.reason = Some(reason.clone());
         n.phase = None;
@@ -1096,7 +1174,7 @@ impl Wake {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{RolloutFile, ServiceView, StrategyFile, TaskOutcome, WaveFile};
+    use crate::{RolloutFile, ServiceView, StrategyFile, WaveFile};
 
     fn fleet(n: usize) -> Fleet {
         (1..=n)

@@ -73,6 +73,9 @@ pub enum NodeState {
     /// Back after being unreachable: switching to the version the rest of
     /// the rollout reached.
     Converging,
+    /// Running the release's dry run against a copy of its data; the node
+    /// itself does not change.
+    DryRunning,
 }
 
 impl NodeState {
@@ -83,6 +86,7 @@ impl NodeState {
                 | NodeState::RollingBack
                 | NodeState::Staging
                 | NodeState::Converging
+                | NodeState::DryRunning
         )
     }
 
@@ -99,6 +103,7 @@ impl NodeState {
             NodeState::Staging => "staging",
             NodeState::Staged => "staged",
             NodeState::Converging => "converging",
+            NodeState::DryRunning => "dry_running",
         }
     }
 }
@@ -116,6 +121,9 @@ pub enum TaskKind {
     /// An upgrade of a node that was unreachable during the rollout, once
     /// it is back.
     Converge,
+    /// Stage the release and run its dry run against a throwaway copy of
+    /// the service's data; switches nothing.
+    DryRun,
 }
 
 /// A task assigned to a node. Its id is derived from the rollout, the node and
@@ -217,6 +225,9 @@ pub struct Rollout {
     /// `on_failure`) have run.
     #[serde(default)]
     pub end_hooks_done: bool,
+    /// The release's dry run passed (see [`RolloutSpec::dry_run`]).
+    #[serde(default)]
+    pub dry_run_done: bool,
 }
 
 /// Which hooks of a rollout run now.
@@ -251,6 +262,7 @@ impl Rollout {
             TaskKind::Revert => "rb",
             TaskKind::Stage => "st",
             TaskKind::Converge => "cv",
+            TaskKind::DryRun => "dr",
         };
         format!("r{}-{k}-{node}", self.id)
     }
@@ -608,6 +620,39 @@ impl Rollout {
         true
     }
 
+    fn record_dry_run(
+        &mut self,
+        node: &str,
+        outcome: &TaskOutcome,
+        elapsed: Timestamp,
+        now: Timestamp,
+    ) -> bool {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return false;
+        };
+        // The node did not change: it waits for its turn like any other.
+        n.state = NodeState::Pending;
+        n.reason = None;
+        n.phase = None;
+        n.updated_at = now;
+        self.last_progress_at = now;
+        match outcome {
+            TaskOutcome::Succeeded => {
+                self.dry_run_done = true;
+                let msg = format!("dry run passed in {}", format_duration(elapsed));
+                self.event(now, Some(node), msg);
+            }
+            TaskOutcome::Failed { reason } => {
+                self.event(now, Some(node), format!("dry run failed: {reason}"));
+                if matches!(self.state, RolloutState::Running | RolloutState::Paused) {
+                    let why = format!("dry run on {node} failed: {reason}; no node was changed");
+                    self.set_state(RolloutState::Failed, Some(why), now);
+                }
+            }
+        }
+        true
+    }
+
     /// Records the end of a task. Idempotent: a result for a task that is not
     /// the node's current one, or that was already recorded, changes nothing.
     pub fn record_result(
@@ -682,6 +727,7 @@ impl Rollout {
                 Some(reason.clone()),
                 format!("rollback failed: {reason}"),
             ),
+            (TaskKind::DryRun, _) => return self.record_dry_run(node, outcome, elapsed, now),
         };
         n.state = state;
         n.reason = reason;

@@ -174,6 +174,10 @@ pub struct RolloutSpec {
     pub auto_finalize: bool,
     #[serde(default, skip_serializing_if = "crate::Hooks::is_empty")]
     pub hooks: crate::Hooks,
+    /// The release declares a dry run: one node runs it against a copy of
+    /// its data before any node changes. Set from the release, not the file.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -508,6 +512,7 @@ impl RolloutFile {
                 Some(h) => h.resolve()?,
                 None => crate::Hooks::default(),
             },
+            dry_run: false,
         })
     }
 }

@@ -16,9 +16,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 use rollwave_core::invariants::{
     all_or_nothing, batch_cuts, batch_order, batches_within, converged_when_back, domain_order,
-    domains_in_order, fails_as_one, fleet_healthy, healthy_floor, in_flight_by_domain,
-    planned_once, promotion_respected, settled, spread_within, staged_then_switched,
-    switched_together, unavailable_count, within_budget,
+    domains_in_order, dry_run_first, fails_as_one, fleet_healthy, healthy_floor,
+    in_flight_by_domain, planned_once, promotion_respected, settled, spread_within,
+    staged_then_switched, switched_together, unavailable_count, within_budget,
 };
 use rollwave_core::{
     plan_batches, step, Amount, CountOrText, Decision, Fleet, Health, NodeState, NodeView, Rollout,
@@ -465,7 +465,11 @@ impl Case {
             (s.spread_by, s.max_per_domain) = (None, None);
             (s.order_by, s.order) = (None, None);
         }
-        file.resolve().expect("generated spec is valid")
+        let mut spec = file.resolve().expect("generated spec is valid");
+        // One case in four has a release that declares a dry run; drawn
+        // from the seed so that existing regressions replay unchanged.
+        spec.dry_run = self.seed % 4 == 1;
+        spec
     }
 
     /// The nodes that, once offline, stay offline until the end: drawn from
@@ -559,6 +563,7 @@ fn kind_key(k: TaskKind) -> u8 {
         TaskKind::Revert => 1,
         TaskKind::Stage => 2,
         TaskKind::Converge => 3,
+        TaskKind::DryRun => 4,
     }
 }
 
@@ -851,6 +856,29 @@ impl Sim {
                     );
                     assert_eq!(x.task.id, r.task_id(&x.node, TaskKind::Stage));
                 }
+                TaskKind::DryRun => {
+                    assert!(r.spec.dry_run && !old.dry_run_done, "{}", ctx());
+                    assert_eq!(old.state, RolloutState::Running, "{}", ctx());
+                    assert_eq!(
+                        prior,
+                        NodeState::Pending,
+                        "dry run on {}: {}",
+                        x.node,
+                        ctx()
+                    );
+                    assert_eq!(now_state, NodeState::DryRunning);
+                    assert!(
+                        self.fleet[&x.node].online,
+                        "dry run on offline {}: {}",
+                        x.node,
+                        ctx()
+                    );
+                    assert!(
+                        r.in_flight().all(|(n, _)| n == x.node),
+                        "a dry run beside other tasks: {}",
+                        ctx()
+                    );
+                }
                 TaskKind::Converge => {
                     // Converging starts once completed (in the step that
                     // completes the rollout, or later), until superseded.
@@ -885,7 +913,8 @@ impl Sim {
             }
             assert_eq!(x.task.started_at, self.now);
             assert_eq!(r.nodes[&x.node].task.as_ref(), Some(&x.task));
-            if x.task.kind == TaskKind::Converge {
+            // A dry run given up on a lost node may come back to it.
+            if matches!(x.task.kind, TaskKind::Converge | TaskKind::DryRun) {
                 continue;
             }
             let key = (x.node.clone(), kind_key(x.task.kind));
@@ -956,6 +985,7 @@ impl Sim {
             assert_eq!(self.switches, 1, "all at once switched twice: {}", ctx());
         }
         fails_as_one(r).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
+        dry_run_first(r).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
         all_or_nothing(r).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
         staged_then_switched(r, &self.fleet).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
 
@@ -1028,8 +1058,8 @@ impl Sim {
         } else {
             TaskOutcome::Succeeded
         };
-        // Staging switches nothing: the service keeps serving.
-        if kind != TaskKind::Stage {
+        // Staging and dry runs switch nothing: the service keeps serving.
+        if !matches!(kind, TaskKind::Stage | TaskKind::DryRun) {
             if let Some(s) = self.service(name) {
                 s.health = Health::Starting;
             }
@@ -1084,6 +1114,7 @@ impl Sim {
                     (TaskKind::Upgrade | TaskKind::Converge, true) => NodeState::Upgraded,
                     (TaskKind::Revert, true) => NodeState::RolledBack,
                     (TaskKind::Revert, false) => NodeState::RollbackFailed,
+                    (TaskKind::DryRun, _) => NodeState::Pending,
                     (_, false) => NodeState::Failed,
                 };
                 let got = self.rollout.nodes[&x.node].state;

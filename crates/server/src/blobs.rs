@@ -2,6 +2,7 @@
 //! temporary file, fsynced and renamed, so a crash never leaves a partial
 //! blob under a valid name.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -108,4 +109,50 @@ pub async fn discard(tmp: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
+}
+
+/// Scanning an archive for its manifest reads it whole at worst: bound what
+/// a small, highly compressed upload can make the server inflate.
+const MAX_SCAN_BYTES: u64 = 8 << 30;
+const MAX_SCAN_ENTRIES: u64 = 200_000;
+
+/// The text of `rollwave.toml` at the root of a `.tar.gz`, if it has one.
+/// Errors say why the archive is unreadable; such an upload is refused, as
+/// no agent could install it.
+pub fn read_manifest(archive: &Path) -> Result<Option<String>, String> {
+    use rollwave_core::{MAX_MANIFEST_BYTES, RELEASE_MANIFEST};
+    let file = std::fs::File::open(archive).map_err(|e| e.to_string())?;
+    let gz = flate2::read::GzDecoder::new(std::io::BufReader::new(file));
+    let mut tar = tar::Archive::new(gz.take(MAX_SCAN_BYTES));
+    let entries = tar.entries().map_err(|e| e.to_string())?;
+    for (i, entry) in entries.enumerate() {
+        if i as u64 >= MAX_SCAN_ENTRIES {
+            return Err(format!("more than {MAX_SCAN_ENTRIES} entries"));
+        }
+        let mut entry = entry.map_err(|e| format!("entry {}: {e}", i + 1))?;
+        let path = entry.path().map_err(|e| format!("entry {}: {e}", i + 1))?;
+        let at_root = path
+            .components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .map(|c| c.as_os_str().to_owned())
+            .collect::<Vec<_>>();
+        if at_root.len() != 1 || at_root[0] != RELEASE_MANIFEST {
+            continue;
+        }
+        if !entry.header().entry_type().is_file() {
+            return Err(format!("{RELEASE_MANIFEST} is not a regular file"));
+        }
+        if entry.size() > MAX_MANIFEST_BYTES {
+            return Err(format!(
+                "{RELEASE_MANIFEST} is {} bytes, more than {MAX_MANIFEST_BYTES}",
+                entry.size()
+            ));
+        }
+        let mut text = String::new();
+        entry
+            .read_to_string(&mut text)
+            .map_err(|e| format!("{RELEASE_MANIFEST}: {e}"))?;
+        return Ok(Some(text));
+    }
+    Ok(None)
 }

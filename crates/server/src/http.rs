@@ -16,6 +16,7 @@ use rollwave_api::{
 };
 use rollwave_core::{
     parse_version, validate_service_name, ArtifactFormat, NodeState, NodeView, Release,
+    ReleaseManifest,
 };
 use rollwave_store::PutRelease;
 use serde::Deserialize;
@@ -197,6 +198,18 @@ async fn push_release(
             "artifact is neither a .tar.gz nor an executable (ELF binary or #! script)",
         ));
     };
+    let manifest = match format {
+        ArtifactFormat::TarGz => match release_manifest(&upload.tmp).await {
+            Ok(m) => m,
+            Err(e) => {
+                discard(&upload.tmp).await?;
+                return Err(ApiError::bad_request(format!(
+                    "release {service}@{version} refused: {e}"
+                )));
+            }
+        },
+        ArtifactFormat::Executable => None,
+    };
     let release = Release {
         service: service.clone(),
         version: version.clone(),
@@ -205,6 +218,7 @@ async fn push_release(
         format,
         filename: query.filename.unwrap_or_else(|| service.clone()),
         created_at: now_ms(),
+        manifest,
     };
     // The blob is durable before the release that names it.
     shared.blobs.commit(&upload).await?;
@@ -230,6 +244,19 @@ async fn push_release(
             existing.sha256, upload.sha256
         ))),
     }
+}
+
+/// Reads and validates the archive's `rollwave.toml`: a release whose
+/// manifest no agent would accept is refused at the door.
+async fn release_manifest(archive: &std::path::Path) -> Result<Option<ReleaseManifest>, String> {
+    let path = archive.to_path_buf();
+    let text = tokio::task::spawn_blocking(move || crate::blobs::read_manifest(&path))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("the archive is unreadable: {e}"))?;
+    let Some(text) = text else { return Ok(None) };
+    let manifest = ReleaseManifest::parse(&text).map_err(|e| e.to_string())?;
+    Ok((!manifest.is_empty()).then_some(manifest))
 }
 
 async fn artifact(

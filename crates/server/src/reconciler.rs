@@ -313,8 +313,9 @@ impl Reconciler {
         let specs = file.resolve_all()?;
         let fleet = self.fleet();
         let mut planned = Vec::with_capacity(specs.len());
-        for spec in specs {
-            self.release(&spec.service, &spec.version)
+        for mut spec in specs {
+            let release = self
+                .release(&spec.service, &spec.version)
                 .await?
                 .ok_or_else(|| {
                     ApiError::not_found(format!(
@@ -322,6 +323,7 @@ impl Reconciler {
                         spec.service, spec.version, spec.service, spec.version
                     ))
                 })?;
+            spec.dry_run = release.manifest.is_some_and(|m| m.dry_run.is_some());
             planned.push(plan_batches(0, spec, &fleet, now)?);
         }
         Ok(planned)
@@ -750,7 +752,7 @@ impl Reconciler {
 
     async fn send_task(&mut self, r: &Rollout, node: &str, task: &TaskRef) {
         let action = match task.kind {
-            TaskKind::Upgrade | TaskKind::Stage | TaskKind::Converge => {
+            TaskKind::Upgrade | TaskKind::Stage | TaskKind::Converge | TaskKind::DryRun => {
                 let release = match self.release(&r.spec.service, &r.spec.version).await {
                     Ok(Some(rel)) => rel,
                     Ok(None) => {
@@ -771,6 +773,8 @@ impl Reconciler {
                 let version = r.spec.version.clone();
                 if task.kind == TaskKind::Stage {
                     TaskAction::Stage { version, artifact }
+                } else if task.kind == TaskKind::DryRun {
+                    TaskAction::DryRun { version, artifact }
                 } else {
                     TaskAction::Upgrade {
                         version,

@@ -93,6 +93,7 @@ pub fn release(service: &str, version: &str, sha256: &str, created_at: Timestamp
         format: ArtifactFormat::TarGz,
         filename: format!("{service}-{version}.tar.gz"),
         created_at,
+        manifest: None,
     }
 }
 

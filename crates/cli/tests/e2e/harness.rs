@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use rollwave::client::ApiClient;
-use rollwave::demo_service::{tarball, DemoRelease};
+use rollwave::demo_service::{tarball, tarball_with, DemoRelease};
 use rollwave::fleet::{Fleet, FleetSpec};
 use rollwave_api::{NodeView, PushResponse, RolloutFile, RolloutResponse, StartRollout};
 use rollwave_core::{Rollout, StrategyFile};
@@ -93,6 +93,25 @@ async fn upload_to(
         .post_bytes(&format!("/v1/releases/{service}/{version}"), bytes)
         .await
         .unwrap()
+}
+
+/// Pushes a healthy demo release of `api` with more files in its archive
+/// (path, content, mode), e.g. a `rollwave.toml` and its scripts.
+pub async fn push_with(
+    fleet: &Fleet,
+    version: &str,
+    files: &[(&str, &str, u32)],
+) -> anyhow::Result<PushResponse> {
+    let release = DemoRelease {
+        version: version.into(),
+        healthy: true,
+        broken_on: Vec::new(),
+    };
+    let bytes = tarball_with(&release, files)?;
+    fleet
+        .api()?
+        .post_bytes(&format!("/v1/releases/{SERVICE}/{version}"), bytes)
+        .await
 }
 
 /// Starts the rollouts of a request; returns them in dependency order.

@@ -9,5 +9,6 @@ mod gate;
 mod handoff;
 mod harness;
 mod hooks;
+mod migrations;
 mod rollouts;
 mod strategies;
