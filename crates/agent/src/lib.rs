@@ -7,7 +7,7 @@ pub mod config;
 mod executor;
 mod fds;
 mod gate;
-pub mod haproxy;
+pub use rollwave_hooks::haproxy;
 pub mod health;
 pub mod layout;
 pub mod local;

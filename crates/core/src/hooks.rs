@@ -36,6 +36,20 @@ pub struct HookFile {
     /// `http`: send a Slack-compatible body (`{"text": ...}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slack: Option<bool>,
+    /// `haproxy`: the runtime API socket (`stats socket ... level admin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub haproxy_socket: Option<String>,
+    /// `haproxy`: the backend the node is a server of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// `haproxy`: the server standing for the node; `{node}` is replaced by
+    /// the node's name, which is also the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// `haproxy`: `drain` (and wait, up to the timeout, for its sessions to
+    /// end) or `ready`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -87,6 +101,22 @@ pub enum HookAction {
     Exec { command: Vec<String> },
     /// A POST of the event as JSON (or `{"text": ...}` for Slack).
     Http { url: String, slack: bool },
+    /// Sets the node's server in an HAProxy backend to `drain` (waiting for
+    /// its sessions to end) or `ready`, through the runtime API.
+    Haproxy {
+        socket: String,
+        backend: String,
+        /// May hold `{node}`.
+        server: String,
+        state: LbState,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbState {
+    Drain,
+    Ready,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,11 +141,23 @@ impl HooksFile {
                 .map(|(i, h)| h.resolve(&format!("hooks.{name}[{i}]")))
                 .collect()
         };
+        let node_only = |name: &str, hooks: Vec<Hook>| -> Result<Vec<Hook>, SpecError> {
+            if let Some(h) = hooks
+                .iter()
+                .find(|h| matches!(h.action, HookAction::Haproxy { .. }))
+            {
+                return Err(SpecError::new(
+                    format!("{}.kind", h.name),
+                    format!("haproxy hooks drain or re-enable one node: use them in pre_node or post_node, not {name}"),
+                ));
+            }
+            Ok(hooks)
+        };
         Ok(Hooks {
-            pre_rollout: list("pre_rollout", &self.pre_rollout)?,
-            post_rollout: list("post_rollout", &self.post_rollout)?,
-            on_success: list("on_success", &self.on_success)?,
-            on_failure: list("on_failure", &self.on_failure)?,
+            pre_rollout: node_only("pre_rollout", list("pre_rollout", &self.pre_rollout)?)?,
+            post_rollout: node_only("post_rollout", list("post_rollout", &self.post_rollout)?)?,
+            on_success: node_only("on_success", list("on_success", &self.on_success)?)?,
+            on_failure: node_only("on_failure", list("on_failure", &self.on_failure)?)?,
             pre_node: list("pre_node", &self.pre_node)?,
             post_node: list("post_node", &self.post_node)?,
         })
@@ -132,10 +174,20 @@ impl HookFile {
             (None, _, _) => {
                 return Err(SpecError::new(
                     field("kind"),
-                    "is required: \"exec\" (with command) or \"http\" (with url)",
+                    "is required: \"exec\" (with command), \"http\" (with url) or \"haproxy\"",
                 ))
             }
         };
+        let lb_fields = self.haproxy_socket.is_some()
+            || self.backend.is_some()
+            || self.server.is_some()
+            || self.state.is_some();
+        if kind != "haproxy" && lb_fields {
+            return Err(SpecError::new(
+                field("kind"),
+                format!("{kind:?} takes no haproxy_socket, backend, server or state: use kind = \"haproxy\""),
+            ));
+        }
         let action = match kind {
             "exec" => {
                 if self.url.is_some() || self.slack.is_some() {
@@ -178,10 +230,57 @@ impl HookFile {
                     slack: self.slack.unwrap_or(false),
                 }
             }
+            "haproxy" => {
+                if self.command.is_some() || self.url.is_some() || self.slack.is_some() {
+                    return Err(SpecError::new(
+                        field("kind"),
+                        "an haproxy hook takes haproxy_socket, backend, server and state, not command or url",
+                    ));
+                }
+                let socket = self
+                    .haproxy_socket
+                    .clone()
+                    .ok_or_else(|| SpecError::new(field("haproxy_socket"), "is required"))?;
+                if !socket.starts_with('/') {
+                    return Err(SpecError::new(
+                        field("haproxy_socket"),
+                        format!("{socket:?} must be an absolute path"),
+                    ));
+                }
+                let backend = self
+                    .backend
+                    .clone()
+                    .ok_or_else(|| SpecError::new(field("backend"), "is required"))?;
+                check_lb_name(&field("backend"), &backend)?;
+                let server = self.server.clone().unwrap_or_else(|| "{node}".into());
+                check_lb_name(&field("server"), &server.replace("{node}", "node"))?;
+                let state = match self.state.as_deref() {
+                    Some("drain") => LbState::Drain,
+                    Some("ready") => LbState::Ready,
+                    Some(other) => {
+                        return Err(SpecError::new(
+                            field("state"),
+                            format!("{other:?} is not drain or ready"),
+                        ))
+                    }
+                    None => {
+                        return Err(SpecError::new(
+                            field("state"),
+                            "is required: drain or ready",
+                        ))
+                    }
+                };
+                HookAction::Haproxy {
+                    socket,
+                    backend,
+                    server,
+                    state,
+                }
+            }
             other => {
                 return Err(SpecError::new(
                     field("kind"),
-                    format!("{other:?} is not a hook kind (exec or http)"),
+                    format!("{other:?} is not a hook kind (exec, http or haproxy)"),
                 ))
             }
         };
@@ -219,12 +318,35 @@ impl HookFile {
     }
 }
 
+/// HAProxy names are letters, digits, `-`, `_`, `.` and `:`; this also
+/// keeps the runtime API's separators out of the commands built from them.
+fn check_lb_name(field: &str, name: &str) -> Result<(), SpecError> {
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::new(
+            field,
+            format!("{name:?} is not an haproxy name (letters, digits, '-', '_', '.', ':')"),
+        ))
+    }
+}
+
 impl Hook {
     /// One line for logs: `hooks.pre_node[0] (exec backup --meta, 1m)`.
     pub fn describe(&self) -> String {
         let what = match &self.action {
             HookAction::Exec { command } => format!("exec {}", command.join(" ")),
             HookAction::Http { url, .. } => format!("http {url}"),
+            HookAction::Haproxy {
+                backend,
+                server,
+                state,
+                ..
+            } => format!("haproxy {backend}/{server} {state:?}").to_lowercase(),
         };
         format!("{} ({what}, {})", self.name, format_duration(self.timeout))
     }
@@ -350,6 +472,49 @@ post_node = [{ url = "http://127.0.0.1:9/x", slack = true, on_error = "continue"
             ),
         ] {
             assert_eq!(toml_hooks(text).unwrap_err().field, field, "{text}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod lb_tests {
+    use super::*;
+
+    fn resolve(text: &str) -> Result<Hooks, SpecError> {
+        toml::from_str::<HooksFile>(text).unwrap().resolve()
+    }
+
+    #[test]
+    fn an_haproxy_hook_resolves_with_the_node_as_its_server() {
+        let hooks = resolve(
+            "[[pre_node]]\nkind = \"haproxy\"\nhaproxy_socket = \"/run/haproxy.sock\"\nbackend = \"api\"\nstate = \"drain\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            hooks.pre_node[0].action,
+            HookAction::Haproxy {
+                socket: "/run/haproxy.sock".into(),
+                backend: "api".into(),
+                server: "{node}".into(),
+                state: LbState::Drain,
+            }
+        );
+    }
+
+    #[test]
+    fn haproxy_hook_errors_name_the_field() {
+        let base = "kind = \"haproxy\"\nhaproxy_socket = \"/run/h.sock\"\nbackend = \"api\"\n";
+        let cases = [
+            (format!("[[pre_node]]\n{base}"), "hooks.pre_node[0].state: is required: drain or ready"),
+            (format!("[[pre_node]]\n{base}state = \"down\""), "hooks.pre_node[0].state: \"down\" is not drain or ready"),
+            (format!("[[post_node]]\n{base}state = \"ready\"\nserver = \"a b\""), "hooks.post_node[0].server: \"a b\" is not an haproxy name"),
+            ("[[pre_node]]\nkind = \"haproxy\"\nhaproxy_socket = \"run/h.sock\"\nbackend = \"api\"\nstate = \"drain\"".into(), "hooks.pre_node[0].haproxy_socket: \"run/h.sock\" must be an absolute path"),
+            (format!("[[pre_rollout]]\n{base}state = \"drain\""), "hooks.pre_rollout[0].kind: haproxy hooks drain or re-enable one node"),
+            ("[[pre_node]]\ncommand = [\"x\"]\nbackend = \"api\"".into(), "hooks.pre_node[0].kind: \"exec\" takes no haproxy_socket"),
+        ];
+        for (text, want) in cases {
+            let err = resolve(&text).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{text}: {err}");
         }
     }
 }

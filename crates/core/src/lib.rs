@@ -25,7 +25,8 @@ pub use error::SpecError;
 pub use fleet::{BackupInfo, Fleet, Health, NodeView, ServiceView};
 pub use gate::{check_downgrade, check_finalize, newest_running, ActiveVersion, FinalizeError};
 pub use hooks::{
-    Hook, HookAction, HookFile, HookReport, Hooks, HooksFile, OnError, DEFAULT_HOOK_TIMEOUT,
+    Hook, HookAction, HookFile, HookReport, Hooks, HooksFile, LbState, OnError,
+    DEFAULT_HOOK_TIMEOUT,
 };
 pub use manifest::{ReleaseManifest, MAX_MANIFEST_BYTES, RELEASE_MANIFEST};
 pub use planner::{plan_batches, step, Decision, Dispatch};

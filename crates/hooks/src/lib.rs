@@ -23,8 +23,10 @@ use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+pub mod haproxy;
+
 use rollwave_core::{
-    describe_io, error_chain, find_io_error, format_duration, Hook, HookAction, HookReport,
+    describe_io, error_chain, find_io_error, format_duration, Hook, HookAction, HookReport, LbState,
 };
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
@@ -77,6 +79,12 @@ pub async fn run(hook: &Hook, ctx: &HookContext, client: &reqwest::Client) -> Ho
         let last = match &hook.action {
             HookAction::Exec { command } => exec(command, ctx, timeout).await,
             HookAction::Http { url, slack } => http(url, *slack, ctx, client, timeout).await,
+            HookAction::Haproxy {
+                socket,
+                backend,
+                server,
+                state,
+            } => lb(socket, backend, server, *state, ctx, timeout).await,
         };
         if last.error.is_none() || attempts > hook.retries {
             return HookReport {
@@ -92,6 +100,42 @@ pub async fn run(hook: &Hook, ctx: &HookContext, client: &reqwest::Client) -> Ho
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Drains the node's server (waiting up to `timeout` for its sessions to
+/// end) or re-enables it.
+async fn lb(
+    socket: &str,
+    backend: &str,
+    server: &str,
+    state: LbState,
+    ctx: &HookContext,
+    timeout: Duration,
+) -> Attempt {
+    let server = match ctx.env.get("ROLLWAVE_NODE") {
+        Some(node) => server.replace("{node}", node),
+        None if server.contains("{node}") => {
+            return Attempt::failed("no node name for {node}: haproxy hooks run on nodes".into())
+        }
+        None => server.to_string(),
+    };
+    let lb = haproxy::Haproxy {
+        socket: socket.into(),
+        backend: backend.to_string(),
+        server: server.clone(),
+        timeout,
+    };
+    let (result, done) = match state {
+        LbState::Drain => (lb.drain().await, "drained"),
+        LbState::Ready => (lb.ready().await, "ready"),
+    };
+    match result {
+        Ok(()) => Attempt {
+            output: format!("{backend}/{server} {done}"),
+            ..Attempt::default()
+        },
+        Err(e) => Attempt::failed(e.to_string()),
     }
 }
 

@@ -1,4 +1,5 @@
-//! `rollwave_agent::haproxy` against a real HAProxy.
+//! `rollwave_hooks::haproxy` against a real HAProxy: the agent's drain around
+//! a restart switch and the `haproxy` hook kind.
 //!
 //! Each test starts its own `haproxy -db` (foreground) with a generated
 //! configuration in a temp dir: a frontend on a free loopback port and a
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use rollwave_agent::haproxy::{Haproxy, HaproxyError, ServerStatus};
+use rollwave_hooks::haproxy::{Haproxy, HaproxyError, ServerStatus};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -501,4 +502,79 @@ async fn a_socket_nobody_listens_on_is_a_clear_error() {
         ["connection refused", "connection reset by peer"].contains(&reason),
         "{message}"
     );
+}
+
+/// An `haproxy` hook as `rollout.toml` declares it, resolved like one.
+fn lb_hook(lb: &Lb, state: &str, server: Option<&str>) -> rollwave_core::Hook {
+    let file = rollwave_core::HooksFile {
+        pre_node: vec![rollwave_core::HookFile {
+            kind: Some("haproxy".into()),
+            haproxy_socket: Some(lb.socket().display().to_string()),
+            backend: Some("api".into()),
+            server: server.map(str::to_string),
+            state: Some(state.into()),
+            timeout: Some("10s".into()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    file.resolve().unwrap().pre_node.remove(0)
+}
+
+fn on_node(node: &str) -> rollwave_hooks::HookContext {
+    rollwave_hooks::HookContext {
+        env: [("ROLLWAVE_NODE".to_string(), node.to_string())].into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn haproxy_hooks_drain_and_re_enable_the_node_they_run_on() {
+    let lb = Lb::start().await;
+    let client = rollwave_hooks::client().unwrap();
+    let ctx = on_node("node-1");
+
+    let report = rollwave_hooks::run(&lb_hook(&lb, "drain", None), &ctx, &client).await;
+
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.output, "api/node-1 drained");
+    assert!(
+        report
+            .summary()
+            .starts_with("hook hooks.pre_node[0] ok in "),
+        "{}",
+        report.summary()
+    );
+    assert_eq!(lb.server("node-1").status().await.unwrap().status, "DRAIN");
+    assert_eq!(answers(&lb, 6).await, ["node-2"]);
+
+    let report = rollwave_hooks::run(&lb_hook(&lb, "ready", None), &ctx, &client).await;
+
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.output, "api/node-1 ready");
+    assert_eq!(lb.server("node-1").status().await.unwrap().status, "UP");
+    assert_eq!(answers(&lb, 4).await, ["node-1", "node-2"]);
+}
+
+#[tokio::test]
+async fn an_haproxy_hook_for_a_server_haproxy_lacks_fails_naming_it() {
+    let lb = Lb::start().await;
+    let client = rollwave_hooks::client().unwrap();
+    let hook = lb_hook(&lb, "drain", Some("web-{node}"));
+
+    let report = rollwave_hooks::run(&hook, &on_node("node-1"), &client).await;
+
+    assert!(!report.ok);
+    assert_eq!(
+        report.error.as_deref(),
+        Some(
+            format!(
+                "haproxy has no server api/web-node-1 (socket {})",
+                lb.socket().display()
+            )
+            .as_str()
+        )
+    );
+    // Nothing else was touched.
+    assert_eq!(answers(&lb, 4).await, ["node-1", "node-2"]);
 }
