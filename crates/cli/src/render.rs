@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::io::IsTerminal;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rollwave_api::{NodeView, Release, ServiceSummary};
 use rollwave_core::{format_duration, BackupInfo, Health, NodeState, Rollout, RolloutEvent};
 
@@ -282,17 +282,6 @@ pub fn warnings(r: &Rollout) -> String {
         .collect()
 }
 
-fn counts(r: &Rollout) -> String {
-    let mut by: BTreeMap<&str, usize> = BTreeMap::new();
-    for n in r.nodes.values() {
-        *by.entry(n.state.as_str()).or_default() += 1;
-    }
-    by.iter()
-        .map(|(s, c)| format!("{c} {s}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 pub fn status(r: &Rollout, now: u64) -> String {
     let end = r.finished_at.unwrap_or(now);
     let mut out = format!(
@@ -304,7 +293,7 @@ pub fn status(r: &Rollout, now: u64) -> String {
         r.state.as_str(),
         format_duration(end.saturating_sub(r.created_at) / 1000 * 1000)
     );
-    let _ = writeln!(out, "  nodes: {}", counts(r));
+    let _ = writeln!(out, "  nodes: {}", counts(r, r.nodes.keys()));
     if let Some(reason) = &r.reason {
         let _ = writeln!(out, "  reason: {reason}");
     }
@@ -345,25 +334,42 @@ pub fn status(r: &Rollout, now: u64) -> String {
     out
 }
 
-/// Prints a rollout's events as they appear, with a progress bar on a terminal.
+/// Prints a rollout's events as they appear. On a terminal, progress bars
+/// below them: one for the whole rollout (with node counts by state and what
+/// it waits for) and one per wave; elsewhere, a plain line each time those
+/// counts or the wait change.
 pub struct Follower {
     show: bool,
     printed: usize,
-    bar: Option<ProgressBar>,
+    bars: Option<Bars>,
+    last_line: String,
 }
+
+struct Bars {
+    multi: MultiProgress,
+    overall: ProgressBar,
+    waves: Vec<ProgressBar>,
+}
+
+/// Waves shown as bars; a rollout with more shows the first ones and sums
+/// the rest in one bar.
+const MAX_WAVE_BARS: usize = 8;
 
 impl Follower {
     pub fn new(show: bool) -> Self {
         Follower {
             show,
             printed: 0,
-            bar: None,
+            bars: None,
+            last_line: String::new(),
         }
     }
 
     fn line(&self, s: String) {
-        match &self.bar {
-            Some(bar) => bar.println(s),
+        match &self.bars {
+            Some(b) => {
+                let _ = b.multi.println(s);
+            }
             None => println!("{s}"),
         }
     }
@@ -372,15 +378,8 @@ impl Follower {
         if !self.show {
             return;
         }
-        if self.bar.is_none() && std::io::stdout().is_terminal() {
-            let bar = ProgressBar::new(r.nodes.len() as u64);
-            bar.set_style(
-                ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} nodes done  {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-            );
-            bar.enable_steady_tick(std::time::Duration::from_millis(120));
-            self.bar = Some(bar);
+        if self.bars.is_none() && std::io::stdout().is_terminal() {
+            self.bars = Some(Bars::new(r));
         }
         for e in &r.events[self.printed.min(r.events.len())..] {
             let at = secs(e.at.saturating_sub(r.created_at));
@@ -388,29 +387,122 @@ impl Follower {
             self.line(format!("[{at:>7}] {who}: {}", e.message));
         }
         self.printed = r.events.len();
-        if let Some(bar) = &self.bar {
-            let done = r
-                .nodes
-                .values()
-                .filter(|n| !matches!(n.state, NodeState::Pending) && !n.state.in_flight())
-                .count();
-            bar.set_position(done as u64);
-            bar.set_message(
-                r.waiting
-                    .clone()
-                    .unwrap_or_else(|| r.state.as_str().to_string()),
-            );
+        let summary = progress_line(r);
+        match &self.bars {
+            Some(b) => b.update(r, &summary),
+            None if summary != self.last_line => {
+                println!("progress: {summary}");
+            }
+            None => {}
         }
+        self.last_line = summary;
     }
 
     pub fn finish(&mut self, r: &Rollout) {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_and_clear();
+        if let Some(b) = self.bars.take() {
+            b.overall.finish_and_clear();
+            for w in &b.waves {
+                w.finish_and_clear();
+            }
+            let _ = b.multi.clear();
         }
         if self.show {
             print!("{}", status(r, r.finished_at.unwrap_or(r.updated_at)));
         }
     }
+}
+
+impl Bars {
+    fn new(r: &Rollout) -> Bars {
+        let multi = MultiProgress::new();
+        let style = |template: &str| {
+            ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ")
+        };
+        let overall = multi.add(ProgressBar::new(r.nodes.len() as u64));
+        overall.set_style(style("{spinner} overall [{bar:30}] {pos}/{len}  {msg}"));
+        overall.enable_steady_tick(std::time::Duration::from_millis(120));
+        let shown = r.batches.len().min(MAX_WAVE_BARS);
+        let waves = (0..shown)
+            .map(|_| {
+                let bar = multi.add(ProgressBar::new(0));
+                bar.set_style(style("  {prefix:<9} [{bar:30}] {pos}/{len}  {msg}"));
+                bar
+            })
+            .collect();
+        Bars {
+            multi,
+            overall,
+            waves,
+        }
+    }
+
+    fn update(&self, r: &Rollout, summary: &str) {
+        self.overall
+            .set_position(finished(r, r.nodes.keys()) as u64);
+        self.overall.set_message(summary.to_string());
+        let last = self.waves.len().saturating_sub(1);
+        for (i, bar) in self.waves.iter().enumerate() {
+            // The last bar stands for every wave from it on.
+            let nodes: Vec<&String> = if i == last && r.batches.len() > self.waves.len() {
+                r.batches[i..].iter().flatten().collect()
+            } else {
+                r.batches
+                    .get(i)
+                    .map(|b| b.iter().collect())
+                    .unwrap_or_default()
+            };
+            bar.set_prefix(if i == last && r.batches.len() > self.waves.len() {
+                format!("waves {}+", i + 1)
+            } else {
+                format!("wave {}", i + 1)
+            });
+            bar.set_length(nodes.len() as u64);
+            bar.set_position(finished(r, nodes.iter().copied()) as u64);
+            bar.set_message(counts(r, nodes.iter().copied()));
+        }
+    }
+}
+
+/// Nodes whose part is over: not pending, nothing in flight.
+fn finished<'a>(r: &Rollout, nodes: impl Iterator<Item = &'a String>) -> usize {
+    nodes
+        .filter(|n| {
+            r.nodes
+                .get(*n)
+                .is_some_and(|p| p.state != NodeState::Pending && !p.state.in_flight())
+        })
+        .count()
+}
+
+/// `2 pending, 3 upgraded, 1 upgrading`: node counts by state.
+fn counts<'a>(r: &Rollout, nodes: impl Iterator<Item = &'a String>) -> String {
+    let mut by: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for n in nodes {
+        if let Some(p) = r.nodes.get(n) {
+            *by.entry(p.state.as_str()).or_default() += 1;
+        }
+    }
+    by.into_iter()
+        .map(|(state, n)| format!("{n} {state}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One line: the rollout's state, node counts and what it waits for.
+pub fn progress_line(r: &Rollout) -> String {
+    let mut line = format!(
+        "{} {}/{} done: {}",
+        r.state.as_str(),
+        finished(r, r.nodes.keys()),
+        r.nodes.len(),
+        counts(r, r.nodes.keys())
+    );
+    if let Some(w) = &r.waiting {
+        let _ = write!(line, "; {w}");
+    }
+    line
 }
 
 /// Assumed time from a switch command to the new version's first passing

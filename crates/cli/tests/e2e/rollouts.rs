@@ -14,7 +14,39 @@ async fn rolling_upgrade_moves_every_node_once_in_batches() {
         .unwrap();
     assert_eq!(r.batches.len(), 2);
     assert!(r.batches.iter().all(|b| b.len() == 2));
+    // Watched as a script sees it (stdout is not a terminal): plain lines.
+    let (url, id) = (fleet.url(), r.id.to_string());
+    let watched =
+        tokio::task::spawn_blocking(move || cli(&url, &["rollout", "status", &id, "--watch"]));
     let r = wait_done(&fleet, r.id).await;
+    let out = watched.await.unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let progress: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("progress: "))
+        .collect();
+    assert_eq!(
+        progress.last(),
+        Some(&"completed 4/4 done: 4 upgraded"),
+        "{text}"
+    );
+    let done = |l: &str| -> usize {
+        l.split(' ')
+            .nth(1)
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        progress.windows(2).all(|w| done(w[0]) <= done(w[1])),
+        "{text}"
+    );
+    assert!(text.contains("upgraded to 2.0.0 in "), "{text}");
+    assert!(text.contains(&format!("rollout {}: ", r.id)), "{text}");
     assert_eq!(r.state, RolloutState::Completed, "{r:#?}");
     assert!(r.fully_upgraded());
 
