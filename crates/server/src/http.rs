@@ -44,6 +44,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/rollouts/{id}/{command}", post(rollout_command))
         .route("/v1/services", get(list_services))
         .route("/v1/services/{service}/finalize", post(finalize))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -53,7 +54,47 @@ pub fn router(shared: Arc<Shared>) -> Router {
         })
         // JSON bodies keep axum's default limit (2 MB); artifacts are read as
         // a stream, straight to disk, under their own limit (blobs.rs).
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            count_request,
+        ))
         .with_state(shared)
+}
+
+/// Counts every request by its route (the pattern, not the path: ids and
+/// names would make one series per rollout) and times it. Routes are
+/// labelled `/v1/rollouts/:id`: braces in label values trip up some
+/// exposition parsers.
+async fn count_request(
+    State(shared): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched".to_string(), |p| {
+            p.as_str().replace('{', ":").replace('}', "")
+        });
+    let response = next.run(request).await;
+    let seconds = started.elapsed().as_secs_f64();
+    shared
+        .metrics
+        .request(&method, &route, response.status().as_u16(), seconds);
+    response
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let agents = shared.sessions.connected();
+    // Read in place, in the order `list_nodes` takes the same locks.
+    let text = {
+        let fleet = shared.fleet.lock().unwrap_or_else(|e| e.into_inner());
+        let live = shared.live.lock().unwrap_or_else(|e| e.into_inner());
+        shared.metrics.render(&live, &fleet, agents)
+    };
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
 async fn health(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {

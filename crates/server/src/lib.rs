@@ -8,6 +8,7 @@
 mod blobs;
 mod error;
 mod http;
+mod metrics;
 mod reconciler;
 mod session;
 
@@ -40,6 +41,7 @@ pub(crate) struct Shared {
     /// The reconciler's active rollouts, for readers.
     pub live: Mutex<std::collections::BTreeMap<u64, rollwave_core::Rollout>>,
     pub reconciler: reconciler::Handle,
+    pub metrics: metrics::Metrics,
 }
 
 /// Every service's active version, as agents receive it.
@@ -87,6 +89,7 @@ pub async fn run(
         sessions: session::Sessions::default(),
         live: Mutex::default(),
         reconciler: handle,
+        metrics: metrics::Metrics::new(),
     });
     reconciler::spawn(shared.clone(), events)
         .await

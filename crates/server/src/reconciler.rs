@@ -165,14 +165,14 @@ pub async fn spawn(
     shared: Arc<Shared>,
     events: mpsc::UnboundedReceiver<Event>,
 ) -> Result<(), StoreError> {
-    let active = shared
-        .store
-        .list_rollouts()
-        .await?
-        .into_iter()
-        .filter(Rollout::is_active)
-        .map(|r| (r.id, r))
-        .collect::<BTreeMap<_, _>>();
+    let mut active = BTreeMap::new();
+    for r in shared.store.list_rollouts().await? {
+        if r.is_active() {
+            active.insert(r.id, r);
+        } else {
+            shared.metrics.rollout_finished(r.id, r.state);
+        }
+    }
     if !active.is_empty() {
         tracing::info!(rollouts = ?active.keys().collect::<Vec<_>>(), "resuming rollouts");
     }
@@ -256,7 +256,10 @@ impl Reconciler {
                 for r in self.active.values_mut() {
                     // Observations, not decisions: kept in memory (and shown
                     // through `live`), written with the rollout's next decision.
-                    r.record_phase(&node, &task_id, &phase, now);
+                    let new = r.record_phase(&node, &task_id, &phase, now);
+                    if new && phase.starts_with("hook ") && phase.contains(" failed: ") {
+                        self.shared.metrics.hook_failed("node");
+                    }
                 }
             }
             Event::Result {
@@ -269,7 +272,13 @@ impl Reconciler {
                     let Some(mut r) = self.active.get(&id).cloned() else {
                         continue;
                     };
+                    let task = r.nodes.get(&node).and_then(|n| n.task.clone());
                     if r.record_result(&node, &task_id, &outcome, now) {
+                        if let (Some(t), Some(old)) = (task, self.active.get(&id)) {
+                            let took = now.saturating_sub(t.started_at);
+                            self.shared.metrics.task_ended(t.kind, &outcome, took);
+                            self.shared.metrics.wave_done(old, &r, &node, now);
+                        }
                         tracing::info!(rollout = id, node = %node, task = %task_id, ?outcome, "task ended");
                         self.save(r).await;
                     }
@@ -285,6 +294,9 @@ impl Reconciler {
             }
             Event::HooksDone { id, stage, reports } => {
                 self.hooks_running.remove(&(id, stage));
+                for _ in reports.iter().filter(|r| !r.ok) {
+                    self.shared.metrics.hook_failed("control_plane");
+                }
                 if let Some(mut r) = self.active.get(&id).cloned() {
                     r.record_hooks(stage, &reports, now);
                     tracing::info!(
@@ -730,7 +742,9 @@ impl Reconciler {
                     self.active.insert(id, saved.clone());
                 } else {
                     tracing::info!(rollout = id, state = saved.state.as_str(), reason = ?saved.reason, "rollout finished");
-                    self.active.remove(&id);
+                    if self.active.remove(&id).is_some() {
+                        self.shared.metrics.rollout_finished(id, saved.state);
+                    }
                 }
                 Some(saved)
             }
@@ -740,8 +754,10 @@ impl Reconciler {
                     Ok(Some(stored)) if stored.is_active() => {
                         self.active.insert(id, stored);
                     }
-                    Ok(_) => {
-                        self.active.remove(&id);
+                    Ok(stored) => {
+                        if let (Some(_), Some(r)) = (self.active.remove(&id), stored) {
+                            self.shared.metrics.rollout_finished(r.id, r.state);
+                        }
                     }
                     Err(e) => tracing::error!(rollout = id, error = %e, "reloading rollout"),
                 }

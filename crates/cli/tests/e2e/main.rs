@@ -9,6 +9,7 @@ mod gate;
 mod handoff;
 mod harness;
 mod hooks;
+mod metrics;
 mod migrations;
 mod rollouts;
 mod strategies;
