@@ -72,6 +72,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the audit trail: who changed what through the API, and when,
+    /// newest first.
+    Audit {
+        /// How many entries (1 to 10000).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Set a service's fleet-wide active version (the version gate), once
     /// every node runs it or newer.
     Finalize {

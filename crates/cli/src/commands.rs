@@ -9,7 +9,9 @@ use rollwave_api::{
     Finalize, FinalizeResponse, NodeView, PushResponse, Release, RolloutFile, RolloutResponse,
     ServiceSummary, StartRollout,
 };
-use rollwave_core::{parse_version, validate_service_name, Rollout, StrategyFile, WaveFile};
+use rollwave_core::{
+    parse_version, validate_service_name, AuditEntry, Rollout, StrategyFile, WaveFile,
+};
 
 use crate::cli::{Cli, Command, ReleaseCommand, RolloutCommand, StartArgs};
 use crate::client::{user_error, ApiClient};
@@ -67,6 +69,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&s.backups)?;
             } else {
                 print!("{}", render::backups(&s.backups));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { limit, json } => {
+            let api = ApiClient::new(&cli.server)?;
+            let entries: Vec<AuditEntry> = api.get(&format!("/v1/audit?limit={limit}")).await?;
+            if json {
+                print_json(&entries)?;
+            } else {
+                print!("{}", render::audit(&entries));
             }
             Ok(ExitCode::SUCCESS)
         }

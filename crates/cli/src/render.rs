@@ -6,7 +6,9 @@ use std::io::IsTerminal;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rollwave_api::{NodeView, Release, ServiceSummary};
-use rollwave_core::{format_duration, BackupInfo, Health, NodeState, Rollout, RolloutEvent};
+use rollwave_core::{
+    format_duration, AuditEntry, BackupInfo, Health, NodeState, Rollout, RolloutEvent,
+};
 
 fn secs(ms: u64) -> String {
     format!("{:.1}s", ms as f64 / 1000.0)
@@ -152,6 +154,36 @@ pub fn backups(backups: &[BackupInfo]) -> String {
             b.to_version.clone().unwrap_or_else(|| "-".into()),
             b.file_count.to_string(),
             rollwave_core::format_bytes(b.bytes),
+        ]);
+    }
+    table(rows)
+}
+
+pub fn audit(entries: &[AuditEntry]) -> String {
+    let mut rows = vec![vec![
+        "AT".into(),
+        "ACTOR".into(),
+        "ACTION".into(),
+        "TARGET".into(),
+        "RESULT".into(),
+    ]];
+    for e in entries {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.at);
+        let result = match (e.ok, e.detail.is_empty()) {
+            (true, true) => "ok".to_string(),
+            (true, false) => format!("ok: {}", e.detail),
+            (false, _) => format!("refused ({}): {}", e.status, e.detail),
+        };
+        rows.push(vec![
+            humantime::format_rfc3339_seconds(at).to_string(),
+            e.actor.clone(),
+            e.action.clone(),
+            if e.target.is_empty() {
+                "-".into()
+            } else {
+                e.target.clone()
+            },
+            result,
         ]);
     }
     table(rows)

@@ -5,6 +5,7 @@
 //! [`Timestamp`] argument, so every decision can be replayed and property-tested.
 
 mod amount;
+mod audit;
 mod describe;
 mod duration;
 mod error;
@@ -19,6 +20,7 @@ mod selector;
 mod spec;
 
 pub use amount::Amount;
+pub use audit::AuditEntry;
 pub use describe::{describe_io, error_chain, find_io_error};
 pub use duration::{format_bytes, format_duration, parse_duration, Span};
 pub use error::SpecError;

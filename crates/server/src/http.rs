@@ -9,18 +9,19 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use rollwave_api::{
     Finalize, FinalizeResponse, PushResponse, RolloutResponse, ServiceSummary, StartRollout,
     AGENT_CONNECT_PATH,
 };
 use rollwave_core::{
-    parse_version, validate_service_name, ArtifactFormat, NodeState, NodeView, Release,
+    parse_version, validate_service_name, ArtifactFormat, AuditEntry, NodeState, NodeView, Release,
     ReleaseManifest,
 };
 use rollwave_store::PutRelease;
 use serde::Deserialize;
 
+use crate::audit::AuditNote;
 use crate::blobs::{discard, UploadError};
 use crate::reconciler::Command;
 use crate::{now_ms, session, ApiError, Shared};
@@ -45,6 +46,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/services", get(list_services))
         .route("/v1/services/{service}/finalize", post(finalize))
         .route("/metrics", get(metrics))
+        .route("/v1/audit", get(list_audit))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -54,6 +56,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         })
         // JSON bodies keep axum's default limit (2 MB); artifacts are read as
         // a stream, straight to disk, under their own limit (blobs.rs).
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            crate::audit::record,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             count_request,
@@ -180,6 +186,27 @@ async fn finalize(
     Ok(Json(shared.reconciler.finalize(service, req.to).await?))
 }
 
+#[derive(Deserialize)]
+struct AuditQuery {
+    limit: Option<usize>,
+    before: Option<u64>,
+}
+
+/// The audit trail, newest first: `?limit=` (default 100, at most 10,000)
+/// and `?before=ID` to page back.
+async fn list_audit(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<Json<Vec<AuditEntry>>> {
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 10_000 {
+        return Err(ApiError::bad_request(format!(
+            "limit: {limit} is not between 1 and 10000"
+        )));
+    }
+    Ok(Json(shared.store.list_audit(limit, q.before).await?))
+}
+
 async fn list_releases(State(shared): State<Arc<Shared>>) -> ApiResult<Json<Vec<Release>>> {
     Ok(Json(shared.store.list_releases().await?))
 }
@@ -266,8 +293,10 @@ async fn push_release(
     match shared.store.put_release(&release).await? {
         PutRelease::Created(release) => {
             tracing::info!(service = %service, version = %version, sha256 = %release.sha256, size = release.size, "release pushed");
+            let note = AuditNote(format!("pushed sha256 {}, {} bytes", release.sha256, release.size));
             Ok((
                 StatusCode::CREATED,
+                Extension(note),
                 Json(PushResponse {
                     release,
                     created: true,
@@ -366,7 +395,17 @@ async fn start_rollout(State(shared): State<Arc<Shared>>, body: Bytes) -> ApiRes
     let req: StartRollout = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid rollout request: {e}")))?;
     let started = shared.reconciler.start(req.spec).await?;
-    Ok((StatusCode::CREATED, Json(group_response(started))).into_response())
+    let what: Vec<String> = started
+        .iter()
+        .map(|r| format!("rollout {} of {}@{}", r.id, r.spec.service, r.spec.version))
+        .collect();
+    let note = AuditNote(format!("started {}", what.join(", ")));
+    Ok((
+        StatusCode::CREATED,
+        Extension(note),
+        Json(group_response(started)),
+    )
+        .into_response())
 }
 
 /// A dry run: the plan `POST /v1/rollouts` would make now, stored nowhere.

@@ -5,6 +5,7 @@
 //! active rollout, runs the pure planner on each change and persists each
 //! decision in the [`Store`] before sending the tasks it implies.
 
+mod audit;
 mod blobs;
 mod error;
 mod http;
@@ -101,7 +102,8 @@ pub async fn run(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "control plane started");
     println!("rollwave server listening on http://{addr}");
-    axum::serve(listener, http::router(shared))
+    let app = http::router(shared).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
         .context("serving http")?;

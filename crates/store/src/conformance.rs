@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 
 use rollwave_core::{
-    plan_batches, ActiveVersion, ArtifactFormat, Fleet, Health, NodeView, Release, Rollout,
-    RolloutFile, ServiceView, Timestamp,
+    plan_batches, ActiveVersion, ArtifactFormat, AuditEntry, Fleet, Health, NodeView, Release,
+    Rollout, RolloutFile, ServiceView, Timestamp,
 };
 
 use crate::{PutRelease, Store, StoreError};
@@ -24,6 +24,48 @@ pub async fn test_suite(store: &dyn Store) {
     rollout_ids(store).await;
     rollouts(store).await;
     active_versions(store).await;
+    audit(store).await;
+}
+
+async fn audit(store: &dyn Store) {
+    assert_eq!(store.list_audit(10, None).await.unwrap(), vec![]);
+    let entry = |action: &str, at| AuditEntry {
+        id: 0,
+        at,
+        actor: "ops".into(),
+        remote: Some("127.0.0.1:5000".into()),
+        action: action.into(),
+        target: "rollout 7".into(),
+        ok: true,
+        status: 200,
+        detail: String::new(),
+    };
+    let mut ids = Vec::new();
+    for (i, action) in ["rollout.start", "rollout.pause", "rollout.resume"]
+        .iter()
+        .enumerate()
+    {
+        ids.push(store.append_audit(&entry(action, i as u64)).await.unwrap());
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    let all = store.list_audit(10, None).await.unwrap();
+    let actions: Vec<&str> = all.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        ["rollout.resume", "rollout.pause", "rollout.start"],
+        "newest first"
+    );
+    assert_eq!(all[0].id, ids[2]);
+    assert_eq!(
+        all[2],
+        AuditEntry {
+            id: ids[0],
+            ..entry("rollout.start", 0)
+        }
+    );
+    let page = store.list_audit(1, Some(ids[2])).await.unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].id, ids[1], "paging back from an id");
 }
 
 async fn active_versions(store: &dyn Store) {

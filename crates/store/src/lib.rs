@@ -7,7 +7,7 @@ pub mod conformance;
 mod sqlite;
 
 use async_trait::async_trait;
-use rollwave_core::{ActiveVersion, NodeView, Release, Rollout};
+use rollwave_core::{ActiveVersion, AuditEntry, NodeView, Release, Rollout};
 
 pub use sqlite::SqliteStore;
 
@@ -81,4 +81,10 @@ pub trait Store: Send + Sync + 'static {
     async fn get_rollout(&self, id: u64) -> Result<Option<Rollout>>;
     /// All rollouts, newest first.
     async fn list_rollouts(&self) -> Result<Vec<Rollout>>;
+
+    /// Appends to the audit trail; returns the entry's id (increasing).
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<u64>;
+    /// The newest `limit` entries, newest first, with ids below `before` if
+    /// given (to page back).
+    async fn list_audit(&self, limit: usize, before: Option<u64>) -> Result<Vec<AuditEntry>>;
 }

@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rollwave_core::{ActiveVersion, NodeView, Release, Rollout};
+use rollwave_core::{ActiveVersion, AuditEntry, NodeView, Release, Rollout};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::{PutRelease, Result, Store, StoreError};
@@ -43,6 +43,11 @@ const MIGRATIONS: &[&str] = &[
     );",
     "CREATE TABLE active_versions (
         service TEXT PRIMARY KEY NOT NULL,
+        json TEXT NOT NULL
+    );",
+    // AUTOINCREMENT: ids are never reused, so a page boundary stays put.
+    "CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
         json TEXT NOT NULL
     );",
 ];
@@ -338,6 +343,39 @@ impl Store for SqliteStore {
         .map_err(self.backend("listing releases"))?;
         rows.iter()
             .map(|(service, version, json)| decode_release(service, version, json))
+            .collect()
+    }
+
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<u64> {
+        let json = encode("audit entry", entry)?;
+        let conn = self.conn();
+        conn.execute("INSERT INTO audit (json) VALUES (?1)", params![json])
+            .map_err(self.backend("appending to the audit trail"))?;
+        u64::try_from(conn.last_insert_rowid()).map_err(|_| StoreError::Corrupt {
+            key: "audit".into(),
+            message: "negative row id".into(),
+        })
+    }
+
+    async fn list_audit(&self, limit: usize, before: Option<u64>) -> Result<Vec<AuditEntry>> {
+        let conn = self.conn();
+        let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = (|| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, json FROM audit WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let rows =
+                stmt.query_map(params![before, limit], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            rows.collect::<rusqlite::Result<Vec<(i64, String)>>>()
+        })()
+        .map_err(self.backend("listing the audit trail"))?;
+        rows.iter()
+            .map(|(id, json)| {
+                let mut e: AuditEntry = decode(format!("audit entry {id}"), json)?;
+                e.id = *id as u64;
+                Ok(e)
+            })
             .collect()
     }
 
