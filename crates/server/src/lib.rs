@@ -7,6 +7,7 @@
 
 mod blobs;
 mod error;
+mod events;
 mod http;
 mod reconciler;
 mod session;
@@ -40,6 +41,8 @@ pub(crate) struct Shared {
     /// The reconciler's active rollouts, for readers.
     pub live: Mutex<std::collections::BTreeMap<u64, rollwave_core::Rollout>>,
     pub reconciler: reconciler::Handle,
+    /// Every change of a rollout or a node, for `GET /v1/events`.
+    pub events: Arc<events::Events>,
 }
 
 /// Every service's active version, as agents receive it.
@@ -87,6 +90,7 @@ pub async fn run(
         sessions: session::Sessions::default(),
         live: Mutex::default(),
         reconciler: handle,
+        events: Arc::new(events::Events::new(events::CAPACITY)),
     });
     reconciler::spawn(shared.clone(), events)
         .await
@@ -98,6 +102,13 @@ pub async fn run(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "control plane started");
     println!("rollwave server listening on http://{addr}");
+    // Event streams never end by themselves: end them, or the graceful
+    // shutdown would wait for every open dashboard.
+    let stream = shared.events.clone();
+    let shutdown = async move {
+        shutdown.await;
+        stream.close();
+    };
     axum::serve(listener, http::router(shared))
         .with_graceful_shutdown(shutdown)
         .await
