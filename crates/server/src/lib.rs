@@ -11,6 +11,7 @@ mod events;
 mod http;
 mod reconciler;
 mod session;
+mod ui;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,4 +1,5 @@
-//! The change stream (`/v1/events`) during a real rollout.
+//! The web dashboard's assets, and the change stream (`/v1/events`) it
+//! follows, during a real rollout.
 
 use std::time::Duration;
 
@@ -6,6 +7,68 @@ use rollwave_api::{LogEntry, Reset, ResetReason};
 use rollwave_core::{NodeState, Rollout};
 
 use crate::harness::*;
+
+/// Every `src="..."` and `href="..."` of a page.
+fn references(html: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for attr in ["src=\"", "href=\""] {
+        for (i, _) in html.match_indices(attr) {
+            let rest = &html[i + attr.len()..];
+            out.push(rest[..rest.find('"').unwrap()].to_string());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_is_served_whole_from_the_binary() {
+    let fleet = rollwave::fleet::Fleet::launch(rollwave::fleet::FleetSpec::new(exe().into(), 0))
+        .await
+        .unwrap();
+    let base = fleet.url();
+    let http = reqwest::Client::new();
+    let resp = http.get(format!("{base}/")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let header = |resp: &reqwest::Response, name: &str| {
+        resp.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    assert!(header(&resp, "content-type").starts_with("text/html"));
+    // The browser itself refuses anything from elsewhere.
+    assert!(header(&resp, "content-security-policy").starts_with("default-src 'self'"));
+    let html = resp.text().await.unwrap();
+
+    let refs = references(&html);
+    let mut assets = Vec::new();
+    for r in &refs {
+        let local = r.starts_with('#') || r.starts_with("data:") || r.starts_with('/');
+        assert!(local && !r.starts_with("//"), "{r} is not on this server");
+        if r.starts_with("/ui/") {
+            assets.push(r.clone());
+        }
+    }
+    assets.sort();
+    assert_eq!(assets, ["/ui/app.css", "/ui/app.js"]);
+    let mut texts = vec![html];
+    for a in &assets {
+        let resp = http.get(format!("{base}{a}")).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{a}");
+        let want = if a.ends_with(".js") {
+            "text/javascript"
+        } else {
+            "text/css"
+        };
+        assert!(header(&resp, "content-type").starts_with(want), "{a}");
+        texts.push(resp.text().await.unwrap());
+    }
+    for text in &texts {
+        assert!(!text.contains("http://") && !text.contains("https://"));
+    }
+    let resp = http.get(format!("{base}/ui/nope.js")).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+}
 
 /// One server-sent event.
 #[derive(Debug, Clone)]
