@@ -4,6 +4,7 @@
 
 mod backups;
 mod bad_input;
+mod browser;
 mod dashboard;
 mod faults;
 mod gate;
