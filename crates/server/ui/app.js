@@ -336,8 +336,9 @@ function loadSnapshots() {
       S.services = new Map(services.map((s) => [s.service, s]));
       S.missing.clear();
       S.loaded = true;
+      clearError('loading');
     } catch (e) {
-      showError(`loading: ${e.message}`);
+      showError(`loading: ${e.message}`, 'loading');
     } finally {
       const buffered = S.buffer;
       S.buffer = null;
@@ -363,6 +364,8 @@ function loadSnapshots() {
 // it saw, so the server replays what was missed, or says `reset`.
 
 let source = null;
+/** The id of the last event received, to resume from. */
+let lastEventId = '';
 
 function connect() {
   const conn = $('#conn');
@@ -370,16 +373,28 @@ function connect() {
     conn.dataset.state = state;
     conn.textContent = text;
   };
-  source = new EventSource(access.streamUrl('/v1/events'));
+  const query = lastEventId ? `?last_event_id=${encodeURIComponent(lastEventId)}` : '';
+  source = new EventSource(access.streamUrl(`/v1/events${query}`));
   source.addEventListener('open', () => setConn('live', 'live'));
   source.addEventListener('error', () => {
     setConn('reconnecting', 'reconnecting');
     // Show what can be shown even if the stream cannot be opened.
     if (!S.loaded && !S.loading) loadSnapshots();
+    // The browser retries by itself after a dropped connection, but gives
+    // up after an answer that is not a stream (a proxy's error page, say):
+    // then start again, from the last event seen.
+    if (source.readyState === EventSource.CLOSED) {
+      source = null;
+      setTimeout(connect, 5000);
+    }
   });
-  source.addEventListener('reset', () => loadSnapshots());
+  source.addEventListener('reset', (ev) => {
+    lastEventId = ev.lastEventId;
+    loadSnapshots();
+  });
   for (const kind of Object.keys(apply)) {
     source.addEventListener(kind, (ev) => {
+      lastEventId = ev.lastEventId;
       let data;
       try {
         data = JSON.parse(ev.data);
@@ -399,14 +414,21 @@ function connect() {
 // ---------------------------------------------------------------------------
 // Messages.
 
-function showError(message) {
+let errorSource = null;
+
+/** Shows an error until dismissed, or cleared by what caused it. */
+function showError(message, from) {
   $('#error-text').textContent = message;
   $('#error').hidden = false;
+  errorSource = from || null;
 }
 
-function clearError() {
+/** Clears the error; with `from`, only an error `from` showed. */
+function clearError(from) {
+  if (from && errorSource !== from) return;
   $('#error').hidden = true;
   $('#error-text').textContent = '';
+  errorSource = null;
 }
 
 let noticeTimer = null;
@@ -465,11 +487,11 @@ async function run(button, what, call, confirm) {
   button.setAttribute('aria-busy', 'true');
   try {
     const resp = await call();
-    clearError();
+    clearError('command');
     notice(`${what}: done`);
     return resp;
   } catch (e) {
-    showError(`${what}: ${e.message}`);
+    showError(`${what}: ${e.message}`, 'command');
     return undefined;
   } finally {
     button.removeAttribute('aria-busy');
@@ -1125,7 +1147,7 @@ function rolloutView(root, route) {
 // Start.
 
 function start() {
-  $('#error-close').addEventListener('click', clearError);
+  $('#error-close').addEventListener('click', () => clearError());
   window.addEventListener('hashchange', () => {
     const before = mounted && mounted.key;
     render();

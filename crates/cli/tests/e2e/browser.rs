@@ -1,5 +1,6 @@
 //! The dashboard in a real headless Chromium, driven over WebDriver
-//! (`chromedriver`), during a real rollout.
+//! (`chromedriver`), during a real rollout and a restart of the control
+//! plane.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -125,6 +126,15 @@ async fn click(browser: &Client, css: &str) {
         .unwrap();
 }
 
+/// The page never reloaded since the test marked it.
+async fn assert_same_document(browser: &Client) {
+    let marked = browser
+        .execute("return window.sameDocument === true;", Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(marked, serde_json::json!(true), "the page reloaded");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_dashboard_follows_a_rollout_live_and_pauses_and_resumes_it() {
     let fleet = installed_fleet(3).await;
@@ -193,14 +203,7 @@ async fn the_dashboard_follows_a_rollout_live_and_pauses_and_resumes_it() {
         text(&browser, &log).await.map(|_| ())
     })
     .await;
-    assert_eq!(
-        browser
-            .execute("return window.sameDocument === true;", Vec::new())
-            .await
-            .unwrap(),
-        serde_json::json!(true),
-        "the page reloaded"
-    );
+    assert_same_document(&browser).await;
 
     // Kept for people: what the rollout page looked like.
     let png = browser.screenshot().await.unwrap();
@@ -208,6 +211,25 @@ async fn the_dashboard_follows_a_rollout_live_and_pauses_and_resumes_it() {
     let artifacts = target.join("test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
     std::fs::write(artifacts.join("rollout.png"), png).unwrap();
+
+    // The control plane restarts: the page reconnects by itself, is told
+    // its position is unknown, reloads its data and follows again.
+    let mut fleet = fleet;
+    fleet.restart_server().await.unwrap();
+    fleet.wait_online(3).await.unwrap();
+    wait_text(&browser, "#conn", "live").await;
+    click(&browser, "#nav-fleet").await;
+    push(&fleet, "3.0.0", true).await;
+    start(&fleet, "3.0.0", |s| {
+        s.batch = Some("100%".into());
+        s.min_healthy_time = Some("0s".into());
+    })
+    .await
+    .unwrap();
+    for n in 1..=3 {
+        wait_text(&browser, &node_version(n), "3.0.0").await;
+    }
+    assert_same_document(&browser).await;
 
     browser.close().await.unwrap();
 }
