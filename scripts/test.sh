@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs, idempotently, the system packages the
-# tests need first (haproxy: the agent's drain tests run a real one; later
-# suites add etcd, wrk and chromium here).
+# tests need first (haproxy: the agent's drain tests run a real one; wrk:
+# the handoff benchmark; chromium and chromium-driver: the dashboard's browser
+# test; later suites add etcd here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(haproxy wrk)
+packages=(haproxy wrk chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

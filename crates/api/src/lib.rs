@@ -215,6 +215,151 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
+/// Path of the change stream: server-sent events (`text/event-stream`).
+pub const EVENTS_PATH: &str = "/v1/events";
+
+/// The kinds of event on [`EVENTS_PATH`] (the SSE `event:` field). Each
+/// event's `id:` is `EPOCH-SEQ`: `EPOCH` names the run of the control plane,
+/// `SEQ` grows by one per event.
+pub mod stream {
+    /// Where the client stands is unknown: refetch snapshots, then apply what
+    /// follows. Data: [`super::Reset`].
+    pub const RESET: &str = "reset";
+    /// One entry of a rollout's execution log. Data: [`super::LogEntry`].
+    pub const LOG: &str = "log";
+    /// A rollout changed. Data: [`super::RolloutChange`].
+    pub const ROLLOUT: &str = "rollout";
+    /// A node's view changed (report, connect, disconnect). Data: a `NodeView`.
+    pub const NODE: &str = "node";
+}
+
+/// Data of a `reset` event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reset {
+    pub reason: ResetReason,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResetReason {
+    /// The client named no last event: a first connection.
+    New,
+    /// The last event id is from another run of the control plane (it
+    /// restarted), or was never issued.
+    UnknownId,
+    /// What followed the last event is no longer held: the client was away,
+    /// or read, too long.
+    Expired,
+    /// A rollout's execution log went back to what the store holds (a write
+    /// failed): entries the stream carried are gone.
+    Rewound,
+}
+
+/// Data of a `log` event: one entry of a rollout's execution log, which the
+/// stream carries once each, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub rollout: u64,
+    /// Its position in the rollout's `events`, from 0.
+    pub index: usize,
+    #[serde(flatten)]
+    pub event: rollwave_core::RolloutEvent,
+}
+
+/// Data of a `rollout` event: the rollout without its waves, nodes and log,
+/// plus the nodes whose progress changed since the stream's previous
+/// `rollout` event for it (every node in the first).
+#[derive(Debug, Serialize)]
+pub struct RolloutChange<'a> {
+    #[serde(flatten)]
+    pub rollout: RolloutHead<'a>,
+    /// Nodes per state (`pending`, `upgraded`, ...).
+    pub counts: BTreeMap<&'static str, usize>,
+    pub nodes: BTreeMap<&'a str, &'a rollwave_core::NodeProgress>,
+    /// How many entries the execution log holds.
+    pub log_len: usize,
+}
+
+/// A rollout's fields that stay small whatever the fleet's size, as in
+/// `Rollout`'s JSON.
+#[derive(Debug, Serialize)]
+pub struct RolloutHead<'a> {
+    pub id: u64,
+    pub generation: u64,
+    pub spec: &'a rollwave_core::RolloutSpec,
+    pub state: rollwave_core::RolloutState,
+    pub reason: &'a Option<String>,
+    pub waiting: &'a Option<String>,
+    pub created_at: u64,
+    pub updated_at: u64,
+    pub finished_at: Option<u64>,
+    pub last_progress_at: u64,
+    /// How many waves the plan has.
+    pub waves: usize,
+    pub pauses: &'a [bool],
+    pub promoted: &'a [usize],
+    pub after: &'a [u64],
+    pub dependencies_done: bool,
+    pub superseded_by: Option<u64>,
+    pub finalized: &'a Option<String>,
+    pub pre_rollout_done: bool,
+    pub end_hooks_done: bool,
+    pub dry_run_done: bool,
+}
+
+impl<'a> RolloutHead<'a> {
+    pub fn of(r: &'a Rollout) -> RolloutHead<'a> {
+        // Every field named: a new one must be placed here or left out here.
+        let Rollout {
+            id,
+            generation,
+            spec,
+            state,
+            reason,
+            waiting,
+            created_at,
+            updated_at,
+            finished_at,
+            last_progress_at,
+            batches,
+            pauses,
+            promoted,
+            nodes: _,
+            left_out: _,
+            events: _,
+            after,
+            dependencies_done,
+            superseded_by,
+            finalized,
+            pre_rollout_done,
+            end_hooks_done,
+            dry_run_done,
+        } = r;
+        RolloutHead {
+            id: *id,
+            generation: *generation,
+            spec,
+            state: *state,
+            reason,
+            waiting,
+            created_at: *created_at,
+            updated_at: *updated_at,
+            finished_at: *finished_at,
+            last_progress_at: *last_progress_at,
+            waves: batches.len(),
+            pauses,
+            promoted,
+            after,
+            dependencies_done: *dependencies_done,
+            superseded_by: *superseded_by,
+            finalized,
+            pre_rollout_done: *pre_rollout_done,
+            end_hooks_done: *end_hooks_done,
+            dry_run_done: *dry_run_done,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,12 +24,15 @@ use serde::Deserialize;
 use crate::audit::AuditNote;
 use crate::blobs::{discard, UploadError};
 use crate::reconciler::Command;
-use crate::{now_ms, session, ApiError, Shared};
+use crate::{events, now_ms, session, ui, ApiError, Shared};
 
 type ApiResult<T> = Result<T, ApiError>;
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
+        .route("/", get(ui::index))
+        .route("/ui/{file}", get(ui::asset))
+        .route(rollwave_api::EVENTS_PATH, get(events::stream))
         .route("/v1/health", get(health))
         .route(AGENT_CONNECT_PATH, get(session::connect))
         .route("/v1/nodes", get(list_nodes))

@@ -8,10 +8,12 @@
 mod audit;
 mod blobs;
 mod error;
+mod events;
 mod http;
 mod metrics;
 mod reconciler;
 mod session;
+mod ui;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +45,8 @@ pub(crate) struct Shared {
     pub live: Mutex<std::collections::BTreeMap<u64, rollwave_core::Rollout>>,
     pub reconciler: reconciler::Handle,
     pub metrics: metrics::Metrics,
+    /// Every change of a rollout or a node, for `GET /v1/events`.
+    pub events: Arc<events::Events>,
 }
 
 /// Every service's active version, as agents receive it.
@@ -91,6 +95,7 @@ pub async fn run(
         live: Mutex::default(),
         reconciler: handle,
         metrics: metrics::Metrics::new(),
+        events: Arc::new(events::Events::new(events::CAPACITY)),
     });
     reconciler::spawn(shared.clone(), events)
         .await
@@ -102,7 +107,14 @@ pub async fn run(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "control plane started");
     println!("rollwave server listening on http://{addr}");
+    let stream = shared.events.clone();
     let app = http::router(shared).into_make_service_with_connect_info::<SocketAddr>();
+    // Event streams never end by themselves: end them, or the graceful
+    // shutdown would wait for every open dashboard.
+    let shutdown = async move {
+        shutdown.await;
+        stream.close();
+    };
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

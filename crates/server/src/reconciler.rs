@@ -158,6 +158,8 @@ struct Reconciler {
     /// hook holds up only its rollout.
     hooks_running: HashSet<(u64, HookStage)>,
     hook_client: reqwest::Client,
+    /// What the change stream has carried of each rollout.
+    feed: crate::events::RolloutFeed,
 }
 
 /// Loads the active rollouts and starts the reconciler task.
@@ -178,8 +180,13 @@ pub async fn spawn(
     }
     let hook_client = rollwave_hooks::client()
         .map_err(|e| StoreError::Backend(format!("building the webhook client: {e}")))?;
+    let mut feed = crate::events::RolloutFeed::default();
+    for r in active.values() {
+        feed.baseline(r);
+    }
     let r = Reconciler {
         shared,
+        feed,
         active,
         releases: HashMap::new(),
         hooks_running: HashSet::new(),
@@ -590,6 +597,8 @@ impl Reconciler {
                 .await?
                 .ok_or_else(|| ApiError::not_found(format!("rollout {id} not found")))?,
         };
+        // Read from the store, its log is older than this stream or carried.
+        self.feed.baseline(&r);
         if let (Command::Rollback, Some(other)) = (
             command,
             self.active
@@ -745,18 +754,27 @@ impl Reconciler {
                     if self.active.remove(&id).is_some() {
                         self.shared.metrics.rollout_finished(id, saved.state);
                     }
+                    self.finished(&saved);
                 }
                 Some(saved)
             }
             Err(e) => {
                 tracing::error!(rollout = id, error = %e, "persisting rollout; reloading");
-                match self.shared.store.get_rollout(id).await {
+                let reloaded = self.shared.store.get_rollout(id).await;
+                if let Ok(Some(stored)) = &reloaded {
+                    self.feed.reloaded(stored);
+                }
+                match reloaded {
                     Ok(Some(stored)) if stored.is_active() => {
                         self.active.insert(id, stored);
                     }
                     Ok(stored) => {
-                        if let (Some(_), Some(r)) = (self.active.remove(&id), stored) {
-                            self.shared.metrics.rollout_finished(r.id, r.state);
+                        let was_active = self.active.remove(&id).is_some();
+                        if let Some(stored) = stored {
+                            if was_active {
+                                self.shared.metrics.rollout_finished(id, stored.state);
+                            }
+                            self.finished(&stored);
                         }
                     }
                     Err(e) => tracing::error!(rollout = id, error = %e, "reloading rollout"),
@@ -839,9 +857,24 @@ impl Reconciler {
     }
 
     /// Shares the active rollouts with readers: the newest state, including
-    /// phases not yet written.
-    fn publish(&self) {
+    /// phases not yet written; then streams what changed, so that a client
+    /// that reads a rollout after an event sees at least what it announced.
+    fn publish(&mut self) {
         *self.shared.live.lock().unwrap_or_else(|e| e.into_inner()) = self.active.clone();
+        for r in self.active.values() {
+            self.feed.observe(r, &self.shared.events);
+        }
+    }
+
+    /// A rollout left `active`: readers now get it from the store, and its
+    /// last changes are streamed now, as the next `publish` no longer sees it.
+    fn finished(&mut self, r: &Rollout) {
+        self.shared
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&r.id);
+        self.feed.finish(r, &self.shared.events);
     }
 
     fn fleet(&self) -> rollwave_core::Fleet {

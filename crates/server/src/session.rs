@@ -245,7 +245,9 @@ async fn set_node(shared: &Shared, view: NodeView) {
     persist(shared, &view).await;
 }
 
+/// Every change of a node's view comes here: it is streamed and stored.
 async fn persist(shared: &Shared, view: &NodeView) {
+    shared.events.node(view);
     if let Err(e) = shared.store.upsert_node(view).await {
         tracing::error!(node = %view.name, error = %e, "storing node");
     }

@@ -5,6 +5,8 @@
 mod audit;
 mod backups;
 mod bad_input;
+mod browser;
+mod dashboard;
 mod faults;
 mod gate;
 mod handoff;
