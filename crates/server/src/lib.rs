@@ -8,7 +8,9 @@
 mod blobs;
 mod error;
 mod http;
+mod openapi;
 mod reconciler;
+mod routes;
 mod session;
 
 use std::net::SocketAddr;

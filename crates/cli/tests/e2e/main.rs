@@ -10,5 +10,6 @@ mod handoff;
 mod harness;
 mod hooks;
 mod migrations;
+mod openapi;
 mod rollouts;
 mod strategies;
