@@ -93,6 +93,12 @@ pub enum Command {
         #[arg(long, short = 'f')]
         follow: bool,
     },
+    /// Print a completion script for a shell, e.g. `source <(rollwave
+    /// completions bash)`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Start a local fleet and upgrade it end to end under load.
     Demo(DemoArgs),
     /// The small HTTP service the demo fleet runs.

@@ -1,10 +1,12 @@
 //! What each subcommand does.
 
+use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::CommandFactory;
 use rollwave_api::{
     Finalize, FinalizeResponse, NodeView, PushResponse, Release, RolloutFile, RolloutResponse,
     ServiceSummary, StartRollout,
@@ -32,6 +34,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => crate::demo::run(args).await,
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "rollwave", &mut script);
+            std::io::stdout()
+                .write_all(&script)
+                .context("writing the completion script")?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::ListenExec { command } => {
             let err = rollwave_agent::listen_exec(&command[0], &command[1..]);
             Err(anyhow::anyhow!(

@@ -4,6 +4,7 @@
 
 mod backups;
 mod bad_input;
+mod completions;
 mod faults;
 mod gate;
 mod handoff;
