@@ -133,13 +133,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Logs { id, node, follow } => {
+        Command::Logs {
+            id,
+            node,
+            follow,
+            json,
+        } => {
             let api = ApiClient::new(&cli.server)?;
             let id = match id {
                 Some(id) => id,
                 None => newest(&api).await?,
             };
-            logs(&api, id, node.as_deref(), follow).await
+            logs(&api, id, node.as_deref(), follow, json).await
         }
         Command::Release(cmd) => release(ApiClient::new(&cli.server)?, cmd).await,
         Command::Rollout(cmd) => rollout(ApiClient::new(&cli.server)?, cmd).await,
@@ -407,13 +412,14 @@ async fn newest(api: &ApiClient) -> anyhow::Result<u64> {
         .ok_or_else(|| user_error("there are no rollouts yet"))
 }
 
-/// Follows a rollout until it ends, printing its events as they happen and,
-/// on a terminal, a progress bar.
+/// Prints a rollout's events (as text, or as JSON lines), and with `follow`
+/// the new ones as they happen, until the rollout ends.
 async fn logs(
     api: &ApiClient,
     id: u64,
     node: Option<&str>,
     follow: bool,
+    json: bool,
 ) -> anyhow::Result<ExitCode> {
     let mut printed = 0;
     loop {
@@ -429,7 +435,11 @@ async fn logs(
         // Events are only ever appended: print what is new since last time.
         for e in r.events.iter().skip(printed) {
             if node.is_none() || e.node.is_none() || e.node.as_deref() == node {
-                print!("{}", render::log_line(e));
+                if json {
+                    println!("{}", serde_json::to_string(e)?);
+                } else {
+                    print!("{}", render::log_line(e));
+                }
             }
         }
         printed = r.events.len();

@@ -10,6 +10,7 @@ mod gate;
 mod handoff;
 mod harness;
 mod hooks;
+mod json_output;
 mod migrations;
 mod openapi;
 mod rollouts;
