@@ -75,7 +75,8 @@ mod tests {
 
     use super::*;
 
-    /// Served by the router but not part of the API, so not documented.
+    /// Served by the router but not part of the API, so not documented:
+    /// `(method, path)`, e.g. `("GET", "/ui/{file}")`.
     const NOT_API: &[(&str, &str)] = &[];
 
     fn documented() -> BTreeSet<(String, String)> {
@@ -91,10 +92,20 @@ mod tests {
 
     #[test]
     fn every_route_is_documented() {
-        let served: BTreeSet<(String, String)> = http::routes()
+        let table: BTreeSet<(String, String)> = http::routes()
             .table()
             .into_iter()
             .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        for (m, p) in NOT_API {
+            let route = (m.to_string(), p.to_string());
+            assert!(
+                table.contains(&route),
+                "NOT_API lists {m} {p}, which is not served"
+            );
+        }
+        let served: BTreeSet<(String, String)> = table
+            .into_iter()
             .filter(|(m, p)| !NOT_API.contains(&(m.as_str(), p.as_str())))
             .collect();
         let documented = documented();
