@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 pub use rollwave_core::{
     ActiveVersion, ArtifactFormat, Hook, HookReport, NodeView, Release, Rollout, RolloutFile,
@@ -17,7 +18,7 @@ pub const AGENT_PROTOCOL: u32 = 1;
 pub const AGENT_CONNECT_PATH: &str = "/v1/agent/connect";
 
 /// Sent by an agent over its session.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentMessage {
     /// First message of every session.
@@ -42,7 +43,7 @@ pub enum AgentMessage {
 }
 
 /// Sent by the control plane over an agent session.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
     Welcome {
@@ -64,7 +65,7 @@ pub enum ServerMessage {
 }
 
 /// Work for one service on one node. Tasks are idempotent by `id`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Task {
     pub id: String,
     pub rollout: u64,
@@ -72,7 +73,7 @@ pub struct Task {
     pub action: TaskAction,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum TaskAction {
     /// Stage `version`, back up, switch to it and hold it healthy for
@@ -115,7 +116,7 @@ pub enum TaskAction {
 }
 
 /// Where an agent downloads an artifact from, and what it must hash to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ArtifactRef {
     /// Path on the control plane, e.g. `/v1/releases/api/2.0.0/artifact`.
     pub path: String,
@@ -128,8 +129,17 @@ pub fn artifact_path(service: &str, version: &str) -> String {
     format!("/v1/releases/{service}/{version}/artifact")
 }
 
+/// Response of `GET /v1/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HealthResponse {
+    /// `ok` whenever the control plane answers.
+    pub status: String,
+    /// Agents holding a session now.
+    pub agents_connected: usize,
+}
+
 /// Response of `POST /v1/releases/{service}/{version}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PushResponse {
     pub release: Release,
     /// False when the same content had been pushed before.
@@ -137,14 +147,14 @@ pub struct PushResponse {
 }
 
 /// Body of `POST /v1/rollouts`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct StartRollout {
     pub spec: RolloutFile,
 }
 
 /// Response of the rollout endpoints: the rollout and what the fleet looked
 /// like for it when it started.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RolloutResponse {
     pub rollout: Rollout,
     /// The other rollouts the same request started (one per service of a
@@ -153,8 +163,24 @@ pub struct RolloutResponse {
     pub dependents: Vec<Rollout>,
 }
 
+/// The operator commands, as the last segment of
+/// `POST /v1/rollouts/{id}/{command}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutCommand {
+    /// Stop starting nodes; nodes in flight finish.
+    Pause,
+    Resume,
+    /// Stop; upgraded nodes keep the new version.
+    Cancel,
+    /// Return every node the rollout upgraded to its previous version.
+    Rollback,
+    /// Let a canary continue past the wave it waits after.
+    Promote,
+}
+
 /// Body of `POST /v1/services/{service}/finalize`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Finalize {
     /// The version to activate; default: the newest one any node runs.
@@ -163,7 +189,7 @@ pub struct Finalize {
 }
 
 /// Response of `POST /v1/services/{service}/finalize`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct FinalizeResponse {
     pub active: ActiveVersion,
     /// The active version before, if any.
@@ -173,7 +199,7 @@ pub struct FinalizeResponse {
 }
 
 /// One entry of `GET /v1/services`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ServiceSummary {
     pub service: String,
     pub active: Option<ActiveVersion>,
@@ -182,7 +208,7 @@ pub struct ServiceSummary {
 }
 
 /// Error codes, each with its one HTTP status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     BadRequest,
@@ -204,12 +230,12 @@ impl ErrorCode {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     pub code: ErrorCode,
     pub message: String,

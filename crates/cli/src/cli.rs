@@ -101,6 +101,15 @@ pub enum Command {
         /// Keep printing new steps until the rollout ends.
         #[arg(long, short = 'f')]
         follow: bool,
+        /// One JSON object per line per step, as in the rollout's `events`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a completion script for a shell, e.g. `source <(rollwave
+    /// completions bash)`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// Start a local fleet and upgrade it end to end under load.
     Demo(DemoArgs),

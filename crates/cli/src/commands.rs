@@ -1,10 +1,12 @@
 //! What each subcommand does.
 
+use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::CommandFactory;
 use rollwave_api::{
     Finalize, FinalizeResponse, NodeView, PushResponse, Release, RolloutFile, RolloutResponse,
     ServiceSummary, StartRollout,
@@ -34,6 +36,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => crate::demo::run(args).await,
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "rollwave", &mut script);
+            std::io::stdout()
+                .write_all(&script)
+                .context("writing the completion script")?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::ListenExec { command } => {
             let err = rollwave_agent::listen_exec(&command[0], &command[1..]);
             Err(anyhow::anyhow!(
@@ -135,13 +145,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Logs { id, node, follow } => {
+        Command::Logs {
+            id,
+            node,
+            follow,
+            json,
+        } => {
             let api = ApiClient::new(&cli.server)?;
             let id = match id {
                 Some(id) => id,
                 None => newest(&api).await?,
             };
-            logs(&api, id, node.as_deref(), follow).await
+            logs(&api, id, node.as_deref(), follow, json).await
         }
         Command::Release(cmd) => release(ApiClient::new(&cli.server)?, cmd).await,
         Command::Rollout(cmd) => rollout(ApiClient::new(&cli.server)?, cmd).await,
@@ -409,13 +424,14 @@ async fn newest(api: &ApiClient) -> anyhow::Result<u64> {
         .ok_or_else(|| user_error("there are no rollouts yet"))
 }
 
-/// Follows a rollout until it ends, printing its events as they happen and,
-/// on a terminal, a progress bar.
+/// Prints a rollout's events (as text, or as JSON lines), and with `follow`
+/// the new ones as they happen, until the rollout ends.
 async fn logs(
     api: &ApiClient,
     id: u64,
     node: Option<&str>,
     follow: bool,
+    json: bool,
 ) -> anyhow::Result<ExitCode> {
     let mut printed = 0;
     loop {
@@ -431,7 +447,11 @@ async fn logs(
         // Events are only ever appended: print what is new since last time.
         for e in r.events.iter().skip(printed) {
             if node.is_none() || e.node.is_none() || e.node.as_deref() == node {
-                print!("{}", render::log_line(e));
+                if json {
+                    println!("{}", serde_json::to_string(e)?);
+                } else {
+                    print!("{}", render::log_line(e));
+                }
             }
         }
         printed = r.events.len();

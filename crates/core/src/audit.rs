@@ -1,14 +1,17 @@
 //! The audit trail: who changed what through the API, and when.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::Timestamp;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct AuditEntry {
     /// Assigned by the store, increasing; 0 before it is stored.
     #[serde(default)]
     pub id: u64,
+    /// Unix milliseconds.
+    #[schema(value_type = u64)]
     pub at: Timestamp,
     /// Who: the name of the API token the request carried (`anonymous`
     /// while the API takes requests without one).

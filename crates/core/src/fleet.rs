@@ -2,11 +2,12 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::Timestamp;
 
 /// Health of one service on one node, as its agent last reported it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
     Healthy,
@@ -18,7 +19,7 @@ pub enum Health {
     Stopped,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, ToSchema)]
 pub struct ServiceView {
     /// The version of the running process, if any.
     pub version: Option<String>,
@@ -40,7 +41,7 @@ pub struct ServiceView {
 
 /// One backup an agent holds: the copy of a service's `backup` paths taken
 /// by an upgrade task before it switched, restored if the node goes back.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, ToSchema)]
 pub struct BackupInfo {
     /// The id of the task that took it.
     pub task: String,
@@ -53,12 +54,14 @@ pub struct BackupInfo {
 }
 
 /// One node as the control plane sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct NodeView {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     /// Whether the node's agent holds a session with the control plane now.
     pub online: bool,
+    /// Unix milliseconds.
+    #[schema(value_type = u64)]
     pub last_seen: Timestamp,
     pub services: BTreeMap<String, ServiceView>,
 }

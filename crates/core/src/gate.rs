@@ -2,14 +2,17 @@
 //! changes only when every node runs a binary that understands it.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::{parse_version, Fleet, SpecError, Timestamp};
 
 /// A service's active version, as stored by the control plane.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ActiveVersion {
     pub service: String,
     pub version: String,
+    /// Unix milliseconds.
+    #[schema(value_type = u64)]
     pub set_at: Timestamp,
     /// Who set it: `finalize`, or the rollout that finalized on completion.
     pub by: String,

@@ -2,11 +2,12 @@
 //! and around each node's switch (on the node, by its agent).
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::{format_duration, parse_duration, Span, SpecError};
 
 /// `[hooks]` in `rollout.toml`, as written.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HooksFile {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -24,7 +25,7 @@ pub struct HooksFile {
 }
 
 /// One hook as written: `exec` (a command) or `http` (a webhook).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HookFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -60,7 +61,7 @@ pub struct HookFile {
 }
 
 /// Validated hooks of a rollout.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Hooks {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pre_rollout: Vec<Hook>,
@@ -82,19 +83,20 @@ impl Hooks {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Hook {
     /// Where it was declared, e.g. `hooks.pre_node[0]`: names it in logs.
     pub name: String,
     pub action: HookAction,
-    /// Per attempt.
+    /// Per attempt, in milliseconds.
+    #[schema(value_type = u64)]
     pub timeout: Span,
     /// Attempts after the first failure, with backoff between them.
     pub retries: u32,
     pub on_error: OnError,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum HookAction {
     /// A program and its arguments, run without a shell.
@@ -112,14 +114,14 @@ pub enum HookAction {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LbState {
     Drain,
     Ready,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OnError {
     /// The step the hook guards fails.

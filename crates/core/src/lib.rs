@@ -72,7 +72,9 @@ pub fn validate_service_name(field: &str, s: &str) -> Result<(), SpecError> {
 }
 
 /// How a release's artifact is packaged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ArtifactFormat {
     /// A gzip-compressed tarball, unpacked into the release directory.
@@ -82,7 +84,7 @@ pub enum ArtifactFormat {
 }
 
 /// A pushed release: one version of one service, stored content-addressed.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Release {
     pub service: String,
     pub version: String,
@@ -90,6 +92,8 @@ pub struct Release {
     pub size: u64,
     pub format: ArtifactFormat,
     pub filename: String,
+    /// Unix milliseconds.
+    #[schema(value_type = u64)]
     pub created_at: Timestamp,
     /// The archive's `rollwave.toml`, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -21,6 +21,7 @@
 //! `ROLLWAVE_DATA_DIR` (for a dry run, a copy of it).
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::hooks::{HookAction, HookFile, OnError};
 use crate::{parse_duration, Hook, Span, SpecError};
@@ -59,7 +60,7 @@ struct ReleaseHooksFile {
 }
 
 /// A validated `rollwave.toml`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ReleaseManifest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migrate: Option<Hook>,

@@ -6,10 +6,11 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::{format_duration, RolloutSpec, Timestamp};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RolloutState {
     Running,
@@ -49,7 +50,7 @@ impl RolloutState {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum NodeState {
     Pending,
@@ -108,7 +109,7 @@ impl NodeState {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskKind {
     /// Stage, back up, switch to the target version and pass the health gate.
@@ -128,22 +129,24 @@ pub enum TaskKind {
 
 /// A task assigned to a node. Its id is derived from the rollout, the node and
 /// the kind, so re-sending it after a crash is recognised by the agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct TaskRef {
     pub id: String,
     pub kind: TaskKind,
+    /// Unix milliseconds.
+    #[schema(value_type = u64)]
     pub started_at: Timestamp,
 }
 
 /// What an agent reports when a task ends.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum TaskOutcome {
     Succeeded,
     Failed { reason: String },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct NodeProgress {
     pub batch: usize,
     /// The version the node ran when the rollout started.
@@ -155,8 +158,10 @@ pub struct NodeProgress {
     #[serde(default)]
     pub phase: Option<String>,
     pub reason: Option<String>,
-    /// Since when the node has been offline while its turn had come.
+    /// Since when (Unix milliseconds) the node has been offline while its
+    /// turn had come.
     #[serde(default)]
+    #[schema(value_type = Option<u64>)]
     pub waiting_since: Option<Timestamp>,
     /// Whether a stage task (download ahead of its turn) was sent.
     #[serde(default)]
@@ -165,18 +170,22 @@ pub struct NodeProgress {
     /// backup is under the converge task).
     #[serde(default)]
     pub converged: bool,
+    /// Unix milliseconds.
+    #[schema(value_type = u64)]
     pub updated_at: Timestamp,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RolloutEvent {
+    /// Unix milliseconds.
+    #[schema(value_type = u64)]
     pub at: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     pub message: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Rollout {
     pub id: u64,
     /// Bumped by the store on every write; writes compare and swap on it.
@@ -188,9 +197,17 @@ pub struct Rollout {
     /// What the rollout waits for now, if anything.
     #[serde(default)]
     pub waiting: Option<String>,
+    /// Unix milliseconds.
+    #[schema(value_type = u64)]
     pub created_at: Timestamp,
+    /// Unix milliseconds.
+    #[schema(value_type = u64)]
     pub updated_at: Timestamp,
+    /// Unix milliseconds.
+    #[schema(value_type = Option<u64>)]
     pub finished_at: Option<Timestamp>,
+    /// Unix milliseconds.
+    #[schema(value_type = u64)]
     pub last_progress_at: Timestamp,
     /// The waves, in order; each starts when the one before has finished.
     pub batches: Vec<Vec<String>>,

@@ -2,6 +2,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use utoipa::openapi::schema::{
+    AdditionalProperties, ArrayBuilder, ArrayItems, ObjectBuilder, OneOfBuilder, Schema, Type,
+};
+use utoipa::openapi::RefOr;
 
 use crate::SpecError;
 
@@ -157,6 +161,57 @@ impl fmt::Display for Selector {
     }
 }
 
+/// Written by hand: serde writes each term as `{"kind": [key, values]}`
+/// (a tuple variant), which the derive would describe as an array of any
+/// object. On the wire: `{"terms": [{"eq": ["rack", "r1"]}, {"in": ["zone",
+/// ["a", "b"]]}, {"exists": "canary"}]}`.
+impl utoipa::PartialSchema for Selector {
+    fn schema() -> RefOr<Schema> {
+        let string = || ObjectBuilder::new().schema_type(Type::String);
+        let text = || Schema::from(string());
+        let texts = || Schema::from(ArrayBuilder::new().items(string()));
+        let pair = |second: Schema| {
+            Schema::from(
+                ArrayBuilder::new()
+                    .prefix_items([text(), second])
+                    .items(ArrayItems::False)
+                    .min_items(Some(2)),
+            )
+        };
+        let term = |kind: &str, description: &str, value: Schema| {
+            ObjectBuilder::new()
+                .property(kind, value)
+                .required(kind)
+                .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+                .description(Some(description))
+        };
+        let terms = OneOfBuilder::new()
+            .item(term("eq", "`key=value`: [key, value]", pair(text())))
+            .item(term("not_eq", "`key!=value`: [key, value]", pair(text())))
+            .item(term("in", "`key in (a,b)`: [key, [values]]", pair(texts())))
+            .item(term(
+                "not_in",
+                "`key notin (a,b)`: [key, [values]]",
+                pair(texts()),
+            ))
+            .item(term("exists", "`key`: the node has the label", text()))
+            .item(term(
+                "not_exists",
+                "`!key`: the node lacks the label",
+                text(),
+            ));
+        ObjectBuilder::new()
+            .description(Some(
+                "A parsed label selector: every term must match (none: every node).",
+            ))
+            .property("terms", ArrayBuilder::new().items(terms))
+            .required("terms")
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Selector {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,6 +246,32 @@ mod tests {
         let s = Selector::parse("s", "rack in (r1,r2),tier!=db,!gpu").unwrap();
         assert_eq!(s.to_string(), "rack in (r1,r2),tier!=db,!gpu");
         assert_eq!(Selector::parse("s", &s.to_string()).unwrap(), s);
+    }
+
+    /// The hand-written schema names every kind of term serde writes.
+    #[test]
+    fn schema_names_every_term_kind() {
+        let s = Selector::parse("s", "a=1,b!=2,c in (x,y),d notin (z),e,!f").unwrap();
+        let json = serde_json::to_value(&s).unwrap();
+        let schema = serde_json::to_value(<Selector as utoipa::PartialSchema>::schema()).unwrap();
+        let kinds: Vec<&str> = schema["properties"]["terms"]["items"]["oneOf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["required"][0].as_str().unwrap())
+            .collect();
+        let written: Vec<&str> = json["terms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_object().unwrap().keys().next().unwrap().as_str())
+            .collect();
+        assert_eq!(written, kinds);
+        assert_eq!(
+            json["terms"][2],
+            serde_json::json!({"in": ["c", ["x", "y"]]})
+        );
+        assert_eq!(json["terms"][4], serde_json::json!({"exists": "e"}));
     }
 
     #[test]

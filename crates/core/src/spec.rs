@@ -1,4 +1,5 @@
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::{
     parse_duration, parse_version, validate_service_name, Amount, Selector, Span, SpecError,
@@ -7,7 +8,7 @@ use crate::{
 /// A rollout as users write it, in `rollout.toml` or as flags: every field
 /// optional and unparsed, so that [`RolloutFile::resolve`] can name the field
 /// that is wrong. This is also the body of `POST /v1/rollouts`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -33,7 +34,7 @@ pub struct RolloutFile {
 }
 
 /// One service of a multi-service rollout (`[[services]]`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -46,7 +47,7 @@ pub struct ServiceFile {
     pub depends_on: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StrategyFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -88,7 +89,7 @@ pub struct StrategyFile {
 
 /// A canary wave: its cumulative size, and whether the rollout waits for
 /// `rollwave rollout promote` once it is done.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum WaveFile {
     Size(CountOrText),
@@ -100,7 +101,7 @@ pub enum WaveFile {
 }
 
 /// `batch = 2` and `batch = "25%"` are both natural to write in TOML.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum CountOrText {
     Count(i64),
@@ -125,7 +126,7 @@ impl From<&str> for CountOrText {
 }
 
 /// A validated rollout specification.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RolloutSpec {
     pub service: String,
     pub version: String,
@@ -135,11 +136,15 @@ pub struct RolloutSpec {
     /// How many selected nodes may be unavailable at once, counting nodes
     /// that were already unhealthy or offline.
     pub max_unavailable: Amount,
-    /// How long a node must stay healthy after its switch to pass its gate.
+    /// How long (milliseconds) a node must stay healthy after its switch to
+    /// pass its gate.
+    #[schema(value_type = u64)]
     pub min_healthy_time: Span,
-    /// How long a node has, from its switch, to pass its gate.
+    /// How long (milliseconds) a node has, from its switch, to pass its gate.
+    #[schema(value_type = u64)]
     pub healthy_deadline: Span,
-    /// The rollout fails when no node finishes for this long.
+    /// The rollout fails when no node finishes for this long (milliseconds).
+    #[schema(value_type = u64)]
     pub progress_deadline: Span,
     /// Failed nodes tolerated; one more fails the rollout.
     pub max_failures: u32,
@@ -180,7 +185,7 @@ pub struct RolloutSpec {
     pub dry_run: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Wave {
     /// Cumulative: the nodes done once this wave is done.
     pub size: Amount,
@@ -188,7 +193,7 @@ pub struct Wave {
 }
 
 /// At most `max_per_domain` nodes with the same value of `label` in flight.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Spread {
     pub label: String,
     pub max_per_domain: u32,
@@ -196,7 +201,7 @@ pub struct Spread {
 
 /// One value of `label` at a time: `values` first, in that order, then the
 /// others by name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Order {
     pub label: String,
     pub values: Vec<String>,

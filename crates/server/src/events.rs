@@ -291,15 +291,30 @@ impl Subscriber {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StreamQuery {
     /// For clients that cannot set the `Last-Event-ID` header.
     last_event_id: Option<String>,
+    /// Only this rollout's events.
     rollout: Option<String>,
 }
 
 /// `GET /v1/events`: the change stream, from after the `Last-Event-ID`
 /// header (or `?last_event_id=`), of one rollout with `?rollout=ID`.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "meta",
+    params(
+        StreamQuery,
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event"),
+    ),
+    responses(
+        (status = 200, description = "Server-sent events: `reset`, `log` (a LogEntry), `rollout` (a rollout's head and changed nodes), `node` (a NodeView)", content_type = "text/event-stream", body = String),
+        (status = 400, description = "A rollout id that is not a number", body = rollwave_api::ErrorBody),
+    )
+)]
 pub async fn stream(
     State(shared): State<Arc<Shared>>,
     Query(query): Query<StreamQuery>,

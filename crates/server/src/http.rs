@@ -8,7 +8,6 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use rollwave_api::{
     Finalize, FinalizeResponse, PushResponse, RolloutResponse, ServiceSummary, StartRollout,
@@ -24,32 +23,46 @@ use serde::Deserialize;
 use crate::audit::AuditNote;
 use crate::blobs::{discard, UploadError};
 use crate::reconciler::Command;
-use crate::{events, now_ms, session, ui, ApiError, Shared};
+use crate::routes::Routes;
+use crate::{events, now_ms, openapi, session, ui, ApiError, Shared};
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// Every route the control plane serves, the single list the router is
+/// built from. To add a route: a line here, `#[utoipa::path(...)]` on its
+/// handler, and the handler in `ApiDoc`'s `paths(...)` (openapi.rs).
+/// `openapi::tests::every_route_is_documented` fails until the three agree;
+/// a route outside the API (the dashboard's page and files) goes in that
+/// test's `NOT_API` list instead.
+pub(crate) fn routes() -> Routes<Arc<Shared>> {
+    Routes::new()
+        .get("/v1/health", health)
+        .get(AGENT_CONNECT_PATH, session::connect)
+        .get("/v1/nodes", list_nodes)
+        .get("/v1/releases", list_releases)
+        .post("/v1/releases/{service}/{version}", push_release)
+        .get("/v1/releases/{service}/{version}", get_release)
+        .get("/v1/releases/{service}/{version}/artifact", artifact)
+        .get("/v1/rollouts", list_rollouts)
+        .post("/v1/rollouts", start_rollout)
+        .get("/v1/rollouts/{id}", get_rollout)
+        .post("/v1/plan", plan_rollout)
+        .post("/v1/rollouts/{id}/{command}", rollout_command)
+        .get("/v1/services", list_services)
+        .post("/v1/services/{service}/finalize", finalize)
+        .get("/v1/openapi.json", openapi::document)
+        .get("/v1/audit", list_audit)
+        .get(rollwave_api::EVENTS_PATH, events::stream)
+        .get("/metrics", metrics)
+        .get("/", ui::index)
+        .get("/ui/{file}", ui::asset)
+}
+
+/// Add routes to [`routes`], not here: this only adds what answers
+/// everything else.
 pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route("/", get(ui::index))
-        .route("/ui/{file}", get(ui::asset))
-        .route(rollwave_api::EVENTS_PATH, get(events::stream))
-        .route("/v1/health", get(health))
-        .route(AGENT_CONNECT_PATH, get(session::connect))
-        .route("/v1/nodes", get(list_nodes))
-        .route("/v1/releases", get(list_releases))
-        .route(
-            "/v1/releases/{service}/{version}",
-            post(push_release).get(get_release),
-        )
-        .route("/v1/releases/{service}/{version}/artifact", get(artifact))
-        .route("/v1/rollouts", get(list_rollouts).post(start_rollout))
-        .route("/v1/rollouts/{id}", get(get_rollout))
-        .route("/v1/plan", post(plan_rollout))
-        .route("/v1/rollouts/{id}/{command}", post(rollout_command))
-        .route("/v1/services", get(list_services))
-        .route("/v1/services/{service}/finalize", post(finalize))
-        .route("/metrics", get(metrics))
-        .route("/v1/audit", get(list_audit))
+    routes()
+        .into_router()
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -106,13 +119,29 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
-async fn health(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "status": "ok",
-        "agents_connected": shared.sessions.connected(),
-    }))
+#[utoipa::path(
+    get,
+    path = "/v1/health",
+    tag = "meta",
+    responses(
+        (status = 200, description = "The control plane is up", body = rollwave_api::HealthResponse),
+    )
+)]
+async fn health(State(shared): State<Arc<Shared>>) -> Json<rollwave_api::HealthResponse> {
+    Json(rollwave_api::HealthResponse {
+        status: "ok".into(),
+        agents_connected: shared.sessions.connected(),
+    })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/nodes",
+    tag = "fleet",
+    responses(
+        (status = 200, description = "Every known node, by name", body = Vec<NodeView>),
+    )
+)]
 async fn list_nodes(State(shared): State<Arc<Shared>>) -> Json<Vec<NodeView>> {
     let mut fleet = shared
         .fleet
@@ -144,6 +173,15 @@ async fn list_nodes(State(shared): State<Arc<Shared>>) -> Json<Vec<NodeView>> {
 
 /// Each service the fleet runs or has an active version for: its active
 /// version and how many nodes run each version.
+#[utoipa::path(
+    get,
+    path = "/v1/services",
+    tag = "services",
+    responses(
+        (status = 200, description = "Every service, by name", body = Vec<ServiceSummary>),
+        (status = 500, description = "The store failed", body = rollwave_api::ErrorBody),
+    )
+)]
 async fn list_services(State(shared): State<Arc<Shared>>) -> ApiResult<Json<Vec<ServiceSummary>>> {
     let mut by: std::collections::BTreeMap<String, ServiceSummary> = Default::default();
     for a in shared.store.list_active_versions().await? {
@@ -175,6 +213,24 @@ async fn list_services(State(shared): State<Arc<Shared>>) -> ApiResult<Json<Vec<
     Ok(Json(by.into_values().collect()))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/services/{service}/finalize",
+    tag = "services",
+    params(("service" = String, Path, description = "Service name")),
+    request_body(
+        content = Option<Finalize>,
+        description = "May be empty: then the newest version any node runs",
+    ),
+    responses(
+        (status = 200, description = "The active version (`changed` false if it already was)", body = FinalizeResponse),
+        (status = 400, description = "Invalid service name, version or body", body = rollwave_api::ErrorBody),
+        (status = 404, description = "No node runs the service", body = rollwave_api::ErrorBody),
+        (status = 409, description = "A node runs an older version, or the version is below the active one", body = rollwave_api::ErrorBody),
+        (status = 413, description = "Body above 2 MB, refused by the HTTP layer in plain text", content_type = "text/plain", body = String),
+        (status = 500, description = "The store failed", body = rollwave_api::ErrorBody),
+    )
+)]
 async fn finalize(
     State(shared): State<Arc<Shared>>,
     Path(service): Path<String>,
@@ -189,12 +245,26 @@ async fn finalize(
     Ok(Json(shared.reconciler.finalize(service, req.to).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct AuditQuery {
+    /// How many entries, 1 to 10,000 (default 100).
     limit: Option<usize>,
+    /// Only entries with a smaller id: the next page back.
     before: Option<u64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    tag = "audit",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "The audit trail, newest first", body = Vec<AuditEntry>),
+        (status = 400, description = "A limit out of range", body = rollwave_api::ErrorBody),
+        (status = 500, description = "The store failed", body = rollwave_api::ErrorBody),
+    )
+)]
 /// The audit trail, newest first: `?limit=` (default 100, at most 10,000)
 /// and `?before=ID` to page back.
 async fn list_audit(
@@ -210,6 +280,15 @@ async fn list_audit(
     Ok(Json(shared.store.list_audit(limit, q.before).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/releases",
+    tag = "releases",
+    responses(
+        (status = 200, description = "Every release", body = Vec<Release>),
+        (status = 500, description = "The store failed", body = rollwave_api::ErrorBody),
+    )
+)]
 async fn list_releases(State(shared): State<Arc<Shared>>) -> ApiResult<Json<Vec<Release>>> {
     Ok(Json(shared.store.list_releases().await?))
 }
@@ -220,6 +299,21 @@ fn release_key(service: &str, version: &str) -> ApiResult<()> {
     Ok(())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/releases/{service}/{version}",
+    tag = "releases",
+    params(
+        ("service" = String, Path, description = "Service name"),
+        ("version" = String, Path, description = "Semantic version, like 2.0.0"),
+    ),
+    responses(
+        (status = 200, description = "The release", body = Release),
+        (status = 400, description = "Invalid service name or version", body = rollwave_api::ErrorBody),
+        (status = 404, description = "No such release", body = rollwave_api::ErrorBody),
+        (status = 500, description = "The store failed", body = rollwave_api::ErrorBody),
+    )
+)]
 async fn get_release(
     State(shared): State<Arc<Shared>>,
     Path((service, version)): Path<(String, String)>,
@@ -238,6 +332,28 @@ struct PushQuery {
     filename: Option<String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/releases/{service}/{version}",
+    tag = "releases",
+    params(
+        ("service" = String, Path, description = "Service name"),
+        ("version" = String, Path, description = "Semantic version, like 2.0.0"),
+        ("filename" = Option<String>, Query, description = "The artifact's file name (default: the service name)"),
+    ),
+    request_body(
+        description = "The artifact: a .tar.gz (may hold a rollwave.toml) or an executable (ELF or #! script), streamed to disk",
+        content(("application/octet-stream")),
+    ),
+    responses(
+        (status = 201, description = "Stored", body = PushResponse),
+        (status = 200, description = "The same content was pushed before (`created` false)", body = PushResponse),
+        (status = 400, description = "Invalid name or version, empty or unrecognised artifact, or invalid rollwave.toml", body = rollwave_api::ErrorBody),
+        (status = 409, description = "The version exists with other content: releases are immutable", body = rollwave_api::ErrorBody),
+        (status = 413, description = "Artifact above the size limit", body = rollwave_api::ErrorBody),
+        (status = 500, description = "Writing the artifact or the store failed", body = rollwave_api::ErrorBody),
+    )
+)]
 async fn push_release(
     State(shared): State<Arc<Shared>>,
     Path((service, version)): Path<(String, String)>,
@@ -332,6 +448,21 @@ async fn release_manifest(archive: &std::path::Path) -> Result<Option<ReleaseMan
     Ok((!manifest.is_empty()).then_some(manifest))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/releases/{service}/{version}/artifact",
+    tag = "releases",
+    params(
+        ("service" = String, Path, description = "Service name"),
+        ("version" = String, Path, description = "Semantic version, like 2.0.0"),
+    ),
+    responses(
+        (status = 200, description = "The artifact's bytes, as pushed", content(("application/octet-stream"))),
+        (status = 400, description = "Invalid service name or version", body = rollwave_api::ErrorBody),
+        (status = 404, description = "No such release", body = rollwave_api::ErrorBody),
+        (status = 500, description = "Reading the artifact or the store failed", body = rollwave_api::ErrorBody),
+    )
+)]
 async fn artifact(
     State(shared): State<Arc<Shared>>,
     Path((service, version)): Path<(String, String)>,
@@ -358,6 +489,15 @@ async fn artifact(
         .into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/rollouts",
+    tag = "rollouts",
+    responses(
+        (status = 200, description = "Every rollout, newest first", body = Vec<rollwave_core::Rollout>),
+        (status = 500, description = "The store failed", body = rollwave_api::ErrorBody),
+    )
+)]
 async fn list_rollouts(
     State(shared): State<Arc<Shared>>,
 ) -> ApiResult<Json<Vec<rollwave_core::Rollout>>> {
@@ -369,6 +509,18 @@ fn parse_id(id: &str) -> ApiResult<u64> {
         .map_err(|_| ApiError::bad_request(format!("rollout id {id:?} is not a number")))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/rollouts/{id}",
+    tag = "rollouts",
+    params(("id" = u64, Path, description = "Rollout id")),
+    responses(
+        (status = 200, description = "The rollout, as the reconciler holds it now (`dependents` is always empty here)", body = RolloutResponse),
+        (status = 400, description = "The id is not a number", body = rollwave_api::ErrorBody),
+        (status = 404, description = "No such rollout", body = rollwave_api::ErrorBody),
+        (status = 500, description = "The store failed", body = rollwave_api::ErrorBody),
+    )
+)]
 async fn get_rollout(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
@@ -394,6 +546,20 @@ async fn get_rollout(
     }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/rollouts",
+    tag = "rollouts",
+    request_body = StartRollout,
+    responses(
+        (status = 201, description = "Started: the first rollout, and one per further service in dependency order", body = RolloutResponse),
+        (status = 400, description = "Invalid spec (the message names the field), a plan the fleet cannot meet, or an undeclared downgrade", body = rollwave_api::ErrorBody),
+        (status = 404, description = "No such release", body = rollwave_api::ErrorBody),
+        (status = 409, description = "Refused: a rollout of the service is active, or the version is below the active one", body = rollwave_api::ErrorBody),
+        (status = 413, description = "Body above 2 MB, refused by the HTTP layer in plain text", content_type = "text/plain", body = String),
+        (status = 500, description = "The store failed", body = rollwave_api::ErrorBody),
+    )
+)]
 async fn start_rollout(State(shared): State<Arc<Shared>>, body: Bytes) -> ApiResult<Response> {
     let req: StartRollout = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid rollout request: {e}")))?;
@@ -412,6 +578,19 @@ async fn start_rollout(State(shared): State<Arc<Shared>>, body: Bytes) -> ApiRes
 }
 
 /// A dry run: the plan `POST /v1/rollouts` would make now, stored nowhere.
+#[utoipa::path(
+    post,
+    path = "/v1/plan",
+    tag = "rollouts",
+    request_body = StartRollout,
+    responses(
+        (status = 200, description = "The rollouts `POST /v1/rollouts` would start now, stored nowhere", body = RolloutResponse),
+        (status = 400, description = "Invalid spec (the message names the field), or a plan the fleet cannot meet", body = rollwave_api::ErrorBody),
+        (status = 404, description = "No such release", body = rollwave_api::ErrorBody),
+        (status = 413, description = "Body above 2 MB, refused by the HTTP layer in plain text", content_type = "text/plain", body = String),
+        (status = 500, description = "The store failed", body = rollwave_api::ErrorBody),
+    )
+)]
 async fn plan_rollout(
     State(shared): State<Arc<Shared>>,
     body: Bytes,
@@ -431,6 +610,22 @@ fn group_response(mut rollouts: Vec<rollwave_core::Rollout>) -> RolloutResponse 
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/rollouts/{id}/{command}",
+    tag = "rollouts",
+    params(
+        ("id" = u64, Path, description = "Rollout id"),
+        ("command" = inline(rollwave_api::RolloutCommand), Path, description = "The operator command"),
+    ),
+    responses(
+        (status = 200, description = "The rollout after the command", body = RolloutResponse),
+        (status = 400, description = "The id is not a number", body = rollwave_api::ErrorBody),
+        (status = 404, description = "No such rollout, or no such command", body = rollwave_api::ErrorBody),
+        (status = 409, description = "The command does not apply in the rollout's state", body = rollwave_api::ErrorBody),
+        (status = 500, description = "The store failed", body = rollwave_api::ErrorBody),
+    )
+)]
 async fn rollout_command(
     State(shared): State<Arc<Shared>>,
     Path((id, command)): Path<(String, String)>,

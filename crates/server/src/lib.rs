@@ -11,7 +11,9 @@ mod error;
 mod events;
 mod http;
 mod metrics;
+mod openapi;
 mod reconciler;
+mod routes;
 mod session;
 mod ui;
 

@@ -76,6 +76,22 @@ impl Sessions {
     }
 }
 
+/// An agent's session: a WebSocket upgrade
+///
+/// Opened by each agent. Messages are JSON text frames: the agent sends
+/// `AgentMessage`s (a `hello` first, within 10 s), the control plane sends
+/// `ServerMessage`s (a `welcome`, then tasks and active versions). Both are
+/// described under `components.schemas`.
+#[utoipa::path(
+    get,
+    path = rollwave_api::AGENT_CONNECT_PATH,
+    tag = "agents",
+    responses(
+        (status = 101, description = "Switching Protocols: the session runs over the upgraded connection"),
+        (status = 400, description = "Not a valid WebSocket upgrade request (plain text, from the HTTP layer)", content_type = "text/plain", body = String),
+        (status = 426, description = "The connection cannot be upgraded (plain text, from the HTTP layer)", content_type = "text/plain", body = String),
+    )
+)]
 pub async fn connect(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade) -> Response {
     ws.max_message_size(8 << 20)
         .on_upgrade(move |socket| async move {
