@@ -644,7 +644,14 @@ impl Rollout {
         elapsed: Timestamp,
         now: Timestamp,
     ) -> bool {
-        let Some(n) = self.nodes.get_mut(node) else {
+        // Only the dry run in flight counts: one given up (its node went
+        // away; another ran it) may report long after, even once the node
+        // has been given up as unreachable in its wave.
+        let Some(n) = self
+            .nodes
+            .get_mut(node)
+            .filter(|n| n.state == NodeState::DryRunning)
+        else {
             return false;
         };
         // The node did not change: it waits for its turn like any other.
