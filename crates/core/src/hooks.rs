@@ -253,9 +253,9 @@ impl HookFile {
                     .backend
                     .clone()
                     .ok_or_else(|| SpecError::new(field("backend"), "is required"))?;
-                check_lb_name(&field("backend"), &backend)?;
+                check_haproxy_name(&field("backend"), &backend)?;
                 let server = self.server.clone().unwrap_or_else(|| "{node}".into());
-                check_lb_name(&field("server"), &server.replace("{node}", "node"))?;
+                check_haproxy_name(&field("server"), &server.replace("{node}", "node"))?;
                 let state = match self.state.as_deref() {
                     Some("drain") => LbState::Drain,
                     Some("ready") => LbState::Ready,
@@ -320,21 +320,23 @@ impl HookFile {
     }
 }
 
-/// HAProxy names are letters, digits, `-`, `_`, `.` and `:`; this also
-/// keeps the runtime API's separators out of the commands built from them.
-fn check_lb_name(field: &str, name: &str) -> Result<(), SpecError> {
-    let ok = !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(SpecError::new(
+/// HAProxy names are letters, digits, `-`, `_`, `.` and `:`. Checking this
+/// also keeps `;` (the runtime API's command separator), spaces and newlines
+/// out of the commands built from the names.
+pub fn check_haproxy_name(field: &str, name: &str) -> Result<(), SpecError> {
+    if name.is_empty() {
+        return Err(SpecError::new(field, "must not be empty"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+    {
+        return Err(SpecError::new(
             field,
             format!("{name:?} is not an haproxy name (letters, digits, '-', '_', '.', ':')"),
-        ))
+        ));
     }
+    Ok(())
 }
 
 impl Hook {

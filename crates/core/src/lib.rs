@@ -27,7 +27,7 @@ pub use error::SpecError;
 pub use fleet::{BackupInfo, Fleet, Health, NodeView, ServiceView};
 pub use gate::{check_downgrade, check_finalize, newest_running, ActiveVersion, FinalizeError};
 pub use hooks::{
-    Hook, HookAction, HookFile, HookReport, Hooks, HooksFile, LbState, OnError,
+    check_haproxy_name, Hook, HookAction, HookFile, HookReport, Hooks, HooksFile, LbState, OnError,
     DEFAULT_HOOK_TIMEOUT,
 };
 pub use manifest::{ReleaseManifest, MAX_MANIFEST_BYTES, RELEASE_MANIFEST};

@@ -23,7 +23,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rollwave_core::{describe_io, format_duration, parse_duration, SpecError};
+use rollwave_core::{check_haproxy_name, describe_io, format_duration, parse_duration, SpecError};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -151,8 +151,8 @@ impl DrainConfig {
                 format!("{} must be an absolute path", self.haproxy_socket.display()),
             ));
         }
-        check_name(&field("backend"), &self.backend)?;
-        check_name(&field("server"), &self.server)?;
+        check_haproxy_name(&field("backend"), &self.backend)?;
+        check_haproxy_name(&field("server"), &self.server)?;
         let timeout_field = field("timeout");
         let ms = parse_duration(
             &timeout_field,
@@ -168,25 +168,6 @@ impl DrainConfig {
             timeout: Duration::from_millis(ms),
         })
     }
-}
-
-/// HAProxy names are letters, digits, `-`, `_`, `.` and `:`. Checking this
-/// also keeps `;` (the runtime API's command separator), spaces and newlines
-/// out of the commands built from the names.
-fn check_name(field: &str, name: &str) -> Result<(), SpecError> {
-    if name.is_empty() {
-        return Err(SpecError::new(field, "must not be empty"));
-    }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
-    {
-        return Err(SpecError::new(
-            field,
-            format!("{name:?} is not an haproxy name (letters, digits, '-', '_', '.', ':')"),
-        ));
-    }
-    Ok(())
 }
 
 impl Haproxy {
@@ -282,7 +263,9 @@ impl Haproxy {
     /// hold names HAProxy cannot have; they never reach the socket, where a
     /// `;` would start another command.
     fn check_names(&self) -> Result<(), HaproxyError> {
-        if check_name("", &self.backend).is_ok() && check_name("", &self.server).is_ok() {
+        if check_haproxy_name("", &self.backend).is_ok()
+            && check_haproxy_name("", &self.server).is_ok()
+        {
             Ok(())
         } else {
             Err(self.no_such_server())
