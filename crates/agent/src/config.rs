@@ -17,6 +17,8 @@ struct RawConfig {
     node: Option<String>,
     server: Option<String>,
     state_dir: Option<PathBuf>,
+    join_token: Option<String>,
+    join_token_file: Option<PathBuf>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
     #[serde(default, rename = "service")]
@@ -42,6 +44,8 @@ struct RawService {
     listen: Vec<String>,
     switch: Option<String>,
     drain: Option<DrainConfig>,
+    #[serde(default)]
+    hooks: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +53,9 @@ pub struct AgentConfig {
     pub node: String,
     pub server: String,
     pub state_dir: PathBuf,
+    /// Traded for the node's own credential on first start; unused once
+    /// the state dir holds one.
+    pub join_token: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub services: Vec<ServiceConfig>,
 }
@@ -75,6 +82,10 @@ pub struct ServiceConfig {
     pub switch: SwitchMode,
     /// A load balancer to drain the node in before a restart-mode switch.
     pub drain: Option<Haproxy>,
+    /// Commands a rollout may run around this service's switch, by name
+    /// (`kind = "node"` hooks): the only commands the control plane can
+    /// ask this node to run.
+    pub hooks: BTreeMap<String, Vec<String>>,
 }
 
 /// How a service moves from one version to the next.
@@ -118,6 +129,24 @@ impl AgentConfig {
         let state_dir = raw
             .state_dir
             .ok_or_else(|| "state_dir: is required".to_string())?;
+        let join_token = match (raw.join_token, raw.join_token_file) {
+            (Some(_), Some(_)) => {
+                return Err("join_token_file: set join_token or join_token_file, not both".into())
+            }
+            (Some(t), None) => Some(t.trim().to_string()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(&path)
+                    .map_err(|e| format!("join_token_file: reading {}: {e}", path.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        if let Some(t) = &join_token {
+            if rollwave_core::split_token(t).is_err() {
+                return Err("join_token: is not a rollwave token (rw_<id>_<secret>)".into());
+            }
+        }
         if raw.services.is_empty() {
             return Err("service: at least one [[service]] is required".into());
         }
@@ -210,6 +239,15 @@ impl AgentConfig {
                 }
                 Some(d) => Some(d.resolve(&format!("{at}.drain")).map_err(|e| e.to_string())?),
             };
+            for (hook, command) in &s.hooks {
+                rollwave_core::check_hook_name(&format!("{at}.hooks"), hook)
+                    .map_err(|e| e.to_string())?;
+                if command.first().is_none_or(|p| p.trim().is_empty()) {
+                    return Err(format!(
+                        "{at}.hooks.{hook}: the program and its arguments are required, e.g. [\"/usr/local/bin/drain\"]"
+                    ));
+                }
+            }
             let backups_kept = s.backups_kept.unwrap_or(3);
             if backups_kept == 0 {
                 return Err(format!("{at}.backups_kept: must be at least 1"));
@@ -228,12 +266,14 @@ impl AgentConfig {
                 listen,
                 switch,
                 drain,
+                hooks: s.hooks,
             });
         }
         Ok(AgentConfig {
             node,
             server: server.trim_end_matches('/').to_string(),
             state_dir,
+            join_token,
             labels: raw.labels,
             services,
         })
@@ -357,6 +397,14 @@ health = { type = "http", url = "http://127.0.0.1:8080/healthz" }
             (
                 GOOD.replace("stop_grace", "listen = [\"nope\"]\nstop_grace"),
                 "service.api.listen",
+            ),
+            (
+                GOOD.replace("stop_grace", "hooks = { drain = [] }\nstop_grace"),
+                "service.api.hooks.drain: the program and its arguments are required",
+            ),
+            (
+                GOOD.replace("stop_grace", "hooks = { \"a b\" = [\"x\"] }\nstop_grace"),
+                "service.api.hooks: \"a b\" is not a hook name",
             ),
         ];
         for (text, field) in cases {

@@ -50,6 +50,39 @@ struct Journal {
     done: Option<TaskOutcome>,
 }
 
+/// Turns `node` hooks into the commands this service declares for them.
+/// An `exec` hook is refused unless it came from the release itself: the
+/// control plane may ask for a declared hook by name, never send a command.
+fn declared_hooks(
+    config: &ServiceConfig,
+    hooks: &[Hook],
+    exec_allowed: bool,
+) -> Result<Vec<Hook>, String> {
+    hooks
+        .iter()
+        .map(|h| match &h.action {
+            HookAction::Node { hook } => match config.hooks.get(hook) {
+                Some(command) => Ok(Hook {
+                    action: HookAction::Exec {
+                        command: command.clone(),
+                    },
+                    ..h.clone()
+                }),
+                None => Err(format!(
+                    "hook {}: node hook {hook:?} is not declared for service {} in this node's agent.toml (service.hooks)",
+                    h.name, config.name
+                )),
+            },
+            HookAction::Exec { command } if !exec_allowed => Err(format!(
+                "hook {}: refusing to run {:?} sent by the control plane: commands must be declared in this node's agent.toml",
+                h.name,
+                command.first().map(String::as_str).unwrap_or_default()
+            )),
+            _ => Ok(h.clone()),
+        })
+        .collect()
+}
+
 pub struct Service {
     pub config: ServiceConfig,
     pub dirs: ServiceDirs,
@@ -292,6 +325,15 @@ impl Executor {
     ) -> TaskOutcome {
         let previous = journal.previous.clone();
         let previous = previous.as_deref();
+        // Before anything is fetched: a task asking for a command this node
+        // does not declare changes nothing.
+        let (task_pre, task_post) = match (
+            declared_hooks(&svc.config, hooks.pre, false),
+            declared_hooks(&svc.config, hooks.post, false),
+        ) {
+            (Ok(pre), Ok(post)) => (pre, post),
+            (Err(reason), _) | (_, Err(reason)) => return TaskOutcome::Failed { reason },
+        };
         if let Err(reason) = self.stage(task, svc, version, art).await {
             return TaskOutcome::Failed { reason };
         }
@@ -299,15 +341,19 @@ impl Executor {
             Ok(m) => m,
             Err(reason) => return TaskOutcome::Failed { reason },
         };
+        // The release's own commands came in the artifact this agent
+        // verified, so they may be exec hooks.
+        let (release_pre, release_post) = match (
+            declared_hooks(&svc.config, &release.pre_node, true),
+            declared_hooks(&svc.config, &release.post_node, true),
+        ) {
+            (Ok(pre), Ok(post)) => (pre, post),
+            (Err(reason), _) | (_, Err(reason)) => return TaskOutcome::Failed { reason },
+        };
         // The release's hooks run inside the rollout's: its checks see the
         // node before the rollout's own undo (e.g. re-enabling traffic).
-        let pre: Vec<Hook> = hooks.pre.iter().chain(&release.pre_node).cloned().collect();
-        let post: Vec<Hook> = release
-            .post_node
-            .iter()
-            .chain(hooks.post)
-            .cloned()
-            .collect();
+        let pre: Vec<Hook> = task_pre.into_iter().chain(release_pre).collect();
+        let post: Vec<Hook> = release_post.into_iter().chain(task_post).collect();
         // After staging, so that a node whose artifact cannot be installed
         // never runs them; before the switch, so that a failure leaves the
         // node untouched.
@@ -1318,6 +1364,8 @@ mod tests {
     }
 
     impl Node {
+        /// The service declares hooks `t0` to `t3`, each running the script
+        /// [`Node::hook`] writes for it.
         async fn start() -> Node {
             let tmp = tempfile::tempdir().unwrap();
             std::fs::create_dir_all(tmp.path().join("tasks")).unwrap();
@@ -1327,6 +1375,12 @@ mod tests {
             let script = "i=0; while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done";
             let mut s = shell_service(tmp.path(), "api", script, None).installed();
             s.config.backup = vec![data.clone()];
+            s.config.hooks = (0..4)
+                .map(|i| {
+                    let script = tmp.path().join(format!("t{i}.sh")).display().to_string();
+                    (format!("t{i}"), vec!["sh".into(), script])
+                })
+                .collect();
             std::fs::create_dir_all(s.dirs.release("2.0.0")).unwrap();
             s.dirs.mark_staged("2.0.0", SHA).unwrap();
             let svc = Arc::new(s.start());
@@ -1419,12 +1473,20 @@ mod tests {
         }
     }
 
-    fn sh(name: &str, script: &str, on_error: OnError) -> Hook {
+    impl Node {
+        /// A rollout's hook `name` asking for the node's hook `t<i>`, which
+        /// runs `script`.
+        fn hook(&self, i: usize, name: &str, script: &str, on_error: OnError) -> Hook {
+            std::fs::write(self.tmp.path().join(format!("t{i}.sh")), script).unwrap();
+            node_hook(name, &format!("t{i}"), on_error)
+        }
+    }
+
+    /// A rollout's hook `name`, asking for the node's hook `hook`.
+    fn node_hook(name: &str, hook: &str, on_error: OnError) -> Hook {
         Hook {
             name: name.into(),
-            action: HookAction::Exec {
-                command: vec!["sh".into(), "-c".into(), script.into()],
-            },
+            action: HookAction::Node { hook: hook.into() },
             timeout: 20_000,
             retries: 0,
             on_error,
@@ -1445,7 +1507,7 @@ mod tests {
         let env = node.path("env");
         let script =
             format!("env | grep '^ROLLWAVE_' | sort > {env}; echo 'not today' >&2; exit 3");
-        let pre = vec![sh("hooks.pre_node[0]", &script, OnError::Fail)];
+        let pre = vec![node.hook(0, "hooks.pre_node[0]", &script, OnError::Fail)];
         let (phases, outcome) = node.run(upgrade("r7-up-n1", pre, Vec::new())).await;
 
         assert_eq!(
@@ -1491,10 +1553,11 @@ mod tests {
         let mut node = Node::start().await;
         let (data, seen, current) = (node.data.clone(), node.path("seen"), node.current());
         let pre = vec![
-            sh("hooks.pre_node[0]", "echo flaky; exit 1", OnError::Continue),
-            sh("hooks.pre_node[1]", "true", OnError::Fail),
+            node.hook(0, "hooks.pre_node[0]", "echo flaky; exit 1", OnError::Continue),
+            node.hook(1, "hooks.pre_node[1]", "true", OnError::Fail),
         ];
-        let post = vec![sh(
+        let post = vec![node.hook(
+            2,
             "hooks.post_node[0]",
             &format!(
                 "readlink {current} > {seen}; echo 'v2 data' > {}; echo 'smoke test failed'; exit 4",
@@ -1554,8 +1617,8 @@ mod tests {
         let script = format!("echo \"$ROLLWAVE_HOOK $(readlink {current})\" >> {log}");
         let task = upgrade(
             "r7-up-n1",
-            vec![sh("hooks.pre_node[0]", &script, OnError::Fail)],
-            vec![sh("hooks.post_node[0]", &script, OnError::Fail)],
+            vec![node.hook(0, "hooks.pre_node[0]", &script, OnError::Fail)],
+            vec![node.hook(1, "hooks.post_node[0]", &script, OnError::Fail)],
         );
         let (phases, outcome) = node.run(task.clone()).await;
         assert_eq!(outcome, TaskOutcome::Succeeded, "{phases:?}");
@@ -1627,10 +1690,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn commands_the_node_does_not_declare_are_refused_before_anything_changes() {
+        let mut node = Node::start().await;
+        let marker = node.path("ran");
+        let sent = Hook {
+            name: "hooks.pre_node[0]".into(),
+            action: HookAction::Exec {
+                command: vec!["touch".into(), marker.clone()],
+            },
+            timeout: 20_000,
+            retries: 0,
+            on_error: OnError::Fail,
+        };
+        let (_, outcome) = node.run(upgrade("r7-up-n1", vec![sent], Vec::new())).await;
+        assert_eq!(
+            outcome,
+            TaskOutcome::Failed {
+                reason: "hook hooks.pre_node[0]: refusing to run \"touch\" sent by the control plane: commands must be declared in this node's agent.toml".into()
+            }
+        );
+        assert!(!Path::new(&marker).exists(), "the command ran");
+        let undeclared = node_hook("hooks.post_node[0]", "nope", OnError::Fail);
+        let (_, outcome) = node
+            .run(upgrade("r7-up-n2", Vec::new(), vec![undeclared]))
+            .await;
+        let TaskOutcome::Failed { reason } = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert!(
+            reason.contains("node hook \"nope\" is not declared for service api"),
+            "{reason}"
+        );
+        assert_eq!(node.svc.dirs.current_version().as_deref(), Some("1.0.0"));
+        node.svc.supervisor.stop().await.unwrap();
+    }
+
+    #[tokio::test]
     async fn a_resumed_task_does_not_rerun_pre_node_hooks_that_passed() {
         let mut node = Node::start().await;
         // Would fail the task if it ran again.
-        let pre = vec![sh("hooks.pre_node[0]", "exit 1", OnError::Fail)];
+        let pre = vec![node.hook(0, "hooks.pre_node[0]", "exit 1", OnError::Fail)];
         let task = upgrade("r7-up-n1", pre, Vec::new());
         // As journaled by an agent killed right after the hooks passed.
         node.executor

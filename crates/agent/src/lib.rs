@@ -4,6 +4,7 @@
 
 pub mod artifact;
 pub mod config;
+pub mod enroll;
 mod executor;
 mod fds;
 mod gate;
@@ -43,13 +44,6 @@ pub async fn run(
     let socket = layout::agent_socket(&config.state_dir);
     // Before any service starts: each is told this socket.
     let listener = local::bind(&socket)?;
-    let client = reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_secs(5))
-        // A download that stalls fails the task instead of holding it forever.
-        .read_timeout(std::time::Duration::from_secs(30))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .context("building http client")?;
     let check_client = health::check_client().context("building health check client")?;
     let changed = Arc::new(Notify::new());
     let mut services = BTreeMap::new();
@@ -70,6 +64,13 @@ pub async fn run(
             Arc::new(Service::new(svc.clone(), dirs, sup)),
         );
     }
+    // After the services started: they are supervised while the agent
+    // waits for a control plane to enroll with.
+    let credential = {
+        let client = http_client(None)?;
+        enroll::credential(&config, &client).await?
+    };
+    let client = http_client(Some(&credential))?;
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
     let executor = Executor::new(
         config.state_dir.clone(),
@@ -88,13 +89,31 @@ pub async fn run(
     );
     tracing::info!(node = %config.node, server = %config.server, services = services.len(), socket = %socket.display(), "agent started");
     tokio::select! {
-        _ = session::run(config.clone(), services, executor, outbox_rx, changed) => {}
+        _ = session::run(config.clone(), credential, services, executor, outbox_rx, changed) => {}
         r = local::serve(listener, endpoint) => {
             r.with_context(|| format!("serving the agent socket {}", socket.display()))?;
         }
         _ = shutdown => tracing::info!("agent stopping; services keep running"),
     }
     Ok(())
+}
+
+/// The client for the control plane: with the node's credential on every
+/// request once it has one. Redirects are not followed, so the credential
+/// never goes anywhere else.
+fn http_client(credential: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = credential {
+        headers.insert(reqwest::header::AUTHORIZATION, enroll::auth_header(token)?);
+    }
+    reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        // A download that stalls fails the task instead of holding it forever.
+        .read_timeout(std::time::Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .default_headers(headers)
+        .build()
+        .context("building http client")
 }
 
 /// The shim between the agent and a service that takes sockets: sets

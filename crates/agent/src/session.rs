@@ -9,7 +9,10 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use rollwave_api::{AgentMessage, ServerMessage, AGENT_CONNECT_PATH, AGENT_PROTOCOL};
 use tokio::sync::{mpsc, Notify};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::header::AUTHORIZATION;
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::config::AgentConfig;
 use crate::executor::{snapshot, Executor, Services};
@@ -20,6 +23,7 @@ const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
 
 pub async fn run(
     config: Arc<AgentConfig>,
+    credential: String,
     services: Services,
     executor: Arc<Executor>,
     mut outbox: mpsc::UnboundedReceiver<AgentMessage>,
@@ -35,7 +39,17 @@ pub async fn run(
     );
     let mut backoff = BACKOFF_MIN;
     loop {
-        match session(&config, &url, &services, &executor, &mut outbox, &changed).await {
+        let ended = session(
+            &config,
+            &url,
+            &credential,
+            &services,
+            &executor,
+            &mut outbox,
+            &changed,
+        )
+        .await;
+        match ended {
             Ok(Ended::Refused(reason)) => {
                 tracing::error!(reason = %reason, "control plane refused this agent");
                 tokio::time::sleep(REFUSED_BACKOFF).await;
@@ -62,12 +76,33 @@ enum Ended {
 async fn session(
     config: &AgentConfig,
     url: &str,
+    credential: &str,
     services: &Services,
     executor: &Arc<Executor>,
     outbox: &mut mpsc::UnboundedReceiver<AgentMessage>,
     changed: &Notify,
 ) -> anyhow::Result<Ended> {
-    let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+    let mut request = url.into_client_request()?;
+    request
+        .headers_mut()
+        .insert(AUTHORIZATION, crate::enroll::auth_header(credential)?);
+    let ws = match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => ws,
+        Err(WsError::Http(resp))
+            if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN =>
+        {
+            let body = resp
+                .body()
+                .as_deref()
+                .and_then(|b| serde_json::from_slice::<rollwave_api::ErrorBody>(b).ok())
+                .map_or_else(|| resp.status().to_string(), |b| b.error.message);
+            return Ok(Ended::Refused(format!(
+                "the node credential ({}) was refused: {body}",
+                crate::enroll::credential_path(&config.state_dir).display()
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let (mut sink, mut stream) = ws.split();
     let mut reported = snapshot(services);
     let hello = AgentMessage::Hello {

@@ -902,6 +902,7 @@ pub(crate) mod testing {
             listen: Vec::new(),
             switch: SwitchMode::Restart,
             drain: None,
+            hooks: Default::default(),
         };
         ShellService {
             config,

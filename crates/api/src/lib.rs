@@ -207,11 +207,51 @@ pub struct ServiceSummary {
     pub running: BTreeMap<String, usize>,
 }
 
+/// Body of `POST /v1/tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// Unique among live tokens; names the token in the audit trail.
+    pub name: String,
+    pub role: rollwave_core::Role,
+    /// How long it is valid, like `24h` or `30d`; none: until revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    /// `join` only: how many enrollments it allows (1: a one-time token);
+    /// none: any number until it expires or is revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uses: Option<u32>,
+    /// `agent` only: the node the credential belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// Answer of `POST /v1/tokens` and `POST /v1/enroll`: the token itself,
+/// shown this once (the control plane keeps only its hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CreatedToken {
+    pub token: String,
+    #[serde(flatten)]
+    pub view: rollwave_core::TokenView,
+}
+
+/// Body of `POST /v1/enroll`, sent with a join token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Enroll {
+    /// The node's name: its credential will act as this node only.
+    pub node: String,
+}
+
 /// Error codes, each with its one HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     BadRequest,
+    /// No token, or one that is malformed, unknown, revoked or expired.
+    Unauthorized,
+    /// A valid token whose role may not do this.
+    Forbidden,
     NotFound,
     Conflict,
     PayloadTooLarge,
@@ -222,6 +262,8 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             ErrorCode::BadRequest => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict => 409,
             ErrorCode::PayloadTooLarge => 413,

@@ -29,10 +29,10 @@ use futures_util::{SinkExt, StreamExt};
 use rollwave::client::ApiClient;
 use rollwave::fleet::free_port;
 use rollwave_api::{
-    AgentMessage, RolloutResponse, ServerMessage, StartRollout, TaskAction, TaskOutcome,
+    AgentMessage, CreateToken, CreatedToken, RolloutResponse, ServerMessage, StartRollout, TaskAction, TaskOutcome,
     AGENT_CONNECT_PATH, AGENT_PROTOCOL,
 };
-use rollwave_core::{Health, Rollout, RolloutFile, ServiceView, StrategyFile};
+use rollwave_core::{Health, Role, Rollout, RolloutFile, ServiceView, StrategyFile};
 use tokio_tungstenite::tungstenite::Message;
 
 /// The goal of the issue: the fleet page loads in under a second.
@@ -63,6 +63,7 @@ struct Args {
 struct Server {
     child: Child,
     url: String,
+    admin_token: String,
     _dir: tempfile::TempDir,
 }
 
@@ -89,9 +90,10 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .context("starting rollwave server")?;
-        let server = Server {
+        let mut server = Server {
             child,
             url: format!("http://127.0.0.1:{port}"),
+            admin_token: String::new(),
             _dir: dir,
         };
         let started = Instant::now();
@@ -104,6 +106,15 @@ impl Server {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let token_file = server
+            ._dir
+            .path()
+            .join("data")
+            .join(rollwave_server::ADMIN_TOKEN_FILE);
+        server.admin_token = std::fs::read_to_string(&token_file)
+            .with_context(|| format!("reading {}", token_file.display()))?
+            .trim()
+            .to_string();
         Ok(server)
     }
 
@@ -133,8 +144,32 @@ fn service(version: &str, staged: &[String]) -> BTreeMap<String, ServiceView> {
 
 /// One simulated node: connects, says hello on 1.0.0, and answers every task
 /// as a fast, healthy node would, until the connection closes.
-async fn simulate(ws_url: String, node: String, rack: usize, task_ms: u64) -> anyhow::Result<()> {
-    let (ws, _) = tokio_tungstenite::connect_async(&ws_url)
+async fn simulate(
+    server: String,
+    join: String,
+    node: String,
+    rack: usize,
+    task_ms: u64,
+) -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    // Enrolled as a real agent is: the join token for its own credential.
+    let credential: rollwave_api::CreatedToken = reqwest::Client::new()
+        .post(format!("{server}/v1/enroll"))
+        .bearer_auth(&join)
+        .json(&rollwave_api::Enroll { node: node.clone() })
+        .send()
+        .await?
+        .error_for_status()
+        .with_context(|| format!("{node}: enrolling"))?
+        .json()
+        .await?;
+    let ws_url = format!("{}{AGENT_CONNECT_PATH}", server.replacen("http", "ws", 1));
+    let mut request = ws_url.into_client_request()?;
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", credential.token).parse()?,
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(request)
         .await
         .with_context(|| format!("{node}: connecting"))?;
     let (mut tx, mut rx) = ws.split();
@@ -196,8 +231,12 @@ struct Seen {
 
 /// Loads the page as the browser does, then follows the stream until the
 /// rollout's log says it completed.
-async fn dashboard(url: String, rollout: u64) -> anyhow::Result<Seen> {
-    let http = reqwest::Client::new();
+async fn dashboard(url: String, token: String, rollout: u64) -> anyhow::Result<Seen> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {token}").parse()?);
+    let http = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?;
     let started = Instant::now();
     let mut bytes = 0;
     let page = http.get(format!("{url}/")).send().await?.text().await?;
@@ -273,22 +312,30 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let server = Server::start().await?;
-    let api = ApiClient::new(&server.url)?;
+    let api = ApiClient::new(&server.url)?.with_token(Some(server.admin_token.clone()));
+    let token = |name: &str, role: Role| CreateToken {
+        name: name.into(),
+        role,
+        ttl: Some("1h".into()),
+        uses: None,
+        node: None,
+    };
+    let join: CreatedToken = api.post("/v1/tokens", &token("sim-join", Role::Join)).await?;
+    let viewer: CreatedToken = api
+        .post("/v1/tokens", &token("dashboards", Role::Viewer))
+        .await?;
     for v in ["1.0.0", "2.0.0"] {
         let exe = format!("#!/bin/sh\n# api {v}\nexec sleep 3600\n").into_bytes();
         let _: serde_json::Value = api
             .post_bytes(&format!("/v1/releases/api/{v}"), exe)
             .await?;
     }
-    let ws_url = format!(
-        "{}{AGENT_CONNECT_PATH}",
-        server.url.replacen("http", "ws", 1)
-    );
     let mut agents = Vec::with_capacity(args.nodes);
     for i in 0..args.nodes {
         let node = format!("sim-{i:04}");
         agents.push(tokio::spawn(simulate(
-            ws_url.clone(),
+            server.url.clone(),
+            join.token.clone(),
             node,
             i,
             args.task_ms,
@@ -343,7 +390,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let resp: RolloutResponse = api.post("/v1/rollouts", &StartRollout { spec }).await?;
     let id = resp.rollout.id;
     let dashboards: Vec<_> = (0..args.dashboards)
-        .map(|_| tokio::spawn(dashboard(server.url.clone(), id)))
+        .map(|_| tokio::spawn(dashboard(server.url.clone(), viewer.token.clone(), id)))
         .collect();
     let mut seen = Vec::new();
     for d in dashboards {

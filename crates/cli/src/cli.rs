@@ -20,6 +20,13 @@ pub struct Cli {
         default_value = "http://127.0.0.1:7700"
     )]
     pub server: String,
+    /// API token for client commands (prefer ROLLWAVE_TOKEN_FILE: a token
+    /// on a command line is visible to other users of the machine).
+    #[arg(long, global = true, env = "ROLLWAVE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// A file holding the API token, like the server's admin.token.
+    #[arg(long, global = true, env = "ROLLWAVE_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     #[command(subcommand)]
@@ -72,6 +79,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Create, list and revoke API tokens and join tokens (admin only).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Show the audit trail: who changed what through the API, and when,
     /// newest first.
     Audit {
@@ -304,4 +314,45 @@ impl DemoSwitch {
             DemoSwitch::Restart => "restart",
         }
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token. The token itself is printed once, alone on stdout;
+    /// the control plane keeps only its hash.
+    Create {
+        /// admin: everything; operator: rollouts and their commands,
+        /// finalize; viewer: read only; agent: one node's credential; join:
+        /// enrolls agents.
+        #[arg(long, value_parser = ["admin", "operator", "viewer", "agent", "join"])]
+        role: String,
+        /// Unique among live tokens; names the token in the audit trail.
+        #[arg(long)]
+        name: String,
+        /// Valid for this long, like 12h or 30d (default: until revoked).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// join: a one-time token (one enrollment).
+        #[arg(long, conflicts_with = "uses")]
+        once: bool,
+        /// join: at most this many enrollments.
+        #[arg(long)]
+        uses: Option<u32>,
+        /// agent: the node the credential belongs to.
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every token (never a secret).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by name (or id); an agent credential's session ends.
+    Revoke {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }

@@ -27,6 +27,7 @@ pub fn user_error(msg: impl Into<String>) -> anyhow::Error {
 pub struct ApiClient {
     base: String,
     http: reqwest::Client,
+    token: Option<String>,
 }
 
 impl ApiClient {
@@ -41,7 +42,17 @@ impl ApiClient {
             .connect_timeout(std::time::Duration::from_secs(5))
             .build()
             .context("building http client")?;
-        Ok(ApiClient { base, http })
+        Ok(ApiClient {
+            base,
+            http,
+            token: None,
+        })
+    }
+
+    /// Sends `token` as the bearer token of every request.
+    pub fn with_token(mut self, token: Option<String>) -> ApiClient {
+        self.token = token;
+        self
     }
 
     pub fn base(&self) -> &str {
@@ -62,6 +73,11 @@ impl ApiClient {
         self.send(req).await
     }
 
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let req = self.http.delete(format!("{}{path}", self.base));
+        self.send(req).await
+    }
+
     pub async fn post_bytes<T: DeserializeOwned>(
         &self,
         path: &str,
@@ -76,6 +92,10 @@ impl ApiClient {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let req = match &self.token {
+            Some(token) => req.bearer_auth(token),
+            None => req,
+        };
         let resp = req
             .send()
             .await
@@ -88,7 +108,11 @@ impl ApiClient {
         let message = serde_json::from_slice::<ErrorBody>(&bytes)
             .map(|b| b.error.message)
             .unwrap_or_else(|_| format!("http {status}: {}", String::from_utf8_lossy(&bytes)));
-        if status.is_client_error() {
+        if status == reqwest::StatusCode::UNAUTHORIZED && self.token.is_none() {
+            Err(user_error(format!(
+                "{message} (no token given: set --token, ROLLWAVE_TOKEN or ROLLWAVE_TOKEN_FILE)"
+            )))
+        } else if status.is_client_error() {
             Err(user_error(message))
         } else {
             Err(anyhow::anyhow!("control plane error ({status}): {message}"))

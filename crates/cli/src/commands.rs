@@ -20,6 +20,7 @@ use crate::client::{user_error, ApiClient};
 use crate::render;
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let conn = cli.connection();
     match cli.command {
         Command::Server { listen, data_dir } => {
             let config = rollwave_server::ServerConfig { listen, data_dir };
@@ -52,7 +53,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ))
         }
         Command::Nodes { json } => {
-            let api = ApiClient::new(&cli.server)?;
+            let api = conn.api()?;
             let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;
             if json {
                 print_json(&nodes)?;
@@ -66,7 +67,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             service,
             json,
         } => {
-            let api = ApiClient::new(&cli.server)?;
+            let api = conn.api()?;
             let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;
             let n = nodes.iter().find(|n| n.name == node).ok_or_else(|| {
                 user_error(format!("node: {node:?} is not known to the control plane"))
@@ -83,7 +84,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { limit, json } => {
-            let api = ApiClient::new(&cli.server)?;
+            let api = conn.api()?;
             let entries: Vec<AuditEntry> = api.get(&format!("/v1/audit?limit={limit}")).await?;
             if json {
                 print_json(&entries)?;
@@ -93,7 +94,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan(args) => {
-            let api = ApiClient::new(&cli.server)?;
+            let api = conn.api()?;
             let spec = start_spec(&args)?;
             let resp: RolloutResponse = api.post("/v1/plan", &StartRollout { spec }).await?;
             let planned = group(resp);
@@ -108,7 +109,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Services { json } => {
-            let api = ApiClient::new(&cli.server)?;
+            let api = conn.api()?;
             let services: Vec<ServiceSummary> = api.get("/v1/services").await?;
             if json {
                 print_json(&services)?;
@@ -122,7 +123,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(v) = &to {
                 parse_version("to", v).map_err(|e| user_error(e.to_string()))?;
             }
-            let api = ApiClient::new(&cli.server)?;
+            let api = conn.api()?;
             let resp: FinalizeResponse = api
                 .post(
                     &format!("/v1/services/{service}/finalize"),
@@ -151,15 +152,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             follow,
             json,
         } => {
-            let api = ApiClient::new(&cli.server)?;
+            let api = conn.api()?;
             let id = match id {
                 Some(id) => id,
                 None => newest(&api).await?,
             };
             logs(&api, id, node.as_deref(), follow, json).await
         }
-        Command::Release(cmd) => release(ApiClient::new(&cli.server)?, cmd).await,
-        Command::Rollout(cmd) => rollout(ApiClient::new(&cli.server)?, cmd).await,
+        Command::Release(cmd) => release(conn.api()?, cmd).await,
+        Command::Token(cmd) => crate::tokens::run(conn.api()?, cmd).await,
+        Command::Rollout(cmd) => rollout(conn.api()?, cmd).await,
     }
 }
 
@@ -489,7 +491,7 @@ fn wait_code(r: &Rollout) -> ExitCode {
     }
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }

@@ -135,9 +135,13 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     if args.keep {
         let url = fleet.url();
         let dir = fleet.detach();
+        let token = dir
+            .join("server-data")
+            .join(rollwave_server::ADMIN_TOKEN_FILE);
         println!(
-            "fleet left running: server {url} (data and logs under {}); try `rollwave --server {url} nodes`",
+            "fleet left running: server {url} (data and logs under {}); try `rollwave --server {url} --token-file {} nodes`",
             dir.display(),
+            token.display(),
         );
     }
     Ok(if ok {

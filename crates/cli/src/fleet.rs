@@ -33,6 +33,9 @@ pub struct FleetSpec {
     /// Services every node runs besides `api`, each a demo service on a
     /// port of its own, with handoff.
     pub extra_services: Vec<String>,
+    /// Hooks every node declares for `api` (`service.hooks`), by name: the
+    /// commands a rollout's `kind = "node"` hooks may run.
+    pub hooks: Vec<(String, Vec<String>)>,
 }
 
 impl FleetSpec {
@@ -44,6 +47,7 @@ impl FleetSpec {
             switch: "handoff".into(),
             haproxy_socket: None,
             extra_services: Vec::new(),
+            hooks: Vec::new(),
         }
     }
 }
@@ -69,6 +73,8 @@ pub struct Fleet {
     pub addr: SocketAddr,
     server: Option<Child>,
     pub nodes: Vec<Node>,
+    /// The bootstrap admin token the control plane wrote on first start.
+    pub admin_token: String,
 }
 
 /// A free loopback port for a service, released again for the service to
@@ -119,6 +125,11 @@ impl Fleet {
             .context("creating a temporary directory")?;
         let dir = tmp.path().to_path_buf();
         let (server, addr) = start_server(&spec.exe, &dir, "127.0.0.1:0".parse()?).await?;
+        let token_file = dir.join("server-data").join(rollwave_server::ADMIN_TOKEN_FILE);
+        let admin_token = std::fs::read_to_string(&token_file)
+            .with_context(|| format!("reading {}", token_file.display()))?
+            .trim()
+            .to_string();
         let mut fleet = Fleet {
             exe: spec.exe.clone(),
             dir: dir.clone(),
@@ -126,7 +137,25 @@ impl Fleet {
             addr,
             server: Some(server),
             nodes: Vec::new(),
+            admin_token,
         };
+        // One join token for the whole fleet, as an operator would make
+        // for a batch of machines; each agent trades it for its own
+        // credential.
+        let join: rollwave_api::CreatedToken = fleet
+            .api()?
+            .post(
+                "/v1/tokens",
+                &rollwave_api::CreateToken {
+                    name: "fleet-join".into(),
+                    role: rollwave_core::Role::Join,
+                    ttl: Some("1h".into()),
+                    uses: None,
+                    node: None,
+                },
+            )
+            .await
+            .context("creating the fleet's join token")?;
         for i in 1..=spec.nodes {
             let name = format!("node-{i}");
             let state_dir = dir.join(&name);
@@ -138,6 +167,7 @@ impl Fleet {
             }
             let config = state_dir.join("agent.toml");
             let mut toml = agent_toml(&spec, &fleet.url(), &name, i, &state_dir, port);
+            toml.insert_str(0, &format!("join_token = {:?}\n", join.token));
             for (service, port) in &extra_ports {
                 toml.push_str(&extra_service_toml(&spec, service, *port));
             }
@@ -160,8 +190,33 @@ impl Fleet {
         format!("http://{}", self.addr)
     }
 
+    /// An API client with the admin token.
     pub fn api(&self) -> anyhow::Result<ApiClient> {
-        ApiClient::new(&self.url())
+        Ok(ApiClient::new(&self.url())?.with_token(Some(self.admin_token.clone())))
+    }
+
+    /// A plain HTTP client that sends the admin token with every request.
+    pub fn http(&self) -> reqwest::Client {
+        let mut headers = reqwest::header::HeaderMap::new();
+        let value = format!("Bearer {}", self.admin_token);
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            value.parse().expect("a token is a valid header value"),
+        );
+        reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .expect("building an http client")
+    }
+
+    /// A `rollwave` command line against this fleet's control plane, with
+    /// the admin token (in the environment, not in the arguments).
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("--server")
+            .arg(self.url())
+            .env("ROLLWAVE_TOKEN", &self.admin_token);
+        cmd
     }
 
     pub fn service_urls(&self) -> Vec<String> {
@@ -347,6 +402,16 @@ fn agent_toml(
         ),
         None => String::new(),
     };
+    let hooks = if spec.hooks.is_empty() {
+        String::new()
+    } else {
+        let entries: Vec<String> = spec
+            .hooks
+            .iter()
+            .map(|(name, command)| format!("{name:?} = {command:?}"))
+            .collect();
+        format!("hooks = {{ {} }}\n", entries.join(", "))
+    };
     format!(
         r#"node = "{name}"
 server = "{server}"
@@ -359,7 +424,7 @@ rack = "r{rack}"
 name = "api"
 command = [{exe:?}, "demo-service", "--release", "{{release}}"{sockets}]
 switch = "{switch}"
-{listen}{drain}stop_grace = "5s"
+{listen}{drain}{hooks}stop_grace = "5s"
 backup = [{data:?}]
 health = {{ type = "http", url = "http://127.0.0.1:{port}/healthz", interval = "{interval}", timeout = "1s", healthy_threshold = 1, unhealthy_threshold = 2 }}
 "#,

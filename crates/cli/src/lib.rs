@@ -10,6 +10,7 @@ pub mod fleet;
 pub mod load;
 pub mod logging;
 pub mod render;
+mod tokens;
 
 use std::process::ExitCode;
 

@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rollwave_api::{NodeView, Release, ServiceSummary};
 use rollwave_core::{
-    format_duration, AuditEntry, BackupInfo, Health, NodeState, Rollout, RolloutEvent,
+    format_duration, AuditEntry, BackupInfo, Health, NodeState, Rollout, RolloutEvent, TokenView,
 };
 
 fn secs(ms: u64) -> String {
@@ -184,6 +184,50 @@ pub fn audit(entries: &[AuditEntry]) -> String {
                 e.target.clone()
             },
             result,
+        ]);
+    }
+    table(rows)
+}
+
+/// How long from `now` to `then`, like `3h 5m` (`0s` if past).
+pub fn duration_until(now: u64, then: u64) -> String {
+    format_duration(then.saturating_sub(now) / 1000 * 1000)
+}
+
+pub fn tokens(tokens: &[TokenView], now: u64) -> String {
+    let mut rows = vec![vec![
+        "NAME".into(),
+        "ROLE".into(),
+        "ID".into(),
+        "NODE".into(),
+        "CREATED".into(),
+        "BY".into(),
+        "STATE".into(),
+    ]];
+    for t in tokens {
+        let state = match (t.revoked_at, t.expires_at, t.uses_left) {
+            (Some(_), _, _) => "revoked".to_string(),
+            (None, Some(at), _) if at <= now => "expired".to_string(),
+            (None, _, Some(0)) => "used".to_string(),
+            (None, expires, uses) => {
+                let mut s = "live".to_string();
+                if let Some(at) = expires {
+                    s.push_str(&format!(", expires in {}", duration_until(now, at)));
+                }
+                if let Some(n) = uses {
+                    s.push_str(&format!(", {n} use{} left", if n == 1 { "" } else { "s" }));
+                }
+                s
+            }
+        };
+        rows.push(vec![
+            t.name.clone(),
+            t.role.to_string(),
+            t.id.clone(),
+            t.node.clone().unwrap_or_else(|| "-".into()),
+            ago(now, t.created_at),
+            t.created_by.clone(),
+            state,
         ]);
     }
     table(rows)

@@ -13,8 +13,8 @@ pub struct AuditEntry {
     /// Unix milliseconds.
     #[schema(value_type = u64)]
     pub at: Timestamp,
-    /// Who: the name of the API token the request carried (`anonymous`
-    /// while the API takes requests without one).
+    /// Who: the name of the API token the request carried
+    /// (`unauthenticated` if it carried none that is valid).
     pub actor: String,
     /// The client's address, as the control plane saw it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

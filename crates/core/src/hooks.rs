@@ -34,6 +34,10 @@ pub struct HookFile {
     pub command: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// `node`: the name of a hook the node declares in its `agent.toml`
+    /// (`[hooks.<name>]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<String>,
     /// `http`: send a Slack-compatible body (`{"text": ...}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slack: Option<bool>,
@@ -101,6 +105,9 @@ pub struct Hook {
 pub enum HookAction {
     /// A program and its arguments, run without a shell.
     Exec { command: Vec<String> },
+    /// A hook the node declares in its `agent.toml`, by name: what a
+    /// rollout may make a node run is the node's own to decide.
+    Node { hook: String },
     /// A POST of the event as JSON (or `{"text": ...}` for Slack).
     Http { url: String, slack: bool },
     /// Sets the node's server in an HAProxy backend to `drain` (waiting for
@@ -135,6 +142,25 @@ pub const DEFAULT_HOOK_TIMEOUT: Span = 60_000;
 pub const MAX_HOOK_RETRIES: u32 = 10;
 
 impl HooksFile {
+    /// The first hook that would run a command on the control plane's own
+    /// machine, by its field (`hooks.pre_rollout[0]`): starting a rollout
+    /// with one takes more trust than starting one without.
+    pub fn control_plane_command(&self) -> Option<String> {
+        let stages = [
+            ("pre_rollout", &self.pre_rollout),
+            ("post_rollout", &self.post_rollout),
+            ("on_success", &self.on_success),
+            ("on_failure", &self.on_failure),
+        ];
+        stages.into_iter().find_map(|(name, hooks)| {
+            hooks.iter().position(|h| match h.kind.as_deref() {
+                Some(kind) => kind == "exec",
+                None => h.command.is_some(),
+            })
+            .map(|i| format!("hooks.{name}[{i}]"))
+        })
+    }
+
     pub fn resolve(&self) -> Result<Hooks, SpecError> {
         let list = |name: &str, hooks: &[HookFile]| -> Result<Vec<Hook>, SpecError> {
             hooks
@@ -144,13 +170,29 @@ impl HooksFile {
                 .collect()
         };
         let node_only = |name: &str, hooks: Vec<Hook>| -> Result<Vec<Hook>, SpecError> {
+            for h in &hooks {
+                let why = match h.action {
+                    HookAction::Haproxy { .. } => "haproxy hooks drain or re-enable one node",
+                    HookAction::Node { .. } => "node hooks run on each node",
+                    _ => continue,
+                };
+                return Err(SpecError::new(
+                    format!("{}.kind", h.name),
+                    format!("{why}: use them in pre_node or post_node, not {name}"),
+                ));
+            }
+            Ok(hooks)
+        };
+        // Commands a node runs are declared on the node (or shipped in the
+        // release it verified), never sent by the control plane.
+        let on_nodes = |hooks: Vec<Hook>| -> Result<Vec<Hook>, SpecError> {
             if let Some(h) = hooks
                 .iter()
-                .find(|h| matches!(h.action, HookAction::Haproxy { .. }))
+                .find(|h| matches!(h.action, HookAction::Exec { .. }))
             {
                 return Err(SpecError::new(
                     format!("{}.kind", h.name),
-                    format!("haproxy hooks drain or re-enable one node: use them in pre_node or post_node, not {name}"),
+                    "a rollout cannot send commands to nodes: declare the command in each agent.toml under [hooks.<name>] and use kind = \"node\" with hook = \"<name>\", or ship it in the release's rollwave.toml",
                 ));
             }
             Ok(hooks)
@@ -160,8 +202,8 @@ impl HooksFile {
             post_rollout: node_only("post_rollout", list("post_rollout", &self.post_rollout)?)?,
             on_success: node_only("on_success", list("on_success", &self.on_success)?)?,
             on_failure: node_only("on_failure", list("on_failure", &self.on_failure)?)?,
-            pre_node: list("pre_node", &self.pre_node)?,
-            post_node: list("post_node", &self.post_node)?,
+            pre_node: on_nodes(list("pre_node", &self.pre_node)?)?,
+            post_node: on_nodes(list("post_node", &self.post_node)?)?,
         })
     }
 }
@@ -171,12 +213,13 @@ impl HookFile {
         let field = |f: &str| format!("{at}.{f}");
         let kind = match (self.kind.as_deref(), &self.command, &self.url) {
             (Some(k), _, _) => k,
+            (None, None, None) if self.hook.is_some() => "node",
             (None, Some(_), None) => "exec",
             (None, None, Some(_)) => "http",
             (None, _, _) => {
                 return Err(SpecError::new(
                     field("kind"),
-                    "is required: \"exec\" (with command), \"http\" (with url) or \"haproxy\"",
+                    "is required: \"exec\" (with command), \"node\" (with hook), \"http\" (with url) or \"haproxy\"",
                 ))
             }
         };
@@ -190,7 +233,26 @@ impl HookFile {
                 format!("{kind:?} takes no haproxy_socket, backend, server or state: use kind = \"haproxy\""),
             ));
         }
+        if kind != "node" && self.hook.is_some() {
+            return Err(SpecError::new(
+                field("hook"),
+                "is for kind = \"node\": the name of a hook the node declares",
+            ));
+        }
         let action = match kind {
+            "node" => {
+                if self.command.is_some() || self.url.is_some() || self.slack.is_some() {
+                    return Err(SpecError::new(
+                        field("kind"),
+                        "a node hook names a hook the node declares (hook = \"<name>\"), not a command or url",
+                    ));
+                }
+                let hook = self.hook.clone().ok_or_else(|| {
+                    SpecError::new(field("hook"), "is required: the name of a hook declared in agent.toml under [hooks.<name>]")
+                })?;
+                check_hook_name(&field("hook"), &hook)?;
+                HookAction::Node { hook }
+            }
             "exec" => {
                 if self.url.is_some() || self.slack.is_some() {
                     return Err(SpecError::new(
@@ -282,7 +344,7 @@ impl HookFile {
             other => {
                 return Err(SpecError::new(
                     field("kind"),
-                    format!("{other:?} is not a hook kind (exec, http or haproxy)"),
+                    format!("{other:?} is not a hook kind (exec, node, http or haproxy)"),
                 ))
             }
         };
@@ -320,6 +382,23 @@ impl HookFile {
     }
 }
 
+/// Names of the hooks a node declares: keys in `agent.toml`.
+pub fn check_hook_name(field: &str, name: &str) -> Result<(), SpecError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::new(
+            field,
+            format!("{name:?} is not a hook name (1-64 of a-z, A-Z, 0-9, '-', '_', '.')"),
+        ))
+    }
+}
+
 /// HAProxy names are letters, digits, `-`, `_`, `.` and `:`. Checking this
 /// also keeps `;` (the runtime API's command separator), spaces and newlines
 /// out of the commands built from the names.
@@ -344,6 +423,7 @@ impl Hook {
     pub fn describe(&self) -> String {
         let what = match &self.action {
             HookAction::Exec { command } => format!("exec {}", command.join(" ")),
+            HookAction::Node { hook } => format!("node hook {hook}"),
             HookAction::Http { url, .. } => format!("http {url}"),
             HookAction::Haproxy {
                 backend,

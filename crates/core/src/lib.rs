@@ -6,6 +6,7 @@
 
 mod amount;
 mod audit;
+mod auth;
 mod describe;
 mod duration;
 mod error;
@@ -21,13 +22,17 @@ mod spec;
 
 pub use amount::Amount;
 pub use audit::AuditEntry;
+pub use auth::{
+    hash_secret, split_token, validate_token_name, Access, Role, TokenProblem, TokenRecord,
+    TokenView,
+};
 pub use describe::{describe_io, error_chain, find_io_error};
 pub use duration::{format_bytes, format_duration, parse_duration, Span};
 pub use error::SpecError;
 pub use fleet::{BackupInfo, Fleet, Health, NodeView, ServiceView};
 pub use gate::{check_downgrade, check_finalize, newest_running, ActiveVersion, FinalizeError};
 pub use hooks::{
-    check_haproxy_name, Hook, HookAction, HookFile, HookReport, Hooks, HooksFile, LbState, OnError,
+    check_haproxy_name, check_hook_name, Hook, HookAction, HookFile, HookReport, Hooks, HooksFile, LbState, OnError,
     DEFAULT_HOOK_TIMEOUT,
 };
 pub use manifest::{ReleaseManifest, MAX_MANIFEST_BYTES, RELEASE_MANIFEST};

@@ -78,6 +78,11 @@ pub async fn run(hook: &Hook, ctx: &HookContext, client: &reqwest::Client) -> Ho
         attempts += 1;
         let last = match &hook.action {
             HookAction::Exec { command } => exec(command, ctx, timeout).await,
+            // The agent turns these into the command its config declares
+            // before running them; one that reaches here was not declared.
+            HookAction::Node { hook } => Attempt::failed(format!(
+                "node hook {hook:?} is not declared on this node"
+            )),
             HookAction::Http { url, slack } => http(url, *slack, ctx, client, timeout).await,
             HookAction::Haproxy {
                 socket,

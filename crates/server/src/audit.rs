@@ -19,16 +19,12 @@ use axum::response::Response;
 use rollwave_api::ErrorBody;
 use rollwave_core::AuditEntry;
 
+use crate::auth::Caller;
 use crate::{now_ms, Shared};
 
 /// What a handler did, for the audit trail, e.g. `started rollouts 7, 8`.
 #[derive(Debug, Clone)]
 pub struct AuditNote(pub String);
-
-/// Who made a request. Until the API takes tokens, everyone is `anonymous`;
-/// the authenticating layer puts its caller in the request's extensions.
-#[derive(Debug, Clone)]
-pub struct Caller(pub String);
 
 /// An error body is a line of JSON; anything much larger is not one.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -44,15 +40,17 @@ pub async fn record(State(shared): State<Arc<Shared>>, request: Request, next: N
     else {
         return next.run(request).await;
     };
-    let actor = request
-        .extensions()
-        .get::<Caller>()
-        .map_or_else(|| "anonymous".to_string(), |c| c.0.clone());
     let remote = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.to_string());
     let response = next.run(request).await;
+    // Put there by the authorization layer, inside this one; a request
+    // refused for its token has no caller.
+    let actor = response
+        .extensions()
+        .get::<Caller>()
+        .map_or_else(|| "unauthenticated".to_string(), |c| c.name.clone());
     let status = response.status();
     let (response, detail) = if status.is_success() {
         let note = response
@@ -113,6 +111,9 @@ fn describe(method: &Method, route: &str, path: &str) -> Option<(&'static str, S
             format!("rollout {}", at(2)),
         ),
         "/v1/services/{service}/finalize" => ("service.finalize", format!("service {}", at(2))),
+        "/v1/tokens" => ("token.create", String::new()),
+        "/v1/tokens/{name}" => ("token.revoke", format!("token {}", at(2))),
+        "/v1/enroll" => ("agent.enroll", String::new()),
         _ => ("api.other", format!("{method} {path}")),
     })
 }
@@ -150,10 +151,14 @@ mod tests {
             ),
             Some(("service.finalize", "service api".into()))
         );
-        // A route added later is still recorded, if not by name.
         assert_eq!(
             describe(&Method::DELETE, "/v1/tokens/{name}", "/v1/tokens/ci"),
-            Some(("api.other", "DELETE /v1/tokens/ci".into()))
+            Some(("token.revoke", "token ci".into()))
+        );
+        // A route added later is still recorded, if not by name.
+        assert_eq!(
+            describe(&Method::PUT, "/v1/things/{name}", "/v1/things/x"),
+            Some(("api.other", "PUT /v1/things/x".into()))
         );
     }
 }

@@ -21,10 +21,11 @@ use rollwave_store::PutRelease;
 use serde::Deserialize;
 
 use crate::audit::AuditNote;
+use crate::auth::Caller;
 use crate::blobs::{discard, UploadError};
 use crate::reconciler::Command;
 use crate::routes::Routes;
-use crate::{events, now_ms, openapi, session, ui, ApiError, Shared};
+use crate::{events, now_ms, openapi, session, tokens, ui, ApiError, Shared};
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -35,33 +36,45 @@ type ApiResult<T> = Result<T, ApiError>;
 /// a route outside the API (the dashboard's page and files) goes in that
 /// test's `NOT_API` list instead.
 pub(crate) fn routes() -> Routes<Arc<Shared>> {
+    use rollwave_core::Access::*;
     Routes::new()
-        .get("/v1/health", health)
-        .get(AGENT_CONNECT_PATH, session::connect)
-        .get("/v1/nodes", list_nodes)
-        .get("/v1/releases", list_releases)
-        .post("/v1/releases/{service}/{version}", push_release)
-        .get("/v1/releases/{service}/{version}", get_release)
-        .get("/v1/releases/{service}/{version}/artifact", artifact)
-        .get("/v1/rollouts", list_rollouts)
-        .post("/v1/rollouts", start_rollout)
-        .get("/v1/rollouts/{id}", get_rollout)
-        .post("/v1/plan", plan_rollout)
-        .post("/v1/rollouts/{id}/{command}", rollout_command)
-        .get("/v1/services", list_services)
-        .post("/v1/services/{service}/finalize", finalize)
-        .get("/v1/openapi.json", openapi::document)
-        .get("/v1/audit", list_audit)
-        .get(rollwave_api::EVENTS_PATH, events::stream)
-        .get("/metrics", metrics)
-        .get("/", ui::index)
-        .get("/ui/{file}", ui::asset)
+        .get("/v1/health", Public, health)
+        .get(AGENT_CONNECT_PATH, Session, session::connect)
+        .post("/v1/enroll", Enroll, tokens::enroll)
+        .get("/v1/nodes", Read, list_nodes)
+        .get("/v1/releases", Read, list_releases)
+        .post("/v1/releases/{service}/{version}", Admin, push_release)
+        .get("/v1/releases/{service}/{version}", Read, get_release)
+        .get(
+            "/v1/releases/{service}/{version}/artifact",
+            Download,
+            artifact,
+        )
+        .get("/v1/rollouts", Read, list_rollouts)
+        .post("/v1/rollouts", Operate, start_rollout)
+        .get("/v1/rollouts/{id}", Read, get_rollout)
+        .post("/v1/plan", Read, plan_rollout)
+        .post("/v1/rollouts/{id}/{command}", Operate, rollout_command)
+        .get("/v1/services", Read, list_services)
+        .post("/v1/services/{service}/finalize", Operate, finalize)
+        .get("/v1/tokens", Admin, tokens::list)
+        .post("/v1/tokens", Admin, tokens::create)
+        .delete("/v1/tokens/{name}", Admin, tokens::revoke)
+        .get("/v1/openapi.json", Read, openapi::document)
+        .get("/v1/audit", Read, list_audit)
+        .get(rollwave_api::EVENTS_PATH, Read, events::stream)
+        .get("/metrics", Read, metrics)
+        // The page and its files: the page asks for a token itself.
+        .get("/", Public, ui::index)
+        .get("/ui/{file}", Public, ui::asset)
 }
 
 /// Add routes to [`routes`], not here: this only adds what answers
 /// everything else.
 pub fn router(shared: Arc<Shared>) -> Router {
-    routes()
+    let routes = routes();
+    let access: crate::auth::AccessTable = Arc::new(routes.access_table());
+    routes
         .into_router()
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
@@ -72,6 +85,12 @@ pub fn router(shared: Arc<Shared>) -> Router {
         })
         // JSON bodies keep axum's default limit (2 MB); artifacts are read as
         // a stream, straight to disk, under their own limit (blobs.rs).
+        // Innermost first: who is calling, then the audit trail (which
+        // reads the caller off the response), then the request counter.
+        .layer(axum::middleware::from_fn_with_state(
+            (shared.clone(), access),
+            crate::auth::authorize,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             crate::audit::record,
@@ -554,15 +573,33 @@ async fn get_rollout(
     responses(
         (status = 201, description = "Started: the first rollout, and one per further service in dependency order", body = RolloutResponse),
         (status = 400, description = "Invalid spec (the message names the field), a plan the fleet cannot meet, or an undeclared downgrade", body = rollwave_api::ErrorBody),
+        (status = 403, description = "The token may not start rollouts, or the spec has control-plane exec hooks and the token is not an admin's", body = rollwave_api::ErrorBody),
         (status = 404, description = "No such release", body = rollwave_api::ErrorBody),
         (status = 409, description = "Refused: a rollout of the service is active, or the version is below the active one", body = rollwave_api::ErrorBody),
         (status = 413, description = "Body above 2 MB, refused by the HTTP layer in plain text", content_type = "text/plain", body = String),
         (status = 500, description = "The store failed", body = rollwave_api::ErrorBody),
     )
 )]
-async fn start_rollout(State(shared): State<Arc<Shared>>, body: Bytes) -> ApiResult<Response> {
+async fn start_rollout(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult<Response> {
     let req: StartRollout = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid rollout request: {e}")))?;
+    // An exec hook runs on this machine, as the control plane's user:
+    // operators may start rollouts, not run commands here.
+    let command = req
+        .spec
+        .hooks
+        .as_ref()
+        .and_then(|h| h.control_plane_command());
+    if let (Some(field), false) = (command, caller.role == rollwave_core::Role::Admin) {
+        return Err(ApiError::new(
+            rollwave_api::ErrorCode::Forbidden,
+            format!("{field}: exec hooks run commands on the control plane and need an admin token; token {:?} has the {} role", caller.name, caller.role),
+        ));
+    }
     let started = shared.reconciler.start(req.spec).await?;
     let what: Vec<String> = started
         .iter()

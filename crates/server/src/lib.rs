@@ -6,6 +6,7 @@
 //! decision in the [`Store`] before sending the tasks it implies.
 
 mod audit;
+mod auth;
 mod blobs;
 mod error;
 mod events;
@@ -15,6 +16,7 @@ mod openapi;
 mod reconciler;
 mod routes;
 mod session;
+mod tokens;
 mod ui;
 
 use std::net::SocketAddr;
@@ -27,6 +29,7 @@ use rollwave_core::{Fleet, Timestamp};
 use rollwave_store::{SqliteStore, Store};
 use tokio::net::TcpListener;
 
+pub use auth::{ADMIN_TOKEN_FILE, BOOTSTRAP_ADMIN};
 pub use error::ApiError;
 
 #[derive(Debug, Clone)]
@@ -49,6 +52,7 @@ pub(crate) struct Shared {
     pub metrics: metrics::Metrics,
     /// Every change of a rollout or a node, for `GET /v1/events`.
     pub events: Arc<events::Events>,
+    pub tokens: auth::Tokens,
 }
 
 /// Every service's active version, as agents receive it.
@@ -88,6 +92,13 @@ pub async fn run(
     for node in store.list_nodes().await.context("loading nodes")? {
         fleet.insert(node.name.clone(), node);
     }
+    let tokens = auth::Tokens::load(store.as_ref())
+        .await
+        .context("loading tokens")?;
+    tokens
+        .bootstrap(store.as_ref(), &config.data_dir)
+        .await
+        .context("creating the bootstrap admin token")?;
     let (handle, events) = reconciler::channel();
     let shared = Arc::new(Shared {
         store,
@@ -98,6 +109,7 @@ pub async fn run(
         reconciler: handle,
         metrics: metrics::Metrics::new(),
         events: Arc::new(events::Events::new(events::CAPACITY)),
+        tokens,
     });
     reconciler::spawn(shared.clone(), events)
         .await

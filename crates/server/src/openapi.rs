@@ -6,7 +6,7 @@ use axum::Json;
 use rollwave_api::{AgentMessage, ErrorBody, ServerMessage};
 use utoipa::OpenApi;
 
-use crate::{events, http, session};
+use crate::{events, http, session, tokens};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -33,6 +33,10 @@ response says plain text. Times are Unix milliseconds, durations milliseconds.",
         http::finalize,
         http::list_audit,
         events::stream,
+        tokens::create,
+        tokens::list,
+        tokens::revoke,
+        tokens::enroll,
         document,
     ),
     // The session's messages: no path returns them, agents exchange them
@@ -46,14 +50,73 @@ response says plain text. Times are Unix milliseconds, durations milliseconds.",
         (name = "agents", description = "The agent session"),
         (name = "meta", description = "The control plane itself"),
         (name = "audit", description = "Who changed what, and when"),
+        (name = "tokens", description = "API tokens and join tokens (admin)"),
     )
 )]
 struct ApiDoc;
 
-/// The document, with this build's version.
+/// The document, with this build's version, and each operation's access
+/// from the route table: the roles that may call it, its bearer token
+/// requirement and its 401 and 403 answers.
 pub(crate) fn spec() -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+    use utoipa::openapi::{RefOr, ResponseBuilder};
+
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "token",
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .bearer_format("rw_<id>_<secret>")
+                .build(),
+        ),
+    );
+    let error = |description: &str| {
+        RefOr::T(
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    utoipa::openapi::ContentBuilder::new()
+                        .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                            "ErrorBody",
+                        ))))
+                        .build(),
+                )
+                .build(),
+        )
+    };
+    for ((method, path), access) in http::routes().access_table() {
+        if access == rollwave_core::Access::Public {
+            continue;
+        }
+        let Some(item) = doc.paths.paths.get_mut(path) else {
+            continue;
+        };
+        let op = match method.as_str() {
+            "GET" => item.get.as_mut(),
+            "POST" => item.post.as_mut(),
+            "DELETE" => item.delete.as_mut(),
+            _ => None,
+        };
+        let Some(op) = op else { continue };
+        op.security = Some(vec![SecurityRequirement::new("token", Vec::<String>::new())]);
+        let roles = format!("Needs a token of role {}.", access.roles());
+        op.description = Some(match op.description.take() {
+            Some(d) if !d.is_empty() => format!("{d}\n\n{roles}"),
+            _ => roles,
+        });
+        let responses = &mut op.responses.responses;
+        responses
+            .entry("401".into())
+            .or_insert_with(|| error("No token, or one that is malformed, unknown, revoked or expired"));
+        responses
+            .entry("403".into())
+            .or_insert_with(|| error(&format!("The token's role may not: this needs {}", access.roles())));
+    }
     doc
 }
 

@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
+use axum::Extension;
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
 use rollwave_api::{AgentMessage, ServerMessage, AGENT_PROTOCOL};
-use rollwave_core::NodeView;
+use rollwave_core::{AuditEntry, NodeView};
 use tokio::sync::mpsc;
 
+use crate::auth::Caller;
 use crate::reconciler::Event;
 use crate::{now_ms, Shared};
 
@@ -48,6 +50,16 @@ impl Sessions {
         for s in inner.values() {
             let _ = s.tx.send(msg.clone());
         }
+    }
+
+    /// Ends a node's session, telling the agent why.
+    pub fn close(&self, node: &str, reason: &str) {
+        self.send(
+            node,
+            ServerMessage::Refused {
+                reason: reason.to_string(),
+            },
+        );
     }
 
     pub fn connected(&self) -> usize {
@@ -88,14 +100,20 @@ impl Sessions {
     tag = "agents",
     responses(
         (status = 101, description = "Switching Protocols: the session runs over the upgraded connection"),
+        (status = 401, description = "No valid agent credential", body = rollwave_api::ErrorBody),
+        (status = 403, description = "Not an agent credential", body = rollwave_api::ErrorBody),
         (status = 400, description = "Not a valid WebSocket upgrade request (plain text, from the HTTP layer)", content_type = "text/plain", body = String),
         (status = 426, description = "The connection cannot be upgraded (plain text, from the HTTP layer)", content_type = "text/plain", body = String),
     )
 )]
-pub async fn connect(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade) -> Response {
+pub async fn connect(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
+    ws: WebSocketUpgrade,
+) -> Response {
     ws.max_message_size(8 << 20)
         .on_upgrade(move |socket| async move {
-            if let Err(e) = serve(shared, socket).await {
+            if let Err(e) = serve(shared, caller, socket).await {
                 tracing::warn!(error = %e, "agent session ended");
             }
         })
@@ -110,7 +128,7 @@ pub fn valid_node_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
-async fn serve(shared: Arc<Shared>, socket: WebSocket) -> anyhow::Result<()> {
+async fn serve(shared: Arc<Shared>, caller: Caller, socket: WebSocket) -> anyhow::Result<()> {
     let (mut sink, mut stream) = socket.split();
     let first = tokio::time::timeout(HELLO_TIMEOUT, stream.next()).await;
     let hello = match first {
@@ -132,6 +150,14 @@ async fn serve(shared: Arc<Shared>, socket: WebSocket) -> anyhow::Result<()> {
             } else if !valid_node_name(&node) {
                 Some(format!(
                     "node name {node:?} is invalid: use 1-128 characters of a-z, A-Z, 0-9, '-', '_', '.'"
+                ))
+            } else if caller.node.as_deref() != Some(node.as_str()) {
+                // Everything the session does afterwards is in this node's
+                // name: a credential acts for its own node only.
+                let owner = caller.node.as_deref().unwrap_or("no node");
+                record_impersonation(&shared, &caller, &node).await;
+                Some(format!(
+                    "this credential belongs to node {owner:?}; it cannot act as {node:?}"
                 ))
             } else {
                 None
@@ -178,10 +204,18 @@ async fn serve(shared: Arc<Shared>, socket: WebSocket) -> anyhow::Result<()> {
                     // None: a newer session of the same node replaced this one.
                     let Some(msg) = msg else { return Ok(()) };
                     sink.send(Message::Text(serde_json::to_string(&msg)?.into())).await?;
+                    if let ServerMessage::Refused { reason } = msg {
+                        anyhow::bail!("session closed: {reason}");
+                    }
                 }
                 _ = ping.tick() => {
                     if last_heard.elapsed() > SILENCE_LIMIT {
                         anyhow::bail!("agent silent for {SILENCE_LIMIT:?}");
+                    }
+                    if !shared.tokens.is_live(&caller.token_id, now_ms()) {
+                        let msg = ServerMessage::Refused { reason: "this node's credential was revoked or has expired".into() };
+                        let _ = sink.send(Message::Text(serde_json::to_string(&msg)?.into())).await;
+                        anyhow::bail!("credential {} is no longer valid", caller.name);
                     }
                     sink.send(Message::Ping(Default::default())).await?;
                 }
@@ -249,6 +283,29 @@ async fn handle(shared: &Shared, node: &str, msg: AgentMessage) {
             task_id,
             outcome,
         }),
+    }
+}
+
+/// A credential presented for another node is an attack or a copied
+/// config: either way it belongs in the audit trail, which otherwise
+/// records only requests that change something.
+async fn record_impersonation(shared: &Shared, caller: &Caller, claimed: &str) {
+    let entry = AuditEntry {
+        id: 0,
+        at: now_ms(),
+        actor: caller.name.clone(),
+        remote: None,
+        action: "agent.refused".into(),
+        target: format!("node {claimed}"),
+        ok: false,
+        status: 403,
+        detail: format!(
+            "credential of node {} claimed to be node {claimed}",
+            caller.node.as_deref().unwrap_or("-")
+        ),
+    };
+    if let Err(e) = shared.store.append_audit(&entry).await {
+        tracing::error!(error = %e, "appending to the audit trail");
     }
 }
 

@@ -29,6 +29,39 @@ const access = {
     if (!token) return path;
     return path + (path.includes('?') ? '&' : '?') + 'access_token=' + encodeURIComponent(token);
   },
+  /** Asks for a token, saying why (the server's 401 message). */
+  ask(why) {
+    const dialog = $('#signin');
+    $('#signin-error').textContent = access.token() ? why : '';
+    $('#signout').hidden = !access.token();
+    if (!dialog.open) {
+      dialog.showModal();
+      $('#signin-token').focus();
+    }
+  },
+  signIn(token) {
+    try {
+      localStorage.setItem('rollwave.token', token);
+    } catch (_) {
+      // Private windows may refuse storage: the token lasts this page.
+      access.token = () => token;
+    }
+    $('#signout').hidden = false;
+    // Start over with the new token: the stream and every snapshot.
+    if (source) source.close();
+    connect();
+    loadSnapshots();
+  },
+  signOut() {
+    try {
+      localStorage.removeItem('rollwave.token');
+    } catch (_) {
+      // Nothing stored.
+    }
+    if (source) source.close();
+    source = null;
+    access.ask('');
+  },
 };
 
 /** Calls the API; rejects with the server's own error message. */
@@ -53,6 +86,7 @@ async function api(method, path, body) {
   }
   if (!resp.ok) {
     const message = data && data.error && data.error.message;
+    if (resp.status === 401) access.ask(message || 'the token was refused');
     const err = new Error(message || `http ${resp.status}: ${text.slice(0, 200)}`);
     err.status = resp.status;
     throw err;
@@ -374,7 +408,9 @@ function connect() {
     conn.textContent = text;
   };
   const query = lastEventId ? `?last_event_id=${encodeURIComponent(lastEventId)}` : '';
-  source = new EventSource(access.streamUrl(`/v1/events${query}`));
+  if (source) source.close();
+  const es = new EventSource(access.streamUrl(`/v1/events${query}`));
+  source = es;
   source.addEventListener('open', () => setConn('live', 'live'));
   source.addEventListener('error', () => {
     setConn('reconnecting', 'reconnecting');
@@ -383,9 +419,11 @@ function connect() {
     // The browser retries by itself after a dropped connection, but gives
     // up after an answer that is not a stream (a proxy's error page, say):
     // then start again, from the last event seen.
-    if (source.readyState === EventSource.CLOSED) {
+    if (es.readyState === EventSource.CLOSED && source === es) {
       source = null;
-      setTimeout(connect, 5000);
+      setTimeout(() => {
+        if (!source) connect();
+      }, 5000);
     }
   });
   source.addEventListener('reset', (ev) => {
@@ -1148,6 +1186,13 @@ function rolloutView(root, route) {
 
 function start() {
   $('#error-close').addEventListener('click', () => clearError());
+  $('#signin-form').addEventListener('submit', () => {
+    const token = $('#signin-token').value.trim();
+    $('#signin-token').value = '';
+    if (token) access.signIn(token);
+  });
+  $('#signout').addEventListener('click', () => access.signOut());
+  $('#signout').hidden = !access.token();
   window.addEventListener('hashchange', () => {
     const before = mounted && mounted.key;
     render();

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use rollwave_core::{
     plan_batches, ActiveVersion, ArtifactFormat, AuditEntry, Fleet, Health, NodeView, Release,
-    Rollout, RolloutFile, ServiceView, Timestamp,
+    Role, Rollout, RolloutFile, ServiceView, Timestamp, TokenRecord,
 };
 
 use crate::{PutRelease, Store, StoreError};
@@ -25,6 +25,35 @@ pub async fn test_suite(store: &dyn Store) {
     rollouts(store).await;
     active_versions(store).await;
     audit(store).await;
+    tokens(store).await;
+}
+
+async fn tokens(store: &dyn Store) {
+    assert_eq!(store.list_tokens().await.unwrap(), vec![]);
+    let token = |id: &str, name: &str| TokenRecord {
+        id: id.into(),
+        name: name.into(),
+        role: Role::Join,
+        node: None,
+        secret_sha256: "00".repeat(32),
+        created_at: 1,
+        created_by: "bootstrap-admin".into(),
+        expires_at: Some(10),
+        revoked_at: None,
+        uses_left: Some(1),
+    };
+    // Ids sort the other way from the order of creation.
+    store.put_token(&token("ff", "first")).await.unwrap();
+    store.put_token(&token("00", "second")).await.unwrap();
+    let mut used = token("ff", "first");
+    used.uses_left = Some(0);
+    used.revoked_at = Some(5);
+    store.put_token(&used).await.unwrap();
+    assert_eq!(
+        store.list_tokens().await.unwrap(),
+        vec![used, token("00", "second")],
+        "replaced in place, oldest first"
+    );
 }
 
 async fn audit(store: &dyn Store) {

@@ -7,7 +7,7 @@ pub mod conformance;
 mod sqlite;
 
 use async_trait::async_trait;
-use rollwave_core::{ActiveVersion, AuditEntry, NodeView, Release, Rollout};
+use rollwave_core::{ActiveVersion, AuditEntry, NodeView, Release, Rollout, TokenRecord};
 
 pub use sqlite::SqliteStore;
 
@@ -87,4 +87,9 @@ pub trait Store: Send + Sync + 'static {
     /// The newest `limit` entries, newest first, with ids below `before` if
     /// given (to page back).
     async fn list_audit(&self, limit: usize, before: Option<u64>) -> Result<Vec<AuditEntry>>;
+
+    /// Inserts or replaces a token by id.
+    async fn put_token(&self, token: &TokenRecord) -> Result<()>;
+    /// Every token, revoked and expired ones included, oldest first.
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
 }

@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rollwave_core::{ActiveVersion, AuditEntry, NodeView, Release, Rollout};
+use rollwave_core::{ActiveVersion, AuditEntry, NodeView, Release, Rollout, TokenRecord};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::{PutRelease, Result, Store, StoreError};
@@ -48,6 +48,11 @@ const MIGRATIONS: &[&str] = &[
     // AUTOINCREMENT: ids are never reused, so a page boundary stays put.
     "CREATE TABLE audit (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
+        json TEXT NOT NULL
+    );",
+    // 3 -> 4: API tokens (their secrets' hashes, never the secrets).
+    "CREATE TABLE tokens (
+        id TEXT PRIMARY KEY NOT NULL,
         json TEXT NOT NULL
     );",
 ];
@@ -376,6 +381,32 @@ impl Store for SqliteStore {
                 e.id = *id as u64;
                 Ok(e)
             })
+            .collect()
+    }
+
+    async fn put_token(&self, token: &TokenRecord) -> Result<()> {
+        let key = format!("token {}", token.name);
+        let json = encode(&key, token)?;
+        self.conn()
+            .execute(
+                "INSERT INTO tokens (id, json) VALUES (?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET json = excluded.json",
+                params![token.id, json],
+            )
+            .map_err(self.backend(format_args!("storing {key}")))?;
+        Ok(())
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
+        let conn = self.conn();
+        let rows = (|| {
+            let mut stmt = conn.prepare_cached("SELECT id, json FROM tokens ORDER BY rowid")?;
+            let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            rows.collect::<rusqlite::Result<Vec<(String, String)>>>()
+        })()
+        .map_err(self.backend("listing tokens"))?;
+        rows.iter()
+            .map(|(id, json)| decode(format!("token {id}"), json))
             .collect()
     }
 

@@ -9,7 +9,6 @@ use crate::harness::*;
 #[tokio::test(flavor = "multi_thread")]
 async fn every_change_through_the_api_is_in_the_audit_trail() {
     let fleet = installed_fleet(2).await;
-    let url = fleet.url();
     let api = fleet.api().unwrap();
     push(&fleet, "2.0.0", true).await;
     // The same version with other content is refused.
@@ -27,14 +26,14 @@ async fn every_change_through_the_api_is_in_the_audit_trail() {
         .unwrap();
     let r = start(&fleet, "2.0.0", |_| {}).await.unwrap();
     let id = r.id.to_string();
-    assert!(cli(&url, &["rollout", "pause", &id]).status.success());
-    assert!(!cli(&url, &["rollout", "promote", &id]).status.success());
-    assert!(cli(&url, &["rollout", "resume", &id]).status.success());
+    assert!(cli(&fleet, &["rollout", "pause", &id]).status.success());
+    assert!(!cli(&fleet, &["rollout", "promote", &id]).status.success());
+    assert!(cli(&fleet, &["rollout", "resume", &id]).status.success());
     let r = wait_done(&fleet, r.id).await;
     assert!(r.fully_upgraded(), "{r:#?}");
-    assert!(cli(&url, &["finalize", "api"]).status.success());
+    assert!(cli(&fleet, &["finalize", "api"]).status.success());
 
-    let out = cli(&url, &["audit", "--json", "--limit", "9"]);
+    let out = cli(&fleet, &["audit", "--json", "--limit", "9"]);
     assert!(
         out.status.success(),
         "{}",
@@ -85,7 +84,7 @@ async fn every_change_through_the_api_is_in_the_audit_trail() {
     assert_eq!(promote.status, 409);
     assert!(promote.detail.contains("cannot promote"), "{promote:?}");
     for e in &entries {
-        assert_eq!(e.actor, "anonymous");
+        assert_eq!(e.actor, rollwave_server::BOOTSTRAP_ADMIN);
         assert!(
             e.remote
                 .as_deref()
@@ -97,12 +96,12 @@ async fn every_change_through_the_api_is_in_the_audit_trail() {
         .windows(2)
         .all(|w| w[0].id > w[1].id && w[0].at >= w[1].at));
 
-    let out = cli(&url, &["audit"]);
+    let out = cli(&fleet, &["audit"]);
     let text = String::from_utf8_lossy(&out.stdout);
     let header: Vec<&str> = text.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(header, ["AT", "ACTOR", "ACTION", "TARGET", "RESULT"]);
     assert!(text.contains("refused (409): "), "{text}");
-    let out = cli(&url, &["audit", "--limit", "0"]);
+    let out = cli(&fleet, &["audit", "--limit", "0"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("limit: 0 is not between 1 and 10000"),

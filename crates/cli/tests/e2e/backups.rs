@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use rollwave_api::RolloutFile;
-use rollwave_core::{BackupInfo, HookFile, HooksFile, RolloutState, StrategyFile};
+use rollwave_core::{BackupInfo, HooksFile, RolloutState, StrategyFile};
 
 use crate::harness::*;
 
@@ -20,7 +20,10 @@ fn sha256(path: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_migration_restores_every_nodes_data_verified() {
-    let fleet = installed_fleet(2).await;
+    // The node's hook, given its data dir (the service's backup path).
+    let migrate = "echo 'schema 2' > \"$ROLLWAVE_DATA_DIR/db.txt\"; \
+         test \"$ROLLWAVE_NODE\" != node-2 || { echo 'migration check failed'; exit 1; }";
+    let fleet = installed_with_hooks(2, &[("migrate", migrate)]).await;
     push(&fleet, "2.0.0", true).await;
     let mut before = Vec::new();
     for node in &fleet.nodes {
@@ -28,20 +31,11 @@ async fn a_failed_migration_restores_every_nodes_data_verified() {
         std::fs::write(&file, format!("schema 1 of {}\n", node.name)).unwrap();
         before.push((file.clone(), sha256(&file)));
     }
-    // Every node's state_dir is `<fleet dir>/<node name>`.
-    let migrate = format!(
-        "echo 'schema 2' > {}/$ROLLWAVE_NODE/data/db.txt; \
-         test \"$ROLLWAVE_NODE\" != node-2 || {{ echo 'migration check failed'; exit 1; }}",
-        fleet.dir.display()
-    );
     let spec = RolloutFile {
         service: Some(SERVICE.into()),
         version: Some("2.0.0".into()),
         hooks: Some(HooksFile {
-            post_node: vec![HookFile {
-                command: Some(vec!["sh".into(), "-c".into(), migrate]),
-                ..Default::default()
-            }],
+            post_node: vec![node_hook("migrate")],
             ..Default::default()
         }),
         strategy: StrategyFile {
@@ -75,16 +69,15 @@ async fn a_failed_migration_restores_every_nodes_data_verified() {
         );
     }
     let out = cli(
-        &fleet.url(),
+        &fleet,
         &["logs", &r.id.to_string(), "--node", "node-1"],
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("verified"), "{text}");
 
     // Listed as node-1 last reported it: the upgrade's backup, newest first.
-    let url = fleet.url();
     let listed: Vec<BackupInfo> = wait_until("node-1 to report its backup", || {
-        let out = cli(&url, &["backups", "node-1", "api", "--json"]);
+        let out = cli(&fleet, &["backups", "node-1", "api", "--json"]);
         let listed: Vec<BackupInfo> = serde_json::from_slice(&out.stdout).unwrap_or_default();
         let reported = listed.first().is_some_and(|b| b.file_count >= 1);
         async move { reported.then_some(listed) }
@@ -97,7 +90,7 @@ async fn a_failed_migration_restores_every_nodes_data_verified() {
         "{listed:#?}"
     );
     assert_eq!(newest.file_count, 1, "{listed:#?}");
-    let out = cli(&url, &["backups", "node-1", "api"]);
+    let out = cli(&fleet, &["backups", "node-1", "api"]);
     assert!(out.status.success());
     let table = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = table.lines().collect();
@@ -108,14 +101,14 @@ async fn a_failed_migration_restores_every_nodes_data_verified() {
     assert_eq!(&row[2..5], ["1.0.0", "2.0.0", "1"], "{table}");
 
     // Unknown names are user errors that name them.
-    let out = cli(&url, &["backups", "n9", "api"]);
+    let out = cli(&fleet, &["backups", "n9", "api"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("node: \"n9\" is not known to the control plane"),
         "{stderr}"
     );
-    let out = cli(&url, &["backups", "node-1", "db"]);
+    let out = cli(&fleet, &["backups", "node-1", "db"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(

@@ -21,11 +21,11 @@ fn assert_bad(out: &Output, needle: &str) {
 async fn bad_rollouts_are_refused_and_change_nothing() {
     let fleet = installed_fleet(3).await;
     push(&fleet, "2.0.0", true).await;
-    let url = fleet.url();
+
     let before: Vec<Rollout> = fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
 
     let out = cli(
-        &url,
+        &fleet,
         &[
             "rollout",
             "start",
@@ -38,27 +38,27 @@ async fn bad_rollouts_are_refused_and_change_nothing() {
         &out,
         "strategy.min_healthy_time: \"5 parsecs\" is not a duration",
     );
-    let out = cli(&url, &["rollout", "start", "api@2.0.0", "--batch", "150%"]);
+    let out = cli(&fleet, &["rollout", "start", "api@2.0.0", "--batch", "150%"]);
     assert_bad(&out, "strategy.batch");
-    let out = cli(&url, &["rollout", "start", "api@9.9.9"]);
+    let out = cli(&fleet, &["rollout", "start", "api@9.9.9"]);
     assert_bad(&out, "release api@9.9.9 not found");
-    let out = cli(&url, &["rollout", "start", "nope@2.0.0"]);
+    let out = cli(&fleet, &["rollout", "start", "nope@2.0.0"]);
     assert_bad(&out, "release nope@2.0.0 not found");
-    let out = cli(&url, &["rollout", "start", "api@two"]);
+    let out = cli(&fleet, &["rollout", "start", "api@two"]);
     assert_bad(&out, "version: \"two\" is not a semantic version");
-    let out = cli(&url, &["rollout", "start", "api"]);
+    let out = cli(&fleet, &["rollout", "start", "api"]);
     assert_bad(&out, "target");
     let out = cli(
-        &url,
+        &fleet,
         &["rollout", "start", "api@2.0.0", "--selector", "rack=r9"],
     );
     assert_bad(&out, "selector: \"rack=r9\" matches none of the 3 nodes");
     let out = cli(
-        &url,
+        &fleet,
         &["rollout", "start", "api@2.0.0", "--selector", "rack in (r1"],
     );
     assert_bad(&out, "selector");
-    let out = cli(&url, &["rollout", "start", "api@2.0.0", "--bogus"]);
+    let out = cli(&fleet, &["rollout", "start", "api@2.0.0", "--bogus"]);
     assert_eq!(out.status.code(), Some(2));
 
     let toml = fleet.dir.join("rollout.toml");
@@ -67,29 +67,29 @@ async fn bad_rollouts_are_refused_and_change_nothing() {
         "service = \"api\"\nversion = \"2.0.0\"\n[strategy]\nbatch = [1\n",
     )
     .unwrap();
-    let out = cli(&url, &["rollout", "start", "-f", toml.to_str().unwrap()]);
+    let out = cli(&fleet, &["rollout", "start", "-f", toml.to_str().unwrap()]);
     assert_bad(&out, "invalid rollout spec");
     std::fs::write(
         &toml,
         "service = \"api\"\nversion = \"2.0.0\"\n[strategy]\nbatchsize = 2\n",
     )
     .unwrap();
-    let out = cli(&url, &["rollout", "start", "-f", toml.to_str().unwrap()]);
+    let out = cli(&fleet, &["rollout", "start", "-f", toml.to_str().unwrap()]);
     assert_bad(&out, "unknown field `batchsize`");
     std::fs::write(
         &toml,
         "service = \"api\"\nversion = \"2.0.0\"\n[strategy]\nhealthy_deadline = \"soon\"\n",
     )
     .unwrap();
-    let out = cli(&url, &["rollout", "start", "-f", toml.to_str().unwrap()]);
+    let out = cli(&fleet, &["rollout", "start", "-f", toml.to_str().unwrap()]);
     assert_bad(&out, "strategy.healthy_deadline");
     let out = cli(
-        &url,
+        &fleet,
         &["rollout", "start", "-f", "/nonexistent/rollout.toml"],
     );
     assert_bad(&out, "/nonexistent/rollout.toml");
 
-    let out = cli(&url, &["rollout", "pause", "999"]);
+    let out = cli(&fleet, &["rollout", "pause", "999"]);
     assert_bad(&out, "rollout 999 not found");
 
     let after: Vec<Rollout> = fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
@@ -104,7 +104,7 @@ async fn bad_rollouts_are_refused_and_change_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn releases_are_immutable_and_validated() {
     let fleet = installed_fleet(1).await;
-    let url = fleet.url();
+
     let a = fleet.dir.join("a.sh");
     std::fs::write(&a, "#!/bin/sh\necho a\n").unwrap();
     let b = fleet.dir.join("b.sh");
@@ -113,7 +113,7 @@ async fn releases_are_immutable_and_validated() {
     std::fs::write(&junk, "not an executable").unwrap();
 
     let out = cli(
-        &url,
+        &fleet,
         &["release", "push", "tool", "1.0.0", a.to_str().unwrap()],
     );
     assert!(
@@ -122,34 +122,34 @@ async fn releases_are_immutable_and_validated() {
         String::from_utf8_lossy(&out.stderr)
     );
     let out = cli(
-        &url,
+        &fleet,
         &["release", "push", "tool", "1.0.0", a.to_str().unwrap()],
     );
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("already pushed"));
     let out = cli(
-        &url,
+        &fleet,
         &["release", "push", "tool", "1.0.0", b.to_str().unwrap()],
     );
     assert_bad(&out, "releases are immutable");
     let out = cli(
-        &url,
+        &fleet,
         &["release", "push", "tool", "1.0.1", junk.to_str().unwrap()],
     );
     assert_bad(&out, "neither a .tar.gz nor an executable");
     let out = cli(
-        &url,
+        &fleet,
         &["release", "push", "../etc", "1.0.1", a.to_str().unwrap()],
     );
     assert_bad(&out, "service");
-    let out = cli(&url, &["release", "push", "tool", "1.0.2", "/nonexistent"]);
+    let out = cli(&fleet, &["release", "push", "tool", "1.0.2", "/nonexistent"]);
     assert_bad(&out, "/nonexistent");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn api_answers_json_errors_with_status_codes() {
     let fleet = installed_fleet(1).await;
-    let http = reqwest::Client::new();
+    let http = fleet.http();
     let url = fleet.url();
     let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
         (http.post(format!("{url}/v1/rollouts")).body("{not json"), 400, "bad_request"),
@@ -205,7 +205,7 @@ async fn bad_agent_config_is_refused_with_the_field() {
 async fn oversized_json_is_refused_and_large_artifacts_stream() {
     let fleet = installed_fleet(1).await;
     let url = fleet.url();
-    let http = reqwest::Client::new();
+    let http = fleet.http();
     // A JSON body far beyond any real rollout spec is refused, not buffered:
     // the answer is 413, or, when the server answers and closes before the
     // client has finished writing, a connection cut short. Either way the

@@ -143,10 +143,41 @@ async fn the_dashboard_follows_a_rollout_live_and_pauses_and_resumes_it() {
     let driver = Driver::start(&fleet.dir).await;
     let browser = driver.browser().await;
 
+    // An operator's token, as an admin would hand one out.
+    let operator: rollwave_api::CreatedToken = api
+        .post(
+            "/v1/tokens",
+            &rollwave_api::CreateToken {
+                name: "dashboard-user".into(),
+                role: rollwave_core::Role::Operator,
+                ttl: Some("1h".into()),
+                uses: None,
+                node: None,
+            },
+        )
+        .await
+        .unwrap();
     browser
         .goto(&format!("{}/#/fleet", fleet.url()))
         .await
         .unwrap();
+    // Without a token the page asks for one, and shows nothing until then.
+    wait_until("the sign-in dialog", || async {
+        let open = browser
+            .execute("return document.querySelector('#signin').open;", Vec::new())
+            .await
+            .ok()?;
+        (open == serde_json::Value::Bool(true)).then_some(())
+    })
+    .await;
+    browser
+        .find(Locator::Css("#signin-token"))
+        .await
+        .unwrap()
+        .send_keys(&operator.token)
+        .await
+        .unwrap();
+    click(&browser, "#signin-go").await;
     let node_version = |n: u32| format!(r#"[data-node="node-{n}"] [data-service="api"] .version"#);
     for n in 1..=3 {
         wait_text(&browser, &node_version(n), "1.0.0").await;

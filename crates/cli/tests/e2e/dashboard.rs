@@ -6,6 +6,8 @@ use std::time::Duration;
 use rollwave_api::{LogEntry, Reset, ResetReason};
 use rollwave_core::{NodeState, Rollout};
 
+use rollwave::fleet::Fleet;
+
 use crate::harness::*;
 
 /// Every `src="..."` and `href="..."` of a page.
@@ -26,7 +28,7 @@ async fn the_dashboard_is_served_whole_from_the_binary() {
         .await
         .unwrap();
     let base = fleet.url();
-    let http = reqwest::Client::new();
+    let http = fleet.http();
     let resp = http.get(format!("{base}/")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let header = |resp: &reqwest::Response, name: &str| {
@@ -102,8 +104,9 @@ struct EventStream {
 
 impl EventStream {
     /// Connects with `Last-Event-ID: last` if given; `query` is appended.
-    async fn connect(base: &str, query: &str, last: Option<&str>) -> EventStream {
-        let mut req = reqwest::Client::new().get(format!("{base}/v1/events{query}"));
+    async fn connect(fleet: &Fleet, query: &str, last: Option<&str>) -> EventStream {
+        let base = fleet.url();
+        let mut req = fleet.http().get(format!("{base}/v1/events{query}"));
         if let Some(id) = last {
             req = req.header("Last-Event-ID", id);
         }
@@ -196,12 +199,11 @@ fn is_reset(f: &Frame, reason: ResetReason) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_reconnects_mid_rollout_gets_every_log_entry_once_in_order() {
     let fleet = installed_fleet(3).await;
-    let base = fleet.url();
     push(&fleet, "2.0.0", true).await;
 
     // Where the stream stands before the rollout: a new client is told to
     // load snapshots, by a reset carrying its position.
-    let mut s = EventStream::connect(&base, "", None).await;
+    let mut s = EventStream::connect(&fleet, "", None).await;
     let hello = s.next().await;
     assert!(is_reset(&hello, ResetReason::New), "{hello:?}");
     let before = hello.id.clone();
@@ -225,7 +227,7 @@ async fn a_client_that_reconnects_mid_rollout_gets_every_log_entry_once_in_order
 
     // Mid-rollout, from before it began: everything it logged so far, then
     // what it logs while we listen.
-    let mut s = EventStream::connect(&base, "", Some(&before)).await;
+    let mut s = EventStream::connect(&fleet, "", Some(&before)).await;
     while log.entries.len() <= mid.events.len() {
         let f = s.next().await;
         assert_ne!(f.event, "reset", "{f:?}");
@@ -238,7 +240,7 @@ async fn a_client_that_reconnects_mid_rollout_gets_every_log_entry_once_in_order
         r.count(NodeState::Upgraded) >= 2
     })
     .await;
-    let mut s = EventStream::connect(&base, "", Some(&log.last.id.clone())).await;
+    let mut s = EventStream::connect(&fleet, "", Some(&log.last.id.clone())).await;
     loop {
         let f = s.next().await;
         assert_ne!(f.event, "reset", "{f:?}");
@@ -260,11 +262,11 @@ async fn a_client_that_reconnects_mid_rollout_gets_every_log_entry_once_in_order
     assert_eq!(log.entries, done.events);
 
     // One rollout's events only, from the same point: the same log.
-    let mut s = EventStream::connect(&base, &format!("?rollout={}", r.id), None).await;
+    let mut s = EventStream::connect(&fleet, &format!("?rollout={}", r.id), None).await;
     let reset = s.next().await;
     assert!(is_reset(&reset, ResetReason::New), "{reset:?}");
     let query = format!("?rollout={}&last_event_id={before}", r.id);
-    let mut s = EventStream::connect(&base, &query, None).await;
+    let mut s = EventStream::connect(&fleet, &query, None).await;
     let mut filtered = Vec::new();
     while filtered.len() < done.events.len() {
         let f = s.next().await;
@@ -283,14 +285,13 @@ async fn a_client_that_reconnects_mid_rollout_gets_every_log_entry_once_in_order
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unknown_last_event_id_gets_a_reset_first() {
     let fleet = installed_fleet(1).await;
-    let base = fleet.url();
-    let mut s = EventStream::connect(&base, "", None).await;
+    let mut s = EventStream::connect(&fleet, "", None).await;
     let first = s.next().await;
     assert!(is_reset(&first, ResetReason::New), "{first:?}");
     let epoch = first.epoch().to_string();
 
     // The stream goes on from there.
-    let mut s = EventStream::connect(&base, "", Some(&first.id)).await;
+    let mut s = EventStream::connect(&fleet, "", Some(&first.id)).await;
     push(&fleet, "2.0.0", true).await;
     let r = start(&fleet, "2.0.0", |_| {}).await.unwrap();
     let next = s.next().await;
@@ -305,9 +306,9 @@ async fn an_unknown_last_event_id_gets_a_reset_first() {
         for by_query in [false, true] {
             let mut s = if by_query {
                 let query = format!("?last_event_id={id}");
-                EventStream::connect(&base, &query, None).await
+                EventStream::connect(&fleet, &query, None).await
             } else {
-                EventStream::connect(&base, "", Some(id)).await
+                EventStream::connect(&fleet, "", Some(id)).await
             };
             let f = s.next().await;
             assert!(is_reset(&f, ResetReason::UnknownId), "{id}: {f:?}");
@@ -320,7 +321,7 @@ async fn an_unknown_last_event_id_gets_a_reset_first() {
     let mut fleet = fleet;
     fleet.restart_server().await.unwrap();
     fleet.wait_online(1).await.unwrap();
-    let mut s = EventStream::connect(&base, "", Some(&first.id)).await;
+    let mut s = EventStream::connect(&fleet, "", Some(&first.id)).await;
     let f = s.next().await;
     assert!(is_reset(&f, ResetReason::UnknownId), "{f:?}");
     assert_ne!(f.epoch(), epoch);

@@ -170,7 +170,7 @@ async fn an_offline_node_is_skipped_then_converges_when_it_returns() {
     let view = nodes(&fleet).await;
     let behind = view.iter().find(|n| n.name == "node-3").unwrap();
     assert_eq!(behind.services[SERVICE].desired.as_deref(), Some("2.0.0"));
-    let out = cli(&fleet.url(), &["nodes"]);
+    let out = cli(&fleet, &["nodes"]);
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().find(|l| l.starts_with("node-3")).unwrap();
     assert!(line.contains("behind: 2.0.0"), "{text}");

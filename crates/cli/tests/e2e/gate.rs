@@ -46,7 +46,7 @@ async fn finalize_waits_for_every_node_then_reaches_every_service() {
     roll(&fleet, "2.0.0", &["node-1", "node-2"]).await.unwrap();
 
     // Refused while node-3 runs the old binary, naming it.
-    let out = cli(&fleet.url(), &["finalize", "api"]);
+    let out = cli(&fleet, &["finalize", "api"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("node-3 runs 1.0.0"), "{err}");
@@ -66,7 +66,7 @@ async fn finalize_waits_for_every_node_then_reaches_every_service() {
         .unwrap();
     let up = roll(&fleet, "2.0.0", &["node-2", "node-3"]).await.unwrap();
 
-    let out = cli(&fleet.url(), &["finalize", "api"]);
+    let out = cli(&fleet, &["finalize", "api"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -74,7 +74,7 @@ async fn finalize_waits_for_every_node_then_reaches_every_service() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(text.trim(), "api: active version 2.0.0 (was none)");
-    let out = cli(&fleet.url(), &["finalize", "api", "--to", "2.0.0"]);
+    let out = cli(&fleet, &["finalize", "api", "--to", "2.0.0"]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "api: active version is already 2.0.0"
@@ -97,7 +97,7 @@ async fn finalize_waits_for_every_node_then_reaches_every_service() {
         let file = node.state_dir.join("services/api/active_version");
         assert_eq!(std::fs::read_to_string(file).unwrap(), "2.0.0\n");
     }
-    let out = cli(&fleet.url(), &["services"]);
+    let out = cli(&fleet, &["services"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("2.0.0 on 3"), "{text}");
 
@@ -108,7 +108,7 @@ async fn finalize_waits_for_every_node_then_reaches_every_service() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("the active version of api is 2.0.0"), "{err}");
-    let out = cli(&fleet.url(), &["rollout", "rollback", &up.id.to_string()]);
+    let out = cli(&fleet, &["rollout", "rollback", &up.id.to_string()]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot be rolled back"), "{err}");
@@ -118,7 +118,7 @@ async fn finalize_waits_for_every_node_then_reaches_every_service() {
 
     // The execution log of that rollout, for one node.
     let out = cli(
-        &fleet.url(),
+        &fleet,
         &["logs", &up.id.to_string(), "--node", "node-2"],
     );
     let text = String::from_utf8_lossy(&out.stdout);
@@ -136,7 +136,7 @@ async fn finalize_waits_for_every_node_then_reaches_every_service() {
     }
     assert!(!text.contains("node-3"), "{text}");
     let out = cli(
-        &fleet.url(),
+        &fleet,
         &["logs", &up.id.to_string(), "--node", "node-9"],
     );
     assert_eq!(out.status.code(), Some(2));

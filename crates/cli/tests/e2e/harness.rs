@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use rollwave::client::ApiClient;
@@ -22,6 +22,29 @@ pub fn exe() -> &'static str {
 /// everywhere. Dropping it kills every process it started.
 pub async fn installed_fleet(nodes: usize) -> Fleet {
     installed(FleetSpec::new(exe().into(), nodes)).await
+}
+
+/// A fleet of `nodes` agents whose `api` service declares `hooks`, each a
+/// shell script by name; 1.0.0 installed everywhere.
+pub async fn installed_with_hooks(nodes: usize, hooks: &[(&str, &str)]) -> Fleet {
+    let mut spec = FleetSpec::new(exe().into(), nodes);
+    spec.hooks = hooks
+        .iter()
+        .map(|(name, script)| {
+            let command = vec!["sh".into(), "-c".into(), script.to_string()];
+            (name.to_string(), command)
+        })
+        .collect();
+    installed(spec).await
+}
+
+/// A rollout hook running the hook `name` the nodes declare.
+pub fn node_hook(name: &str) -> rollwave_core::HookFile {
+    rollwave_core::HookFile {
+        kind: Some("node".into()),
+        hook: Some(name.into()),
+        ..Default::default()
+    }
 }
 
 /// A fleet as `spec` says, with 1.0.0 pushed and installed everywhere.
@@ -253,14 +276,9 @@ pub fn switches_to(state_dir: &Path, version: &str) -> usize {
         .count()
 }
 
-/// Runs the `rollwave` CLI against `server`.
-pub fn cli(server: &str, args: &[&str]) -> Output {
-    Command::new(exe())
-        .arg("--server")
-        .arg(server)
-        .args(args)
-        .output()
-        .unwrap()
+/// Runs the `rollwave` CLI against the fleet's control plane, as its admin.
+pub fn cli(fleet: &Fleet, args: &[&str]) -> Output {
+    fleet.command().args(args).output().unwrap()
 }
 
 /// Every node runs `version`, as its agent reports and as its service answers.

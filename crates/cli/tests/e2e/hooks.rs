@@ -9,16 +9,14 @@ use rollwave_core::{HookFile, HooksFile, NodeState, Rollout, RolloutState, Strat
 
 use crate::harness::*;
 
-/// An exec hook appending one line (`what` expanded by the shell) to `log`.
+/// A script appending one line (`what` expanded by the shell) to `log`.
+fn echo(log: &Path, what: &str) -> String {
+    format!("echo \"{what}\" >> {}", log.display())
+}
+
+/// An exec hook (run by the control plane) appending to `log`.
 fn append(log: &Path, what: &str) -> HookFile {
-    HookFile {
-        command: Some(vec![
-            "sh".into(),
-            "-c".into(),
-            format!("echo \"{what}\" >> {}", log.display()),
-        ]),
-        ..Default::default()
-    }
+    shell(&echo(log, what))
 }
 
 fn shell(script: &str) -> HookFile {
@@ -66,20 +64,20 @@ async fn receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hooks_run_in_order_with_the_rollout_and_node_in_their_environment() {
-    let fleet = installed_fleet(2).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let log = scratch.path().join("hooks.log");
+    let pre = echo(&log, "pre_node $ROLLWAVE_NODE $ROLLWAVE_FROM_VERSION $ROLLWAVE_VERSION");
+    let post = echo(&log, "post_node $ROLLWAVE_NODE");
+    let fleet = installed_with_hooks(2, &[("pre", &pre), ("post", &post)]).await;
     push(&fleet, "2.0.0", true).await;
-    let log = fleet.dir.join("hooks.log");
     let (url, posted) = receiver().await;
     let hooks = HooksFile {
         pre_rollout: vec![append(
             &log,
             "pre_rollout $ROLLWAVE_ROLLOUT $ROLLWAVE_SERVICE $ROLLWAVE_VERSION",
         )],
-        pre_node: vec![append(
-            &log,
-            "pre_node $ROLLWAVE_NODE $ROLLWAVE_FROM_VERSION $ROLLWAVE_VERSION",
-        )],
-        post_node: vec![append(&log, "post_node $ROLLWAVE_NODE")],
+        pre_node: vec![node_hook("pre")],
+        post_node: vec![node_hook("post")],
         post_rollout: vec![append(&log, "post_rollout $ROLLWAVE_STATE")],
         on_success: vec![
             append(&log, "on_success"),
@@ -115,7 +113,7 @@ async fn hooks_run_in_order_with_the_rollout_and_node_in_their_environment() {
     assert_eq!(posted[0]["rollout"], id);
     assert_eq!(posted[0]["state"], "completed");
     // Each hook's outcome is in the execution log.
-    let out = cli(&fleet.url(), &["logs", &id.to_string(), "--node", first]);
+    let out = cli(&fleet, &["logs", &id.to_string(), "--node", first]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("hook hooks.pre_node[0] exited 0"), "{text}");
     assert!(
@@ -126,12 +124,13 @@ async fn hooks_run_in_order_with_the_rollout_and_node_in_their_environment() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_pre_rollout_hook_changes_nothing() {
-    let fleet = installed_fleet(2).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let log = scratch.path().join("hooks.log");
+    let fleet = installed_with_hooks(2, &[("pre", &echo(&log, "pre_node"))]).await;
     push(&fleet, "2.0.0", true).await;
-    let log = fleet.dir.join("hooks.log");
     let hooks = HooksFile {
         pre_rollout: vec![shell("echo 'metadata backup failed' >&2; exit 3")],
-        pre_node: vec![append(&log, "pre_node")],
+        pre_node: vec![node_hook("pre")],
         on_failure: vec![append(&log, "on_failure $ROLLWAVE_STATE")],
         ..Default::default()
     };
@@ -161,12 +160,11 @@ async fn a_failing_pre_rollout_hook_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_pre_node_hook_fails_that_node_untouched() {
-    let fleet = installed_fleet(2).await;
+    let drain = "test \"$ROLLWAVE_NODE\" != node-2 || { echo drain refused; exit 1; }";
+    let fleet = installed_with_hooks(2, &[("drain", drain)]).await;
     push(&fleet, "2.0.0", true).await;
     let hooks = HooksFile {
-        pre_node: vec![shell(
-            "test \"$ROLLWAVE_NODE\" != node-2 || { echo drain refused; exit 1; }",
-        )],
+        pre_node: vec![node_hook("drain")],
         ..Default::default()
     };
     let r = roll(&fleet, hooks).await;

@@ -20,8 +20,8 @@ fn shape(v: &Value) -> Value {
     }
 }
 
-fn cli_json(url: &str, args: &[&str]) -> Value {
-    let out = cli(url, args);
+fn cli_json(fleet: &rollwave::fleet::Fleet, args: &[&str]) -> Value {
+    let out = cli(fleet, args);
     assert!(
         out.status.success(),
         "{args:?}: {}",
@@ -35,8 +35,11 @@ fn cli_json(url: &str, args: &[&str]) -> Value {
     })
 }
 
-async fn api_json(url: &str, path: &str) -> Value {
-    reqwest::get(format!("{url}{path}"))
+async fn api_json(fleet: &rollwave::fleet::Fleet, path: &str) -> Value {
+    fleet
+        .http()
+        .get(format!("{}{path}", fleet.url()))
+        .send()
         .await
         .unwrap()
         .json()
@@ -63,20 +66,20 @@ async fn read_commands_print_the_apis_json() {
         (vec!["rollout", "list", "--json"], "/v1/rollouts"),
     ] {
         assert_eq!(
-            cli_json(&url, &args),
-            api_json(&url, path).await,
+            cli_json(&fleet, &args),
+            api_json(&fleet, path).await,
             "{args:?}"
         );
     }
-    let api = api_json(&url, &format!("/v1/rollouts/{id}")).await;
+    let api = api_json(&fleet, &format!("/v1/rollouts/{id}")).await;
     assert_eq!(
-        cli_json(&url, &["rollout", "status", &id, "--json"]),
+        cli_json(&fleet, &["rollout", "status", &id, "--json"]),
         api["rollout"]
     );
 
     // Reported by agents as they go: the same fields.
-    let nodes = api_json(&url, "/v1/nodes").await;
-    assert_eq!(shape(&cli_json(&url, &["nodes", "--json"])), shape(&nodes));
+    let nodes = api_json(&fleet, "/v1/nodes").await;
+    assert_eq!(shape(&cli_json(&fleet, &["nodes", "--json"])), shape(&nodes));
     let backups = nodes
         .as_array()
         .unwrap()
@@ -90,11 +93,12 @@ async fn read_commands_print_the_apis_json() {
         backups
     };
     assert_eq!(
-        shape(&cli_json(&url, &["backups", "node-1", "api", "--json"])),
+        shape(&cli_json(&fleet, &["backups", "node-1", "api", "--json"])),
         shape(&backups)
     );
     let spec = serde_json::json!({"spec": {"service": "api", "version": "2.0.0"}});
-    let planned: Value = reqwest::Client::new()
+    let planned: Value = fleet
+        .http()
         .post(format!("{url}/v1/plan"))
         .json(&spec)
         .send()
@@ -104,7 +108,7 @@ async fn read_commands_print_the_apis_json() {
         .await
         .unwrap();
     assert_eq!(
-        shape(&cli_json(&url, &["plan", "api@2.0.0", "--json"])),
+        shape(&cli_json(&fleet, &["plan", "api@2.0.0", "--json"])),
         shape(&planned["rollout"])
     );
 
@@ -112,7 +116,7 @@ async fn read_commands_print_the_apis_json() {
     let events = api["rollout"]["events"].as_array().unwrap();
     assert!(!events.is_empty());
     let lines = |args: &[&str]| -> Vec<Value> {
-        let out = cli(&url, args);
+        let out = cli(&fleet, args);
         assert!(out.status.success(), "{args:?}");
         String::from_utf8(out.stdout)
             .unwrap()

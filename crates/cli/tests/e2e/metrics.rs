@@ -10,7 +10,10 @@ use rollwave_core::{HookFile, HooksFile, Rollout, StrategyFile};
 use crate::harness::*;
 
 async fn scrape(fleet: &rollwave::fleet::Fleet) -> Scrape {
-    let resp = reqwest::get(format!("{}/metrics", fleet.url()))
+    let resp = fleet
+        .http()
+        .get(format!("{}/metrics", fleet.url()))
+        .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
@@ -40,12 +43,11 @@ fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_parse_and_match_the_api() {
-    let fleet = installed_fleet(3).await;
+    let fleet = installed_with_hooks(3, &[("flaky", "exit 1")]).await;
     push(&fleet, "2.0.0", true).await;
     let flaky = HookFile {
-        command: Some(vec!["sh".into(), "-c".into(), "exit 1".into()]),
         on_error: Some("continue".into()),
-        ..Default::default()
+        ..node_hook("flaky")
     };
     let spec = RolloutFile {
         service: Some(SERVICE.into()),

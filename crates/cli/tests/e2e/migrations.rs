@@ -257,7 +257,7 @@ async fn a_release_with_an_invalid_manifest_is_refused_and_not_stored() {
         err,
         "release api@2.0.0 refused: rollwave.toml: migrate.command: is required: the program and its arguments, e.g. [\"./bin/migrate\"]"
     );
-    let out = cli(&fleet.url(), &["release", "list", "--json"]);
+    let out = cli(&fleet, &["release", "list", "--json"]);
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
 }

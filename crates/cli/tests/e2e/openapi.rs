@@ -181,7 +181,7 @@ async fn every_answer_matches_the_openapi_document() {
     let done = wait_done(&fleet, r.id).await;
     assert!(done.fully_upgraded(), "{done:#?}");
     let url = fleet.url();
-    let http = reqwest::Client::new();
+    let http = fleet.http();
 
     let doc: Value = http
         .get(format!("{url}/v1/openapi.json"))

@@ -15,9 +15,9 @@ async fn rolling_upgrade_moves_every_node_once_in_batches() {
     assert_eq!(r.batches.len(), 2);
     assert!(r.batches.iter().all(|b| b.len() == 2));
     // Watched as a script sees it (stdout is not a terminal): plain lines.
-    let (url, id) = (fleet.url(), r.id.to_string());
-    let watched =
-        tokio::task::spawn_blocking(move || cli(&url, &["rollout", "status", &id, "--watch"]));
+    let mut watch = fleet.command();
+    watch.args(["rollout", "status", &r.id.to_string(), "--watch"]);
+    let watched = tokio::task::spawn_blocking(move || watch.output().unwrap());
     let r = wait_done(&fleet, r.id).await;
     let out = watched.await.unwrap();
     assert!(out.status.success());
@@ -71,7 +71,7 @@ async fn rolling_upgrade_moves_every_node_once_in_batches() {
 
     // The CLI agrees, and --wait exits 0 for a fully upgraded fleet.
     let out = cli(
-        &fleet.url(),
+        &fleet,
         &["rollout", "status", &r.id.to_string(), "--wait"],
     );
     assert!(
@@ -79,7 +79,7 @@ async fn rolling_upgrade_moves_every_node_once_in_batches() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = cli(&fleet.url(), &["nodes"]);
+    let out = cli(&fleet, &["nodes"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.matches("2.0.0").count() >= 4, "{text}");
 }
@@ -115,7 +115,7 @@ async fn failing_release_is_rolled_back_everywhere() {
     }
     assert_fleet_on(&fleet, "1.0.0").await;
     let out = cli(
-        &fleet.url(),
+        &fleet,
         &["rollout", "status", &r.id.to_string(), "--wait"],
     );
     assert_eq!(
@@ -224,7 +224,7 @@ async fn pause_holds_the_rollout_and_resume_finishes_it() {
     assert_eq!(still.state, RolloutState::Paused);
     assert_eq!(still.nodes.values().filter(|n| n.task.is_some()).count(), 1);
 
-    let out = cli(&fleet.url(), &["rollout", "resume", &r.id.to_string()]);
+    let out = cli(&fleet, &["rollout", "resume", &r.id.to_string()]);
     assert!(
         out.status.success(),
         "{}",
@@ -245,7 +245,7 @@ async fn cancel_stops_the_rollout_and_keeps_upgraded_nodes() {
         r.count(NodeState::Upgraded) == 1
     })
     .await;
-    let out = cli(&fleet.url(), &["rollout", "cancel", &r.id.to_string()]);
+    let out = cli(&fleet, &["rollout", "cancel", &r.id.to_string()]);
     assert!(
         out.status.success(),
         "{}",
@@ -263,7 +263,7 @@ async fn cancel_stops_the_rollout_and_keeps_upgraded_nodes() {
         .count();
     assert_eq!(on_new, upgraded);
     // A cancelled rollout cannot be resumed.
-    let out = cli(&fleet.url(), &["rollout", "resume", &r.id.to_string()]);
+    let out = cli(&fleet, &["rollout", "resume", &r.id.to_string()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled"));
 }

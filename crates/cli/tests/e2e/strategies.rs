@@ -14,7 +14,7 @@ async fn canary_waits_for_promotion_after_its_first_wave() {
     let fleet = installed_fleet(4).await;
     push(&fleet, "2.0.0", true).await;
     let out = cli(
-        &fleet.url(),
+        &fleet,
         &[
             "rollout",
             "start",
@@ -45,7 +45,7 @@ async fn canary_waits_for_promotion_after_its_first_wave() {
     assert_eq!(r.count(NodeState::Upgraded), 1);
     assert_eq!(r.count(NodeState::Pending), 3);
     // The status says why it waits.
-    let out = cli(&fleet.url(), &["rollout", "status", &id.to_string()]);
+    let out = cli(&fleet, &["rollout", "status", &id.to_string()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains(&format!("rollwave rollout promote {id}")),
@@ -55,7 +55,7 @@ async fn canary_waits_for_promotion_after_its_first_wave() {
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     assert_eq!(get(&api, id).await.unwrap().count(NodeState::Pending), 3);
 
-    let out = cli(&fleet.url(), &["rollout", "promote", &id.to_string()]);
+    let out = cli(&fleet, &["rollout", "promote", &id.to_string()]);
     assert!(
         out.status.success(),
         "{}",
@@ -65,7 +65,7 @@ async fn canary_waits_for_promotion_after_its_first_wave() {
     assert!(r.fully_upgraded(), "{r:#?}");
     assert_fleet_on(&fleet, "2.0.0").await;
     // Promoting again is refused: nothing waits.
-    let out = cli(&fleet.url(), &["rollout", "promote", &id.to_string()]);
+    let out = cli(&fleet, &["rollout", "promote", &id.to_string()]);
     assert_eq!(out.status.code(), Some(2));
 }
 
@@ -134,7 +134,7 @@ async fn plan_shows_waves_and_changes_nothing() {
     let fleet = installed_fleet(6).await;
     push(&fleet, "2.0.0", true).await;
     let out = cli(
-        &fleet.url(),
+        &fleet,
         &[
             "plan",
             "api@2.0.0",
@@ -158,7 +158,7 @@ async fn plan_shows_waves_and_changes_nothing() {
     assert!(text.contains("estimated duration"), "{text}");
     // Each wave of 3 spans the 3 racks.
     let out = cli(
-        &fleet.url(),
+        &fleet,
         &[
             "plan",
             "api@2.0.0",
@@ -179,11 +179,11 @@ async fn plan_shows_waves_and_changes_nothing() {
         assert_eq!(racks, [0, 1, 2], "{wave:?}");
     }
     // A floor the fleet cannot meet is refused with the reason.
-    let out = cli(&fleet.url(), &["plan", "api@2.0.0", "--min-healthy", "6"]);
+    let out = cli(&fleet, &["plan", "api@2.0.0", "--min-healthy", "6"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("strategy.min_healthy"));
     let out = cli(
-        &fleet.url(),
+        &fleet,
         &["plan", "api@2.0.0", "--nodes", "node-1,node-9"],
     );
     assert_eq!(out.status.code(), Some(2));
@@ -281,7 +281,7 @@ min_healthy_time = "300ms"
     .unwrap();
     let path = file.display().to_string();
     let out = cli(
-        &fleet.url(),
+        &fleet,
         &["rollout", "start", "-f", &path, "--yes", "--wait"],
     );
     let text = String::from_utf8_lossy(&out.stdout);
@@ -332,7 +332,7 @@ depends_on = ["api"]
 "#,
     )
     .unwrap();
-    let out = cli(&fleet.url(), &["rollout", "start", "-f", &path, "--yes"]);
+    let out = cli(&fleet, &["rollout", "start", "-f", &path, "--yes"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

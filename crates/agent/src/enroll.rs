@@ -1,0 +1,107 @@
+//! The node's credential: traded once for a join token, then kept in the
+//! state dir. Everything the agent asks of the control plane carries it,
+//! and the control plane accepts it for this node only.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rollwave_api::{CreatedToken, Enroll, ErrorBody};
+
+use crate::config::AgentConfig;
+
+pub const CREDENTIAL_FILE: &str = "credential";
+
+pub fn credential_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(CREDENTIAL_FILE)
+}
+
+/// The node's credential: the stored one, or a new one enrolled with the
+/// join token. Waits for an unreachable control plane (agents may start
+/// first); a refusal is final, as retrying cannot change it.
+pub async fn credential(config: &AgentConfig, client: &reqwest::Client) -> anyhow::Result<String> {
+    let path = credential_path(&config.state_dir);
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => bail!("reading the node credential {}: {e}", path.display()),
+    }
+    let Some(join) = &config.join_token else {
+        bail!(
+            "this node has no credential ({}) and agent.toml sets no join_token or join_token_file: create one with `rollwave token create --role join --name <name>`",
+            path.display()
+        );
+    };
+    let url = format!("{}/v1/enroll", config.server);
+    let mut backoff = Duration::from_millis(100);
+    let token = loop {
+        let sent = client
+            .post(&url)
+            .bearer_auth(join)
+            .json(&Enroll {
+                node: config.node.clone(),
+            })
+            .send()
+            .await;
+        match sent {
+            Ok(resp) if resp.status().is_success() => {
+                let created: CreatedToken = resp.json().await.context("decoding the enrollment")?;
+                break created.token;
+            }
+            Ok(resp) if resp.status().is_client_error() => {
+                let status = resp.status();
+                let body = resp.bytes().await.unwrap_or_default();
+                let message = serde_json::from_slice::<ErrorBody>(&body)
+                    .map(|b| b.error.message)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+                bail!(
+                    "the control plane refused to enroll node {} ({status}): {message}",
+                    config.node
+                );
+            }
+            Ok(resp) => {
+                tracing::warn!(status = %resp.status(), retry_in = ?backoff, "enrolling: the control plane failed");
+            }
+            Err(e) => {
+                tracing::warn!(server = %config.server, error = %rollwave_core::error_chain(&e), retry_in = ?backoff, "enrolling: control plane unreachable");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    };
+    write_credential(&path, &token)
+        .with_context(|| format!("storing the node credential {}", path.display()))?;
+    tracing::info!(node = %config.node, path = %path.display(), "enrolled");
+    Ok(token)
+}
+
+/// Through a temporary file created 0600, renamed into place: the
+/// credential is never readable by others, nor half written.
+fn write_credential(path: &Path, token: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(format!("{token}\n").as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The `Authorization` header for the node's requests, marked sensitive so
+/// that it is never logged.
+pub fn auth_header(token: &str) -> anyhow::Result<reqwest::header::HeaderValue> {
+    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+        .context("the node credential is not a valid header value")?;
+    value.set_sensitive(true);
+    Ok(value)
+}
