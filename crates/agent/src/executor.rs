@@ -1553,7 +1553,12 @@ mod tests {
         let mut node = Node::start().await;
         let (data, seen, current) = (node.data.clone(), node.path("seen"), node.current());
         let pre = vec![
-            node.hook(0, "hooks.pre_node[0]", "echo flaky; exit 1", OnError::Continue),
+            node.hook(
+                0,
+                "hooks.pre_node[0]",
+                "echo flaky; exit 1",
+                OnError::Continue,
+            ),
             node.hook(1, "hooks.pre_node[1]", "true", OnError::Fail),
         ];
         let post = vec![node.hook(

@@ -89,7 +89,8 @@ async fn session(
     let ws = match tokio_tungstenite::connect_async(request).await {
         Ok((ws, _)) => ws,
         Err(WsError::Http(resp))
-            if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN =>
+            if resp.status() == StatusCode::UNAUTHORIZED
+                || resp.status() == StatusCode::FORBIDDEN =>
         {
             let body = resp
                 .body()

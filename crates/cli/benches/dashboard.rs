@@ -29,8 +29,8 @@ use futures_util::{SinkExt, StreamExt};
 use rollwave::client::ApiClient;
 use rollwave::fleet::free_port;
 use rollwave_api::{
-    AgentMessage, CreateToken, CreatedToken, RolloutResponse, ServerMessage, StartRollout, TaskAction, TaskOutcome,
-    AGENT_CONNECT_PATH, AGENT_PROTOCOL,
+    AgentMessage, CreateToken, CreatedToken, RolloutResponse, ServerMessage, StartRollout,
+    TaskAction, TaskOutcome, AGENT_CONNECT_PATH, AGENT_PROTOCOL,
 };
 use rollwave_core::{Health, Role, Rollout, RolloutFile, ServiceView, StrategyFile};
 use tokio_tungstenite::tungstenite::Message;
@@ -320,7 +320,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         uses: None,
         node: None,
     };
-    let join: CreatedToken = api.post("/v1/tokens", &token("sim-join", Role::Join)).await?;
+    let join: CreatedToken = api
+        .post("/v1/tokens", &token("sim-join", Role::Join))
+        .await?;
     let viewer: CreatedToken = api
         .post("/v1/tokens", &token("dashboards", Role::Viewer))
         .await?;

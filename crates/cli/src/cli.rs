@@ -25,7 +25,12 @@ pub struct Cli {
     #[arg(long, global = true, env = "ROLLWAVE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// A file holding the API token, like the server's admin.token.
-    #[arg(long, global = true, env = "ROLLWAVE_TOKEN_FILE", conflicts_with = "token")]
+    #[arg(
+        long,
+        global = true,
+        env = "ROLLWAVE_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
     pub token_file: Option<PathBuf>,
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -125,7 +125,9 @@ impl Fleet {
             .context("creating a temporary directory")?;
         let dir = tmp.path().to_path_buf();
         let (server, addr) = start_server(&spec.exe, &dir, "127.0.0.1:0".parse()?).await?;
-        let token_file = dir.join("server-data").join(rollwave_server::ADMIN_TOKEN_FILE);
+        let token_file = dir
+            .join("server-data")
+            .join(rollwave_server::ADMIN_TOKEN_FILE);
         let admin_token = std::fs::read_to_string(&token_file)
             .with_context(|| format!("reading {}", token_file.display()))?
             .trim()

@@ -34,7 +34,9 @@ impl Connection {
             (Some(t), _) => Some(t.trim().to_string()),
             (None, Some(path)) => Some(
                 std::fs::read_to_string(path)
-                    .map_err(|e| user_error(format!("--token-file: reading {}: {e}", path.display())))?
+                    .map_err(|e| {
+                        user_error(format!("--token-file: reading {}: {e}", path.display()))
+                    })?
                     .trim()
                     .to_string(),
             ),
@@ -104,13 +106,14 @@ pub async fn run(api: ApiClient, cmd: TokenCommand) -> anyhow::Result<ExitCode> 
                     }
                 })
                 .collect();
-            let revoked: TokenView = api
-                .delete(&format!("/v1/tokens/{encoded}"))
-                .await?;
+            let revoked: TokenView = api.delete(&format!("/v1/tokens/{encoded}")).await?;
             if json {
                 print_json(&revoked)?;
             } else {
-                println!("revoked {} token {} (id {})", revoked.role, revoked.name, revoked.id);
+                println!(
+                    "revoked {} token {} (id {})",
+                    revoked.role, revoked.name, revoked.id
+                );
             }
         }
     }

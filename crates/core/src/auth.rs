@@ -221,14 +221,17 @@ impl TokenRecord {
     /// Neither revoked, expired nor used up at `now`.
     pub fn is_live(&self, now: Timestamp) -> bool {
         self.revoked_at.is_none()
-            && !self.expires_at.is_some_and(|at| now >= at)
+            && self.expires_at.is_none_or(|at| now < at)
             && self.uses_left != Some(0)
     }
 }
 
 /// Splits `rw_<id>_<secret>` into its id and secret.
 pub fn split_token(token: &str) -> Result<(&str, &str), TokenProblem> {
-    let rest = token.trim().strip_prefix("rw_").ok_or(TokenProblem::Malformed)?;
+    let rest = token
+        .trim()
+        .strip_prefix("rw_")
+        .ok_or(TokenProblem::Malformed)?;
     let (id, secret) = rest.split_once('_').ok_or(TokenProblem::Malformed)?;
     let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
     if !hex(id) || id.len() > 32 || !hex(secret) || secret.len() > 128 {
@@ -285,10 +288,7 @@ mod tests {
                 .filter(|a| r.allows(*a))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(
-            may(Role::Admin),
-            [Public, Read, Operate, Admin, Download]
-        );
+        assert_eq!(may(Role::Admin), [Public, Read, Operate, Admin, Download]);
         assert_eq!(may(Role::Operator), [Public, Read, Operate, Download]);
         assert_eq!(may(Role::Viewer), [Public, Read, Download]);
         assert_eq!(may(Role::Agent), [Public, Download, Session]);
@@ -299,7 +299,15 @@ mod tests {
     #[test]
     fn tokens_split_and_check() {
         assert_eq!(split_token("rw_ab12_ff00").unwrap(), ("ab12", "ff00"));
-        for bad in ["", "ab12_ff", "rw_ab12", "rw__ff", "rw_ab12_", "rw_zz_ff", "rw_ab_f f"] {
+        for bad in [
+            "",
+            "ab12_ff",
+            "rw_ab12",
+            "rw__ff",
+            "rw_ab12_",
+            "rw_zz_ff",
+            "rw_ab_f f",
+        ] {
             assert_eq!(split_token(bad), Err(TokenProblem::Malformed), "{bad:?}");
         }
         let mut t = record("ff00");

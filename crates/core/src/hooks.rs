@@ -153,11 +153,13 @@ impl HooksFile {
             ("on_failure", &self.on_failure),
         ];
         stages.into_iter().find_map(|(name, hooks)| {
-            hooks.iter().position(|h| match h.kind.as_deref() {
-                Some(kind) => kind == "exec",
-                None => h.command.is_some(),
-            })
-            .map(|i| format!("hooks.{name}[{i}]"))
+            hooks
+                .iter()
+                .position(|h| match h.kind.as_deref() {
+                    Some(kind) => kind == "exec",
+                    None => h.command.is_some(),
+                })
+                .map(|i| format!("hooks.{name}[{i}]"))
         })
     }
 

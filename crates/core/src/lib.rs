@@ -32,8 +32,8 @@ pub use error::SpecError;
 pub use fleet::{BackupInfo, Fleet, Health, NodeView, ServiceView};
 pub use gate::{check_downgrade, check_finalize, newest_running, ActiveVersion, FinalizeError};
 pub use hooks::{
-    check_haproxy_name, check_hook_name, Hook, HookAction, HookFile, HookReport, Hooks, HooksFile, LbState, OnError,
-    DEFAULT_HOOK_TIMEOUT,
+    check_haproxy_name, check_hook_name, Hook, HookAction, HookFile, HookReport, Hooks, HooksFile,
+    LbState, OnError, DEFAULT_HOOK_TIMEOUT,
 };
 pub use manifest::{ReleaseManifest, MAX_MANIFEST_BYTES, RELEASE_MANIFEST};
 pub use planner::{plan_batches, step, Decision, Dispatch};

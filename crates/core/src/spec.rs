@@ -100,12 +100,45 @@ pub enum WaveFile {
     },
 }
 
+/// Each wave is a step an operator watches (and may pause at): far beyond
+/// this is a mistake or an attack on the planner, not a plan.
+pub const MAX_WAVES: usize = 1000;
+
 /// `batch = 2` and `batch = "25%"` are both natural to write in TOML.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(untagged)]
 pub enum CountOrText {
     Count(i64),
     Text(String),
+}
+
+/// By hand rather than `untagged`: any number or string is taken here and
+/// judged by [`CountOrText::amount`], whose error names the field. An
+/// untagged enum would answer `1e30` with "data did not match any variant".
+impl<'de> Deserialize<'de> for CountOrText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = CountOrText;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a node count like 2 or a text like \"25%\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<CountOrText, E> {
+                Ok(CountOrText::Count(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<CountOrText, E> {
+                Ok(i64::try_from(v)
+                    .map_or_else(|_| CountOrText::Text(v.to_string()), CountOrText::Count))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<CountOrText, E> {
+                Ok(CountOrText::Text(v.to_string()))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<CountOrText, E> {
+                Ok(CountOrText::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 impl CountOrText {
@@ -397,6 +430,12 @@ impl RolloutFile {
             (None | Some("canary"), Some(waves)) => {
                 if waves.is_empty() {
                     return Err(SpecError::new("strategy.waves", "needs at least one wave"));
+                }
+                if waves.len() > MAX_WAVES {
+                    return Err(SpecError::new(
+                        "strategy.waves",
+                        format!("{} waves is more than {MAX_WAVES}", waves.len()),
+                    ));
                 }
                 if s.batch.is_some() {
                     return Err(SpecError::new(
@@ -770,6 +809,10 @@ mod tests {
                 "strategy.waves[0]",
             ),
             (Box::new(|s| s.waves = Some(vec![])), "strategy.waves"),
+            (
+                Box::new(|s| s.waves = Some(vec![WaveFile::Size("1".into()); MAX_WAVES + 1])),
+                "strategy.waves",
+            ),
             (
                 Box::new(|s| {
                     s.waves = Some(vec![WaveFile::Size("1".into())]);

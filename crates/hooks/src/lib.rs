@@ -80,9 +80,9 @@ pub async fn run(hook: &Hook, ctx: &HookContext, client: &reqwest::Client) -> Ho
             HookAction::Exec { command } => exec(command, ctx, timeout).await,
             // The agent turns these into the command its config declares
             // before running them; one that reaches here was not declared.
-            HookAction::Node { hook } => Attempt::failed(format!(
-                "node hook {hook:?} is not declared on this node"
-            )),
+            HookAction::Node { hook } => {
+                Attempt::failed(format!("node hook {hook:?} is not declared on this node"))
+            }
             HookAction::Http { url, slack } => http(url, *slack, ctx, client, timeout).await,
             HookAction::Haproxy {
                 socket,

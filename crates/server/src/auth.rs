@@ -98,7 +98,15 @@ impl Tokens {
             return Ok(());
         }
         let issued = self
-            .issue(store, BOOTSTRAP_ADMIN, Role::Admin, "rollwave server", None, None, None)
+            .issue(
+                store,
+                BOOTSTRAP_ADMIN,
+                Role::Admin,
+                "rollwave server",
+                None,
+                None,
+                None,
+            )
             .await
             .map_err(|e| anyhow::anyhow!(e.message))?;
         let path = data_dir.join(ADMIN_TOKEN_FILE);

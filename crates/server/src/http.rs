@@ -258,8 +258,7 @@ async fn finalize(
     let req: Finalize = if body.is_empty() {
         Finalize::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad_request(format!("invalid finalize request: {e}")))?
+        crate::json_body("finalize request", &body)?
     };
     Ok(Json(shared.reconciler.finalize(service, req.to).await?))
 }
@@ -585,8 +584,7 @@ async fn start_rollout(
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let req: StartRollout = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid rollout request: {e}")))?;
+    let req: StartRollout = crate::json_body("rollout request", &body)?;
     // An exec hook runs on this machine, as the control plane's user:
     // operators may start rollouts, not run commands here.
     let command = req
@@ -632,8 +630,7 @@ async fn plan_rollout(
     State(shared): State<Arc<Shared>>,
     body: Bytes,
 ) -> ApiResult<Json<RolloutResponse>> {
-    let req: StartRollout = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid rollout request: {e}")))?;
+    let req: StartRollout = crate::json_body("rollout request", &body)?;
     let planned = shared.reconciler.plan(req.spec).await?;
     Ok(Json(group_response(planned)))
 }

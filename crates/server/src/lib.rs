@@ -68,6 +68,27 @@ pub(crate) async fn active_versions(
         .collect())
 }
 
+/// Decodes a JSON request body; the error names where in the body it is
+/// wrong (`spec.strategy.max_failures: invalid value ...`), not only what.
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
+    what: &str,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            ApiError::bad_request(format!("invalid {what}: {inner}"))
+        } else {
+            ApiError::bad_request(format!("invalid {what}: {path}: {inner}"))
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiError::bad_request(format!("invalid {what}: {e}")))?;
+    Ok(value)
+}
+
 pub(crate) fn now_ms() -> Timestamp {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -59,7 +59,9 @@ struct ApiDoc;
 /// from the route table: the roles that may call it, its bearer token
 /// requirement and its 401 and 403 answers.
 pub(crate) fn spec() -> utoipa::openapi::OpenApi {
-    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+    use utoipa::openapi::security::{
+        HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+    };
     use utoipa::openapi::{RefOr, ResponseBuilder};
 
     let mut doc = ApiDoc::openapi();
@@ -103,19 +105,25 @@ pub(crate) fn spec() -> utoipa::openapi::OpenApi {
             _ => None,
         };
         let Some(op) = op else { continue };
-        op.security = Some(vec![SecurityRequirement::new("token", Vec::<String>::new())]);
+        op.security = Some(vec![SecurityRequirement::new(
+            "token",
+            Vec::<String>::new(),
+        )]);
         let roles = format!("Needs a token of role {}.", access.roles());
         op.description = Some(match op.description.take() {
             Some(d) if !d.is_empty() => format!("{d}\n\n{roles}"),
             _ => roles,
         });
         let responses = &mut op.responses.responses;
-        responses
-            .entry("401".into())
-            .or_insert_with(|| error("No token, or one that is malformed, unknown, revoked or expired"));
-        responses
-            .entry("403".into())
-            .or_insert_with(|| error(&format!("The token's role may not: this needs {}", access.roles())));
+        responses.entry("401".into()).or_insert_with(|| {
+            error("No token, or one that is malformed, unknown, revoked or expired")
+        });
+        responses.entry("403".into()).or_insert_with(|| {
+            error(&format!(
+                "The token's role may not: this needs {}",
+                access.roles()
+            ))
+        });
     }
     doc
 }

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::Extension;
 use axum::response::Response;
+use axum::Extension;
 use futures_util::{SinkExt, StreamExt};
 use rollwave_api::{AgentMessage, ServerMessage, AGENT_PROTOCOL};
 use rollwave_core::{AuditEntry, NodeView};

@@ -18,7 +18,7 @@ use crate::{ApiError, Shared};
 type ApiResult<T> = Result<T, ApiError>;
 
 fn json<T: serde::de::DeserializeOwned>(what: &str, body: &Bytes) -> ApiResult<T> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid {what}: {e}")))
+    crate::json_body(what, body)
 }
 
 #[utoipa::path(
@@ -71,9 +71,7 @@ pub async fn create(
                 "node: an agent token belongs to one node: name it",
             ))
         }
-        (Some(_), _) => {
-            return Err(ApiError::bad_request("node: only agent tokens have a node"))
-        }
+        (Some(_), _) => return Err(ApiError::bad_request("node: only agent tokens have a node")),
         (None, _) => {}
     }
     let issued = shared
@@ -176,7 +174,10 @@ pub async fn enroll(
         .await?;
     tracing::info!(node = %req.node, join_token = %caller.name, "agent enrolled");
     let view = TokenView::from(&issued.record);
-    let note = AuditNote(format!("enrolled node {} (credential id {})", req.node, view.id));
+    let note = AuditNote(format!(
+        "enrolled node {} (credential id {})",
+        req.node, view.id
+    ));
     Ok((
         StatusCode::CREATED,
         Extension(note),

@@ -68,10 +68,7 @@ async fn a_failed_migration_restores_every_nodes_data_verified() {
             r.events
         );
     }
-    let out = cli(
-        &fleet,
-        &["logs", &r.id.to_string(), "--node", "node-1"],
-    );
+    let out = cli(&fleet, &["logs", &r.id.to_string(), "--node", "node-1"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("verified"), "{text}");
 

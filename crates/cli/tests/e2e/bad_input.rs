@@ -38,7 +38,10 @@ async fn bad_rollouts_are_refused_and_change_nothing() {
         &out,
         "strategy.min_healthy_time: \"5 parsecs\" is not a duration",
     );
-    let out = cli(&fleet, &["rollout", "start", "api@2.0.0", "--batch", "150%"]);
+    let out = cli(
+        &fleet,
+        &["rollout", "start", "api@2.0.0", "--batch", "150%"],
+    );
     assert_bad(&out, "strategy.batch");
     let out = cli(&fleet, &["rollout", "start", "api@9.9.9"]);
     assert_bad(&out, "release api@9.9.9 not found");
@@ -142,7 +145,10 @@ async fn releases_are_immutable_and_validated() {
         &["release", "push", "../etc", "1.0.1", a.to_str().unwrap()],
     );
     assert_bad(&out, "service");
-    let out = cli(&fleet, &["release", "push", "tool", "1.0.2", "/nonexistent"]);
+    let out = cli(
+        &fleet,
+        &["release", "push", "tool", "1.0.2", "/nonexistent"],
+    );
     assert_bad(&out, "/nonexistent");
 }
 

@@ -117,10 +117,7 @@ async fn finalize_waits_for_every_node_then_reaches_every_service() {
     assert_fleet_on(&fleet, "2.0.0").await;
 
     // The execution log of that rollout, for one node.
-    let out = cli(
-        &fleet,
-        &["logs", &up.id.to_string(), "--node", "node-2"],
-    );
+    let out = cli(&fleet, &["logs", &up.id.to_string(), "--node", "node-2"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -135,10 +132,7 @@ async fn finalize_waits_for_every_node_then_reaches_every_service() {
         );
     }
     assert!(!text.contains("node-3"), "{text}");
-    let out = cli(
-        &fleet,
-        &["logs", &up.id.to_string(), "--node", "node-9"],
-    );
+    let out = cli(&fleet, &["logs", &up.id.to_string(), "--node", "node-9"]);
     assert_eq!(out.status.code(), Some(2));
 
     // A rollout with auto_finalize moves the gate itself once every node

@@ -66,7 +66,10 @@ async fn receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
 async fn hooks_run_in_order_with_the_rollout_and_node_in_their_environment() {
     let scratch = tempfile::tempdir().unwrap();
     let log = scratch.path().join("hooks.log");
-    let pre = echo(&log, "pre_node $ROLLWAVE_NODE $ROLLWAVE_FROM_VERSION $ROLLWAVE_VERSION");
+    let pre = echo(
+        &log,
+        "pre_node $ROLLWAVE_NODE $ROLLWAVE_FROM_VERSION $ROLLWAVE_VERSION",
+    );
     let post = echo(&log, "post_node $ROLLWAVE_NODE");
     let fleet = installed_with_hooks(2, &[("pre", &pre), ("post", &post)]).await;
     push(&fleet, "2.0.0", true).await;

@@ -79,7 +79,10 @@ async fn read_commands_print_the_apis_json() {
 
     // Reported by agents as they go: the same fields.
     let nodes = api_json(&fleet, "/v1/nodes").await;
-    assert_eq!(shape(&cli_json(&fleet, &["nodes", "--json"])), shape(&nodes));
+    assert_eq!(
+        shape(&cli_json(&fleet, &["nodes", "--json"])),
+        shape(&nodes)
+    );
     let backups = nodes
         .as_array()
         .unwrap()

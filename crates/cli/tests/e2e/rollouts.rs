@@ -70,10 +70,7 @@ async fn rolling_upgrade_moves_every_node_once_in_batches() {
     }
 
     // The CLI agrees, and --wait exits 0 for a fully upgraded fleet.
-    let out = cli(
-        &fleet,
-        &["rollout", "status", &r.id.to_string(), "--wait"],
-    );
+    let out = cli(&fleet, &["rollout", "status", &r.id.to_string(), "--wait"]);
     assert!(
         out.status.success(),
         "{}",
@@ -114,10 +111,7 @@ async fn failing_release_is_rolled_back_everywhere() {
         assert_eq!(r.nodes[n].state, NodeState::Pending);
     }
     assert_fleet_on(&fleet, "1.0.0").await;
-    let out = cli(
-        &fleet,
-        &["rollout", "status", &r.id.to_string(), "--wait"],
-    );
+    let out = cli(&fleet, &["rollout", "status", &r.id.to_string(), "--wait"]);
     assert_eq!(
         out.status.code(),
         Some(1),

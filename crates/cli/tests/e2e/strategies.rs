@@ -182,10 +182,7 @@ async fn plan_shows_waves_and_changes_nothing() {
     let out = cli(&fleet, &["plan", "api@2.0.0", "--min-healthy", "6"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("strategy.min_healthy"));
-    let out = cli(
-        &fleet,
-        &["plan", "api@2.0.0", "--nodes", "node-1,node-9"],
-    );
+    let out = cli(&fleet, &["plan", "api@2.0.0", "--nodes", "node-1,node-9"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("node-9"));
     let rollouts: Vec<rollwave_core::Rollout> =
