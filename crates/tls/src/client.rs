@@ -92,9 +92,10 @@ mod tests {
     /// A whole handshake between `client` and a server with the
     /// certificate `certs init` wrote into `dir`, in memory.
     fn handshake(client: Arc<rustls::ClientConfig>, dir: &std::path::Path) -> Result<(), String> {
-        let (server, _) =
-            crate::server_config(&dir.join(certs::SERVER_CERT), &dir.join(certs::SERVER_KEY))
-                .unwrap();
+        let server =
+            crate::ServerTls::load(&dir.join(certs::SERVER_CERT), &dir.join(certs::SERVER_KEY))
+                .unwrap()
+                .config;
         let name = ServerName::try_from("localhost").unwrap();
         let mut c = rustls::ClientConnection::new(client, name).unwrap();
         let mut s = rustls::ServerConnection::new(server).unwrap();

@@ -1,5 +1,5 @@
 //! TLS for every connection to the control plane, configured in one place:
-//! the server's certificate and key ([`server_config`]), what clients trust
+//! the server's certificate and key ([`ServerTls`]), what clients trust
 //! ([`ClientTls`]: a CA file instead of the web roots, and an optional pin of
 //! the server's certificate), the accept loop that runs handshakes off the
 //! listener ([`TlsListener`]) and the quick-start CA ([`certs::generate`]).
@@ -21,7 +21,7 @@ pub use client::{describe_error, ClientTls};
 pub use listener::TlsListener;
 pub use pin::{Pin, PinMismatch};
 pub use rustls::{ClientConfig, ServerConfig};
-pub use server::server_config;
+pub use server::ServerTls;
 
 /// What can go wrong; each message is one line naming the file or value.
 #[derive(Debug, thiserror::Error)]

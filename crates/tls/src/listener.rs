@@ -102,7 +102,7 @@ async fn accept_error(e: std::io::Error) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{certs, server_config, ClientTls};
+    use crate::{certs, ClientTls, ServerTls};
     use axum::serve::Listener;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -113,8 +113,9 @@ mod tests {
     /// every connection it hands over.
     async fn serve(dir: &std::path::Path, timeout: Duration) -> SocketAddr {
         certs::generate(dir, &[], false).unwrap();
-        let (config, _) =
-            server_config(&dir.join(certs::SERVER_CERT), &dir.join(certs::SERVER_KEY)).unwrap();
+        let config = ServerTls::load(&dir.join(certs::SERVER_CERT), &dir.join(certs::SERVER_KEY))
+            .unwrap()
+            .config;
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
         let mut listener = TlsListener::new(tcp, config);
