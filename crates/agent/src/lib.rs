@@ -43,13 +43,24 @@ pub async fn run(
     let socket = layout::agent_socket(&config.state_dir);
     // Before any service starts: each is told this socket.
     let listener = local::bind(&socket)?;
+    // One TLS config for the session and the artifact downloads: both go to
+    // the control plane and must trust the same certificate.
+    let tls = if config.server.starts_with("https://") {
+        Some(config.tls.config().context("ca_file")?)
+    } else {
+        tracing::warn!(server = %config.server, "the control plane is plain HTTP: tasks, artifacts and this node's reports travel unencrypted, from a server nobody verified");
+        None
+    };
     let client = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(5))
         // A download that stalls fails the task instead of holding it forever.
         .read_timeout(std::time::Duration::from_secs(30))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .context("building http client")?;
+        .redirect(reqwest::redirect::Policy::none());
+    let client = match &tls {
+        Some(tls) => client.use_preconfigured_tls((**tls).clone()),
+        None => client,
+    };
+    let client = client.build().context("building http client")?;
     let check_client = health::check_client().context("building health check client")?;
     let changed = Arc::new(Notify::new());
     let mut services = BTreeMap::new();
@@ -88,7 +99,7 @@ pub async fn run(
     );
     tracing::info!(node = %config.node, server = %config.server, services = services.len(), socket = %socket.display(), "agent started");
     tokio::select! {
-        _ = session::run(config.clone(), services, executor, outbox_rx, changed) => {}
+        _ = session::run(config.clone(), tls, services, executor, outbox_rx, changed) => {}
         r = local::serve(listener, endpoint) => {
             r.with_context(|| format!("serving the agent socket {}", socket.display()))?;
         }

@@ -10,6 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use rollwave_api::{AgentMessage, ServerMessage, AGENT_CONNECT_PATH, AGENT_PROTOCOL};
 use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::Connector;
 
 use crate::config::AgentConfig;
 use crate::executor::{snapshot, Executor, Services};
@@ -20,6 +21,7 @@ const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
 
 pub async fn run(
     config: Arc<AgentConfig>,
+    tls: Option<Arc<rollwave_tls::ClientConfig>>,
     services: Services,
     executor: Arc<Executor>,
     mut outbox: mpsc::UnboundedReceiver<AgentMessage>,
@@ -35,7 +37,18 @@ pub async fn run(
     );
     let mut backoff = BACKOFF_MIN;
     loop {
-        match session(&config, &url, &services, &executor, &mut outbox, &changed).await {
+        let connector = tls.clone().map(Connector::Rustls);
+        match session(
+            &config,
+            &url,
+            connector,
+            &services,
+            &executor,
+            &mut outbox,
+            &changed,
+        )
+        .await
+        {
             Ok(Ended::Refused(reason)) => {
                 tracing::error!(reason = %reason, "control plane refused this agent");
                 tokio::time::sleep(REFUSED_BACKOFF).await;
@@ -45,9 +58,16 @@ pub async fn run(
                 tracing::warn!("connection to the control plane closed; reconnecting");
                 backoff = BACKOFF_MIN;
             }
-            Err(e) => {
-                tracing::warn!(server = %config.server, error = %e, retry_in = ?backoff, "control plane unreachable");
-            }
+            Err(e) => match rollwave_tls::describe_error(e.as_ref()) {
+                // Not a passing fault: said louder, and in rustls's words
+                // rather than behind the WebSocket's layers.
+                Some(tls) => {
+                    tracing::error!(server = %config.server, error = %tls, retry_in = ?backoff, "control plane's certificate refused")
+                }
+                None => {
+                    tracing::warn!(server = %config.server, error = %e, retry_in = ?backoff, "control plane unreachable")
+                }
+            },
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -62,12 +82,14 @@ enum Ended {
 async fn session(
     config: &AgentConfig,
     url: &str,
+    connector: Option<Connector>,
     services: &Services,
     executor: &Arc<Executor>,
     outbox: &mut mpsc::UnboundedReceiver<AgentMessage>,
     changed: &Notify,
 ) -> anyhow::Result<Ended> {
-    let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+    let (ws, _) =
+        tokio_tungstenite::connect_async_tls_with_config(url, None, false, connector).await?;
     let (mut sink, mut stream) = ws.split();
     let mut reported = snapshot(services);
     let hello = AgentMessage::Hello {
