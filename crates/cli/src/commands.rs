@@ -14,16 +14,50 @@ use rollwave_api::{
 use rollwave_core::{
     parse_version, validate_service_name, AuditEntry, Rollout, StrategyFile, WaveFile,
 };
+use rollwave_tls::ClientTls;
 
-use crate::cli::{Cli, Command, ReleaseCommand, RolloutCommand, StartArgs};
+use crate::cli::{CertsCommand, Cli, Command, ReleaseCommand, RolloutCommand, StartArgs};
 use crate::client::{user_error, ApiClient};
 use crate::render;
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let tls = ClientTls {
+        ca_file: cli.ca_file.clone(),
+        pin: cli.pin,
+    };
+    let connect = || ApiClient::new(&cli.server, &tls);
     match cli.command {
-        Command::Server { listen, data_dir } => {
-            let config = rollwave_server::ServerConfig { listen, data_dir };
+        Command::Server {
+            listen,
+            data_dir,
+            tls_cert,
+            tls_key,
+            insecure_plain_http,
+        } => {
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some(
+                    rollwave_tls::ServerTls::load(&cert, &key)
+                        .map_err(|e| user_error(e.to_string()))?,
+                ),
+                _ if insecure_plain_http => None,
+                _ => {
+                    return Err(user_error(
+                        "the control plane serves HTTPS: pass --tls-cert and --tls-key (`rollwave certs init` makes a pair), or --insecure-plain-http to serve plain HTTP",
+                    ))
+                }
+            };
+            let config = rollwave_server::ServerConfig {
+                listen,
+                data_dir,
+                tls,
+            };
             rollwave_server::run(config, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs(CertsCommand::Init { dir, hosts, force }) => {
+            let made = rollwave_tls::certs::generate(&dir, &hosts, force)
+                .map_err(|e| user_error(e.to_string()))?;
+            print!("{}", render::certs(&made));
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent { config } => {
@@ -52,7 +86,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ))
         }
         Command::Nodes { json } => {
-            let api = ApiClient::new(&cli.server)?;
+            let api = connect()?;
             let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;
             if json {
                 print_json(&nodes)?;
@@ -66,7 +100,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             service,
             json,
         } => {
-            let api = ApiClient::new(&cli.server)?;
+            let api = connect()?;
             let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;
             let n = nodes.iter().find(|n| n.name == node).ok_or_else(|| {
                 user_error(format!("node: {node:?} is not known to the control plane"))
@@ -83,7 +117,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { limit, json } => {
-            let api = ApiClient::new(&cli.server)?;
+            let api = connect()?;
             let entries: Vec<AuditEntry> = api.get(&format!("/v1/audit?limit={limit}")).await?;
             if json {
                 print_json(&entries)?;
@@ -93,7 +127,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan(args) => {
-            let api = ApiClient::new(&cli.server)?;
+            let api = connect()?;
             let spec = start_spec(&args)?;
             let resp: RolloutResponse = api.post("/v1/plan", &StartRollout { spec }).await?;
             let planned = group(resp);
@@ -108,7 +142,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Services { json } => {
-            let api = ApiClient::new(&cli.server)?;
+            let api = connect()?;
             let services: Vec<ServiceSummary> = api.get("/v1/services").await?;
             if json {
                 print_json(&services)?;
@@ -122,7 +156,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(v) = &to {
                 parse_version("to", v).map_err(|e| user_error(e.to_string()))?;
             }
-            let api = ApiClient::new(&cli.server)?;
+            let api = connect()?;
             let resp: FinalizeResponse = api
                 .post(
                     &format!("/v1/services/{service}/finalize"),
@@ -151,15 +185,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             follow,
             json,
         } => {
-            let api = ApiClient::new(&cli.server)?;
+            let api = connect()?;
             let id = match id {
                 Some(id) => id,
                 None => newest(&api).await?,
             };
             logs(&api, id, node.as_deref(), follow, json).await
         }
-        Command::Release(cmd) => release(ApiClient::new(&cli.server)?, cmd).await,
-        Command::Rollout(cmd) => rollout(ApiClient::new(&cli.server)?, cmd).await,
+        Command::Release(cmd) => release(connect()?, cmd).await,
+        Command::Rollout(cmd) => rollout(connect()?, cmd).await,
     }
 }
 

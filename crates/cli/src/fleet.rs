@@ -16,6 +16,8 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use rollwave_api::NodeView;
 
+use rollwave_tls::{ClientTls, Pin};
+
 use crate::client::ApiClient;
 
 pub struct FleetSpec {
@@ -33,6 +35,9 @@ pub struct FleetSpec {
     /// Services every node runs besides `api`, each a demo service on a
     /// port of its own, with handoff.
     pub extra_services: Vec<String>,
+    /// Serve over TLS, with certificates from `rollwave certs init`, which
+    /// agents and the fleet's own client verify; otherwise plain HTTP.
+    pub tls: bool,
 }
 
 impl FleetSpec {
@@ -44,8 +49,19 @@ impl FleetSpec {
             switch: "handoff".into(),
             haproxy_socket: None,
             extra_services: Vec::new(),
+            tls: false,
         }
     }
+}
+
+/// The quick-start certificates of a fleet served over TLS.
+#[derive(Debug, Clone)]
+pub struct Certs {
+    /// Where `certs init` wrote them.
+    pub dir: PathBuf,
+    pub ca_file: PathBuf,
+    /// The server certificate's pin, as `certs init` printed it.
+    pub pin: Pin,
 }
 
 pub struct Node {
@@ -67,6 +83,8 @@ pub struct Fleet {
     /// finding the services to kill needs the agents' state dirs.
     tmp: Option<tempfile::TempDir>,
     pub addr: SocketAddr,
+    /// Present when the fleet is served over TLS.
+    pub certs: Option<Certs>,
     server: Option<Child>,
     pub nodes: Vec<Node>,
 }
@@ -118,12 +136,18 @@ impl Fleet {
             .tempdir()
             .context("creating a temporary directory")?;
         let dir = tmp.path().to_path_buf();
-        let (server, addr) = start_server(&spec.exe, &dir, "127.0.0.1:0".parse()?).await?;
+        let certs = match spec.tls {
+            true => Some(certs_init(&spec.exe, &dir.join("certs"))?),
+            false => None,
+        };
+        let (server, addr) =
+            start_server(&spec.exe, &dir, "127.0.0.1:0".parse()?, certs.as_ref()).await?;
         let mut fleet = Fleet {
             exe: spec.exe.clone(),
             dir: dir.clone(),
             tmp: Some(tmp),
             addr,
+            certs,
             server: Some(server),
             nodes: Vec::new(),
         };
@@ -137,7 +161,8 @@ impl Fleet {
                 extra_ports.insert(service.clone(), free_port()?);
             }
             let config = state_dir.join("agent.toml");
-            let mut toml = agent_toml(&spec, &fleet.url(), &name, i, &state_dir, port);
+            let ca_file = fleet.certs.as_ref().map(|c| c.ca_file.as_path());
+            let mut toml = agent_toml(&spec, &fleet.url(), ca_file, &name, i, &state_dir, port);
             for (service, port) in &extra_ports {
                 toml.push_str(&extra_service_toml(&spec, service, *port));
             }
@@ -157,11 +182,22 @@ impl Fleet {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.certs {
+            Some(_) => format!("https://{}", self.addr),
+            None => format!("http://{}", self.addr),
+        }
+    }
+
+    /// What a client of this fleet's control plane trusts.
+    pub fn client_tls(&self) -> ClientTls {
+        ClientTls {
+            ca_file: self.certs.as_ref().map(|c| c.ca_file.clone()),
+            pin: None,
+        }
     }
 
     pub fn api(&self) -> anyhow::Result<ApiClient> {
-        ApiClient::new(&self.url())
+        ApiClient::new(&self.url(), &self.client_tls())
     }
 
     pub fn service_urls(&self) -> Vec<String> {
@@ -209,7 +245,7 @@ impl Fleet {
     /// Starts the control plane again on the same address and data dir.
     pub async fn restart_server(&mut self) -> anyhow::Result<()> {
         self.kill_server();
-        let (child, _) = start_server(&self.exe, &self.dir, self.addr).await?;
+        let (child, _) = start_server(&self.exe, &self.dir, self.addr, self.certs.as_ref()).await?;
         self.server = Some(child);
         Ok(())
     }
@@ -277,10 +313,38 @@ pub fn kill_services(state_dir: &Path) {
     }
 }
 
+/// Runs `rollwave certs init` into `dir`, as an operator would.
+fn certs_init(exe: &Path, dir: &Path) -> anyhow::Result<Certs> {
+    let out = Command::new(exe)
+        .args(["certs", "init", "--dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .output()
+        .context("running rollwave certs init")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "rollwave certs init failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let pin = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("pin: "))
+        .with_context(|| format!("rollwave certs init printed no pin: {stdout}"))?
+        .parse()?;
+    Ok(Certs {
+        dir: dir.to_path_buf(),
+        ca_file: dir.join(rollwave_tls::certs::CA_CERT),
+        pin,
+    })
+}
+
 async fn start_server(
     exe: &Path,
     dir: &Path,
     listen: SocketAddr,
+    certs: Option<&Certs>,
 ) -> anyhow::Result<(Child, SocketAddr)> {
     let out_path = dir.join("server.out");
     let out = File::create(&out_path)?;
@@ -288,12 +352,22 @@ async fn start_server(
         .create(true)
         .append(true)
         .open(dir.join("server.log"))?;
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .arg("server")
         .arg("--listen")
         .arg(listen.to_string())
         .arg("--data-dir")
-        .arg(dir.join("server-data"))
+        .arg(dir.join("server-data"));
+    match certs {
+        Some(c) => command
+            .arg("--tls-cert")
+            .arg(c.dir.join(rollwave_tls::certs::SERVER_CERT))
+            .arg("--tls-key")
+            .arg(c.dir.join(rollwave_tls::certs::SERVER_KEY)),
+        None => command.arg("--insecure-plain-http"),
+    };
+    let mut child = command
         .env("ROLLWAVE_LOG", "info")
         .stdin(Stdio::null())
         .stdout(out)
@@ -301,11 +375,12 @@ async fn start_server(
         .process_group(0)
         .spawn()
         .context("starting the control plane")?;
-    const READY: &str = "listening on http://";
+    const READY: &str = "listening on ";
     for _ in 0..600 {
         let text = std::fs::read_to_string(&out_path).unwrap_or_default();
         if let Some(rest) = text.split(READY).nth(1) {
-            let addr = rest.lines().next().unwrap_or("").trim();
+            let url = rest.lines().next().unwrap_or("").trim();
+            let addr = url.split_once("://").map_or(url, |(_, addr)| addr);
             let addr = addr
                 .parse()
                 .with_context(|| format!("control plane printed address {addr:?}"))?;
@@ -326,6 +401,7 @@ async fn start_server(
 fn agent_toml(
     spec: &FleetSpec,
     server: &str,
+    ca_file: Option<&Path>,
     name: &str,
     i: usize,
     state_dir: &Path,
@@ -347,10 +423,14 @@ fn agent_toml(
         ),
         None => String::new(),
     };
+    let ca_file = match ca_file {
+        Some(path) => format!("ca_file = {:?}\n", path.display().to_string()),
+        None => String::new(),
+    };
     format!(
         r#"node = "{name}"
 server = "{server}"
-state_dir = {state_dir:?}
+{ca_file}state_dir = {state_dir:?}
 
 [labels]
 rack = "r{rack}"
