@@ -19,3 +19,4 @@ mod migrations;
 mod openapi;
 mod rollouts;
 mod strategies;
+mod tls;
