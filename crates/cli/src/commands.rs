@@ -55,8 +55,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Certs(CertsCommand::Init { dir, hosts, force }) => {
-            let made = rollwave_tls::certs::generate(&dir, &hosts, force)
-                .map_err(|e| user_error(e.to_string()))?;
+            let made = rollwave_tls::certs::generate(&dir, &hosts, force).map_err(|e| match e {
+                rollwave_tls::TlsError::Host(_) => user_error(format!("--host: {e}")),
+                e => user_error(e.to_string()),
+            })?;
             print!("{}", render::certs(&made));
             Ok(ExitCode::SUCCESS)
         }

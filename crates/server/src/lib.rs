@@ -110,20 +110,17 @@ pub async fn run(
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let scheme = if config.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    match &config.tls {
+    let scheme = match &config.tls {
         Some(tls) => {
-            tracing::info!(%addr, data_dir = %config.data_dir.display(), pin = %tls.pin, "control plane started")
+            tracing::info!(%addr, data_dir = %config.data_dir.display(), pin = %tls.pin, "control plane started");
+            "https"
         }
         None => {
             tracing::info!(%addr, data_dir = %config.data_dir.display(), "control plane started");
-            tracing::warn!(%addr, "serving plain HTTP: requests, artifacts and agent sessions travel unencrypted and unauthenticated");
+            tracing::warn!(%addr, "serving plain HTTP (--insecure-plain-http): anyone on the network path can read and alter requests, artifacts and agent sessions");
+            "http"
         }
-    }
+    };
     println!("rollwave server listening on {scheme}://{addr}");
     let stream = shared.events.clone();
     let app = http::router(shared).into_make_service_with_connect_info::<SocketAddr>();

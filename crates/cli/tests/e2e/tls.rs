@@ -307,6 +307,15 @@ fn certs_init_refuses_to_overwrite() {
     assert_eq!(code, Some(2));
     assert_eq!(std::fs::read(certs.join("ca.key")).unwrap(), before);
 
+    let (line, code) = failure(&run_to_exit(&[
+        "certs", "init", "--dir", certs_dir, "--host", "a b",
+    ]));
+    assert_eq!(
+        line,
+        "error: --host: \"a b\" is not a DNS name or an IP address"
+    );
+    assert_eq!(code, Some(2));
+
     let forced = run_to_exit(&["certs", "init", "--dir", certs_dir, "--force"]);
     assert!(forced.status.success(), "{}", stderr(&forced));
     assert_ne!(pin(&forced), pin(&first));
