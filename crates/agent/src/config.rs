@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use nix::sys::signal::Signal;
+use rollwave_tls::ClientTls;
 use serde::Deserialize;
 
 use crate::haproxy::{DrainConfig, Haproxy};
@@ -16,6 +17,8 @@ use crate::health::{HealthCheck, ResolvedCheck};
 struct RawConfig {
     node: Option<String>,
     server: Option<String>,
+    ca_file: Option<PathBuf>,
+    server_pin: Option<String>,
     state_dir: Option<PathBuf>,
     join_token: Option<String>,
     join_token_file: Option<PathBuf>,
@@ -52,6 +55,8 @@ struct RawService {
 pub struct AgentConfig {
     pub node: String,
     pub server: String,
+    /// How the control plane is verified when `server` is https.
+    pub tls: ClientTls,
     pub state_dir: PathBuf,
     /// Traded for the node's own credential on first start; unused once
     /// the state dir holds one.
@@ -104,7 +109,17 @@ impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("reading agent config {}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| format!("invalid agent config {}: {e}", path.display()))
+        let config = Self::parse(&text)
+            .map_err(|e| format!("invalid agent config {}: {e}", path.display()))?;
+        // A CA file that cannot be used is a mistake in this file: say so
+        // now rather than on every reconnect.
+        if config.tls.ca_file.is_some() {
+            config
+                .tls
+                .config()
+                .map_err(|e| format!("invalid agent config {}: ca_file: {e}", path.display()))?;
+        }
+        Ok(config)
     }
 
     pub fn parse(text: &str) -> Result<AgentConfig, String> {
@@ -120,12 +135,33 @@ impl AgentConfig {
         }
         let server = raw
             .server
-            .unwrap_or_else(|| "http://127.0.0.1:7700".to_string());
+            .unwrap_or_else(|| "https://127.0.0.1:7700".to_string());
         if !(server.starts_with("http://") || server.starts_with("https://")) {
             return Err(format!(
                 "server: {server:?} must start with http:// or https://"
             ));
         }
+        let pin = match raw.server_pin {
+            None => None,
+            Some(p) => Some(p.parse().map_err(|e| format!("server_pin: {e}"))?),
+        };
+        // Verifying nothing while asked to would be worse than refusing.
+        if server.starts_with("http://") {
+            for (field, set) in [
+                ("ca_file", raw.ca_file.is_some()),
+                ("server_pin", pin.is_some()),
+            ] {
+                if set {
+                    return Err(format!(
+                        "{field}: verifies an https:// server, but server {server:?} is plain HTTP"
+                    ));
+                }
+            }
+        }
+        let tls = ClientTls {
+            ca_file: raw.ca_file,
+            pin,
+        };
         let state_dir = raw
             .state_dir
             .ok_or_else(|| "state_dir: is required".to_string())?;
@@ -272,6 +308,7 @@ impl AgentConfig {
         Ok(AgentConfig {
             node,
             server: server.trim_end_matches('/').to_string(),
+            tls,
             state_dir,
             join_token,
             labels: raw.labels,
@@ -349,6 +386,43 @@ health = { type = "http", url = "http://127.0.0.1:8080/healthz" }
     }
 
     #[test]
+    fn parses_how_the_server_is_verified() {
+        let pin = format!("sha256:{}", "ab".repeat(32));
+        let text = GOOD.replace("http://", "https://").replace(
+            "state_dir",
+            &format!("ca_file = \"/etc/rollwave/ca.pem\"\nserver_pin = \"{pin}\"\nstate_dir"),
+        );
+        let c = AgentConfig::parse(&text).unwrap();
+        assert_eq!(c.tls.ca_file, Some(PathBuf::from("/etc/rollwave/ca.pem")));
+        assert_eq!(c.tls.pin.map(|p| p.to_string()), Some(pin));
+        let c =
+            AgentConfig::parse(&GOOD.replace("server = \"http://127.0.0.1:7700\"\n", "")).unwrap();
+        assert_eq!(c.server, "https://127.0.0.1:7700");
+        assert_eq!(c.tls.ca_file, None);
+    }
+
+    #[test]
+    fn an_unusable_ca_file_is_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("agent.toml");
+        let ca = dir.path().join("ca.pem");
+        let text = GOOD.replace("http://", "https://").replace(
+            "state_dir",
+            &format!("ca_file = {:?}\nstate_dir", ca.display().to_string()),
+        );
+        std::fs::write(&config, text).unwrap();
+        let err = AgentConfig::load(&config).unwrap_err();
+        assert_eq!(
+            err,
+            format!(
+                "invalid agent config {}: ca_file: reading CA file {}: no such file or directory",
+                config.display(),
+                ca.display()
+            )
+        );
+    }
+
+    #[test]
     fn parses_the_reload_signal() {
         for (value, want) in [("SIGHUP", Signal::SIGHUP), ("usr1", Signal::SIGUSR1)] {
             let text = GOOD.replace(
@@ -405,6 +479,14 @@ health = { type = "http", url = "http://127.0.0.1:8080/healthz" }
             (
                 GOOD.replace("stop_grace", "hooks = { \"a b\" = [\"x\"] }\nstop_grace"),
                 "service.api.hooks: \"a b\" is not a hook name",
+            ),
+            (
+                GOOD.replace("state_dir", "server_pin = \"abc\"\nstate_dir"),
+                "server_pin: \"abc\" is not a pin like sha256:<64 hex digits>",
+            ),
+            (
+                GOOD.replace("state_dir", "ca_file = \"/ca.pem\"\nstate_dir"),
+                "ca_file: verifies an https:// server",
             ),
         ];
         for (text, field) in cases {

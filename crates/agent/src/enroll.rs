@@ -63,9 +63,14 @@ pub async fn credential(config: &AgentConfig, client: &reqwest::Client) -> anyho
             Ok(resp) => {
                 tracing::warn!(status = %resp.status(), retry_in = ?backoff, "enrolling: the control plane failed");
             }
-            Err(e) => {
-                tracing::warn!(server = %config.server, error = %rollwave_core::error_chain(&e), retry_in = ?backoff, "enrolling: control plane unreachable");
-            }
+            Err(e) => match rollwave_tls::describe_error(&e) {
+                Some(tls) => {
+                    tracing::error!(server = %config.server, error = %tls, retry_in = ?backoff, "enrolling: the control plane's certificate refused")
+                }
+                None => {
+                    tracing::warn!(server = %config.server, error = %rollwave_core::error_chain(&e), retry_in = ?backoff, "enrolling: control plane unreachable")
+                }
+            },
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -44,6 +44,14 @@ pub async fn run(
     let socket = layout::agent_socket(&config.state_dir);
     // Before any service starts: each is told this socket.
     let listener = local::bind(&socket)?;
+    // One TLS config for the session and the artifact downloads: both go to
+    // the control plane and must trust the same certificate.
+    let tls = if config.server.starts_with("https://") {
+        Some(config.tls.config().context("ca_file")?)
+    } else {
+        tracing::warn!(server = %config.server, "the control plane is plain HTTP: tasks, artifacts and this node's reports travel unencrypted, from a server nobody verified");
+        None
+    };
     let check_client = health::check_client().context("building health check client")?;
     let changed = Arc::new(Notify::new());
     let mut services = BTreeMap::new();
@@ -67,10 +75,10 @@ pub async fn run(
     // After the services started: they are supervised while the agent
     // waits for a control plane to enroll with.
     let credential = {
-        let client = http_client(None)?;
+        let client = http_client(None, tls.as_deref())?;
         enroll::credential(&config, &client).await?
     };
-    let client = http_client(Some(&credential))?;
+    let client = http_client(Some(&credential), tls.as_deref())?;
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
     let executor = Executor::new(
         config.state_dir.clone(),
@@ -89,7 +97,7 @@ pub async fn run(
     );
     tracing::info!(node = %config.node, server = %config.server, services = services.len(), socket = %socket.display(), "agent started");
     tokio::select! {
-        _ = session::run(config.clone(), credential, services, executor, outbox_rx, changed) => {}
+        _ = session::run(config.clone(), tls, credential, services, executor, outbox_rx, changed) => {}
         r = local::serve(listener, endpoint) => {
             r.with_context(|| format!("serving the agent socket {}", socket.display()))?;
         }
@@ -101,19 +109,25 @@ pub async fn run(
 /// The client for the control plane: with the node's credential on every
 /// request once it has one. Redirects are not followed, so the credential
 /// never goes anywhere else.
-fn http_client(credential: Option<&str>) -> anyhow::Result<reqwest::Client> {
+fn http_client(
+    credential: Option<&str>,
+    tls: Option<&rollwave_tls::ClientConfig>,
+) -> anyhow::Result<reqwest::Client> {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(token) = credential {
         headers.insert(reqwest::header::AUTHORIZATION, enroll::auth_header(token)?);
     }
-    reqwest::Client::builder()
+    let client = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(5))
         // A download that stalls fails the task instead of holding it forever.
         .read_timeout(std::time::Duration::from_secs(30))
         .redirect(reqwest::redirect::Policy::none())
-        .default_headers(headers)
-        .build()
-        .context("building http client")
+        .default_headers(headers);
+    let client = match tls {
+        Some(tls) => client.use_preconfigured_tls(tls.clone()),
+        None => client,
+    };
+    client.build().context("building http client")
 }
 
 /// The shim between the agent and a service that takes sockets: sets

@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::header::AUTHORIZATION;
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::Connector;
 
 use crate::config::AgentConfig;
 use crate::executor::{snapshot, Executor, Services};
@@ -23,6 +24,7 @@ const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
 
 pub async fn run(
     config: Arc<AgentConfig>,
+    tls: Option<Arc<rollwave_tls::ClientConfig>>,
     credential: String,
     services: Services,
     executor: Arc<Executor>,
@@ -39,16 +41,12 @@ pub async fn run(
     );
     let mut backoff = BACKOFF_MIN;
     loop {
-        let ended = session(
-            &config,
-            &url,
-            &credential,
-            &services,
-            &executor,
-            &mut outbox,
-            &changed,
-        )
-        .await;
+        let dial = Dial {
+            url: &url,
+            connector: tls.clone().map(Connector::Rustls),
+            credential: &credential,
+        };
+        let ended = session(&config, dial, &services, &executor, &mut outbox, &changed).await;
         match ended {
             Ok(Ended::Refused(reason)) => {
                 tracing::error!(reason = %reason, "control plane refused this agent");
@@ -59,9 +57,16 @@ pub async fn run(
                 tracing::warn!("connection to the control plane closed; reconnecting");
                 backoff = BACKOFF_MIN;
             }
-            Err(e) => {
-                tracing::warn!(server = %config.server, error = %e, retry_in = ?backoff, "control plane unreachable");
-            }
+            Err(e) => match rollwave_tls::describe_error(e.as_ref()) {
+                // Not a passing fault: said louder, and in rustls's words
+                // rather than behind the WebSocket's layers.
+                Some(tls) => {
+                    tracing::error!(server = %config.server, error = %tls, retry_in = ?backoff, "control plane's certificate refused")
+                }
+                None => {
+                    tracing::warn!(server = %config.server, error = %e, retry_in = ?backoff, "control plane unreachable")
+                }
+            },
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -73,20 +78,28 @@ enum Ended {
     Refused(String),
 }
 
+/// Where and how to open the session.
+struct Dial<'a> {
+    url: &'a str,
+    connector: Option<Connector>,
+    credential: &'a str,
+}
+
 async fn session(
     config: &AgentConfig,
-    url: &str,
-    credential: &str,
+    dial: Dial<'_>,
     services: &Services,
     executor: &Arc<Executor>,
     outbox: &mut mpsc::UnboundedReceiver<AgentMessage>,
     changed: &Notify,
 ) -> anyhow::Result<Ended> {
-    let mut request = url.into_client_request()?;
+    let mut request = dial.url.into_client_request()?;
     request
         .headers_mut()
-        .insert(AUTHORIZATION, crate::enroll::auth_header(credential)?);
-    let ws = match tokio_tungstenite::connect_async(request).await {
+        .insert(AUTHORIZATION, crate::enroll::auth_header(dial.credential)?);
+    let connecting =
+        tokio_tungstenite::connect_async_tls_with_config(request, None, false, dial.connector);
+    let ws = match connecting.await {
         Ok((ws, _)) => ws,
         Err(WsError::Http(resp))
             if resp.status() == StatusCode::UNAUTHORIZED

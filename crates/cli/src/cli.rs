@@ -17,7 +17,7 @@ pub struct Cli {
         long,
         global = true,
         env = "ROLLWAVE_SERVER",
-        default_value = "http://127.0.0.1:7700"
+        default_value = "https://127.0.0.1:7700"
     )]
     pub server: String,
     /// API token for client commands (prefer ROLLWAVE_TOKEN_FILE: a token
@@ -32,6 +32,16 @@ pub struct Cli {
         conflicts_with = "token"
     )]
     pub token_file: Option<PathBuf>,
+    /// Trust only the CA certificates in this PEM file for the control
+    /// plane's certificate (e.g. the ca.pem of `rollwave certs init`),
+    /// instead of the usual web roots.
+    #[arg(long, global = true, env = "ROLLWAVE_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Also require the control plane's certificate to be this one:
+    /// `sha256:` and the hex SHA-256 of the certificate (DER), as `rollwave
+    /// certs init` prints it.
+    #[arg(long, global = true, env = "ROLLWAVE_PIN", value_name = "sha256:HEX")]
+    pub pin: Option<rollwave_tls::Pin>,
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     #[command(subcommand)]
@@ -52,7 +62,21 @@ pub enum Command {
         listen: SocketAddr,
         #[arg(long, default_value = "./rollwave-data")]
         data_dir: PathBuf,
+        /// The server's certificate chain, PEM, leaf first (e.g. the
+        /// server.pem of `rollwave certs init`).
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's private key, PEM.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Serve plain HTTP: anyone on the network can read and change what
+        /// goes to and from the control plane. For tests on one machine.
+        #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+        insecure_plain_http: bool,
     },
+    /// Certificates for the control plane.
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// Run the node agent.
     Agent {
         #[arg(long, short = 'c')]
@@ -152,6 +176,24 @@ impl Command {
     pub fn is_daemon(&self) -> bool {
         matches!(self, Command::Server { .. } | Command::Agent { .. })
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create a private CA and a server certificate it signed, to start
+    /// with: ca.pem and ca.key, server.pem and server.key. The certificate
+    /// is valid for localhost, 127.0.0.1, ::1 and every --host.
+    Init {
+        #[arg(long, default_value = "./rollwave-certs")]
+        dir: PathBuf,
+        /// Another DNS name or IP address the control plane is reached by
+        /// (repeatable).
+        #[arg(long = "host", value_name = "NAME")]
+        hosts: Vec<String>,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

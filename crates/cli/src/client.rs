@@ -4,6 +4,7 @@ use std::fmt;
 
 use anyhow::Context;
 use rollwave_api::ErrorBody;
+use rollwave_tls::ClientTls;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -31,17 +32,28 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    pub fn new(base: &str) -> anyhow::Result<ApiClient> {
+    /// A client of the control plane at `base`, which it verifies as `tls`
+    /// says if `base` is https.
+    pub fn new(base: &str, tls: &ClientTls) -> anyhow::Result<ApiClient> {
         let base = base.trim_end_matches('/').to_string();
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
+        let builder = reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(5));
+        let builder = if base.starts_with("https://") {
+            let config = tls.config().map_err(|e| user_error(e.to_string()))?;
+            builder.use_preconfigured_tls((*config).clone())
+        } else if base.starts_with("http://") {
+            // Verifying nothing while asked to would be worse than failing.
+            if tls.ca_file.is_some() || tls.pin.is_some() {
+                return Err(user_error(format!(
+                    "--server: {base} is plain HTTP, which --ca-file and --pin cannot verify; use https://"
+                )));
+            }
+            builder
+        } else {
             return Err(user_error(format!(
                 "--server: {base:?} must start with http:// or https://"
             )));
-        }
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .build()
-            .context("building http client")?;
+        };
+        let http = builder.build().context("building http client")?;
         Ok(ApiClient {
             base,
             http,
@@ -96,10 +108,15 @@ impl ApiClient {
             Some(token) => req.bearer_auth(token),
             None => req,
         };
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the control plane at {}", self.base))?;
+        let resp = req.send().await.map_err(|e| {
+            let unreachable = format!("cannot reach the control plane at {}", self.base);
+            // The certificate problem alone, without reqwest's and hyper's
+            // layers around it.
+            match rollwave_tls::describe_error(&e) {
+                Some(tls) => anyhow::anyhow!("{unreachable}: {tls}"),
+                None => anyhow::Error::new(e).context(unreachable),
+            }
+        })?;
         let status = resp.status();
         let bytes = resp.bytes().await.context("reading the response")?;
         if status.is_success() {

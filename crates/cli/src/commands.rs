@@ -15,16 +15,46 @@ use rollwave_core::{
     parse_version, validate_service_name, AuditEntry, Rollout, StrategyFile, WaveFile,
 };
 
-use crate::cli::{Cli, Command, ReleaseCommand, RolloutCommand, StartArgs};
+use crate::cli::{CertsCommand, Cli, Command, ReleaseCommand, RolloutCommand, StartArgs};
 use crate::client::{user_error, ApiClient};
 use crate::render;
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let conn = cli.connection();
     match cli.command {
-        Command::Server { listen, data_dir } => {
-            let config = rollwave_server::ServerConfig { listen, data_dir };
+        Command::Server {
+            listen,
+            data_dir,
+            tls_cert,
+            tls_key,
+            insecure_plain_http,
+        } => {
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some(
+                    rollwave_tls::ServerTls::load(&cert, &key)
+                        .map_err(|e| user_error(e.to_string()))?,
+                ),
+                _ if insecure_plain_http => None,
+                _ => {
+                    return Err(user_error(
+                        "the control plane serves HTTPS: pass --tls-cert and --tls-key (`rollwave certs init` makes a pair), or --insecure-plain-http to serve plain HTTP",
+                    ))
+                }
+            };
+            let config = rollwave_server::ServerConfig {
+                listen,
+                data_dir,
+                tls,
+            };
             rollwave_server::run(config, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs(CertsCommand::Init { dir, hosts, force }) => {
+            let made = rollwave_tls::certs::generate(&dir, &hosts, force).map_err(|e| match e {
+                rollwave_tls::TlsError::Host(_) => user_error(format!("--host: {e}")),
+                e => user_error(e.to_string()),
+            })?;
+            print!("{}", render::certs(&made));
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent { config } => {

@@ -68,6 +68,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     ));
     let fleet = Fleet::launch(FleetSpec {
         switch: args.switch.as_str().into(),
+        tls: true,
         ..FleetSpec::new(exe, args.nodes)
     })
     .await?;
@@ -134,13 +135,15 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     };
     if args.keep {
         let url = fleet.url();
+        let ca_file = fleet.client_tls().ca_file.unwrap_or_default();
         let dir = fleet.detach();
         let token = dir
             .join("server-data")
             .join(rollwave_server::ADMIN_TOKEN_FILE);
         println!(
-            "fleet left running: server {url} (data and logs under {}); try `rollwave --server {url} --token-file {} nodes`",
+            "fleet left running: server {url} (data and logs under {}); try `rollwave --server {url} --ca-file {} --token-file {} nodes`",
             dir.display(),
+            ca_file.display(),
             token.display(),
         );
     }

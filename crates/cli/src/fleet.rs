@@ -16,6 +16,8 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use rollwave_api::NodeView;
 
+use rollwave_tls::{ClientTls, Pin};
+
 use crate::client::ApiClient;
 
 pub struct FleetSpec {
@@ -36,6 +38,9 @@ pub struct FleetSpec {
     /// Hooks every node declares for `api` (`service.hooks`), by name: the
     /// commands a rollout's `kind = "node"` hooks may run.
     pub hooks: Vec<(String, Vec<String>)>,
+    /// Serve over TLS, with certificates from `rollwave certs init`, which
+    /// agents and the fleet's own client verify; otherwise plain HTTP.
+    pub tls: bool,
 }
 
 impl FleetSpec {
@@ -48,8 +53,19 @@ impl FleetSpec {
             haproxy_socket: None,
             extra_services: Vec::new(),
             hooks: Vec::new(),
+            tls: false,
         }
     }
+}
+
+/// The quick-start certificates of a fleet served over TLS.
+#[derive(Debug, Clone)]
+pub struct Certs {
+    /// Where `certs init` wrote them.
+    pub dir: PathBuf,
+    pub ca_file: PathBuf,
+    /// The server certificate's pin, as `certs init` printed it.
+    pub pin: Pin,
 }
 
 pub struct Node {
@@ -71,6 +87,8 @@ pub struct Fleet {
     /// finding the services to kill needs the agents' state dirs.
     tmp: Option<tempfile::TempDir>,
     pub addr: SocketAddr,
+    /// Present when the fleet is served over TLS.
+    pub certs: Option<Certs>,
     server: Option<Child>,
     pub nodes: Vec<Node>,
     /// The bootstrap admin token the control plane wrote on first start.
@@ -124,7 +142,12 @@ impl Fleet {
             .tempdir()
             .context("creating a temporary directory")?;
         let dir = tmp.path().to_path_buf();
-        let (server, addr) = start_server(&spec.exe, &dir, "127.0.0.1:0".parse()?).await?;
+        let certs = match spec.tls {
+            true => Some(certs_init(&spec.exe, &dir.join("certs"))?),
+            false => None,
+        };
+        let (server, addr) =
+            start_server(&spec.exe, &dir, "127.0.0.1:0".parse()?, certs.as_ref()).await?;
         let token_file = dir
             .join("server-data")
             .join(rollwave_server::ADMIN_TOKEN_FILE);
@@ -137,6 +160,7 @@ impl Fleet {
             dir: dir.clone(),
             tmp: Some(tmp),
             addr,
+            certs,
             server: Some(server),
             nodes: Vec::new(),
             admin_token,
@@ -168,7 +192,8 @@ impl Fleet {
                 extra_ports.insert(service.clone(), free_port()?);
             }
             let config = state_dir.join("agent.toml");
-            let mut toml = agent_toml(&spec, &fleet.url(), &name, i, &state_dir, port);
+            let ca_file = fleet.certs.as_ref().map(|c| c.ca_file.as_path());
+            let mut toml = agent_toml(&spec, &fleet.url(), ca_file, &name, i, &state_dir, port);
             toml.insert_str(0, &format!("join_token = {:?}\n", join.token));
             for (service, port) in &extra_ports {
                 toml.push_str(&extra_service_toml(&spec, service, *port));
@@ -189,12 +214,24 @@ impl Fleet {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.certs {
+            Some(_) => format!("https://{}", self.addr),
+            None => format!("http://{}", self.addr),
+        }
+    }
+
+    /// What a client of this fleet's control plane trusts.
+    pub fn client_tls(&self) -> ClientTls {
+        ClientTls {
+            ca_file: self.certs.as_ref().map(|c| c.ca_file.clone()),
+            pin: None,
+        }
     }
 
     /// An API client with the admin token.
     pub fn api(&self) -> anyhow::Result<ApiClient> {
-        Ok(ApiClient::new(&self.url())?.with_token(Some(self.admin_token.clone())))
+        Ok(ApiClient::new(&self.url(), &self.client_tls())?
+            .with_token(Some(self.admin_token.clone())))
     }
 
     /// A plain HTTP client that sends the admin token with every request.
@@ -205,10 +242,14 @@ impl Fleet {
             reqwest::header::AUTHORIZATION,
             value.parse().expect("a token is a valid header value"),
         );
-        reqwest::Client::builder()
-            .default_headers(headers)
-            .build()
-            .expect("building an http client")
+        let mut builder = reqwest::Client::builder().default_headers(headers);
+        if let Some(certs) = &self.certs {
+            let pem = std::fs::read(&certs.ca_file).expect("reading the fleet's CA");
+            builder = builder.tls_built_in_root_certs(false).add_root_certificate(
+                reqwest::Certificate::from_pem(&pem).expect("the fleet's CA is PEM"),
+            );
+        }
+        builder.build().expect("building an http client")
     }
 
     /// A `rollwave` command line against this fleet's control plane, with
@@ -218,6 +259,9 @@ impl Fleet {
         cmd.arg("--server")
             .arg(self.url())
             .env("ROLLWAVE_TOKEN", &self.admin_token);
+        if let Some(certs) = &self.certs {
+            cmd.arg("--ca-file").arg(&certs.ca_file);
+        }
         cmd
     }
 
@@ -266,7 +310,7 @@ impl Fleet {
     /// Starts the control plane again on the same address and data dir.
     pub async fn restart_server(&mut self) -> anyhow::Result<()> {
         self.kill_server();
-        let (child, _) = start_server(&self.exe, &self.dir, self.addr).await?;
+        let (child, _) = start_server(&self.exe, &self.dir, self.addr, self.certs.as_ref()).await?;
         self.server = Some(child);
         Ok(())
     }
@@ -334,10 +378,38 @@ pub fn kill_services(state_dir: &Path) {
     }
 }
 
+/// Runs `rollwave certs init` into `dir`, as an operator would.
+fn certs_init(exe: &Path, dir: &Path) -> anyhow::Result<Certs> {
+    let out = Command::new(exe)
+        .args(["certs", "init", "--dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .output()
+        .context("running rollwave certs init")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "rollwave certs init failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let pin = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("pin: "))
+        .with_context(|| format!("rollwave certs init printed no pin: {stdout}"))?
+        .parse()?;
+    Ok(Certs {
+        dir: dir.to_path_buf(),
+        ca_file: dir.join(rollwave_tls::certs::CA_CERT),
+        pin,
+    })
+}
+
 async fn start_server(
     exe: &Path,
     dir: &Path,
     listen: SocketAddr,
+    certs: Option<&Certs>,
 ) -> anyhow::Result<(Child, SocketAddr)> {
     let out_path = dir.join("server.out");
     let out = File::create(&out_path)?;
@@ -345,12 +417,22 @@ async fn start_server(
         .create(true)
         .append(true)
         .open(dir.join("server.log"))?;
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .arg("server")
         .arg("--listen")
         .arg(listen.to_string())
         .arg("--data-dir")
-        .arg(dir.join("server-data"))
+        .arg(dir.join("server-data"));
+    match certs {
+        Some(c) => command
+            .arg("--tls-cert")
+            .arg(c.dir.join(rollwave_tls::certs::SERVER_CERT))
+            .arg("--tls-key")
+            .arg(c.dir.join(rollwave_tls::certs::SERVER_KEY)),
+        None => command.arg("--insecure-plain-http"),
+    };
+    let mut child = command
         .env("ROLLWAVE_LOG", "info")
         .stdin(Stdio::null())
         .stdout(out)
@@ -358,11 +440,12 @@ async fn start_server(
         .process_group(0)
         .spawn()
         .context("starting the control plane")?;
-    const READY: &str = "listening on http://";
+    const READY: &str = "listening on ";
     for _ in 0..600 {
         let text = std::fs::read_to_string(&out_path).unwrap_or_default();
         if let Some(rest) = text.split(READY).nth(1) {
-            let addr = rest.lines().next().unwrap_or("").trim();
+            let url = rest.lines().next().unwrap_or("").trim();
+            let addr = url.split_once("://").map_or(url, |(_, addr)| addr);
             let addr = addr
                 .parse()
                 .with_context(|| format!("control plane printed address {addr:?}"))?;
@@ -383,6 +466,7 @@ async fn start_server(
 fn agent_toml(
     spec: &FleetSpec,
     server: &str,
+    ca_file: Option<&Path>,
     name: &str,
     i: usize,
     state_dir: &Path,
@@ -414,10 +498,14 @@ fn agent_toml(
             .collect();
         format!("hooks = {{ {} }}\n", entries.join(", "))
     };
+    let ca_file = match ca_file {
+        Some(path) => format!("ca_file = {:?}\n", path.display().to_string()),
+        None => String::new(),
+    };
     format!(
         r#"node = "{name}"
 server = "{server}"
-state_dir = {state_dir:?}
+{ca_file}state_dir = {state_dir:?}
 
 [labels]
 rack = "r{rack}"

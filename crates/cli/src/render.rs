@@ -159,6 +159,37 @@ pub fn backups(backups: &[BackupInfo]) -> String {
     table(rows)
 }
 
+/// What `certs init` wrote and where each file goes.
+pub fn certs(made: &rollwave_tls::certs::Generated) -> String {
+    let files = [
+        (
+            &made.ca_cert,
+            "the CA: ca_file in agent.toml, --ca-file for the CLI",
+        ),
+        (&made.ca_key, "the CA's key (0600): keep it private"),
+        (&made.server_cert, "rollwave server --tls-cert"),
+        (&made.server_key, "rollwave server --tls-key (0600)"),
+    ];
+    let width = files
+        .iter()
+        .map(|(p, _)| p.display().to_string().len())
+        .max()
+        .unwrap_or(0);
+    let mut out = String::new();
+    for (path, role) in files {
+        let path = path.display().to_string();
+        let _ = writeln!(out, "created {path:<width$}  {role}");
+    }
+    let _ = writeln!(
+        out,
+        "server certificate for {}, valid until {}",
+        made.names.join(", "),
+        made.not_after.date()
+    );
+    let _ = writeln!(out, "pin: {}", made.pin);
+    out
+}
+
 pub fn audit(entries: &[AuditEntry]) -> String {
     let mut rows = vec![vec![
         "AT".into(),

@@ -13,6 +13,7 @@ use crate::render;
 /// How client commands reach the control plane, from the global flags.
 pub struct Connection {
     server: String,
+    tls: rollwave_tls::ClientTls,
     token: Option<String>,
     token_file: Option<std::path::PathBuf>,
 }
@@ -21,6 +22,10 @@ impl Cli {
     pub fn connection(&self) -> Connection {
         Connection {
             server: self.server.clone(),
+            tls: rollwave_tls::ClientTls {
+                ca_file: self.ca_file.clone(),
+                pin: self.pin,
+            },
             token: self.token.clone(),
             token_file: self.token_file.clone(),
         }
@@ -28,7 +33,8 @@ impl Cli {
 }
 
 impl Connection {
-    /// The API client for this command line: its server and its token.
+    /// The API client for this command line: its server, how to verify it,
+    /// and its token.
     pub fn api(&self) -> anyhow::Result<ApiClient> {
         let token = match (&self.token, &self.token_file) {
             (Some(t), _) => Some(t.trim().to_string()),
@@ -42,7 +48,7 @@ impl Connection {
             ),
             (None, None) => None,
         };
-        Ok(ApiClient::new(&self.server)?.with_token(token))
+        Ok(ApiClient::new(&self.server, &self.tls)?.with_token(token))
     }
 }
 

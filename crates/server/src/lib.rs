@@ -36,6 +36,8 @@ pub use error::ApiError;
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// HTTPS with this certificate; plain HTTP without.
+    pub tls: Option<rollwave_tls::ServerTls>,
 }
 
 /// State shared by the HTTP handlers, the sessions and the reconciler.
@@ -97,7 +99,8 @@ pub(crate) fn now_ms() -> Timestamp {
 }
 
 /// Opens the data dir, binds the listener and serves until `shutdown` resolves.
-/// Prints `rollwave server listening on http://ADDR` once ready.
+/// Prints `rollwave server listening on https://ADDR` (`http://` without
+/// TLS) once ready.
 pub async fn run(
     config: ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -140,8 +143,18 @@ pub async fn run(
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), "control plane started");
-    println!("rollwave server listening on http://{addr}");
+    let scheme = match &config.tls {
+        Some(tls) => {
+            tracing::info!(%addr, data_dir = %config.data_dir.display(), pin = %tls.pin, "control plane started");
+            "https"
+        }
+        None => {
+            tracing::info!(%addr, data_dir = %config.data_dir.display(), "control plane started");
+            tracing::warn!(%addr, "serving plain HTTP (--insecure-plain-http): anyone on the network path can read and alter requests, artifacts and agent sessions");
+            "http"
+        }
+    };
+    println!("rollwave server listening on {scheme}://{addr}");
     let stream = shared.events.clone();
     let app = http::router(shared).into_make_service_with_connect_info::<SocketAddr>();
     // Event streams never end by themselves: end them, or the graceful
@@ -150,9 +163,22 @@ pub async fn run(
         shutdown.await;
         stream.close();
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving http")?;
+    match config.tls {
+        Some(tls) => {
+            use axum::serve::ListenerExt;
+            // The tap does nothing: axum gives `ConnectInfo<SocketAddr>`
+            // (the audit trail's remote address) for a tapped listener of
+            // any kind, but untapped only for its own TcpListener.
+            let listener = rollwave_tls::TlsListener::new(listener, tls.config).tap_io(|_| {});
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+                .context("serving https")?;
+        }
+        None => axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serving http")?,
+    }
     Ok(())
 }

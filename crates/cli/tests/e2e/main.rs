@@ -19,4 +19,5 @@ mod migrations;
 mod openapi;
 mod rollouts;
 mod strategies;
+mod tls;
 mod trust;
