@@ -33,6 +33,9 @@ pub struct FleetSpec {
     /// Services every node runs besides `api`, each a demo service on a
     /// port of its own, with handoff.
     pub extra_services: Vec<String>,
+    /// Minisign public key files every agent trusts (`trusted_key_files`):
+    /// with any, agents install only releases signed by one of them.
+    pub trusted_key_files: Vec<PathBuf>,
 }
 
 impl FleetSpec {
@@ -44,6 +47,7 @@ impl FleetSpec {
             switch: "handoff".into(),
             haproxy_socket: None,
             extra_services: Vec::new(),
+            trusted_key_files: Vec::new(),
         }
     }
 }
@@ -347,10 +351,16 @@ fn agent_toml(
         ),
         None => String::new(),
     };
+    let trusted: Vec<String> = spec
+        .trusted_key_files
+        .iter()
+        .map(|p| format!("{:?}", p.display().to_string()))
+        .collect();
     format!(
         r#"node = "{name}"
 server = "{server}"
 state_dir = {state_dir:?}
+trusted_key_files = [{trusted}]
 
 [labels]
 rack = "r{rack}"
@@ -364,6 +374,7 @@ backup = [{data:?}]
 health = {{ type = "http", url = "http://127.0.0.1:{port}/healthz", interval = "{interval}", timeout = "1s", healthy_threshold = 1, unhealthy_threshold = 2 }}
 "#,
         state_dir = state_dir.display().to_string(),
+        trusted = trusted.join(", "),
         rack = (i - 1) % 3 + 1,
         switch = spec.switch,
         data = state_dir.join("data").display().to_string(),

@@ -18,4 +18,5 @@ mod metrics;
 mod migrations;
 mod openapi;
 mod rollouts;
+mod signing;
 mod strategies;
