@@ -114,7 +114,7 @@ pub fn sign(
     let sk = if is_encrypted(&text) {
         // minisign asks for the password on the terminal.
         minisign::SecretKey::from_box(sk_box, None)
-            .map_err(|e| user_error(format!("{at}: the key is encrypted: {e}")))?
+            .map_err(|e| user_error(format!("{at}: password-protected key: {e}")))?
     } else {
         minisign::SecretKey::from_unencrypted_box(sk_box)
             .map_err(|e| user_error(format!("{at}: not a minisign secret key: {e}")))?
