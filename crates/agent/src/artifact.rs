@@ -17,6 +17,14 @@
 //!   sibling directory that is fsynced and renamed into place, so a crash
 //!   never leaves a half-unpacked release under its final name.
 //!
+//!
+//! An agent with trusted keys puts a third step between the two:
+//! [`verify_signature`] checks that the release's minisign signature was made
+//! by one of them, over these bytes, for this `service@version`
+//! (`rollwave_core::signing`). The checksum proves the bytes are the ones the
+//! control plane holds; the signature proves the release owner made them, so
+//! a compromised control plane cannot have anything installed.
+//!
 //! Temporary files and directories are named `.<name>.tmp-<pid>-<nanos>`;
 //! [`clean_stale_tmp`] removes those left behind by an earlier process.
 //! The leading dot keeps them apart from releases: neither versions nor
@@ -35,7 +43,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use flate2::read::GzDecoder;
-use rollwave_core::{error_chain, ArtifactFormat};
+use rollwave_core::{error_chain, ArtifactFormat, SignatureError, TrustedKeys};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
@@ -81,6 +89,9 @@ pub enum ArtifactError {
     /// The release directory is already there; staging never overwrites.
     #[error("release directory {0} already exists")]
     AlreadyExists(PathBuf),
+    /// The signature does not vouch for the artifact as this release.
+    #[error("{0}")]
+    Signature(#[from] SignatureError),
     /// A local file system operation failed.
     #[error("{action} {path}: {source}")]
     Io {
@@ -205,6 +216,33 @@ pub async fn download_verified(
     cleanup.disarm();
     debug!(url, path = %path.display(), bytes = got, "download verified");
     Ok(path)
+}
+
+/// Checks that `signature` (the text of a `.minisig` file; `None`: the
+/// release is unsigned) was made by one of `keys` over the file at `path`,
+/// for `service@version`. Returns the key id. Reads the whole file: call it
+/// from `tokio::task::spawn_blocking`. The file is left in place either way.
+pub fn verify_signature(
+    path: &Path,
+    signature: Option<&str>,
+    keys: &TrustedKeys,
+    service: &str,
+    version: &str,
+) -> Result<String, ArtifactError> {
+    let signature = keys.require(signature)?;
+    // Before reading a byte: an untrusted key needs no hashing to refuse.
+    let mut check = keys.start(&signature)?;
+    let mut file = File::open(path).map_err(io_err("opening", path))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => check.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err("reading", path)(e)),
+        }
+    }
+    Ok(check.finish(service, version)?)
 }
 
 /// Installs a verified artifact as the release directory `dest`.
@@ -1295,6 +1333,55 @@ mod tests {
             sha256_file(&path).unwrap(),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    // ---- signatures ----
+
+    #[test]
+    fn verify_signature_reads_the_whole_file_and_leaves_it() {
+        let minisign::KeyPair { pk, sk } =
+            minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+        let keys = TrustedKeys::new(vec![rollwave_core::TrustedKey::from_base64(
+            &pk.to_base64(),
+        )
+        .unwrap()])
+        .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("artifact");
+        // Over several read buffers, so that every chunk counts.
+        let mut bytes: Vec<u8> = (0..(3 << 20) + 17).map(|i| (i % 251) as u8).collect();
+        fs::write(&path, &bytes).unwrap();
+        let comment = rollwave_core::signing::trusted_comment("api", "2.0.0", &sha(&bytes));
+        let sig = minisign::sign(Some(&pk), &sk, &bytes[..], Some(&comment), None)
+            .unwrap()
+            .into_string();
+        let id = keys.keys()[0].id().to_string();
+        assert_eq!(
+            verify_signature(&path, Some(&sig), &keys, "api", "2.0.0").unwrap(),
+            id
+        );
+        let err = verify_signature(&path, None, &keys, "api", "2.0.0").unwrap_err();
+        assert_eq!(err.to_string(), format!("unsigned (trusted: {id})"));
+        let err = verify_signature(&path, Some(&sig), &keys, "api", "2.0.1").unwrap_err();
+        assert_eq!(err.to_string(), "signed for api@2.0.0, not api@2.0.1");
+
+        // One byte changed, far into the file.
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        let err = verify_signature(&path, Some(&sig), &keys, "api", "2.0.0").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ArtifactError::Signature(SignatureError::Mismatch { .. })
+            ),
+            "{err}"
+        );
+        assert!(path.exists(), "the caller removes the file");
+
+        let err = verify_signature(&tmp.path().join("gone"), Some(&sig), &keys, "api", "2.0.0")
+            .unwrap_err();
+        assert!(err.to_string().starts_with("opening "), "{err}");
     }
 
     // ---- downloads ----

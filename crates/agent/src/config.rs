@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use nix::sys::signal::Signal;
+use rollwave_core::{TrustedKey, TrustedKeys};
 use rollwave_tls::ClientTls;
 use serde::Deserialize;
 
@@ -24,6 +25,10 @@ struct RawConfig {
     join_token_file: Option<PathBuf>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    trusted_keys: Vec<String>,
+    #[serde(default)]
+    trusted_key_files: Vec<PathBuf>,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
 }
@@ -62,6 +67,9 @@ pub struct AgentConfig {
     /// the state dir holds one.
     pub join_token: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// The keys release signatures must be made with; with none, releases
+    /// are installed unsigned.
+    pub trusted_keys: TrustedKeys,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -183,6 +191,7 @@ impl AgentConfig {
                 return Err("join_token: is not a rollwave token (rw_<id>_<secret>)".into());
             }
         }
+        let trusted_keys = trusted_keys(&raw.trusted_keys, &raw.trusted_key_files)?;
         if raw.services.is_empty() {
             return Err("service: at least one [[service]] is required".into());
         }
@@ -312,9 +321,37 @@ impl AgentConfig {
             state_dir,
             join_token,
             labels: raw.labels,
+            trusted_keys,
             services,
         })
     }
+}
+
+/// `trusted_keys` (minisign public keys, base64) and `trusted_key_files`
+/// (minisign `.pub` files), together.
+fn trusted_keys(inline: &[String], files: &[PathBuf]) -> Result<TrustedKeys, String> {
+    let mut keys = Vec::new();
+    for (i, text) in inline.iter().enumerate() {
+        keys.push(TrustedKey::from_base64(text).map_err(|e| format!("trusted_keys[{i}]: {e}"))?);
+    }
+    for (i, path) in files.iter().enumerate() {
+        let at = format!("trusted_key_files[{i}]");
+        if !path.is_absolute() {
+            return Err(format!("{at}: {} must be an absolute path", path.display()));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            format!(
+                "{at}: reading {}: {}",
+                path.display(),
+                rollwave_core::describe_io(&e)
+            )
+        })?;
+        keys.push(
+            TrustedKey::from_pub_file(&text)
+                .map_err(|e| format!("{at}: {}: {e}", path.display()))?,
+        );
+    }
+    TrustedKeys::new(keys).map_err(|e| format!("trusted_keys: {e}"))
 }
 
 fn one_line(s: &str) -> String {
@@ -431,6 +468,64 @@ health = { type = "http", url = "http://127.0.0.1:8080/healthz" }
             );
             let c = AgentConfig::parse(&text).unwrap();
             assert_eq!(c.services[0].reload_signal, Some(want), "{value}");
+        }
+    }
+
+    fn public_key() -> minisign::PublicKey {
+        minisign::KeyPair::generate_unencrypted_keypair()
+            .unwrap()
+            .pk
+    }
+
+    #[test]
+    fn parses_trusted_keys_inline_and_from_files() {
+        let c = AgentConfig::parse(GOOD).unwrap();
+        assert!(c.trusted_keys.is_empty());
+
+        let (a, b) = (public_key(), public_key());
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("b.pub");
+        std::fs::write(&file, b.to_box().unwrap().into_string()).unwrap();
+        let text = format!(
+            "trusted_keys = [{:?}]\ntrusted_key_files = [{:?}, {:?}]\n{GOOD}",
+            a.to_base64(),
+            file.display().to_string(),
+            file.display().to_string(),
+        );
+        let c = AgentConfig::parse(&text).unwrap();
+        let keys: Vec<&str> = c.trusted_keys.keys().iter().map(|k| k.base64()).collect();
+        assert_eq!(keys, [a.to_base64(), b.to_base64()]);
+    }
+
+    #[test]
+    fn trusted_key_errors_name_the_field() {
+        let tmp = tempfile::tempdir().unwrap();
+        let garbage = tmp.path().join("garbage.pub");
+        std::fs::write(&garbage, "untrusted comment: x\nnot a key\n").unwrap();
+        let missing = tmp.path().join("missing.pub");
+        let cases = [
+            (
+                "trusted_keys = [\"RWQnope\"]".to_string(),
+                "trusted_keys[0]: \"RWQnope\" is not a minisign public key",
+            ),
+            (
+                "trusted_key_files = [\"keys/a.pub\"]".to_string(),
+                "trusted_key_files[0]: keys/a.pub must be an absolute path",
+            ),
+            (
+                format!("trusted_key_files = [{:?}]", missing.display().to_string()),
+                "trusted_key_files[0]: reading",
+            ),
+            (
+                format!("trusted_key_files = [{:?}]", garbage.display().to_string()),
+                "trusted_key_files[0]:",
+            ),
+            ("trusted_keys = \"RWQ\"".to_string(), "trusted_keys"),
+        ];
+        for (line, want) in cases {
+            let err = AgentConfig::parse(&format!("{line}\n{GOOD}")).unwrap_err();
+            assert!(err.contains(want), "{err} should say {want}");
+            assert!(!err.contains('\n'), "{err} should be one line");
         }
     }
 

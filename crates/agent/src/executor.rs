@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use rollwave_api::{AgentMessage, ArtifactRef, Task, TaskAction, TaskOutcome};
 use rollwave_core::{
-    format_duration, Health, Hook, HookAction, OnError, ReleaseManifest, MAX_MANIFEST_BYTES,
-    RELEASE_MANIFEST,
+    format_duration, Health, Hook, HookAction, OnError, ReleaseManifest, TrustedKeys,
+    MAX_MANIFEST_BYTES, RELEASE_MANIFEST,
 };
 use rollwave_hooks::HookContext;
 use serde::{Deserialize, Serialize};
@@ -116,6 +116,8 @@ pub struct Executor {
     hooks_client: reqwest::Client,
     /// This node's name, told to hooks (see [`Executor::set_node`]).
     node: OnceLock<String>,
+    /// With any, nothing is staged unless its signature verifies with one.
+    trusted: TrustedKeys,
 }
 
 impl Executor {
@@ -126,6 +128,7 @@ impl Executor {
         services: BTreeMap<String, Arc<Service>>,
         outbox: mpsc::UnboundedSender<AgentMessage>,
         changed: Arc<Notify>,
+        trusted: TrustedKeys,
     ) -> Arc<Self> {
         let hooks_client = rollwave_hooks::client().unwrap_or_else(|e| {
             // The agent's own client differs only in its read timeout, which
@@ -143,6 +146,7 @@ impl Executor {
             changed,
             hooks_client,
             node: OnceLock::new(),
+            trusted,
         })
     }
 
@@ -747,6 +751,8 @@ impl Executor {
         ctx
     }
 
+    /// Downloads, verifies and unpacks the release, unless it is staged
+    /// already. Every path that installs an artifact comes through here.
     async fn stage(
         &self,
         task: &Task,
@@ -754,19 +760,48 @@ impl Executor {
         version: &str,
         art: &ArtifactRef,
     ) -> Result<(), String> {
+        let not_installed = |e: String| format!("release {version} not installed: {e}");
         if svc.dirs.is_staged(version, &art.sha256) {
+            let vouched = svc
+                .dirs
+                .staged_signer(version)
+                .is_some_and(|id| self.trusts(&id));
+            if self.trusted.is_empty() || vouched {
+                return Ok(());
+            }
+            // Staged before this agent trusted these keys. The artifact's
+            // sha256 is the marker's, so a signature over it covers what is
+            // unpacked: verify it rather than unpack again (which could not
+            // replace a release the service runs from).
+            self.phase(
+                task,
+                "downloading to verify the signature of a staged release",
+            );
+            let file = self.download(svc, art).await.map_err(not_installed)?;
+            let signer = self.verify_signature(task, &file, art, version).await;
+            let _ = std::fs::remove_file(&file);
+            let signer = signer.map_err(not_installed)?;
+            svc.dirs
+                .mark_staged(version, &art.sha256, Some(&signer))
+                .map_err(|e| format!("recording staged release: {e}"))?;
             return Ok(());
         }
         self.phase(task, "downloading");
         svc.dirs
             .discard_unverified(version)
             .map_err(|e| format!("removing a partial release: {e}"))?;
-        let tmp = svc.dirs.releases();
-        let _ = artifact::clean_stale_tmp(&tmp);
-        let url = format!("{}{}", self.server, art.path);
-        let file = artifact::download_verified(&self.client, &url, &art.sha256, art.size, &tmp)
-            .await
-            .map_err(|e| format!("release {version} not installed: {e}"))?;
+        let file = self.download(svc, art).await.map_err(not_installed)?;
+        let signer = if self.trusted.is_empty() {
+            None
+        } else {
+            match self.verify_signature(task, &file, art, version).await {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&file);
+                    return Err(not_installed(e));
+                }
+            }
+        };
         self.phase(task, "unpacking");
         let dest = svc.dirs.release(version);
         let exec_name = svc.config.name.clone();
@@ -778,12 +813,57 @@ impl Executor {
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()));
         let _ = std::fs::remove_file(&file);
-        staged.map_err(|e| format!("release {version} not installed: {e}"))?;
+        staged.map_err(not_installed)?;
         svc.dirs
-            .mark_staged(version, &art.sha256)
+            .mark_staged(version, &art.sha256, signer.as_deref())
             .map_err(|e| format!("recording staged release: {e}"))?;
         self.changed.notify_one();
         Ok(())
+    }
+
+    /// The artifact, size and sha256 verified, in a temporary file of the
+    /// service's releases directory, which the caller removes.
+    async fn download(&self, svc: &Service, art: &ArtifactRef) -> Result<PathBuf, String> {
+        let tmp = svc.dirs.releases();
+        let _ = artifact::clean_stale_tmp(&tmp);
+        let url = format!("{}{}", self.server, art.path);
+        artifact::download_verified(&self.client, &url, &art.sha256, art.size, &tmp)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Checks the task's signature over the downloaded file with the
+    /// trusted keys; returns the key id.
+    async fn verify_signature(
+        &self,
+        task: &Task,
+        file: &Path,
+        art: &ArtifactRef,
+        version: &str,
+    ) -> Result<String, String> {
+        self.phase(task, "verifying signature");
+        let (file, keys, signature) = (
+            file.to_path_buf(),
+            self.trusted.clone(),
+            art.signature.clone(),
+        );
+        let (service, release) = (task.service.clone(), version.to_string());
+        let verified = tokio::task::spawn_blocking(move || {
+            artifact::verify_signature(&file, signature.as_deref(), &keys, &service, &release)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match verified {
+            Ok(id) => {
+                tracing::info!(task = %task.id, service = %task.service, version, key_id = %id, "signature verified");
+                self.phase(task, &format!("signature verified: key id {id}"));
+                Ok(id)
+            }
+            Err(e) => {
+                tracing::warn!(task = %task.id, service = %task.service, version, error = %e, "release refused");
+                Err(e.to_string())
+            }
+        }
     }
 
     async fn revert(
@@ -794,6 +874,9 @@ impl Executor {
         upgrade_task: &str,
         deadline_ms: u64,
     ) -> TaskOutcome {
+        if let Err(reason) = self.may_revert_to(svc, to, upgrade_task) {
+            return TaskOutcome::Failed { reason };
+        }
         self.phase(task, "switching");
         let deadline = Instant::now() + Duration::from_millis(deadline_ms);
         match self
@@ -803,6 +886,36 @@ impl Executor {
             Ok(_) => TaskOutcome::Succeeded,
             Err(reason) => TaskOutcome::Failed { reason },
         }
+    }
+
+    fn trusts(&self, key_id: &str) -> bool {
+        self.trusted.keys().iter().any(|k| k.id() == key_id)
+    }
+
+    /// A revert names the version to go back to, and a release staged
+    /// before this agent trusted keys was never verified. With trusted keys,
+    /// a revert goes only to a release whose signature was verified here, to
+    /// the version the node ran before the upgrade it undoes, or to the one
+    /// it runs.
+    fn may_revert_to(
+        &self,
+        svc: &Service,
+        to: Option<&str>,
+        upgrade_task: &str,
+    ) -> Result<(), String> {
+        let Some(v) = to else { return Ok(()) };
+        if self.trusted.is_empty()
+            || svc.dirs.current_version().as_deref() == Some(v)
+            || svc.dirs.staged_signer(v).is_some_and(|id| self.trusts(&id))
+            || self
+                .read_journal(upgrade_task)
+                .is_some_and(|j| j.previous.as_deref() == Some(v))
+        {
+            return Ok(());
+        }
+        Err(format!(
+            "not switching back to {v}: no trusted key's signature was verified for it, and this node did not run it before task {upgrade_task}"
+        ))
     }
 }
 
@@ -1367,6 +1480,11 @@ mod tests {
         /// The service declares hooks `t0` to `t3`, each running the script
         /// [`Node::hook`] writes for it.
         async fn start() -> Node {
+            Node::start_with("http://127.0.0.1:9".into(), TrustedKeys::default()).await
+        }
+
+        /// A node whose control plane is `server`, trusting `trusted`.
+        async fn start_with(server: String, trusted: TrustedKeys) -> Node {
             let tmp = tempfile::tempdir().unwrap();
             std::fs::create_dir_all(tmp.path().join("tasks")).unwrap();
             let data = tmp.path().join("data");
@@ -1382,16 +1500,17 @@ mod tests {
                 })
                 .collect();
             std::fs::create_dir_all(s.dirs.release("2.0.0")).unwrap();
-            s.dirs.mark_staged("2.0.0", SHA).unwrap();
+            s.dirs.mark_staged("2.0.0", SHA, None).unwrap();
             let svc = Arc::new(s.start());
             let (tx, outbox) = mpsc::unbounded_channel();
             let executor = Executor::new(
                 tmp.path().to_path_buf(),
-                "http://127.0.0.1:9".into(),
+                server,
                 reqwest::Client::new(),
                 BTreeMap::from([("api".to_string(), svc.clone())]),
                 tx,
                 Arc::new(Notify::new()),
+                trusted,
             );
             executor.set_node("n1");
             let node = Node {
@@ -1464,6 +1583,7 @@ mod tests {
                     sha256: SHA.into(),
                     size: 0,
                     format: ArtifactFormat::Executable,
+                    signature: None,
                 },
                 min_healthy_time_ms: 0,
                 healthy_deadline_ms: 20_000,
@@ -1752,6 +1872,209 @@ mod tests {
         assert!(!phases.iter().any(|p| p.contains("hook")), "{phases:?}");
         node.wait_running("2.0.0").await;
         node.svc.supervisor.stop().await.unwrap();
+    }
+
+    // ---- signatures ----
+
+    struct Signer {
+        pk: minisign::PublicKey,
+        sk: minisign::SecretKey,
+    }
+
+    impl Signer {
+        fn new() -> Signer {
+            let minisign::KeyPair { pk, sk } =
+                minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+            Signer { pk, sk }
+        }
+
+        fn sign(&self, bytes: &[u8], release: &str) -> String {
+            let comment = format!("rollwave release {release} sha256:{}", sha256(bytes));
+            minisign::sign(Some(&self.pk), &self.sk, bytes, Some(&comment), None)
+                .unwrap()
+                .into_string()
+        }
+
+        fn key(&self) -> rollwave_core::TrustedKey {
+            rollwave_core::TrustedKey::from_base64(&self.pk.to_base64()).unwrap()
+        }
+
+        fn id(&self) -> String {
+            self.key().id().to_string()
+        }
+    }
+
+    /// Serves `bytes` at `/artifact` until the test ends.
+    async fn serve_artifact(bytes: &'static [u8]) -> String {
+        let app = axum::Router::new().route(
+            "/artifact",
+            axum::routing::get(move || async move { bytes }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+
+    fn stage_task(id: &str, version: &str, bytes: &[u8], signature: Option<String>) -> Task {
+        Task {
+            id: id.into(),
+            rollout: 7,
+            service: "api".into(),
+            action: TaskAction::Stage {
+                version: version.into(),
+                artifact: ArtifactRef {
+                    path: "/artifact".into(),
+                    sha256: sha256(bytes),
+                    size: bytes.len() as u64,
+                    format: ArtifactFormat::Executable,
+                    signature,
+                },
+            },
+        }
+    }
+
+    const RELEASE: &[u8] = b"#!/bin/sh\nexec sleep 60\n";
+
+    /// Nothing of `version` is installed and no download is left behind.
+    fn not_installed(node: &Node, version: &str) {
+        let releases = node.svc.dirs.releases();
+        assert!(!node.svc.dirs.release(version).exists());
+        let left: Vec<_> = std::fs::read_dir(&releases)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(left.is_empty(), "left in {}: {left:?}", releases.display());
+    }
+
+    #[tokio::test]
+    async fn with_trusted_keys_only_a_release_signed_for_it_is_staged() {
+        let (owner, other) = (Signer::new(), Signer::new());
+        let trusted = TrustedKeys::new(vec![owner.key()]).unwrap();
+        let url = serve_artifact(RELEASE).await;
+        let mut node = Node::start_with(url, trusted).await;
+        let mut tampered = RELEASE.to_vec();
+        tampered.push(b'\n');
+        let cases = [
+            (None, format!("unsigned (trusted: {})", owner.id())),
+            (
+                Some(other.sign(RELEASE, "api@3.0.0")),
+                format!(
+                    "signed by untrusted key id {} (trusted: {})",
+                    other.id(),
+                    owner.id()
+                ),
+            ),
+            (
+                Some(owner.sign(&tampered, "api@3.0.0")),
+                format!("signature does not match the artifact (key id {})", owner.id()),
+            ),
+            (
+                Some(owner.sign(RELEASE, "tool@1.0.0")),
+                "signed for tool@1.0.0, not api@3.0.0".to_string(),
+            ),
+            (
+                Some("untrusted comment: x\n".to_string()),
+                "signature is not a minisign signature: it has 1 line; a .minisig file has 4 (untrusted comment, signature, trusted comment, global signature)".to_string(),
+            ),
+        ];
+        for (i, (signature, why)) in cases.into_iter().enumerate() {
+            let task = stage_task(&format!("st-{i}"), "3.0.0", RELEASE, signature);
+            let (phases, outcome) = node.run(task).await;
+            assert_eq!(
+                outcome,
+                TaskOutcome::Failed {
+                    reason: format!("release 3.0.0 not installed: {why}")
+                },
+                "{phases:?}"
+            );
+            assert!(!phases.iter().any(|p| p == "unpacking"), "{phases:?}");
+            not_installed(&node, "3.0.0");
+        }
+
+        let good = owner.sign(RELEASE, "api@3.0.0");
+        let (phases, outcome) = node
+            .run(stage_task("st-ok", "3.0.0", RELEASE, Some(good)))
+            .await;
+        assert_eq!(outcome, TaskOutcome::Succeeded, "{phases:?}");
+        let verified = position(&phases, |p| {
+            p == format!("signature verified: key id {}", owner.id())
+        });
+        assert!(
+            verified < position(&phases, |p| p == "unpacking"),
+            "{phases:?}"
+        );
+        assert_eq!(
+            std::fs::read(node.svc.dirs.release("3.0.0").join("api")).unwrap(),
+            RELEASE
+        );
+        assert_eq!(node.svc.dirs.staged_signer("3.0.0"), Some(owner.id()));
+        assert_eq!(node.svc.dirs.current_version().as_deref(), Some("1.0.0"));
+        node.svc.supervisor.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_release_staged_before_keys_were_trusted_is_verified_before_use() {
+        // 2.0.0 was staged (marker without a signer) by an agent that
+        // trusted no key; its artifact's sha256 is the marker's.
+        let owner = Signer::new();
+        let trusted = TrustedKeys::new(vec![owner.key()]).unwrap();
+        let url = serve_artifact(RELEASE).await;
+        let mut node = Node::start_with(url, trusted).await;
+        node.svc
+            .dirs
+            .mark_staged("2.0.0", &sha256(RELEASE), None)
+            .unwrap();
+
+        let (phases, outcome) = node.run(stage_task("pre-1", "2.0.0", RELEASE, None)).await;
+        assert_eq!(
+            outcome,
+            TaskOutcome::Failed {
+                reason: format!(
+                    "release 2.0.0 not installed: unsigned (trusted: {})",
+                    owner.id()
+                )
+            },
+            "{phases:?}"
+        );
+        assert_eq!(node.svc.dirs.staged_signer("2.0.0"), None);
+
+        // A revert may not pick it either, as it was never verified.
+        let (_, outcome) = node.run(revert_to("rv-1", "2.0.0", "no-such-task")).await;
+        assert_eq!(
+            outcome,
+            TaskOutcome::Failed {
+                reason: "not switching back to 2.0.0: no trusted key's signature was verified for it, and this node did not run it before task no-such-task".into()
+            }
+        );
+        assert_eq!(node.svc.dirs.current_version().as_deref(), Some("1.0.0"));
+
+        let good = owner.sign(RELEASE, "api@2.0.0");
+        let (phases, outcome) = node
+            .run(stage_task("pre-2", "2.0.0", RELEASE, Some(good)))
+            .await;
+        assert_eq!(outcome, TaskOutcome::Succeeded, "{phases:?}");
+        // Verified, not unpacked again: the staged directory is kept.
+        assert!(!phases.iter().any(|p| p == "unpacking"), "{phases:?}");
+        assert!(node.svc.dirs.release("2.0.0").is_dir());
+        assert_eq!(node.svc.dirs.staged_signer("2.0.0"), Some(owner.id()));
+        not_installed(&node, "3.0.0");
+        node.svc.supervisor.stop().await.unwrap();
+    }
+
+    fn revert_to(id: &str, version: &str, upgrade_task: &str) -> Task {
+        Task {
+            id: id.into(),
+            rollout: 7,
+            service: "api".into(),
+            action: TaskAction::Revert {
+                to_version: Some(version.into()),
+                upgrade_task: upgrade_task.into(),
+                healthy_deadline_ms: 20_000,
+            },
+        }
     }
 
     fn revert(id: &str, upgrade_task: &str) -> Task {

@@ -4,6 +4,7 @@
 //! ```text
 //! state_dir/services/<name>/releases/<version>/   unpacked, verified releases
 //! state_dir/services/<name>/releases/<version>.sha256   marker: staged and verified
+//!                                       (its sha256, then the id of the key whose signature was verified)
 //! state_dir/services/<name>/current -> releases/<version>   switched atomically
 //! state_dir/services/<name>/backups/<task id>/    copies of the backup paths
 //! state_dir/services/<name>/process.json          the running process, for re-adoption
@@ -118,11 +119,26 @@ impl ServiceDirs {
     /// Whether `version` is unpacked and was verified against `sha256`.
     pub fn is_staged(&self, version: &str, sha256: &str) -> bool {
         self.release(version).is_dir()
-            && fs::read_to_string(self.marker(version)).is_ok_and(|m| m.trim() == sha256)
+            && fs::read_to_string(self.marker(version))
+                .is_ok_and(|m| m.lines().next().map(str::trim) == Some(sha256))
     }
 
-    pub fn mark_staged(&self, version: &str, sha256: &str) -> io::Result<()> {
-        write_atomic(&self.marker(version), sha256.as_bytes())
+    /// The id of the key whose signature was verified over the artifact
+    /// `version` was staged from; `None` if none was (the agent trusted no
+    /// key then).
+    pub fn staged_signer(&self, version: &str) -> Option<String> {
+        let marker = fs::read_to_string(self.marker(version)).ok()?;
+        let id = marker.lines().nth(1)?.trim();
+        (!id.is_empty()).then(|| id.to_string())
+    }
+
+    pub fn mark_staged(&self, version: &str, sha256: &str, signer: Option<&str>) -> io::Result<()> {
+        let mut marker = format!("{sha256}\n");
+        if let Some(id) = signer {
+            marker.push_str(id);
+            marker.push('\n');
+        }
+        write_atomic(&self.marker(version), marker.as_bytes())
     }
 
     /// Verified versions present on disk, oldest name first.
@@ -250,13 +266,25 @@ mod tests {
         assert_eq!(dirs.current_version(), None);
         for v in ["1.10.0", "1.2.0"] {
             fs::create_dir_all(dirs.release(v)).unwrap();
-            dirs.mark_staged(v, "abc").unwrap();
+            dirs.mark_staged(v, "abc", None).unwrap();
         }
         fs::create_dir_all(dirs.release("3.0.0")).unwrap(); // not verified
         assert_eq!(dirs.staged(), vec!["1.2.0", "1.10.0"]);
         assert!(dirs.is_staged("1.2.0", "abc"));
         assert!(!dirs.is_staged("1.2.0", "abd"));
         assert!(!dirs.is_staged("3.0.0", "abc"));
+        assert_eq!(dirs.staged_signer("1.2.0"), None);
+        dirs.mark_staged("1.2.0", "abc", Some("0123456789ABCDEF"))
+            .unwrap();
+        assert!(dirs.is_staged("1.2.0", "abc"));
+        assert_eq!(
+            dirs.staged_signer("1.2.0").as_deref(),
+            Some("0123456789ABCDEF")
+        );
+        // A marker written before signatures: its sha256 alone, unterminated.
+        fs::write(dirs.marker("1.2.0"), "abc").unwrap();
+        assert!(dirs.is_staged("1.2.0", "abc"));
+        assert_eq!(dirs.staged_signer("1.2.0"), None);
         dirs.switch_current(Some("1.2.0")).unwrap();
         assert_eq!(dirs.current_version().as_deref(), Some("1.2.0"));
         dirs.switch_current(Some("1.10.0")).unwrap();

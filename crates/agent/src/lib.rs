@@ -87,6 +87,7 @@ pub async fn run(
         services.clone(),
         outbox_tx,
         changed.clone(),
+        config.trusted_keys.clone(),
     );
     executor.set_node(&config.node);
     let endpoint = local::router(
@@ -96,6 +97,11 @@ pub async fn run(
             .collect(),
     );
     tracing::info!(node = %config.node, server = %config.server, services = services.len(), socket = %socket.display(), "agent started");
+    if config.trusted_keys.is_empty() {
+        tracing::warn!("releases are not signature-checked: set trusted_keys or trusted_key_files in the agent config to install only releases signed by those keys");
+    } else {
+        tracing::info!(trusted = %config.trusted_keys.ids(), "releases must be signed by a trusted key");
+    }
     tokio::select! {
         _ = session::run(config.clone(), tls, credential, services, executor, outbox_rx, changed) => {}
         r = local::serve(listener, endpoint) => {

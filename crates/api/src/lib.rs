@@ -17,6 +17,11 @@ pub const AGENT_PROTOCOL: u32 = 1;
 /// Path of the agent session WebSocket.
 pub const AGENT_CONNECT_PATH: &str = "/v1/agent/connect";
 
+/// Request header of `POST /v1/releases/{service}/{version}` carrying the
+/// release's minisign signature: the text of the `.minisig` file, base64
+/// encoded (standard alphabet, padded), as a header holds one line.
+pub const SIGNATURE_HEADER: &str = "rollwave-signature";
+
 /// Sent by an agent over its session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -123,6 +128,10 @@ pub struct ArtifactRef {
     pub sha256: String,
     pub size: u64,
     pub format: ArtifactFormat,
+    /// The release's minisign signature, if it was pushed with one. An agent
+    /// with trusted keys installs nothing without one it can verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 pub fn artifact_path(service: &str, version: &str) -> String {
@@ -144,6 +153,10 @@ pub struct PushResponse {
     pub release: Release,
     /// False when the same content had been pushed before.
     pub created: bool,
+    /// True when this push added a signature to a release pushed unsigned
+    /// before.
+    #[serde(default)]
+    pub signature_added: bool,
 }
 
 /// Body of `POST /v1/rollouts`.

@@ -85,6 +85,9 @@ pub enum Command {
     /// Push and list releases.
     #[command(subcommand)]
     Release(ReleaseCommand),
+    /// Keys to sign releases with.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Start, watch and steer rollouts.
     #[command(subcommand)]
     Rollout(RolloutCommand),
@@ -203,11 +206,38 @@ pub enum ReleaseCommand {
         service: String,
         version: String,
         file: PathBuf,
+        /// Sign the artifact with this minisign secret key before uploading
+        /// (trusted comment `rollwave release SERVICE@VERSION sha256:HEX`).
+        #[arg(long, value_name = "KEY_FILE", conflicts_with = "signature")]
+        sign_key: Option<PathBuf>,
+        /// Upload this detached minisign signature of the file, made
+        /// elsewhere, e.g. `minisign -S -m FILE -t "rollwave release
+        /// SERVICE@VERSION"`.
+        #[arg(long, value_name = "MINISIG_FILE")]
+        signature: Option<PathBuf>,
     },
     /// List releases.
     List {
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create an Ed25519 key pair in minisign's format: NAME.key, the
+    /// secret key (mode 0600, not encrypted), for `release push --sign-key`,
+    /// and NAME.pub, the public key, for agents' `trusted_key_files`.
+    Generate {
+        /// The directory to write both files in (created if missing).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The files' name, without extension.
+        #[arg(long, default_value = "rollwave")]
+        name: String,
+        /// Replace key files that exist.
+        #[arg(long)]
+        force: bool,
     },
 }
 

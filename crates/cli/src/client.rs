@@ -95,11 +95,24 @@ impl ApiClient {
         path: &str,
         body: Vec<u8>,
     ) -> anyhow::Result<T> {
-        let req = self
+        self.post_bytes_with(path, body, &[]).await
+    }
+
+    /// [`ApiClient::post_bytes`] with more request headers.
+    pub async fn post_bytes_with<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        headers: &[(&str, String)],
+    ) -> anyhow::Result<T> {
+        let mut req = self
             .http
             .post(format!("{}{path}", self.base))
             .header("content-type", "application/octet-stream")
             .body(body);
+        for (name, value) in headers {
+            req = req.header(*name, value);
+        }
         self.send(req).await
     }
 

@@ -15,9 +15,11 @@ use rollwave_core::{
     parse_version, validate_service_name, AuditEntry, Rollout, StrategyFile, WaveFile,
 };
 
-use crate::cli::{CertsCommand, Cli, Command, ReleaseCommand, RolloutCommand, StartArgs};
+use crate::cli::{
+    CertsCommand, Cli, Command, KeysCommand, ReleaseCommand, RolloutCommand, StartArgs,
+};
 use crate::client::{user_error, ApiClient};
-use crate::render;
+use crate::{keys, render};
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let conn = cli.connection();
@@ -189,6 +191,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             logs(&api, id, node.as_deref(), follow, json).await
         }
+        Command::Keys(KeysCommand::Generate { dir, name, force }) => {
+            let k = keys::generate(&dir, &name, force)?;
+            println!("key id      {}", k.key_id);
+            println!("public key  {}", k.public_key);
+            println!(
+                "wrote {} (agents: trusted_key_files or trusted_keys)",
+                k.public.display()
+            );
+            println!(
+                "wrote {} (secret, not encrypted, mode 0600: release push --sign-key)",
+                k.secret.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Release(cmd) => release(conn.api()?, cmd).await,
         Command::Token(cmd) => crate::tokens::run(conn.api()?, cmd).await,
         Command::Rollout(cmd) => rollout(conn.api()?, cmd).await,
@@ -201,11 +217,23 @@ async fn release(api: ApiClient, cmd: ReleaseCommand) -> anyhow::Result<ExitCode
             service,
             version,
             file,
+            sign_key,
+            signature,
         } => {
             validate_service_name("service", &service).map_err(|e| user_error(e.to_string()))?;
             parse_version("version", &version).map_err(|e| user_error(e.to_string()))?;
             let bytes = std::fs::read(&file)
                 .map_err(|e| user_error(format!("reading release file {}: {e}", file.display())))?;
+            let signature = match (&sign_key, &signature) {
+                (Some(key), _) => Some(keys::sign(key, &bytes, &service, &version)?),
+                (None, Some(path)) => Some(keys::read_signature(path, &service, &version)?),
+                (None, None) => None,
+            };
+            let headers: Vec<_> = signature
+                .as_deref()
+                .map(keys::signature_header)
+                .into_iter()
+                .collect();
             let filename = file
                 .file_name()
                 .and_then(|f| f.to_str())
@@ -215,8 +243,13 @@ async fn release(api: ApiClient, cmd: ReleaseCommand) -> anyhow::Result<ExitCode
                 "/v1/releases/{service}/{version}?filename={}",
                 urlencode(&filename)
             );
-            let resp: PushResponse = api.post_bytes(&path, bytes).await?;
+            let resp: PushResponse = api.post_bytes_with(&path, bytes, &headers).await?;
             let r = &resp.release;
+            let signed = r
+                .signed_by
+                .as_ref()
+                .map(|id| format!(", signed by key id {id}"))
+                .unwrap_or_default();
             if resp.created {
                 let declares = r
                     .manifest
@@ -224,12 +257,17 @@ async fn release(api: ApiClient, cmd: ReleaseCommand) -> anyhow::Result<ExitCode
                     .map(|m| format!(", declares {}", m.describe()))
                     .unwrap_or_default();
                 println!(
-                    "pushed {}@{} ({:?}, {} bytes, sha256 {}{declares})",
+                    "pushed {}@{} ({:?}, {} bytes, sha256 {}{declares}{signed})",
                     r.service, r.version, r.format, r.size, r.sha256
+                );
+            } else if resp.signature_added {
+                println!(
+                    "{}@{} was already pushed with the same content (sha256 {}){signed}: signature added",
+                    r.service, r.version, r.sha256
                 );
             } else {
                 println!(
-                    "{}@{} was already pushed with the same content (sha256 {})",
+                    "{}@{} was already pushed with the same content (sha256 {}){signed}",
                     r.service, r.version, r.sha256
                 );
             }

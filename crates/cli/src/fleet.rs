@@ -41,6 +41,9 @@ pub struct FleetSpec {
     /// Serve over TLS, with certificates from `rollwave certs init`, which
     /// agents and the fleet's own client verify; otherwise plain HTTP.
     pub tls: bool,
+    /// Minisign public key files every agent trusts (`trusted_key_files`):
+    /// with any, agents install only releases signed by one of them.
+    pub trusted_key_files: Vec<PathBuf>,
 }
 
 impl FleetSpec {
@@ -54,6 +57,7 @@ impl FleetSpec {
             extra_services: Vec::new(),
             hooks: Vec::new(),
             tls: false,
+            trusted_key_files: Vec::new(),
         }
     }
 }
@@ -502,10 +506,16 @@ fn agent_toml(
         Some(path) => format!("ca_file = {:?}\n", path.display().to_string()),
         None => String::new(),
     };
+    let trusted: Vec<String> = spec
+        .trusted_key_files
+        .iter()
+        .map(|p| format!("{:?}", p.display().to_string()))
+        .collect();
     format!(
         r#"node = "{name}"
 server = "{server}"
 {ca_file}state_dir = {state_dir:?}
+trusted_key_files = [{trusted}]
 
 [labels]
 rack = "r{rack}"
@@ -519,6 +529,7 @@ backup = [{data:?}]
 health = {{ type = "http", url = "http://127.0.0.1:{port}/healthz", interval = "{interval}", timeout = "1s", healthy_threshold = 1, unhealthy_threshold = 2 }}
 "#,
         state_dir = state_dir.display().to_string(),
+        trusted = trusted.join(", "),
         rack = (i - 1) % 3 + 1,
         switch = spec.switch,
         data = state_dir.join("data").display().to_string(),

@@ -7,6 +7,7 @@ mod commands;
 pub mod demo;
 pub mod demo_service;
 pub mod fleet;
+pub mod keys;
 pub mod load;
 pub mod logging;
 pub mod render;

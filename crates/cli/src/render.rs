@@ -298,6 +298,7 @@ pub fn releases(releases: &[Release]) -> String {
         "FORMAT".into(),
         "SIZE".into(),
         "DECLARES".into(),
+        "SIGNED".into(),
         "SHA256".into(),
     ]];
     for r in releases {
@@ -316,6 +317,7 @@ pub fn releases(releases: &[Release]) -> String {
             } else {
                 declares
             },
+            r.signed_by.clone().unwrap_or_else(|| "-".into()),
             r.sha256.clone(),
         ]);
     }

@@ -18,6 +18,7 @@ mod manifest;
 mod planner;
 mod rollout;
 mod selector;
+pub mod signing;
 mod spec;
 
 pub use amount::Amount;
@@ -42,6 +43,7 @@ pub use rollout::{
     RolloutState, TaskKind, TaskOutcome, TaskRef,
 };
 pub use selector::Selector;
+pub use signing::{ReleaseSignature, SignatureError, TrustedKey, TrustedKeys};
 pub use spec::{
     CountOrText, Order, RolloutFile, RolloutSpec, ServiceFile, Spread, StrategyFile, Wave, WaveFile,
 };
@@ -103,4 +105,56 @@ pub struct Release {
     /// The archive's `rollwave.toml`, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest: Option<ReleaseManifest>,
+    /// The minisign signature pushed with the artifact (the text of a
+    /// `.minisig` file), which agents with trusted keys verify; the control
+    /// plane only checks that it parses.
+    #[serde(default)]
+    pub signature: Option<String>,
+    /// The id of the key that made `signature`, as minisign prints it.
+    #[serde(default)]
+    pub signed_by: Option<String>,
+}
+
+/// What pushing a release again, as `service@version` already exists, does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Repush {
+    /// Nothing to change: the same bytes, and no signature or one that says
+    /// what the stored one does.
+    Same,
+    /// The same bytes, signed now where they were not before: the stored
+    /// release with the signature added.
+    Sign(Box<Release>),
+    /// Other bytes: releases are immutable.
+    OtherContent,
+    /// The same bytes with a signature that disagrees with the stored one.
+    OtherSignature,
+}
+
+impl Release {
+    /// How a push of `pushed` onto this stored release is answered.
+    pub fn repush(&self, pushed: &Release) -> Repush {
+        if pushed.sha256 != self.sha256 {
+            return Repush::OtherContent;
+        }
+        match (&self.signature, &pushed.signature) {
+            (_, None) => Repush::Same,
+            (None, Some(_)) => Repush::Sign(Box::new(Release {
+                signature: pushed.signature.clone(),
+                signed_by: pushed.signed_by.clone(),
+                ..self.clone()
+            })),
+            (Some(stored), Some(new)) if same_signature(stored, new) => Repush::Same,
+            (Some(_), Some(_)) => Repush::OtherSignature,
+        }
+    }
+}
+
+/// Signing is randomised: the same key signing the same bytes with the same
+/// trusted comment twice gives two texts that vouch for the same thing, so a
+/// retried `release push --sign-key` is not a conflict.
+fn same_signature(a: &str, b: &str) -> bool {
+    match (ReleaseSignature::parse(a), ReleaseSignature::parse(b)) {
+        (Ok(a), Ok(b)) => a.key_id() == b.key_id() && a.trusted_comment() == b.trusted_comment(),
+        _ => a == b,
+    }
 }

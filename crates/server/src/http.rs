@@ -6,16 +6,18 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use rollwave_api::{
     Finalize, FinalizeResponse, PushResponse, RolloutResponse, ServiceSummary, StartRollout,
-    AGENT_CONNECT_PATH,
+    AGENT_CONNECT_PATH, SIGNATURE_HEADER,
 };
 use rollwave_core::{
     parse_version, validate_service_name, ArtifactFormat, AuditEntry, NodeState, NodeView, Release,
-    ReleaseManifest,
+    ReleaseManifest, ReleaseSignature,
 };
 use rollwave_store::PutRelease;
 use serde::Deserialize;
@@ -23,7 +25,7 @@ use serde::Deserialize;
 use crate::audit::AuditNote;
 use crate::auth::Caller;
 use crate::blobs::{discard, UploadError};
-use crate::reconciler::Command;
+use crate::reconciler::{Command, Event};
 use crate::routes::Routes;
 use crate::{events, now_ms, openapi, session, tokens, ui, ApiError, Shared};
 
@@ -358,6 +360,7 @@ struct PushQuery {
         ("service" = String, Path, description = "Service name"),
         ("version" = String, Path, description = "Semantic version, like 2.0.0"),
         ("filename" = Option<String>, Query, description = "The artifact's file name (default: the service name)"),
+        ("rollwave-signature" = Option<String>, Header, description = "The release's minisign signature: the text of its .minisig file (prehashed, as minisign makes by default), base64 encoded. The control plane checks that it parses and stores it; agents with trusted keys verify it over the artifact and require its trusted comment to name `service@version`, as `rollwave release <service>@<version> sha256:<hex>` does. Pushing the same bytes again with a signature signs a release pushed unsigned"),
     ),
     request_body(
         description = "The artifact: a .tar.gz (may hold a rollwave.toml) or an executable (ELF or #! script), streamed to disk",
@@ -365,9 +368,9 @@ struct PushQuery {
     ),
     responses(
         (status = 201, description = "Stored", body = PushResponse),
-        (status = 200, description = "The same content was pushed before (`created` false)", body = PushResponse),
-        (status = 400, description = "Invalid name or version, empty or unrecognised artifact, or invalid rollwave.toml", body = rollwave_api::ErrorBody),
-        (status = 409, description = "The version exists with other content: releases are immutable", body = rollwave_api::ErrorBody),
+        (status = 200, description = "The same content was pushed before (`created` false); `signature_added` when this push signed it", body = PushResponse),
+        (status = 400, description = "Invalid name or version, empty or unrecognised artifact, invalid rollwave.toml, or a signature header that is not a minisign signature", body = rollwave_api::ErrorBody),
+        (status = 409, description = "The version exists with other content, or is signed already and this signature differs (another key or trusted comment): releases are immutable", body = rollwave_api::ErrorBody),
         (status = 413, description = "Artifact above the size limit", body = rollwave_api::ErrorBody),
         (status = 500, description = "Writing the artifact or the store failed", body = rollwave_api::ErrorBody),
     )
@@ -376,9 +379,12 @@ async fn push_release(
     State(shared): State<Arc<Shared>>,
     Path((service, version)): Path<(String, String)>,
     Query(query): Query<PushQuery>,
+    headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
     release_key(&service, &version)?;
+    // Before the upload: a bad header refuses the push without storing a byte.
+    let signature = push_signature(&headers)?;
     let upload = shared
         .blobs
         .receive(body.into_data_stream())
@@ -424,19 +430,30 @@ async fn push_release(
         filename: query.filename.unwrap_or_else(|| service.clone()),
         created_at: now_ms(),
         manifest,
+        signed_by: signature.as_ref().map(|s| s.key_id().to_string()),
+        signature: signature.as_ref().map(|s| s.text().to_string()),
     };
     // The blob is durable before the release that names it.
     shared.blobs.commit(&upload).await?;
     match shared.store.put_release(&release).await? {
         PutRelease::Created(release) => {
-            tracing::info!(service = %service, version = %version, sha256 = %release.sha256, size = release.size, "release pushed");
-            let note = AuditNote(format!("pushed sha256 {}, {} bytes", release.sha256, release.size));
+            tracing::info!(service = %service, version = %version, sha256 = %release.sha256, size = release.size, signed_by = release.signed_by.as_deref().unwrap_or("-"), "release pushed");
+            let signed = release
+                .signed_by
+                .as_ref()
+                .map(|id| format!(", signed by key id {id}"))
+                .unwrap_or_default();
+            let note = AuditNote(format!(
+                "pushed sha256 {}, {} bytes{signed}",
+                release.sha256, release.size
+            ));
             Ok((
                 StatusCode::CREATED,
                 Extension(note),
                 Json(PushResponse {
                     release,
                     created: true,
+                    signature_added: false,
                 }),
             )
                 .into_response())
@@ -444,13 +461,65 @@ async fn push_release(
         PutRelease::Unchanged(release) => Ok(Json(PushResponse {
             release,
             created: false,
+            signature_added: false,
         })
         .into_response()),
+        PutRelease::Signed(release) => {
+            let id = release.signed_by.clone().unwrap_or_default();
+            tracing::info!(service = %service, version = %version, signed_by = %id, "release signed");
+            shared.reconciler.send(Event::ReleaseSigned {
+                service: service.clone(),
+                version: version.clone(),
+            });
+            let note = AuditNote(format!("signed by key id {id}"));
+            Ok((
+                Extension(note),
+                Json(PushResponse {
+                    release,
+                    created: false,
+                    signature_added: true,
+                }),
+            )
+                .into_response())
+        }
         PutRelease::Conflict(existing) => Err(ApiError::conflict(format!(
             "release {service}@{version} already exists with sha256 {}, this upload has sha256 {}: releases are immutable, push a new version",
             existing.sha256, upload.sha256
         ))),
+        PutRelease::SignatureConflict(existing) => Err(ApiError::conflict(format!(
+            "release {service}@{version} is already signed by key id {}{}, this signature is by key id {}{}: releases are immutable, push a new version",
+            existing.signed_by.as_deref().unwrap_or("?"),
+            existing.signature.as_deref().map(signed_comment).unwrap_or_default(),
+            release.signed_by.as_deref().unwrap_or("?"),
+            release.signature.as_deref().map(signed_comment).unwrap_or_default(),
+        ))),
     }
+}
+
+/// The signature of a push, from its header, parsed; none without the header.
+fn push_signature(headers: &HeaderMap) -> ApiResult<Option<ReleaseSignature>> {
+    let Some(value) = headers.get(SIGNATURE_HEADER) else {
+        return Ok(None);
+    };
+    let bad = |why: String| ApiError::bad_request(format!("{SIGNATURE_HEADER} header: {why}"));
+    let encoded = value
+        .to_str()
+        .map_err(|_| bad("not ASCII; it holds the .minisig text base64 encoded".into()))?;
+    let bytes = BASE64
+        .decode(encoded.trim())
+        .map_err(|e| bad(format!("not base64: {}", e.to_string().to_lowercase())))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| bad("the decoded signature is not UTF-8 text".into()))?;
+    ReleaseSignature::parse(&text)
+        .map(Some)
+        .map_err(|e| bad(e.to_string()))
+}
+
+/// ` ("<trusted comment>")` of a stored signature, for a conflict message.
+fn signed_comment(text: &str) -> String {
+    ReleaseSignature::parse(text)
+        .map(|s| format!(" ({:?})", s.trusted_comment()))
+        .unwrap_or_default()
 }
 
 /// Reads and validates the archive's `rollwave.toml`: a release whose
@@ -682,4 +751,54 @@ async fn rollout_command(
         rollout,
         dependents: Vec::new(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(SIGNATURE_HEADER, value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn a_push_signature_is_read_from_its_header_or_refused_naming_it() {
+        assert!(push_signature(&HeaderMap::new()).unwrap().is_none());
+
+        let minisign::KeyPair { pk, sk } =
+            minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+        let text = minisign::sign(
+            Some(&pk),
+            &sk,
+            &b"bytes"[..],
+            Some("rollwave release api@2.0.0"),
+            None,
+        )
+        .unwrap()
+        .into_string();
+        let crlf = text.replace('\n', "\r\n");
+        let sig = push_signature(&header(&BASE64.encode(&crlf)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(sig.text(), text, "stored as minisign writes it");
+        assert!(pk.to_box().unwrap().into_string().contains(sig.key_id()));
+
+        for (value, want) in [
+            ("%%%", "rollwave-signature header: not base64"),
+            (
+                &BASE64.encode([0xff, 0xfe]),
+                "rollwave-signature header: the decoded signature is not UTF-8 text",
+            ),
+            (
+                &BASE64.encode(text.replace("\ntrusted comment: ", "\ncomment: ")),
+                "rollwave-signature header: signature is not a minisign signature: line 3 must start with \"trusted comment: \"",
+            ),
+        ] {
+            let err = push_signature(&header(value)).unwrap_err();
+            assert_eq!(err.code, rollwave_api::ErrorCode::BadRequest);
+            assert!(err.message.starts_with(want), "{}", err.message);
+        }
+    }
 }

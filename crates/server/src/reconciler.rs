@@ -92,6 +92,12 @@ pub enum Event {
         file: RolloutFile,
         reply: oneshot::Sender<Result<Vec<Rollout>, ApiError>>,
     },
+    /// A release pushed unsigned was signed: the one change a stored
+    /// release can undergo, so tasks sent from now on carry the signature.
+    ReleaseSigned {
+        service: String,
+        version: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -220,6 +226,9 @@ impl Reconciler {
         let now = now_ms();
         match event {
             Event::Kick => {}
+            Event::ReleaseSigned { service, version } => {
+                self.releases.remove(&(service, version));
+            }
             Event::AgentConnected(node) => {
                 let mut tasks: Vec<(u64, TaskRef)> = self
                     .active
@@ -803,6 +812,7 @@ impl Reconciler {
                     sha256: release.sha256.clone(),
                     size: release.size,
                     format: release.format,
+                    signature: release.signature.clone(),
                 };
                 let version = r.spec.version.clone();
                 if task.kind == TaskKind::Stage {

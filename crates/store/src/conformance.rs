@@ -165,6 +165,8 @@ pub fn release(service: &str, version: &str, sha256: &str, created_at: Timestamp
         filename: format!("{service}-{version}.tar.gz"),
         created_at,
         manifest: None,
+        signature: None,
+        signed_by: None,
     }
 }
 
@@ -242,6 +244,52 @@ async fn releases(store: &dyn Store) {
         store.get_release("api", "2.0.0").await.unwrap(),
         Some(api2.clone()),
         "a conflicting push stores nothing"
+    );
+
+    // A signature may be added to the same content once; a push without
+    // one keeps it; another one is refused. (Real signatures are compared by
+    // key and trusted comment, in core; these stand-ins by their text.)
+    let signed = |sig: &str| Release {
+        signature: Some(sig.to_string()),
+        signed_by: Some("0123456789ABCDEF".to_string()),
+        ..release("api", "2.0.0", "aaaa", 900)
+    };
+    let api2 = Release {
+        signature: Some("sig-a".into()),
+        signed_by: Some("0123456789ABCDEF".into()),
+        ..api2
+    };
+    assert_eq!(
+        store.put_release(&signed("sig-a")).await.unwrap(),
+        PutRelease::Signed(api2.clone())
+    );
+    assert_eq!(
+        store.get_release("api", "2.0.0").await.unwrap(),
+        Some(api2.clone()),
+        "the signature is stored, the rest of the record kept"
+    );
+    for push in [signed("sig-a"), again] {
+        assert_eq!(
+            store.put_release(&push).await.unwrap(),
+            PutRelease::Unchanged(api2.clone())
+        );
+    }
+    assert_eq!(
+        store.put_release(&signed("sig-b")).await.unwrap(),
+        PutRelease::SignatureConflict(api2.clone())
+    );
+    let other_content = Release {
+        sha256: "bbbb".into(),
+        ..signed("sig-a")
+    };
+    assert_eq!(
+        store.put_release(&other_content).await.unwrap(),
+        PutRelease::Conflict(api2.clone())
+    );
+    assert_eq!(
+        store.get_release("api", "2.0.0").await.unwrap(),
+        Some(api2.clone()),
+        "a refused signature stores nothing"
     );
 
     // Created out of order, across services, to check the listing order.

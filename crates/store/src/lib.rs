@@ -38,6 +38,11 @@ pub enum PutRelease {
     Unchanged(Release),
     /// The same service@version exists with different content; nothing stored.
     Conflict(Release),
+    /// The same content, stored unsigned, now carries the pushed signature.
+    Signed(Release),
+    /// The same content, stored with a signature the pushed one disagrees
+    /// with; nothing stored.
+    SignatureConflict(Release),
 }
 
 #[async_trait]

@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rollwave_core::{ActiveVersion, AuditEntry, NodeView, Release, Rollout, TokenRecord};
+use rollwave_core::{ActiveVersion, AuditEntry, NodeView, Release, Repush, Rollout, TokenRecord};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::{PutRelease, Result, Store, StoreError};
@@ -281,21 +281,30 @@ impl Store for SqliteStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(self.backend(format_args!("starting to store {key}")))?;
-        let existing: Option<(String, String)> = tx
+        let existing: Option<String> = tx
             .query_row(
-                "SELECT sha256, json FROM releases WHERE service = ?1 AND version = ?2",
+                "SELECT json FROM releases WHERE service = ?1 AND version = ?2",
                 params![release.service, release.version],
-                |row| Ok((row.get(0)?, row.get(1)?)),
+                |row| row.get(0),
             )
             .optional()
             .map_err(self.backend(format_args!("reading {key}")))?;
         let outcome = match existing {
-            Some((sha256, json)) => {
+            Some(json) => {
                 let existing = decode_release(&release.service, &release.version, &json)?;
-                if sha256 == release.sha256 {
-                    PutRelease::Unchanged(existing)
-                } else {
-                    PutRelease::Conflict(existing)
+                match existing.repush(release) {
+                    Repush::Same => PutRelease::Unchanged(existing),
+                    Repush::OtherContent => PutRelease::Conflict(existing),
+                    Repush::OtherSignature => PutRelease::SignatureConflict(existing),
+                    Repush::Sign(signed) => {
+                        let json = encode(&key, &signed)?;
+                        tx.execute(
+                            "UPDATE releases SET json = ?3 WHERE service = ?1 AND version = ?2",
+                            params![release.service, release.version, json],
+                        )
+                        .map_err(self.backend(format_args!("signing {key}")))?;
+                        PutRelease::Signed(*signed)
+                    }
                 }
             }
             None => {

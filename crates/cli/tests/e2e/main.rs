@@ -18,6 +18,7 @@ mod metrics;
 mod migrations;
 mod openapi;
 mod rollouts;
+mod signing;
 mod strategies;
 mod tls;
 mod trust;
