@@ -293,7 +293,7 @@ async fn a_push_with_a_malformed_signature_is_refused_naming_the_problem() {
     let file = artifact(&fleet, "2.0.0");
     let bytes = std::fs::read(&file).unwrap();
     let url = format!("{}/v1/releases/{SERVICE}/2.0.0", fleet.url());
-    let client = reqwest::Client::new();
+    let client = fleet.http();
     for (header, want) in [
         ("!!!".to_string(), "rollwave-signature header: not base64"),
         (
