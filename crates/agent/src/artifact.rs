@@ -266,6 +266,22 @@ pub fn stage(
     stage_with_limits(file, format, exec_name, dest, Limits::DEFAULT)
 }
 
+/// [`stage`] of a tar.gz with smaller limits, for the fuzz targets in
+/// `fuzz/`: at the real limits one input can make a run write gigabytes.
+#[doc(hidden)]
+pub fn stage_tar_gz_with_limits(
+    file: &Path,
+    dest: &Path,
+    max_bytes: u64,
+    max_entries: u64,
+) -> Result<(), ArtifactError> {
+    let limits = Limits {
+        max_bytes,
+        max_entries,
+    };
+    stage_with_limits(file, ArtifactFormat::TarGz, "", dest, limits)
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Limits {
     max_bytes: u64,
