@@ -244,10 +244,13 @@ pub fn hash_secret(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
+/// Long enough for `agent@` and the longest node name.
+pub const MAX_TOKEN_NAME: usize = 160;
+
 /// Token names: shown in the audit trail and typed on command lines.
 pub fn validate_token_name(field: &str, s: &str) -> Result<(), SpecError> {
     let ok = !s.is_empty()
-        && s.len() <= 64
+        && s.len() <= MAX_TOKEN_NAME
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
     if ok {
@@ -255,7 +258,7 @@ pub fn validate_token_name(field: &str, s: &str) -> Result<(), SpecError> {
     } else {
         Err(SpecError::new(
             field,
-            format!("{s:?} is not a token name: use 1-64 characters of a-z, A-Z, 0-9, '-', '_', '.', '@'"),
+            format!("{s:?} is not a token name: use 1-{MAX_TOKEN_NAME} characters of a-z, A-Z, 0-9, '-', '_', '.', '@'"),
         ))
     }
 }
@@ -325,6 +328,10 @@ mod tests {
     #[test]
     fn names_and_roles_are_checked() {
         assert!(validate_token_name("name", "ci-bot@team").is_ok());
+        // Every node's credential is named after it.
+        let longest_node = "n".repeat(128);
+        assert!(validate_token_name("name", &format!("agent@{longest_node}")).is_ok());
+        assert!(validate_token_name("name", &"n".repeat(MAX_TOKEN_NAME + 1)).is_err());
         let e = validate_token_name("name", "a b").unwrap_err().to_string();
         assert!(e.starts_with("name: "), "{e}");
         let e = Role::parse("role", "root").unwrap_err().to_string();
