@@ -5,6 +5,14 @@ use crate::SpecError;
 /// A duration as written by users (`"10s"`, `"1m30s"`), kept in milliseconds.
 pub type Span = u64;
 
+/// A year as humantime counts it (365.25 days), so that `100y` is allowed.
+const YEAR: Span = 31_557_600_000;
+
+/// Longer than any real deadline or timeout, and far enough below
+/// `u64::MAX` milliseconds that adding a duration to a timestamp, as the
+/// planner does with every deadline, cannot overflow.
+const MAX_SPAN: Span = 100 * YEAR;
+
 /// Parses a human duration such as `500ms`, `10s`, `1m30s` or `2h`.
 pub fn parse_duration(field: &str, s: &str) -> Result<Span, SpecError> {
     let d = humantime::parse_duration(s.trim()).map_err(|e| {
@@ -14,7 +22,14 @@ pub fn parse_duration(field: &str, s: &str) -> Result<Span, SpecError> {
         )
     })?;
     u64::try_from(d.as_millis())
-        .map_err(|_| SpecError::new(field, format!("{s:?} is too long a duration")))
+        .ok()
+        .filter(|&ms| ms <= MAX_SPAN)
+        .ok_or_else(|| {
+            SpecError::new(
+                field,
+                format!("{s:?} is too long a duration (at most 100 years)"),
+            )
+        })
 }
 
 /// Formats milliseconds the way users write them (`1m 30s`).
@@ -67,5 +82,18 @@ mod tests {
         );
         assert!(parse_duration("f", "").is_err());
         assert!(parse_duration("f", "-3s").is_err());
+    }
+
+    /// These fit in a u64 of milliseconds, but the planner's
+    /// `last_progress_at + progress_deadline` overflowed on them: a panic
+    /// in debug builds, a deadline already past in release builds.
+    #[test]
+    fn refuses_durations_a_timestamp_cannot_add() {
+        assert_eq!(parse_duration("f", "100y"), Ok(100 * YEAR));
+        for long in ["100y 1ms", "36600d", "584542046y"] {
+            let err = parse_duration("strategy.progress_deadline", long).unwrap_err();
+            assert_eq!(err.field, "strategy.progress_deadline");
+            assert!(err.message.contains("too long a duration"), "{err}");
+        }
     }
 }
