@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs every fuzz target for SECONDS_PER_TARGET (default 300), one after the
-# other in a single process each, and prints per target the executions and
-# any crash. Not part of CI: a run takes minutes per target and needs the
-# nightly toolchain.
+# Runs every fuzz target (or the TARGETs named) for SECONDS_PER_TARGET
+# (default 300), one after the other in a single process each, and prints
+# per target the executions and any crash. Not part of CI: a run takes
+# minutes per target and needs the nightly toolchain.
 #
 # New inputs go to target/corpus/<target> (not committed); the committed,
 # minimised seeds in corpus/<target> are read, never written. Crashes land in
@@ -12,7 +12,7 @@ cd "$(dirname "$0")"
 
 seconds=${1:-300}
 if ! [[ $seconds =~ ^[0-9]+$ ]] || [ "$seconds" -eq 0 ]; then
-  echo "usage: $0 [SECONDS_PER_TARGET]" >&2
+  echo "usage: $0 [SECONDS_PER_TARGET [TARGET...]]" >&2
   exit 2
 fi
 
@@ -20,11 +20,14 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked || exit 1
 fi
 cargo +nightly fuzz build || exit 1
+shift $(($# > 0 ? 1 : 0))
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo +nightly fuzz list)
 
 mkdir -p target/logs
 summary=()
 failed=0
-for t in $(cargo +nightly fuzz list); do
+for t in "${targets[@]}"; do
   mkdir -p "target/corpus/$t" "corpus/$t"
   log="target/logs/$t.log"
   echo "== $t: ${seconds}s (log: fuzz/$log)"

@@ -21,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
     for hook in hooks.chain(&manifest.pre_node).chain(&manifest.post_node) {
         assert!(hook.timeout > 0, "{hook:?}");
         if let HookAction::Exec { command } = &hook.action {
-            assert!(command.first().is_some_and(|p| !p.trim().is_empty()), "{hook:?}");
+            assert!(
+                command.first().is_some_and(|p| !p.trim().is_empty()),
+                "{hook:?}"
+            );
         }
     }
     let json = serde_json::to_string(&manifest).expect("a manifest serializes");

@@ -122,7 +122,10 @@ fn fleet() -> &'static Fleet {
             let labels: BTreeMap<String, String> = [
                 ("rack", format!("r{}", i % 3 + 1)),
                 ("zone", ["a", "b"][i as usize % 2].to_string()),
-                ("region", ["eu-1", "us-1", "ap-1"][i as usize % 3].to_string()),
+                (
+                    "region",
+                    ["eu-1", "us-1", "ap-1"][i as usize % 3].to_string(),
+                ),
                 ("tier", "web".to_string()),
             ]
             .into_iter()

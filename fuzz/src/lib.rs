@@ -10,14 +10,14 @@ use std::path::{Component, Path, PathBuf};
 use flate2::read::GzDecoder;
 use rollwave_agent::artifact::stage_tar_gz_with_limits;
 
-/// Small enough that no input makes a run slow, large enough that files of
-/// a few KiB (all libFuzzer's inputs can hold) fit.
+/// Small enough that inputs of a few KiB can reach them (the gzip of many
+/// repeated headers is small), large enough for any file such an input holds.
 pub const MAX_BYTES: u64 = 1 << 20;
 pub const MAX_ENTRIES: u64 = 256;
 
 /// Directories between the scratch root and the releases directory: an
-/// entry that climbs out of the release by up to this many levels lands in
-/// one of them, where the checks below see it.
+/// entry that climbs out of the release by up to four levels lands in one of
+/// them or in the root, where the checks below see it.
 const NESTING: [&str; 3] = ["l1", "l2", "l3"];
 const ARCHIVE: &str = "artifact.tar.gz";
 const RELEASE: &str = "1.0.0";
@@ -53,10 +53,19 @@ pub fn stage_and_check(gz: &[u8]) {
 
     let result = stage_tar_gz_with_limits(&root.join(ARCHIVE), &dest, MAX_BYTES, MAX_ENTRIES);
 
-    assert_eq!(names(root), [ARCHIVE, NESTING[0]], "something was written beside the archive");
+    assert_eq!(
+        names(root),
+        [ARCHIVE, NESTING[0]],
+        "something was written beside the archive"
+    );
     let mut dir = root.join(NESTING[0]);
     for next in &NESTING[1..] {
-        assert_eq!(names(&dir), [*next], "something was written in {}", dir.display());
+        assert_eq!(
+            names(&dir),
+            [*next],
+            "something was written in {}",
+            dir.display()
+        );
         dir.push(next);
     }
     match result {
@@ -106,7 +115,12 @@ fn check_tree(dest: &Path) {
                 stack.push(path);
             } else if kind.is_symlink() {
                 let target = fs::read_link(&path).expect("reading a link");
-                assert!(target.is_relative(), "{} -> {}", path.display(), target.display());
+                assert!(
+                    target.is_relative(),
+                    "{} -> {}",
+                    path.display(),
+                    target.display()
+                );
                 // The link's own directory is real (nothing is written
                 // through a link), so resolving from it lexically is what
                 // the kernel does for the link's leading `..`.
@@ -183,11 +197,13 @@ fn check_contents(gz: &[u8], dest: &Path) {
                 assert!(at.is_dir(), "entry {shown} is not a directory");
             }
             tar::EntryType::Symlink => {
-                let meta = fs::symlink_metadata(&at).unwrap_or_else(|e| panic!("entry {shown}: {e}"));
+                let meta =
+                    fs::symlink_metadata(&at).unwrap_or_else(|e| panic!("entry {shown}: {e}"));
                 assert!(meta.file_type().is_symlink(), "entry {shown} is not a link");
             }
             tar::EntryType::Link => {
-                let meta = fs::symlink_metadata(&at).unwrap_or_else(|e| panic!("entry {shown}: {e}"));
+                let meta =
+                    fs::symlink_metadata(&at).unwrap_or_else(|e| panic!("entry {shown}: {e}"));
                 assert!(meta.is_file(), "entry {shown} is not a file");
             }
             _ => {}
