@@ -172,18 +172,8 @@ impl Fleet {
         // One join token for the whole fleet, as an operator would make
         // for a batch of machines; each agent trades it for its own
         // credential.
-        let join: rollwave_api::CreatedToken = fleet
-            .api()?
-            .post(
-                "/v1/tokens",
-                &rollwave_api::CreateToken {
-                    name: "fleet-join".into(),
-                    role: rollwave_core::Role::Join,
-                    ttl: Some("1h".into()),
-                    uses: None,
-                    node: None,
-                },
-            )
+        let join = fleet
+            .create_token("fleet-join", rollwave_core::Role::Join, Some("1h"))
             .await
             .context("creating the fleet's join token")?;
         for i in 1..=spec.nodes {
@@ -236,6 +226,23 @@ impl Fleet {
     pub fn api(&self) -> anyhow::Result<ApiClient> {
         Ok(ApiClient::new(&self.url(), &self.client_tls())?
             .with_token(Some(self.admin_token.clone())))
+    }
+
+    /// A token made by the admin, as `rollwave token create` makes one.
+    pub async fn create_token(
+        &self,
+        name: &str,
+        role: rollwave_core::Role,
+        ttl: Option<&str>,
+    ) -> anyhow::Result<rollwave_api::CreatedToken> {
+        let req = rollwave_api::CreateToken {
+            name: name.into(),
+            role,
+            ttl: ttl.map(str::to_string),
+            uses: None,
+            node: None,
+        };
+        self.api()?.post("/v1/tokens", &req).await
     }
 
     /// A plain HTTP client that sends the admin token with every request.

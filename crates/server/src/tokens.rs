@@ -87,19 +87,8 @@ pub async fn create(
         )
         .await?;
     let view = TokenView::from(&issued.record);
-    let note = AuditNote(format!(
-        "created {} token {} (id {})",
-        view.role, view.name, view.id
-    ));
-    Ok((
-        StatusCode::CREATED,
-        Extension(note),
-        Json(CreatedToken {
-            token: issued.token,
-            view,
-        }),
-    )
-        .into_response())
+    let note = format!("created {} token {} (id {})", view.role, view.name, view.id);
+    Ok(created(issued, note))
 }
 
 #[utoipa::path(
@@ -173,18 +162,23 @@ pub async fn enroll(
         .enroll(shared.store.as_ref(), &caller.token_id, &req.node)
         .await?;
     tracing::info!(node = %req.node, join_token = %caller.name, "agent enrolled");
-    let view = TokenView::from(&issued.record);
-    let note = AuditNote(format!(
+    let note = format!(
         "enrolled node {} (credential id {})",
-        req.node, view.id
-    ));
-    Ok((
+        req.node, issued.record.id
+    );
+    Ok(created(issued, note))
+}
+
+/// 201 with the new token, shown this once, and what the audit trail says.
+fn created(issued: crate::auth::Issued, note: String) -> Response {
+    let view = TokenView::from(&issued.record);
+    (
         StatusCode::CREATED,
-        Extension(note),
+        Extension(AuditNote(note)),
         Json(CreatedToken {
             token: issued.token,
             view,
         }),
     )
-        .into_response())
+        .into_response()
 }

@@ -144,17 +144,8 @@ async fn the_dashboard_follows_a_rollout_live_and_pauses_and_resumes_it() {
     let browser = driver.browser().await;
 
     // An operator's token, as an admin would hand one out.
-    let operator: rollwave_api::CreatedToken = api
-        .post(
-            "/v1/tokens",
-            &rollwave_api::CreateToken {
-                name: "dashboard-user".into(),
-                role: rollwave_core::Role::Operator,
-                ttl: Some("1h".into()),
-                uses: None,
-                node: None,
-            },
-        )
+    let operator = fleet
+        .create_token("dashboard-user", rollwave_core::Role::Operator, Some("1h"))
         .await
         .unwrap();
     browser

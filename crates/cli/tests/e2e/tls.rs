@@ -195,19 +195,8 @@ async fn an_agent_with_a_wrong_pin_never_registers() {
     let ca = ca_file(&fleet);
     let pin = fleet.certs.as_ref().unwrap().pin.to_string();
     let dir = tempfile::tempdir().unwrap();
-    let join: rollwave_api::CreatedToken = fleet
-        .api()
-        .unwrap()
-        .post(
-            "/v1/tokens",
-            &rollwave_api::CreateToken {
-                name: "pins".into(),
-                role: rollwave_core::Role::Join,
-                ttl: None,
-                uses: None,
-                node: None,
-            },
-        )
+    let join = fleet
+        .create_token("pins", rollwave_core::Role::Join, None)
         .await
         .unwrap();
 

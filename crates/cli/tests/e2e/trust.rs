@@ -9,9 +9,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use rollwave::fleet::Fleet;
-use rollwave_api::{
-    AgentMessage, CreateToken, CreatedToken, ServerMessage, AGENT_CONNECT_PATH, AGENT_PROTOCOL,
-};
+use rollwave_api::{AgentMessage, CreatedToken, ServerMessage, AGENT_CONNECT_PATH, AGENT_PROTOCOL};
 use rollwave_core::{AuditEntry, Release, Role, Rollout, TokenView};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -20,21 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::harness::*;
 
 async fn token(fleet: &Fleet, name: &str, role: Role, ttl: Option<&str>) -> CreatedToken {
-    fleet
-        .api()
-        .unwrap()
-        .post(
-            "/v1/tokens",
-            &CreateToken {
-                name: name.into(),
-                role,
-                ttl: ttl.map(str::to_string),
-                uses: None,
-                node: None,
-            },
-        )
-        .await
-        .unwrap()
+    fleet.create_token(name, role, ttl).await.unwrap()
 }
 
 /// Sends `req` and returns its status and JSON body.
