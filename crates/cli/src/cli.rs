@@ -16,18 +16,26 @@ pub struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = "Global options",
         env = "ROLLWAVE_SERVER",
         default_value = "https://127.0.0.1:7700"
     )]
     pub server: String,
     /// API token for client commands (prefer ROLLWAVE_TOKEN_FILE: a token
     /// on a command line is visible to other users of the machine).
-    #[arg(long, global = true, env = "ROLLWAVE_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "ROLLWAVE_TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
     /// A file holding the API token, like the server's admin.token.
     #[arg(
         long,
         global = true,
+        help_heading = "Global options",
         env = "ROLLWAVE_TOKEN_FILE",
         conflicts_with = "token"
     )]
@@ -35,14 +43,28 @@ pub struct Cli {
     /// Trust only the CA certificates in this PEM file for the control
     /// plane's certificate (e.g. the ca.pem of `rollwave certs init`),
     /// instead of the usual web roots.
-    #[arg(long, global = true, env = "ROLLWAVE_CA_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "ROLLWAVE_CA_FILE",
+        value_name = "FILE"
+    )]
     pub ca_file: Option<PathBuf>,
     /// Also require the control plane's certificate to be this one:
     /// `sha256:` and the hex SHA-256 of the certificate (DER), as `rollwave
     /// certs init` prints it.
-    #[arg(long, global = true, env = "ROLLWAVE_PIN", value_name = "sha256:HEX")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "ROLLWAVE_PIN",
+        value_name = "sha256:HEX"
+    )]
     pub pin: Option<rollwave_tls::Pin>,
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    /// How rollwave's own log lines (on stderr) are written.
+    #[arg(long, global = true,
+        help_heading = "Global options", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -354,6 +376,7 @@ pub struct StartArgs {
     /// Wait for the end; exit non-zero unless every node is on the target version.
     #[arg(long)]
     pub wait: bool,
+    /// Print the rollout as JSON (with --wait, as it ended).
     #[arg(long)]
     pub json: bool,
 }

@@ -99,6 +99,9 @@ impl Drop for Haproxy {
     }
 }
 
+/// No retries and no redispatch: a request HAProxy sends to a stopped
+/// server fails instead of being quietly sent elsewhere, so only the drain
+/// keeps the count of failed requests at zero.
 fn start_haproxy(dir: &Path, socket: &Path, fleet: &Fleet) -> Haproxy {
     let port = free_port().unwrap();
     let servers: String = fleet
@@ -114,7 +117,7 @@ fn start_haproxy(dir: &Path, socket: &Path, fleet: &Fleet) -> Haproxy {
     let cfg = format!(
         "global\n    stats socket {} mode 600 level admin\n\
          defaults\n    mode http\n    timeout connect 1s\n    timeout client 10s\n    timeout server 10s\n    \
-         retries 3\n    option redispatch\n    option http-server-close\n\
+         retries 0\n    option http-server-close\n\
          frontend web\n    bind 127.0.0.1:{port}\n    default_backend api\n\
          backend api\n    balance roundrobin\n{servers}",
         socket.display()
