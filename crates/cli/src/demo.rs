@@ -283,8 +283,9 @@ fn print_summary(s: &Summary, errors: &[String]) {
     {
         match o {
             Some(o) => println!(
-                "  wave {}:           {w:.2}s (orchestration overhead {o:.2}s)",
-                i + 1
+                "  wave {}:           {w:.2}s (orchestration overhead {:.0} ms)",
+                i + 1,
+                o * 1000.0
             ),
             None => println!(
                 "  wave {}:           {w:.2}s (not every node upgraded)",
@@ -294,7 +295,8 @@ fn print_summary(s: &Summary, errors: &[String]) {
     }
     if let Some(start) = s.service_start_s {
         println!(
-            "  per node:         service start {start:.2}s + min_healthy_time {:.1}s",
+            "  per node:         service start {:.0} ms + min_healthy_time {:.1}s",
+            start * 1000.0,
             s.min_healthy_time_s
         );
     }
