@@ -224,6 +224,23 @@ async fn release(api: ApiClient, cmd: ReleaseCommand) -> anyhow::Result<ExitCode
             parse_version("version", &version).map_err(|e| user_error(e.to_string()))?;
             let bytes = std::fs::read(&file)
                 .map_err(|e| user_error(format!("reading release file {}: {e}", file.display())))?;
+            // The control plane checks this too; checked here first, a wrong
+            // file is named and never uploaded.
+            if bytes.is_empty() {
+                return Err(user_error(format!(
+                    "release file {} is empty",
+                    file.display()
+                )));
+            }
+            if !(bytes.starts_with(&[0x1f, 0x8b])
+                || bytes.starts_with(b"\x7fELF")
+                || bytes.starts_with(b"#!"))
+            {
+                return Err(user_error(format!(
+                    "release file {}: neither a .tar.gz nor an executable (ELF binary or #! script)",
+                    file.display()
+                )));
+            }
             let signature = match (&sign_key, &signature) {
                 (Some(key), _) => Some(keys::sign(key, &bytes, &service, &version)?),
                 (None, Some(path)) => Some(keys::read_signature(path, &service, &version)?),

@@ -16,9 +16,13 @@ const MAX_SPAN: Span = 100 * YEAR;
 /// Parses a human duration such as `500ms`, `10s`, `1m30s` or `2h`.
 pub fn parse_duration(field: &str, s: &str) -> Result<Span, SpecError> {
     let d = humantime::parse_duration(s.trim()).map_err(|e| {
+        // humantime lists every unit it knows after the reason; the example
+        // in front says enough.
+        let e = e.to_string();
+        let why = e.split(", supported units").next().unwrap_or(&e);
         SpecError::new(
             field,
-            format!("{s:?} is not a duration (like 500ms, 10s, 5m, 1h): {e}"),
+            format!("{s:?} is not a duration (like 500ms, 10s, 5m, 1h): {why}"),
         )
     })?;
     u64::try_from(d.as_millis())
@@ -77,7 +81,9 @@ mod tests {
         let err = parse_duration("strategy.min_healthy_time", "5 parsecs").unwrap_err();
         assert_eq!(err.field, "strategy.min_healthy_time");
         assert!(
-            err.to_string().contains("\"5 parsecs\" is not a duration"),
+            err.to_string().ends_with(
+                "\"5 parsecs\" is not a duration (like 500ms, 10s, 5m, 1h): unknown time unit \"parsecs\""
+            ),
             "{err}"
         );
         assert!(parse_duration("f", "").is_err());

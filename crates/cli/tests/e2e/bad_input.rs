@@ -139,7 +139,10 @@ async fn releases_are_immutable_and_validated() {
         &fleet,
         &["release", "push", "tool", "1.0.1", junk.to_str().unwrap()],
     );
-    assert_bad(&out, "neither a .tar.gz nor an executable");
+    assert_bad(
+        &out,
+        &format!("{}: neither a .tar.gz nor an executable", junk.display()),
+    );
     let out = cli(
         &fleet,
         &["release", "push", "../etc", "1.0.1", a.to_str().unwrap()],
@@ -171,6 +174,7 @@ async fn api_answers_json_errors_with_status_codes() {
         (http.get(format!("{url}/v1/releases/api/9.0.0")), 404, "not_found"),
         (http.get(format!("{url}/v1/releases/api/9.0.0/artifact")), 404, "not_found"),
         (http.post(format!("{url}/v1/releases/api/1.0.0")).body(""), 400, "bad_request"),
+        (http.post(format!("{url}/v1/releases/api/3.0.0")).body("plain text"), 400, "bad_request"),
         (http.get(format!("{url}/v1/nope")), 404, "not_found"),
         (http.post(format!("{url}/v1/rollouts/1/pause")), 409, "conflict"),
     ];
