@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use rollwave_api::NodeView;
 
@@ -308,6 +308,15 @@ impl Fleet {
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(child) = self.nodes[i].agent.take() {
             kill_group(child);
+        }
+    }
+
+    /// Sends `signal` to an agent alone, not its services: SIGSTOP makes it
+    /// fall silent as if cut off by a partition (its connection stays open,
+    /// nothing answers), SIGCONT brings it back.
+    pub fn signal_agent(&self, i: usize, signal: Signal) {
+        if let Some(child) = &self.nodes[i].agent {
+            let _ = kill(Pid::from_raw(child.id() as i32), signal);
         }
     }
 

@@ -16,6 +16,23 @@ pub fn unavailable_count(r: &Rollout, fleet: &Fleet) -> usize {
         .count()
 }
 
+/// The nodes `unavailable_count` counts, each with why (`node-2 offline`),
+/// for messages.
+pub fn unavailable_nodes(r: &Rollout, fleet: &Fleet) -> Vec<String> {
+    join_by_name(fleet, &r.nodes)
+        .filter_map(|(name, n, view)| {
+            let why = match view {
+                _ if n.state.in_flight() => "in flight",
+                None => "unknown",
+                Some(v) if !v.online => "offline",
+                Some(v) if !v.available(&r.spec.service) => "unhealthy",
+                Some(_) => return None,
+            };
+            Some(format!("{name} {why}"))
+        })
+        .collect()
+}
+
 /// Every selected node appears in exactly one batch, and nothing else does.
 pub fn planned_once<'a>(
     batches: &[Vec<String>],

@@ -2,6 +2,7 @@
 //! what happens next. See `crates/core/PLANNER.md` for the rules.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt::Write as _;
 
 use crate::fleet::join_by_name;
 use crate::invariants::{self, unavailable_count};
@@ -761,6 +762,7 @@ fn run_current_batch(
         ));
     }
     let held = waits.len();
+    let down = invariants::unavailable_nodes(r, fleet);
     let mut waits: Vec<String> = waits
         .into_iter()
         .take(MAX_WAITS_SHOWN)
@@ -769,7 +771,7 @@ fn run_current_batch(
                 let hold = h
                     .hold(&limits, unavailable, healthy, &busy)
                     .expect("a held node stays held as the step starts others");
-                h.reason(&limits, hold)
+                h.reason(&limits, hold, &down)
             }
             Wait::Offline(name) => format!("{name} is offline"),
         })
@@ -855,13 +857,20 @@ impl Held<'_> {
         None
     }
 
-    fn reason(&self, l: &Limits, hold: Hold) -> String {
+    /// `down`: the unavailable nodes, named when the budget holds this one.
+    fn reason(&self, l: &Limits, hold: Hold, down: &[String]) -> String {
         let name = &self.name;
         match hold {
-            Hold::Budget(unavailable) => format!(
-                "{name} waits: {unavailable} of at most {} nodes unavailable",
-                l.budget
-            ),
+            Hold::Budget(unavailable) => {
+                let mut named = down[..down.len().min(MAX_WAITS_SHOWN)].join(", ");
+                if down.len() > MAX_WAITS_SHOWN {
+                    let _ = write!(named, ", and {} more", down.len() - MAX_WAITS_SHOWN);
+                }
+                format!(
+                    "{name} waits: {unavailable} of at most {} nodes unavailable ({named})",
+                    l.budget
+                )
+            }
             Hold::Floor(healthy) => format!(
                 "{name} waits: {healthy} nodes of {} are healthy fleet-wide and min_healthy is {}",
                 l.service, l.min_healthy

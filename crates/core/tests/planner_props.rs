@@ -1531,7 +1531,7 @@ fn an_unhealthy_node_goes_first_and_costs_no_budget() {
     assert_eq!(dispatched(&d), vec![("n3", TaskKind::Upgrade)]);
     let waiting = d.rollout.waiting.as_deref().unwrap();
     assert!(
-        waiting.contains("n1 waits: 1 of at most 1 nodes unavailable"),
+        waiting.contains("n1 waits: 1 of at most 1 nodes unavailable (n3 in flight)"),
         "{waiting}"
     );
 }
@@ -1559,7 +1559,7 @@ fn an_offline_node_counts_against_the_budget_then_becomes_unreachable() {
     assert!(d.dispatch.is_empty());
     assert_eq!(
         d.rollout.waiting.as_deref(),
-        Some("wave 1: n1 waits: 1 of at most 1 nodes unavailable")
+        Some("wave 1: n1 waits: 1 of at most 1 nodes unavailable (n2 offline)")
     );
     assert_eq!(d.next_wakeup, Some(T0 + 5 * 60 * SEC));
     let d = step(&d.rollout, &fleet, T0 + 5 * 60 * SEC);

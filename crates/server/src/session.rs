@@ -197,6 +197,9 @@ async fn serve(shared: Arc<Shared>, caller: Caller, socket: WebSocket) -> anyhow
 
     let mut ping = tokio::time::interval(PING_EVERY);
     let mut last_heard = tokio::time::Instant::now();
+    // Wall-clock twin of last_heard: a silent agent was last seen when it
+    // last spoke, not when the silence was noticed.
+    let mut last_heard_ms = now_ms();
     let result: anyhow::Result<()> = async {
         loop {
             tokio::select! {
@@ -221,6 +224,7 @@ async fn serve(shared: Arc<Shared>, caller: Caller, socket: WebSocket) -> anyhow
                 }
                 frame = stream.next() => {
                     last_heard = tokio::time::Instant::now();
+                    last_heard_ms = now_ms();
                     match frame {
                         Some(Ok(Message::Text(text))) => {
                             match serde_json::from_str::<AgentMessage>(text.as_str()) {
@@ -243,7 +247,7 @@ async fn serve(shared: Arc<Shared>, caller: Caller, socket: WebSocket) -> anyhow
             let mut fleet = shared.fleet.lock().unwrap_or_else(|e| e.into_inner());
             fleet.get_mut(&node).map(|v| {
                 v.online = false;
-                v.last_seen = now_ms();
+                v.last_seen = last_heard_ms;
                 v.clone()
             })
         };

@@ -1,6 +1,8 @@
-//! Faults mid-rollout: the control plane or an agent killed with SIGKILL, and
-//! artifacts that do not match what was pushed.
+//! Faults mid-rollout: the control plane or an agent killed with SIGKILL, an
+//! agent gone silent as behind a partition, and artifacts that do not match
+//! what was pushed.
 
+use nix::sys::signal::Signal;
 use rollwave_core::{NodeState, RolloutState};
 
 use crate::harness::*;
@@ -72,6 +74,68 @@ async fn agent_killed_mid_task_resumes_it_without_switching_twice() {
         !after.contains("service started") && !after.contains("candidate started"),
         "started again after re-adoption:\n{log}"
     );
+}
+
+/// A stopped agent keeps its connection open and answers nothing, as one
+/// cut off by a partition would: no FIN, no RST, only silence.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_silent_mid_task_is_unreachable_not_failed_and_converges_once_back() {
+    let fleet = installed_fleet(3).await;
+    push(&fleet, "2.0.0", true).await;
+    let r = start(&fleet, "2.0.0", |s| {
+        s.batch = Some("1".into());
+        s.max_unavailable = Some("1".into());
+        s.min_healthy_time = Some("2s".into());
+        s.healthy_deadline = Some("5s".into());
+    })
+    .await
+    .unwrap();
+    let first = r.batches[0][0].clone();
+    let i = fleet.nodes.iter().position(|n| n.name == first).unwrap();
+    wait_rollout(&fleet, r.id, "first node gating", |r| {
+        r.nodes[&first].phase.as_deref() == Some("gating")
+    })
+    .await;
+    fleet.signal_agent(i, Signal::SIGSTOP);
+    let silent_since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+
+    let r = wait_rollout(&fleet, r.id, "the silent node given up", |r| {
+        r.nodes[&first].state != NodeState::Upgrading
+    })
+    .await;
+    let node = &r.nodes[&first];
+    assert_eq!(node.state, NodeState::Unreachable, "{r:#?}");
+    let reason = node.reason.as_deref().unwrap();
+    assert!(reason.contains("outcome is unknown"), "{reason}");
+    assert_eq!(r.count(NodeState::Failed), 0, "{r:#?}");
+    // Last seen when it last spoke, not when its silence was noticed.
+    let view = nodes(&fleet).await;
+    let view = view.iter().find(|n| n.name == first).unwrap();
+    assert!(!view.online);
+    assert!(
+        view.last_seen <= silent_since + 2_000,
+        "last seen {} ms after it fell silent",
+        view.last_seen.saturating_sub(silent_since)
+    );
+    // Its service was never touched: still serving the new version.
+    assert_eq!(
+        served_version(fleet.nodes[i].port).await.as_deref(),
+        Some("2.0.0")
+    );
+    // With max_unavailable 1 spent on it, nothing else starts meanwhile.
+    assert_eq!(r.count(NodeState::Pending), 2, "{r:#?}");
+
+    fleet.signal_agent(i, Signal::SIGCONT);
+    let r = wait_done(&fleet, r.id).await;
+    assert_eq!(r.state, RolloutState::Completed, "{r:#?}");
+    assert!(r.fully_upgraded(), "{r:#?}");
+    for node in &fleet.nodes {
+        let to_new = switches_to(&node.state_dir, "2.0.0");
+        assert_eq!(to_new, 1, "{} switched to 2.0.0 {to_new} times", node.name);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
