@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs, idempotently, the system packages the
-# tests need first (haproxy: the agent's drain tests run a real one; wrk:
+# tests need first (haproxy: the agent's drain tests run a real one; gunicorn:
+# a third-party server taking the agent's sockets by socket activation; wrk:
 # the handoff benchmark; chromium and chromium-driver: the dashboard's browser
-# test; later suites add etcd here).
+# test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(haproxy wrk chromium chromium-driver)
+packages=(haproxy gunicorn wrk chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -44,6 +44,10 @@ pub struct FleetSpec {
     /// Minisign public key files every agent trusts (`trusted_key_files`):
     /// with any, agents install only releases signed by one of them.
     pub trusted_key_files: Vec<PathBuf>,
+    /// The `api` service's command instead of the demo service (`{release}`
+    /// is the release dir), for `handoff`: it gets its sockets by socket
+    /// activation, so it is told no port.
+    pub command: Option<Vec<String>>,
 }
 
 impl FleetSpec {
@@ -58,6 +62,7 @@ impl FleetSpec {
             hooks: Vec::new(),
             tls: false,
             trusted_key_files: Vec::new(),
+            command: None,
         }
     }
 }
@@ -501,6 +506,14 @@ fn agent_toml(
             format!(", \"--listen\", \"127.0.0.1:{port}\""),
         )
     };
+    let command = match &spec.command {
+        Some(c) => c
+            .iter()
+            .map(|a| format!("{a:?}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        None => format!("{exe:?}, \"demo-service\", \"--release\", \"{{release}}\"{sockets}"),
+    };
     let drain = match &spec.haproxy_socket {
         Some(sock) => format!(
             "drain = {{ haproxy_socket = {:?}, backend = \"api\", server = \"{name}\", timeout = \"10s\" }}\n",
@@ -538,7 +551,7 @@ rack = "r{rack}"
 
 [[service]]
 name = "api"
-command = [{exe:?}, "demo-service", "--release", "{{release}}"{sockets}]
+command = [{command}]
 switch = "{switch}"
 {listen}{drain}{hooks}stop_grace = "5s"
 backup = [{data:?}]

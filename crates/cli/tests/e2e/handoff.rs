@@ -170,3 +170,88 @@ async fn restart_switch_behind_haproxy_drains_and_fails_no_request() {
     assert_eq!(drained, 3, "every node was drained first");
     assert_fleet_on(&fleet, "2.0.0").await;
 }
+
+/// A WSGI app answering like the demo service, from the release's
+/// `release.toml`.
+const WSGI_APP: &str = r#"import os, re
+here = os.path.dirname(os.path.abspath(__file__))
+text = open(os.path.join(here, "release.toml")).read()
+version = re.search(r'^version = "([^"]+)"', text, re.M).group(1)
+healthy = re.search(r"^healthy = true", text, re.M) is not None
+
+def app(environ, start_response):
+    if environ["PATH_INFO"] == "/healthz":
+        status = "200 OK" if healthy else "503 Service Unavailable"
+        body = b"ok\n" if healthy else b"broken\n"
+    else:
+        status, body = "200 OK", ("api %s\n" % version).encode()
+    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+"#;
+
+async fn push_wsgi(fleet: &Fleet, version: &str, healthy: bool) {
+    let release = rollwave::demo_service::DemoRelease {
+        version: version.into(),
+        healthy,
+        broken_on: Vec::new(),
+    };
+    let bytes =
+        rollwave::demo_service::tarball_with(&release, &[("app.py", WSGI_APP, 0o644)]).unwrap();
+    let _: rollwave_api::PushResponse = fleet
+        .api()
+        .unwrap()
+        .post_bytes(&format!("/v1/releases/{SERVICE}/{version}"), bytes)
+        .await
+        .unwrap();
+}
+
+/// Socket activation is a standard: gunicorn, from Debian's package and
+/// unchanged, takes the agent's sockets and hands off under load like the
+/// demo service, for a good release and a broken one.
+#[tokio::test(flavor = "multi_thread")]
+async fn gunicorn_unchanged_hands_off_under_load_and_fails_no_request() {
+    let installed = Command::new("gunicorn").arg("--version").output();
+    assert!(
+        installed.is_ok_and(|o| o.status.success()),
+        "gunicorn is not installed: run scripts/test.sh, which installs it"
+    );
+    let gunicorn = ["gunicorn", "--chdir", "{release}", "--workers", "2"];
+    let fleet = Fleet::launch(FleetSpec {
+        command: Some(
+            gunicorn
+                .iter()
+                .map(|a| a.to_string())
+                .chain(["--graceful-timeout".into(), "5".into(), "app:app".into()])
+                .collect(),
+        ),
+        ..FleetSpec::new(exe().into(), 3)
+    })
+    .await
+    .unwrap();
+    push_wsgi(&fleet, "1.0.0", true).await;
+    let r = start(&fleet, "1.0.0", |s| s.batch = Some("100%".into()))
+        .await
+        .unwrap();
+    assert!(wait_done(&fleet, r.id).await.fully_upgraded());
+
+    push_wsgi(&fleet, "2.0.0", false).await;
+    push_wsgi(&fleet, "3.0.0", true).await;
+    let load = Load::start(fleet.service_urls(), 4, Duration::from_millis(2));
+    let bad = start(&fleet, "2.0.0", |s| s.healthy_deadline = Some("2s".into()))
+        .await
+        .unwrap();
+    let bad = wait_done(&fleet, bad.id).await;
+    let good = start(&fleet, "3.0.0", |_| {}).await.unwrap();
+    let good = wait_done(&fleet, good.id).await;
+    let stats = load.stop().await;
+    assert_eq!(bad.state, RolloutState::RolledBack, "{bad:#?}");
+    assert!(good.fully_upgraded(), "{good:#?}");
+    assert_clean(&stats, &["1.0.0", "2.0.0", "3.0.0"]);
+    assert!(stats.versions.contains_key("3.0.0"), "{stats:?}");
+    assert_fleet_on(&fleet, "3.0.0").await;
+    for node in &fleet.nodes {
+        let log = std::fs::read_to_string(node.state_dir.join("agent.log")).unwrap();
+        assert!(log.contains("handoff candidate started"), "{log}");
+        assert!(!log.contains("switching by restart"), "{log}");
+    }
+}
