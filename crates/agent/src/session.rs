@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use rollwave_api::{AgentMessage, ServerMessage, AGENT_CONNECT_PATH, AGENT_PROTOCOL};
+use rollwave_api::{
+    AgentMessage, ServerMessage, AGENT_CONNECT_PATH, AGENT_PROTOCOL, SESSION_SILENCE_LIMIT,
+};
 use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::header::AUTHORIZATION;
@@ -21,6 +23,10 @@ use crate::executor::{snapshot, Executor, Services};
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
+/// TCP connect, TLS handshake and WebSocket upgrade together: a control
+/// plane that accepts connections but never answers is retried like one
+/// that refuses them.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub async fn run(
     config: Arc<AgentConfig>,
@@ -99,7 +105,10 @@ async fn session(
         .insert(AUTHORIZATION, crate::enroll::auth_header(dial.credential)?);
     let connecting =
         tokio_tungstenite::connect_async_tls_with_config(request, None, false, dial.connector);
-    let ws = match connecting.await {
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {CONNECT_TIMEOUT:?}"))?;
+    let ws = match connected {
         Ok((ws, _)) => ws,
         Err(WsError::Http(resp))
             if resp.status() == StatusCode::UNAUTHORIZED
@@ -129,25 +138,37 @@ async fn session(
     sink.send(Message::text(serde_json::to_string(&hello)?))
         .await?;
     tracing::info!(server = %config.server, node = %config.node, "connected to the control plane");
+    // The control plane pings every few seconds. A connection that carries
+    // nothing for longer is dead though never closed (a partition, a lost
+    // host): without this the agent would wait on it forever and the node
+    // would stay offline after the control plane came back.
+    let silence = tokio::time::sleep(SESSION_SILENCE_LIMIT);
+    tokio::pin!(silence);
     loop {
         tokio::select! {
-            frame = stream.next() => match frame {
-                Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerMessage>(text.as_str()) {
-                    Ok(ServerMessage::Task(task)) => {
-                        tracing::info!(task = %task.id, service = %task.service, "task received");
-                        executor.submit(task);
-                    }
-                    Ok(ServerMessage::Welcome { active_versions, .. })
-                    | Ok(ServerMessage::ActiveVersions { active_versions }) => {
-                        crate::gate::apply(services, &active_versions);
-                    }
-                    Ok(ServerMessage::Refused { reason }) => return Ok(Ended::Refused(reason)),
-                    Err(e) => tracing::warn!(error = %e, "malformed message from the control plane"),
-                },
-                Some(Ok(Message::Close(_))) | None => return Ok(Ended::Closed),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.into()),
-            },
+            _ = &mut silence => {
+                anyhow::bail!("the control plane sent nothing for {SESSION_SILENCE_LIMIT:?}");
+            }
+            frame = stream.next() => {
+                silence.as_mut().reset(tokio::time::Instant::now() + SESSION_SILENCE_LIMIT);
+                match frame {
+                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerMessage>(text.as_str()) {
+                        Ok(ServerMessage::Task(task)) => {
+                            tracing::info!(task = %task.id, service = %task.service, "task received");
+                            executor.submit(task);
+                        }
+                        Ok(ServerMessage::Welcome { active_versions, .. })
+                        | Ok(ServerMessage::ActiveVersions { active_versions }) => {
+                            crate::gate::apply(services, &active_versions);
+                        }
+                        Ok(ServerMessage::Refused { reason }) => return Ok(Ended::Refused(reason)),
+                        Err(e) => tracing::warn!(error = %e, "malformed message from the control plane"),
+                    },
+                    Some(Ok(Message::Close(_))) | None => return Ok(Ended::Closed),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e.into()),
+                }
+            }
             msg = outbox.recv() => {
                 let Some(msg) = msg else { return Ok(Ended::Closed) };
                 let text = serde_json::to_string(&msg)?;

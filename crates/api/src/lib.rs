@@ -17,6 +17,13 @@ pub const AGENT_PROTOCOL: u32 = 1;
 /// Path of the agent session WebSocket.
 pub const AGENT_CONNECT_PATH: &str = "/v1/agent/connect";
 
+/// The control plane pings every agent session this often.
+pub const SESSION_PING_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// Either end closes a session it has heard nothing from (not even a ping
+/// or a pong) for this long: the connection is dead even if it was never
+/// closed, as behind a partition or with a lost host.
+pub const SESSION_SILENCE_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Request header of `POST /v1/releases/{service}/{version}` carrying the
 /// release's minisign signature: the text of the `.minisig` file, base64
 /// encoded (standard alphabet, padded), as a header holds one line.

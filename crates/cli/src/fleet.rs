@@ -325,6 +325,14 @@ impl Fleet {
         }
     }
 
+    /// Sends `signal` to the control plane: SIGSTOP freezes it with every
+    /// connection open, as a lost host or a partition looks to its agents.
+    pub fn signal_server(&self, signal: Signal) {
+        if let Some(child) = &self.server {
+            let _ = kill(Pid::from_raw(child.id() as i32), signal);
+        }
+    }
+
     /// Kills the control plane with SIGKILL.
     pub fn kill_server(&mut self) {
         if let Some(child) = self.server.take() {

@@ -13,7 +13,9 @@ use axum::extract::State;
 use axum::response::Response;
 use axum::Extension;
 use futures_util::{SinkExt, StreamExt};
-use rollwave_api::{AgentMessage, ServerMessage, AGENT_PROTOCOL};
+use rollwave_api::{
+    AgentMessage, ServerMessage, AGENT_PROTOCOL, SESSION_PING_EVERY, SESSION_SILENCE_LIMIT,
+};
 use rollwave_core::{AuditEntry, NodeView};
 use tokio::sync::mpsc;
 
@@ -22,9 +24,6 @@ use crate::reconciler::Event;
 use crate::{now_ms, Shared};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-const PING_EVERY: Duration = Duration::from_secs(5);
-/// A session that has sent nothing (not even a pong) for this long is dead.
-const SILENCE_LIMIT: Duration = Duration::from_secs(20);
 
 #[derive(Default)]
 pub struct Sessions {
@@ -195,7 +194,7 @@ async fn serve(shared: Arc<Shared>, caller: Caller, socket: WebSocket) -> anyhow
     sink.send(Message::Text(welcome.into())).await?;
     shared.reconciler.send(Event::AgentConnected(node.clone()));
 
-    let mut ping = tokio::time::interval(PING_EVERY);
+    let mut ping = tokio::time::interval(SESSION_PING_EVERY);
     let mut last_heard = tokio::time::Instant::now();
     // Wall-clock twin of last_heard: a silent agent was last seen when it
     // last spoke, not when the silence was noticed.
@@ -212,8 +211,8 @@ async fn serve(shared: Arc<Shared>, caller: Caller, socket: WebSocket) -> anyhow
                     }
                 }
                 _ = ping.tick() => {
-                    if last_heard.elapsed() > SILENCE_LIMIT {
-                        anyhow::bail!("agent silent for {SILENCE_LIMIT:?}");
+                    if last_heard.elapsed() > SESSION_SILENCE_LIMIT {
+                        anyhow::bail!("agent silent for {SESSION_SILENCE_LIMIT:?}");
                     }
                     if !shared.tokens.is_live(&caller.token_id, now_ms()) {
                         let msg = ServerMessage::Refused { reason: "this node's credential was revoked or has expired".into() };

@@ -138,6 +138,32 @@ async fn an_agent_silent_mid_task_is_unreachable_not_failed_and_converges_once_b
     }
 }
 
+/// A frozen control plane keeps every connection open and answers nothing,
+/// as a lost host or a partition looks to the agents: they must notice on
+/// their own, or they would wait on a dead connection forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_notice_a_silent_control_plane_and_reconnect_when_it_answers() {
+    let fleet = installed_fleet(2).await;
+    fleet.signal_server(Signal::SIGSTOP);
+    let log = |i: usize| {
+        std::fs::read_to_string(fleet.nodes[i].state_dir.join("agent.log")).unwrap_or_default()
+    };
+    // The open session goes silent, then reconnecting gets no answer.
+    for needle in ["the control plane sent nothing for", "no answer within"] {
+        wait_until(needle, || {
+            let found = (0..2).all(|i| log(i).contains(needle));
+            async move { found.then_some(()) }
+        })
+        .await;
+    }
+    fleet.signal_server(Signal::SIGCONT);
+    fleet.wait_online(2).await.unwrap();
+    push(&fleet, "2.0.0", true).await;
+    let r = start(&fleet, "2.0.0", |_| {}).await.unwrap();
+    let r = wait_done(&fleet, r.id).await;
+    assert!(r.fully_upgraded(), "{r:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tampered_artifact_is_refused_and_nothing_is_installed() {
     let fleet = installed_fleet(3).await;
