@@ -12,13 +12,14 @@ use rollwave_api::{
     ServiceSummary, StartRollout,
 };
 use rollwave_core::{
-    parse_version, validate_service_name, AuditEntry, Rollout, StrategyFile, WaveFile,
+    format_duration, parse_version, validate_service_name, AuditEntry, Rollout, StrategyFile,
+    WaveFile,
 };
 
 use crate::cli::{
     CertsCommand, Cli, Command, KeysCommand, ReleaseCommand, RolloutCommand, StartArgs,
 };
-use crate::client::{user_error, ApiClient};
+use crate::client::{user_error, ApiClient, UserError};
 use crate::{keys, render};
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -549,13 +550,55 @@ async fn logs(
     }
 }
 
+/// How long `--wait` and `--watch` ride out a control plane they cannot
+/// reach (a restart, a failover) before giving up: the rollout goes on
+/// without them, so a brief outage must not fail a deploy script.
+const FOLLOW_OUTAGE_LIMIT: Duration = Duration::from_secs(120);
+/// One poll's limit, so that a control plane that accepts but never answers
+/// counts as unreachable instead of hanging the wait.
+const FOLLOW_POLL_TIMEOUT: Duration = Duration::from_secs(15);
+
 pub async fn follow(api: &ApiClient, id: u64, show: bool) -> anyhow::Result<Rollout> {
     let mut view = render::Follower::new(show);
+    let mut down_since: Option<std::time::Instant> = None;
+    let path = format!("/v1/rollouts/{id}");
     loop {
-        let resp: RolloutResponse = api
-            .get(&format!("/v1/rollouts/{id}"))
+        let poll = api.get::<RolloutResponse>(&path);
+        let got = tokio::time::timeout(FOLLOW_POLL_TIMEOUT, poll)
             .await
-            .with_context(|| format!("following rollout {id}"))?;
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "the control plane at {} did not answer within {FOLLOW_POLL_TIMEOUT:?}",
+                    api.base()
+                ))
+            });
+        let resp = match got {
+            Ok(resp) => resp,
+            // An answer that refuses (a 4xx) will not change by asking again.
+            Err(e) if e.chain().any(|c| c.downcast_ref::<UserError>().is_some()) => {
+                return Err(e.context(format!("following rollout {id}")));
+            }
+            Err(e) => {
+                let since = *down_since.get_or_insert_with(|| {
+                    eprintln!(
+                        "following rollout {id}: {e:#}; retrying for up to {}",
+                        format_duration(FOLLOW_OUTAGE_LIMIT.as_millis() as u64)
+                    );
+                    std::time::Instant::now()
+                });
+                if since.elapsed() >= FOLLOW_OUTAGE_LIMIT {
+                    return Err(e.context(format!(
+                        "following rollout {id}: gave up after {} without the control plane",
+                        format_duration(FOLLOW_OUTAGE_LIMIT.as_millis() as u64)
+                    )));
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if down_since.take().is_some() {
+            eprintln!("following rollout {id}: the control plane answers again");
+        }
         let r = resp.rollout;
         view.update(&r);
         // A completed rollout may keep converging nodes that were offline

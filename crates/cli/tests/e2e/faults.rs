@@ -39,6 +39,48 @@ async fn control_plane_killed_mid_rollout_resumes_where_it_was() {
     assert_eq!(again.generation, r.generation);
 }
 
+/// A deploy script's `rollout start --wait` outlives a control plane
+/// restart: it retries, then reports the rollout's real end.
+#[tokio::test(flavor = "multi_thread")]
+async fn rollout_start_wait_rides_out_a_control_plane_restart() {
+    let mut fleet = installed_fleet(3).await;
+    push(&fleet, "2.0.0", true).await;
+    let stderr = fleet.dir.join("cli.stderr");
+    let mut wait = fleet
+        .command()
+        .args(["rollout", "start", "api@2.0.0", "--batch", "1"])
+        .args(["--min-healthy-time", "1s", "--yes", "--wait"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let api = fleet.api().unwrap();
+    // Rollout 1 installed 1.0.0.
+    wait_until("the first node upgraded", || {
+        let api = api.clone();
+        async move {
+            let r = get(&api, 2).await.ok()?;
+            (r.count(NodeState::Upgraded) >= 1).then_some(())
+        }
+    })
+    .await;
+    fleet.kill_server();
+    let read = || std::fs::read_to_string(&stderr).unwrap_or_default();
+    wait_until("the CLI to notice", || {
+        let noticed = read().contains("retrying for up to 2m");
+        async move { noticed.then_some(()) }
+    })
+    .await;
+    fleet.restart_server().await.unwrap();
+    let status = tokio::task::spawn_blocking(move || wait.wait().unwrap())
+        .await
+        .unwrap();
+    let text = read();
+    assert!(status.success(), "{status}: {text}");
+    assert!(text.contains("the control plane answers again"), "{text}");
+    assert_fleet_on(&fleet, "2.0.0").await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_killed_mid_task_resumes_it_without_switching_twice() {
     let mut fleet = installed_fleet(3).await;
