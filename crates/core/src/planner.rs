@@ -206,11 +206,24 @@ pub fn plan_batches(
         );
     }
     if !down.is_empty() {
+        // Offline nodes cannot be switched back into service: if they spend
+        // the whole budget, nothing healthy may start until one returns.
+        let offline = selected.iter().filter(|n| !n.online).count();
+        let budget = rollout.spec.unavailable_budget(selected.len());
+        let blocked = if offline >= budget && offline < selected.len() {
+            format!(
+                "; the {offline} offline node(s) spend all of max_unavailable {budget}: \
+                 no healthy node can start until one returns, or progress_deadline ({}) fails the rollout",
+                format_duration(rollout.spec.progress_deadline)
+            )
+        } else {
+            String::new()
+        };
         rollout.event(
             now,
             None,
             format!(
-                "already unavailable before the rollout, counted against max_unavailable: {}",
+                "already unavailable before the rollout, counted against max_unavailable: {}{blocked}",
                 down.join(", ")
             ),
         );

@@ -1555,6 +1555,14 @@ fn an_offline_node_counts_against_the_budget_then_becomes_unreachable() {
         blocked.batches,
         vec![names(&["n1"]), names(&["n3"]), names(&["n2"])]
     );
+    assert!(
+        blocked.events[1].message.ends_with(
+            "n2 (offline); the 1 offline node(s) spend all of max_unavailable 1: \
+             no healthy node can start until one returns, or progress_deadline (5m) fails the rollout"
+        ),
+        "{}",
+        blocked.events[1].message
+    );
     let d = step(&blocked, &fleet, T0);
     assert!(d.dispatch.is_empty());
     assert_eq!(
