@@ -75,31 +75,11 @@ pub async fn credential(config: &AgentConfig, client: &reqwest::Client) -> anyho
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     };
-    write_credential(&path, &token)
+    // Never readable by others, nor half written.
+    rollwave_tls::write_atomic(&path, format!("{token}\n").as_bytes(), 0o600)
         .with_context(|| format!("storing the node credential {}", path.display()))?;
     tracing::info!(node = %config.node, path = %path.display(), "enrolled");
     Ok(token)
-}
-
-/// Through a temporary file created 0600, renamed into place: the
-/// credential is never readable by others, nor half written.
-fn write_credential(path: &Path, token: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(format!("{token}\n").as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 /// The `Authorization` header for the node's requests, marked sensitive so

@@ -2,9 +2,7 @@
 //! signature `release push` uploads. Keys and signatures are in minisign's
 //! formats, so that `minisign` itself can make or check either.
 
-use std::fs::{self, OpenOptions, Permissions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -78,24 +76,8 @@ pub fn generate(dir: &Path, name: &str, force: bool) -> anyhow::Result<Generated
 /// secret is never readable by others, not even for a moment, and a file
 /// being replaced is replaced whole.
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("key");
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // Explicit, so the umask does not decide.
-        f.set_permissions(Permissions::from_mode(mode))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        anyhow::anyhow!("writing {}: {e}", path.display())
-    })
+    rollwave_tls::write_atomic(path, bytes, mode)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
 }
 
 /// Signs `artifact` as `service@version` with the minisign secret key in

@@ -110,7 +110,7 @@ impl Tokens {
             .await
             .map_err(|e| anyhow::anyhow!(e.message))?;
         let path = data_dir.join(ADMIN_TOKEN_FILE);
-        write_secret(&path, &format!("{}\n", issued.token))?;
+        rollwave_tls::write_atomic(&path, format!("{}\n", issued.token).as_bytes(), 0o600)?;
         tracing::warn!(path = %path.display(), "first start: wrote the bootstrap admin token");
         println!("bootstrap admin token written to {}", path.display());
         Ok(())
@@ -268,23 +268,6 @@ fn random_hex(bytes: usize) -> Result<String, ApiError> {
     getrandom::fill(&mut buf)
         .map_err(|e| ApiError::internal(format!("the system's random source failed: {e}")))?;
     Ok(hex::encode(buf))
-}
-
-/// Writes a secret through a temporary file created 0600, then renames it:
-/// the file never exists with wider permissions or half written.
-pub fn write_secret(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 pub fn unauthorized(message: impl Into<String>) -> ApiError {

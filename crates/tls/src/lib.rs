@@ -3,6 +3,8 @@
 //! ([`ClientTls`]: a CA file instead of the web roots, and an optional pin of
 //! the server's certificate), the accept loop that runs handshakes off the
 //! listener ([`TlsListener`]) and the quick-start CA ([`certs::generate`]).
+//! The secrets that go with them (tokens, credentials, keys) are written
+//! through [`write_atomic`].
 //!
 //! ring is the only crypto provider, named explicitly rather than taken from
 //! rustls's process-wide default: that default depends on which features
@@ -12,6 +14,7 @@ pub mod certs;
 mod client;
 mod listener;
 mod pin;
+mod private_file;
 mod server;
 
 use std::path::{Path, PathBuf};
@@ -20,6 +23,7 @@ use std::sync::Arc;
 pub use client::{describe_error, ClientTls};
 pub use listener::TlsListener;
 pub use pin::{Pin, PinMismatch};
+pub use private_file::write_atomic;
 pub use rustls::{ClientConfig, ServerConfig};
 pub use server::ServerTls;
 
