@@ -278,11 +278,18 @@ pub enum RolloutCommand {
         wait: bool,
         #[arg(long)]
         json: bool,
+        /// List every node, however many (a rollout of more than 50 nodes
+        /// is otherwise shown as counts and the nodes with a problem).
+        #[arg(long)]
+        nodes: bool,
     },
-    /// List rollouts.
+    /// List rollouts, newest first.
     List {
         #[arg(long)]
         json: bool,
+        /// How many (1 to 1000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        limit: u16,
     },
     /// Stop starting nodes; nodes in flight finish.
     Pause {

@@ -12,8 +12,8 @@ use rollwave_api::{
     ServiceSummary, StartRollout,
 };
 use rollwave_core::{
-    format_duration, parse_version, validate_service_name, AuditEntry, Rollout, StrategyFile,
-    WaveFile,
+    format_duration, parse_version, validate_service_name, AuditEntry, Rollout, RolloutSummary,
+    StrategyFile, WaveFile,
 };
 
 use crate::cli::{
@@ -347,6 +347,7 @@ async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode
             watch,
             wait,
             json,
+            nodes,
         } => {
             let id = match id {
                 Some(id) => id,
@@ -363,6 +364,15 @@ async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode
                     ExitCode::SUCCESS
                 });
             }
+            // A large rollout is shown as counts and what is wrong, read
+            // without its nodes; `--nodes` (or `--json`) lists every node.
+            if !nodes && !json {
+                let s: RolloutSummary = api.get(&format!("/v1/rollouts/{id}/summary")).await?;
+                if s.nodes > render::LIST_NODES_UP_TO {
+                    print!("{}", render::summary(&s, now_ms()));
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
             let resp: RolloutResponse = api.get(&format!("/v1/rollouts/{id}")).await?;
             if json {
                 print_json(&resp.rollout)?;
@@ -371,8 +381,9 @@ async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode
             }
             Ok(ExitCode::SUCCESS)
         }
-        RolloutCommand::List { json } => {
-            let rollouts: Vec<Rollout> = api.get("/v1/rollouts").await?;
+        RolloutCommand::List { json, limit } => {
+            let rollouts: Vec<RolloutSummary> =
+                api.get(&format!("/v1/rollouts?limit={limit}")).await?;
             if json {
                 print_json(&rollouts)?;
             } else {
@@ -505,7 +516,7 @@ fn read_rollout_file(path: &Path) -> anyhow::Result<RolloutFile> {
 }
 
 async fn newest(api: &ApiClient) -> anyhow::Result<u64> {
-    let rollouts: Vec<Rollout> = api.get("/v1/rollouts").await?;
+    let rollouts: Vec<RolloutSummary> = api.get("/v1/rollouts?limit=1").await?;
     rollouts
         .first()
         .map(|r| r.id)
@@ -558,12 +569,35 @@ const FOLLOW_OUTAGE_LIMIT: Duration = Duration::from_secs(120);
 /// counts as unreachable instead of hanging the wait.
 const FOLLOW_POLL_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// A rollout this large is read whole no more often than [`FULL_EVERY`]
+/// while it is followed: its summary, polled in between, costs a few
+/// hundred bytes where the rollout costs megabytes.
+const FOLLOW_WHOLE_UP_TO: usize = 500;
+const FULL_EVERY: Duration = Duration::from_secs(2);
+
 pub async fn follow(api: &ApiClient, id: u64, show: bool) -> anyhow::Result<Rollout> {
     let mut view = render::Follower::new(show);
     let mut down_since: Option<std::time::Instant> = None;
     let path = format!("/v1/rollouts/{id}");
+    let summary_path = format!("/v1/rollouts/{id}/summary");
+    // What the last whole read showed, and when it was made.
+    let mut seen: Option<(u64, usize)> = None;
+    let mut read_at: Option<std::time::Instant> = None;
     loop {
-        let poll = api.get::<RolloutResponse>(&path);
+        let poll = async {
+            let s: RolloutSummary = api.get(&summary_path).await?;
+            let settled = s.settled();
+            let changed = seen != Some((s.generation, s.log_len));
+            let due = s.nodes <= FOLLOW_WHOLE_UP_TO
+                || settled
+                || read_at.is_none_or(|at| at.elapsed() >= FULL_EVERY);
+            if changed && due {
+                let whole: RolloutResponse = api.get(&path).await?;
+                Ok::<_, anyhow::Error>(Some(whole))
+            } else {
+                Ok(None)
+            }
+        };
         let got = tokio::time::timeout(FOLLOW_POLL_TIMEOUT, poll)
             .await
             .unwrap_or_else(|_| {
@@ -573,7 +607,14 @@ pub async fn follow(api: &ApiClient, id: u64, show: bool) -> anyhow::Result<Roll
                 ))
             });
         let resp = match got {
-            Ok(resp) => resp,
+            Ok(Some(resp)) => resp,
+            Ok(None) => {
+                if down_since.take().is_some() {
+                    eprintln!("following rollout {id}: the control plane answers again");
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
             // An answer that refuses (a 4xx) will not change by asking again.
             Err(e) if e.chain().any(|c| c.downcast_ref::<UserError>().is_some()) => {
                 return Err(e.context(format!("following rollout {id}")));
@@ -600,6 +641,8 @@ pub async fn follow(api: &ApiClient, id: u64, show: bool) -> anyhow::Result<Roll
             eprintln!("following rollout {id}: the control plane answers again");
         }
         let r = resp.rollout;
+        seen = Some((r.generation, r.events.len()));
+        read_at = Some(std::time::Instant::now());
         view.update(&r);
         // A completed rollout may keep converging nodes that were offline
         // for as long as they stay away: that is not worth waiting for.

@@ -7,7 +7,8 @@ use std::io::IsTerminal;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rollwave_api::{NodeView, Release, ServiceSummary};
 use rollwave_core::{
-    format_duration, AuditEntry, BackupInfo, Health, NodeState, Rollout, RolloutEvent, TokenView,
+    format_duration, AuditEntry, BackupInfo, Health, NodeState, Rollout, RolloutEvent,
+    RolloutSummary, TokenView,
 };
 
 fn secs(ms: u64) -> String {
@@ -335,27 +336,89 @@ fn from_versions(r: &Rollout) -> String {
     v.join(",")
 }
 
-pub fn rollouts(rollouts: &[Rollout]) -> String {
+pub fn rollouts(rollouts: &[RolloutSummary]) -> String {
     let mut rows = vec![vec![
         "ID".into(),
         "SERVICE".into(),
-        "FROM -> TO".into(),
+        "VERSION".into(),
         "STATE".into(),
         "PROGRESS".into(),
+        "PROBLEMS".into(),
         "DURATION".into(),
     ]];
     for r in rollouts {
         let end = r.finished_at.unwrap_or(r.updated_at);
         rows.push(vec![
             r.id.to_string(),
-            r.spec.service.clone(),
-            format!("{} -> {}", from_versions(r), r.spec.version),
+            r.service.clone(),
+            r.version.clone(),
             r.state.as_str().into(),
-            format!("{}/{}", r.count(NodeState::Upgraded), r.nodes.len()),
+            format!(
+                "{}/{}",
+                r.counts.get(NodeState::Upgraded.as_str()).unwrap_or(&0),
+                r.nodes
+            ),
+            r.problems_total.to_string(),
             format_duration(end.saturating_sub(r.created_at) / 1000 * 1000),
         ]);
     }
     table(rows)
+}
+
+/// Up to this many nodes, `rollout status` lists every node; above, it
+/// shows counts and the nodes with a problem (`--nodes` lists them all).
+pub const LIST_NODES_UP_TO: usize = 50;
+
+/// A rollout too large to list node by node: its counts and what is wrong.
+pub fn summary(s: &RolloutSummary, now: u64) -> String {
+    let end = s.finished_at.unwrap_or(now);
+    let mut out = format!(
+        "rollout {}: {} -> {}  {}  ({} elapsed)\n",
+        s.id,
+        s.service,
+        s.version,
+        s.state.as_str(),
+        format_duration(end.saturating_sub(s.created_at) / 1000 * 1000)
+    );
+    let counts = s
+        .counts
+        .iter()
+        .map(|(state, n)| format!("{n} {state}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let _ = writeln!(out, "  nodes: {} in {} waves: {counts}", s.nodes, s.waves);
+    if let Some(reason) = &s.reason {
+        let _ = writeln!(out, "  reason: {reason}");
+    }
+    if let Some(w) = &s.waiting {
+        let _ = writeln!(out, "  waiting: {w}");
+    }
+    if s.problems_total > 0 {
+        let _ = writeln!(out, "  problems ({}):", s.problems_total);
+        for p in &s.problems {
+            let _ = writeln!(
+                out,
+                "    {}  {}  {}",
+                p.node,
+                p.state.as_str(),
+                p.reason.as_deref().unwrap_or("-")
+            );
+        }
+        if s.problems_total > s.problems.len() {
+            let _ = writeln!(
+                out,
+                "    ... and {} more: rollwave rollout status {} --nodes",
+                s.problems_total - s.problems.len(),
+                s.id
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "  every node: rollwave rollout status {} --nodes",
+        s.id
+    );
+    out
 }
 
 pub fn started(r: &Rollout) -> String {

@@ -20,6 +20,7 @@ mod rollout;
 mod selector;
 pub mod signing;
 mod spec;
+mod summary;
 
 pub use amount::Amount;
 pub use audit::AuditEntry;
@@ -37,7 +38,7 @@ pub use hooks::{
     LbState, OnError, DEFAULT_HOOK_TIMEOUT,
 };
 pub use manifest::{ReleaseManifest, MAX_MANIFEST_BYTES, RELEASE_MANIFEST};
-pub use planner::{plan_batches, step, Decision, Dispatch};
+pub use planner::{plan_batches, step, step_in_place, Actions, Decision, Dispatch};
 pub use rollout::{
     CommandError, Dependency, HookStage, NodeProgress, NodeState, Rollout, RolloutEvent,
     RolloutState, TaskKind, TaskOutcome, TaskRef,
@@ -47,6 +48,7 @@ pub use signing::{ReleaseSignature, SignatureError, TrustedKey, TrustedKeys};
 pub use spec::{
     CountOrText, Order, RolloutFile, RolloutSpec, ServiceFile, Spread, StrategyFile, Wave, WaveFile,
 };
+pub use summary::{NodeProblem, RolloutSummary, PROBLEMS_SHOWN};
 
 /// Milliseconds since the Unix epoch. The only notion of time in this crate.
 pub type Timestamp = u64;

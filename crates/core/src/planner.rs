@@ -378,14 +378,45 @@ fn describe_down(n: &crate::NodeView, service: &str) -> String {
 /// again with the same inputs decides nothing new.
 pub fn step(current: &Rollout, fleet: &Fleet, now: Timestamp) -> Decision {
     let mut r = current.clone();
+    let actions = step_in_place(&mut r, fleet, now);
+    // A step only ever appends to the event log: a longer one says the
+    // rollout changed without comparing every node.
+    let changed = r.events.len() != current.events.len() || r != *current;
+    if changed {
+        r.updated_at = now;
+    }
+    Decision {
+        rollout: r,
+        dispatch: actions.dispatch,
+        stage: actions.stage,
+        next_wakeup: actions.next_wakeup,
+        changed,
+    }
+}
+
+/// What one step decided to send, and when to look again.
+#[derive(Debug, Clone, Default)]
+pub struct Actions {
+    pub dispatch: Vec<Dispatch>,
+    /// Stage tasks: see [`Decision::stage`].
+    pub stage: Vec<Dispatch>,
+    pub next_wakeup: Option<Timestamp>,
+}
+
+/// [`step`] on the rollout itself, for a caller that finds out what changed
+/// on its own (the control plane compares with what it stored, which it
+/// must do anyway to write only that) and so need not pay for a copy of a
+/// large rollout and a comparison on every step. It does not set
+/// `updated_at`: the caller does, if anything changed.
+pub fn step_in_place(r: &mut Rollout, fleet: &Fleet, now: Timestamp) -> Actions {
     let mut dispatch = Vec::new();
     let mut wake = Wake::default();
 
-    give_up_on_lost_tasks(&mut r, fleet, now, &mut wake);
+    give_up_on_lost_tasks(r, fleet, now, &mut wake);
 
     if r.state == RolloutState::Running {
         let failures = r.count(NodeState::Failed) as u32;
-        if fail_all_at_once(&mut r, now) {
+        if fail_all_at_once(r, now) {
             // Every node goes back: see `fail_all_at_once`.
         } else if failures > r.spec.max_failures {
             let failed: Vec<String> = r
@@ -399,8 +430,8 @@ pub fn step(current: &Rollout, fleet: &Fleet, now: Timestamp) -> Decision {
                 r.spec.max_failures,
                 failed.join("; ")
             );
-            fail(&mut r, reason, now);
-        } else if awaiting_promotion(&r) {
+            fail(r, reason, now);
+        } else if awaiting_promotion(r) {
             // Waiting for the operator, like a pause: not a lack of progress.
         } else if now >= r.last_progress_at + r.spec.progress_deadline {
             let reason = format!(
@@ -411,7 +442,7 @@ pub fn step(current: &Rollout, fleet: &Fleet, now: Timestamp) -> Decision {
                     .map(|w| format!(": {w}"))
                     .unwrap_or_default()
             );
-            fail(&mut r, reason, now);
+            fail(r, reason, now);
         } else {
             wake.at(r.last_progress_at + r.spec.progress_deadline);
         }
@@ -419,41 +450,33 @@ pub fn step(current: &Rollout, fleet: &Fleet, now: Timestamp) -> Decision {
 
     let mut stage = Vec::new();
     if matches!(r.state, RolloutState::Running | RolloutState::Paused) && !r.spec.all_at_once {
-        stage_ahead(&mut r, fleet, now, &mut stage);
+        stage_ahead(r, fleet, now, &mut stage);
     }
     let state = r.state;
     match state {
-        RolloutState::Running if !dry_run_first(&mut r, fleet, now, &mut dispatch) => {}
+        RolloutState::Running if !dry_run_first(r, fleet, now, &mut dispatch) => {}
         RolloutState::Running if r.spec.all_at_once => {
-            run_all_at_once(&mut r, fleet, now, &mut dispatch, &mut wake);
+            run_all_at_once(r, fleet, now, &mut dispatch, &mut wake);
             // A node given up in this step sends every node back in it too,
             // so that the same step again decides nothing new.
-            if fail_all_at_once(&mut r, now) && r.state == RolloutState::RollingBack {
-                roll_back(&mut r, now, &mut dispatch);
+            if fail_all_at_once(r, now) && r.state == RolloutState::RollingBack {
+                roll_back(r, now, &mut dispatch);
             }
         }
-        RolloutState::Running => run_batches(&mut r, fleet, now, &mut dispatch, &mut wake),
-        RolloutState::RollingBack => roll_back(&mut r, now, &mut dispatch),
+        RolloutState::Running => run_batches(r, fleet, now, &mut dispatch, &mut wake),
+        RolloutState::RollingBack => roll_back(r, now, &mut dispatch),
         _ => {}
     }
     // Also in the step that completes the rollout: nodes already back get
     // their converge task now, not on a second look.
     if r.converging() {
-        converge(&mut r, fleet, now, &mut dispatch);
+        converge(r, fleet, now, &mut dispatch);
     }
 
-    // A step only ever appends to the event log: a longer one says the
-    // rollout changed without comparing every node.
-    let changed = r.events.len() != current.events.len() || r != *current;
-    if changed {
-        r.updated_at = now;
-    }
-    Decision {
-        rollout: r,
+    Actions {
         dispatch,
         stage,
         next_wakeup: wake.0,
-        changed,
     }
 }
 

@@ -273,6 +273,62 @@ pub struct CommandError {
 }
 
 impl Rollout {
+    /// A copy without the parts that grow with the fleet (`nodes`,
+    /// `events`, `batches`, `left_out`), which stores keep as records of
+    /// their own. Every field is named, so a new one cannot be forgotten.
+    pub fn header(&self) -> Rollout {
+        let Rollout {
+            id,
+            generation,
+            spec,
+            state,
+            reason,
+            waiting,
+            created_at,
+            updated_at,
+            finished_at,
+            last_progress_at,
+            batches: _,
+            pauses,
+            promoted,
+            nodes: _,
+            left_out: _,
+            events: _,
+            after,
+            dependencies_done,
+            superseded_by,
+            finalized,
+            pre_rollout_done,
+            end_hooks_done,
+            dry_run_done,
+        } = self;
+        Rollout {
+            id: *id,
+            generation: *generation,
+            spec: spec.clone(),
+            state: *state,
+            reason: reason.clone(),
+            waiting: waiting.clone(),
+            created_at: *created_at,
+            updated_at: *updated_at,
+            finished_at: *finished_at,
+            last_progress_at: *last_progress_at,
+            batches: Vec::new(),
+            pauses: pauses.clone(),
+            promoted: promoted.clone(),
+            nodes: BTreeMap::new(),
+            left_out: Vec::new(),
+            events: Vec::new(),
+            after: after.clone(),
+            dependencies_done: *dependencies_done,
+            superseded_by: *superseded_by,
+            finalized: finalized.clone(),
+            pre_rollout_done: *pre_rollout_done,
+            end_hooks_done: *end_hooks_done,
+            dry_run_done: *dry_run_done,
+        }
+    }
+
     pub fn task_id(&self, node: &str, kind: TaskKind) -> String {
         let k = match kind {
             TaskKind::Upgrade => "up",

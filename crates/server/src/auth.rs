@@ -4,9 +4,9 @@
 //!
 //! Tokens live in the store (hashed) and in memory here, so checking one
 //! costs a map lookup and a sha256, never a query. Every change (create,
-//! revoke, an enrollment spending a join token) goes to the store first and
-//! is serialised by one lock, so two enrollments cannot both spend the last
-//! use of a one-time token.
+//! revoke, an enrollment spending a join token) is serialised by one lock,
+//! so two enrollments cannot both spend the last use of a one-time token,
+//! and is in the store before anyone holds the token's secret.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -43,8 +43,68 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub const BOOTSTRAP_ADMIN: &str = "bootstrap-admin";
 
 pub struct Tokens {
-    by_id: RwLock<HashMap<String, TokenRecord>>,
+    by_id: RwLock<Table>,
     write: tokio::sync::Mutex<()>,
+}
+
+/// Every token by id, with the lookups that would otherwise scan them all
+/// (an enrollment asks whether its node already has a credential, and
+/// whether the name is taken: thousands of enrollments would cost
+/// thousands of scans each). A token's name and node never change.
+#[derive(Default)]
+struct Table {
+    by_id: HashMap<String, TokenRecord>,
+    by_name: HashMap<String, Vec<String>>,
+    by_node: HashMap<String, Vec<String>>,
+}
+
+impl Table {
+    fn insert(&mut self, t: TokenRecord) {
+        let id = t.id.clone();
+        let (name, node) = (t.name.clone(), t.node.clone());
+        if self.by_id.insert(id.clone(), t).is_none() {
+            self.by_name.entry(name).or_default().push(id.clone());
+            if let Some(node) = node {
+                self.by_node.entry(node).or_default().push(id);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &str) {
+        let Some(t) = self.by_id.remove(id) else {
+            return;
+        };
+        if let Some(ids) = self.by_name.get_mut(&t.name) {
+            ids.retain(|i| i != id);
+        }
+        if let Some(ids) = t.node.as_ref().and_then(|n| self.by_node.get_mut(n)) {
+            ids.retain(|i| i != id);
+        }
+    }
+
+    fn get(&self, id: &str) -> Option<&TokenRecord> {
+        self.by_id.get(id)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &TokenRecord> {
+        self.by_id.values()
+    }
+
+    fn named<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a TokenRecord> {
+        self.by_name
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.by_id.get(id))
+    }
+
+    fn of_node<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a TokenRecord> {
+        self.by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.by_id.get(id))
+    }
 }
 
 /// A new token and its secret, which exists only in this answer.
@@ -55,20 +115,22 @@ pub struct Issued {
 
 impl Tokens {
     pub async fn load(store: &dyn Store) -> anyhow::Result<Tokens> {
-        let by_id = store
-            .list_tokens()
-            .await?
-            .into_iter()
-            .map(|t| (t.id.clone(), t))
-            .collect();
+        let mut by_id = Table::default();
+        for t in store.list_tokens().await? {
+            by_id.insert(t);
+        }
         Ok(Tokens {
             by_id: RwLock::new(by_id),
             write: tokio::sync::Mutex::new(()),
         })
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, TokenRecord>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
         self.by_id.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn table(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.by_id.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The record a presented token stands for, if it is live now.
@@ -94,7 +156,7 @@ impl Tokens {
     /// Creates the first admin token if there is no token at all, and writes
     /// it to `data_dir/admin.token`, readable by its owner only.
     pub async fn bootstrap(&self, store: &dyn Store, data_dir: &Path) -> anyhow::Result<()> {
-        if !self.read().is_empty() {
+        if !self.read().by_id.is_empty() {
             return Ok(());
         }
         let issued = self
@@ -146,11 +208,7 @@ impl Tokens {
     ) -> Result<Issued, ApiError> {
         validate_token_name("name", name)?;
         let now = now_ms();
-        if self
-            .read()
-            .values()
-            .any(|t| t.name == name && t.is_live(now))
-        {
+        if self.read().named(name).any(|t| t.is_live(now)) {
             return Err(ApiError::conflict(format!(
                 "name: a live token is already called {name:?}; revoke it first or choose another name"
             )));
@@ -170,10 +228,7 @@ impl Tokens {
             uses_left: uses,
         };
         store.put_token(&record).await?;
-        self.by_id
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone(), record.clone());
+        self.table().insert(record.clone());
         Ok(Issued {
             record,
             token: format!("rw_{id}_{secret}"),
@@ -209,10 +264,8 @@ impl Tokens {
 
     async fn put(&self, store: &dyn Store, record: TokenRecord) -> Result<TokenRecord, ApiError> {
         store.put_token(&record).await?;
-        self.by_id
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(record.id.clone(), record.clone());
+        // Replaces the record under its id; its name and node are the same.
+        self.table().by_id.insert(record.id.clone(), record.clone());
         Ok(record)
     }
 
@@ -225,41 +278,81 @@ impl Tokens {
         join_id: &str,
         node: &str,
     ) -> Result<Issued, ApiError> {
-        let _write = self.write.lock().await;
+        let name = format!("agent@{node}");
+        validate_token_name("name", &name)?;
+        let (id, secret) = (random_hex(6)?, random_hex(32)?);
+        let write = self.write.lock().await;
         let now = now_ms();
-        let Some(mut join) = self.read().get(join_id).cloned() else {
-            return Err(unauthorized(TokenProblem::Unknown.to_string()));
+        let (join, credential) = {
+            let mut table = self.table();
+            let Some(mut join) = table.get(join_id).cloned() else {
+                return Err(unauthorized(TokenProblem::Unknown.to_string()));
+            };
+            if !join.is_live(now) {
+                // Raced with a revocation or another enrollment.
+                return Err(unauthorized(TokenProblem::UsedUp.to_string()));
+            }
+            if table
+                .of_node(node)
+                .any(|t| t.role == Role::Agent && t.is_live(now))
+            {
+                return Err(ApiError::conflict(format!(
+                    "node {node:?} is already enrolled; revoke its credential (rollwave token revoke {name}) to enroll it again"
+                )));
+            }
+            if table.named(&name).any(|t| t.is_live(now)) {
+                return Err(ApiError::conflict(format!(
+                    "name: a live token is already called {name:?}; revoke it first"
+                )));
+            }
+            let spent = match join.uses_left.as_mut() {
+                Some(left) => {
+                    *left -= 1;
+                    true
+                }
+                None => false,
+            };
+            let credential = TokenRecord {
+                id: id.clone(),
+                name: name.clone(),
+                role: Role::Agent,
+                node: Some(node.to_string()),
+                secret_sha256: hash_secret(&secret),
+                created_at: now,
+                created_by: join.name.clone(),
+                expires_at: None,
+                revoked_at: None,
+                uses_left: None,
+            };
+            // Taken in memory now, before the disk, so that a second
+            // enrollment of the node is refused while this one is written.
+            // Nobody holds the secret until the write is durable.
+            table.insert(credential.clone());
+            table.by_id.insert(join.id.clone(), join.clone());
+            (spent.then_some(join), credential)
         };
-        if !join.is_live(now) {
-            // Raced with a revocation or another enrollment.
-            return Err(unauthorized(TokenProblem::UsedUp.to_string()));
+        // A join token with a use count is written under the lock, with the
+        // credential in one transaction: two enrollments cannot store their
+        // counts out of order. One without (a fleet's join token) changes
+        // nothing of its own, so enrollments release the lock and their
+        // writes share commits.
+        let (records, _held) = match join {
+            Some(join) => (vec![join, credential.clone()], Some(write)),
+            None => {
+                drop(write);
+                (vec![credential.clone()], None)
+            }
+        };
+        if let Err(e) = store.put_tokens(&records).await {
+            // Never handed out: forget it. A use spent in memory only grants
+            // nothing; the store still has it, as after a crash.
+            self.table().remove(&id);
+            return Err(e.into());
         }
-        if self
-            .read()
-            .values()
-            .any(|t| t.role == Role::Agent && t.node.as_deref() == Some(node) && t.is_live(now))
-        {
-            return Err(ApiError::conflict(format!(
-                "node {node:?} is already enrolled; revoke its credential (rollwave token revoke agent@{node}) to enroll it again"
-            )));
-        }
-        if let Some(left) = join.uses_left.as_mut() {
-            *left -= 1;
-        }
-        // The use is spent before the credential exists: a crash in between
-        // costs a use, never grants a second one.
-        let join_name = join.name.clone();
-        self.put(store, join).await?;
-        self.issue_locked(
-            store,
-            &format!("agent@{node}"),
-            Role::Agent,
-            &join_name,
-            None,
-            None,
-            Some(node.to_string()),
-        )
-        .await
+        Ok(Issued {
+            record: credential,
+            token: format!("rw_{id}_{secret}"),
+        })
     }
 }
 

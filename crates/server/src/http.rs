@@ -17,7 +17,7 @@ use rollwave_api::{
 };
 use rollwave_core::{
     parse_version, validate_service_name, ArtifactFormat, AuditEntry, NodeState, NodeView, Release,
-    ReleaseManifest, ReleaseSignature,
+    ReleaseManifest, ReleaseSignature, RolloutSummary,
 };
 use rollwave_store::PutRelease;
 use serde::Deserialize;
@@ -55,6 +55,7 @@ pub(crate) fn routes() -> Routes<Arc<Shared>> {
         .get("/v1/rollouts", Read, list_rollouts)
         .post("/v1/rollouts", Operate, start_rollout)
         .get("/v1/rollouts/{id}", Read, get_rollout)
+        .get("/v1/rollouts/{id}/summary", Read, get_rollout_summary)
         .post("/v1/plan", Read, plan_rollout)
         .post("/v1/rollouts/{id}/{command}", Operate, rollout_command)
         .get("/v1/services", Read, list_services)
@@ -159,17 +160,42 @@ async fn health(State(shared): State<Arc<Shared>>) -> Json<rollwave_api::HealthR
     get,
     path = "/v1/nodes",
     tag = "fleet",
+    params(PageQuery),
     responses(
-        (status = 200, description = "Every known node, by name", body = Vec<NodeView>),
+        (status = 200, description = "Every known node, by name; with `limit`, a page of them, the next page in the `Link` header", body = Vec<NodeView>,
+            headers(("link" = String, description = "`<...>; rel=\"next\"`: the address of the next page, when there is one"))),
+        (status = 400, description = "A limit out of range", body = rollwave_api::ErrorBody),
     )
 )]
-async fn list_nodes(State(shared): State<Arc<Shared>>) -> Json<Vec<NodeView>> {
-    let mut fleet = shared
-        .fleet
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+async fn list_nodes(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Response> {
+    let limit = q.limit(None)?;
+    let mut page: Vec<NodeView> = {
+        let fleet = shared.fleet.lock().unwrap_or_else(|e| e.into_inner());
+        let after = q.cursor.as_deref().unwrap_or("");
+        let from = fleet
+            .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+            .map(|(_, v)| v.clone());
+        match limit {
+            Some(n) => from.take(n + 1).collect(),
+            None => from.collect(),
+        }
+    };
+    let next = match limit {
+        Some(n) if page.len() > n => {
+            page.truncate(n);
+            page.last().map(|v| v.name.clone())
+        }
+        _ => None,
+    };
     let live = shared.live.lock().unwrap_or_else(|e| e.into_inner());
+    let mut by_name: std::collections::HashMap<String, usize> = page
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.name.clone(), i))
+        .collect();
     // What completed rollouts still want of the nodes they could not reach.
     for r in live.values().filter(|r| r.converging()) {
         for (name, n) in &r.nodes {
@@ -177,9 +203,9 @@ async fn list_nodes(State(shared): State<Arc<Shared>>) -> Json<Vec<NodeView>> {
             if n.state != NodeState::Unreachable && !converging {
                 continue;
             }
-            let Some(s) = fleet
+            let Some(s) = by_name
                 .get_mut(name)
-                .and_then(|v| v.services.get_mut(&r.spec.service))
+                .and_then(|i| page[*i].services.get_mut(&r.spec.service))
             else {
                 continue;
             };
@@ -189,7 +215,50 @@ async fn list_nodes(State(shared): State<Arc<Shared>>) -> Json<Vec<NodeView>> {
             }
         }
     }
-    Json(fleet.into_values().collect())
+    drop(live);
+    Ok(paged(Json(page).into_response(), "/v1/nodes", limit, next))
+}
+
+/// A page of a list: `?limit=N` items from after `?cursor=C` (the last
+/// item of the page before, as the `Link` header of that page gives it).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct PageQuery {
+    /// How many items, 1 to 1,000. Lists of rollouts default to 100;
+    /// the node list is whole without it.
+    limit: Option<String>,
+    /// Where the page starts: the value in the `Link` header's `rel="next"`
+    /// address of the page before.
+    cursor: Option<String>,
+}
+
+/// The largest page a list answers.
+const MAX_PAGE: usize = 1_000;
+
+impl PageQuery {
+    fn limit(&self, default: Option<usize>) -> ApiResult<Option<usize>> {
+        let Some(text) = &self.limit else {
+            return Ok(default);
+        };
+        match text.parse::<usize>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => Ok(Some(n)),
+            _ => Err(ApiError::bad_request(format!(
+                "limit: {text:?} is not a whole number between 1 and {MAX_PAGE}"
+            ))),
+        }
+    }
+}
+
+/// Adds `Link: <path?limit=N&cursor=C>; rel="next"` when there is a next
+/// page, as GitHub's API does: the body stays a plain list.
+fn paged(mut resp: Response, path: &str, limit: Option<usize>, next: Option<String>) -> Response {
+    if let (Some(limit), Some(next)) = (limit, next) {
+        let link = format!("<{path}?limit={limit}&cursor={next}>; rel=\"next\"");
+        if let Ok(value) = header::HeaderValue::from_str(&link) {
+            resp.headers_mut().insert(header::LINK, value);
+        }
+    }
+    resp
 }
 
 /// Each service the fleet runs or has an active version for: its active
@@ -580,15 +649,90 @@ async fn artifact(
     get,
     path = "/v1/rollouts",
     tag = "rollouts",
+    params(PageQuery),
     responses(
-        (status = 200, description = "Every rollout, newest first", body = Vec<rollwave_core::Rollout>),
+        (status = 200, description = "A page of rollouts, newest first, as summaries (counts of nodes per state, the problems): `GET /v1/rollouts/{id}` has the nodes and the log. The next page, if any, is in the `Link` header", body = Vec<RolloutSummary>,
+            headers(("link" = String, description = "`<...>; rel=\"next\"`: the address of the next page, when there is one"))),
+        (status = 400, description = "A limit out of range or a cursor that is not a rollout id", body = rollwave_api::ErrorBody),
         (status = 500, description = "The store failed", body = rollwave_api::ErrorBody),
     )
 )]
 async fn list_rollouts(
     State(shared): State<Arc<Shared>>,
-) -> ApiResult<Json<Vec<rollwave_core::Rollout>>> {
-    Ok(Json(shared.store.list_rollouts().await?))
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Response> {
+    let limit = q.limit(Some(100))?.unwrap_or(100);
+    let before = match q.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(
+            c.parse::<u64>()
+                .map_err(|_| ApiError::bad_request(format!("cursor: {c:?} is not a rollout id")))?,
+        ),
+    };
+    let mut page = shared
+        .store
+        .list_rollout_summaries(limit + 1, before)
+        .await?;
+    let next = (page.len() > limit).then(|| {
+        page.truncate(limit);
+        page.last().map(|s| s.id.to_string())
+    });
+    // Active rollouts as the reconciler holds them now, steps not yet
+    // written included.
+    let live: Vec<Arc<rollwave_core::Rollout>> = {
+        let live = shared.live.lock().unwrap_or_else(|e| e.into_inner());
+        page.iter()
+            .filter_map(|s| live.get(&s.id).cloned())
+            .collect()
+    };
+    for r in live {
+        if let Some(s) = page.iter_mut().find(|s| s.id == r.id) {
+            *s = RolloutSummary::of(&r);
+        }
+    }
+    Ok(paged(
+        Json(page).into_response(),
+        "/v1/rollouts",
+        Some(limit),
+        next.flatten(),
+    ))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/rollouts/{id}/summary",
+    tag = "rollouts",
+    params(("id" = u64, Path, description = "Rollout id")),
+    responses(
+        (status = 200, description = "The rollout in a few lines: counts of nodes per state and the nodes with a problem (at most 20, with how many in all), without the node list or the log", body = RolloutSummary),
+        (status = 400, description = "The id is not a number", body = rollwave_api::ErrorBody),
+        (status = 404, description = "No such rollout", body = rollwave_api::ErrorBody),
+        (status = 500, description = "The store failed", body = rollwave_api::ErrorBody),
+    )
+)]
+async fn get_rollout_summary(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<RolloutSummary>> {
+    let id = parse_id(&id)?;
+    let live = shared
+        .live
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&id)
+        .cloned();
+    if let Some(r) = live {
+        return Ok(Json(RolloutSummary::of(&r)));
+    }
+    let found = shared
+        .store
+        .list_rollout_summaries(1, id.checked_add(1))
+        .await?
+        .into_iter()
+        .find(|s| s.id == id);
+    found
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("rollout {id} not found")))
 }
 
 fn parse_id(id: &str) -> ApiResult<u64> {
@@ -620,7 +764,7 @@ async fn get_rollout(
         .get(&id)
         .cloned();
     let rollout = match live {
-        Some(r) => r,
+        Some(r) => Arc::unwrap_or_clone(r),
         None => shared
             .store
             .get_rollout(id)

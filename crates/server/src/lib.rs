@@ -49,7 +49,7 @@ pub(crate) struct Shared {
     pub fleet: Mutex<Fleet>,
     pub sessions: session::Sessions,
     /// The reconciler's active rollouts, for readers.
-    pub live: Mutex<std::collections::BTreeMap<u64, rollwave_core::Rollout>>,
+    pub live: Mutex<std::collections::BTreeMap<u64, Arc<rollwave_core::Rollout>>>,
     pub reconciler: reconciler::Handle,
     pub metrics: metrics::Metrics,
     /// Every change of a rollout or a node, for `GET /v1/events`.

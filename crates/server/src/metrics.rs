@@ -141,31 +141,23 @@ impl Metrics {
             .observe(ms as f64 / 1000.0);
     }
 
-    /// Observes the wave of `node` if `new` (the rollout after the node's
-    /// result) finished it and `old` had not. Only that wave is looked at:
-    /// a result is recorded for every node, in rollouts of thousands.
-    pub fn wave_done(&self, old: &Rollout, new: &Rollout, node: &str, now: Timestamp) {
-        let Some(wave) = new.nodes.get(node).and_then(|n| new.batches.get(n.batch)) else {
-            return;
-        };
-        let done = |r: &Rollout| {
-            wave.iter().all(|n| {
-                r.nodes
-                    .get(n)
-                    .is_some_and(|p| p.state != NodeState::Pending && !p.state.in_flight())
-            })
-        };
-        if !done(new) || done(old) {
+    /// Observes the wave of `node`, which its result just finished (see
+    /// [`wave_done`], asked before the result was recorded).
+    pub fn wave_finished(&self, r: &Rollout, node: &str, now: Timestamp) {
+        if !wave_done(r, node) {
             return;
         }
+        let Some(wave) = r.nodes.get(node).and_then(|n| r.batches.get(n.batch)) else {
+            return;
+        };
         let started = wave
             .iter()
-            .filter_map(|n| new.nodes.get(n)?.task.as_ref())
+            .filter_map(|n| r.nodes.get(n)?.task.as_ref())
             .map(|t| t.started_at)
             .min();
         if let Some(started) = started {
             self.waves
-                .get_or_create(&vec![("service", new.spec.service.clone())])
+                .get_or_create(&vec![("service", r.spec.service.clone())])
                 .observe(now.saturating_sub(started) as f64 / 1000.0);
         }
     }
@@ -192,7 +184,12 @@ impl Metrics {
 
     /// The exposition: the gauges refilled from `live` (the active
     /// rollouts), `fleet` and the connected agents, then everything encoded.
-    pub fn render(&self, live: &BTreeMap<u64, Rollout>, fleet: &Fleet, agents: usize) -> String {
+    pub fn render(
+        &self,
+        live: &BTreeMap<u64, std::sync::Arc<Rollout>>,
+        fleet: &Fleet,
+        agents: usize,
+    ) -> String {
         let _one = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         self.rollouts.clear();
         let mut by_state: BTreeMap<&str, i64> = BTreeMap::new();
@@ -234,4 +231,17 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Whether every node of `node`'s wave has finished. Only that wave is
+/// looked at: a result is recorded for every node, in rollouts of thousands.
+pub fn wave_done(r: &Rollout, node: &str) -> bool {
+    let Some(wave) = r.nodes.get(node).and_then(|n| r.batches.get(n.batch)) else {
+        return false;
+    };
+    wave.iter().all(|n| {
+        r.nodes
+            .get(n)
+            .is_some_and(|p| p.state != NodeState::Pending && !p.state.in_flight())
+    })
 }

@@ -8,17 +8,18 @@
 //! reconnect, in-flight tasks are sent again, and agents recognise task ids
 //! they have already run.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rollwave_api::{artifact_path, ArtifactRef, FinalizeResponse, ServerMessage, Task, TaskAction};
 use rollwave_core::{
-    check_downgrade, check_finalize, newest_running, plan_batches, step, validate_service_name,
-    ActiveVersion, Dependency, FinalizeError, Hook, HookReport, HookStage, NodeState, OnError,
-    Release, Rollout, RolloutFile, RolloutState, TaskKind, TaskOutcome, TaskRef,
+    check_downgrade, check_finalize, newest_running, plan_batches, step_in_place,
+    validate_service_name, ActiveVersion, Dependency, Dispatch, FinalizeError, Hook, HookReport,
+    HookStage, NodeProgress, NodeState, OnError, Release, Rollout, RolloutFile, RolloutState,
+    TaskKind, TaskOutcome, TaskRef,
 };
-use rollwave_store::StoreError;
+use rollwave_store::{RolloutWrite, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{now_ms, ApiError, Shared};
@@ -51,6 +52,15 @@ fn explicit_downgrade(r: &Rollout) -> Result<(), ApiError> {
 
 /// Even with nothing to wake for, look again this often: a cheap backstop.
 const MAX_SLEEP: Duration = Duration::from_secs(5);
+
+/// A rollout is stepped again no sooner than this many times what its last
+/// step cost (stepping, comparing, publishing: all O(its nodes)), so that a
+/// large rollout under a stream of results takes a bounded share of the CPU
+/// and each step takes every result that arrived meanwhile at once.
+const STEP_COST_FACTOR: u32 = 4;
+/// ... and never more often than this, nor less often than the ceiling.
+const MIN_STEP_GAP: Duration = Duration::from_millis(5);
+const MAX_STEP_GAP: Duration = Duration::from_millis(500);
 
 pub enum Event {
     Kick,
@@ -158,7 +168,19 @@ impl Handle {
 
 struct Reconciler {
     shared: Arc<Shared>,
+    /// Every rollout the reconciler watches, as it is now: what the store
+    /// holds plus observations not yet written (task phases, results
+    /// waiting for the next step).
     active: BTreeMap<u64, Rollout>,
+    /// What the store holds of each active rollout, to write only what
+    /// changed.
+    stored: HashMap<u64, Stored>,
+    /// Rollouts something happened to since their last step.
+    due: BTreeSet<u64>,
+    /// Each rollout's last step: when, and when the next may run.
+    paced: HashMap<u64, Pace>,
+    /// When the planner asked to look at each rollout again.
+    wakeups: HashMap<u64, u64>,
     releases: HashMap<(String, String), Release>,
     /// Hook stages running now, each in a task of its own, so that a slow
     /// hook holds up only its rollout.
@@ -168,17 +190,77 @@ struct Reconciler {
     feed: crate::events::RolloutFeed,
 }
 
+/// What the store holds of a rollout: enough to tell what changed.
+struct Stored {
+    header: Rollout,
+    nodes: BTreeMap<String, NodeProgress>,
+    events: usize,
+}
+
+impl Stored {
+    fn of(r: &Rollout) -> Stored {
+        Stored {
+            header: r.header(),
+            nodes: r.nodes.clone(),
+            events: r.events.len(),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Pace {
+    next: Instant,
+}
+
+/// Whether two records of a node differ in more than what a task phase
+/// changes: a phase is an observation, written with the next decision.
+fn decided(stored: &NodeProgress, now: &NodeProgress) -> bool {
+    let NodeProgress {
+        batch,
+        from_version,
+        state,
+        task,
+        phase: _,
+        reason,
+        waiting_since,
+        stage_sent,
+        converged,
+        updated_at: _,
+    } = now;
+    *batch != stored.batch
+        || *from_version != stored.from_version
+        || *state != stored.state
+        || *task != stored.task
+        || *reason != stored.reason
+        || *waiting_since != stored.waiting_since
+        || *stage_sent != stored.stage_sent
+        || *converged != stored.converged
+}
+
+/// The rollout a task id belongs to: ids are `r<rollout>-<kind>-<node>`
+/// (`Rollout::task_id`).
+fn rollout_of_task(task_id: &str) -> Option<u64> {
+    task_id.strip_prefix('r')?.split('-').next()?.parse().ok()
+}
+
 /// Loads the active rollouts and starts the reconciler task.
 pub async fn spawn(
     shared: Arc<Shared>,
     events: mpsc::UnboundedReceiver<Event>,
 ) -> Result<(), StoreError> {
     let mut active = BTreeMap::new();
-    for r in shared.store.list_rollouts().await? {
-        if r.is_active() {
-            active.insert(r.id, r);
-        } else {
-            shared.metrics.rollout_finished(r.id, r.state);
+    for r in shared.store.list_active_rollouts().await? {
+        active.insert(r.id, r);
+    }
+    // Finished rollouts count in the metrics: their summaries, a page at a
+    // time, cost their headers and node counts, not their node records.
+    let mut before = None;
+    loop {
+        let page = shared.store.list_rollout_summaries(500, before).await?;
+        let Some(last) = page.last() else { break };
+        before = Some(last.id);
+        for s in page.iter().filter(|s| !active.contains_key(&s.id)) {
+            shared.metrics.rollout_finished(s.id, s.state);
         }
     }
     if !active.is_empty() {
@@ -190,10 +272,16 @@ pub async fn spawn(
     for r in active.values() {
         feed.baseline(r);
     }
+    let stored = active.values().map(|r| (r.id, Stored::of(r))).collect();
+    let due = active.keys().copied().collect();
     let r = Reconciler {
         shared,
         feed,
         active,
+        stored,
+        due,
+        paced: HashMap::new(),
+        wakeups: HashMap::new(),
         releases: HashMap::new(),
         hooks_running: HashSet::new(),
         hook_client,
@@ -218,35 +306,32 @@ impl Reconciler {
                 self.handle(e).await;
             }
             sleep = self.reconcile().await;
-            self.publish();
         }
     }
 
     async fn handle(&mut self, event: Event) {
         let now = now_ms();
         match event {
-            Event::Kick => {}
+            // The fleet changed (a status, a node gone): any rollout may
+            // now start a node or give one up.
+            Event::Kick => self.due.extend(self.active.keys().copied()),
             Event::ReleaseSigned { service, version } => {
                 self.releases.remove(&(service, version));
             }
             Event::AgentConnected(node) => {
-                let mut tasks: Vec<(u64, TaskRef)> = self
-                    .active
-                    .values()
-                    .flat_map(|r| {
-                        r.in_flight()
-                            .filter(|(n, _)| *n == node)
-                            .map(|(_, t)| (r.id, t.clone()))
-                    })
-                    .collect();
-                // A stage task sent before a disconnect may never have
-                // arrived; the agent answers it from its journal if it did.
+                self.due.extend(self.active.keys().copied());
+                // One lookup per rollout: the node's own record.
+                let mut tasks: Vec<(u64, TaskRef)> = Vec::new();
                 for r in self.active.values() {
-                    let pending = r
-                        .nodes
-                        .get(&node)
-                        .is_some_and(|n| n.stage_sent && n.state == NodeState::Pending);
-                    if pending && !r.state.is_terminal() {
+                    let Some(n) = r.nodes.get(&node) else {
+                        continue;
+                    };
+                    if let Some(t) = n.task.as_ref().filter(|_| n.state.in_flight()) {
+                        tasks.push((r.id, t.clone()));
+                    }
+                    // A stage task sent before a disconnect may never have
+                    // arrived; the agent answers it from its journal if it did.
+                    if n.stage_sent && n.state == NodeState::Pending && !r.state.is_terminal() {
                         tasks.push((
                             r.id,
                             TaskRef {
@@ -258,10 +343,7 @@ impl Reconciler {
                     }
                 }
                 for (id, task) in tasks {
-                    let Some(r) = self.active.get(&id).cloned() else {
-                        continue;
-                    };
-                    self.send_task(&r, &node, &task).await;
+                    self.send_task(id, &node, &task).await;
                 }
             }
             Event::Phase {
@@ -273,8 +355,11 @@ impl Reconciler {
                     // Observations, not decisions: kept in memory (and shown
                     // through `live`), written with the rollout's next decision.
                     let new = r.record_phase(&node, &task_id, &phase, now);
-                    if new && phase.starts_with("hook ") && phase.contains(" failed: ") {
-                        self.shared.metrics.hook_failed("node");
+                    if new {
+                        self.due.insert(r.id);
+                        if phase.starts_with("hook ") && phase.contains(" failed: ") {
+                            self.shared.metrics.hook_failed("node");
+                        }
                     }
                 }
             }
@@ -283,20 +368,28 @@ impl Reconciler {
                 task_id,
                 outcome,
             } => {
-                let ids: Vec<u64> = self.active.keys().copied().collect();
+                // Recorded here, written with the step that follows: the
+                // results of a wave arrive together and share one write.
+                let ids: Vec<u64> = match rollout_of_task(&task_id) {
+                    Some(id) if self.active.contains_key(&id) => vec![id],
+                    _ => self.active.keys().copied().collect(),
+                };
                 for id in ids {
-                    let Some(mut r) = self.active.get(&id).cloned() else {
+                    let Some(r) = self.active.get_mut(&id) else {
                         continue;
                     };
                     let task = r.nodes.get(&node).and_then(|n| n.task.clone());
+                    let wave_was_done = crate::metrics::wave_done(r, &node);
                     if r.record_result(&node, &task_id, &outcome, now) {
-                        if let (Some(t), Some(old)) = (task, self.active.get(&id)) {
+                        if let Some(t) = task {
                             let took = now.saturating_sub(t.started_at);
                             self.shared.metrics.task_ended(t.kind, &outcome, took);
-                            self.shared.metrics.wave_done(old, &r, &node, now);
+                            if !wave_was_done {
+                                self.shared.metrics.wave_finished(r, &node, now);
+                            }
                         }
                         tracing::info!(rollout = id, node = %node, task = %task_id, ?outcome, "task ended");
-                        self.save(r).await;
+                        self.due.insert(id);
                     }
                 }
             }
@@ -415,6 +508,8 @@ impl Reconciler {
         let stored = self.shared.store.insert_rollouts(&planned).await?;
         for r in stored {
             tracing::info!(rollout = r.id, service = %r.spec.service, version = %r.spec.version, nodes = r.nodes.len(), after = ?r.after, "rollout started");
+            self.stored.insert(r.id, Stored::of(&r));
+            self.now_due(r.id);
             self.active.insert(r.id, r);
         }
         self.reconcile().await;
@@ -654,6 +749,7 @@ impl Reconciler {
             tracing::info!(rollout = id, ?command, "operator command");
             self.save(r).await;
         }
+        self.now_due(id);
         self.reconcile().await;
         self.current(id).await
     }
@@ -670,142 +766,365 @@ impl Reconciler {
         }
     }
 
-    /// Steps every active rollout; returns how long to sleep until the next deadline.
+    /// Marks a rollout to be stepped in the next pass, whatever its pace:
+    /// an operator waits for the answer.
+    fn now_due(&mut self, id: u64) {
+        self.due.insert(id);
+        self.paced.remove(&id);
+    }
+
+    /// Steps the rollouts something happened to (or whose deadline came),
+    /// each no more often than its pace allows, writes every decision of
+    /// the pass in one store call, then sends the tasks they imply. Returns
+    /// how long to sleep until the next deadline.
     async fn reconcile(&mut self) -> Duration {
         let now = now_ms();
-        let fleet = self.fleet();
+        let clock = Instant::now();
         let mut wake = now + MAX_SLEEP.as_millis() as u64;
-        let ids: Vec<u64> = self.active.keys().copied().collect();
-        for id in ids {
-            let Some(r) = self.active.get(&id) else {
-                continue;
-            };
-            if r.end_hooks_due() {
-                let hooks = r.end_hooks();
-                let finalize = r.finalize_due();
-                self.run_hooks(id, HookStage::End, hooks, "end");
-                if !finalize {
-                    continue;
-                }
-            }
-            let Some(r) = self.active.get(&id) else {
-                continue;
-            };
-            if r.finalize_due() {
-                let mut r = r.clone();
-                let outcome = match self
-                    .finalize(
-                        &r.spec.service,
-                        Some(r.spec.version.clone()),
-                        format!("rollout {id}"),
-                        now,
-                    )
-                    .await
-                {
-                    Ok(f) => format!(
-                        "finalized: the active version of {} is {}",
-                        r.spec.service, f.active.version
-                    ),
-                    Err(e) => format!("not finalized: {}", e.message),
-                };
-                r.record_finalize(outcome, now);
-                self.save(r).await;
-                continue;
-            }
-            if r.blocked() {
-                let deps = self.dependencies(r).await;
-                let mut held = r.clone();
-                let go = held.await_dependencies(&deps, now);
-                if held != *r {
-                    held.updated_at = now;
-                    self.save(held).await;
-                }
-                if !go {
-                    continue;
-                }
-            }
-            let Some(r) = self.active.get(&id) else {
-                continue;
-            };
-            if r.pre_rollout_due() {
-                let hooks = r.spec.hooks.pre_rollout.clone();
-                self.run_hooks(id, HookStage::PreRollout, hooks, "pre_rollout");
-                continue;
-            }
-            let decision = step(r, &fleet, now);
-            if let Some(t) = decision.next_wakeup {
-                wake = wake.min(t);
-            }
-            if !decision.changed {
-                continue;
-            }
-            // Persist first: a task is only sent once the decision is durable.
-            let Some(saved) = self.save(decision.rollout).await else {
-                continue;
-            };
-            for d in decision.dispatch.iter().chain(&decision.stage) {
-                self.send_task(&saved, &d.node, &d.task).await;
+        let mut ready = Vec::new();
+        for (&id, &at) in &self.wakeups {
+            if at <= now {
+                self.due.insert(id);
+            } else {
+                wake = wake.min(at);
             }
         }
-        Duration::from_millis(wake.saturating_sub(now).max(10))
+        for &id in &self.due {
+            match self.paced.get(&id) {
+                Some(p) if p.next > clock => {
+                    let ms = p.next.duration_since(clock).as_millis() as u64;
+                    wake = wake.min(now + ms.max(1));
+                }
+                _ => ready.push(id),
+            }
+        }
+        if ready.is_empty() {
+            return Duration::from_millis(wake.saturating_sub(now).max(1));
+        }
+        for id in &ready {
+            self.due.remove(id);
+            self.wakeups.remove(id);
+        }
+        let mut go = Vec::with_capacity(ready.len());
+        for id in ready {
+            // A cheap backstop, as every wait has a deadline of its own: a
+            // rollout nothing happens to is looked at again at least this often.
+            self.wakeups.insert(id, now + MAX_SLEEP.as_millis() as u64);
+            if self.before_step(id, now).await {
+                go.push(id);
+            }
+        }
+        let mut stepped: Vec<(u64, Vec<Dispatch>, Instant)> = Vec::new();
+        let mut quiet = Vec::new();
+        // The fleet is read in place, not copied: stepping is synchronous
+        // and short next to a copy of every node's view, and sessions only
+        // hold this lock to change one node.
+        let shared = self.shared.clone();
+        {
+            let fleet = shared.fleet.lock().unwrap_or_else(|e| e.into_inner());
+            for id in go {
+                let started = Instant::now();
+                let Some(r) = self.active.get_mut(&id) else {
+                    continue;
+                };
+                let header = r.header();
+                let events = r.events.len();
+                let actions = step_in_place(r, &fleet, now);
+                if let Some(t) = actions.next_wakeup {
+                    let backstop = self.wakeups.entry(id).or_insert(t);
+                    *backstop = (*backstop).min(t);
+                    wake = wake.min(t);
+                }
+                // What the step did beyond what the store holds: the header,
+                // log entries it added, or a node changed in more than its phase
+                // (a result recorded since the last write is a decision too).
+                let stepped_header = r.header() != header || r.events.len() != events;
+                let node_decided = self.stored.get(&id).is_none_or(|st| {
+                    r.nodes
+                        .iter()
+                        .any(|(name, n)| st.nodes.get(name).is_none_or(|s| decided(s, n)))
+                });
+                let header_decided = self
+                    .stored
+                    .get(&id)
+                    .is_none_or(|st| st.header != r.header());
+                if stepped_header || node_decided || header_decided {
+                    r.updated_at = now;
+                    let dispatch = actions.dispatch.into_iter().chain(actions.stage).collect();
+                    stepped.push((id, dispatch, started));
+                } else {
+                    quiet.push((id, started));
+                }
+            }
+        }
+        for (id, started) in quiet {
+            self.publish(id);
+            self.pace(id, started);
+        }
+        // Persist first: a task is only sent once the decision is durable.
+        let saved = self
+            .write(stepped.iter().map(|(id, _, _)| *id).collect())
+            .await;
+        for ((id, dispatch, started), ok) in stepped.into_iter().zip(saved) {
+            if !ok {
+                continue;
+            }
+            for d in &dispatch {
+                self.send_task(id, &d.node, &d.task).await;
+            }
+            self.pace(id, started);
+        }
+        let now = now_ms();
+        Duration::from_millis(wake.saturating_sub(now).max(1))
     }
 
-    /// Writes a rollout and keeps the stored copy; on failure, drops the
-    /// in-memory change and reloads, so memory never runs ahead of the store.
-    async fn save(&mut self, r: Rollout) -> Option<Rollout> {
-        let id = r.id;
-        match self.shared.store.update_rollout(&r).await {
-            Ok(saved) => {
-                if saved.is_active() {
-                    self.active.insert(id, saved.clone());
-                } else {
-                    tracing::info!(rollout = id, state = saved.state.as_str(), reason = ?saved.reason, "rollout finished");
-                    if self.active.remove(&id).is_some() {
-                        self.shared.metrics.rollout_finished(id, saved.state);
-                    }
-                    self.finished(&saved);
-                }
-                Some(saved)
+    /// Sets when a rollout stepped at `started` may be stepped again.
+    fn pace(&mut self, id: u64, started: Instant) {
+        let cost = started.elapsed();
+        let gap = (cost * STEP_COST_FACTOR).clamp(MIN_STEP_GAP, MAX_STEP_GAP);
+        self.paced.insert(
+            id,
+            Pace {
+                next: Instant::now() + gap,
+            },
+        );
+    }
+
+    /// What comes before the planner: end hooks, auto finalize,
+    /// dependencies, `pre_rollout` hooks. Returns whether to step now.
+    async fn before_step(&mut self, id: u64, now: u64) -> bool {
+        let Some(r) = self.active.get(&id) else {
+            return false;
+        };
+        if r.end_hooks_due() {
+            let hooks = r.end_hooks();
+            let finalize = r.finalize_due();
+            self.run_hooks(id, HookStage::End, hooks, "end");
+            if !finalize {
+                return false;
             }
-            Err(e) => {
-                tracing::error!(rollout = id, error = %e, "persisting rollout; reloading");
-                let reloaded = self.shared.store.get_rollout(id).await;
-                if let Ok(Some(stored)) = &reloaded {
-                    self.feed.reloaded(stored);
-                }
-                match reloaded {
-                    Ok(Some(stored)) if stored.is_active() => {
-                        self.active.insert(id, stored);
-                    }
-                    Ok(stored) => {
-                        let was_active = self.active.remove(&id).is_some();
-                        if let Some(stored) = stored {
-                            if was_active {
-                                self.shared.metrics.rollout_finished(id, stored.state);
+        }
+        let Some(r) = self.active.get(&id) else {
+            return false;
+        };
+        if r.finalize_due() {
+            let mut r = r.clone();
+            let outcome = match self
+                .finalize(
+                    &r.spec.service,
+                    Some(r.spec.version.clone()),
+                    format!("rollout {id}"),
+                    now,
+                )
+                .await
+            {
+                Ok(f) => format!(
+                    "finalized: the active version of {} is {}",
+                    r.spec.service, f.active.version
+                ),
+                Err(e) => format!("not finalized: {}", e.message),
+            };
+            r.record_finalize(outcome, now);
+            self.save(r).await;
+            return false;
+        }
+        if r.blocked() {
+            let deps = self.dependencies(r).await;
+            let mut held = r.clone();
+            let go = held.await_dependencies(&deps, now);
+            if held != *r {
+                held.updated_at = now;
+                self.save(held).await;
+            }
+            if !go {
+                return false;
+            }
+        }
+        let Some(r) = self.active.get(&id) else {
+            return false;
+        };
+        if r.pre_rollout_due() {
+            let hooks = r.spec.hooks.pre_rollout.clone();
+            self.run_hooks(id, HookStage::PreRollout, hooks, "pre_rollout");
+            return false;
+        }
+        true
+    }
+
+    /// Writes a rollout changed outside the planner (a command, hooks, a
+    /// dependency) at once; see [`Reconciler::write`].
+    async fn save(&mut self, r: Rollout) -> bool {
+        let id = r.id;
+        self.active.insert(id, r);
+        // What changed it may let the planner act.
+        self.due.insert(id);
+        self.write(vec![id]).await.remove(0)
+    }
+
+    /// Writes what changed in each of these active rollouts since the store
+    /// last had them, in one store call (one transaction, one sync), and
+    /// publishes them. A rollout whose write failed is read back from the
+    /// store, so memory never runs ahead of it; its outcome is `false`.
+    async fn write(&mut self, ids: Vec<u64>) -> Vec<bool> {
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        let outcomes = {
+            let writes: Vec<RolloutWrite<'_>> = ids
+                .iter()
+                .filter_map(|id| {
+                    let r = self.active.get(id)?;
+                    Some(match self.stored.get(id) {
+                        Some(st) => RolloutWrite {
+                            rollout: r,
+                            nodes: Some(
+                                r.nodes
+                                    .iter()
+                                    .filter(|(name, n)| st.nodes.get(*name) != Some(*n))
+                                    .map(|(name, _)| name.as_str())
+                                    .collect(),
+                            ),
+                            events_stored: st.events,
+                            plan: false,
+                        },
+                        // Read from the store for a command (a finished
+                        // rollout rolled back): written whole.
+                        None => RolloutWrite::full(r),
+                    })
+                })
+                .collect();
+            let written: Vec<(u64, Option<Vec<String>>)> = writes
+                .iter()
+                .map(|w| {
+                    (
+                        w.rollout.id,
+                        w.nodes
+                            .as_ref()
+                            .map(|n| n.iter().map(|s| s.to_string()).collect()),
+                    )
+                })
+                .collect();
+            let results = match self.shared.store.write_rollouts(&writes).await {
+                Ok(results) => results,
+                Err(e) => writes.iter().map(|_| Err(e.clone())).collect(),
+            };
+            written.into_iter().zip(results).collect::<Vec<_>>()
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for ((id, nodes), result) in outcomes {
+            match result {
+                Ok(generation) => {
+                    let Some(r) = self.active.get_mut(&id) else {
+                        out.push(false);
+                        continue;
+                    };
+                    r.generation = generation;
+                    match (self.stored.get_mut(&id), nodes) {
+                        (Some(st), Some(nodes)) => {
+                            for name in nodes {
+                                if let Some(n) = r.nodes.get(&name) {
+                                    st.nodes.insert(name, n.clone());
+                                }
                             }
-                            self.finished(&stored);
+                            st.header = r.header();
+                            st.events = r.events.len();
+                        }
+                        _ => {
+                            self.stored.insert(id, Stored::of(r));
                         }
                     }
-                    Err(e) => tracing::error!(rollout = id, error = %e, "reloading rollout"),
+                    if r.is_active() {
+                        self.publish(id);
+                    } else {
+                        let r = self.active.remove(&id).expect("looked up above");
+                        self.forget(id);
+                        tracing::info!(rollout = id, state = r.state.as_str(), reason = ?r.reason, "rollout finished");
+                        self.shared.metrics.rollout_finished(id, r.state);
+                        self.finished(&r);
+                        // Rollouts that depend on it (or wait for it to give
+                        // way) may go on now.
+                        self.due.extend(self.active.keys().copied());
+                    }
+                    out.push(true);
                 }
-                None
+                Err(e) => {
+                    tracing::error!(rollout = id, error = %e, "persisting rollout; reloading");
+                    self.reload(id).await;
+                    out.push(false);
+                }
+            }
+        }
+        out
+    }
+
+    /// Drops the in-memory change of a rollout whose write failed.
+    async fn reload(&mut self, id: u64) {
+        let reloaded = self.shared.store.get_rollout(id).await;
+        if let Ok(Some(stored)) = &reloaded {
+            self.feed.reloaded(stored);
+        }
+        match reloaded {
+            Ok(Some(stored)) if stored.is_active() => {
+                self.stored.insert(id, Stored::of(&stored));
+                self.active.insert(id, stored);
+                self.due.insert(id);
+                self.publish(id);
+            }
+            Ok(stored) => {
+                let was_active = self.active.remove(&id).is_some();
+                self.forget(id);
+                if let Some(stored) = stored {
+                    if was_active {
+                        self.shared.metrics.rollout_finished(id, stored.state);
+                    }
+                    self.finished(&stored);
+                }
+            }
+            Err(e) => {
+                // Memory is kept, unwritten: the next step tries again.
+                tracing::error!(rollout = id, error = %e, "reloading rollout");
+                self.due.insert(id);
             }
         }
     }
 
-    async fn send_task(&mut self, r: &Rollout, node: &str, task: &TaskRef) {
+    fn forget(&mut self, id: u64) {
+        self.stored.remove(&id);
+        self.due.remove(&id);
+        self.paced.remove(&id);
+        self.wakeups.remove(&id);
+    }
+
+    async fn send_task(&mut self, id: u64, node: &str, task: &TaskRef) {
+        let Some((service, version)) = self
+            .active
+            .get(&id)
+            .map(|r| (r.spec.service.clone(), r.spec.version.clone()))
+        else {
+            return;
+        };
+        let release = match task.kind {
+            TaskKind::Revert => None,
+            _ => match self.release(&service, &version).await {
+                Ok(Some(rel)) => Some(rel),
+                Ok(None) => {
+                    tracing::error!(rollout = id, "release of a running rollout is missing");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(rollout = id, error = %e.message, "loading release");
+                    return;
+                }
+            },
+        };
+        let Some(r) = self.active.get(&id) else {
+            return;
+        };
         let action = match task.kind {
             TaskKind::Upgrade | TaskKind::Stage | TaskKind::Converge | TaskKind::DryRun => {
-                let release = match self.release(&r.spec.service, &r.spec.version).await {
-                    Ok(Some(rel)) => rel,
-                    Ok(None) => {
-                        tracing::error!(rollout = r.id, "release of a running rollout is missing");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::error!(rollout = r.id, error = %e.message, "loading release");
-                        return;
-                    }
+                let release = match release {
+                    Some(rel) => rel,
+                    None => return,
                 };
                 let artifact = ArtifactRef {
                     path: artifact_path(&release.service, &release.version),
@@ -869,11 +1188,17 @@ impl Reconciler {
     /// Shares the active rollouts with readers: the newest state, including
     /// phases not yet written; then streams what changed, so that a client
     /// that reads a rollout after an event sees at least what it announced.
-    fn publish(&mut self) {
-        *self.shared.live.lock().unwrap_or_else(|e| e.into_inner()) = self.active.clone();
-        for r in self.active.values() {
-            self.feed.observe(r, &self.shared.events);
-        }
+    fn publish(&mut self, id: u64) {
+        let Some(r) = self.active.get(&id) else {
+            return;
+        };
+        let copy = Arc::new(r.clone());
+        self.shared
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, copy);
+        self.feed.observe(r, &self.shared.events);
     }
 
     /// A rollout left `active`: readers now get it from the store, and its

@@ -230,6 +230,19 @@ function adopt(full) {
   return r;
 }
 
+/**
+ * A rollout known from the list, which carries summaries (counts per node
+ * state, not nodes): its full copy is fetched when it is shown or active.
+ */
+function fromSummary(s) {
+  return {
+    id: s.id, generation: s.generation, spec: { service: s.service, version: s.version },
+    state: s.state, reason: s.reason, waiting: s.waiting, created_at: s.created_at,
+    updated_at: s.updated_at, finished_at: s.finished_at, waves: s.waves, counts: s.counts,
+    nodes: {}, events: [], batches: null, pendingLog: [], version: [-1, -1], partial: true,
+  };
+}
+
 /** A rollout known only from events so far; its full copy is fetched. */
 function stub(id) {
   const r = { id, nodes: {}, events: [], batches: null, pendingLog: [], version: [-1, -1], partial: true, state: 'running' };
@@ -366,7 +379,7 @@ function loadSnapshots() {
         api('GET', '/v1/services'),
       ]);
       S.nodes = new Map(nodes.map((n) => [n.name, n]));
-      S.rollouts = new Map(rollouts.map((r) => [r.id, adopt(r)]));
+      S.rollouts = new Map(rollouts.map((s) => [s.id, fromSummary(s)]));
       S.services = new Map(services.map((s) => [s.service, s]));
       S.missing.clear();
       S.loaded = true;
@@ -853,6 +866,8 @@ function fromVersions(r) {
 }
 
 function stateCounts(r) {
+  // Known from the list or the stream only: the counts they carried.
+  if (r.partial && r.counts && !Object.keys(r.nodes).length) return r.counts;
   const counts = {};
   for (const n of Object.values(r.nodes)) counts[n.state] = (counts[n.state] || 0) + 1;
   return counts;

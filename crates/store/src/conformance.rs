@@ -15,7 +15,7 @@ use rollwave_core::{
     Role, Rollout, RolloutFile, ServiceView, Timestamp, TokenRecord,
 };
 
-use crate::{PutRelease, Store, StoreError};
+use crate::{PutRelease, RolloutWrite, Store, StoreError};
 
 /// Runs every check against `store`, which must be empty.
 pub async fn test_suite(store: &dyn Store) {
@@ -23,6 +23,9 @@ pub async fn test_suite(store: &dyn Store) {
     releases(store).await;
     rollout_ids(store).await;
     rollouts(store).await;
+    rollout_writes(store).await;
+    concurrent_rollout_writes(store).await;
+    summaries(store).await;
     active_versions(store).await;
     audit(store).await;
     tokens(store).await;
@@ -51,8 +54,22 @@ async fn tokens(store: &dyn Store) {
     store.put_token(&used).await.unwrap();
     assert_eq!(
         store.list_tokens().await.unwrap(),
-        vec![used, token("00", "second")],
+        vec![used.clone(), token("00", "second")],
         "replaced in place, oldest first"
+    );
+    // An enrollment: the join token's use and the new credential together.
+    let mut spent = token("00", "second");
+    spent.uses_left = Some(0);
+    let mut credential = token("aa", "agent@web-1");
+    credential.role = Role::Agent;
+    credential.node = Some("web-1".into());
+    store
+        .put_tokens(&[spent.clone(), credential.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_tokens().await.unwrap(),
+        vec![used, spent, credential]
     );
 }
 
@@ -466,5 +483,187 @@ async fn rollouts(store: &dyn Store) {
         store.list_rollouts().await.unwrap(),
         vec![third, second, pair[1].clone(), pair[0].clone(), winner],
         "rollouts are listed newest first"
+    );
+}
+
+/// Writes that carry only what changed: the rollout read back is the one
+/// written, whatever part of it each write named.
+async fn rollout_writes(store: &dyn Store) {
+    let id = store.next_rollout_id().await.unwrap();
+    let v1 = store.insert_rollout(&rollout(id, 20_000)).await.unwrap();
+    let names: Vec<String> = v1.nodes.keys().cloned().collect();
+
+    // One node changes and the log grows: only that is written.
+    let mut next = v1.clone();
+    next.nodes.get_mut(&names[0]).unwrap().reason = Some("looked at".into());
+    next.pause(21_000).unwrap();
+    let got = store
+        .write_rollouts(&[RolloutWrite::diff(&v1, &next)])
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(*got[0].as_ref().unwrap(), 2);
+    let v2 = Rollout {
+        generation: 2,
+        ..next
+    };
+    assert_eq!(store.get_rollout(id).await.unwrap(), Some(v2.clone()));
+
+    // Several rollouts in one call: a lost swap refuses that one alone.
+    let other = store.next_rollout_id().await.unwrap();
+    let o1 = store.insert_rollout(&rollout(other, 20_000)).await.unwrap();
+    let mut o2 = o1.clone();
+    o2.cancel(22_000).unwrap();
+    let mut stale = v1.clone();
+    stale.cancel(22_000).unwrap();
+    let got = store
+        .write_rollouts(&[
+            RolloutWrite::diff(&v1, &stale),
+            RolloutWrite::diff(&o1, &o2),
+        ])
+        .await
+        .unwrap();
+    match &got[0] {
+        Err(StoreError::Conflict {
+            expected, found, ..
+        }) => assert_eq!((*expected, *found), (1, 2)),
+        other => panic!("stale write in a group: expected Conflict, got {other:?}"),
+    }
+    assert_eq!(*got[1].as_ref().unwrap(), 2);
+    assert_eq!(store.get_rollout(id).await.unwrap(), Some(v2.clone()));
+    let o2 = Rollout {
+        generation: 2,
+        ..o2
+    };
+    assert_eq!(store.get_rollout(other).await.unwrap(), Some(o2.clone()));
+
+    // A full write replaces every part, the log included.
+    let mut rewritten = v2.clone();
+    rewritten.events.truncate(1);
+    rewritten.nodes.get_mut(&names[1]).unwrap().reason = Some("full".into());
+    let v3 = store.update_rollout(&rewritten).await.unwrap();
+    assert_eq!(v3.generation, 3);
+    assert_eq!(store.get_rollout(id).await.unwrap(), Some(v3.clone()));
+
+    // Active: what the control plane loads at start.
+    let active = store.list_active_rollouts().await.unwrap();
+    assert!(
+        active.contains(&v3),
+        "a paused rollout is active: {active:?}"
+    );
+    assert!(
+        !active.iter().any(|r| r.id == other),
+        "a cancelled rollout with nothing in flight is not active"
+    );
+}
+
+/// Writers racing on one rollout from many tasks: for each generation,
+/// exactly one wins, and every write that won is the one stored next.
+async fn concurrent_rollout_writes(store: &dyn Store) {
+    let id = store.next_rollout_id().await.unwrap();
+    let v1 = store.insert_rollout(&rollout(id, 30_000)).await.unwrap();
+    let names: Vec<String> = v1.nodes.keys().cloned().collect();
+    let mut current = v1;
+    for round in 0..5u64 {
+        let candidates: Vec<Rollout> = names
+            .iter()
+            .map(|name| {
+                let mut r = current.clone();
+                r.nodes.get_mut(name).unwrap().reason = Some(format!("round {round} by {name}"));
+                r
+            })
+            .collect();
+        let writes = candidates.iter().map(|r| async {
+            store
+                .write_rollouts(&[RolloutWrite::diff(&current, r)])
+                .await
+                .unwrap()
+                .remove(0)
+        });
+        let results = futures_join_all(writes).await;
+        let winners: Vec<usize> = results
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: {results:?}");
+        for (i, r) in results.iter().enumerate() {
+            if i != winners[0] {
+                assert!(
+                    matches!(r, Err(StoreError::Conflict { .. })),
+                    "round {round}: a loser must see a conflict, got {r:?}"
+                );
+            }
+        }
+        let won = Rollout {
+            generation: current.generation + 1,
+            ..candidates[winners[0]].clone()
+        };
+        assert_eq!(store.get_rollout(id).await.unwrap(), Some(won.clone()));
+        current = won;
+    }
+}
+
+/// Polls every future together on one task, as concurrent requests would
+/// reach a store (the suite depends on no particular runtime feature).
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut pending: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (i, f) in pending.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|v| v.expect("every future finished"))
+        .collect()
+}
+
+/// Summaries page back from the newest rollout and count nodes per state
+/// without reading the node records.
+async fn summaries(store: &dyn Store) {
+    let all = store.list_rollouts().await.unwrap();
+    assert!(all.len() >= 3, "the suite stored rollouts before this");
+    let first = store.list_rollout_summaries(2, None).await.unwrap();
+    assert_eq!(
+        first.iter().map(|s| s.id).collect::<Vec<_>>(),
+        all.iter().take(2).map(|r| r.id).collect::<Vec<_>>(),
+        "newest first"
+    );
+    let next = store
+        .list_rollout_summaries(2, Some(first[1].id))
+        .await
+        .unwrap();
+    assert_eq!(
+        next.iter().map(|s| s.id).collect::<Vec<_>>(),
+        all.iter().skip(2).take(2).map(|r| r.id).collect::<Vec<_>>(),
+        "the next page starts below the cursor"
+    );
+    for r in &all {
+        let s = store
+            .list_rollout_summaries(1, Some(r.id + 1))
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(s, rollwave_core::RolloutSummary::of(r), "rollout {}", r.id);
+    }
+    assert_eq!(
+        store.list_rollout_summaries(5, Some(1)).await.unwrap(),
+        vec![]
     );
 }

@@ -7,11 +7,13 @@ pub mod conformance;
 mod sqlite;
 
 use async_trait::async_trait;
-use rollwave_core::{ActiveVersion, AuditEntry, NodeView, Release, Rollout, TokenRecord};
+use rollwave_core::{
+    ActiveVersion, AuditEntry, NodeView, Release, Rollout, RolloutSummary, TokenRecord,
+};
 
 pub use sqlite::SqliteStore;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// A compare-and-swap lost: someone else wrote the record first.
     #[error(
@@ -45,11 +47,74 @@ pub enum PutRelease {
     SignatureConflict(Release),
 }
 
+/// One rollout to write, with what changed since the copy its writer read,
+/// so that a write costs what changed and not the size of the rollout: a
+/// node result rewrites one node record and appends to the log.
+///
+/// The write compares and swaps on `rollout.generation`, as
+/// [`Store::update_rollout`] does.
+#[derive(Debug, Clone)]
+pub struct RolloutWrite<'a> {
+    pub rollout: &'a Rollout,
+    /// The nodes whose records changed; `None` rewrites every one.
+    pub nodes: Option<Vec<&'a str>>,
+    /// How many of `rollout.events` are stored already: only the ones after
+    /// them are appended. The log is never rewritten, except by a full write.
+    pub events_stored: usize,
+    /// Whether the plan (`batches`, `left_out`) changed: it is written at
+    /// the start and never after, except by a full write.
+    pub plan: bool,
+}
+
+impl<'a> RolloutWrite<'a> {
+    /// Rewrites everything: nodes, log and plan.
+    pub fn full(rollout: &'a Rollout) -> RolloutWrite<'a> {
+        RolloutWrite {
+            rollout,
+            nodes: None,
+            events_stored: 0,
+            plan: true,
+        }
+    }
+
+    /// Writes what differs between `stored`, the copy the store holds, and
+    /// `next`, its successor. Finding the changed nodes compares every node
+    /// in memory, which costs far less than writing them.
+    pub fn diff(stored: &Rollout, next: &'a Rollout) -> RolloutWrite<'a> {
+        let appended_only = next.events.len() >= stored.events.len();
+        if stored.id != next.id || !appended_only {
+            return RolloutWrite::full(next);
+        }
+        let nodes = next
+            .nodes
+            .iter()
+            .filter(|(name, n)| stored.nodes.get(*name) != Some(*n))
+            .map(|(name, _)| name.as_str())
+            .collect::<Vec<_>>();
+        // A node dropped from the rollout (never done today) needs its
+        // record removed: only a full write does that.
+        if stored.nodes.len() + nodes.len() < next.nodes.len()
+            || stored.nodes.keys().any(|k| !next.nodes.contains_key(k))
+        {
+            return RolloutWrite::full(next);
+        }
+        RolloutWrite {
+            rollout: next,
+            nodes: Some(nodes),
+            events_stored: stored.events.len(),
+            plan: stored.batches != next.batches || stored.left_out != next.left_out,
+        }
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Inserts or replaces a node by name. The `online` field is not stored:
     /// it is a property of the live session, not of the node.
     async fn upsert_node(&self, node: &NodeView) -> Result<()>;
+    /// Enrolls in one transaction: the join token with its use spent and
+    /// the node's new credential, so that neither is stored without the other.
+    async fn put_tokens(&self, tokens: &[TokenRecord]) -> Result<()>;
     /// All nodes, ordered by name, with `online = false`.
     async fn list_nodes(&self) -> Result<Vec<NodeView>>;
 
@@ -80,12 +145,38 @@ pub trait Store: Send + Sync + 'static {
         let mut stored = self.insert_rollouts(std::slice::from_ref(rollout)).await?;
         Ok(stored.remove(0))
     }
+    /// Writes several rollouts in one transaction (one sync to disk), each
+    /// only if its stored generation equals `rollout.generation`. Each gets
+    /// its own outcome, the new generation or why it was refused; a refused
+    /// one changes nothing and does not stop the others. `Err` only if
+    /// nothing could be written.
+    async fn write_rollouts(&self, writes: &[RolloutWrite<'_>]) -> Result<Vec<Result<u64>>>;
     /// Replaces a rollout if its stored generation equals `rollout.generation`;
     /// returns it as stored, with the generation incremented.
-    async fn update_rollout(&self, rollout: &Rollout) -> Result<Rollout>;
+    async fn update_rollout(&self, rollout: &Rollout) -> Result<Rollout> {
+        let generation = self
+            .write_rollouts(&[RolloutWrite::full(rollout)])
+            .await?
+            .remove(0)?;
+        Ok(Rollout {
+            generation,
+            ..rollout.clone()
+        })
+    }
     async fn get_rollout(&self, id: u64) -> Result<Option<Rollout>>;
     /// All rollouts, newest first.
     async fn list_rollouts(&self) -> Result<Vec<Rollout>>;
+    /// The rollouts the control plane still has to watch
+    /// ([`Rollout::is_active`] when they were written), oldest first.
+    async fn list_active_rollouts(&self) -> Result<Vec<Rollout>>;
+    /// Up to `limit` rollouts with ids below `before` (if given), newest
+    /// first, as summaries: reading them costs their node counts, not their
+    /// node records.
+    async fn list_rollout_summaries(
+        &self,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<Vec<RolloutSummary>>;
 
     /// Appends to the audit trail; returns the entry's id (increasing).
     async fn append_audit(&self, entry: &AuditEntry) -> Result<u64>;

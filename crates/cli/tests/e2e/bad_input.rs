@@ -3,7 +3,7 @@
 
 use std::process::{Command, Output};
 
-use rollwave_core::Rollout;
+use rollwave_core::RolloutSummary;
 
 use crate::harness::*;
 
@@ -22,7 +22,7 @@ async fn bad_rollouts_are_refused_and_change_nothing() {
     let fleet = installed_fleet(3).await;
     push(&fleet, "2.0.0", true).await;
 
-    let before: Vec<Rollout> = fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
+    let before: Vec<RolloutSummary> = fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
 
     let out = cli(
         &fleet,
@@ -95,7 +95,7 @@ async fn bad_rollouts_are_refused_and_change_nothing() {
     let out = cli(&fleet, &["rollout", "pause", "999"]);
     assert_bad(&out, "rollout 999 not found");
 
-    let after: Vec<Rollout> = fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
+    let after: Vec<RolloutSummary> = fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
     assert_eq!(
         after.len(),
         before.len(),
@@ -231,8 +231,7 @@ async fn oversized_json_is_refused_and_large_artifacts_stream() {
         Ok(resp) => assert_eq!(resp.status().as_u16(), 413),
         Err(e) => assert!(e.is_request(), "{e:?}"),
     }
-    let rollouts: Vec<rollwave_core::Rollout> =
-        fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
+    let rollouts: Vec<RolloutSummary> = fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
     assert_eq!(rollouts.len(), 1, "only the install");
     // An artifact larger than that limit still uploads: it streams to disk.
     let mut script = b"#!/bin/sh\n".to_vec();

@@ -14,6 +14,7 @@ mod handoff;
 mod harness;
 mod hooks;
 mod json_output;
+mod lists;
 mod metrics;
 mod migrations;
 mod openapi;

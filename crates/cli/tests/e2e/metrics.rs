@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use prometheus_parse::{Scrape, Value};
 use rollwave_api::{NodeView, RolloutFile};
-use rollwave_core::{HookFile, HooksFile, Rollout, StrategyFile};
+use rollwave_core::{HookFile, HooksFile, StrategyFile};
 
 use crate::harness::*;
 
@@ -80,7 +80,7 @@ async fn metrics_parse_and_match_the_api() {
 
     let api = fleet.api().unwrap();
     let s = scrape(&fleet).await;
-    let rollouts: Vec<Rollout> = api.get("/v1/rollouts").await.unwrap();
+    let rollouts: Vec<rollwave_core::RolloutSummary> = api.get("/v1/rollouts").await.unwrap();
     let mut by_state: BTreeMap<&str, f64> = BTreeMap::new();
     for r in &rollouts {
         *by_state.entry(r.state.as_str()).or_default() += 1.0;

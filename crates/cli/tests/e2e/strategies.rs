@@ -32,7 +32,7 @@ async fn canary_waits_for_promotion_after_its_first_wave() {
         String::from_utf8_lossy(&out.stderr)
     );
     let api = fleet.api().unwrap();
-    let id: Vec<rollwave_core::Rollout> = api.get("/v1/rollouts").await.unwrap();
+    let id: Vec<rollwave_core::RolloutSummary> = api.get("/v1/rollouts").await.unwrap();
     let id = id[0].id;
     let r = wait_rollout(&fleet, id, "the canary wave to finish", |r| {
         r.waiting.as_deref().is_some_and(|w| w.contains("promote"))
@@ -185,7 +185,7 @@ async fn plan_shows_waves_and_changes_nothing() {
     let out = cli(&fleet, &["plan", "api@2.0.0", "--nodes", "node-1,node-9"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("node-9"));
-    let rollouts: Vec<rollwave_core::Rollout> =
+    let rollouts: Vec<rollwave_core::RolloutSummary> =
         fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
     assert_eq!(rollouts.len(), 1, "only the install: a plan stores nothing");
     assert_eq!(rollouts[0].state, RolloutState::Completed);
@@ -289,7 +289,18 @@ min_healthy_time = "300ms"
     );
     assert!(text.contains("once db completed (depends_on)"), "{text}");
 
-    let rollouts: Vec<Rollout> = fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
+    let summaries: Vec<rollwave_core::RolloutSummary> =
+        fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
+    let mut rollouts: Vec<Rollout> = Vec::new();
+    for s in &summaries {
+        let resp: rollwave_api::RolloutResponse = fleet
+            .api()
+            .unwrap()
+            .get(&format!("/v1/rollouts/{}", s.id))
+            .await
+            .unwrap();
+        rollouts.push(resp.rollout);
+    }
     let db = rollouts
         .iter()
         .find(|r| r.spec.service == "db" && r.spec.version == "2.0.0");

@@ -10,7 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use rollwave::fleet::Fleet;
 use rollwave_api::{AgentMessage, CreatedToken, ServerMessage, AGENT_CONNECT_PATH, AGENT_PROTOCOL};
-use rollwave_core::{AuditEntry, Release, Role, Rollout, TokenView};
+use rollwave_core::{AuditEntry, Release, Role, RolloutSummary, TokenView};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -440,7 +440,7 @@ async fn hostile_requests_get_clear_errors_and_change_nothing() {
     push(&fleet, "2.0.0", true).await;
     let url = fleet.url();
     let http = fleet.http();
-    let before: Vec<Rollout> = fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
+    let before: Vec<RolloutSummary> = fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
     let start = |strategy: Value| {
         http.post(format!("{url}/v1/rollouts"))
             .json(&json!({"spec": {"service": "api", "version": "2.0.0", "strategy": strategy}}))
@@ -516,7 +516,7 @@ async fn hostile_requests_get_clear_errors_and_change_nothing() {
         Err(e) => assert!(e.is_request(), "{e:?}"),
     }
 
-    let after: Vec<Rollout> = fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
+    let after: Vec<RolloutSummary> = fleet.api().unwrap().get("/v1/rollouts").await.unwrap();
     assert_eq!(
         before.len(),
         after.len(),
