@@ -53,6 +53,9 @@ fn explicit_downgrade(r: &Rollout) -> Result<(), ApiError> {
 /// Even with nothing to wake for, look again this often: a cheap backstop.
 const MAX_SLEEP: Duration = Duration::from_secs(5);
 
+/// At most this many events are taken between two passes.
+const MAX_EVENTS_PER_PASS: usize = 10_000;
+
 /// A rollout is stepped again no sooner than this many times what its last
 /// step cost (stepping, comparing, publishing: all O(its nodes)), so that a
 /// large rollout under a stream of results takes a bounded share of the CPU
@@ -302,7 +305,10 @@ impl Reconciler {
             if let Some(e) = event {
                 self.handle(e).await;
             }
-            while let Ok(e) = events.try_recv() {
+            // Everything queued meanwhile, but not forever: under a stream
+            // that never runs dry, rollouts still get stepped.
+            for _ in 0..MAX_EVENTS_PER_PASS {
+                let Ok(e) = events.try_recv() else { break };
                 self.handle(e).await;
             }
             sleep = self.reconcile().await;

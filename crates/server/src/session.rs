@@ -110,7 +110,12 @@ pub async fn connect(
     Extension(caller): Extension<Caller>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // Small buffers: a session carries small JSON messages, and a control
+    // plane holds one per node (the default 128 KiB each would be more than
+    // a gigabyte at 10,000 nodes); a larger message still grows the buffer.
     ws.max_message_size(8 << 20)
+        .read_buffer_size(8 << 10)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
             if let Err(e) = serve(shared, caller, socket).await {
                 tracing::warn!(error = %e, "agent session ended");
