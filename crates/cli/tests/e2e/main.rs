@@ -19,6 +19,7 @@ mod migrations;
 mod openapi;
 mod rollouts;
 mod signing;
+mod sim;
 mod strategies;
 mod tls;
 mod trust;
