@@ -33,21 +33,38 @@ pub async fn credential(config: &AgentConfig, client: &reqwest::Client) -> anyho
             path.display()
         );
     };
-    let url = format!("{}/v1/enroll", config.server);
+    let token = enroll(client, &config.server, join, &config.node).await?;
+    // Never readable by others, nor half written.
+    rollwave_tls::write_atomic(&path, format!("{token}\n").as_bytes(), 0o600)
+        .with_context(|| format!("storing the node credential {}", path.display()))?;
+    tracing::info!(node = %config.node, path = %path.display(), "enrolled");
+    Ok(token)
+}
+
+/// Trades `join` for a new credential of `node` at the control plane at
+/// `server`. Waits for an unreachable or failing control plane, with
+/// backoff; a refusal (4xx) is final. Shared with `rollwave sim`.
+pub async fn enroll(
+    client: &reqwest::Client,
+    server: &str,
+    join: &str,
+    node: &str,
+) -> anyhow::Result<String> {
+    let url = format!("{server}/v1/enroll");
     let mut backoff = Duration::from_millis(100);
-    let token = loop {
+    loop {
         let sent = client
             .post(&url)
             .bearer_auth(join)
             .json(&Enroll {
-                node: config.node.clone(),
+                node: node.to_string(),
             })
             .send()
             .await;
         match sent {
             Ok(resp) if resp.status().is_success() => {
                 let created: CreatedToken = resp.json().await.context("decoding the enrollment")?;
-                break created.token;
+                return Ok(created.token);
             }
             Ok(resp) if resp.status().is_client_error() => {
                 let status = resp.status();
@@ -55,31 +72,23 @@ pub async fn credential(config: &AgentConfig, client: &reqwest::Client) -> anyho
                 let message = serde_json::from_slice::<ErrorBody>(&body)
                     .map(|b| b.error.message)
                     .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-                bail!(
-                    "the control plane refused to enroll node {} ({status}): {message}",
-                    config.node
-                );
+                bail!("the control plane refused to enroll node {node} ({status}): {message}");
             }
             Ok(resp) => {
                 tracing::warn!(status = %resp.status(), retry_in = ?backoff, "enrolling: the control plane failed");
             }
             Err(e) => match rollwave_tls::describe_error(&e) {
                 Some(tls) => {
-                    tracing::error!(server = %config.server, error = %tls, retry_in = ?backoff, "enrolling: the control plane's certificate refused")
+                    tracing::error!(server = %server, error = %tls, retry_in = ?backoff, "enrolling: the control plane's certificate refused")
                 }
                 None => {
-                    tracing::warn!(server = %config.server, error = %rollwave_core::error_chain(&e), retry_in = ?backoff, "enrolling: control plane unreachable")
+                    tracing::warn!(server = %server, error = %rollwave_core::error_chain(&e), retry_in = ?backoff, "enrolling: control plane unreachable")
                 }
             },
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
-    };
-    // Never readable by others, nor half written.
-    rollwave_tls::write_atomic(&path, format!("{token}\n").as_bytes(), 0o600)
-        .with_context(|| format!("storing the node credential {}", path.display()))?;
-    tracing::info!(node = %config.node, path = %path.display(), "enrolled");
-    Ok(token)
+    }
 }
 
 /// The `Authorization` header for the node's requests, marked sensitive so

@@ -10,12 +10,14 @@ use futures_util::{SinkExt, StreamExt};
 use rollwave_api::{
     AgentMessage, ServerMessage, AGENT_CONNECT_PATH, AGENT_PROTOCOL, SESSION_SILENCE_LIMIT,
 };
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::header::AUTHORIZATION;
 use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::Connector;
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::config::AgentConfig;
 use crate::executor::{snapshot, Executor, Services};
@@ -26,7 +28,7 @@ const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
 /// TCP connect, TLS handshake and WebSocket upgrade together: a control
 /// plane that accepts connections but never answers is retried like one
 /// that refuses them.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub async fn run(
     config: Arc<AgentConfig>,
@@ -37,14 +39,7 @@ pub async fn run(
     mut outbox: mpsc::UnboundedReceiver<AgentMessage>,
     changed: Arc<Notify>,
 ) {
-    let url = format!(
-        "{}{}",
-        config
-            .server
-            .replacen("http://", "ws://", 1)
-            .replacen("https://", "wss://", 1),
-        AGENT_CONNECT_PATH
-    );
+    let url = session_url(&config.server);
     let mut backoff = BACKOFF_MIN;
     loop {
         let dial = Dial {
@@ -91,25 +86,47 @@ struct Dial<'a> {
     credential: &'a str,
 }
 
-async fn session(
-    config: &AgentConfig,
-    dial: Dial<'_>,
-    services: &Services,
-    executor: &Arc<Executor>,
-    outbox: &mut mpsc::UnboundedReceiver<AgentMessage>,
-    changed: &Notify,
-) -> anyhow::Result<Ended> {
-    let mut request = dial.url.into_client_request()?;
+/// The session's WebSocket URL on the control plane at `server`.
+pub fn session_url(server: &str) -> String {
+    format!(
+        "{}{}",
+        server
+            .replacen("http://", "ws://", 1)
+            .replacen("https://", "wss://", 1),
+        AGENT_CONNECT_PATH
+    )
+}
+
+pub type SessionStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How an attempt to open a session ended, short of a fault to retry.
+pub enum Dialed {
+    Open(Box<SessionStream>),
+    /// The control plane refused the credential (401 or 403), in its words.
+    Refused(String),
+}
+
+/// Opens a session with `credential` (TCP connect, TLS handshake when
+/// `connector` has it, WebSocket upgrade, all within [`CONNECT_TIMEOUT`]).
+/// Shared with `rollwave sim`, whose virtual agents dial exactly as an agent
+/// does; `ws_config` lets them use smaller buffers.
+pub async fn dial_session(
+    url: &str,
+    credential: &str,
+    connector: Option<Connector>,
+    ws_config: Option<WebSocketConfig>,
+) -> anyhow::Result<Dialed> {
+    let mut request = url.into_client_request()?;
     request
         .headers_mut()
-        .insert(AUTHORIZATION, crate::enroll::auth_header(dial.credential)?);
+        .insert(AUTHORIZATION, crate::enroll::auth_header(credential)?);
     let connecting =
-        tokio_tungstenite::connect_async_tls_with_config(request, None, false, dial.connector);
+        tokio_tungstenite::connect_async_tls_with_config(request, ws_config, false, connector);
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
         .map_err(|_| anyhow::anyhow!("no answer within {CONNECT_TIMEOUT:?}"))?;
-    let ws = match connected {
-        Ok((ws, _)) => ws,
+    match connected {
+        Ok((ws, _)) => Ok(Dialed::Open(Box::new(ws))),
         Err(WsError::Http(resp))
             if resp.status() == StatusCode::UNAUTHORIZED
                 || resp.status() == StatusCode::FORBIDDEN =>
@@ -119,14 +136,30 @@ async fn session(
                 .as_deref()
                 .and_then(|b| serde_json::from_slice::<rollwave_api::ErrorBody>(b).ok())
                 .map_or_else(|| resp.status().to_string(), |b| b.error.message);
+            Ok(Dialed::Refused(body))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn session(
+    config: &AgentConfig,
+    dial: Dial<'_>,
+    services: &Services,
+    executor: &Arc<Executor>,
+    outbox: &mut mpsc::UnboundedReceiver<AgentMessage>,
+    changed: &Notify,
+) -> anyhow::Result<Ended> {
+    let ws = match dial_session(dial.url, dial.credential, dial.connector, None).await? {
+        Dialed::Open(ws) => ws,
+        Dialed::Refused(body) => {
             return Ok(Ended::Refused(format!(
                 "the node credential ({}) was refused: {body}",
                 crate::enroll::credential_path(&config.state_dir).display()
             )));
         }
-        Err(e) => return Err(e.into()),
     };
-    let (mut sink, mut stream) = ws.split();
+    let (mut sink, mut stream) = (*ws).split();
     let mut reported = snapshot(services);
     let hello = AgentMessage::Hello {
         protocol: AGENT_PROTOCOL,

@@ -177,6 +177,10 @@ pub enum Command {
     },
     /// Start a local fleet and upgrade it end to end under load.
     Demo(DemoArgs),
+    /// Run N virtual agents in this process, each a real session with the
+    /// control plane (enrolled with its own credential) that answers tasks
+    /// without running anything: to try the control plane at fleet size.
+    Sim(Box<SimArgs>),
     /// The small HTTP service the demo fleet runs.
     #[command(hide = true)]
     DemoService {
@@ -406,6 +410,70 @@ pub struct DemoArgs {
     /// `restart` (stop, then start), for comparison.
     #[arg(long, value_enum, default_value_t = DemoSwitch::Handoff)]
     pub switch: DemoSwitch,
+}
+
+/// `rollwave sim`. Values are checked by `sim`, so that a bad one gets one
+/// line naming the flag.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "\
+Nodes are named sim-1 ... sim-N. They find and trust the control plane as \
+`rollwave agent` does: --server (ROLLWAVE_SERVER), --ca-file, --pin.
+
+--labels is comma-separated key=value pairs; in a value, {i} is the node's \
+number (1 to N) and {i%K} that number modulo K:
+  --labels 'rack=r{i%40},zone=z{i%3},host=h{i}'   # sim-7: rack=r7, zone=z1, host=h7
+
+A task takes --task-latency (an upgrade also its min_healthy_time), then \
+fails with probability --fail-rate (stage and upgrade tasks; dry runs and \
+reverts always succeed). The draw depends on --seed, the node and the task \
+only, so a run can be repeated. A task received again is answered from the \
+node's record, as an agent's journal does.
+
+--report FILE is JSON, replaced atomically every --report-every and at exit \
+(SIGINT, SIGTERM): per node its version and how often it switched (to each \
+version), and totals (enrolled, connected, tasks by kind and outcome, nodes \
+that switched more than once).")]
+pub struct SimArgs {
+    /// How many virtual agents.
+    #[arg(long)]
+    pub agents: usize,
+    /// The service every node runs.
+    #[arg(long, default_value = "api")]
+    pub service: String,
+    /// The version every node runs at start (default: none installed).
+    #[arg(long)]
+    pub version: Option<String>,
+    /// A join token, traded by each node for its own credential.
+    #[arg(long, env = "ROLLWAVE_JOIN_TOKEN_FILE", value_name = "FILE")]
+    pub join_token_file: PathBuf,
+    /// Where the nodes' credentials are kept (JSON, mode 0600), so that a
+    /// restarted sim comes back as the same nodes (default: memory only).
+    #[arg(long, value_name = "FILE")]
+    pub credentials: Option<PathBuf>,
+    /// Each node's labels, with {i} and {i%K} templates (see below).
+    #[arg(long, value_name = "K=V,...")]
+    pub labels: Option<String>,
+    /// How long a task takes.
+    #[arg(long, default_value = "50ms")]
+    pub task_latency: String,
+    /// The probability that a stage or upgrade task fails (0 to 1).
+    #[arg(long, default_value = "0")]
+    pub fail_rate: String,
+    /// Seed of the failure draws.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Enrollments and connects in flight at once.
+    #[arg(long, default_value_t = 128)]
+    pub concurrency: usize,
+    /// Write the counts here (JSON).
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// How often to write the report and the progress line.
+    #[arg(long, default_value = "2s")]
+    pub report_every: String,
+    /// No progress line on stderr.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

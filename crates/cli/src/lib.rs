@@ -11,6 +11,7 @@ pub mod keys;
 pub mod load;
 pub mod logging;
 pub mod render;
+pub mod sim;
 mod tokens;
 
 use std::process::ExitCode;

@@ -33,6 +33,16 @@ impl Cli {
 }
 
 impl Connection {
+    /// The control plane's address, as given.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// How the control plane's certificate is verified.
+    pub fn tls(&self) -> &rollwave_tls::ClientTls {
+        &self.tls
+    }
+
     /// The API client for this command line: its server, how to verify it,
     /// and its token.
     pub fn api(&self) -> anyhow::Result<ApiClient> {

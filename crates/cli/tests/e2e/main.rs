@@ -20,6 +20,7 @@ mod migrations;
 mod openapi;
 mod rollouts;
 mod signing;
+mod sim;
 mod strategies;
 mod tls;
 mod trust;
