@@ -5,6 +5,7 @@
 #   bench/run.sh dashboard [-- --nodes 1000 --dashboards 10]
 #   bench/run.sh verify [-- --mb 100]
 #   bench/run.sh planner
+#   bench/run.sh scale [-- --agents 10000 | --sizes 100,1000,10000]
 #   bench/run.sh all
 #
 # Each prints its figures beside the ideal it is compared to; README.md
@@ -13,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 usage() {
-  sed -n '4,8p' "$0" | sed 's/^#   /usage: /' >&2
+  sed -n '4,9p' "$0" | sed 's/^#   /usage: /' >&2
   exit 2
 }
 
@@ -36,12 +37,13 @@ run() {
     dashboard) cargo bench -p rollwave --bench dashboard -- "${@:2}" ;;
     verify) cargo bench -p rollwave-agent --bench verify -- "${@:2}" ;;
     planner) cargo bench -p rollwave-core --bench planner -- "${@:2}" ;;
-    *) echo "bench/run.sh: unknown benchmark \"$1\" (handoff, dashboard, verify, planner, all)" >&2; exit 2 ;;
+    scale) cargo bench -p rollwave --bench scale -- "${@:2}" ;;
+    *) echo "bench/run.sh: unknown benchmark \"$1\" (handoff, dashboard, verify, planner, scale, all)" >&2; exit 2 ;;
   esac
 }
 
 if [ "$name" = all ]; then
-  for b in planner verify handoff dashboard; do
+  for b in planner verify handoff dashboard scale; do
     echo "== $b"
     run "$b"
   done

@@ -179,6 +179,16 @@ impl Config {
         if args.agents == 0 {
             return Err(user_error("--agents: must be at least 1"));
         }
+        if let Some(limit) = open_files_limit() {
+            // One socket per agent, and a few for the rest.
+            let needed = args.agents as u64 + 64;
+            if needed > limit {
+                return Err(user_error(format!(
+                    "--agents {}: needs about {needed} open files, and this process may open {limit}; raise the limit (`ulimit -n {needed}`) or run fewer agents",
+                    args.agents
+                )));
+            }
+        }
         if args.concurrency == 0 {
             return Err(user_error("--concurrency: must be at least 1"));
         }
@@ -241,6 +251,17 @@ impl Config {
             join,
         })
     }
+}
+
+/// The soft limit on open files, from /proc (Linux), if it has one.
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// One client for every enrollment: its connections are reused, so ten
