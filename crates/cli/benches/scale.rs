@@ -37,13 +37,14 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rollwave::fleet::free_port;
 use rollwave_api::{CreateToken, CreatedToken, RolloutResponse, StartRollout};
-use rollwave_core::{NodeState, Role, Rollout, RolloutFile, StrategyFile};
+use rollwave_core::{NodeState, Role, Rollout, RolloutFile, RolloutSummary, StrategyFile};
 use serde_json::{json, Value};
 
-/// The rollout's status as a client polls it. A summary endpoint (counts,
-/// no node lists) is meant to replace the full rollout here.
+/// The rollout's status as a client polls it: its summary (counts, the
+/// problems), as `rollout status --watch` does; the whole rollout (every
+/// node, the log) is read once it has ended.
 fn status_path(id: u64) -> String {
-    format!("/v1/rollouts/{id}")
+    format!("/v1/rollouts/{id}/summary")
 }
 
 #[derive(Parser)]
@@ -385,9 +386,14 @@ fn poll_latency(
 async fn wait_rollout_end(cp: &ControlPlane, id: u64, limit: Duration) -> anyhow::Result<Rollout> {
     let started = Instant::now();
     loop {
-        if let Ok(r) = cp.get::<RolloutResponse>(&status_path(id)).await {
-            if !r.rollout.is_active() {
-                return Ok(r.rollout);
+        if let Ok(s) = cp.get::<RolloutSummary>(&status_path(id)).await {
+            if s.settled() {
+                let r = cp
+                    .get::<RolloutResponse>(&format!("/v1/rollouts/{id}"))
+                    .await?;
+                if !r.rollout.is_active() {
+                    return Ok(r.rollout);
+                }
             }
         }
         if started.elapsed() > limit {
@@ -553,13 +559,18 @@ async fn run_size(n: usize, s: &Settings) -> anyhow::Result<Value> {
     let id = cp.start_rollout("3.0.0").await?;
     let started = Instant::now();
     loop {
-        if let Ok(r) = cp.get::<RolloutResponse>(&status_path(id)).await {
-            let r = r.rollout;
-            let upgraded = r.count(NodeState::Upgraded);
-            if upgraded > 0 && upgraded < n && r.in_flight().count() > 0 {
+        if let Ok(s) = cp.get::<RolloutSummary>(&status_path(id)).await {
+            let count = |state: NodeState| s.counts.get(state.as_str()).copied().unwrap_or(0);
+            let upgraded = count(NodeState::Upgraded);
+            let in_flight: usize = NodeState::ALL
+                .into_iter()
+                .filter(|st| st.in_flight())
+                .map(count)
+                .sum();
+            if upgraded > 0 && upgraded < n && in_flight > 0 {
                 break;
             }
-            if !r.is_active() {
+            if s.settled() {
                 bail!("the second rollout ended before the control plane could be killed");
             }
         }

@@ -271,13 +271,19 @@ async fn handle(shared: &Shared, node: &str, msg: AgentMessage) {
             let view = {
                 let mut fleet = shared.fleet.lock().unwrap_or_else(|e| e.into_inner());
                 fleet.get_mut(node).map(|v| {
+                    let durable = durable_change(&v.services, &services);
                     v.services = services;
                     v.last_seen = now_ms();
-                    v.clone()
+                    (v.clone(), durable)
                 })
             };
-            if let Some(view) = view {
-                persist(shared, &view).await;
+            match view {
+                Some((view, true)) => persist(shared, &view).await,
+                // Health alone is not stored: what the store keeps of a
+                // node is for when it is offline, where health means
+                // nothing; the stream still carries it.
+                Some((view, false)) => shared.events.node(&view),
+                None => {}
             }
             shared.reconciler.send(Event::Kick);
         }
@@ -324,6 +330,22 @@ async fn set_node(shared: &Shared, view: NodeView) {
         .unwrap_or_else(|e| e.into_inner())
         .insert(view.name.clone(), view.clone());
     persist(shared, &view).await;
+}
+
+/// Whether a status changes what the store keeps of a node: the versions
+/// it runs and holds, and its backups (what a rollout plans with while the
+/// node is offline), not its health.
+fn durable_change(
+    before: &std::collections::BTreeMap<String, rollwave_core::ServiceView>,
+    after: &std::collections::BTreeMap<String, rollwave_core::ServiceView>,
+) -> bool {
+    before.len() != after.len()
+        || before.iter().zip(after).any(|((name_a, a), (name_b, b))| {
+            name_a != name_b
+                || a.version != b.version
+                || a.staged != b.staged
+                || a.backups != b.backups
+        })
 }
 
 /// Every change of a node's view comes here: it is streamed and stored.
