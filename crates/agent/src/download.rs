@@ -15,9 +15,10 @@
 //!   and the sha256 is computed incrementally across attempts, so nothing is
 //!   fetched or hashed twice. A server that answers `200` instead starts the
 //!   file over; a `206` for other bytes than asked does too.
-//! - Wrong bytes (more than the release's size, or a complete file whose
-//!   sha256 differs) are not a load problem: the file starts over from zero
-//!   once, then the download fails.
+//! - Wrong bytes (a server that says its artifact has another size, sends
+//!   more than the release's size, or a complete file whose sha256 differs)
+//!   are not a load problem: the file starts over from zero once, then the
+//!   download fails.
 //!
 //! The file is only handed to the caller once its size and sha256 are exactly
 //! what the control plane published; on any failure, or if the future is
@@ -303,6 +304,26 @@ async fn fetch(
         }
     })?;
     let status = response.status();
+    // The artifact's length as the server tells it: a different one than
+    // the release's means other bytes, not a transfer to resume.
+    let total = match status {
+        StatusCode::OK => response.content_length(),
+        _ => response
+            .headers()
+            .get(CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit_once('/'))
+            .and_then(|(_, total)| total.trim().parse::<u64>().ok()),
+    };
+    if let (
+        StatusCode::OK | StatusCode::PARTIAL_CONTENT | StatusCode::RANGE_NOT_SATISFIABLE,
+        Some(total),
+    ) = (status, total)
+    {
+        if total != size {
+            return Err(size_err(total));
+        }
+    }
     match status {
         StatusCode::OK => {
             if part.got > 0 {
@@ -334,8 +355,8 @@ async fn fetch(
             }
         }
         StatusCode::RANGE_NOT_SATISFIABLE => {
-            // The server's artifact is shorter than the bytes already here:
-            // these cannot be the start of it.
+            // Not beyond an artifact of the right size: a server that
+            // answers at random. Start over.
             let reason = format!("server answered {status} to bytes={}-", part.got);
             part.restart().await.map_err(Failure::Fatal)?;
             return Err(Failure::Retry {
@@ -898,6 +919,57 @@ mod tests {
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 2);
         assert!(!seen[1].contains("range:"), "{}", seen[1]);
+    }
+
+    #[tokio::test]
+    async fn an_artifact_of_another_size_starts_over_once_then_fails() {
+        // The server holds 50 bytes where the release has 100, and says so
+        // (Content-Length, then Content-Range): nothing to resume.
+        let tmp = tempfile::tempdir().unwrap();
+        let (url, seen) = script(|_, _| closing("200 OK", &[b'x'; 50])).await;
+        let err = download(&url, &[b'x'; 100], tmp.path(), &quick())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ArtifactError::SizeMismatch {
+                    expected: 100,
+                    got: 50,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(seen.lock().unwrap().len(), 2);
+
+        let (url, seen) = script(|i, _| match i {
+            0 => (
+                response("200 OK\r\nContent-Length: 100", &[b'x'; 10]),
+                false,
+            ),
+            _ => closing(
+                "416 Range Not Satisfiable\r\nContent-Range: bytes */50",
+                b"{}",
+            ),
+        })
+        .await;
+        let err = download(&url, &[b'x'; 100], tmp.path(), &quick())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ArtifactError::SizeMismatch {
+                    expected: 100,
+                    got: 50,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(seen.lock().unwrap().len(), 3);
+        assert_eq!(files_in(tmp.path()), 0);
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct FleetSpec {
     /// is the release dir), for `handoff`: it gets its sockets by socket
     /// activation, so it is told no port.
     pub command: Option<Vec<String>>,
+    /// More arguments for `rollwave server`, e.g. `--max-downloads 1`.
+    pub server_args: Vec<String>,
 }
 
 impl FleetSpec {
@@ -63,6 +65,7 @@ impl FleetSpec {
             tls: false,
             trusted_key_files: Vec::new(),
             command: None,
+            server_args: Vec::new(),
         }
     }
 }
@@ -90,6 +93,7 @@ pub struct Node {
 
 pub struct Fleet {
     exe: PathBuf,
+    server_args: Vec<String>,
     /// Where data dirs, state dirs, configs and logs go.
     pub dir: PathBuf,
     /// Removed after every process is killed (fields drop after `drop`):
@@ -155,8 +159,9 @@ impl Fleet {
             true => Some(certs_init(&spec.exe, &dir.join("certs"))?),
             false => None,
         };
+        let listen = "127.0.0.1:0".parse()?;
         let (server, addr) =
-            start_server(&spec.exe, &dir, "127.0.0.1:0".parse()?, certs.as_ref()).await?;
+            start_server(&spec.exe, &dir, listen, certs.as_ref(), &spec.server_args).await?;
         let token_file = dir
             .join("server-data")
             .join(rollwave_server::ADMIN_TOKEN_FILE);
@@ -166,6 +171,7 @@ impl Fleet {
             .to_string();
         let mut fleet = Fleet {
             exe: spec.exe.clone(),
+            server_args: spec.server_args.clone(),
             dir: dir.clone(),
             tmp: Some(tmp),
             addr,
@@ -343,7 +349,14 @@ impl Fleet {
     /// Starts the control plane again on the same address and data dir.
     pub async fn restart_server(&mut self) -> anyhow::Result<()> {
         self.kill_server();
-        let (child, _) = start_server(&self.exe, &self.dir, self.addr, self.certs.as_ref()).await?;
+        let (child, _) = start_server(
+            &self.exe,
+            &self.dir,
+            self.addr,
+            self.certs.as_ref(),
+            &self.server_args,
+        )
+        .await?;
         self.server = Some(child);
         Ok(())
     }
@@ -443,6 +456,7 @@ async fn start_server(
     dir: &Path,
     listen: SocketAddr,
     certs: Option<&Certs>,
+    args: &[String],
 ) -> anyhow::Result<(Child, SocketAddr)> {
     let out_path = dir.join("server.out");
     let out = File::create(&out_path)?;
@@ -465,6 +479,7 @@ async fn start_server(
             .arg(c.dir.join(rollwave_tls::certs::SERVER_KEY)),
         None => command.arg("--insecure-plain-http"),
     };
+    command.args(args);
     let mut child = command
         .env("ROLLWAVE_LOG", "info")
         .stdin(Stdio::null())
