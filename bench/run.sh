@@ -5,6 +5,7 @@
 #   bench/run.sh dashboard [-- --nodes 1000 --dashboards 10]
 #   bench/run.sh verify [-- --mb 100]
 #   bench/run.sh planner
+#   bench/run.sh fleet [-- --agents 200]
 #   bench/run.sh all
 #
 # Each prints its figures beside the ideal it is compared to; README.md
@@ -13,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 usage() {
-  sed -n '4,8p' "$0" | sed 's/^#   /usage: /' >&2
+  sed -n '4,9p' "$0" | sed 's/^#   /usage: /' >&2
   exit 2
 }
 
@@ -36,7 +37,8 @@ run() {
     dashboard) cargo bench -p rollwave --bench dashboard -- "${@:2}" ;;
     verify) cargo bench -p rollwave-agent --bench verify -- "${@:2}" ;;
     planner) cargo bench -p rollwave-core --bench planner -- "${@:2}" ;;
-    *) echo "bench/run.sh: unknown benchmark \"$1\" (handoff, dashboard, verify, planner, all)" >&2; exit 2 ;;
+    fleet) cargo bench -p rollwave --bench fleet -- "${@:2}" ;;
+    *) echo "bench/run.sh: unknown benchmark \"$1\" (handoff, dashboard, verify, planner, fleet, all)" >&2; exit 2 ;;
   esac
 }
 

@@ -187,14 +187,25 @@ impl Fleet {
             .create_token("fleet-join", rollwave_core::Role::Join, Some("1h"))
             .await
             .context("creating the fleet's join token")?;
+        // Each port is free when drawn but not held: with hundreds of
+        // nodes, two draws would otherwise collide now and then.
+        let mut taken = std::collections::HashSet::new();
+        let mut unique_port = || -> anyhow::Result<u16> {
+            loop {
+                let port = free_port()?;
+                if taken.insert(port) {
+                    return Ok(port);
+                }
+            }
+        };
         for i in 1..=spec.nodes {
             let name = format!("node-{i}");
             let state_dir = dir.join(&name);
             std::fs::create_dir_all(state_dir.join("data"))?;
-            let port = free_port()?;
+            let port = unique_port()?;
             let mut extra_ports = BTreeMap::new();
             for service in &spec.extra_services {
-                extra_ports.insert(service.clone(), free_port()?);
+                extra_ports.insert(service.clone(), unique_port()?);
             }
             let config = state_dir.join("agent.toml");
             let ca_file = fleet.certs.as_ref().map(|c| c.ca_file.as_path());
@@ -339,6 +350,11 @@ impl Fleet {
         }
     }
 
+    /// The control plane's process id, while it runs.
+    pub fn server_pid(&self) -> Option<u32> {
+        self.server.as_ref().map(Child::id)
+    }
+
     /// Kills the control plane with SIGKILL.
     pub fn kill_server(&mut self) {
         if let Some(child) = self.server.take() {
@@ -365,10 +381,12 @@ impl Fleet {
         self.api()?.get("/v1/nodes").await
     }
 
-    /// Waits until `n` agents hold a session.
+    /// Waits until `n` agents hold a session: up to a minute, and 100 ms
+    /// more per agent for large fleets.
     pub async fn wait_online(&self, n: usize) -> anyhow::Result<()> {
         let api = self.api()?;
-        for _ in 0..600 {
+        let polls = 600 + n;
+        for _ in 0..polls {
             if let Ok(nodes) = api.get::<Vec<NodeView>>("/v1/nodes").await {
                 if nodes.iter().filter(|v| v.online).count() >= n {
                     return Ok(());
@@ -377,7 +395,8 @@ impl Fleet {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bail!(
-            "agents did not connect within 60s; see the logs under {}",
+            "agents did not connect within {}s; see the logs under {}",
+            polls / 10,
             self.dir.display()
         )
     }
