@@ -6,6 +6,7 @@
 #   bench/run.sh verify [-- --mb 100]
 #   bench/run.sh planner
 #   bench/run.sh scale [-- --agents 10000 | --sizes 100,1000,10000]
+#   bench/run.sh fleet [-- --agents 200]
 #   bench/run.sh all
 #
 # Each prints its figures beside the ideal it is compared to; README.md
@@ -38,7 +39,8 @@ run() {
     verify) cargo bench -p rollwave-agent --bench verify -- "${@:2}" ;;
     planner) cargo bench -p rollwave-core --bench planner -- "${@:2}" ;;
     scale) cargo bench -p rollwave --bench scale -- "${@:2}" ;;
-    *) echo "bench/run.sh: unknown benchmark \"$1\" (handoff, dashboard, verify, planner, scale, all)" >&2; exit 2 ;;
+    fleet) cargo bench -p rollwave --bench fleet -- "${@:2}" ;;
+    *) echo "bench/run.sh: unknown benchmark \"$1\" (handoff, dashboard, verify, planner, scale, fleet, all)" >&2; exit 2 ;;
   esac
 }
 

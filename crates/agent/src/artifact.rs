@@ -3,10 +3,10 @@
 //! An artifact travels from the control plane to a release directory in two
 //! steps, and both are careful because both handle bytes from outside:
 //!
-//! - [`download_verified`] streams the artifact into a temporary file while
-//!   hashing it, stops as soon as it is longer than announced, and deletes the
-//!   file unless its size and sha256 are exactly what the control plane
-//!   published. Nothing downstream ever sees an unverified file.
+//! - [`crate::download::download_verified`] streams the artifact into a
+//!   temporary file while hashing it, through retries and resumed transfers,
+//!   and deletes the file unless its size and sha256 are exactly what the
+//!   control plane published. Nothing downstream ever sees an unverified file.
 //! - [`stage`] turns a verified file into a release directory. A correct
 //!   checksum only proves the file is the one that was pushed, not that whoever
 //!   pushed it is benign, so unpacking is a security boundary: entries are
@@ -16,7 +16,6 @@
 //!   are archives that unpack to absurd sizes. Staging happens in a temporary
 //!   sibling directory that is fsynced and renamed into place, so a crash
 //!   never leaves a half-unpacked release under its final name.
-//!
 //!
 //! An agent with trusted keys puts a third step between the two:
 //! [`verify_signature`] checks that the release's minisign signature was made
@@ -43,10 +42,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use flate2::read::GzDecoder;
-use rollwave_core::{error_chain, ArtifactFormat, SignatureError, TrustedKeys};
+use rollwave_core::{ArtifactFormat, SignatureError, TrustedKeys};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 /// Largest total size of the regular files in one archive.
 pub const MAX_UNPACKED_BYTES: u64 = 4 << 30;
@@ -59,17 +57,17 @@ pub const MAX_ENTRIES: u64 = 200_000;
 pub enum ArtifactError {
     /// The request failed, the server answered with an error status, or the
     /// connection broke during the transfer.
-    #[error("downloading {url}: {reason}")]
+    #[error("download failed: {url}: {reason}")]
     Download { url: String, reason: String },
     /// The server sent fewer or more bytes than the release's size.
-    #[error("downloading {url}: {}", size_problem(*.expected, *.got))]
+    #[error("download failed: {url}: {}", size_problem(*.expected, *.got))]
     SizeMismatch {
         url: String,
         expected: u64,
         got: u64,
     },
     /// The bytes are not the ones that were pushed.
-    #[error("downloading {url}: checksum mismatch: expected sha256 {expected}, got {got}")]
+    #[error("download failed: {url}: checksum mismatch: expected sha256 {expected}, got {got}")]
     ChecksumMismatch {
         url: String,
         expected: String,
@@ -102,7 +100,7 @@ pub enum ArtifactError {
     },
 }
 
-fn size_problem(expected: u64, got: u64) -> String {
+pub(crate) fn size_problem(expected: u64, got: u64) -> String {
     if got < expected {
         format!("truncated download: got {got} of {expected} bytes")
     } else {
@@ -110,112 +108,15 @@ fn size_problem(expected: u64, got: u64) -> String {
     }
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl Fn(io::Error) -> ArtifactError + 'a {
+pub(crate) fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl Fn(io::Error) -> ArtifactError + 'a {
     move |source| ArtifactError::Io {
         action,
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// Downloads `url` into a temporary file inside `tmp_dir` while hashing it.
-///
-/// Refuses, and deletes the file, if the size or the sha256 differ from
-/// `size` and `sha256` (hex, any case). Stops reading as soon as more than
-/// `size` bytes arrive. The file is also deleted if the returned future is
-/// dropped before it completes. Returns the path of the verified file, which
-/// the caller owns (and should delete after staging).
-pub async fn download_verified(
-    client: &reqwest::Client,
-    url: &str,
-    sha256: &str,
-    size: u64,
-    tmp_dir: &Path,
-) -> Result<PathBuf, ArtifactError> {
-    let expected_sha = sha256.trim().to_ascii_lowercase();
-    let download_err = |reason: String| ArtifactError::Download {
-        url: url.to_owned(),
-        reason,
-    };
-    let size_err = |got: u64| ArtifactError::SizeMismatch {
-        url: url.to_owned(),
-        expected: size,
-        got,
-    };
-
-    let mut response = client
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| download_err(error_chain(&e)))?;
-    let status = response.status();
-    if !status.is_success() {
-        return Err(download_err(format!("server answered {status}")));
-    }
-    if let Some(announced) = response.content_length() {
-        if announced > size {
-            return Err(size_err(announced));
-        }
-    }
-
-    tokio::fs::create_dir_all(tmp_dir)
-        .await
-        .map_err(io_err("creating", tmp_dir))?;
-    let path = tmp_dir.join(tmp_name("download"));
-    let mut file = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .await
-        .map_err(io_err("creating", &path))?;
-    let mut cleanup = Cleanup::file(path.clone());
-
-    let mut hasher = Sha256::new();
-    let mut got: u64 = 0;
-    loop {
-        let chunk = match response.chunk().await {
-            Ok(Some(chunk)) => chunk,
-            Ok(None) => break,
-            Err(e) => {
-                let cause = error_chain(&e);
-                let reason = if got < size {
-                    format!("{}: {cause}", size_problem(size, got))
-                } else {
-                    cause
-                };
-                return Err(download_err(reason));
-            }
-        };
-        got = got.saturating_add(chunk.len() as u64);
-        if got > size {
-            // Dropping the response closes the connection: a hostile or
-            // broken server cannot make us read (or store) more.
-            return Err(size_err(got));
-        }
-        hasher.update(&chunk);
-        file.write_all(&chunk)
-            .await
-            .map_err(io_err("writing", &path))?;
-    }
-    if got != size {
-        return Err(size_err(got));
-    }
-    file.flush().await.map_err(io_err("writing", &path))?;
-    file.sync_all().await.map_err(io_err("syncing", &path))?;
-    drop(file);
-
-    let actual_sha = hex::encode(hasher.finalize());
-    if actual_sha != expected_sha {
-        return Err(ArtifactError::ChecksumMismatch {
-            url: url.to_owned(),
-            expected: expected_sha,
-            got: actual_sha,
-        });
-    }
-    cleanup.disarm();
-    debug!(url, path = %path.display(), bytes = got, "download verified");
-    Ok(path)
 }
 
 /// Checks that `signature` (the text of a `.minisig` file; `None`: the
@@ -417,7 +318,7 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
 }
 
 /// A unique name for a temporary sibling of `base`.
-fn tmp_name(base: &str) -> String {
+pub(crate) fn tmp_name(base: &str) -> String {
     static LAST: AtomicU64 = AtomicU64::new(0);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -444,14 +345,14 @@ fn stale_tmp_pid(name: &str) -> Option<u32> {
 }
 
 /// Removes a temporary file or directory when dropped, unless disarmed.
-struct Cleanup {
+pub(crate) struct Cleanup {
     path: PathBuf,
     is_dir: bool,
     armed: bool,
 }
 
 impl Cleanup {
-    fn file(path: PathBuf) -> Cleanup {
+    pub(crate) fn file(path: PathBuf) -> Cleanup {
         Cleanup {
             path,
             is_dir: false,
@@ -467,7 +368,7 @@ impl Cleanup {
         }
     }
 
-    fn disarm(&mut self) {
+    pub(crate) fn disarm(&mut self) {
         self.armed = false;
     }
 }
@@ -870,12 +771,8 @@ fn human_bytes(n: u64) -> String {
 mod tests {
     use super::*;
 
-    use std::time::Duration;
-
     use flate2::write::GzEncoder;
     use tar::{EntryType, Header};
-    use tokio::io::AsyncReadExt;
-    use tokio::net::TcpListener;
 
     // ---- archives ----
 
@@ -1400,220 +1297,7 @@ mod tests {
         assert!(err.to_string().starts_with("opening "), "{err}");
     }
 
-    // ---- downloads ----
-
-    /// Serves `response` (raw bytes, status line included) to every
-    /// connection, then closes it, or keeps it open if `hold` is set.
-    async fn serve(response: Vec<u8>, hold: bool) -> String {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                let response = response.clone();
-                tokio::spawn(async move {
-                    let mut request = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match sock.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => request.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let _ = sock.write_all(&response).await;
-                    if hold {
-                        std::future::pending::<()>().await;
-                    }
-                });
-            }
-        });
-        format!("http://{addr}/artifacts/app-1.2.3.tar.gz")
-    }
-
-    fn response(head: &str, body: &[u8]) -> Vec<u8> {
-        let mut r = format!("HTTP/1.1 {head}\r\n\r\n").into_bytes();
-        r.extend_from_slice(body);
-        r
-    }
-
     fn sha(bytes: &[u8]) -> String {
         hex::encode(Sha256::digest(bytes))
-    }
-
-    fn files_in(dir: &Path) -> usize {
-        fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
-    }
-
-    const BODY: &[u8] = b"the artifact bytes, exactly as pushed";
-
-    fn ok_response(body: &[u8]) -> Vec<u8> {
-        response(&format!("200 OK\r\nContent-Length: {}", body.len()), body)
-    }
-
-    #[tokio::test]
-    async fn download_verified_returns_verified_file() {
-        let tmp = tempfile::tempdir().unwrap();
-        let url = serve(ok_response(BODY), false).await;
-        let client = reqwest::Client::new();
-        let path = download_verified(
-            &client,
-            &url,
-            &sha(BODY).to_uppercase(),
-            BODY.len() as u64,
-            tmp.path(),
-        )
-        .await
-        .unwrap();
-        assert_eq!(path.parent(), Some(tmp.path()));
-        assert_eq!(fs::read(&path).unwrap(), BODY);
-        assert_eq!(sha256_file(&path).unwrap(), sha(BODY));
-    }
-
-    #[tokio::test]
-    async fn download_verified_refuses_checksum_mismatch() {
-        let tmp = tempfile::tempdir().unwrap();
-        let url = serve(ok_response(BODY), false).await;
-        let wrong = sha(b"something else");
-        let err = download_verified(
-            &reqwest::Client::new(),
-            &url,
-            &wrong,
-            BODY.len() as u64,
-            tmp.path(),
-        )
-        .await
-        .unwrap_err();
-        match &err {
-            ArtifactError::ChecksumMismatch { expected, got, .. } => {
-                assert_eq!(expected, &wrong);
-                assert_eq!(got, &sha(BODY));
-            }
-            other => panic!("unexpected {other}"),
-        }
-        assert!(err.to_string().contains("checksum mismatch"), "{err}");
-        assert_eq!(files_in(tmp.path()), 0);
-    }
-
-    #[tokio::test]
-    async fn download_verified_refuses_truncated_body() {
-        // The server promises 100 bytes, sends 50 and closes.
-        let tmp = tempfile::tempdir().unwrap();
-        let body = [b'x'; 50];
-        let url = serve(response("200 OK\r\nContent-Length: 100", &body), false).await;
-        let err = download_verified(
-            &reqwest::Client::new(),
-            &url,
-            &sha(&[b'x'; 100]),
-            100,
-            tmp.path(),
-        )
-        .await
-        .unwrap_err();
-        assert!(matches!(err, ArtifactError::Download { .. }), "{err}");
-        assert!(
-            err.to_string()
-                .contains("truncated download: got 50 of 100 bytes"),
-            "{err}"
-        );
-        assert_eq!(files_in(tmp.path()), 0);
-    }
-
-    #[tokio::test]
-    async fn download_verified_refuses_short_body() {
-        // The server sends a complete, but short, body (delimited by close).
-        let tmp = tempfile::tempdir().unwrap();
-        let body = [b'x'; 50];
-        let url = serve(response("200 OK\r\nConnection: close", &body), false).await;
-        let err = download_verified(
-            &reqwest::Client::new(),
-            &url,
-            &sha(&[b'x'; 100]),
-            100,
-            tmp.path(),
-        )
-        .await
-        .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ArtifactError::SizeMismatch {
-                    expected: 100,
-                    got: 50,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        assert!(
-            err.to_string()
-                .contains("truncated download: got 50 of 100 bytes"),
-            "{err}"
-        );
-        assert_eq!(files_in(tmp.path()), 0);
-    }
-
-    #[tokio::test]
-    async fn download_verified_refuses_announced_longer_body() {
-        let tmp = tempfile::tempdir().unwrap();
-        let body = [b'x'; 200];
-        let url = serve(ok_response(&body), false).await;
-        let err = download_verified(&reqwest::Client::new(), &url, &sha(&body), 100, tmp.path())
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ArtifactError::SizeMismatch {
-                    expected: 100,
-                    got: 200,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        assert!(
-            err.to_string()
-                .contains("download longer than the expected 100 bytes"),
-            "{err}"
-        );
-        assert_eq!(files_in(tmp.path()), 0);
-    }
-
-    #[tokio::test]
-    async fn download_verified_stops_reading_past_expected_size() {
-        // No length announced and the connection stays open: only the size
-        // check can end this download.
-        let tmp = tempfile::tempdir().unwrap();
-        let body = [b'x'; 200];
-        let url = serve(response("200 OK\r\nConnection: close", &body), true).await;
-        let client = reqwest::Client::new();
-        let expected = sha(&body[..100]);
-        let download = download_verified(&client, &url, &expected, 100, tmp.path());
-        let err = tokio::time::timeout(Duration::from_secs(30), download)
-            .await
-            .expect("download did not stop at the expected size")
-            .unwrap_err();
-        assert!(
-            matches!(err, ArtifactError::SizeMismatch { expected: 100, .. }),
-            "{err}"
-        );
-        assert!(
-            err.to_string()
-                .contains("download longer than the expected 100 bytes"),
-            "{err}"
-        );
-        assert_eq!(files_in(tmp.path()), 0);
-    }
-
-    #[tokio::test]
-    async fn download_verified_reports_http_errors() {
-        let tmp = tempfile::tempdir().unwrap();
-        let url = serve(response("404 Not Found\r\nContent-Length: 0", b""), false).await;
-        let err = download_verified(&reqwest::Client::new(), &url, &sha(BODY), 10, tmp.path())
-            .await
-            .unwrap_err();
-        assert!(matches!(err, ArtifactError::Download { .. }), "{err}");
-        assert!(err.to_string().contains("404"), "{err}");
-        assert!(err.to_string().contains(&url), "{err}");
-        assert_eq!(files_in(tmp.path()), 0);
     }
 }

@@ -28,10 +28,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use crate::artifact;
 use crate::config::{ServiceConfig, SwitchMode};
 use crate::layout::{copy_tree, remove_path, write_atomic, ServiceDirs};
 use crate::supervisor::Supervisor;
+use crate::{artifact, download};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Journal {
@@ -101,6 +101,11 @@ impl Service {
         }
     }
 }
+
+/// How long a task keeps trying to download its artifact. The task carries
+/// no deadline of its own; this is the default `progress_deadline`, past
+/// which the control plane gives up on the task anyway.
+const DOWNLOAD_DEADLINE: Duration = Duration::from_secs(600);
 
 pub struct Executor {
     state_dir: PathBuf,
@@ -761,6 +766,7 @@ impl Executor {
         art: &ArtifactRef,
     ) -> Result<(), String> {
         let not_installed = |e: String| format!("release {version} not installed: {e}");
+        let not_downloaded = |e: String| format!("{e}; release {version} not installed");
         if svc.dirs.is_staged(version, &art.sha256) {
             let vouched = svc
                 .dirs
@@ -777,7 +783,7 @@ impl Executor {
                 task,
                 "downloading to verify the signature of a staged release",
             );
-            let file = self.download(svc, art).await.map_err(not_installed)?;
+            let file = self.download(svc, art).await.map_err(not_downloaded)?;
             let signer = self.verify_signature(task, &file, art, version).await;
             let _ = std::fs::remove_file(&file);
             let signer = signer.map_err(not_installed)?;
@@ -790,7 +796,7 @@ impl Executor {
         svc.dirs
             .discard_unverified(version)
             .map_err(|e| format!("removing a partial release: {e}"))?;
-        let file = self.download(svc, art).await.map_err(not_installed)?;
+        let file = self.download(svc, art).await.map_err(not_downloaded)?;
         let signer = if self.trusted.is_empty() {
             None
         } else {
@@ -822,12 +828,16 @@ impl Executor {
     }
 
     /// The artifact, size and sha256 verified, in a temporary file of the
-    /// service's releases directory, which the caller removes.
+    /// service's releases directory, which the caller removes. Retried and
+    /// resumed until [`DOWNLOAD_DEADLINE`]. Its errors start with `download
+    /// failed:`, which a task's failure reason keeps first, so that a node
+    /// the artifact never reached reads apart from a bad release.
     async fn download(&self, svc: &Service, art: &ArtifactRef) -> Result<PathBuf, String> {
         let tmp = svc.dirs.releases();
         let _ = artifact::clean_stale_tmp(&tmp);
         let url = format!("{}{}", self.server, art.path);
-        artifact::download_verified(&self.client, &url, &art.sha256, art.size, &tmp)
+        let retry = download::Retry::until(Instant::now() + DOWNLOAD_DEADLINE);
+        download::download_verified(&self.client, &url, &art.sha256, art.size, &tmp, &retry)
             .await
             .map_err(|e| e.to_string())
     }
@@ -2060,6 +2070,29 @@ mod tests {
         assert!(!phases.iter().any(|p| p == "unpacking"), "{phases:?}");
         assert!(node.svc.dirs.release("2.0.0").is_dir());
         assert_eq!(node.svc.dirs.staged_signer("2.0.0"), Some(owner.id()));
+        not_installed(&node, "3.0.0");
+        node.svc.supervisor.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_download_is_reported_as_one_not_as_a_bad_release() {
+        // The control plane has no such artifact (404): no retry helps.
+        let url = serve_artifact(RELEASE).await;
+        let mut node = Node::start_with(url.clone(), TrustedKeys::default()).await;
+        let mut task = stage_task("dl-1", "3.0.0", RELEASE, None);
+        if let TaskAction::Stage { artifact, .. } = &mut task.action {
+            artifact.path = "/gone".into();
+        }
+        let (phases, outcome) = node.run(task).await;
+        let TaskOutcome::Failed { reason } = outcome else {
+            panic!("{outcome:?}");
+        };
+        assert_eq!(
+            reason,
+            format!("download failed: {url}/gone: server answered 404 Not Found; release 3.0.0 not installed"),
+            "{phases:?}"
+        );
+        assert!(!phases.iter().any(|p| p == "unpacking"), "{phases:?}");
         not_installed(&node, "3.0.0");
         node.svc.supervisor.stop().await.unwrap();
     }

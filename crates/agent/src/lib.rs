@@ -4,6 +4,7 @@
 
 pub mod artifact;
 pub mod config;
+pub mod download;
 pub mod enroll;
 mod executor;
 mod fds;

@@ -275,6 +275,11 @@ pub enum ErrorCode {
     NotFound,
     Conflict,
     PayloadTooLarge,
+    /// A `Range` that starts beyond the end of the artifact.
+    RangeNotSatisfiable,
+    /// Every artifact stream is taken (`--max-downloads`): try again after
+    /// the response's `Retry-After`.
+    TooManyRequests,
     Internal,
 }
 
@@ -287,6 +292,8 @@ impl ErrorCode {
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict => 409,
             ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::RangeNotSatisfiable => 416,
+            ErrorCode::TooManyRequests => 429,
             ErrorCode::Internal => 500,
         }
     }

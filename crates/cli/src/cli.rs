@@ -95,6 +95,12 @@ pub enum Command {
         /// goes to and from the control plane. For tests on one machine.
         #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
         insecure_plain_http: bool,
+        /// Release artifacts streamed to agents at once. Agents past it are
+        /// answered 429 with Retry-After and come back later, rather than
+        /// all sharing the link and timing out.
+        #[arg(long, value_name = "N", default_value_t = rollwave_server::DEFAULT_MAX_DOWNLOADS,
+              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        max_downloads: usize,
     },
     /// Certificates for the control plane.
     #[command(subcommand)]

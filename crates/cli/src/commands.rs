@@ -31,6 +31,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tls_cert,
             tls_key,
             insecure_plain_http,
+            max_downloads,
         } => {
             let tls = match (tls_cert, tls_key) {
                 (Some(cert), Some(key)) => Some(
@@ -48,6 +49,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 listen,
                 data_dir,
                 tls,
+                max_downloads,
             };
             rollwave_server::run(config, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)

@@ -48,6 +48,8 @@ pub struct FleetSpec {
     /// is the release dir), for `handoff`: it gets its sockets by socket
     /// activation, so it is told no port.
     pub command: Option<Vec<String>>,
+    /// More arguments for `rollwave server`, e.g. `--max-downloads 1`.
+    pub server_args: Vec<String>,
 }
 
 impl FleetSpec {
@@ -63,6 +65,7 @@ impl FleetSpec {
             tls: false,
             trusted_key_files: Vec::new(),
             command: None,
+            server_args: Vec::new(),
         }
     }
 }
@@ -90,6 +93,7 @@ pub struct Node {
 
 pub struct Fleet {
     exe: PathBuf,
+    server_args: Vec<String>,
     /// Where data dirs, state dirs, configs and logs go.
     pub dir: PathBuf,
     /// Removed after every process is killed (fields drop after `drop`):
@@ -155,8 +159,9 @@ impl Fleet {
             true => Some(certs_init(&spec.exe, &dir.join("certs"))?),
             false => None,
         };
+        let listen = "127.0.0.1:0".parse()?;
         let (server, addr) =
-            start_server(&spec.exe, &dir, "127.0.0.1:0".parse()?, certs.as_ref()).await?;
+            start_server(&spec.exe, &dir, listen, certs.as_ref(), &spec.server_args).await?;
         let token_file = dir
             .join("server-data")
             .join(rollwave_server::ADMIN_TOKEN_FILE);
@@ -166,6 +171,7 @@ impl Fleet {
             .to_string();
         let mut fleet = Fleet {
             exe: spec.exe.clone(),
+            server_args: spec.server_args.clone(),
             dir: dir.clone(),
             tmp: Some(tmp),
             addr,
@@ -181,14 +187,25 @@ impl Fleet {
             .create_token("fleet-join", rollwave_core::Role::Join, Some("1h"))
             .await
             .context("creating the fleet's join token")?;
+        // Each port is free when drawn but not held: with hundreds of
+        // nodes, two draws would otherwise collide now and then.
+        let mut taken = std::collections::HashSet::new();
+        let mut unique_port = || -> anyhow::Result<u16> {
+            loop {
+                let port = free_port()?;
+                if taken.insert(port) {
+                    return Ok(port);
+                }
+            }
+        };
         for i in 1..=spec.nodes {
             let name = format!("node-{i}");
             let state_dir = dir.join(&name);
             std::fs::create_dir_all(state_dir.join("data"))?;
-            let port = free_port()?;
+            let port = unique_port()?;
             let mut extra_ports = BTreeMap::new();
             for service in &spec.extra_services {
-                extra_ports.insert(service.clone(), free_port()?);
+                extra_ports.insert(service.clone(), unique_port()?);
             }
             let config = state_dir.join("agent.toml");
             let ca_file = fleet.certs.as_ref().map(|c| c.ca_file.as_path());
@@ -333,6 +350,11 @@ impl Fleet {
         }
     }
 
+    /// The control plane's process id, while it runs.
+    pub fn server_pid(&self) -> Option<u32> {
+        self.server.as_ref().map(Child::id)
+    }
+
     /// Kills the control plane with SIGKILL.
     pub fn kill_server(&mut self) {
         if let Some(child) = self.server.take() {
@@ -343,7 +365,14 @@ impl Fleet {
     /// Starts the control plane again on the same address and data dir.
     pub async fn restart_server(&mut self) -> anyhow::Result<()> {
         self.kill_server();
-        let (child, _) = start_server(&self.exe, &self.dir, self.addr, self.certs.as_ref()).await?;
+        let (child, _) = start_server(
+            &self.exe,
+            &self.dir,
+            self.addr,
+            self.certs.as_ref(),
+            &self.server_args,
+        )
+        .await?;
         self.server = Some(child);
         Ok(())
     }
@@ -352,10 +381,12 @@ impl Fleet {
         self.api()?.get("/v1/nodes").await
     }
 
-    /// Waits until `n` agents hold a session.
+    /// Waits until `n` agents hold a session: up to a minute, and 100 ms
+    /// more per agent for large fleets.
     pub async fn wait_online(&self, n: usize) -> anyhow::Result<()> {
         let api = self.api()?;
-        for _ in 0..600 {
+        let polls = 600 + n;
+        for _ in 0..polls {
             if let Ok(nodes) = api.get::<Vec<NodeView>>("/v1/nodes").await {
                 if nodes.iter().filter(|v| v.online).count() >= n {
                     return Ok(());
@@ -364,7 +395,8 @@ impl Fleet {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bail!(
-            "agents did not connect within 60s; see the logs under {}",
+            "agents did not connect within {}s; see the logs under {}",
+            polls / 10,
             self.dir.display()
         )
     }
@@ -443,6 +475,7 @@ async fn start_server(
     dir: &Path,
     listen: SocketAddr,
     certs: Option<&Certs>,
+    args: &[String],
 ) -> anyhow::Result<(Child, SocketAddr)> {
     let out_path = dir.join("server.out");
     let out = File::create(&out_path)?;
@@ -465,6 +498,7 @@ async fn start_server(
             .arg(c.dir.join(rollwave_tls::certs::SERVER_KEY)),
         None => command.arg("--insecure-plain-http"),
     };
+    command.args(args);
     let mut child = command
         .env("ROLLWAVE_LOG", "info")
         .stdin(Stdio::null())

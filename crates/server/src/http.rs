@@ -611,19 +611,31 @@ async fn release_manifest(archive: &std::path::Path) -> Result<Option<ReleaseMan
     params(
         ("service" = String, Path, description = "Service name"),
         ("version" = String, Path, description = "Semantic version, like 2.0.0"),
+        ("Range" = Option<String>, Header, description = "One byte range, `bytes=a-b`, `bytes=a-` or `bytes=-n`, to resume a download; a multi-range, malformed or non-byte range is answered with the whole artifact"),
     ),
     responses(
-        (status = 200, description = "The artifact's bytes, as pushed", content(("application/octet-stream"))),
+        (status = 200, description = "The artifact's bytes, as pushed (always with `Accept-Ranges: bytes`)", content(("application/octet-stream"))),
+        (status = 206, description = "The range asked for, with `Content-Range: bytes a-b/SIZE`", content(("application/octet-stream"))),
         (status = 400, description = "Invalid service name or version", body = rollwave_api::ErrorBody),
         (status = 404, description = "No such release", body = rollwave_api::ErrorBody),
+        (status = 416, description = "The range starts beyond the artifact; `Content-Range: bytes */SIZE` gives its size", body = rollwave_api::ErrorBody),
+        (status = 429, description = "`--max-downloads` artifacts are being streamed already: retry after `Retry-After` seconds", body = rollwave_api::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before asking again"))),
         (status = 500, description = "Reading the artifact or the store failed", body = rollwave_api::ErrorBody),
     )
 )]
 async fn artifact(
     State(shared): State<Arc<Shared>>,
     Path((service, version)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
+    use crate::downloads::{self, Range};
     release_key(&service, &version)?;
+    // Before any work: past the cap, refusing must cost next to nothing.
+    let permit = match shared.downloads.try_start() {
+        Ok(permit) => permit,
+        Err(busy) => return Ok(busy.into_response()),
+    };
     let release = shared
         .store
         .get_release(&service, &version)
@@ -634,15 +646,11 @@ async fn artifact(
         .await
         .map_err(|e| ApiError::internal(format!("opening artifact {}: {e}", path.display())))?;
     let len = file.metadata().await?.len();
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_LENGTH, len.to_string()),
-        ],
-        body,
-    )
-        .into_response())
+    let asked = headers.get(header::RANGE);
+    match downloads::parse_range(asked, len) {
+        Range::Unsatisfiable => Ok(downloads::unsatisfiable(asked, len)),
+        range => downloads::serve(file, len, range, permit).await,
+    }
 }
 
 #[utoipa::path(

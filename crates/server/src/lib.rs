@@ -8,6 +8,7 @@
 mod audit;
 mod auth;
 mod blobs;
+mod downloads;
 mod error;
 mod events;
 mod http;
@@ -38,12 +39,18 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// HTTPS with this certificate; plain HTTP without.
     pub tls: Option<rollwave_tls::ServerTls>,
+    /// Artifact streams served at once; past it, `429` with `Retry-After`.
+    pub max_downloads: usize,
 }
+
+pub use downloads::DEFAULT_MAX_DOWNLOADS;
 
 /// State shared by the HTTP handlers, the sessions and the reconciler.
 pub(crate) struct Shared {
     pub store: Arc<dyn Store>,
     pub blobs: blobs::Blobs,
+    /// The cap on concurrent artifact streams.
+    pub downloads: downloads::Downloads,
     /// The fleet as observed through agent sessions (and, for offline nodes,
     /// as last stored).
     pub fleet: Mutex<Fleet>,
@@ -124,14 +131,21 @@ pub async fn run(
         .await
         .context("creating the bootstrap admin token")?;
     let (handle, events) = reconciler::channel();
+    let metrics = metrics::Metrics::new();
+    let downloads = downloads::Downloads::new(
+        config.max_downloads,
+        metrics.downloads_in_flight.clone(),
+        metrics.downloads_refused.clone(),
+    );
     let shared = Arc::new(Shared {
         store,
         blobs,
+        downloads,
         fleet: Mutex::new(fleet),
         sessions: session::Sessions::default(),
         live: Mutex::default(),
         reconciler: handle,
-        metrics: metrics::Metrics::new(),
+        metrics,
         events: Arc::new(events::Events::new(events::CAPACITY)),
         tokens,
     });

@@ -32,6 +32,10 @@ pub struct Metrics {
     hook_failures: Family<Labels, Counter>,
     requests: Family<Labels, Counter>,
     request_seconds: Family<Labels, Histogram>,
+    /// Artifact streams open now, and requests refused past the cap
+    /// (`downloads.rs` holds clones and keeps them up to date).
+    pub downloads_in_flight: Gauge,
+    pub downloads_refused: Counter,
     /// Rollouts the reconciler no longer watches, by id: with the active
     /// ones (counted at each scrape), every rollout in the store. By id, so
     /// that one still in the readers' copy of the active ones for a moment
@@ -105,6 +109,18 @@ impl Metrics {
             "API request latency by method and route",
             request_seconds.clone(),
         );
+        let downloads_in_flight = Gauge::default();
+        registry.register(
+            "downloads_in_flight",
+            "Artifact downloads being streamed now",
+            downloads_in_flight.clone(),
+        );
+        let downloads_refused = Counter::default();
+        registry.register(
+            "downloads_refused",
+            "Artifact downloads refused with 429 because --max-downloads streams were open",
+            downloads_refused.clone(),
+        );
         Metrics {
             registry,
             rollouts,
@@ -116,6 +132,8 @@ impl Metrics {
             hook_failures,
             requests,
             request_seconds,
+            downloads_in_flight,
+            downloads_refused,
             finished: Mutex::default(),
             scrape: Mutex::default(),
         }
