@@ -13,6 +13,7 @@ mod error;
 mod events;
 mod http;
 mod metrics;
+mod node_writes;
 mod openapi;
 mod reconciler;
 mod routes;
@@ -62,6 +63,8 @@ pub(crate) struct Shared {
     /// Every change of a rollout or a node, for `GET /v1/events`.
     pub events: Arc<events::Events>,
     pub tokens: auth::Tokens,
+    /// Node views waiting to be stored together.
+    pub node_writes: Arc<node_writes::NodeWrites>,
 }
 
 /// Every service's active version, as agents receive it.
@@ -148,7 +151,9 @@ pub async fn run(
         metrics,
         events: Arc::new(events::Events::new(events::CAPACITY)),
         tokens,
+        node_writes: Arc::default(),
     });
+    shared.node_writes.clone().spawn(shared.store.clone());
     reconciler::spawn(shared.clone(), events)
         .await
         .context("loading rollouts")?;

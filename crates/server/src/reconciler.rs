@@ -61,8 +61,10 @@ const MAX_EVENTS_PER_PASS: usize = 10_000;
 /// large rollout under a stream of results takes a bounded share of the CPU
 /// and each step takes every result that arrived meanwhile at once.
 const STEP_COST_FACTOR: u32 = 4;
-/// ... and never more often than this, nor less often than the ceiling.
-const MIN_STEP_GAP: Duration = Duration::from_millis(5);
+/// ... and never more often than this (results that arrive within it share
+/// one write: one sync, one copy of the rollout's header), nor less often
+/// than the ceiling.
+const MIN_STEP_GAP: Duration = Duration::from_millis(20);
 const MAX_STEP_GAP: Duration = Duration::from_millis(500);
 
 pub enum Event {

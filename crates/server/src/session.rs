@@ -332,26 +332,23 @@ async fn set_node(shared: &Shared, view: NodeView) {
     persist(shared, &view).await;
 }
 
-/// Whether a status changes what the store keeps of a node: the versions
-/// it runs and holds, and its backups (what a rollout plans with while the
-/// node is offline), not its health.
+/// Whether a status changes what the store keeps of a node: the version
+/// it runs and its backups (what a rollout plans with and rolls back to
+/// while the node is offline). Not its health, nor what it has staged: an
+/// offline node is sent nothing until it is back and says so again.
 fn durable_change(
     before: &std::collections::BTreeMap<String, rollwave_core::ServiceView>,
     after: &std::collections::BTreeMap<String, rollwave_core::ServiceView>,
 ) -> bool {
     before.len() != after.len()
         || before.iter().zip(after).any(|((name_a, a), (name_b, b))| {
-            name_a != name_b
-                || a.version != b.version
-                || a.staged != b.staged
-                || a.backups != b.backups
+            name_a != name_b || a.version != b.version || a.backups != b.backups
         })
 }
 
-/// Every change of a node's view comes here: it is streamed and stored.
+/// Every change of a node's view comes here: it is streamed, and queued
+/// for the store (see `node_writes`).
 async fn persist(shared: &Shared, view: &NodeView) {
     shared.events.node(view);
-    if let Err(e) = shared.store.upsert_node(view).await {
-        tracing::error!(node = %view.name, error = %e, "storing node");
-    }
+    shared.node_writes.put(view.clone());
 }

@@ -229,6 +229,16 @@ async fn nodes(store: &dyn Store) {
         vec![offline(&a2), offline(&b)],
         "an upsert replaces the node of the same name"
     );
+
+    // Several at once, in one transaction: new ones added, others replaced.
+    let c = node("node-c", &[], Some("1.0.0"));
+    let mut b2 = b.clone();
+    b2.last_seen = 6_000;
+    store.upsert_nodes(&[c.clone(), b2.clone()]).await.unwrap();
+    assert_eq!(
+        store.list_nodes().await.unwrap(),
+        vec![offline(&a2), offline(&b2), offline(&c)]
+    );
 }
 
 async fn releases(store: &dyn Store) {

@@ -111,7 +111,11 @@ impl<'a> RolloutWrite<'a> {
 pub trait Store: Send + Sync + 'static {
     /// Inserts or replaces a node by name. The `online` field is not stored:
     /// it is a property of the live session, not of the node.
-    async fn upsert_node(&self, node: &NodeView) -> Result<()>;
+    async fn upsert_node(&self, node: &NodeView) -> Result<()> {
+        self.upsert_nodes(std::slice::from_ref(node)).await
+    }
+    /// Inserts or replaces several nodes in one transaction.
+    async fn upsert_nodes(&self, nodes: &[NodeView]) -> Result<()>;
     /// Enrolls in one transaction: the join token with its use spent and
     /// the node's new credential, so that neither is stored without the other.
     async fn put_tokens(&self, tokens: &[TokenRecord]) -> Result<()>;

@@ -110,8 +110,7 @@ const MIGRATIONS: &[&str] = &[
             OR json_extract(json, '$.end_hooks_done') IS NOT 1
             OR EXISTS (SELECT 1 FROM rollout_nodes n WHERE n.rollout_id = rollouts.id
                        AND n.state IN ('upgrading', 'rolling_back', 'staging', 'converging',
-                                       'dry_running', 'unreachable'));
-    CREATE INDEX rollouts_active ON rollouts (active) WHERE active;",
+                                       'dry_running', 'unreachable'));",
 ];
 
 /// The schema version this code writes and understands.
@@ -127,10 +126,14 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct SqliteStore {
     path: PathBuf,
     writer: Writer,
-    /// Reads run here, beside the writer: WAL lets them see the last commit
-    /// without waiting for the one in progress.
-    reader: Arc<Mutex<Connection>>,
+    /// Reads run on these, beside the writer: WAL lets them see the last
+    /// commit without waiting for the one in progress. Several, so that a
+    /// large read (a whole 10,000-node rollout) does not hold up small ones.
+    readers: Arc<[Mutex<Connection>]>,
 }
+
+/// How many connections serve reads.
+const READERS: usize = 4;
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -170,17 +173,22 @@ impl SqliteStore {
 
         migrate(&mut conn, path)?;
 
-        let reader = connect(path)?;
-        reader
-            .pragma_update(None, "query_only", true)
-            .map_err(at(path, "opening a reader of"))?;
+        let readers = (0..READERS)
+            .map(|_| {
+                let reader = connect(path)?;
+                reader
+                    .pragma_update(None, "query_only", true)
+                    .map_err(at(path, "opening a reader of"))?;
+                Ok(Mutex::new(reader))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let writer = Writer::spawn(conn, path.display().to_string()).map_err(|e| {
             StoreError::Backend(format!("starting the writer of {}: {e}", path.display()))
         })?;
         Ok(SqliteStore {
             path: path.to_path_buf(),
             writer,
-            reader: Arc::new(Mutex::new(reader)),
+            readers: readers.into(),
         })
     }
 
@@ -196,11 +204,19 @@ impl SqliteStore {
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R> + Send + 'static,
     {
-        let reader = self.reader.clone();
+        let readers = self.readers.clone();
         tokio::task::spawn_blocking(move || {
-            // A panic while the lock was held cannot leave a read half
-            // done in a way that matters: poisoning carries no information.
-            let conn = reader.lock().unwrap_or_else(PoisonError::into_inner);
+            // A free connection if there is one, else wait for the first.
+            // A panic while a lock was held cannot leave a read half done
+            // in a way that matters: poisoning carries no information.
+            let conn = readers
+                .iter()
+                .find_map(|r| match r.try_lock() {
+                    Ok(conn) => Some(conn),
+                    Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                    Err(std::sync::TryLockError::WouldBlock) => None,
+                })
+                .unwrap_or_else(|| readers[0].lock().unwrap_or_else(PoisonError::into_inner));
             f(&conn)
         })
         .await
@@ -310,23 +326,32 @@ fn pairs(conn: &Connection, sql: &str) -> rusqlite::Result<Vec<(String, String)>
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn upsert_node(&self, node: &NodeView) -> Result<()> {
-        let key = format!("node {}", node.name);
-        let stored = NodeView {
-            online: false,
-            ..node.clone()
-        };
-        let json = encode(&key, &stored)?;
-        let name = node.name.clone();
-        let fail = self.backend(&format!("storing {key}"));
+    async fn upsert_nodes(&self, nodes: &[NodeView]) -> Result<()> {
+        let rows = nodes
+            .iter()
+            .map(|node| {
+                let stored = NodeView {
+                    online: false,
+                    ..node.clone()
+                };
+                Ok((
+                    node.name.clone(),
+                    encode(&format!("node {}", node.name), &stored)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let fail = self.backend("storing nodes");
         self.writer
             .write(move |conn| {
-                conn.prepare_cached(
-                    "INSERT INTO nodes (name, json) VALUES (?1, ?2)
-                     ON CONFLICT (name) DO UPDATE SET json = excluded.json",
-                )
-                .and_then(|mut s| s.execute(params![name, json]))
-                .map_err(fail)?;
+                let mut stmt = conn
+                    .prepare_cached(
+                        "INSERT INTO nodes (name, json) VALUES (?1, ?2)
+                         ON CONFLICT (name) DO UPDATE SET json = excluded.json",
+                    )
+                    .map_err(&fail)?;
+                for (name, json) in &rows {
+                    stmt.execute(params![name, json]).map_err(&fail)?;
+                }
                 Ok(())
             })
             .await
