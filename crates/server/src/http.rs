@@ -723,13 +723,7 @@ async fn get_rollout_summary(
     Path(id): Path<String>,
 ) -> ApiResult<Json<RolloutSummary>> {
     let id = parse_id(&id)?;
-    let live = shared
-        .live
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&id)
-        .cloned();
-    if let Some(r) = live {
+    if let Some(r) = live_rollout(&shared, id) {
         return Ok(Json(RolloutSummary::of(&r)));
     }
     let found = shared
@@ -741,6 +735,17 @@ async fn get_rollout_summary(
     found
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("rollout {id} not found")))
+}
+
+/// An active rollout as the reconciler holds it now, steps not yet written
+/// included; `None` once it has left the reconciler (read the store).
+fn live_rollout(shared: &Shared, id: u64) -> Option<Arc<rollwave_core::Rollout>> {
+    shared
+        .live
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&id)
+        .cloned()
 }
 
 fn parse_id(id: &str) -> ApiResult<u64> {
@@ -765,13 +770,7 @@ async fn get_rollout(
     Path(id): Path<String>,
 ) -> ApiResult<Json<RolloutResponse>> {
     let id = parse_id(&id)?;
-    let live = shared
-        .live
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&id)
-        .cloned();
-    let rollout = match live {
+    let rollout = match live_rollout(&shared, id) {
         Some(r) => Arc::unwrap_or_clone(r),
         None => shared
             .store
