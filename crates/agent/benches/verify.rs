@@ -100,7 +100,7 @@ fn main() {
     });
     let sha_file = time(|| sha256_file(&path).expect("hashing the artifact"));
     let sig_file = time(|| {
-        verify_signature(&path, Some(&signature), &keys, "api", "2.0.0")
+        verify_signature(&path, &[&signature], &keys, "api", "2.0.0")
             .expect("the signature verifies")
     });
     // What an agent with trusted keys does per artifact beyond receiving it:
@@ -111,7 +111,7 @@ fn main() {
             h.update(chunk);
         }
         black_box(h.finalize());
-        verify_signature(&path, Some(&signature), &keys, "api", "2.0.0")
+        verify_signature(&path, &[&signature], &keys, "api", "2.0.0")
             .expect("the signature verifies")
     });
     let empty = minisign::sign(Some(&pk), &sk, &b""[..], Some(&comment), None)

@@ -119,31 +119,44 @@ pub(crate) fn io_err<'a>(
     }
 }
 
-/// Checks that `signature` (the text of a `.minisig` file; `None`: the
+/// Checks that one of `signatures` (texts of `.minisig` files; none: the
 /// release is unsigned) was made by one of `keys` over the file at `path`,
-/// for `service@version`. Returns the key id. Reads the whole file: call it
-/// from `tokio::task::spawn_blocking`. The file is left in place either way.
+/// for `service@version`. Returns that signature's key id; when none
+/// verifies, the first failure says why. Reads the whole file once per
+/// signature by a trusted key: call it from `tokio::task::spawn_blocking`.
+/// The file is left in place either way.
 pub fn verify_signature(
     path: &Path,
-    signature: Option<&str>,
+    signatures: &[&str],
     keys: &TrustedKeys,
     service: &str,
     version: &str,
 ) -> Result<String, ArtifactError> {
-    let signature = keys.require(signature)?;
-    // Before reading a byte: an untrusted key needs no hashing to refuse.
-    let mut check = keys.start(&signature)?;
-    let mut file = File::open(path).map_err(io_err("opening", path))?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => check.update(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_err("reading", path)(e)),
+    // Before reading a byte: untrusted keys need no hashing to refuse.
+    let candidates = keys.candidates(signatures)?;
+    let mut first_error = None;
+    for signature in &candidates {
+        let mut check = keys.start(signature)?;
+        let mut file = File::open(path).map_err(io_err("opening", path))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => check.update(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err("reading", path)(e)),
+            }
+        }
+        match check.finish(service, version) {
+            Ok(id) => return Ok(id),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
         }
     }
-    Ok(check.finish(service, version)?)
+    Err(first_error
+        .expect("candidates returns at least one signature")
+        .into())
 }
 
 /// Installs a verified artifact as the release directory `dest`.
@@ -1270,19 +1283,19 @@ mod tests {
             .into_string();
         let id = keys.keys()[0].id().to_string();
         assert_eq!(
-            verify_signature(&path, Some(&sig), &keys, "api", "2.0.0").unwrap(),
+            verify_signature(&path, &[&sig], &keys, "api", "2.0.0").unwrap(),
             id
         );
-        let err = verify_signature(&path, None, &keys, "api", "2.0.0").unwrap_err();
+        let err = verify_signature(&path, &[], &keys, "api", "2.0.0").unwrap_err();
         assert_eq!(err.to_string(), format!("unsigned (trusted: {id})"));
-        let err = verify_signature(&path, Some(&sig), &keys, "api", "2.0.1").unwrap_err();
+        let err = verify_signature(&path, &[&sig], &keys, "api", "2.0.1").unwrap_err();
         assert_eq!(err.to_string(), "signed for api@2.0.0, not api@2.0.1");
 
         // One byte changed, far into the file.
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         fs::write(&path, &bytes).unwrap();
-        let err = verify_signature(&path, Some(&sig), &keys, "api", "2.0.0").unwrap_err();
+        let err = verify_signature(&path, &[&sig], &keys, "api", "2.0.0").unwrap_err();
         assert!(
             matches!(
                 err,
@@ -1292,8 +1305,8 @@ mod tests {
         );
         assert!(path.exists(), "the caller removes the file");
 
-        let err = verify_signature(&tmp.path().join("gone"), Some(&sig), &keys, "api", "2.0.0")
-            .unwrap_err();
+        let err =
+            verify_signature(&tmp.path().join("gone"), &[&sig], &keys, "api", "2.0.0").unwrap_err();
         assert!(err.to_string().starts_with("opening "), "{err}");
     }
 

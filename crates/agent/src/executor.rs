@@ -852,14 +852,15 @@ impl Executor {
         version: &str,
     ) -> Result<String, String> {
         self.phase(task, "verifying signature");
-        let (file, keys, signature) = (
+        let (file, keys, signatures) = (
             file.to_path_buf(),
             self.trusted.clone(),
-            art.signature.clone(),
+            art.signatures.clone(),
         );
         let (service, release) = (task.service.clone(), version.to_string());
         let verified = tokio::task::spawn_blocking(move || {
-            artifact::verify_signature(&file, signature.as_deref(), &keys, &service, &release)
+            let signatures: Vec<&str> = signatures.iter().map(String::as_str).collect();
+            artifact::verify_signature(&file, &signatures, &keys, &service, &release)
         })
         .await
         .map_err(|e| e.to_string())?;
@@ -1593,7 +1594,7 @@ mod tests {
                     sha256: SHA.into(),
                     size: 0,
                     format: ArtifactFormat::Executable,
-                    signature: None,
+                    signatures: vec![],
                 },
                 min_healthy_time_ms: 0,
                 healthy_deadline_ms: 20_000,
@@ -1926,7 +1927,12 @@ mod tests {
         url
     }
 
-    fn stage_task(id: &str, version: &str, bytes: &[u8], signature: Option<String>) -> Task {
+    fn stage_task(
+        id: &str,
+        version: &str,
+        bytes: &[u8],
+        signatures: impl IntoIterator<Item = String>,
+    ) -> Task {
         Task {
             id: id.into(),
             rollout: 7,
@@ -1938,7 +1944,7 @@ mod tests {
                     sha256: sha256(bytes),
                     size: bytes.len() as u64,
                     format: ArtifactFormat::Executable,
-                    signature,
+                    signatures: signatures.into_iter().collect(),
                 },
             },
         }
@@ -2004,9 +2010,14 @@ mod tests {
             not_installed(&node, "3.0.0");
         }
 
-        let good = owner.sign(RELEASE, "api@3.0.0");
+        // A signature by an untrusted key beside the owner's does not keep
+        // the release out.
+        let signatures = [
+            other.sign(RELEASE, "api@3.0.0"),
+            owner.sign(RELEASE, "api@3.0.0"),
+        ];
         let (phases, outcome) = node
-            .run(stage_task("st-ok", "3.0.0", RELEASE, Some(good)))
+            .run(stage_task("st-ok", "3.0.0", RELEASE, signatures))
             .await;
         assert_eq!(outcome, TaskOutcome::Succeeded, "{phases:?}");
         let verified = position(&phases, |p| {

@@ -135,10 +135,11 @@ pub struct ArtifactRef {
     pub sha256: String,
     pub size: u64,
     pub format: ArtifactFormat,
-    /// The release's minisign signature, if it was pushed with one. An agent
-    /// with trusted keys installs nothing without one it can verify.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signature: Option<String>,
+    /// The release's minisign signatures, as many as were pushed. An agent
+    /// with trusted keys installs nothing without one, by one of those
+    /// keys, that it can verify.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signatures: Vec<String>,
 }
 
 pub fn artifact_path(service: &str, version: &str) -> String {
@@ -160,8 +161,8 @@ pub struct PushResponse {
     pub release: Release,
     /// False when the same content had been pushed before.
     pub created: bool,
-    /// True when this push added a signature to a release pushed unsigned
-    /// before.
+    /// True when this push added a signature to a release pushed before
+    /// (unsigned, or signed by other keys).
     #[serde(default)]
     pub signature_added: bool,
 }

@@ -248,6 +248,23 @@ pub enum ReleaseCommand {
         #[arg(long, value_name = "MINISIG_FILE")]
         signature: Option<PathBuf>,
     },
+    /// Add a signature to a pushed release without uploading it again:
+    /// agents install it when any of its signatures is by a key they trust.
+    #[command(group(clap::ArgGroup::new("how").required(true).args(["sign_key", "signature"])))]
+    Sign {
+        /// `service@version`, like api@2.0.0.
+        release: String,
+        /// Sign with this minisign secret key; needs the release's file
+        /// (`--file`), checked against the stored sha256 before signing.
+        #[arg(long, value_name = "KEY_FILE", requires = "file")]
+        sign_key: Option<PathBuf>,
+        /// The release's file, to sign with `--sign-key`.
+        #[arg(long, value_name = "FILE", requires = "sign_key")]
+        file: Option<PathBuf>,
+        /// Add this detached minisign signature, made elsewhere.
+        #[arg(long, value_name = "MINISIG_FILE", conflicts_with = "sign_key")]
+        signature: Option<PathBuf>,
+    },
     /// List releases.
     List {
         #[arg(long)]

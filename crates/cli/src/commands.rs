@@ -15,6 +15,7 @@ use rollwave_core::{
     format_duration, parse_version, validate_service_name, AuditEntry, Rollout, RolloutSummary,
     StrategyFile, WaveFile,
 };
+use sha2::{Digest, Sha256};
 
 use crate::cli::{
     CertsCommand, Cli, Command, KeysCommand, ReleaseCommand, RolloutCommand, StartArgs,
@@ -266,11 +267,7 @@ async fn release(api: ApiClient, cmd: ReleaseCommand) -> anyhow::Result<ExitCode
             );
             let resp: PushResponse = api.post_bytes_with(&path, bytes, &headers).await?;
             let r = &resp.release;
-            let signed = r
-                .signed_by
-                .as_ref()
-                .map(|id| format!(", signed by key id {id}"))
-                .unwrap_or_default();
+            let signed = signed_by(r);
             if resp.created {
                 let declares = r
                     .manifest
@@ -294,6 +291,62 @@ async fn release(api: ApiClient, cmd: ReleaseCommand) -> anyhow::Result<ExitCode
             }
             Ok(ExitCode::SUCCESS)
         }
+        ReleaseCommand::Sign {
+            release,
+            sign_key,
+            file,
+            signature,
+        } => {
+            let (service, version) = release.split_once('@').ok_or_else(|| {
+                user_error(format!(
+                    "release: {release:?} must be service@version, like api@2.0.0"
+                ))
+            })?;
+            validate_service_name("release", service).map_err(|e| user_error(e.to_string()))?;
+            parse_version("release", version).map_err(|e| user_error(e.to_string()))?;
+            let signature = match (sign_key, file, signature) {
+                (Some(key), Some(file), _) => {
+                    let bytes = std::fs::read(&file).map_err(|e| {
+                        user_error(format!("reading release file {}: {e}", file.display()))
+                    })?;
+                    // Signed only if these are the bytes agents will get.
+                    let stored: Release = api
+                        .get(&format!("/v1/releases/{service}/{version}"))
+                        .await?;
+                    let sha256 = format!("{:x}", Sha256::digest(&bytes));
+                    if sha256 != stored.sha256 {
+                        return Err(user_error(format!(
+                            "--file {}: sha256 {sha256}, but {service}@{version} was pushed with sha256 {}: not signing other bytes",
+                            file.display(),
+                            stored.sha256
+                        )));
+                    }
+                    keys::sign(&key, &bytes, service, version)?
+                }
+                (None, None, Some(path)) => keys::read_signature(&path, service, version)?,
+                _ => unreachable!("clap requires --sign-key with --file, or --signature"),
+            };
+            let headers = [keys::signature_header(&signature)];
+            let path = format!("/v1/releases/{service}/{version}/signatures");
+            let resp: PushResponse = api.post_bytes_with(&path, Vec::new(), &headers).await?;
+            let r = &resp.release;
+            if resp.signature_added {
+                println!(
+                    "{}@{}: signature added{}",
+                    r.service,
+                    r.version,
+                    signed_by(r)
+                );
+            } else {
+                println!(
+                    "{}@{}: already carries this signature{}",
+                    r.service,
+                    r.version,
+                    signed_by(r)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         ReleaseCommand::List { json } => {
             let releases: Vec<Release> = api.get("/v1/releases").await?;
             if json {
@@ -303,6 +356,15 @@ async fn release(api: ApiClient, cmd: ReleaseCommand) -> anyhow::Result<ExitCode
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `, signed by key id A` (`key ids A, B` for several); empty if unsigned.
+fn signed_by(r: &Release) -> String {
+    match r.signatures.len() {
+        0 => String::new(),
+        1 => format!(", signed by key id {}", r.signers()),
+        _ => format!(", signed by key ids {}", r.signers()),
     }
 }
 

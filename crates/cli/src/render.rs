@@ -318,7 +318,7 @@ pub fn releases(releases: &[Release]) -> String {
             } else {
                 declares
             },
-            r.signed_by.clone().unwrap_or_else(|| "-".into()),
+            r.signers(),
             r.sha256.clone(),
         ]);
     }

@@ -107,29 +107,42 @@ pub struct Release {
     /// The archive's `rollwave.toml`, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest: Option<ReleaseManifest>,
-    /// The minisign signature pushed with the artifact (the text of a
-    /// `.minisig` file), which agents with trusted keys verify; the control
-    /// plane only checks that it parses.
+    /// The minisign signatures pushed for these bytes, oldest first. Agents
+    /// with trusted keys install the release when any one of them is by a
+    /// trusted key and verifies; the control plane only checks that each
+    /// parses. Several, so that a signature by a key no agent trusts (pushed
+    /// first, by mistake or by someone else) never keeps the owner's out.
     #[serde(default)]
-    pub signature: Option<String>,
-    /// The id of the key that made `signature`, as minisign prints it.
-    #[serde(default)]
-    pub signed_by: Option<String>,
+    pub signatures: Vec<SignatureRecord>,
 }
+
+/// One signature of a release, as stored and sent to agents.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct SignatureRecord {
+    /// The id of the key that made it, as minisign prints it.
+    pub key_id: String,
+    /// The text of the `.minisig` file.
+    pub text: String,
+}
+
+/// How many signatures one release may carry: enough for every owner and
+/// rotation a fleet has, bounded so that a release record stays small.
+pub const MAX_RELEASE_SIGNATURES: usize = 16;
 
 /// What pushing a release again, as `service@version` already exists, does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Repush {
-    /// Nothing to change: the same bytes, and no signature or one that says
-    /// what the stored one does.
+    /// Nothing to change: the same bytes, and no signature or only ones the
+    /// stored release carries already.
     Same,
-    /// The same bytes, signed now where they were not before: the stored
-    /// release with the signature added.
+    /// The same bytes with a signature the stored release lacks: the stored
+    /// release with it added.
     Sign(Box<Release>),
     /// Other bytes: releases are immutable.
     OtherContent,
-    /// The same bytes with a signature that disagrees with the stored one.
-    OtherSignature,
+    /// The same bytes with a new signature, but the release carries
+    /// [`MAX_RELEASE_SIGNATURES`] already.
+    TooManySignatures,
 }
 
 impl Release {
@@ -138,16 +151,34 @@ impl Release {
         if pushed.sha256 != self.sha256 {
             return Repush::OtherContent;
         }
-        match (&self.signature, &pushed.signature) {
-            (_, None) => Repush::Same,
-            (None, Some(_)) => Repush::Sign(Box::new(Release {
-                signature: pushed.signature.clone(),
-                signed_by: pushed.signed_by.clone(),
-                ..self.clone()
-            })),
-            (Some(stored), Some(new)) if same_signature(stored, new) => Repush::Same,
-            (Some(_), Some(_)) => Repush::OtherSignature,
+        let mut signed = self.clone();
+        for new in &pushed.signatures {
+            if signed
+                .signatures
+                .iter()
+                .any(|s| same_signature(&s.text, &new.text))
+            {
+                continue;
+            }
+            if signed.signatures.len() >= MAX_RELEASE_SIGNATURES {
+                return Repush::TooManySignatures;
+            }
+            signed.signatures.push(new.clone());
         }
+        if signed.signatures.len() == self.signatures.len() {
+            Repush::Same
+        } else {
+            Repush::Sign(Box::new(signed))
+        }
+    }
+
+    /// The ids of the keys that signed it, comma-separated; `-` if none.
+    pub fn signers(&self) -> String {
+        if self.signatures.is_empty() {
+            return "-".into();
+        }
+        let ids: Vec<&str> = self.signatures.iter().map(|s| s.key_id.as_str()).collect();
+        ids.join(", ")
     }
 }
 

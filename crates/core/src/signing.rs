@@ -52,6 +52,8 @@ pub enum SignatureError {
     Unsigned { trusted: String },
     #[error("signed by untrusted key id {key_id} (trusted: {trusted})")]
     UntrustedKey { key_id: String, trusted: String },
+    #[error("signed only by untrusted key ids {key_ids} (trusted: {trusted})")]
+    UntrustedKeys { key_ids: String, trusted: String },
     #[error("signature does not match the artifact (key id {key_id})")]
     Mismatch { key_id: String },
     #[error("signed for {signed_for}, not {wanted}")]
@@ -330,6 +332,42 @@ impl TrustedKeys {
         })
     }
 
+    /// Of a release's signatures, those by a trusted key, parsed, in the
+    /// order given: the ones worth reading the artifact for. Refuses none
+    /// at all, and signatures by untrusted keys only (naming them); a
+    /// signature that does not parse is skipped when another one is usable.
+    pub fn candidates(&self, signatures: &[&str]) -> Result<Vec<ReleaseSignature>, SignatureError> {
+        let mut trusted = Vec::new();
+        let mut untrusted = Vec::new();
+        let mut malformed = None;
+        for text in signatures {
+            match ReleaseSignature::parse(text) {
+                Ok(sig) if self.keys.iter().any(|k| k.id == sig.key_id) => trusted.push(sig),
+                Ok(sig) => untrusted.push(sig.key_id),
+                Err(e) => {
+                    malformed.get_or_insert(e);
+                }
+            }
+        }
+        if !trusted.is_empty() {
+            return Ok(trusted);
+        }
+        match (untrusted.len(), malformed) {
+            (0, Some(e)) => Err(e),
+            (0, None) => Err(SignatureError::Unsigned {
+                trusted: self.ids(),
+            }),
+            (1, _) => Err(SignatureError::UntrustedKey {
+                key_id: untrusted.remove(0),
+                trusted: self.ids(),
+            }),
+            _ => Err(SignatureError::UntrustedKeys {
+                key_ids: untrusted.join(", "),
+                trusted: self.ids(),
+            }),
+        }
+    }
+
     /// Checks a signature over bytes held in memory; returns the key id.
     pub fn verify(
         &self,
@@ -338,10 +376,31 @@ impl TrustedKeys {
         service: &str,
         version: &str,
     ) -> Result<String, SignatureError> {
-        let signature = self.require(signature)?;
-        let mut check = self.start(&signature)?;
-        check.update(data);
-        check.finish(service, version)
+        self.verify_any(signature.as_slice(), data, service, version)
+    }
+
+    /// Checks a release's signatures over bytes held in memory: the first
+    /// by a trusted key that verifies vouches for it; returns its key id.
+    /// When none does, the first failure says why.
+    pub fn verify_any(
+        &self,
+        signatures: &[&str],
+        data: &[u8],
+        service: &str,
+        version: &str,
+    ) -> Result<String, SignatureError> {
+        let mut first_error = None;
+        for signature in self.candidates(signatures)? {
+            let mut check = self.start(&signature)?;
+            check.update(data);
+            match check.finish(service, version) {
+                Ok(id) => return Ok(id),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.expect("candidates returns at least one signature"))
     }
 }
 
@@ -609,10 +668,14 @@ mod tests {
     }
 
     #[test]
-    fn a_repush_may_sign_once_and_a_second_signature_must_agree() {
-        use crate::{ArtifactFormat, Release, Repush};
+    fn a_repush_adds_each_new_signature_once_up_to_the_limit() {
+        use crate::{ArtifactFormat, Release, Repush, SignatureRecord, MAX_RELEASE_SIGNATURES};
         let (key, other) = (Key::new(), Key::new());
-        let release = |sig: Option<String>| Release {
+        let record = |text: String| SignatureRecord {
+            key_id: ReleaseSignature::parse(&text).unwrap().key_id().to_string(),
+            text,
+        };
+        let release = |sigs: Vec<String>| Release {
             service: "api".into(),
             version: "2.0.0".into(),
             sha256: "ab12".into(),
@@ -621,18 +684,16 @@ mod tests {
             filename: "api.tar.gz".into(),
             created_at: 1,
             manifest: None,
-            signed_by: sig
-                .as_deref()
-                .map(|s| ReleaseSignature::parse(s).unwrap().key_id().to_string()),
-            signature: sig,
+            signatures: sigs.into_iter().map(record).collect(),
         };
-        let unsigned = release(None);
-        let first = release(Some(key.sign(ARTIFACT, &comment())));
+        let unsigned = release(vec![]);
+        let first_sig = key.sign(ARTIFACT, &comment());
+        let first = release(vec![first_sig.clone()]);
         // Signing is randomised: the same key and comment give another text.
-        let again = release(Some(key.sign(ARTIFACT, &comment())));
-        assert_ne!(first.signature, again.signature);
-        let other_key = release(Some(other.sign(ARTIFACT, &comment())));
-        let other_comment = release(Some(key.sign(ARTIFACT, "rollwave release api@2.0.0")));
+        let again = release(vec![key.sign(ARTIFACT, &comment())]);
+        assert_ne!(first.signatures, again.signatures);
+        let other_sig = other.sign(ARTIFACT, &comment());
+        let other_key = release(vec![other_sig.clone()]);
 
         assert_eq!(
             unsigned.repush(&first),
@@ -641,14 +702,70 @@ mod tests {
         assert_eq!(unsigned.repush(&unsigned), Repush::Same);
         assert_eq!(first.repush(&unsigned), Repush::Same);
         assert_eq!(first.repush(&again), Repush::Same);
-        assert_eq!(first.repush(&other_key), Repush::OtherSignature);
-        assert_eq!(first.repush(&other_comment), Repush::OtherSignature);
+        // A rogue key's signature pushed first does not keep the owner's out.
+        let both = release(vec![first_sig, other_sig]);
+        assert_eq!(
+            first.repush(&other_key),
+            Repush::Sign(Box::new(both.clone()))
+        );
+        assert_eq!(both.signers(), format!("{}, {}", key.id(), other.id()));
+        assert_eq!(both.repush(&other_key), Repush::Same);
         let other_bytes = Release {
             sha256: "cd34".into(),
             ..first.clone()
         };
         assert_eq!(first.repush(&other_bytes), Repush::OtherContent);
         assert_eq!(unsigned.repush(&other_bytes), Repush::OtherContent);
+
+        let mut full = unsigned.clone();
+        for _ in 0..MAX_RELEASE_SIGNATURES {
+            let more = release(vec![Key::new().sign(ARTIFACT, &comment())]);
+            match full.repush(&more) {
+                Repush::Sign(next) => full = *next,
+                other => panic!("expected a signature added, got {other:?}"),
+            }
+        }
+        assert_eq!(full.repush(&first), Repush::TooManySignatures);
+        assert_eq!(full.repush(&unsigned), Repush::Same);
+    }
+
+    #[test]
+    fn any_trusted_signature_that_verifies_vouches_for_a_release() {
+        let (owner, rogue, other_owner) = (Key::new(), Key::new(), Key::new());
+        let keys = trust(&[&owner, &other_owner]);
+        let good = owner.sign(ARTIFACT, &comment());
+        let rogue_sig = rogue.sign(ARTIFACT, &comment());
+        // A trusted key's signature over other bytes: tried, then passed over.
+        let wrong_bytes = other_owner.sign(b"other bytes", &comment());
+        assert_eq!(
+            keys.verify_any(&[&rogue_sig, &wrong_bytes, &good], ARTIFACT, "api", "2.0.0"),
+            Ok(owner.id())
+        );
+        assert_eq!(
+            keys.verify_any(&[&rogue_sig, &wrong_bytes], ARTIFACT, "api", "2.0.0"),
+            Err(SignatureError::Mismatch {
+                key_id: other_owner.id()
+            }),
+            "the failure of the trusted signature is the one reported"
+        );
+        let rogue2 = Key::new().sign(ARTIFACT, &comment());
+        let err = keys
+            .verify_any(&[&rogue_sig, &rogue2, "junk"], ARTIFACT, "api", "2.0.0")
+            .unwrap_err();
+        assert!(matches!(err, SignatureError::UntrustedKeys { .. }), "{err}");
+        assert!(err
+            .to_string()
+            .starts_with("signed only by untrusted key ids "));
+        assert_eq!(
+            keys.verify_any(&[], ARTIFACT, "api", "2.0.0"),
+            Err(SignatureError::Unsigned {
+                trusted: keys.ids()
+            })
+        );
+        assert!(matches!(
+            keys.verify_any(&["junk"], ARTIFACT, "api", "2.0.0"),
+            Err(SignatureError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use rollwave_api::{
 };
 use rollwave_core::{
     parse_version, validate_service_name, ArtifactFormat, AuditEntry, NodeState, NodeView, Release,
-    ReleaseManifest, ReleaseSignature, RolloutSummary,
+    ReleaseManifest, ReleaseSignature, RolloutSummary, SignatureRecord,
 };
 use rollwave_store::PutRelease;
 use serde::Deserialize;
@@ -46,6 +46,11 @@ pub(crate) fn routes() -> Routes<Arc<Shared>> {
         .get("/v1/nodes", Read, list_nodes)
         .get("/v1/releases", Read, list_releases)
         .post("/v1/releases/{service}/{version}", Admin, push_release)
+        .post(
+            "/v1/releases/{service}/{version}/signatures",
+            Admin,
+            sign_release,
+        )
         .get("/v1/releases/{service}/{version}", Read, get_release)
         .get(
             "/v1/releases/{service}/{version}/artifact",
@@ -429,7 +434,7 @@ struct PushQuery {
         ("service" = String, Path, description = "Service name"),
         ("version" = String, Path, description = "Semantic version, like 2.0.0"),
         ("filename" = Option<String>, Query, description = "The artifact's file name (default: the service name)"),
-        ("rollwave-signature" = Option<String>, Header, description = "The release's minisign signature: the text of its .minisig file (prehashed, as minisign makes by default), base64 encoded. The control plane checks that it parses and stores it; agents with trusted keys verify it over the artifact and require its trusted comment to name `service@version`, as `rollwave release <service>@<version> sha256:<hex>` does. Pushing the same bytes again with a signature signs a release pushed unsigned"),
+        ("rollwave-signature" = Option<String>, Header, description = "The release's minisign signature: the text of its .minisig file (prehashed, as minisign makes by default), base64 encoded. The control plane checks that it parses and stores it; agents with trusted keys verify it over the artifact and require its trusted comment to name `service@version`, as `rollwave release <service>@<version> sha256:<hex>` does. Pushing the same bytes again with another signature adds it beside those the release has (up to 16)"),
     ),
     request_body(
         description = "The artifact: a .tar.gz (may hold a rollwave.toml) or an executable (ELF or #! script), streamed to disk",
@@ -439,7 +444,7 @@ struct PushQuery {
         (status = 201, description = "Stored", body = PushResponse),
         (status = 200, description = "The same content was pushed before (`created` false); `signature_added` when this push signed it", body = PushResponse),
         (status = 400, description = "Invalid name or version, empty or unrecognised artifact, invalid rollwave.toml, or a signature header that is not a minisign signature", body = rollwave_api::ErrorBody),
-        (status = 409, description = "The version exists with other content, or is signed already and this signature differs (another key or trusted comment): releases are immutable", body = rollwave_api::ErrorBody),
+        (status = 409, description = "The version exists with other content (releases are immutable), or carries 16 signatures already", body = rollwave_api::ErrorBody),
         (status = 413, description = "Artifact above the size limit", body = rollwave_api::ErrorBody),
         (status = 500, description = "Writing the artifact or the store failed", body = rollwave_api::ErrorBody),
     )
@@ -499,43 +504,55 @@ async fn push_release(
         filename: query.filename.unwrap_or_else(|| service.clone()),
         created_at: now_ms(),
         manifest,
-        signed_by: signature.as_ref().map(|s| s.key_id().to_string()),
-        signature: signature.as_ref().map(|s| s.text().to_string()),
+        signatures: signature.iter().map(signature_record).collect(),
     };
     // The blob is durable before the release that names it.
     shared.blobs.commit(&upload).await?;
-    match shared.store.put_release(&release).await? {
-        PutRelease::Created(release) => {
-            tracing::info!(service = %service, version = %version, sha256 = %release.sha256, size = release.size, signed_by = release.signed_by.as_deref().unwrap_or("-"), "release pushed");
-            let signed = release
-                .signed_by
-                .as_ref()
-                .map(|id| format!(", signed by key id {id}"))
-                .unwrap_or_default();
-            let note = AuditNote(format!(
-                "pushed sha256 {}, {} bytes{signed}",
-                release.sha256, release.size
-            ));
-            Ok((
-                StatusCode::CREATED,
-                Extension(note),
-                Json(PushResponse {
-                    release,
-                    created: true,
-                    signature_added: false,
-                }),
-            )
-                .into_response())
+    let put = shared.store.put_release(&release).await?;
+    if let PutRelease::Created(release) = put {
+        tracing::info!(service = %service, version = %version, sha256 = %release.sha256, size = release.size, signed_by = %release.signers(), "release pushed");
+        let signed = match release.signatures.first() {
+            Some(s) => format!(", signed by key id {}", s.key_id),
+            None => String::new(),
+        };
+        let note = AuditNote(format!(
+            "pushed sha256 {}, {} bytes{signed}",
+            release.sha256, release.size
+        ));
+        return Ok((
+            StatusCode::CREATED,
+            Extension(note),
+            Json(PushResponse {
+                release,
+                created: true,
+                signature_added: false,
+            }),
+        )
+            .into_response());
+    }
+    answer_repush(&shared, put, &release, signature.as_ref())
+}
+
+/// Answers a push onto a release that exists, or a signature added to one.
+fn answer_repush(
+    shared: &Shared,
+    put: PutRelease,
+    pushed: &Release,
+    signature: Option<&ReleaseSignature>,
+) -> ApiResult<Response> {
+    let (service, version) = (&pushed.service, &pushed.version);
+    match put {
+        PutRelease::Created(release) | PutRelease::Unchanged(release) => {
+            Ok(Json(PushResponse {
+                release,
+                created: false,
+                signature_added: false,
+            })
+            .into_response())
         }
-        PutRelease::Unchanged(release) => Ok(Json(PushResponse {
-            release,
-            created: false,
-            signature_added: false,
-        })
-        .into_response()),
         PutRelease::Signed(release) => {
-            let id = release.signed_by.clone().unwrap_or_default();
-            tracing::info!(service = %service, version = %version, signed_by = %id, "release signed");
+            let id = signature.map(|s| s.key_id()).unwrap_or_default();
+            tracing::info!(service = %service, version = %version, signed_by = %id, signers = %release.signers(), "release signed");
             shared.reconciler.send(Event::ReleaseSigned {
                 service: service.clone(),
                 version: version.clone(),
@@ -553,15 +570,66 @@ async fn push_release(
         }
         PutRelease::Conflict(existing) => Err(ApiError::conflict(format!(
             "release {service}@{version} already exists with sha256 {}, this upload has sha256 {}: releases are immutable, push a new version",
-            existing.sha256, upload.sha256
+            existing.sha256, pushed.sha256
         ))),
-        PutRelease::SignatureConflict(existing) => Err(ApiError::conflict(format!(
-            "release {service}@{version} is already signed by key id {}{}, this signature is by key id {}{}: releases are immutable, push a new version",
-            existing.signed_by.as_deref().unwrap_or("?"),
-            existing.signature.as_deref().map(signed_comment).unwrap_or_default(),
-            release.signed_by.as_deref().unwrap_or("?"),
-            release.signature.as_deref().map(signed_comment).unwrap_or_default(),
+        PutRelease::TooManySignatures(existing) => Err(ApiError::conflict(format!(
+            "release {service}@{version} carries {} signatures already (key ids {}), the most one release may: push a new version",
+            existing.signatures.len(),
+            existing.signers(),
         ))),
+    }
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/releases/{service}/{version}/signatures",
+    tag = "releases",
+    params(
+        ("service" = String, Path, description = "Service name"),
+        ("version" = String, Path, description = "Semantic version, like 2.0.0"),
+        ("rollwave-signature" = String, Header, description = "The signature to add: the text of a .minisig file of the release's bytes, base64 encoded, as for a push"),
+    ),
+    responses(
+        (status = 200, description = "The release; `signature_added` false when it carried this signature already (same key and trusted comment)", body = PushResponse),
+        (status = 400, description = "Invalid name or version, or a missing or malformed signature header", body = rollwave_api::ErrorBody),
+        (status = 404, description = "No such release", body = rollwave_api::ErrorBody),
+        (status = 409, description = "The release carries 16 signatures already", body = rollwave_api::ErrorBody),
+        (status = 500, description = "The store failed", body = rollwave_api::ErrorBody),
+    )
+)]
+/// Adds a signature to a release without uploading its bytes again: agents
+/// install it when any of its signatures is by a key they trust.
+async fn sign_release(
+    State(shared): State<Arc<Shared>>,
+    Path((service, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    release_key(&service, &version)?;
+    let signature = push_signature(&headers)?.ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "{SIGNATURE_HEADER} header: missing; it holds the .minisig text to add, base64 encoded"
+        ))
+    })?;
+    let record = signature_record(&signature);
+    let put = shared
+        .store
+        .sign_release(&service, &version, &record)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("release {service}@{version} not found")))?;
+    let pushed = match &put {
+        PutRelease::Created(r)
+        | PutRelease::Unchanged(r)
+        | PutRelease::Signed(r)
+        | PutRelease::Conflict(r)
+        | PutRelease::TooManySignatures(r) => r.clone(),
+    };
+    answer_repush(&shared, put, &pushed, Some(&signature))
+}
+
+fn signature_record(signature: &ReleaseSignature) -> SignatureRecord {
+    SignatureRecord {
+        key_id: signature.key_id().to_string(),
+        text: signature.text().to_string(),
     }
 }
 
@@ -582,13 +650,6 @@ fn push_signature(headers: &HeaderMap) -> ApiResult<Option<ReleaseSignature>> {
     ReleaseSignature::parse(&text)
         .map(Some)
         .map_err(|e| bad(e.to_string()))
-}
-
-/// ` ("<trusted comment>")` of a stored signature, for a conflict message.
-fn signed_comment(text: &str) -> String {
-    ReleaseSignature::parse(text)
-        .map(|s| format!(" ({:?})", s.trusted_comment()))
-        .unwrap_or_default()
 }
 
 /// Reads and validates the archive's `rollwave.toml`: a release whose

@@ -1139,7 +1139,7 @@ impl Reconciler {
                     sha256: release.sha256.clone(),
                     size: release.size,
                     format: release.format,
-                    signature: release.signature.clone(),
+                    signatures: release.signatures.iter().map(|s| s.text.clone()).collect(),
                 };
                 let version = r.spec.version.clone();
                 if task.kind == TaskKind::Stage {

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use rollwave_core::{
     plan_batches, ActiveVersion, ArtifactFormat, AuditEntry, Fleet, Health, NodeView, Release,
-    Role, Rollout, RolloutFile, ServiceView, Timestamp, TokenRecord,
+    Role, Rollout, RolloutFile, ServiceView, SignatureRecord, Timestamp, TokenRecord,
 };
 
 use crate::{PutRelease, RolloutWrite, Store, StoreError};
@@ -182,8 +182,7 @@ pub fn release(service: &str, version: &str, sha256: &str, created_at: Timestamp
         filename: format!("{service}-{version}.tar.gz"),
         created_at,
         manifest: None,
-        signature: None,
-        signed_by: None,
+        signatures: vec![],
     }
 }
 
@@ -273,17 +272,19 @@ async fn releases(store: &dyn Store) {
         "a conflicting push stores nothing"
     );
 
-    // A signature may be added to the same content once; a push without
-    // one keeps it; another one is refused. (Real signatures are compared by
-    // key and trusted comment, in core; these stand-ins by their text.)
-    let signed = |sig: &str| Release {
-        signature: Some(sig.to_string()),
-        signed_by: Some("0123456789ABCDEF".to_string()),
+    // Signatures are added to the same content, each once; a push without
+    // one keeps them. (Real signatures are compared by key and trusted
+    // comment, in core; these stand-ins by their text.)
+    let sig = |text: &str| SignatureRecord {
+        key_id: "0123456789ABCDEF".into(),
+        text: text.into(),
+    };
+    let signed = |text: &str| Release {
+        signatures: vec![sig(text)],
         ..release("api", "2.0.0", "aaaa", 900)
     };
     let api2 = Release {
-        signature: Some("sig-a".into()),
-        signed_by: Some("0123456789ABCDEF".into()),
+        signatures: vec![sig("sig-a")],
         ..api2
     };
     assert_eq!(
@@ -301,9 +302,55 @@ async fn releases(store: &dyn Store) {
             PutRelease::Unchanged(api2.clone())
         );
     }
+    let api2 = Release {
+        signatures: vec![sig("sig-a"), sig("sig-b")],
+        ..api2
+    };
     assert_eq!(
         store.put_release(&signed("sig-b")).await.unwrap(),
-        PutRelease::SignatureConflict(api2.clone())
+        PutRelease::Signed(api2.clone()),
+        "a second signature is added beside the first"
+    );
+    let api2 = Release {
+        signatures: vec![sig("sig-a"), sig("sig-b"), sig("sig-c")],
+        ..api2
+    };
+    assert_eq!(
+        store
+            .sign_release("api", "2.0.0", &sig("sig-c"))
+            .await
+            .unwrap(),
+        Some(PutRelease::Signed(api2.clone())),
+        "signing without the bytes adds one too"
+    );
+    assert_eq!(
+        store
+            .sign_release("api", "2.0.0", &sig("sig-c"))
+            .await
+            .unwrap(),
+        Some(PutRelease::Unchanged(api2.clone()))
+    );
+    assert_eq!(
+        store
+            .sign_release("api", "9.9.9", &sig("sig-c"))
+            .await
+            .unwrap(),
+        None,
+        "signing a missing release stores nothing"
+    );
+    assert_eq!(store.get_release("api", "9.9.9").await.unwrap(), None);
+    let mut full = api2.clone();
+    for i in full.signatures.len()..rollwave_core::MAX_RELEASE_SIGNATURES {
+        let next = sig(&format!("sig-{i}"));
+        full.signatures.push(next.clone());
+        assert_eq!(
+            store.sign_release("api", "2.0.0", &next).await.unwrap(),
+            Some(PutRelease::Signed(full.clone()))
+        );
+    }
+    assert_eq!(
+        store.put_release(&signed("one-more")).await.unwrap(),
+        PutRelease::TooManySignatures(full.clone())
     );
     let other_content = Release {
         sha256: "bbbb".into(),
@@ -311,13 +358,14 @@ async fn releases(store: &dyn Store) {
     };
     assert_eq!(
         store.put_release(&other_content).await.unwrap(),
-        PutRelease::Conflict(api2.clone())
+        PutRelease::Conflict(full.clone())
     );
     assert_eq!(
         store.get_release("api", "2.0.0").await.unwrap(),
-        Some(api2.clone()),
-        "a refused signature stores nothing"
+        Some(full.clone()),
+        "a refused push stores nothing"
     );
+    let api2 = full;
 
     // Created out of order, across services, to check the listing order.
     let web1 = release("web", "1.0.0", "cccc", 50);

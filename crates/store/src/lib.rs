@@ -8,7 +8,8 @@ mod sqlite;
 
 use async_trait::async_trait;
 use rollwave_core::{
-    ActiveVersion, AuditEntry, NodeView, Release, Rollout, RolloutSummary, TokenRecord,
+    ActiveVersion, AuditEntry, NodeView, Release, Rollout, RolloutSummary, SignatureRecord,
+    TokenRecord,
 };
 
 pub use sqlite::SqliteStore;
@@ -40,11 +41,13 @@ pub enum PutRelease {
     Unchanged(Release),
     /// The same service@version exists with different content; nothing stored.
     Conflict(Release),
-    /// The same content, stored unsigned, now carries the pushed signature.
+    /// The same content now carries the pushed signature beside those it
+    /// had.
     Signed(Release),
-    /// The same content, stored with a signature the pushed one disagrees
-    /// with; nothing stored.
-    SignatureConflict(Release),
+    /// The same content with a new signature, but the release carries as
+    /// many as it may ([`rollwave_core::MAX_RELEASE_SIGNATURES`]); nothing
+    /// stored.
+    TooManySignatures(Release),
 }
 
 /// One rollout to write, with what changed since the copy its writer read,
@@ -122,7 +125,18 @@ pub trait Store: Send + Sync + 'static {
     /// All nodes, ordered by name, with `online = false`.
     async fn list_nodes(&self) -> Result<Vec<NodeView>>;
 
+    /// Stores a new release, or answers a push onto an existing one as
+    /// [`Release::repush`] does, in one write.
     async fn put_release(&self, release: &Release) -> Result<PutRelease>;
+    /// Adds a signature to the stored release `service@version` as a push
+    /// of its own bytes with that signature would; `None` when there is no
+    /// such release (nothing stored).
+    async fn sign_release(
+        &self,
+        service: &str,
+        version: &str,
+        signature: &SignatureRecord,
+    ) -> Result<Option<PutRelease>>;
     async fn get_release(&self, service: &str, version: &str) -> Result<Option<Release>>;
     /// All releases ordered by service, then creation time.
     async fn list_releases(&self) -> Result<Vec<Release>>;

@@ -187,7 +187,8 @@ async fn agents_install_only_releases_signed_for_them_by_a_trusted_key() {
     // Signed by the owner, for another version: 1.0.0's bytes and signature,
     // as the control plane holds them, replayed as 2.0.2.
     let replayed = fleet.dir.join("1.0.0.minisig");
-    std::fs::write(&replayed, release(&fleet, "1.0.0").await.signature.unwrap()).unwrap();
+    let v1_signature = release(&fleet, "1.0.0").await.signatures.remove(0).text;
+    std::fs::write(&replayed, v1_signature).unwrap();
     let out = push_file(
         &fleet,
         "2.0.2",
@@ -199,20 +200,64 @@ async fn agents_install_only_releases_signed_for_them_by_a_trusted_key() {
     assert!(warning.contains("does not name api@2.0.2"), "{warning}");
     refused(&fleet, "2.0.2", "signed for api@1.0.0, not api@2.0.2").await;
 
-    // The release pushed unsigned is signed by pushing it again; once
-    // signed, another signature is refused.
-    let out = ok(&push_file(&fleet, "2.0.0", &v2, &sign_owner));
+    // The release pushed unsigned is signed by pushing it again. A
+    // signature by a key no agent trusts, added first, does not keep the
+    // owner's out: a release carries every signature pushed for it.
+    let out = ok(&push_file(&fleet, "2.0.0", &v2, &sign_other));
     assert!(out.contains("signature added"), "{out}");
-    let out = push_file(&fleet, "2.0.0", &v2, &sign_other);
+    refused(
+        &fleet,
+        "2.0.0",
+        &format!(
+            "signed by untrusted key id {} (trusted: {})",
+            other.id, owner.id
+        ),
+    )
+    .await;
+    // `release sign` adds one without uploading: never over other bytes.
+    let sign = |file: &Path| {
+        cli(
+            &fleet,
+            &[
+                "release",
+                "sign",
+                "api@2.0.0",
+                "--sign-key",
+                owner.secret.to_str().unwrap(),
+                "--file",
+                file.to_str().unwrap(),
+            ],
+        )
+    };
+    let out = sign(&v1);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&format!(
-            "release api@2.0.0 is already signed by key id {}",
-            owner.id
-        )),
+        err.contains("but api@2.0.0 was pushed with sha256")
+            && err.contains("not signing other bytes"),
         "{err}"
     );
+    let out = ok(&sign(&v2));
+    assert!(
+        out.contains(&format!(
+            "api@2.0.0: signature added, signed by key ids {}, {}",
+            other.id, owner.id
+        )),
+        "{out}"
+    );
+    let out = cli(
+        &fleet,
+        &[
+            "release",
+            "sign",
+            "api@9.9.9",
+            "--signature",
+            fleet.dir.join("1.0.0.minisig").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("release api@9.9.9 not found"), "{err}");
     // Signing again with the same key vouches for the same: no conflict.
     ok(&push_file(&fleet, "2.0.0", &v2, &sign_owner));
     let r = roll(&fleet, "2.0.0").await;
@@ -278,11 +323,13 @@ async fn agents_install_only_releases_signed_for_them_by_a_trusted_key() {
     let json = ok(&cli(&fleet, &["release", "list", "--json"]));
     let listed: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
     let v3 = listed.iter().find(|r| r["version"] == "3.0.0").unwrap();
-    assert_eq!(v3["signed_by"], owner.id.as_str());
-    assert!(v3["signature"]
+    assert_eq!(v3["signatures"][0]["key_id"], owner.id.as_str());
+    assert!(v3["signatures"][0]["text"]
         .as_str()
         .unwrap()
         .contains("rollwave release api@3.0.0"));
+    let v2 = listed.iter().find(|r| r["version"] == "2.0.0").unwrap();
+    assert_eq!(v2["signatures"].as_array().unwrap().len(), 2, "{v2}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -26,7 +26,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rollwave_core::{
-    ActiveVersion, AuditEntry, NodeView, Release, Repush, Rollout, RolloutSummary, TokenRecord,
+    ActiveVersion, AuditEntry, NodeView, Release, Repush, Rollout, RolloutSummary, SignatureRecord,
+    TokenRecord,
 };
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
@@ -111,6 +112,16 @@ const MIGRATIONS: &[&str] = &[
             OR EXISTS (SELECT 1 FROM rollout_nodes n WHERE n.rollout_id = rollouts.id
                        AND n.state IN ('upgrading', 'rolling_back', 'staging', 'converging',
                                        'dry_running', 'unreachable'));",
+    // 5 -> 6: a release carries several signatures (`signatures`, a list
+    // of key id and text) where it carried one (`signature`, `signed_by`).
+    "UPDATE releases SET json = json_set(
+        json_remove(json, '$.signature', '$.signed_by'),
+        '$.signatures',
+        CASE WHEN json_extract(json, '$.signature') IS NULL THEN json('[]')
+        ELSE json_array(json_object(
+            'key_id', coalesce(json_extract(json, '$.signed_by'), ''),
+            'text', json_extract(json, '$.signature')))
+        END);",
 ];
 
 /// The schema version this code writes and understands.
@@ -313,6 +324,53 @@ fn failed(path: &str, what: &str) -> impl Fn(rusqlite::Error) -> StoreError {
     move |e| StoreError::Backend(format!("{message}: {e}"))
 }
 
+/// The stored release `service@version`, read inside a write.
+fn read_release(
+    conn: &Connection,
+    path: &str,
+    service: &str,
+    version: &str,
+) -> Result<Option<Release>> {
+    let json: Option<String> = conn
+        .query_row(
+            "SELECT json FROM releases WHERE service = ?1 AND version = ?2",
+            params![service, version],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(failed(
+            path,
+            &format!("reading release {service}@{version}"),
+        ))?;
+    json.map(|json| decode_release(service, version, &json))
+        .transpose()
+}
+
+/// Answers a push of `pushed` onto the stored `existing`, inside a write:
+/// a new signature is stored, anything else changes nothing.
+fn repush(
+    conn: &Connection,
+    path: &str,
+    existing: Release,
+    pushed: &Release,
+) -> Result<PutRelease> {
+    Ok(match existing.repush(pushed) {
+        Repush::Same => PutRelease::Unchanged(existing),
+        Repush::OtherContent => PutRelease::Conflict(existing),
+        Repush::TooManySignatures => PutRelease::TooManySignatures(existing),
+        Repush::Sign(signed) => {
+            let key = format!("release {}@{}", signed.service, signed.version);
+            let json = encode(&key, &signed)?;
+            conn.execute(
+                "UPDATE releases SET json = ?3 WHERE service = ?1 AND version = ?2",
+                params![signed.service, signed.version, json],
+            )
+            .map_err(failed(path, &format!("signing {key}")))?;
+            PutRelease::Signed(*signed)
+        }
+    })
+}
+
 fn decode_release(service: &str, version: &str, json: &str) -> Result<Release> {
     decode(format!("release {service}@{version}"), json)
 }
@@ -375,51 +433,54 @@ impl Store for SqliteStore {
     }
 
     async fn put_release(&self, release: &Release) -> Result<PutRelease> {
-        let key = format!("release {}@{}", release.service, release.version);
-        let json = encode(&key, release)?;
-        let created_at = sql_int("release creation time", release.created_at)?;
         let release = release.clone();
         let path = self.path.display().to_string();
         self.writer
             .write(move |conn| {
-                let existing: Option<String> = conn
-                    .query_row(
-                        "SELECT json FROM releases WHERE service = ?1 AND version = ?2",
-                        params![release.service, release.version],
-                        |row| row.get(0),
-                    )
-                    .optional()
-                    .map_err(failed(&path, &format!("reading {key}")))?;
-                let Some(json_existing) = existing else {
-                    conn.execute(
-                        "INSERT INTO releases (service, version, sha256, json, created_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
-                        params![
-                            release.service,
-                            release.version,
-                            release.sha256,
-                            json,
-                            created_at
-                        ],
-                    )
-                    .map_err(failed(&path, &format!("storing {key}")))?;
-                    return Ok(PutRelease::Created(release));
-                };
-                let existing = decode_release(&release.service, &release.version, &json_existing)?;
-                Ok(match existing.repush(&release) {
-                    Repush::Same => PutRelease::Unchanged(existing),
-                    Repush::OtherContent => PutRelease::Conflict(existing),
-                    Repush::OtherSignature => PutRelease::SignatureConflict(existing),
-                    Repush::Sign(signed) => {
-                        let json = encode(&key, &signed)?;
+                match read_release(conn, &path, &release.service, &release.version)? {
+                    None => {
+                        let key = format!("release {}@{}", release.service, release.version);
+                        let json = encode(&key, &release)?;
+                        let created_at = sql_int("release creation time", release.created_at)?;
                         conn.execute(
-                            "UPDATE releases SET json = ?3 WHERE service = ?1 AND version = ?2",
-                            params![release.service, release.version, json],
+                            "INSERT INTO releases (service, version, sha256, json, created_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                            params![
+                                release.service,
+                                release.version,
+                                release.sha256,
+                                json,
+                                created_at
+                            ],
                         )
-                        .map_err(failed(&path, &format!("signing {key}")))?;
-                        PutRelease::Signed(*signed)
+                        .map_err(failed(&path, &format!("storing {key}")))?;
+                        Ok(PutRelease::Created(release))
                     }
-                })
+                    Some(existing) => repush(conn, &path, existing, &release),
+                }
+            })
+            .await
+    }
+
+    async fn sign_release(
+        &self,
+        service: &str,
+        version: &str,
+        signature: &SignatureRecord,
+    ) -> Result<Option<PutRelease>> {
+        let (service, version, signature) =
+            (service.to_string(), version.to_string(), signature.clone());
+        let path = self.path.display().to_string();
+        self.writer
+            .write(move |conn| {
+                let Some(existing) = read_release(conn, &path, &service, &version)? else {
+                    return Ok(None);
+                };
+                let pushed = Release {
+                    signatures: vec![signature],
+                    ..existing.clone()
+                };
+                repush(conn, &path, existing, &pushed).map(Some)
             })
             .await
     }

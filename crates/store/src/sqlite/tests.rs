@@ -179,6 +179,46 @@ async fn migrates_a_rollout_stored_as_one_document() {
     assert_eq!(store.get_rollout(7).await.unwrap(), Some(paused));
 }
 
+/// Releases stored with one signature (version 5) come back with it as
+/// their only one; unsigned ones with none.
+#[tokio::test]
+async fn migrates_a_release_with_one_signature() {
+    let (_dir, path) = temp_db();
+    {
+        let conn = raw(&path);
+        conn.execute_batch(&MIGRATIONS[..5].join(";\n")).unwrap();
+        conn.pragma_update(None, "user_version", 5).unwrap();
+        for (version, extra) in [
+            ("1.0.0", r#","signature":null,"signed_by":null"#),
+            (
+                "2.0.0",
+                r#","signature":"untrusted comment: x\n","signed_by":"ABCD""#,
+            ),
+        ] {
+            let json = format!(
+                r#"{{"service":"api","version":"{version}","sha256":"aa","size":1,"format":"tar_gz","filename":"api.tar.gz","created_at":1{extra}}}"#
+            );
+            conn.execute(
+                "INSERT INTO releases (service, version, sha256, json, created_at)
+                 VALUES ('api', ?1, 'aa', ?2, 1)",
+                params![version, json],
+            )
+            .unwrap();
+        }
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let unsigned = store.get_release("api", "1.0.0").await.unwrap().unwrap();
+    assert_eq!(unsigned.signatures, vec![]);
+    let signed = store.get_release("api", "2.0.0").await.unwrap().unwrap();
+    assert_eq!(
+        signed.signatures,
+        vec![rollwave_core::SignatureRecord {
+            key_id: "ABCD".into(),
+            text: "untrusted comment: x\n".into()
+        }]
+    );
+}
+
 /// What a node result writes: one node row and the new log entries, not
 /// the other nodes (their rows are left as they were, even if a test
 /// changed them behind the store's back).
