@@ -84,6 +84,8 @@ pub enum Command {
         listen: SocketAddr,
         #[arg(long, default_value = "./rollwave-data")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
         /// The server's certificate chain, PEM, leaf first (e.g. the
         /// server.pem of `rollwave certs init`).
         #[arg(long, value_name = "FILE", requires = "tls_key")]
@@ -210,6 +212,59 @@ impl Command {
     /// Long-running commands log at info by default; client verbs stay quiet.
     pub fn is_daemon(&self) -> bool {
         matches!(self, Command::Server { .. } | Command::Agent { .. })
+    }
+}
+
+/// Where the control plane keeps its state.
+#[derive(Debug, clap::Args)]
+pub struct StoreArgs {
+    /// `sqlite:PATH` (default: `sqlite:<data-dir>/rollwave.db`) or
+    /// `etcd://HOST:PORT[,HOST:PORT...]` (`etcds://` for TLS): several
+    /// control planes on one etcd share its state.
+    #[arg(long = "store", value_name = "URL", env = "ROLLWAVE_STORE")]
+    pub url: Option<rollwave_store::StoreUrl>,
+    /// etcd: the CA that signed etcd's certificate (turns TLS on).
+    #[arg(long = "store-ca-file", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// etcd: a client certificate, for etcd's --client-cert-auth.
+    #[arg(long = "store-cert-file", value_name = "FILE", requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    /// etcd: the client certificate's key.
+    #[arg(long = "store-key-file", value_name = "FILE", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+    /// etcd: its user, when etcd's authentication is on.
+    #[arg(long = "store-user", value_name = "NAME")]
+    pub user: Option<String>,
+    /// etcd: that user's password (better from the environment).
+    #[arg(
+        long = "store-password",
+        value_name = "PASSWORD",
+        env = "ROLLWAVE_STORE_PASSWORD",
+        hide_env_values = true
+    )]
+    pub password: Option<String>,
+    /// etcd: the key prefix rollwave's records live under.
+    #[arg(
+        long = "store-prefix",
+        value_name = "PREFIX",
+        default_value = "/rollwave/"
+    )]
+    pub prefix: String,
+}
+
+impl StoreArgs {
+    /// The store to open; `None`: the default SQLite file in the data dir.
+    pub fn config(self) -> Option<rollwave_store::StoreConfig> {
+        let url = self.url?;
+        Some(rollwave_store::StoreConfig {
+            url,
+            ca_file: self.ca_file,
+            cert_file: self.cert_file,
+            key_file: self.key_file,
+            user: self.user,
+            password: self.password,
+            prefix: self.prefix,
+        })
     }
 }
 

@@ -29,6 +29,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Server {
             listen,
             data_dir,
+            store,
             tls_cert,
             tls_key,
             insecure_plain_http,
@@ -46,9 +47,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ))
                 }
             };
+            let store = store.config();
             let config = rollwave_server::ServerConfig {
                 listen,
                 data_dir,
+                store,
                 tls,
                 max_downloads,
             };

@@ -42,7 +42,10 @@ pub fn error_line(e: &anyhow::Error) -> String {
 
 /// 2 for bad input (as for bad flags), 1 for anything else.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
-    if e.chain().any(|c| c.downcast_ref::<UserError>().is_some()) {
+    if e.chain().any(|c| {
+        c.downcast_ref::<UserError>().is_some()
+            || c.downcast_ref::<rollwave_server::BadConfig>().is_some()
+    }) {
         2
     } else {
         1

@@ -28,7 +28,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use rollwave_core::{Fleet, Timestamp};
-use rollwave_store::{SqliteStore, Store};
+use rollwave_store::Store;
 use tokio::net::TcpListener;
 
 pub use auth::{ADMIN_TOKEN_FILE, BOOTSTRAP_ADMIN};
@@ -37,7 +37,11 @@ pub use error::ApiError;
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// Release artifacts, the bootstrap admin token and, by default, the
+    /// SQLite store.
     pub data_dir: PathBuf,
+    /// Where the state lives; `None`: `sqlite:<data_dir>/rollwave.db`.
+    pub store: Option<rollwave_store::StoreConfig>,
     /// HTTPS with this certificate; plain HTTP without.
     pub tls: Option<rollwave_tls::ServerTls>,
     /// Artifact streams served at once; past it, `429` with `Retry-After`.
@@ -45,6 +49,12 @@ pub struct ServerConfig {
 }
 
 pub use downloads::DEFAULT_MAX_DOWNLOADS;
+
+/// The control plane could not start with what it was given (a store it
+/// cannot open or use): the operator's input to fix, not a crash.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadConfig(pub String);
 
 /// State shared by the HTTP handlers, the sessions and the reconciler.
 pub(crate) struct Shared {
@@ -117,10 +127,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    let db = config.data_dir.join("rollwave.db");
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&db).with_context(|| format!("opening store {}", db.display()))?,
-    );
+    let store_config = config.store.clone().unwrap_or_else(|| {
+        rollwave_store::StoreConfig::sqlite(config.data_dir.join("rollwave.db"))
+    });
+    let store: Arc<dyn Store> = rollwave_store::open(&store_config)
+        .await
+        .map_err(|e| BadConfig(format!("--store: {e}")))?;
     let blobs = blobs::Blobs::open(config.data_dir.join("blobs"))?;
     let mut fleet = Fleet::new();
     for node in store.list_nodes().await.context("loading nodes")? {

@@ -4,6 +4,8 @@
 //! the same trait and must pass the same [`conformance`] suite.
 
 pub mod conformance;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -12,6 +14,8 @@ use rollwave_core::{
     TokenRecord,
 };
 
+#[cfg(feature = "etcd")]
+pub use etcd::{EtcdOptions, EtcdStore};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -206,4 +210,109 @@ pub trait Store: Send + Sync + 'static {
     async fn put_token(&self, token: &TokenRecord) -> Result<()>;
     /// Every token, revoked and expired ones included, oldest first.
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
+}
+
+/// Where the control plane keeps its state: `--store sqlite:PATH` or
+/// `--store etcd://host1:2379,host2:2379`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// One SQLite file.
+    Sqlite(std::path::PathBuf),
+    /// etcd's client endpoints (`http://` or `https://` each).
+    Etcd(Vec<String>),
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<StoreUrl, String> {
+        if let Some(path) = s.strip_prefix("sqlite:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err(
+                    "sqlite: needs a file path, like sqlite:./rollwave-data/rollwave.db".into(),
+                );
+            }
+            return Ok(StoreUrl::Sqlite(path.into()));
+        }
+        let (scheme, hosts) = if let Some(h) = s.strip_prefix("etcd://") {
+            ("http", h)
+        } else if let Some(h) = s.strip_prefix("etcds://") {
+            ("https", h)
+        } else {
+            return Err(format!(
+                "{s:?}: expected sqlite:PATH or etcd://HOST:PORT[,HOST:PORT...] (etcds:// for TLS)"
+            ));
+        };
+        let mut endpoints = Vec::new();
+        for host in hosts.trim_end_matches('/').split(',') {
+            let (name, port) = host.rsplit_once(':').ok_or_else(|| {
+                format!("{host:?}: an etcd endpoint needs a port, like {host}:2379")
+            })?;
+            if name.is_empty() || name.contains('/') || port.parse::<u16>().is_err() {
+                return Err(format!("{host:?}: not HOST:PORT"));
+            }
+            endpoints.push(format!("{scheme}://{host}"));
+        }
+        Ok(StoreUrl::Etcd(endpoints))
+    }
+}
+
+/// What opening the store needs: where, and for etcd, how to log in.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub url: StoreUrl,
+    /// etcd: the CA that signed its certificate (turns TLS on).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// etcd: a client certificate and key, for `--client-cert-auth`.
+    pub cert_file: Option<std::path::PathBuf>,
+    pub key_file: Option<std::path::PathBuf>,
+    /// etcd: its own user and password, when its authentication is on.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// etcd: the key prefix every record lives under.
+    pub prefix: String,
+}
+
+impl StoreConfig {
+    pub fn sqlite(path: std::path::PathBuf) -> StoreConfig {
+        StoreConfig {
+            url: StoreUrl::Sqlite(path),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            user: None,
+            password: None,
+            prefix: String::new(),
+        }
+    }
+}
+
+/// Whether this build has the etcd engine (the `etcd` feature).
+pub const HAS_ETCD: bool = cfg!(feature = "etcd");
+
+/// Opens the store a [`StoreConfig`] names. Errors are one line naming the
+/// file or the endpoints and the reason.
+pub async fn open(config: &StoreConfig) -> Result<std::sync::Arc<dyn Store>> {
+    match &config.url {
+        StoreUrl::Sqlite(path) => Ok(std::sync::Arc::new(SqliteStore::open(path)?)),
+        #[cfg(feature = "etcd")]
+        StoreUrl::Etcd(endpoints) => {
+            let store = EtcdStore::connect(&EtcdOptions {
+                endpoints: endpoints.clone(),
+                prefix: config.prefix.clone(),
+                ca_file: config.ca_file.clone(),
+                cert_file: config.cert_file.clone(),
+                key_file: config.key_file.clone(),
+                user: config.user.clone(),
+                password: config.password.clone(),
+            })
+            .await?;
+            Ok(std::sync::Arc::new(store))
+        }
+        #[cfg(not(feature = "etcd"))]
+        StoreUrl::Etcd(_) => Err(StoreError::Backend(
+            "this rollwave was built without the etcd engine: build it with `--features etcd` (needs protoc: apt install protobuf-compiler)".into(),
+        )),
+    }
 }

@@ -1,0 +1,802 @@
+//! A [`Store`] on etcd (v3 API, 3.4 or later), for control planes that must
+//! outlive one machine: every record is a small JSON value under one key
+//! prefix (default `/rollwave/`), and every decision is an etcd transaction.
+//!
+//! Keys, below the prefix:
+//!
+//! ```text
+//! meta                          engine schema version and cluster id
+//! nodes/<name>                  node views
+//! releases/<service>/<version>  release records (never the artifacts)
+//! active/<service>              each service's active version
+//! counters/rollout_id           the last rollout id handed out
+//! counters/audit_id             the last audit entry id
+//! gen/<id>                      a rollout's generation: what writes compare
+//! rollout/<id>                  its header (everything but what grows with the fleet)
+//! plan/<id>                     its batches and left-out nodes
+//! rnode/<id>/<name>             one record per node of the rollout
+//! rlog/<id>/<seq>               its log, one record per entry
+//! summary/<id>                  counts per node state and the first problems
+//! live/<id>                     present while the control plane watches it
+//! audit/<id>                    the audit trail
+//! tokens/<id>                   API tokens
+//! ```
+//!
+//! Ids and sequence numbers are zero-padded to 20 digits so that etcd's key
+//! order is their numeric order. A rollout write compares `gen/<id>` and
+//! writes what changed ([`RolloutWrite`]) in the same transaction. etcd caps
+//! a transaction's operations (`--max-txn-ops`, 128 by default) and a
+//! request's size (1.5 MiB): a write larger than that is split, its parts
+//! first (each part still compares the generation, so none lands on a
+//! rollout that moved on) and the header and generation last, so a reader
+//! never sees the new generation before every part of it. Split writes rely
+//! on one writer per rollout, the leader's reconciler.
+
+mod rollouts;
+#[cfg(test)]
+mod tests;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue,
+    SortOrder, SortTarget, TlsOptions, Txn, TxnOp, TxnOpResponse,
+};
+use rollwave_core::{
+    ActiveVersion, AuditEntry, NodeView, Release, Repush, Rollout, RolloutSummary, SignatureRecord,
+    TokenRecord,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{PutRelease, Result, RolloutWrite, Store, StoreError};
+
+/// The layout of keys this code writes and understands.
+const SCHEMA_VERSION: u64 = 1;
+/// Operations per transaction: under etcd's default `--max-txn-ops` (128),
+/// with room for the compares.
+const MAX_TXN_OPS: usize = 100;
+/// Bytes of values per transaction: well under etcd's default request limit
+/// (1.5 MiB).
+const MAX_TXN_BYTES: usize = 512 << 10;
+/// Keys per page when reading a range, so that no response nears gRPC's
+/// message limit however large the fleet.
+const PAGE: i64 = 500;
+/// How often a lost compare-and-swap on a counter or a release is retried
+/// before the store gives up (each loss means another writer succeeded).
+const CAS_ATTEMPTS: usize = 64;
+
+/// How to reach etcd.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdOptions {
+    /// `http://host:port` or `https://host:port` (a bare `host:port` is
+    /// plain HTTP).
+    pub endpoints: Vec<String>,
+    /// Key prefix; `/rollwave/` if empty.
+    pub prefix: String,
+    /// The CA that signed etcd's certificate (implies TLS).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A client certificate and its key, for etcd's `--client-cert-auth`.
+    pub cert_file: Option<std::path::PathBuf>,
+    pub key_file: Option<std::path::PathBuf>,
+    /// etcd's own users, when its authentication is on.
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Meta {
+    schema: u64,
+    /// Chosen by the first control plane that used the prefix; every
+    /// replica logs it, so that two clusters sharing an etcd by mistake
+    /// read apart.
+    cluster: String,
+}
+
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+    /// For messages: which etcd this is.
+    endpoints: String,
+    cluster: String,
+}
+
+impl EtcdStore {
+    /// Connects and checks (or, on an empty prefix, writes) the schema
+    /// version. Errors name the endpoints and the reason in one line.
+    pub async fn connect(options: &EtcdOptions) -> Result<EtcdStore> {
+        let endpoints = options.endpoints.join(",");
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            StoreError::Backend(format!("etcd {endpoints}: {what}: {e}"))
+        };
+        if options.endpoints.is_empty() {
+            return Err(StoreError::Backend("etcd: no endpoint given".into()));
+        }
+        let mut connect = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(10))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            .with_require_leader(true);
+        if let (Some(user), password) = (&options.user, &options.password) {
+            connect = connect.with_user(user, password.clone().unwrap_or_default());
+        }
+        let tls = options.ca_file.is_some()
+            || options.cert_file.is_some()
+            || options.endpoints.iter().any(|e| e.starts_with("https://"));
+        if tls {
+            let mut t = TlsOptions::new();
+            if let Some(ca) = &options.ca_file {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| fail(&format!("reading --store-ca-file {}", ca.display()), &e))?;
+                t = t.ca_certificate(Certificate::from_pem(pem));
+            }
+            match (&options.cert_file, &options.key_file) {
+                (Some(cert), Some(key)) => {
+                    let read = |p: &std::path::Path| {
+                        std::fs::read(p).map_err(|e| fail(&format!("reading {}", p.display()), &e))
+                    };
+                    t = t.identity(Identity::from_pem(read(cert)?, read(key)?));
+                }
+                (None, None) => {}
+                _ => return Err(StoreError::Backend(
+                    "etcd: a client certificate needs both --store-cert-file and --store-key-file"
+                        .into(),
+                )),
+            }
+            connect = connect.with_tls(t);
+        }
+        let urls: Vec<String> = options
+            .endpoints
+            .iter()
+            .map(|e| {
+                if e.contains("://") {
+                    e.clone()
+                } else if tls {
+                    format!("https://{e}")
+                } else {
+                    format!("http://{e}")
+                }
+            })
+            .collect();
+        let client = Client::connect(&urls, Some(connect))
+            .await
+            .map_err(|e| fail("connecting", &e))?;
+        let prefix = if options.prefix.is_empty() {
+            "/rollwave/".to_string()
+        } else if options.prefix.ends_with('/') {
+            options.prefix.clone()
+        } else {
+            format!("{}/", options.prefix)
+        };
+        let mut store = EtcdStore {
+            client,
+            prefix,
+            endpoints,
+            cluster: String::new(),
+        };
+        store.cluster = store.check_meta().await?;
+        Ok(store)
+    }
+
+    /// The cluster id every replica on this prefix shares.
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster
+    }
+
+    /// Reads the schema record, or writes it on a prefix never used; refuses
+    /// a newer schema.
+    async fn check_meta(&self) -> Result<String> {
+        let key = self.key("meta");
+        let fresh = Meta {
+            schema: SCHEMA_VERSION,
+            cluster: random_id()?,
+        };
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), encode("meta", &fresh)?, None)])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let resp = self.txn(txn, "reading the schema version").await?;
+        if resp.succeeded() {
+            return Ok(fresh.cluster);
+        }
+        let Some(kv) = first_kv(&resp) else {
+            return Err(self.backend("reading the schema version", "meta record vanished"));
+        };
+        let meta: Meta = decode("meta", kv.value())?;
+        if meta.schema > SCHEMA_VERSION {
+            return Err(StoreError::Backend(format!(
+                "etcd {} prefix {}: schema version {}, newer than version {SCHEMA_VERSION} this rollwave understands: upgrade rollwave",
+                self.endpoints, self.prefix, meta.schema
+            )));
+        }
+        Ok(meta.cluster)
+    }
+
+    fn key(&self, rest: &str) -> Vec<u8> {
+        format!("{}{rest}", self.prefix).into_bytes()
+    }
+
+    fn backend(&self, what: &str, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Backend(format!("etcd {}: {what}: {e}", self.endpoints))
+    }
+
+    async fn txn(&self, txn: Txn, what: &str) -> Result<etcd_client::TxnResponse> {
+        self.client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(|e| self.backend(what, e))
+    }
+
+    async fn get(&self, key: Vec<u8>, what: &str) -> Result<Option<KeyValue>> {
+        let mut resp = self
+            .client
+            .kv_client()
+            .get(key, None)
+            .await
+            .map_err(|e| self.backend(what, e))?;
+        Ok(resp.take_kvs().into_iter().next())
+    }
+
+    /// Every key under `prefix` (below `end` if given), in key order, read
+    /// page by page at one revision (the first page's, or `revision`), so
+    /// that the whole range is one consistent view. Returns the revision.
+    async fn range(
+        &self,
+        prefix: &[u8],
+        revision: Option<i64>,
+        what: &str,
+    ) -> Result<(Vec<KeyValue>, i64)> {
+        let end = prefix_end(prefix);
+        let mut start = prefix.to_vec();
+        let mut out = Vec::new();
+        let mut revision = revision.unwrap_or(0);
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let mut resp = self
+                .client
+                .kv_client()
+                .get(start.clone(), Some(options))
+                .await
+                .map_err(|e| self.backend(what, e))?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            let more = resp.more();
+            let kvs = resp.take_kvs();
+            let Some(last) = kvs.last() else { break };
+            start = last.key().to_vec();
+            start.push(0);
+            out.extend(kvs);
+            if !more {
+                break;
+            }
+        }
+        Ok((out, revision))
+    }
+
+    /// Up to `limit` keys under `prefix` and below `before` (a full key),
+    /// last first.
+    async fn range_back(
+        &self,
+        prefix: &[u8],
+        before: Option<Vec<u8>>,
+        limit: usize,
+        what: &str,
+    ) -> Result<Vec<KeyValue>> {
+        let end = before.unwrap_or_else(|| prefix_end(prefix));
+        let options = GetOptions::new()
+            .with_range(end)
+            .with_sort(SortTarget::Key, SortOrder::Descend)
+            .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+        let mut resp = self
+            .client
+            .kv_client()
+            .get(prefix.to_vec(), Some(options))
+            .await
+            .map_err(|e| self.backend(what, e))?;
+        Ok(resp.take_kvs())
+    }
+
+    /// Runs `ops` in as few transactions as etcd takes, each under
+    /// `compares`; `Ok(false)` as soon as one's compares fail.
+    async fn put_chunked(&self, compares: &[Compare], ops: Vec<Op>, what: &str) -> Result<bool> {
+        for chunk in chunks(ops) {
+            let txn = Txn::new()
+                .when(compares.to_vec())
+                .and_then(chunk.into_iter().map(Op::into_txn).collect::<Vec<_>>());
+            if !self.txn(txn, what).await?.succeeded() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Increments a counter and returns the new value; `floor` raises it
+    /// first (the ids found in use, if the counter was lost).
+    async fn bump(&self, name: &str, floor: u64, extra: impl Fn(u64) -> Vec<Op>) -> Result<u64> {
+        let key = self.key(&format!("counters/{name}"));
+        let what = format!("allocating a {name}");
+        for _ in 0..CAS_ATTEMPTS {
+            let current = self.get(key.clone(), &what).await?;
+            let (value, compare) = match &current {
+                None => (
+                    0,
+                    Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                ),
+                Some(kv) => (
+                    parse_u64(&format!("counter {name}"), kv.value())?,
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
+                ),
+            };
+            let next = value.max(floor) + 1;
+            let mut ops = vec![TxnOp::put(key.clone(), next.to_string(), None)];
+            ops.extend(extra(next).into_iter().map(Op::into_txn));
+            let txn = Txn::new().when([compare]).and_then(ops);
+            if self.txn(txn, &what).await?.succeeded() {
+                return Ok(next);
+            }
+        }
+        Err(self.backend(&what, "too many concurrent writers"))
+    }
+
+    /// A release read with its revision, for a compare-and-swap.
+    async fn read_release(
+        &self,
+        key: &[u8],
+        service: &str,
+        version: &str,
+    ) -> Result<Option<(Release, i64)>> {
+        let what = format!("reading release {service}@{version}");
+        match self.get(key.to_vec(), &what).await? {
+            None => Ok(None),
+            Some(kv) => Ok(Some((
+                decode(&format!("release {service}@{version}"), kv.value())?,
+                kv.mod_revision(),
+            ))),
+        }
+    }
+
+    /// Answers a push onto the stored release, storing a new signature only
+    /// if nobody changed the record since it was read.
+    async fn repush(
+        &self,
+        key: &[u8],
+        existing: Release,
+        revision: i64,
+        pushed: &Release,
+    ) -> Result<Option<PutRelease>> {
+        Ok(Some(match existing.repush(pushed) {
+            Repush::Same => PutRelease::Unchanged(existing),
+            Repush::OtherContent => PutRelease::Conflict(existing),
+            Repush::TooManySignatures => PutRelease::TooManySignatures(existing),
+            Repush::Sign(signed) => {
+                let what = format!("signing release {}@{}", signed.service, signed.version);
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(
+                        key.to_vec(),
+                        CompareOp::Equal,
+                        revision,
+                    )])
+                    .and_then([TxnOp::put(key.to_vec(), encode(&what, &*signed)?, None)]);
+                if !self.txn(txn, &what).await?.succeeded() {
+                    return Ok(None);
+                }
+                PutRelease::Signed(*signed)
+            }
+        }))
+    }
+}
+
+/// One write of a multi-part change.
+pub(crate) enum Op {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+    /// Every key from the first to (not including) the second.
+    DeleteRange(Vec<u8>, Vec<u8>),
+}
+
+impl Op {
+    fn size(&self) -> usize {
+        match self {
+            Op::Put(k, v) => k.len() + v.len(),
+            Op::Delete(k) => k.len(),
+            Op::DeleteRange(a, b) => a.len() + b.len(),
+        }
+    }
+
+    fn into_txn(self) -> TxnOp {
+        match self {
+            Op::Put(k, v) => TxnOp::put(k, v, None),
+            Op::Delete(k) => TxnOp::delete(k, None),
+            Op::DeleteRange(a, b) => {
+                TxnOp::delete(a, Some(etcd_client::DeleteOptions::new().with_range(b)))
+            }
+        }
+    }
+}
+
+/// Splits `ops` into groups that fit one transaction, in order.
+fn chunks(ops: Vec<Op>) -> Vec<Vec<Op>> {
+    let mut out: Vec<Vec<Op>> = Vec::new();
+    let mut bytes = 0;
+    for op in ops {
+        let size = op.size();
+        match out.last_mut() {
+            Some(last) if last.len() < MAX_TXN_OPS && bytes + size <= MAX_TXN_BYTES => {
+                bytes += size;
+                last.push(op);
+            }
+            _ => {
+                bytes = size;
+                out.push(vec![op]);
+            }
+        }
+    }
+    out
+}
+
+/// How many transactions `ops` would take.
+fn chunks_needed<'a>(ops: impl Iterator<Item = &'a Op>) -> usize {
+    let (mut n, mut len, mut bytes) = (0, 0, 0);
+    for op in ops {
+        let size = op.size();
+        if n == 0 || len >= MAX_TXN_OPS || bytes + size > MAX_TXN_BYTES {
+            n += 1;
+            len = 0;
+            bytes = 0;
+        }
+        len += 1;
+        bytes += size;
+    }
+    n
+}
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+fn first_kv(resp: &etcd_client::TxnResponse) -> Option<KeyValue> {
+    resp.op_responses().into_iter().find_map(|r| match r {
+        TxnOpResponse::Get(mut g) => g.take_kvs().into_iter().next(),
+        _ => None,
+    })
+}
+
+/// An id or sequence number as a key part: zero-padded so that key order
+/// is numeric order.
+fn padded(n: u64) -> String {
+    format!("{n:020}")
+}
+
+fn encode<T: Serialize + ?Sized>(what: &str, value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Backend(format!("encoding {what}: {e}")))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn parse_u64(key: &str, bytes: &[u8]) -> Result<u64> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| StoreError::Corrupt {
+            key: key.to_string(),
+            message: format!("not a number: {:?}", String::from_utf8_lossy(bytes)),
+        })
+}
+
+fn random_id() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| StoreError::Backend(format!("choosing a cluster id: {e}")))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn upsert_nodes(&self, nodes: &[NodeView]) -> Result<()> {
+        let mut ops = Vec::with_capacity(nodes.len());
+        for n in nodes {
+            let node = NodeView {
+                online: false,
+                ..n.clone()
+            };
+            ops.push(Op::Put(
+                self.key(&format!("nodes/{}", n.name)),
+                encode(&format!("node {}", n.name), &node)?,
+            ));
+        }
+        // Each node view stands alone: a batch split across transactions
+        // stores each one whole.
+        self.put_chunked(&[], ops, "storing nodes").await?;
+        Ok(())
+    }
+
+    async fn put_tokens(&self, tokens: &[TokenRecord]) -> Result<()> {
+        let mut ops = Vec::new();
+        for t in tokens {
+            ops.push(TxnOp::put(
+                self.key(&format!("tokens/{}", t.id)),
+                encode(&format!("token {}", t.name), t)?,
+                None,
+            ));
+        }
+        if ops.len() > MAX_TXN_OPS {
+            return Err(self.backend("storing tokens", "too many tokens for one transaction"));
+        }
+        // All or none: a join token's use and the credential it bought.
+        self.txn(Txn::new().and_then(ops), "storing tokens").await?;
+        Ok(())
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<NodeView>> {
+        let (kvs, _) = self
+            .range(&self.key("nodes/"), None, "listing nodes")
+            .await?;
+        kvs.iter()
+            .map(|kv| {
+                let mut n: NodeView = decode("node", kv.value())?;
+                n.online = false;
+                Ok(n)
+            })
+            .collect()
+    }
+
+    async fn put_release(&self, release: &Release) -> Result<PutRelease> {
+        let key = self.key(&format!("releases/{}/{}", release.service, release.version));
+        let what = format!("storing release {}@{}", release.service, release.version);
+        for _ in 0..CAS_ATTEMPTS {
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key.clone(), encode(&what, release)?, None)])
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let resp = self.txn(txn, &what).await?;
+            if resp.succeeded() {
+                return Ok(PutRelease::Created(release.clone()));
+            }
+            let Some(kv) = first_kv(&resp) else { continue };
+            let existing: Release = decode(&what, kv.value())?;
+            if let Some(answer) = self
+                .repush(&key, existing, kv.mod_revision(), release)
+                .await?
+            {
+                return Ok(answer);
+            }
+        }
+        Err(self.backend(&what, "too many concurrent writers"))
+    }
+
+    async fn sign_release(
+        &self,
+        service: &str,
+        version: &str,
+        signature: &SignatureRecord,
+    ) -> Result<Option<PutRelease>> {
+        let key = self.key(&format!("releases/{service}/{version}"));
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((existing, revision)) = self.read_release(&key, service, version).await?
+            else {
+                return Ok(None);
+            };
+            let pushed = Release {
+                signatures: vec![signature.clone()],
+                ..existing.clone()
+            };
+            if let Some(answer) = self.repush(&key, existing, revision, &pushed).await? {
+                return Ok(Some(answer));
+            }
+        }
+        Err(self.backend(
+            &format!("signing release {service}@{version}"),
+            "too many concurrent writers",
+        ))
+    }
+
+    async fn get_release(&self, service: &str, version: &str) -> Result<Option<Release>> {
+        let key = self.key(&format!("releases/{service}/{version}"));
+        Ok(self
+            .read_release(&key, service, version)
+            .await?
+            .map(|(r, _)| r))
+    }
+
+    async fn list_releases(&self) -> Result<Vec<Release>> {
+        let (kvs, _) = self
+            .range(&self.key("releases/"), None, "listing releases")
+            .await?;
+        let mut releases = kvs
+            .iter()
+            .map(|kv| {
+                Ok((
+                    decode::<Release>("release", kv.value())?,
+                    kv.create_revision(),
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Creation order within a service; etcd's creation revision breaks
+        // ties between releases pushed in the same millisecond.
+        releases.sort_by(|(a, ra), (b, rb)| {
+            (&a.service, a.created_at, ra).cmp(&(&b.service, b.created_at, rb))
+        });
+        Ok(releases.into_iter().map(|(r, _)| r).collect())
+    }
+
+    async fn set_active_version(&self, active: &ActiveVersion) -> Result<()> {
+        let key = self.key(&format!("active/{}", active.service));
+        let what = format!("storing the active version of {}", active.service);
+        self.txn(
+            Txn::new().and_then([TxnOp::put(key, encode(&what, active)?, None)]),
+            &what,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn list_active_versions(&self) -> Result<Vec<ActiveVersion>> {
+        let (kvs, _) = self
+            .range(&self.key("active/"), None, "listing active versions")
+            .await?;
+        kvs.iter()
+            .map(|kv| decode("active version", kv.value()))
+            .collect()
+    }
+
+    async fn get_active_version(&self, service: &str) -> Result<Option<ActiveVersion>> {
+        let what = format!("reading the active version of {service}");
+        self.get(self.key(&format!("active/{service}")), &what)
+            .await?
+            .map(|kv| decode(&what, kv.value()))
+            .transpose()
+    }
+
+    async fn next_rollout_id(&self) -> Result<u64> {
+        // Also above every stored rollout, so that a lost counter still
+        // cannot hand out an id in use.
+        let last = self
+            .range_back(&self.key("gen/"), None, 1, "allocating a rollout id")
+            .await?;
+        let floor = match last.first() {
+            Some(kv) => {
+                let key = String::from_utf8_lossy(kv.key()).to_string();
+                let id = key.rsplit('/').next().unwrap_or_default();
+                parse_u64(&key, id.as_bytes())?
+            }
+            None => 0,
+        };
+        self.bump("rollout_id", floor, |_| Vec::new()).await
+    }
+
+    async fn insert_rollouts(&self, new: &[Rollout]) -> Result<Vec<Rollout>> {
+        rollouts::insert(self, new).await
+    }
+
+    async fn write_rollouts(&self, writes: &[RolloutWrite<'_>]) -> Result<Vec<Result<u64>>> {
+        let mut out = Vec::with_capacity(writes.len());
+        for w in writes {
+            // A write that could not reach etcd at all fails the call, as
+            // in the SQLite engine; a lost compare fails only its rollout.
+            match rollouts::update(self, w).await {
+                Err(e @ StoreError::Backend(_)) if out.is_empty() => return Err(e),
+                other => out.push(other),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn get_rollout(&self, id: u64) -> Result<Option<Rollout>> {
+        rollouts::read(self, id).await
+    }
+
+    async fn list_rollouts(&self) -> Result<Vec<Rollout>> {
+        let (kvs, revision) = self
+            .range(&self.key("gen/"), None, "listing rollouts")
+            .await?;
+        let mut out = Vec::with_capacity(kvs.len());
+        for kv in kvs.iter().rev() {
+            let id = rollouts::id_of(kv)?;
+            if let Some(r) = rollouts::read_at(self, id, revision).await? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn list_active_rollouts(&self) -> Result<Vec<Rollout>> {
+        let (kvs, revision) = self
+            .range(&self.key("live/"), None, "listing active rollouts")
+            .await?;
+        let mut out = Vec::with_capacity(kvs.len());
+        for kv in &kvs {
+            let id = rollouts::id_of(kv)?;
+            if let Some(r) = rollouts::read_at(self, id, revision).await? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn list_rollout_summaries(
+        &self,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<Vec<RolloutSummary>> {
+        let before = before.map(|b| self.key(&format!("summary/{}", padded(b))));
+        let kvs = self
+            .range_back(&self.key("summary/"), before, limit, "listing rollouts")
+            .await?;
+        kvs.iter()
+            .map(|kv| decode("rollout summary", kv.value()))
+            .collect()
+    }
+
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<u64> {
+        let json = encode("audit entry", entry)?;
+        let prefix = self.key("audit/");
+        // The entry and the counter move together: an id is never handed
+        // out without its entry, nor reused.
+        self.bump("audit_id", 0, |id| {
+            let mut key = prefix.clone();
+            key.extend_from_slice(padded(id).as_bytes());
+            vec![Op::Put(key, json.clone())]
+        })
+        .await
+    }
+
+    async fn list_audit(&self, limit: usize, before: Option<u64>) -> Result<Vec<AuditEntry>> {
+        let before = before.map(|b| self.key(&format!("audit/{}", padded(b))));
+        let kvs = self
+            .range_back(
+                &self.key("audit/"),
+                before,
+                limit,
+                "listing the audit trail",
+            )
+            .await?;
+        kvs.iter()
+            .map(|kv| {
+                let id = rollouts::id_of(kv)?;
+                let mut e: AuditEntry = decode(&format!("audit entry {id}"), kv.value())?;
+                e.id = id;
+                Ok(e)
+            })
+            .collect()
+    }
+
+    async fn put_token(&self, token: &TokenRecord) -> Result<()> {
+        self.put_tokens(std::slice::from_ref(token)).await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
+        let (kvs, _) = self
+            .range(&self.key("tokens/"), None, "listing tokens")
+            .await?;
+        let mut tokens = kvs
+            .iter()
+            .map(|kv| {
+                Ok((
+                    kv.create_revision(),
+                    decode::<TokenRecord>("token", kv.value())?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Oldest first: a token keeps its creation revision when replaced.
+        tokens.sort_by_key(|(rev, _)| *rev);
+        Ok(tokens.into_iter().map(|(_, t)| t).collect())
+    }
+}

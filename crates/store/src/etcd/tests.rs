@@ -1,0 +1,186 @@
+//! The etcd engine against a real etcd (Debian's `etcd-server`), started
+//! per test on loopback in a temporary directory.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::conformance;
+
+/// One etcd member, killed when dropped.
+pub(crate) struct TestEtcd {
+    child: Child,
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TestEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port below the kernel's range for outgoing connections (32768 and
+/// up), free when checked; etcd takes a port number, not a socket, so a
+/// race with another test is possible and is retried by the caller.
+fn free_port() -> u16 {
+    loop {
+        let mut b = [0u8; 2];
+        getrandom::fill(&mut b).unwrap();
+        let port = 20_000 + u16::from_le_bytes(b) % 12_000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl TestEtcd {
+    pub async fn start() -> TestEtcd {
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let (client, peer) = (free_port(), free_port());
+            let endpoint = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let mut child = Command::new("etcd")
+                .args([
+                    "--name",
+                    "test",
+                    "--data-dir",
+                    dir.path().join("data").to_str().unwrap(),
+                    "--listen-client-urls",
+                    &endpoint,
+                    "--advertise-client-urls",
+                    &endpoint,
+                    "--listen-peer-urls",
+                    &peer_url,
+                    "--initial-advertise-peer-urls",
+                    &peer_url,
+                    "--initial-cluster",
+                    &format!("test={peer_url}"),
+                ])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join("etcd.log")).unwrap())
+                .spawn()
+                .expect("starting etcd (Debian: apt install etcd-server)");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if child.try_wait().unwrap().is_some() {
+                    break; // a port was taken meanwhile: try others
+                }
+                let options = EtcdOptions {
+                    endpoints: vec![endpoint.clone()],
+                    ..Default::default()
+                };
+                if Client::connect([&endpoint], None).await.is_ok()
+                    && EtcdStore::connect(&options).await.is_ok()
+                {
+                    return TestEtcd {
+                        child,
+                        endpoint,
+                        _dir: dir,
+                    };
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("etcd did not start");
+    }
+
+    pub async fn store(&self, prefix: &str) -> EtcdStore {
+        EtcdStore::connect(&EtcdOptions {
+            endpoints: vec![self.endpoint.clone()],
+            prefix: prefix.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn passes_the_conformance_suite() {
+    let etcd = TestEtcd::start().await;
+    // The connection check above wrote the default prefix's meta record:
+    // the suite wants an empty store.
+    conformance::test_suite(&etcd.store("/suite/").await).await;
+}
+
+/// A rollout too large for one etcd transaction is split, and reads back
+/// whole; a later write of a few nodes is one small transaction.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollout_larger_than_a_transaction_round_trips() {
+    let etcd = TestEtcd::start().await;
+    let store = etcd.store("/big/").await;
+    let mut r = conformance::rollout(1, 1_000);
+    let template = r.nodes.values().next().unwrap().clone();
+    for i in 0..2_500 {
+        r.nodes.insert(format!("node-{i:05}"), template.clone());
+    }
+    r.batches = vec![r.nodes.keys().cloned().collect()];
+    let stored = store.insert_rollout(&r).await.unwrap();
+    assert_eq!(store.get_rollout(1).await.unwrap(), Some(stored.clone()));
+    let mut next = stored.clone();
+    next.pause(2_000).unwrap();
+    let generation = store
+        .write_rollouts(&[RolloutWrite::diff(&stored, &next)])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert_eq!(generation, 2);
+    let read = store.get_rollout(1).await.unwrap().unwrap();
+    assert_eq!(read, Rollout { generation, ..next });
+    let summaries = store.list_rollout_summaries(10, None).await.unwrap();
+    assert_eq!(summaries, vec![RolloutSummary::of(&read)]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_etcd_is_named_in_one_line() {
+    let port = free_port();
+    let err = EtcdStore::connect(&EtcdOptions {
+        endpoints: vec![format!("http://127.0.0.1:{port}")],
+        ..Default::default()
+    })
+    .await
+    .err()
+    .expect("nothing listens there");
+    let message = err.to_string();
+    assert!(
+        message.starts_with(&format!("storage failure: etcd http://127.0.0.1:{port}: ")),
+        "{message}"
+    );
+    assert!(!message.contains('\n'), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_newer_schema_is_refused() {
+    let etcd = TestEtcd::start().await;
+    let store = etcd.store("/newer/").await;
+    let mut kv = store.client.kv_client();
+    kv.put(
+        store.key("meta"),
+        format!(r#"{{"schema":{},"cluster":"x"}}"#, SCHEMA_VERSION + 1),
+        None,
+    )
+    .await
+    .unwrap();
+    let err = EtcdStore::connect(&EtcdOptions {
+        endpoints: vec![etcd.endpoint.clone()],
+        prefix: "/newer/".into(),
+        ..Default::default()
+    })
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        err.to_string().contains(&format!(
+            "schema version {}, newer than version {SCHEMA_VERSION}",
+            SCHEMA_VERSION + 1
+        )),
+        "{err}"
+    );
+}
