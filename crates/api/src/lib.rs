@@ -153,6 +153,19 @@ pub struct HealthResponse {
     pub status: String,
     /// Agents holding a session now.
     pub agents_connected: usize,
+    /// Whether this control plane leads: runs rollouts and holds agent
+    /// sessions. Always true on the embedded store; among replicas on
+    /// etcd, true on one.
+    #[serde(default = "default_true")]
+    pub leader: bool,
+    /// Where the leader is reached, as it announced itself; none while no
+    /// replica is elected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_url: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Response of `POST /v1/releases/{service}/{version}`.
@@ -282,6 +295,9 @@ pub enum ErrorCode {
     /// the response's `Retry-After`.
     TooManyRequests,
     Internal,
+    /// This control plane cannot answer now (no leader elected, the store
+    /// unreachable): try again, or another replica.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -296,6 +312,7 @@ impl ErrorCode {
             ErrorCode::RangeNotSatisfiable => 416,
             ErrorCode::TooManyRequests => 429,
             ErrorCode::Internal => 500,
+            ErrorCode::Unavailable => 503,
         }
     }
 }

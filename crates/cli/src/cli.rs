@@ -79,31 +79,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the control plane.
-    Server {
-        #[arg(long, default_value = "127.0.0.1:7700")]
-        listen: SocketAddr,
-        #[arg(long, default_value = "./rollwave-data")]
-        data_dir: PathBuf,
-        #[command(flatten)]
-        store: StoreArgs,
-        /// The server's certificate chain, PEM, leaf first (e.g. the
-        /// server.pem of `rollwave certs init`).
-        #[arg(long, value_name = "FILE", requires = "tls_key")]
-        tls_cert: Option<PathBuf>,
-        /// The certificate's private key, PEM.
-        #[arg(long, value_name = "FILE", requires = "tls_cert")]
-        tls_key: Option<PathBuf>,
-        /// Serve plain HTTP: anyone on the network can read and change what
-        /// goes to and from the control plane. For tests on one machine.
-        #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
-        insecure_plain_http: bool,
-        /// Release artifacts streamed to agents at once. Agents past it are
-        /// answered 429 with Retry-After and come back later, rather than
-        /// all sharing the link and timing out.
-        #[arg(long, value_name = "N", default_value_t = rollwave_server::DEFAULT_MAX_DOWNLOADS,
-              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
-        max_downloads: usize,
-    },
+    Server(Box<ServerArgs>),
     /// Certificates for the control plane.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -211,8 +187,45 @@ pub enum Command {
 impl Command {
     /// Long-running commands log at info by default; client verbs stay quiet.
     pub fn is_daemon(&self) -> bool {
-        matches!(self, Command::Server { .. } | Command::Agent { .. })
+        matches!(self, Command::Server(_) | Command::Agent { .. })
     }
+}
+
+/// `rollwave server`.
+#[derive(Debug, clap::Args)]
+pub struct ServerArgs {
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+    #[arg(long, default_value = "./rollwave-data")]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// With several control planes on one etcd: the URL the others
+    /// reach this one at when it leads (default: the scheme and the
+    /// address it listens on).
+    #[arg(long, value_name = "URL")]
+    pub advertise_url: Option<String>,
+    /// With several control planes over HTTPS: the CA their
+    /// certificates chain to, for requests passed to the leader.
+    #[arg(long, value_name = "FILE")]
+    pub replica_ca_file: Option<PathBuf>,
+    /// The server's certificate chain, PEM, leaf first (e.g. the
+    /// server.pem of `rollwave certs init`).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key, PEM.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP: anyone on the network can read and change what
+    /// goes to and from the control plane. For tests on one machine.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub insecure_plain_http: bool,
+    /// Release artifacts streamed to agents at once. Agents past it are
+    /// answered 429 with Retry-After and come back later, rather than
+    /// all sharing the link and timing out.
+    #[arg(long, value_name = "N", default_value_t = rollwave_server::DEFAULT_MAX_DOWNLOADS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_downloads: usize,
 }
 
 /// Where the control plane keeps its state.

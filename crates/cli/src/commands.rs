@@ -18,7 +18,7 @@ use rollwave_core::{
 use sha2::{Digest, Sha256};
 
 use crate::cli::{
-    CertsCommand, Cli, Command, KeysCommand, ReleaseCommand, RolloutCommand, StartArgs,
+    CertsCommand, Cli, Command, KeysCommand, ReleaseCommand, RolloutCommand, ServerArgs, StartArgs,
 };
 use crate::client::{user_error, ApiClient, UserError};
 use crate::{keys, render};
@@ -26,15 +26,18 @@ use crate::{keys, render};
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let conn = cli.connection();
     match cli.command {
-        Command::Server {
-            listen,
-            data_dir,
-            store,
-            tls_cert,
-            tls_key,
-            insecure_plain_http,
-            max_downloads,
-        } => {
+        Command::Server(args) => {
+            let ServerArgs {
+                listen,
+                data_dir,
+                store,
+                advertise_url,
+                replica_ca_file,
+                tls_cert,
+                tls_key,
+                insecure_plain_http,
+                max_downloads,
+            } = *args;
             let tls = match (tls_cert, tls_key) {
                 (Some(cert), Some(key)) => Some(
                     rollwave_tls::ServerTls::load(&cert, &key)
@@ -52,6 +55,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 listen,
                 data_dir,
                 store,
+                advertise_url,
+                replica_ca_file,
                 tls,
                 max_downloads,
             };

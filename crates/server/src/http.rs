@@ -158,6 +158,8 @@ async fn health(State(shared): State<Arc<Shared>>) -> Json<rollwave_api::HealthR
     Json(rollwave_api::HealthResponse {
         status: "ok".into(),
         agents_connected: shared.sessions.connected(),
+        leader: true,
+        leader_url: None,
     })
 }
 

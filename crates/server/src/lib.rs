@@ -16,6 +16,7 @@ mod metrics;
 mod node_writes;
 mod openapi;
 mod reconciler;
+mod replicas;
 mod routes;
 mod session;
 mod tokens;
@@ -23,7 +24,7 @@ mod ui;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -42,6 +43,11 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Where the state lives; `None`: `sqlite:<data_dir>/rollwave.db`.
     pub store: Option<rollwave_store::StoreConfig>,
+    /// Among replicas: the address the others pass requests to when this
+    /// one leads (default: the scheme and the address it listens on).
+    pub advertise_url: Option<String>,
+    /// Among replicas over HTTPS: the CA the leader's certificate chains to.
+    pub replica_ca_file: Option<PathBuf>,
     /// HTTPS with this certificate; plain HTTP without.
     pub tls: Option<rollwave_tls::ServerTls>,
     /// Artifact streams served at once; past it, `429` with `Retry-After`.
@@ -120,7 +126,8 @@ pub(crate) fn now_ms() -> Timestamp {
 
 /// Opens the data dir, binds the listener and serves until `shutdown` resolves.
 /// Prints `rollwave server listening on https://ADDR` (`http://` without
-/// TLS) once ready.
+/// TLS) once ready. On a store shared by several control planes (etcd),
+/// serves as a follower until elected leader (see `replicas`).
 pub async fn run(
     config: ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -134,6 +141,57 @@ pub async fn run(
         .await
         .map_err(|e| BadConfig(format!("--store: {e}")))?;
     let blobs = blobs::Blobs::open(config.data_dir.join("blobs"))?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    // Event streams never end by themselves: they are ended at shutdown,
+    // or the graceful shutdown would wait for every open dashboard.
+    let streams: Arc<OnceLock<Arc<events::Events>>> = Arc::default();
+    let app = if store.election().is_some() {
+        let replica = replicas::Replica::new(config.replica_ca_file.as_deref())?;
+        replica.watch_leader(store.clone());
+        let address = config
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("{scheme}://{addr}"));
+        let (lead_config, lead_store, lead_streams) =
+            (config.clone(), store.clone(), streams.clone());
+        replicas::campaign(replica.clone(), store, address, move |term| async move {
+            let (app, events) = lead(&lead_config, lead_store, blobs).await?;
+            tracing::info!(term, "leading");
+            let _ = lead_streams.set(events);
+            Ok(app)
+        });
+        axum::Router::new()
+            .fallback(replicas::dispatch)
+            .with_state(replica)
+    } else {
+        let (app, events) = lead(&config, store, blobs).await?;
+        let _ = streams.set(events);
+        app
+    };
+    let shutdown = async move {
+        shutdown.await;
+        if let Some(stream) = streams.get() {
+            stream.close();
+        }
+    };
+    serve(&config, listener, app, shutdown).await
+}
+
+/// Loads the state and starts the reconciler: what the one control plane,
+/// or the elected leader, does.
+async fn lead(
+    config: &ServerConfig,
+    store: Arc<dyn Store>,
+    blobs: blobs::Blobs,
+) -> anyhow::Result<(axum::Router, Arc<events::Events>)> {
     let mut fleet = Fleet::new();
     for node in store.list_nodes().await.context("loading nodes")? {
         fleet.insert(node.name.clone(), node);
@@ -169,10 +227,16 @@ pub async fn run(
     reconciler::spawn(shared.clone(), events)
         .await
         .context("loading rollouts")?;
+    let stream = shared.events.clone();
+    Ok((http::router(shared), stream))
+}
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
+async fn serve(
+    config: &ServerConfig,
+    listener: TcpListener,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let scheme = match &config.tls {
         Some(tls) => {
@@ -186,15 +250,8 @@ pub async fn run(
         }
     };
     println!("rollwave server listening on {scheme}://{addr}");
-    let stream = shared.events.clone();
-    let app = http::router(shared).into_make_service_with_connect_info::<SocketAddr>();
-    // Event streams never end by themselves: end them, or the graceful
-    // shutdown would wait for every open dashboard.
-    let shutdown = async move {
-        shutdown.await;
-        stream.close();
-    };
-    match config.tls {
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+    match config.tls.clone() {
         Some(tls) => {
             use axum::serve::ListenerExt;
             // The tap does nothing: axum gives `ConnectInfo<SocketAddr>`

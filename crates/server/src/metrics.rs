@@ -68,6 +68,15 @@ impl Metrics {
             "Nodes running a service, by service, running version and health",
             service_nodes.clone(),
         );
+        // A control plane that serves metrics through this registry leads:
+        // a follower answers /metrics with 0 without one (replicas.rs).
+        let leader = Gauge::<i64>::default();
+        leader.set(1);
+        registry.register(
+            "leader",
+            "Whether this control plane leads (1) or follows (0)",
+            leader,
+        );
         let agents = Gauge::default();
         registry.register(
             "agents_connected",

@@ -5,7 +5,7 @@
 
 pub mod conformance;
 #[cfg(feature = "etcd")]
-mod etcd;
+pub mod etcd;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -114,8 +114,34 @@ impl<'a> RolloutWrite<'a> {
     }
 }
 
+/// This replica's leadership, as [`Election::campaign`] won it.
+pub struct Lead {
+    /// Increases with each election: what tasks carry so that agents can
+    /// tell an old leader's from the current one's.
+    pub term: u64,
+    /// Says why, once leadership is lost (the lease could not be renewed).
+    pub lost: tokio::sync::oneshot::Receiver<String>,
+}
+
+/// Choosing one leader among the control planes that share a store.
+#[async_trait]
+pub trait Election: Send + Sync {
+    /// Waits until this replica leads, announcing `address` (where the
+    /// others reach it). From then on every write through the store
+    /// requires that it still leads.
+    async fn campaign(&self, address: &str) -> Result<Lead>;
+    /// The current leader's address, if one is elected.
+    async fn leader(&self) -> Result<Option<String>>;
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// Leader election, on engines several control planes can share; `None`
+    /// on SQLite, whose one control plane leads by itself.
+    fn election(&self) -> Option<&dyn Election> {
+        None
+    }
+
     /// Inserts or replaces a node by name. The `online` field is not stored:
     /// it is a property of the live session, not of the node.
     async fn upsert_node(&self, node: &NodeView) -> Result<()> {

@@ -19,6 +19,8 @@ mod lists;
 mod metrics;
 mod migrations;
 mod openapi;
+#[cfg(feature = "etcd")]
+mod replicas;
 mod rollouts;
 mod signing;
 mod sim;

@@ -32,10 +32,13 @@
 //! never sees the new generation before every part of it. Split writes rely
 //! on one writer per rollout, the leader's reconciler.
 
+mod leader;
 mod rollouts;
+pub mod testing;
 #[cfg(test)]
 mod tests;
 
+use std::sync::PoisonError;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -95,6 +98,9 @@ struct Meta {
 
 pub struct EtcdStore {
     client: Client,
+    /// While this replica leads: its election key and that key's creation
+    /// revision, which every write requires.
+    fence: std::sync::RwLock<Option<(Vec<u8>, i64)>>,
     prefix: String,
     /// For messages: which etcd this is.
     endpoints: String,
@@ -170,6 +176,7 @@ impl EtcdStore {
         };
         let mut store = EtcdStore {
             client,
+            fence: Default::default(),
             prefix,
             endpoints,
             cluster: String::new(),
@@ -191,11 +198,14 @@ impl EtcdStore {
             schema: SCHEMA_VERSION,
             cluster: random_id()?,
         };
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), encode("meta", &fresh)?, None)])
-            .or_else([TxnOp::get(key.clone(), None)]);
-        let resp = self.txn(txn, "reading the schema version").await?;
+        let resp = self
+            .txn(
+                vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)],
+                vec![TxnOp::put(key.clone(), encode("meta", &fresh)?, None)],
+                vec![TxnOp::get(key.clone(), None)],
+                "reading the schema version",
+            )
+            .await?;
         if resp.succeeded() {
             return Ok(fresh.cluster);
         }
@@ -220,12 +230,43 @@ impl EtcdStore {
         StoreError::Backend(format!("etcd {}: {what}: {e}", self.endpoints))
     }
 
-    async fn txn(&self, txn: Txn, what: &str) -> Result<etcd_client::TxnResponse> {
-        self.client
+    /// Runs `then` if every compare holds, `or_else` otherwise. Once this
+    /// replica leads, every transaction also requires that it still does
+    /// (its election key, at the revision it was elected with): a leader
+    /// that lost its lease (paused, partitioned) changes nothing, and is
+    /// told so rather than seeing a lost compare-and-swap.
+    async fn txn(
+        &self,
+        mut compares: Vec<Compare>,
+        then: Vec<TxnOp>,
+        or_else: Vec<TxnOp>,
+        what: &str,
+    ) -> Result<etcd_client::TxnResponse> {
+        let fence = self
+            .fence
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some((key, rev)) = &fence {
+            compares.push(Compare::create_revision(
+                key.clone(),
+                CompareOp::Equal,
+                *rev,
+            ));
+        }
+        let resp = self
+            .client
             .kv_client()
-            .txn(txn)
+            .txn(Txn::new().when(compares).and_then(then).or_else(or_else))
             .await
-            .map_err(|e| self.backend(what, e))
+            .map_err(|e| self.backend(what, e))?;
+        if let (false, Some((key, rev))) = (resp.succeeded(), fence) {
+            let held = self.get(key, what).await?;
+            if held.map(|kv| kv.create_revision()) != Some(rev) {
+                return Err(self.backend(what, "this replica is no longer the leader"));
+            }
+        }
+        Ok(resp)
     }
 
     async fn get(&self, key: Vec<u8>, what: &str) -> Result<Option<KeyValue>> {
@@ -305,10 +346,12 @@ impl EtcdStore {
     /// `compares`; `Ok(false)` as soon as one's compares fail.
     async fn put_chunked(&self, compares: &[Compare], ops: Vec<Op>, what: &str) -> Result<bool> {
         for chunk in chunks(ops) {
-            let txn = Txn::new()
-                .when(compares.to_vec())
-                .and_then(chunk.into_iter().map(Op::into_txn).collect::<Vec<_>>());
-            if !self.txn(txn, what).await?.succeeded() {
+            let ops = chunk.into_iter().map(Op::into_txn).collect();
+            if !self
+                .txn(compares.to_vec(), ops, Vec::new(), what)
+                .await?
+                .succeeded()
+            {
                 return Ok(false);
             }
         }
@@ -335,8 +378,11 @@ impl EtcdStore {
             let next = value.max(floor) + 1;
             let mut ops = vec![TxnOp::put(key.clone(), next.to_string(), None)];
             ops.extend(extra(next).into_iter().map(Op::into_txn));
-            let txn = Txn::new().when([compare]).and_then(ops);
-            if self.txn(txn, &what).await?.succeeded() {
+            if self
+                .txn(vec![compare], ops, Vec::new(), &what)
+                .await?
+                .succeeded()
+            {
                 return Ok(next);
             }
         }
@@ -375,14 +421,13 @@ impl EtcdStore {
             Repush::TooManySignatures => PutRelease::TooManySignatures(existing),
             Repush::Sign(signed) => {
                 let what = format!("signing release {}@{}", signed.service, signed.version);
-                let txn = Txn::new()
-                    .when([Compare::mod_revision(
-                        key.to_vec(),
-                        CompareOp::Equal,
-                        revision,
-                    )])
-                    .and_then([TxnOp::put(key.to_vec(), encode(&what, &*signed)?, None)]);
-                if !self.txn(txn, &what).await?.succeeded() {
+                let same = Compare::mod_revision(key.to_vec(), CompareOp::Equal, revision);
+                let put = TxnOp::put(key.to_vec(), encode(&what, &*signed)?, None);
+                if !self
+                    .txn(vec![same], vec![put], Vec::new(), &what)
+                    .await?
+                    .succeeded()
+                {
                     return Ok(None);
                 }
                 PutRelease::Signed(*signed)
@@ -510,6 +555,10 @@ fn random_id() -> Result<String> {
 
 #[async_trait]
 impl Store for EtcdStore {
+    fn election(&self) -> Option<&dyn crate::Election> {
+        Some(self)
+    }
+
     async fn upsert_nodes(&self, nodes: &[NodeView]) -> Result<()> {
         let mut ops = Vec::with_capacity(nodes.len());
         for n in nodes {
@@ -541,7 +590,8 @@ impl Store for EtcdStore {
             return Err(self.backend("storing tokens", "too many tokens for one transaction"));
         }
         // All or none: a join token's use and the credential it bought.
-        self.txn(Txn::new().and_then(ops), "storing tokens").await?;
+        self.txn(Vec::new(), ops, Vec::new(), "storing tokens")
+            .await?;
         Ok(())
     }
 
@@ -562,11 +612,14 @@ impl Store for EtcdStore {
         let key = self.key(&format!("releases/{}/{}", release.service, release.version));
         let what = format!("storing release {}@{}", release.service, release.version);
         for _ in 0..CAS_ATTEMPTS {
-            let txn = Txn::new()
-                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(key.clone(), encode(&what, release)?, None)])
-                .or_else([TxnOp::get(key.clone(), None)]);
-            let resp = self.txn(txn, &what).await?;
+            let resp = self
+                .txn(
+                    vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)],
+                    vec![TxnOp::put(key.clone(), encode(&what, release)?, None)],
+                    vec![TxnOp::get(key.clone(), None)],
+                    &what,
+                )
+                .await?;
             if resp.succeeded() {
                 return Ok(PutRelease::Created(release.clone()));
             }
@@ -640,11 +693,8 @@ impl Store for EtcdStore {
     async fn set_active_version(&self, active: &ActiveVersion) -> Result<()> {
         let key = self.key(&format!("active/{}", active.service));
         let what = format!("storing the active version of {}", active.service);
-        self.txn(
-            Txn::new().and_then([TxnOp::put(key, encode(&what, active)?, None)]),
-            &what,
-        )
-        .await?;
+        let put = TxnOp::put(key, encode(&what, active)?, None);
+        self.txn(Vec::new(), vec![put], Vec::new(), &what).await?;
         Ok(())
     }
 

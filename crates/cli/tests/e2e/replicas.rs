@@ -1,0 +1,202 @@
+//! Several control planes on one real etcd: one leads, the others pass
+//! requests to it; when the leader dies or stalls past its lease, another
+//! takes over, and a stalled leader that wakes changes nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use rollwave_api::HealthResponse;
+use rollwave_store::etcd::testing::TestEtcd;
+
+use crate::harness::{exe, wait_until};
+
+/// One `rollwave server` on the test's etcd, killed when dropped.
+struct Replica {
+    child: Option<Child>,
+    url: String,
+    dir: PathBuf,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn replica(etcd: &TestEtcd, dir: &Path, name: &str) -> Replica {
+    let dir = dir.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("server.out");
+    let child = Command::new(exe())
+        .args(["server", "--listen", "127.0.0.1:0", "--insecure-plain-http"])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--store", &etcd.endpoint.replace("http://", "etcd://")])
+        .args(["--store-prefix", "/replicas/"])
+        .env("ROLLWAVE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(dir.join("server.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let url = wait_until(&format!("{name} listening"), || async {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        text.split("listening on ")
+            .nth(1)
+            .map(|rest| rest.lines().next().unwrap_or("").trim().to_string())
+    })
+    .await;
+    Replica {
+        child: Some(child),
+        url,
+        dir,
+    }
+}
+
+async fn health(url: &str) -> Option<HealthResponse> {
+    let resp = reqwest::get(format!("{url}/v1/health")).await.ok()?;
+    resp.json().await.ok()
+}
+
+async fn leader_of<'a>(replicas: &[&'a Replica]) -> &'a Replica {
+    wait_until("a leader elected", || async {
+        for r in replicas {
+            if health(&r.url).await.is_some_and(|h| h.leader) {
+                return Some(*r);
+            }
+        }
+        None
+    })
+    .await
+}
+
+fn admin_token(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("data").join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_serves_through_the_leader_and_takes_over_when_it_dies() {
+    let etcd = TestEtcd::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let a = replica(&etcd, tmp.path(), "a").await;
+    let b = replica(&etcd, tmp.path(), "b").await;
+    let leader = leader_of(&[&a, &b]).await;
+    let (mut leader, mut follower) = if std::ptr::eq(leader, &a) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let h = wait_until("the follower to know the leader", || async {
+        health(&follower.url)
+            .await
+            .filter(|h| h.leader_url.is_some())
+    })
+    .await;
+    assert!(!h.leader, "{h:?}");
+    assert_eq!(h.leader_url.as_deref(), Some(leader.url.as_str()));
+    let metrics = reqwest::get(format!("{}/metrics", follower.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("rollwave_leader 0"), "{metrics}");
+
+    // Through the follower, with the token the leader wrote: answered by
+    // the leader, which stores the release.
+    let token = admin_token(&leader.dir);
+    let http = reqwest::Client::new();
+    let push = http
+        .post(format!("{}/v1/releases/api/1.0.0", follower.url))
+        .bearer_auth(&token)
+        .body(b"#!/bin/sh\nexec sleep 60\n".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(push.status(), 201, "{:?}", push.text().await);
+    let unauthorized = http
+        .get(format!("{}/v1/releases", follower.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401, "the leader checks the token");
+    let session = http
+        .get(format!(
+            "{}{}",
+            follower.url,
+            rollwave_api::AGENT_CONNECT_PATH
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(session.status(), 503, "agents are sent to the leader");
+    let body = session.text().await.unwrap();
+    assert!(body.contains(&leader.url), "{body}");
+
+    // kill -9 the leader: the follower is elected once the lease lapses,
+    // and has the state (the token, the release) from etcd.
+    let mut dead = leader.child.take().unwrap();
+    dead.kill().unwrap();
+    dead.wait().unwrap();
+    wait_until("the follower to take over", || async {
+        health(&follower.url).await.filter(|h| h.leader)
+    })
+    .await;
+    let releases: Vec<rollwave_core::Release> = http
+        .get(format!("{}/v1/releases", follower.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(releases.len(), 1, "{releases:?}");
+    let metrics = http
+        .get(format!("{}/metrics", follower.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("rollwave_leader 1"), "{metrics}");
+
+    // The old leader, started again, follows.
+    leader = replica(&etcd, tmp.path(), "again").await;
+    let h = wait_until("the restarted replica to follow", || async {
+        health(&leader.url).await.filter(|h| h.leader_url.is_some())
+    })
+    .await;
+    assert!(!h.leader);
+    assert_eq!(h.leader_url.as_deref(), Some(follower.url.as_str()));
+
+    // A leader stalled past its lease (SIGSTOP): the other replica takes
+    // over; woken, the stalled one finds it lost the lease and exits
+    // rather than act on what it held.
+    let stalled = follower.child.as_ref().unwrap().id() as i32;
+    kill(Pid::from_raw(stalled), Signal::SIGSTOP).unwrap();
+    wait_until("the other replica to take over", || async {
+        health(&leader.url).await.filter(|h| h.leader)
+    })
+    .await;
+    kill(Pid::from_raw(stalled), Signal::SIGCONT).unwrap();
+    let mut child = follower.child.take().unwrap();
+    let status = wait_until("the stalled leader to exit", || {
+        let exited = child.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert_eq!(status.code(), Some(1));
+    let log = std::fs::read_to_string(follower.dir.join("server.log")).unwrap();
+    assert!(log.contains("lost leadership: exiting"), "{log}");
+}

@@ -1,0 +1,239 @@
+//! Several control planes on one etcd: one leads, the others follow.
+//!
+//! The leader is the control plane of a single-replica setup: it runs the
+//! reconciler, holds every agent session and answers the API. A follower
+//! keeps nothing in memory that could go stale: it answers `/v1/health` and
+//! `/metrics` itself, refuses agent sessions (agents move on to the next
+//! server in their list until the leader takes them), and passes every
+//! other request to the leader as it came, token included, so that any
+//! replica serves the API and the dashboard with the leader's answers.
+//! When a follower is elected, it loads the state from the store and
+//! becomes a leader; a leader that loses its lease exits (as Kubernetes
+//! controllers do), since its in-memory state can no longer be trusted,
+//! and its service manager starts it again as a follower.
+
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::HeaderName;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use futures_util::TryStreamExt;
+use rollwave_api::{ErrorCode, HealthResponse, AGENT_CONNECT_PATH};
+
+use crate::error::ApiError;
+
+/// What a replica knows of the election.
+pub(crate) struct Replica {
+    /// The leader's address, as it announced itself.
+    leader_url: RwLock<Option<String>>,
+    /// This replica's app, once it leads.
+    pub leading: OnceLock<Router>,
+    client: reqwest::Client,
+}
+
+impl Replica {
+    pub fn new(ca_file: Option<&std::path::Path>) -> anyhow::Result<Arc<Replica>> {
+        let mut client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            // Requests to the leader are the caller's: no redirect is
+            // followed for it, and its token goes only where it was sent.
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(ca) = ca_file {
+            let pem = std::fs::read(ca)
+                .map_err(|e| anyhow::anyhow!("reading --replica-ca-file {}: {e}", ca.display()))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| anyhow::anyhow!("--replica-ca-file {}: {e}", ca.display()))?
+            {
+                client = client.add_root_certificate(cert);
+            }
+        }
+        Ok(Arc::new(Replica {
+            leader_url: RwLock::new(None),
+            leading: OnceLock::new(),
+            client: client.build()?,
+        }))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leading.get().is_some()
+    }
+
+    pub fn leader_url(&self) -> Option<String> {
+        self.leader_url
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set_leader_url(&self, url: Option<String>) {
+        *self
+            .leader_url
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = url;
+    }
+
+    /// Follows the election until this replica leads: who leads is read
+    /// every half second, so a follower passes requests to a new leader
+    /// soon after it is elected.
+    pub fn watch_leader(self: &Arc<Self>, store: Arc<dyn rollwave_store::Store>) {
+        let replica = self.clone();
+        tokio::spawn(async move {
+            let Some(election) = store.election() else {
+                return;
+            };
+            while !replica.is_leader() {
+                match election.leader().await {
+                    Ok(url) => replica.set_leader_url(url),
+                    Err(e) => tracing::warn!(error = %e, "reading the leader"),
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+}
+
+/// Every request of a replica: the leader's app once it leads, the
+/// follower's answers until then.
+pub(crate) async fn dispatch(State(replica): State<Arc<Replica>>, req: Request) -> Response {
+    if let Some(app) = replica.leading.get() {
+        use tower::ServiceExt;
+        return match app.clone().oneshot(req).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        };
+    }
+    follow(&replica, req).await
+}
+
+async fn follow(replica: &Replica, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    let leader = replica.leader_url();
+    match path.as_str() {
+        "/v1/health" => {
+            return Json(HealthResponse {
+                status: "ok".into(),
+                agents_connected: 0,
+                leader: false,
+                leader_url: leader,
+            })
+            .into_response()
+        }
+        "/metrics" => {
+            return (
+                [("content-type", "text/plain; version=0.0.4")],
+                "# HELP rollwave_leader Whether this control plane leads (1) or follows (0).\n# TYPE rollwave_leader gauge\nrollwave_leader 0\n",
+            )
+                .into_response()
+        }
+        _ => {}
+    }
+    let Some(leader) = leader else {
+        return ApiError::new(
+            ErrorCode::Unavailable,
+            "no control plane is elected leader yet: try again in a few seconds",
+        )
+        .into_response();
+    };
+    if path == AGENT_CONNECT_PATH {
+        // Sessions live on the leader, where tasks are sent from.
+        return ApiError::new(
+            ErrorCode::Unavailable,
+            format!("this control plane follows; agents connect to the leader, {leader}"),
+        )
+        .into_response();
+    }
+    match forward(replica, &leader, req).await {
+        Ok(resp) => resp,
+        Err(e) => ApiError::new(
+            ErrorCode::Unavailable,
+            format!("passing the request to the leader, {leader}: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+/// Headers that describe one hop, not the request.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+async fn forward(replica: &Replica, leader: &str, req: Request) -> anyhow::Result<Response> {
+    let (parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let url = format!("{}{path}", leader.trim_end_matches('/'));
+    let mut out = replica.client.request(parts.method.clone(), &url);
+    for (name, value) in &parts.headers {
+        if !HOP_BY_HOP.contains(&name.as_str()) {
+            out = out.header(name, value);
+        }
+    }
+    let body = reqwest::Body::wrap_stream(body.into_data_stream());
+    let resp = out.body(body).send().await?;
+    let mut answer = Response::builder().status(resp.status());
+    for (name, value) in resp.headers() {
+        if !HOP_BY_HOP.contains(&name.as_str()) {
+            answer = answer.header(HeaderName::from(name), value);
+        }
+    }
+    let stream = resp.bytes_stream().map_err(std::io::Error::other);
+    Ok(answer.body(Body::from_stream(stream))?)
+}
+
+/// Campaigns until elected, then builds the leader's app with `lead` and
+/// serves it; exits the process if leadership is lost.
+pub(crate) fn campaign<F, Fut>(
+    replica: Arc<Replica>,
+    store: Arc<dyn rollwave_store::Store>,
+    address: String,
+    lead: F,
+) where
+    F: FnOnce(u64) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<Router>> + Send,
+{
+    tokio::spawn(async move {
+        let Some(election) = store.election() else {
+            return;
+        };
+        let won = loop {
+            match election.campaign(&address).await {
+                Ok(won) => break won,
+                Err(e) => {
+                    tracing::warn!(error = %e, "campaigning to lead; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        tracing::info!(term = won.term, %address, "elected leader: loading the state from the store");
+        let app = match lead(won.term).await {
+            Ok(app) => app,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "could not start leading: exiting");
+                std::process::exit(1);
+            }
+        };
+        replica.set_leader_url(Some(address));
+        let _ = replica.leading.set(app);
+        let why = won
+            .lost
+            .await
+            .unwrap_or_else(|_| "the lease keeper stopped".into());
+        // Whatever this process holds in memory may be stale from here on;
+        // the store refuses its writes already. Start again as a follower.
+        tracing::error!(reason = %why, "lost leadership: exiting");
+        std::process::exit(1);
+    });
+}

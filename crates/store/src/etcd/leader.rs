@@ -1,0 +1,119 @@
+//! Electing one leader among the control planes on one etcd prefix, with
+//! etcd's election service over a lease: the leader is whoever holds the
+//! oldest key under `<prefix>leader/`, and holds it only while its lease is
+//! kept alive. Once elected, every write of this store requires that key
+//! (see `EtcdStore::txn`).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::oneshot;
+
+use super::EtcdStore;
+use crate::{Election, Lead, Result};
+
+/// How long a leader that stops renewing (killed, paused, cut off) keeps
+/// its role: the time before another replica takes over.
+pub const LEASE_TTL: Duration = Duration::from_secs(5);
+
+impl EtcdStore {
+    fn election_name(&self) -> Vec<u8> {
+        self.key("leader")
+    }
+
+    /// Grants a lease and keeps it alive until it cannot; then says why on
+    /// the returned channel.
+    async fn keep_lease(&self) -> Result<(i64, oneshot::Receiver<String>)> {
+        let ttl = LEASE_TTL.as_secs() as i64;
+        let mut leases = self.client.lease_client();
+        let lease = leases
+            .grant(ttl, None)
+            .await
+            .map_err(|e| self.backend("granting the leader lease", e))?
+            .id();
+        let (mut keeper, mut stream) = leases
+            .keep_alive(lease)
+            .await
+            .map_err(|e| self.backend("keeping the leader lease alive", e))?;
+        let (lost, on_lost) = oneshot::channel();
+        tokio::spawn(async move {
+            let why = loop {
+                tokio::time::sleep(LEASE_TTL / 3).await;
+                if let Err(e) = keeper.keep_alive().await {
+                    break format!("renewing the lease: {e}");
+                }
+                match tokio::time::timeout(LEASE_TTL / 2, stream.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                    Ok(Ok(Some(_))) => break "the lease expired".to_string(),
+                    Ok(Ok(None)) => break "etcd closed the lease stream".to_string(),
+                    Ok(Err(e)) => break format!("renewing the lease: {e}"),
+                    Err(_) => break "etcd did not answer a lease renewal in time".to_string(),
+                }
+            };
+            let _ = lost.send(why);
+        });
+        Ok((lease, on_lost))
+    }
+}
+
+#[async_trait]
+impl Election for EtcdStore {
+    async fn campaign(&self, address: &str) -> Result<Lead> {
+        let (lease, mut lost) = self.keep_lease().await?;
+        let mut election = self.client.election_client();
+        loop {
+            if let Ok(why) = lost.try_recv() {
+                return Err(self.backend("campaigning", why));
+            }
+            // The client's request timeout cuts a long wait short: campaign
+            // again with the same lease, which keeps this replica's place.
+            match election
+                .campaign(self.election_name(), address, lease)
+                .await
+            {
+                Ok(mut resp) => {
+                    let Some(key) = resp.take_leader() else {
+                        return Err(self.backend("campaigning", "etcd named no leader key"));
+                    };
+                    *self
+                        .fence
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some((key.key().to_vec(), key.rev()));
+                    return Ok(Lead {
+                        term: u64::try_from(key.rev()).unwrap_or(0),
+                        lost,
+                    });
+                }
+                Err(e) => {
+                    pause_after(&e).await;
+                }
+            }
+        }
+    }
+
+    async fn leader(&self) -> Result<Option<String>> {
+        match self
+            .client
+            .election_client()
+            .leader(self.election_name())
+            .await
+        {
+            Ok(mut resp) => Ok(resp
+                .take_kv()
+                .map(|kv| String::from_utf8_lossy(kv.value()).to_string())),
+            Err(e) if e.to_string().contains("no leader") => Ok(None),
+            Err(e) => Err(self.backend("reading the leader", e)),
+        }
+    }
+}
+
+/// A failed campaign call (timeout, etcd unavailable) is retried after a
+/// pause; a timeout needs none.
+async fn pause_after(e: &etcd_client::Error) {
+    if !e.to_string().to_lowercase().contains("timeout")
+        && !e.to_string().to_lowercase().contains("deadline")
+    {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
