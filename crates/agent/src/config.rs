@@ -17,7 +17,7 @@ use crate::health::{HealthCheck, ResolvedCheck};
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     node: Option<String>,
-    server: Option<String>,
+    server: Option<Servers>,
     ca_file: Option<PathBuf>,
     server_pin: Option<String>,
     state_dir: Option<PathBuf>,
@@ -56,10 +56,23 @@ struct RawService {
     hooks: BTreeMap<String, Vec<String>>,
 }
 
+/// `server = "https://cp:7700"` or a list, one per control plane replica.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Servers {
+    One(String),
+    Many(Vec<String>),
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub node: String,
+    /// The first of `servers`, for messages.
     pub server: String,
+    /// Every control plane replica, in the order they are tried: an agent
+    /// moves to the next when one is unreachable or follows another (the
+    /// leader takes agent sessions).
+    pub servers: Vec<String>,
     /// How the control plane is verified when `server` is https.
     pub tls: ClientTls,
     pub state_dir: PathBuf,
@@ -141,14 +154,33 @@ impl AgentConfig {
                 "node: {node:?} is not a valid node name (1-128 characters of a-z, A-Z, 0-9, '-', '_', '.')"
             ));
         }
-        let server = raw
-            .server
-            .unwrap_or_else(|| "https://127.0.0.1:7700".to_string());
-        if !(server.starts_with("http://") || server.starts_with("https://")) {
+        let servers = match raw.server {
+            None => vec!["https://127.0.0.1:7700".to_string()],
+            Some(Servers::One(s)) => vec![s],
+            Some(Servers::Many(list)) => list,
+        };
+        if servers.is_empty() {
+            return Err("server: an empty list; give one control plane URL or more".into());
+        }
+        for s in &servers {
+            if !(s.starts_with("http://") || s.starts_with("https://")) {
+                return Err(format!("server: {s:?} must start with http:// or https://"));
+            }
+        }
+        let server = servers[0].clone();
+        // One TLS setting verifies them all.
+        if let Some(other) = servers
+            .iter()
+            .find(|s| s.starts_with("https://") != server.starts_with("https://"))
+        {
             return Err(format!(
-                "server: {server:?} must start with http:// or https://"
+                "server: {other:?} and {server:?} mix http:// and https://; replicas are reached the same way"
             ));
         }
+        let servers: Vec<String> = servers
+            .iter()
+            .map(|s| s.trim_end_matches('/').to_string())
+            .collect();
         let pin = match raw.server_pin {
             None => None,
             Some(p) => Some(p.parse().map_err(|e| format!("server_pin: {e}"))?),
@@ -316,7 +348,8 @@ impl AgentConfig {
         }
         Ok(AgentConfig {
             node,
-            server: server.trim_end_matches('/').to_string(),
+            server: servers[0].clone(),
+            servers,
             tls,
             state_dir,
             join_token,
@@ -420,6 +453,34 @@ health = { type = "http", url = "http://127.0.0.1:8080/healthz" }
         .unwrap();
         assert_eq!(c.services[0].switch, SwitchMode::Handoff);
         assert_eq!(c.services[0].listen, ["127.0.0.1:8080".parse().unwrap()]);
+    }
+
+    #[test]
+    fn server_is_one_url_or_a_list_of_replicas() {
+        let one = AgentConfig::parse(GOOD).unwrap();
+        assert_eq!(one.servers, vec!["http://127.0.0.1:7700".to_string()]);
+        let list = GOOD.replace(
+            "server = \"http://127.0.0.1:7700\"",
+            "server = [\"http://cp1:7700/\", \"http://cp2:7700\"]",
+        );
+        let c = AgentConfig::parse(&list).unwrap();
+        assert_eq!(c.servers, vec!["http://cp1:7700", "http://cp2:7700"]);
+        assert_eq!(c.server, "http://cp1:7700");
+        for (servers, why) in [
+            ("[]", "server: an empty list"),
+            (
+                "[\"http://cp1:7700\", \"https://cp2:7700\"]",
+                "mix http:// and https://",
+            ),
+            ("[\"cp1:7700\"]", "must start with http:// or https://"),
+        ] {
+            let text = GOOD.replace(
+                "server = \"http://127.0.0.1:7700\"",
+                &format!("server = {servers}"),
+            );
+            let err = AgentConfig::parse(&text).unwrap_err();
+            assert!(err.contains(why), "{servers}: {err}");
+        }
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub async fn credential(config: &AgentConfig, client: &reqwest::Client) -> anyho
             path.display()
         );
     };
-    let token = enroll(client, &config.server, join, &config.node).await?;
+    let token = enroll(client, &config.servers, join, &config.node).await?;
     // Never readable by others, nor half written.
     rollwave_tls::write_atomic(&path, format!("{token}\n").as_bytes(), 0o600)
         .with_context(|| format!("storing the node credential {}", path.display()))?;
@@ -42,17 +42,20 @@ pub async fn credential(config: &AgentConfig, client: &reqwest::Client) -> anyho
 }
 
 /// Trades `join` for a new credential of `node` at the control plane at
-/// `server`. Waits for an unreachable or failing control plane, with
-/// backoff; a refusal (4xx) is final. Shared with `rollwave sim`.
+/// one of `servers` (replicas: any passes the request to the leader).
+/// Waits for an unreachable or failing control plane, trying the next one
+/// each time, with backoff; a refusal (4xx) is final. Shared with
+/// `rollwave sim`.
 pub async fn enroll(
     client: &reqwest::Client,
-    server: &str,
+    servers: &[String],
     join: &str,
     node: &str,
 ) -> anyhow::Result<String> {
-    let url = format!("{server}/v1/enroll");
     let mut backoff = Duration::from_millis(100);
-    loop {
+    for attempt in 0.. {
+        let server = &servers[attempt % servers.len()];
+        let url = format!("{server}/v1/enroll");
         let sent = client
             .post(&url)
             .bearer_auth(join)
@@ -89,6 +92,7 @@ pub async fn enroll(
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+    unreachable!("the attempts never end")
 }
 
 /// The `Authorization` header for the node's requests, marked sensitive so

@@ -109,7 +109,9 @@ const DOWNLOAD_DEADLINE: Duration = Duration::from_secs(600);
 
 pub struct Executor {
     state_dir: PathBuf,
-    server: String,
+    /// The control plane the session is open with: artifacts are
+    /// downloaded from it (replicas: the leader).
+    server: std::sync::RwLock<String>,
     client: reqwest::Client,
     services: BTreeMap<String, Arc<Service>>,
     running: Mutex<HashSet<String>>,
@@ -126,6 +128,21 @@ pub struct Executor {
 }
 
 impl Executor {
+    /// Downloads go to `server` from now on: the session moved to it.
+    pub fn set_server(&self, server: &str) {
+        *self
+            .server
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = server.to_string();
+    }
+
+    fn server(&self) -> String {
+        self.server
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     pub fn new(
         state_dir: PathBuf,
         server: String,
@@ -143,7 +160,7 @@ impl Executor {
         });
         Arc::new(Executor {
             state_dir,
-            server,
+            server: std::sync::RwLock::new(server),
             client,
             services,
             running: Mutex::new(HashSet::new()),
@@ -835,7 +852,7 @@ impl Executor {
     async fn download(&self, svc: &Service, art: &ArtifactRef) -> Result<PathBuf, String> {
         let tmp = svc.dirs.releases();
         let _ = artifact::clean_stale_tmp(&tmp);
-        let url = format!("{}{}", self.server, art.path);
+        let url = format!("{}{}", self.server(), art.path);
         let retry = download::Retry::until(Instant::now() + DOWNLOAD_DEADLINE);
         download::download_verified(&self.client, &url, &art.sha256, art.size, &tmp, &retry)
             .await

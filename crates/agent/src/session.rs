@@ -39,15 +39,24 @@ pub async fn run(
     mut outbox: mpsc::UnboundedReceiver<AgentMessage>,
     changed: Arc<Notify>,
 ) {
-    let url = session_url(&config.server);
     let mut backoff = BACKOFF_MIN;
+    // Which of the replicas to try: the same again after a session that
+    // ended (it may be back at once), the next after a failed attempt (it
+    // may be down, or follow another and send agents to the leader).
+    let mut at = 0;
     loop {
+        let server = &config.servers[at % config.servers.len()];
+        let url = session_url(server);
         let dial = Dial {
             url: &url,
             connector: tls.clone().map(Connector::Rustls),
             credential: &credential,
         };
+        executor.set_server(server);
         let ended = session(&config, dial, &services, &executor, &mut outbox, &changed).await;
+        if !matches!(ended, Ok(Ended::Closed)) {
+            at += 1;
+        }
         match ended {
             Ok(Ended::Refused(reason)) => {
                 tracing::error!(reason = %reason, "control plane refused this agent");
@@ -62,10 +71,10 @@ pub async fn run(
                 // Not a passing fault: said louder, and in rustls's words
                 // rather than behind the WebSocket's layers.
                 Some(tls) => {
-                    tracing::error!(server = %config.server, error = %tls, retry_in = ?backoff, "control plane's certificate refused")
+                    tracing::error!(server = %server, error = %tls, retry_in = ?backoff, "control plane's certificate refused")
                 }
                 None => {
-                    tracing::warn!(server = %config.server, error = %e, retry_in = ?backoff, "control plane unreachable")
+                    tracing::warn!(server = %server, error = %e, retry_in = ?backoff, "control plane unreachable")
                 }
             },
         }
@@ -150,6 +159,7 @@ async fn session(
     outbox: &mut mpsc::UnboundedReceiver<AgentMessage>,
     changed: &Notify,
 ) -> anyhow::Result<Ended> {
+    let server = dial.url.to_string();
     let ws = match dial_session(dial.url, dial.credential, dial.connector, None).await? {
         Dialed::Open(ws) => ws,
         Dialed::Refused(body) => {
@@ -170,7 +180,7 @@ async fn session(
     };
     sink.send(Message::text(serde_json::to_string(&hello)?))
         .await?;
-    tracing::info!(server = %config.server, node = %config.node, "connected to the control plane");
+    tracing::info!(%server, node = %config.node, "connected to the control plane");
     // The control plane pings every few seconds. A connection that carries
     // nothing for longer is dead though never closed (a partition, a lost
     // host): without this the agent would wait on it forever and the node

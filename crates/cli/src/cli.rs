@@ -12,7 +12,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     about = "Upgrade a fleet of nodes to a new release, safely"
 )]
 pub struct Cli {
-    /// Control plane address for client commands.
+    /// Control plane address for client commands; several replicas
+    /// comma-separated (tried in turn while one cannot be reached).
     #[arg(
         long,
         global = true,

@@ -1,6 +1,8 @@
 //! A small client of the control plane's HTTP API.
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use anyhow::Context;
 use rollwave_api::ErrorBody;
@@ -26,16 +28,36 @@ pub fn user_error(msg: impl Into<String>) -> anyhow::Error {
 
 #[derive(Clone)]
 pub struct ApiClient {
-    base: String,
+    /// Every control plane replica given (`--server a,b,c`).
+    bases: Arc<Vec<String>>,
+    /// The one that answered last, tried first.
+    current: Arc<AtomicUsize>,
     http: reqwest::Client,
     token: Option<String>,
 }
 
+/// Rounds over every replica before a command gives up on reaching one:
+/// enough to ride out a leader election (a lease of a few seconds).
+const ROUNDS: usize = 8;
+
 impl ApiClient {
     /// A client of the control plane at `base`, which it verifies as `tls`
     /// says if `base` is https.
-    pub fn new(base: &str, tls: &ClientTls) -> anyhow::Result<ApiClient> {
-        let base = base.trim_end_matches('/').to_string();
+    pub fn new(servers: &str, tls: &ClientTls) -> anyhow::Result<ApiClient> {
+        let bases: Vec<String> = servers
+            .split(',')
+            .map(|s| s.trim().trim_end_matches('/').to_string())
+            .collect();
+        if let Some(other) = bases
+            .iter()
+            .find(|b| b.starts_with("https://") != bases[0].starts_with("https://"))
+        {
+            return Err(user_error(format!(
+                "--server: {other:?} and {:?} mix http:// and https://; replicas are reached the same way",
+                bases[0]
+            )));
+        }
+        let base = bases[0].clone();
         let builder = reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(5));
         let builder = if base.starts_with("https://") {
             let config = tls.config().map_err(|e| user_error(e.to_string()))?;
@@ -53,9 +75,18 @@ impl ApiClient {
                 "--server: {base:?} must start with http:// or https://"
             )));
         };
+        if let Some(bad) = bases
+            .iter()
+            .find(|b| !b.starts_with("http://") && !b.starts_with("https://"))
+        {
+            return Err(user_error(format!(
+                "--server: {bad:?} must start with http:// or https://"
+            )));
+        }
         let http = builder.build().context("building http client")?;
         Ok(ApiClient {
-            base,
+            bases: Arc::new(bases),
+            current: Arc::default(),
             http,
             token: None,
         })
@@ -67,13 +98,14 @@ impl ApiClient {
         self
     }
 
+    /// The replica that answered last (the first given, until one did).
     pub fn base(&self) -> &str {
-        &self.base
+        &self.bases[self.current.load(Ordering::Relaxed) % self.bases.len()]
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let req = self.http.get(format!("{}{path}", self.base));
-        self.send(req).await
+        self.send(|base| self.http.get(format!("{base}{path}")))
+            .await
     }
 
     pub async fn post<T: DeserializeOwned, B: Serialize>(
@@ -81,13 +113,13 @@ impl ApiClient {
         path: &str,
         body: &B,
     ) -> anyhow::Result<T> {
-        let req = self.http.post(format!("{}{path}", self.base)).json(body);
-        self.send(req).await
+        self.send(|base| self.http.post(format!("{base}{path}")).json(body))
+            .await
     }
 
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let req = self.http.delete(format!("{}{path}", self.base));
-        self.send(req).await
+        self.send(|base| self.http.delete(format!("{base}{path}")))
+            .await
     }
 
     pub async fn post_bytes<T: DeserializeOwned>(
@@ -105,31 +137,66 @@ impl ApiClient {
         body: Vec<u8>,
         headers: &[(&str, String)],
     ) -> anyhow::Result<T> {
-        let mut req = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .header("content-type", "application/octet-stream")
-            .body(body);
-        for (name, value) in headers {
-            req = req.header(*name, value);
-        }
-        self.send(req).await
+        let body = bytes::Bytes::from(body);
+        self.send(|base| {
+            let mut req = self
+                .http
+                .post(format!("{base}{path}"))
+                .header("content-type", "application/octet-stream")
+                .body(body.clone());
+            for (name, value) in headers {
+                req = req.header(*name, value);
+            }
+            req
+        })
+        .await
     }
 
-    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
-        let req = match &self.token {
-            Some(token) => req.bearer_auth(token),
-            None => req,
-        };
-        let resp = req.send().await.map_err(|e| {
-            let unreachable = format!("cannot reach the control plane at {}", self.base);
-            // The certificate problem alone, without reqwest's and hyper's
-            // layers around it.
-            match rollwave_tls::describe_error(&e) {
-                Some(tls) => anyhow::anyhow!("{unreachable}: {tls}"),
-                None => anyhow::Error::new(e).context(unreachable),
+    /// Sends the request `build` makes for a replica's address. With
+    /// several replicas, one that cannot be reached (the request never
+    /// left) or has no leader to pass it to (503) is passed over for the
+    /// next, round after round with a pause, so that a command rides out
+    /// the election of a new leader; nothing that reached a leader is sent
+    /// twice.
+    async fn send<T: DeserializeOwned>(
+        &self,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> anyhow::Result<T> {
+        let n = self.bases.len();
+        let first = self.current.load(Ordering::Relaxed);
+        let attempts = if n == 1 { 1 } else { n * ROUNDS };
+        let mut attempt = 0;
+        let resp = loop {
+            let at = (first + attempt) % n;
+            let base = &self.bases[at];
+            let req = build(base);
+            let req = match &self.token {
+                Some(token) => req.bearer_auth(token),
+                None => req,
+            };
+            attempt += 1;
+            let retry = attempt < attempts;
+            match req.send().await {
+                Ok(resp) if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE && retry => {}
+                Ok(resp) => {
+                    self.current.store(at, Ordering::Relaxed);
+                    break resp;
+                }
+                Err(e) if e.is_connect() && retry => {}
+                Err(e) => {
+                    let unreachable = format!("cannot reach the control plane at {base}");
+                    // The certificate problem alone, without reqwest's and
+                    // hyper's layers around it.
+                    return Err(match rollwave_tls::describe_error(&e) {
+                        Some(tls) => anyhow::anyhow!("{unreachable}: {tls}"),
+                        None => anyhow::Error::new(e).context(unreachable),
+                    });
+                }
             }
-        })?;
+            if attempt % n == 0 {
+                tokio::time::sleep(jittered(std::time::Duration::from_millis(500))).await;
+            }
+        };
         let status = resp.status();
         let bytes = resp.bytes().await.context("reading the response")?;
         if status.is_success() {
@@ -148,4 +215,12 @@ impl ApiClient {
             Err(anyhow::anyhow!("control plane error ({status}): {message}"))
         }
     }
+}
+
+/// Between `d` and twice `d`: clients that lost the same leader do not
+/// all come back at once.
+fn jittered(d: std::time::Duration) -> std::time::Duration {
+    let mut b = [0u8; 2];
+    let _ = getrandom::fill(&mut b);
+    d + d.mul_f64(f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX))
 }

@@ -75,7 +75,9 @@ pub async fn run(server: &str, tls: &ClientTls, args: SimArgs) -> anyhow::Result
     let first = sim.name(0);
     if let std::collections::btree_map::Entry::Vacant(entry) = credentials.entry(first) {
         let (server, join) = (&sim.config.server, &sim.config.join);
-        let token = rollwave_agent::enroll::enroll(&http, server, join, entry.key()).await?;
+        let token =
+            rollwave_agent::enroll::enroll(&http, std::slice::from_ref(server), join, entry.key())
+                .await?;
         entry.insert(token);
     }
     let known: Vec<Option<String>> = (0..args.agents)
@@ -89,7 +91,13 @@ pub async fn run(server: &str, tls: &ClientTls, args: SimArgs) -> anyhow::Result
                 Some(t) => t,
                 None => {
                     let join = &sim.config.join;
-                    rollwave_agent::enroll::enroll(&http, &sim.config.server, join, &name).await?
+                    rollwave_agent::enroll::enroll(
+                        &http,
+                        std::slice::from_ref(&sim.config.server),
+                        join,
+                        &name,
+                    )
+                    .await?
                 }
             };
             sim.enrolled.fetch_add(1, Ordering::Relaxed);
