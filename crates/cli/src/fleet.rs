@@ -50,6 +50,8 @@ pub struct FleetSpec {
     pub command: Option<Vec<String>>,
     /// More arguments for `rollwave server`, e.g. `--max-downloads 1`.
     pub server_args: Vec<String>,
+    /// Other control plane replicas agents are told of, after the fleet's.
+    pub extra_servers: Vec<String>,
 }
 
 impl FleetSpec {
@@ -66,6 +68,7 @@ impl FleetSpec {
             trusted_key_files: Vec::new(),
             command: None,
             server_args: Vec::new(),
+            extra_servers: Vec::new(),
         }
     }
 }
@@ -165,7 +168,16 @@ impl Fleet {
         let token_file = dir
             .join("server-data")
             .join(rollwave_server::ADMIN_TOKEN_FILE);
-        let admin_token = std::fs::read_to_string(&token_file)
+        // On a shared store, written once this replica is elected leader.
+        let mut read = std::fs::read_to_string(&token_file);
+        for _ in 0..300 {
+            if read.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            read = std::fs::read_to_string(&token_file);
+        }
+        let admin_token = read
             .with_context(|| format!("reading {}", token_file.display()))?
             .trim()
             .to_string();
@@ -582,9 +594,18 @@ fn agent_toml(
         .iter()
         .map(|p| format!("{:?}", p.display().to_string()))
         .collect();
+    let server = if spec.extra_servers.is_empty() {
+        format!("{server:?}")
+    } else {
+        let all: Vec<String> = std::iter::once(server.to_string())
+            .chain(spec.extra_servers.iter().cloned())
+            .map(|s| format!("{s:?}"))
+            .collect();
+        format!("[{}]", all.join(", "))
+    };
     format!(
         r#"node = "{name}"
-server = "{server}"
+server = {server}
 {ca_file}state_dir = {state_dir:?}
 trusted_key_files = [{trusted}]
 

@@ -508,8 +508,17 @@ async fn push_release(
         manifest,
         signatures: signature.iter().map(signature_record).collect(),
     };
-    // The blob is durable before the release that names it.
+    // The blob is durable, here and on every replica, before the release
+    // that names it.
     shared.blobs.commit(&upload).await?;
+    if let Some(copies) = &shared.copies {
+        copies.spread(&upload.sha256).await.map_err(|e| {
+            ApiError::new(
+                rollwave_api::ErrorCode::Unavailable,
+                format!("release {service}@{version} not stored: the artifact could not be copied to every replica ({e}); push it again"),
+            )
+        })?;
+    }
     let put = shared.store.put_release(&release).await?;
     if let PutRelease::Created(release) = put {
         tracing::info!(service = %service, version = %version, sha256 = %release.sha256, size = release.size, signed_by = %release.signers(), "release pushed");

@@ -65,7 +65,9 @@ pub struct BadConfig(pub String);
 /// State shared by the HTTP handlers, the sessions and the reconciler.
 pub(crate) struct Shared {
     pub store: Arc<dyn Store>,
-    pub blobs: blobs::Blobs,
+    pub blobs: Arc<blobs::Blobs>,
+    /// Among replicas: copies artifacts to the others.
+    pub copies: Option<Arc<replicas::Copies>>,
     /// The cap on concurrent artifact streams.
     pub downloads: downloads::Downloads,
     /// The fleet as observed through agent sessions (and, for offline nodes,
@@ -140,7 +142,7 @@ pub async fn run(
     let store: Arc<dyn Store> = rollwave_store::open(&store_config)
         .await
         .map_err(|e| BadConfig(format!("--store: {e}")))?;
-    let blobs = blobs::Blobs::open(config.data_dir.join("blobs"))?;
+    let blobs = Arc::new(blobs::Blobs::open(config.data_dir.join("blobs"))?);
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -154,16 +156,28 @@ pub async fn run(
     // or the graceful shutdown would wait for every open dashboard.
     let streams: Arc<OnceLock<Arc<events::Events>>> = Arc::default();
     let app = if store.election().is_some() {
-        let replica = replicas::Replica::new(config.replica_ca_file.as_deref())?;
+        let secret = store.election().map(|e| e.secret().to_string());
+        let replica = replicas::Replica::new(
+            config.replica_ca_file.as_deref(),
+            blobs.clone(),
+            secret.unwrap_or_default(),
+        )?;
         replica.watch_leader(store.clone());
         let address = config
             .advertise_url
             .clone()
             .unwrap_or_else(|| format!("{scheme}://{addr}"));
+        replicas::register(store.clone(), address.clone());
+        let copies = replicas::Copies::new(store.clone(), address.clone(), &replica, blobs.clone());
         let (lead_config, lead_store, lead_streams) =
             (config.clone(), store.clone(), streams.clone());
         replicas::campaign(replica.clone(), store, address, move |term| async move {
-            let (app, events) = lead(&lead_config, lead_store, blobs).await?;
+            if let Some(copies) = copies.clone() {
+                // In the background: agents retry a download that finds
+                // nothing yet.
+                tokio::spawn(async move { copies.fill().await });
+            }
+            let (app, events) = lead(&lead_config, lead_store, blobs, copies).await?;
             tracing::info!(term, "leading");
             let _ = lead_streams.set(events);
             Ok(app)
@@ -172,7 +186,7 @@ pub async fn run(
             .fallback(replicas::dispatch)
             .with_state(replica)
     } else {
-        let (app, events) = lead(&config, store, blobs).await?;
+        let (app, events) = lead(&config, store, blobs, None).await?;
         let _ = streams.set(events);
         app
     };
@@ -190,7 +204,8 @@ pub async fn run(
 async fn lead(
     config: &ServerConfig,
     store: Arc<dyn Store>,
-    blobs: blobs::Blobs,
+    blobs: Arc<blobs::Blobs>,
+    copies: Option<Arc<replicas::Copies>>,
 ) -> anyhow::Result<(axum::Router, Arc<events::Events>)> {
     let mut fleet = Fleet::new();
     for node in store.list_nodes().await.context("loading nodes")? {
@@ -222,6 +237,7 @@ async fn lead(
         events: Arc::new(events::Events::new(events::CAPACITY)),
         tokens,
         node_writes: Arc::default(),
+        copies,
     });
     shared.node_writes.clone().spawn(shared.store.clone());
     reconciler::spawn(shared.clone(), events)

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::HeaderName;
+use axum::http::{HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use futures_util::TryStreamExt;
@@ -27,6 +27,10 @@ use crate::error::ApiError;
 
 /// What a replica knows of the election.
 pub(crate) struct Replica {
+    /// Release artifacts, which replicas copy to each other.
+    pub blobs: Arc<crate::blobs::Blobs>,
+    /// The secret replicas show each other, from the store.
+    secret: String,
     /// The leader's address, as it announced itself.
     leader_url: RwLock<Option<String>>,
     /// This replica's app, once it leads.
@@ -35,7 +39,11 @@ pub(crate) struct Replica {
 }
 
 impl Replica {
-    pub fn new(ca_file: Option<&std::path::Path>) -> anyhow::Result<Arc<Replica>> {
+    pub fn new(
+        ca_file: Option<&std::path::Path>,
+        blobs: Arc<crate::blobs::Blobs>,
+        secret: String,
+    ) -> anyhow::Result<Arc<Replica>> {
         let mut client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             // Requests to the leader are the caller's: no redirect is
@@ -51,6 +59,8 @@ impl Replica {
             }
         }
         Ok(Arc::new(Replica {
+            blobs,
+            secret,
             leader_url: RwLock::new(None),
             leading: OnceLock::new(),
             client: client.build()?,
@@ -95,9 +105,32 @@ impl Replica {
     }
 }
 
+/// Lists this replica in the store for as long as it lives, so that the
+/// leader copies artifacts to it; listed again if the listing lapses.
+pub(crate) fn register(store: Arc<dyn rollwave_store::Store>, address: String) {
+    tokio::spawn(async move {
+        let Some(election) = store.election() else {
+            return;
+        };
+        loop {
+            match election.register(&address).await {
+                Ok(lost) => {
+                    let why = lost.await.unwrap_or_default();
+                    tracing::warn!(reason = %why, "this replica's listing lapsed: listing it again");
+                }
+                Err(e) => tracing::warn!(error = %e, "listing this replica"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+}
+
 /// Every request of a replica: the leader's app once it leads, the
 /// follower's answers until then.
 pub(crate) async fn dispatch(State(replica): State<Arc<Replica>>, req: Request) -> Response {
+    if req.uri().path().starts_with(BLOBS_PATH) {
+        return replica_blobs(&replica.blobs, &replica.secret, req).await;
+    }
     if let Some(app) = replica.leading.get() {
         use tower::ServiceExt;
         return match app.clone().oneshot(req).await {
@@ -236,4 +269,180 @@ pub(crate) fn campaign<F, Fut>(
         tracing::error!(reason = %why, "lost leadership: exiting");
         std::process::exit(1);
     });
+}
+
+/// The header carrying the replicas' shared secret on the requests they
+/// make of each other.
+const SECRET_HEADER: &str = "rollwave-replica-secret";
+/// Where replicas put and get each other's release artifacts, by sha256.
+const BLOBS_PATH: &str = "/v1/replica/blobs/";
+
+/// Release artifacts on every replica. A push is answered only once every
+/// replica listed in etcd holds the artifact (copied before the release is
+/// stored), so that losing the replica that took it loses nothing; a
+/// replica that was down then fetches what it lacks by hash when it is
+/// elected. Artifacts never go into etcd.
+pub(crate) struct Copies {
+    store: Arc<dyn rollwave_store::Store>,
+    /// This replica's own address, to skip in the list.
+    own: String,
+    secret: String,
+    client: reqwest::Client,
+    blobs: Arc<crate::blobs::Blobs>,
+}
+
+impl Copies {
+    pub fn new(
+        store: Arc<dyn rollwave_store::Store>,
+        own: String,
+        replica: &Replica,
+        blobs: Arc<crate::blobs::Blobs>,
+    ) -> Option<Arc<Copies>> {
+        let secret = store.election()?.secret().to_string();
+        Some(Arc::new(Copies {
+            store,
+            own,
+            secret,
+            client: replica.client.clone(),
+            blobs,
+        }))
+    }
+
+    async fn others(&self) -> Result<Vec<String>, String> {
+        let election = self.store.election().ok_or("no election")?;
+        let mut all = election.replicas().await.map_err(|e| e.to_string())?;
+        all.retain(|r| *r != self.own);
+        all.sort();
+        all.dedup();
+        Ok(all)
+    }
+
+    /// Copies the artifact `sha256` to every other replica listed now.
+    pub async fn spread(&self, sha256: &str) -> Result<(), String> {
+        let path = self.blobs.path(sha256);
+        for replica in self.others().await? {
+            let file = tokio::fs::File::open(&path)
+                .await
+                .map_err(|e| format!("opening {}: {e}", path.display()))?;
+            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+            let resp = self
+                .client
+                .put(format!("{replica}{BLOBS_PATH}{sha256}"))
+                .header(SECRET_HEADER, &self.secret)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| format!("copying to {replica}: {e}"))?;
+            if !resp.status().is_success() {
+                return Err(format!("copying to {replica}: {}", resp.status()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fetches every stored release's artifact this replica lacks from a
+    /// replica that has it, verifying its sha256.
+    pub async fn fill(&self) {
+        let releases = match self.store.list_releases().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing releases to fetch missing artifacts");
+                return;
+            }
+        };
+        for release in releases {
+            if tokio::fs::try_exists(self.blobs.path(&release.sha256))
+                .await
+                .unwrap_or(false)
+            {
+                continue;
+            }
+            match self.fetch(&release.sha256).await {
+                Ok(from) => {
+                    tracing::info!(service = %release.service, version = %release.version, %from, "fetched a missing artifact from a replica")
+                }
+                Err(e) => {
+                    tracing::warn!(service = %release.service, version = %release.version, error = %e, "artifact missing here and on every replica reached")
+                }
+            }
+        }
+    }
+
+    async fn fetch(&self, sha256: &str) -> Result<String, String> {
+        let mut last = "no other replica is listed".to_string();
+        for replica in self.others().await? {
+            let got = async {
+                let resp = self
+                    .client
+                    .get(format!("{replica}{BLOBS_PATH}{sha256}"))
+                    .header(SECRET_HEADER, &self.secret)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !resp.status().is_success() {
+                    return Err(resp.status().to_string());
+                }
+                let stream = resp.bytes_stream().map_err(std::io::Error::other);
+                store_blob(&self.blobs, sha256, stream).await
+            }
+            .await;
+            match got {
+                Ok(()) => return Ok(replica),
+                Err(e) => last = format!("{replica}: {e}"),
+            }
+        }
+        Err(last)
+    }
+}
+
+/// Receives an artifact into `blobs` under `sha256`, only if it hashes to
+/// it.
+async fn store_blob<S, E>(blobs: &crate::blobs::Blobs, sha256: &str, body: S) -> Result<(), String>
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let upload = blobs.receive(body).await.map_err(|e| e.to_string())?;
+    if upload.sha256 != sha256 {
+        let _ = crate::blobs::discard(&upload.tmp).await;
+        return Err(format!("content hashes to {}, not {sha256}", upload.sha256));
+    }
+    blobs.commit(&upload).await.map_err(|e| e.to_string())
+}
+
+/// `PUT` and `GET /v1/replica/blobs/<sha256>`, answered by any replica to
+/// another that shows the secret.
+async fn replica_blobs(blobs: &crate::blobs::Blobs, secret: &str, req: Request) -> Response {
+    let shown = req
+        .headers()
+        .get(SECRET_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    // Compared in time independent of where they differ.
+    let same = shown.len() == secret.len()
+        && shown
+            .bytes()
+            .zip(secret.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if !same {
+        return ApiError::new(ErrorCode::Forbidden, "only replicas copy artifacts").into_response();
+    }
+    let sha256 = req.uri().path()[BLOBS_PATH.len()..].to_string();
+    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return ApiError::bad_request("not a sha256").into_response();
+    }
+    match *req.method() {
+        axum::http::Method::PUT => {
+            match store_blob(blobs, &sha256, req.into_body().into_data_stream()).await {
+                Ok(()) => StatusCode::NO_CONTENT.into_response(),
+                Err(e) => ApiError::bad_request(e).into_response(),
+            }
+        }
+        axum::http::Method::GET => match tokio::fs::File::open(blobs.path(&sha256)).await {
+            Ok(file) => Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response(),
+            Err(_) => ApiError::not_found(format!("no artifact {sha256} here")).into_response(),
+        },
+        _ => ApiError::bad_request("PUT or GET").into_response(),
+    }
 }

@@ -132,6 +132,14 @@ pub trait Election: Send + Sync {
     async fn campaign(&self, address: &str) -> Result<Lead>;
     /// The current leader's address, if one is elected.
     async fn leader(&self) -> Result<Option<String>>;
+    /// Lists this replica at `address` while it lives (a lease); the
+    /// channel says why once the listing lapsed.
+    async fn register(&self, address: &str) -> Result<tokio::sync::oneshot::Receiver<String>>;
+    /// The addresses of the replicas listed now, this one included.
+    async fn replicas(&self) -> Result<Vec<String>>;
+    /// A secret every replica reads from the store, for the requests only
+    /// replicas make of each other.
+    fn secret(&self) -> &str;
 }
 
 #[async_trait]

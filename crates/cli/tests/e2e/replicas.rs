@@ -200,3 +200,127 @@ async fn a_follower_serves_through_the_leader_and_takes_over_when_it_dies() {
     let log = std::fs::read_to_string(follower.dir.join("server.log")).unwrap();
     assert!(log.contains("lost leadership: exiting"), "{log}");
 }
+
+/// A replica at a port chosen beforehand, so that agents can be told of it
+/// before it starts.
+async fn replica_at(etcd: &TestEtcd, dir: &Path, name: &str, port: u16, prefix: &str) -> Replica {
+    let dir = dir.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("server.out");
+    let child = Command::new(exe())
+        .args(["server", "--insecure-plain-http"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--store", &etcd.endpoint.replace("http://", "etcd://")])
+        .args(["--store-prefix", prefix])
+        .env("ROLLWAVE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(dir.join("server.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    wait_until(&format!("{name} listening"), || async {
+        health(&url).await.map(|_| ())
+    })
+    .await;
+    Replica {
+        child: Some(child),
+        url,
+        dir,
+    }
+}
+
+/// The leader is killed mid-rollout: the other replica is elected, the
+/// agents move to it, it has the release's artifact (copied at the push),
+/// and the rollout completes with no node switched twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollout_completes_across_the_death_of_its_leader() {
+    use rollwave::fleet::{free_port, Fleet, FleetSpec};
+    use rollwave_core::{NodeState, RolloutState};
+
+    let etcd = TestEtcd::start().await;
+    let store = etcd.endpoint.replace("http://", "etcd://");
+    let b_port = free_port().unwrap();
+    let b_url = format!("http://127.0.0.1:{b_port}");
+    let mut fleet = Fleet::launch(FleetSpec {
+        server_args: vec![
+            "--store".into(),
+            store,
+            "--store-prefix".into(),
+            "/roll/".into(),
+        ],
+        extra_servers: vec![b_url.clone()],
+        ..FleetSpec::new(exe().into(), 3)
+    })
+    .await
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let b = replica_at(&etcd, tmp.path(), "b", b_port, "/roll/").await;
+    wait_until("b to follow the fleet's control plane", || async {
+        health(&b.url)
+            .await
+            .filter(|h| !h.leader && h.leader_url.as_deref() == Some(&fleet.url()))
+    })
+    .await;
+    // Once b is listed, a push copies the artifact to it before answering.
+    let view = etcd.store("/roll/").await;
+    wait_until("b listed as a replica", || async {
+        let listed = rollwave_store::Store::election(&view)?
+            .replicas()
+            .await
+            .ok()?;
+        listed.contains(&b_url).then_some(())
+    })
+    .await;
+    crate::harness::push(&fleet, "1.0.0", true).await;
+    crate::harness::push(&fleet, "2.0.0", true).await;
+    let copied = std::fs::read_dir(b.dir.join("data").join("blobs"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_type().unwrap().is_file())
+        .count();
+    assert_eq!(
+        copied, 2,
+        "both artifacts are on b before the pushes answered"
+    );
+    let api = rollwave::client::ApiClient::new(
+        &format!("{},{}", fleet.url(), b_url),
+        &fleet.client_tls(),
+    )
+    .unwrap()
+    .with_token(Some(fleet.admin_token.clone()));
+    let install = crate::harness::start(&fleet, "1.0.0", |s| {
+        s.batch = Some("100%".into());
+        s.min_healthy_time = Some("0s".into());
+    })
+    .await
+    .unwrap();
+    crate::harness::wait_done(&fleet, install.id).await;
+    let r = crate::harness::start(&fleet, "2.0.0", |s| s.min_healthy_time = Some("1s".into()))
+        .await
+        .unwrap();
+    crate::harness::wait_rollout(&fleet, r.id, "the first node upgraded", |r| {
+        r.count(NodeState::Upgraded) == 1
+    })
+    .await;
+    fleet.kill_server();
+
+    let done = wait_until("the rollout to complete under the new leader", || {
+        let api = api.clone();
+        async move {
+            let r = crate::harness::get(&api, r.id).await.ok()?;
+            r.state.is_terminal().then_some(r)
+        }
+    })
+    .await;
+    assert_eq!(done.state, RolloutState::Completed, "{done:#?}");
+    assert!(done.fully_upgraded());
+    assert!(health(&b.url).await.unwrap().leader);
+    for node in &fleet.nodes {
+        let to_new = crate::harness::switches_to(&node.state_dir, "2.0.0");
+        assert_eq!(to_new, 1, "{} switched to 2.0.0 {to_new} times", node.name);
+    }
+    let log = std::fs::read_to_string(b.dir.join("server.log")).unwrap();
+    assert!(log.contains("elected leader"), "{log}");
+}

@@ -92,6 +92,35 @@ impl Election for EtcdStore {
         }
     }
 
+    async fn register(&self, address: &str) -> Result<oneshot::Receiver<String>> {
+        let (lease, lost) = self.keep_lease().await?;
+        let key = self.key(&format!("replicas/{lease:x}"));
+        self.client
+            .kv_client()
+            .put(
+                key,
+                address,
+                Some(etcd_client::PutOptions::new().with_lease(lease)),
+            )
+            .await
+            .map_err(|e| self.backend("registering this replica", e))?;
+        Ok(lost)
+    }
+
+    async fn replicas(&self) -> Result<Vec<String>> {
+        let (kvs, _) = self
+            .range(&self.key("replicas/"), None, "listing replicas")
+            .await?;
+        Ok(kvs
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.value()).to_string())
+            .collect())
+    }
+
+    fn secret(&self) -> &str {
+        &self.secret
+    }
+
     async fn leader(&self) -> Result<Option<String>> {
         match self
             .client

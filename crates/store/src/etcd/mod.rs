@@ -5,7 +5,9 @@
 //! Keys, below the prefix:
 //!
 //! ```text
-//! meta                          engine schema version and cluster id
+//! meta                          engine schema version, cluster id, replicas' secret
+//! leader/<lease>                the election (etcd's election service)
+//! replicas/<lease>              each live replica's address
 //! nodes/<name>                  node views
 //! releases/<service>/<version>  release records (never the artifacts)
 //! active/<service>              each service's active version
@@ -94,6 +96,11 @@ struct Meta {
     /// replica logs it, so that two clusters sharing an etcd by mistake
     /// read apart.
     cluster: String,
+    /// What replicas show each other on the requests only they make
+    /// (copying release artifacts): whoever reads etcd holds the cluster
+    /// anyway.
+    #[serde(default)]
+    secret: String,
 }
 
 pub struct EtcdStore {
@@ -105,6 +112,7 @@ pub struct EtcdStore {
     /// For messages: which etcd this is.
     endpoints: String,
     cluster: String,
+    secret: String,
 }
 
 impl EtcdStore {
@@ -180,8 +188,11 @@ impl EtcdStore {
             prefix,
             endpoints,
             cluster: String::new(),
+            secret: String::new(),
         };
-        store.cluster = store.check_meta().await?;
+        let meta = store.check_meta().await?;
+        store.cluster = meta.cluster;
+        store.secret = meta.secret;
         Ok(store)
     }
 
@@ -192,11 +203,12 @@ impl EtcdStore {
 
     /// Reads the schema record, or writes it on a prefix never used; refuses
     /// a newer schema.
-    async fn check_meta(&self) -> Result<String> {
+    async fn check_meta(&self) -> Result<Meta> {
         let key = self.key("meta");
         let fresh = Meta {
             schema: SCHEMA_VERSION,
             cluster: random_id()?,
+            secret: format!("{}{}", random_id()?, random_id()?),
         };
         let resp = self
             .txn(
@@ -207,7 +219,7 @@ impl EtcdStore {
             )
             .await?;
         if resp.succeeded() {
-            return Ok(fresh.cluster);
+            return Ok(fresh);
         }
         let Some(kv) = first_kv(&resp) else {
             return Err(self.backend("reading the schema version", "meta record vanished"));
@@ -219,7 +231,7 @@ impl EtcdStore {
                 self.endpoints, self.prefix, meta.schema
             )));
         }
-        Ok(meta.cluster)
+        Ok(meta)
     }
 
     fn key(&self, rest: &str) -> Vec<u8> {
