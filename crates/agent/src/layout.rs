@@ -254,6 +254,24 @@ pub fn remove_path(path: &Path) -> io::Result<()> {
     }
 }
 
+/// The newest leader term this agent has had a session with, kept in the
+/// state dir so that it survives a restart; 0 if none.
+pub fn read_term(state_dir: &Path) -> u64 {
+    std::fs::read_to_string(state_dir.join("term"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Records a newer leader term (fsynced, replaced atomically).
+pub fn write_term(state_dir: &Path, term: u64) -> std::io::Result<()> {
+    rollwave_tls::write_atomic(
+        &state_dir.join("term"),
+        format!("{term}\n").as_bytes(),
+        0o644,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -200,8 +200,19 @@ async fn session(
                             tracing::info!(task = %task.id, service = %task.service, "task received");
                             executor.submit(task);
                         }
-                        Ok(ServerMessage::Welcome { active_versions, .. })
-                        | Ok(ServerMessage::ActiveVersions { active_versions }) => {
+                        Ok(ServerMessage::Welcome { active_versions, term, .. }) => {
+                            // Before any task of this session: a leader of an
+                            // older term (deposed, and woken) steers nothing.
+                            let seen = crate::layout::read_term(&config.state_dir);
+                            if term < seen {
+                                anyhow::bail!("{server} leads in term {term}, older than term {seen} seen before: a deposed leader; ignoring its session");
+                            }
+                            if term > seen {
+                                crate::layout::write_term(&config.state_dir, term)?;
+                            }
+                            crate::gate::apply(services, &active_versions);
+                        }
+                        Ok(ServerMessage::ActiveVersions { active_versions }) => {
                             crate::gate::apply(services, &active_versions);
                         }
                         Ok(ServerMessage::Refused { reason }) => return Ok(Ended::Refused(reason)),

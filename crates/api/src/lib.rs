@@ -63,6 +63,12 @@ pub enum ServerMessage {
         /// Every service's active version (the version gate), by service.
         #[serde(default)]
         active_versions: BTreeMap<String, String>,
+        /// The leader's term, which grows with each election (0: one
+        /// control plane on its own store). An agent takes no task over a
+        /// session of a term older than one it has seen: a deposed leader
+        /// that wakes cannot steer it.
+        #[serde(default)]
+        term: u64,
     },
     /// The active versions changed (a finalize): the whole map, so that
     /// applying it twice is harmless.

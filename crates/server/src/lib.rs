@@ -68,6 +68,9 @@ pub(crate) struct Shared {
     pub blobs: Arc<blobs::Blobs>,
     /// Among replicas: copies artifacts to the others.
     pub copies: Option<Arc<replicas::Copies>>,
+    /// The term this control plane leads in (0 on its own store), told to
+    /// agents.
+    pub term: u64,
     /// The cap on concurrent artifact streams.
     pub downloads: downloads::Downloads,
     /// The fleet as observed through agent sessions (and, for offline nodes,
@@ -177,7 +180,7 @@ pub async fn run(
                 // nothing yet.
                 tokio::spawn(async move { copies.fill().await });
             }
-            let (app, events) = lead(&lead_config, lead_store, blobs, copies).await?;
+            let (app, events) = lead(&lead_config, lead_store, blobs, copies, term).await?;
             tracing::info!(term, "leading");
             let _ = lead_streams.set(events);
             Ok(app)
@@ -186,7 +189,7 @@ pub async fn run(
             .fallback(replicas::dispatch)
             .with_state(replica)
     } else {
-        let (app, events) = lead(&config, store, blobs, None).await?;
+        let (app, events) = lead(&config, store, blobs, None, 0).await?;
         let _ = streams.set(events);
         app
     };
@@ -206,6 +209,7 @@ async fn lead(
     store: Arc<dyn Store>,
     blobs: Arc<blobs::Blobs>,
     copies: Option<Arc<replicas::Copies>>,
+    term: u64,
 ) -> anyhow::Result<(axum::Router, Arc<events::Events>)> {
     let mut fleet = Fleet::new();
     for node in store.list_nodes().await.context("loading nodes")? {
@@ -238,6 +242,7 @@ async fn lead(
         tokens,
         node_writes: Arc::default(),
         copies,
+        term,
     });
     shared.node_writes.clone().spawn(shared.store.clone());
     reconciler::spawn(shared.clone(), events)

@@ -195,6 +195,7 @@ async fn serve(shared: Arc<Shared>, caller: Caller, socket: WebSocket) -> anyhow
     let welcome = serde_json::to_string(&ServerMessage::Welcome {
         node: node.clone(),
         active_versions,
+        term: shared.term,
     })?;
     sink.send(Message::Text(welcome.into())).await?;
     shared.reconciler.send(Event::AgentConnected(node.clone()));

@@ -304,6 +304,12 @@ async fn a_rollout_completes_across_the_death_of_its_leader() {
         r.count(NodeState::Upgraded) == 1
     })
     .await;
+    let term = |node: &rollwave::fleet::Node| -> u64 {
+        std::fs::read_to_string(node.state_dir.join("term"))
+            .map_or(0, |t| t.trim().parse().unwrap())
+    };
+    let first_term = term(&fleet.nodes[0]);
+    assert!(first_term > 0, "agents learn the leader's term");
     fleet.kill_server();
 
     let done = wait_until("the rollout to complete under the new leader", || {
@@ -323,4 +329,11 @@ async fn a_rollout_completes_across_the_death_of_its_leader() {
     }
     let log = std::fs::read_to_string(b.dir.join("server.log")).unwrap();
     assert!(log.contains("elected leader"), "{log}");
+    for node in &fleet.nodes {
+        assert!(
+            term(node) > first_term,
+            "{}: the new leader's term is newer",
+            node.name
+        );
+    }
 }
