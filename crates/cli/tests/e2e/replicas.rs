@@ -212,7 +212,7 @@ async fn replica_at(etcd: &TestEtcd, dir: &Path, name: &str, port: u16, prefix: 
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .arg("--data-dir")
         .arg(dir.join("data"))
-        .args(["--store", &etcd.endpoint.replace("http://", "etcd://")])
+        .args(["--store", &etcd.store_url()])
         .args(["--store-prefix", prefix])
         .env("ROLLWAVE_LOG", "info")
         .stdin(Stdio::null())
@@ -335,5 +335,110 @@ async fn a_rollout_completes_across_the_death_of_its_leader() {
             "{}: the new leader's term is newer",
             node.name
         );
+    }
+}
+
+/// etcd loses its quorum mid-rollout: nothing moves, the leader gives up
+/// its role, the other replica answers 503; with the quorum back, the other
+/// replica is elected and the rollout completes, no node switched twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollout_waits_out_a_lost_etcd_quorum() {
+    use rollwave::fleet::{free_port, Fleet, FleetSpec};
+    use rollwave_core::{NodeState, RolloutState};
+
+    let etcd = TestEtcd::cluster(3).await;
+    let b_port = free_port().unwrap();
+    let b_url = format!("http://127.0.0.1:{b_port}");
+    let fleet = Fleet::launch(FleetSpec {
+        server_args: vec![
+            "--store".into(),
+            etcd.store_url(),
+            "--store-prefix".into(),
+            "/quorum/".into(),
+        ],
+        extra_servers: vec![b_url.clone()],
+        ..FleetSpec::new(exe().into(), 3)
+    })
+    .await
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let b = replica_at(&etcd, tmp.path(), "b", b_port, "/quorum/").await;
+    let view = etcd.store("/quorum/").await;
+    wait_until("b listed as a replica", || async {
+        let listed = rollwave_store::Store::election(&view)?
+            .replicas()
+            .await
+            .ok()?;
+        listed.contains(&b_url).then_some(())
+    })
+    .await;
+    crate::harness::push(&fleet, "1.0.0", true).await;
+    crate::harness::push(&fleet, "2.0.0", true).await;
+    let install = crate::harness::start(&fleet, "1.0.0", |s| {
+        s.batch = Some("100%".into());
+        s.min_healthy_time = Some("0s".into());
+    })
+    .await
+    .unwrap();
+    crate::harness::wait_done(&fleet, install.id).await;
+    let r = crate::harness::start(&fleet, "2.0.0", |s| {
+        s.min_healthy_time = Some("1s".into());
+        s.progress_deadline = Some("10m".into());
+    })
+    .await
+    .unwrap();
+    crate::harness::wait_rollout(&fleet, r.id, "the first node upgraded", |r| {
+        r.count(NodeState::Upgraded) == 1
+    })
+    .await;
+
+    // Two of three members paused: no quorum.
+    let pids = etcd.pids();
+    for pid in &pids[1..] {
+        kill(Pid::from_raw(*pid as i32), Signal::SIGSTOP).unwrap();
+    }
+    let a_log = fleet.dir.join("server.log");
+    wait_until("the leader to give up its role", || async {
+        let log = std::fs::read_to_string(&a_log).unwrap_or_default();
+        log.contains("lost leadership: exiting").then_some(())
+    })
+    .await;
+    let switched = || -> usize {
+        fleet
+            .nodes
+            .iter()
+            .map(|n| crate::harness::switches_to(&n.state_dir, "2.0.0"))
+            .sum()
+    };
+    let before = switched();
+    let b_log = b.dir.join("server.log");
+    wait_until("b to fail a campaign without quorum", || async {
+        let log = std::fs::read_to_string(&b_log).unwrap_or_default();
+        log.contains("campaigning to lead; trying again")
+            .then_some(())
+    })
+    .await;
+    let resp = reqwest::get(format!("{b_url}/v1/rollouts")).await.unwrap();
+    assert_eq!(resp.status(), 503, "no leader, no answer but 503");
+    assert_eq!(switched(), before, "nothing is dispatched without a quorum");
+
+    for pid in &pids[1..] {
+        kill(Pid::from_raw(*pid as i32), Signal::SIGCONT).unwrap();
+    }
+    let api = rollwave::client::ApiClient::new(&b_url, &fleet.client_tls())
+        .unwrap()
+        .with_token(Some(fleet.admin_token.clone()));
+    let done = wait_until("the rollout to complete once the quorum is back", || {
+        let api = api.clone();
+        async move {
+            let r = crate::harness::get(&api, r.id).await.ok()?;
+            r.state.is_terminal().then_some(r)
+        }
+    })
+    .await;
+    assert_eq!(done.state, RolloutState::Completed, "{done:#?}");
+    for node in &fleet.nodes {
+        let to_new = crate::harness::switches_to(&node.state_dir, "2.0.0");
+        assert_eq!(to_new, 1, "{} switched to 2.0.0 {to_new} times", node.name);
     }
 }
