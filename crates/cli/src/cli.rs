@@ -81,6 +81,9 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the control plane.
     Server(Box<ServerArgs>),
+    /// The control plane's store, offline: copy it to another engine.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Certificates for the control plane.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -229,6 +232,33 @@ pub struct ServerArgs {
     pub max_downloads: usize,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy every record (nodes, tokens, releases, active versions,
+    /// rollouts, audit trail) from one store to another, e.g. from SQLite
+    /// to etcd: `rollwave store copy --from sqlite:./rollwave-data/rollwave.db
+    /// --to etcd://etcd1:2379`. Stop the source's control plane first.
+    /// Artifacts stay in the data dir: copy its blobs/ to each replica's.
+    Copy(Box<CopyArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CopyArgs {
+    /// The store to read: sqlite:PATH or etcd://HOST:PORT[,...].
+    #[arg(long, value_name = "URL")]
+    pub from: rollwave_store::StoreUrl,
+    /// The store to write, empty unless --force.
+    #[arg(long, value_name = "URL")]
+    pub to: rollwave_store::StoreUrl,
+    /// Copy into a store that holds records already, keeping those it
+    /// has (a copy run again changes nothing).
+    #[arg(long)]
+    pub force: bool,
+    /// How to reach etcd, on either side.
+    #[command(flatten)]
+    pub etcd: StoreArgs,
+}
+
 /// Where the control plane keeps its state.
 #[derive(Debug, clap::Args)]
 pub struct StoreArgs {
@@ -269,16 +299,21 @@ pub struct StoreArgs {
 impl StoreArgs {
     /// The store to open; `None`: the default SQLite file in the data dir.
     pub fn config(self) -> Option<rollwave_store::StoreConfig> {
-        let url = self.url?;
-        Some(rollwave_store::StoreConfig {
+        let url = self.url.clone()?;
+        Some(self.config_for(url))
+    }
+
+    /// `url`, reached with these options.
+    pub fn config_for(&self, url: rollwave_store::StoreUrl) -> rollwave_store::StoreConfig {
+        rollwave_store::StoreConfig {
             url,
-            ca_file: self.ca_file,
-            cert_file: self.cert_file,
-            key_file: self.key_file,
-            user: self.user,
-            password: self.password,
-            prefix: self.prefix,
-        })
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            user: self.user.clone(),
+            password: self.password.clone(),
+            prefix: self.prefix.clone(),
+        }
     }
 }
 

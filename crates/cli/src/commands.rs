@@ -18,7 +18,8 @@ use rollwave_core::{
 use sha2::{Digest, Sha256};
 
 use crate::cli::{
-    CertsCommand, Cli, Command, KeysCommand, ReleaseCommand, RolloutCommand, ServerArgs, StartArgs,
+    CertsCommand, Cli, Command, CopyArgs, KeysCommand, ReleaseCommand, RolloutCommand, ServerArgs,
+    StartArgs, StoreCommand,
 };
 use crate::client::{user_error, ApiClient, UserError};
 use crate::{keys, render};
@@ -61,6 +62,46 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_downloads,
             };
             rollwave_server::run(config, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Store(StoreCommand::Copy(args)) => {
+            let CopyArgs {
+                from,
+                to,
+                force,
+                etcd,
+            } = *args;
+            if from == to {
+                return Err(user_error("--to: the same store as --from"));
+            }
+            let open = |url: rollwave_store::StoreUrl, flag: &'static str| {
+                let config = etcd.config_for(url);
+                async move {
+                    rollwave_store::open(&config)
+                        .await
+                        .map_err(|e| user_error(format!("{flag}: {e}")))
+                }
+            };
+            let source = open(from, "--from").await?;
+            let target = open(to, "--to").await?;
+            let done = rollwave_store::copy::copy(source.as_ref(), target.as_ref(), force)
+                .await
+                .map_err(|e| match e {
+                    rollwave_store::copy::CopyError::Store(e) => anyhow::Error::new(e),
+                    e => user_error(format!("--to: {e}")),
+                })?;
+            println!(
+                "copied {} nodes, {} tokens, {} releases ({} there already), {} active versions, {} rollouts ({} there already), {} audit entries ({} there already)",
+                done.nodes,
+                done.tokens,
+                done.releases.0,
+                done.releases.1,
+                done.active_versions,
+                done.rollouts.0,
+                done.rollouts.1,
+                done.audit.0,
+                done.audit.1
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Certs(CertsCommand::Init { dir, hosts, force }) => {

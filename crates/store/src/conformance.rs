@@ -725,3 +725,120 @@ async fn summaries(store: &dyn Store) {
         vec![]
     );
 }
+
+/// `store copy` between two engines: `from` and `to` must be empty. The
+/// copy brings every kind of record, refuses a non-empty target unless
+/// forced, and a forced copy again changes nothing.
+pub async fn copy_suite(from: &dyn Store, to: &dyn Store) {
+    use crate::copy::{copy, CopyError};
+    from.upsert_nodes(&[
+        node("a", &[("zone", "z1")], Some("1.0.0")),
+        node("b", &[], None),
+    ])
+    .await
+    .unwrap();
+    from.put_release(&release("api", "1.0.0", "aaaa", 10))
+        .await
+        .unwrap();
+    from.put_release(&release("api", "2.0.0", "bbbb", 20))
+        .await
+        .unwrap();
+    let token = TokenRecord {
+        id: "t1".into(),
+        name: "ops".into(),
+        role: Role::Operator,
+        node: None,
+        secret_sha256: "00".repeat(32),
+        created_at: 1,
+        created_by: "bootstrap-admin".into(),
+        expires_at: None,
+        revoked_at: None,
+        uses_left: None,
+    };
+    from.put_token(&token).await.unwrap();
+    let active = ActiveVersion {
+        service: "api".into(),
+        version: "1.0.0".into(),
+        set_at: 5,
+        by: "ops".into(),
+    };
+    from.set_active_version(&active).await.unwrap();
+    let first = from.next_rollout_id().await.unwrap();
+    from.insert_rollout(&rollout(first, 1_000)).await.unwrap();
+    let second = from.next_rollout_id().await.unwrap();
+    let mut r2 = from.insert_rollout(&rollout(second, 2_000)).await.unwrap();
+    r2.pause(3_000).unwrap();
+    from.update_rollout(&r2).await.unwrap();
+    for (i, action) in ["push", "start"].iter().enumerate() {
+        from.append_audit(&AuditEntry {
+            id: 0,
+            at: i as u64,
+            actor: "ops".into(),
+            remote: None,
+            action: (*action).into(),
+            target: "api".into(),
+            ok: true,
+            status: 200,
+            detail: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+
+    let done = copy(from, to, false).await.unwrap();
+    assert_eq!(
+        (
+            done.nodes,
+            done.tokens,
+            done.releases,
+            done.rollouts,
+            done.audit
+        ),
+        (2, 1, (2, 0), (2, 0), (2, 0))
+    );
+    assert_eq!(
+        to.list_nodes().await.unwrap(),
+        from.list_nodes().await.unwrap()
+    );
+    assert_eq!(
+        to.list_releases().await.unwrap(),
+        from.list_releases().await.unwrap()
+    );
+    assert_eq!(to.list_tokens().await.unwrap(), vec![token]);
+    assert_eq!(to.list_active_versions().await.unwrap(), vec![active]);
+    let copied = to.list_rollouts().await.unwrap();
+    let source = from.list_rollouts().await.unwrap();
+    assert_eq!(copied.len(), 2);
+    for (c, s) in copied.iter().zip(&source) {
+        // A copy starts its generations again.
+        assert_eq!(
+            c,
+            &Rollout {
+                generation: 1,
+                ..s.clone()
+            }
+        );
+    }
+    let actions = |entries: Vec<AuditEntry>| -> Vec<String> {
+        entries.into_iter().map(|e| e.action).collect()
+    };
+    assert_eq!(
+        actions(to.list_audit(10, None).await.unwrap()),
+        vec!["start", "push"]
+    );
+    assert!(
+        to.next_rollout_id().await.unwrap() > second,
+        "ids go on above the copied rollouts"
+    );
+
+    match copy(from, to, false).await {
+        Err(CopyError::NotEmpty(held)) => assert!(held.contains("nodes"), "{held}"),
+        other => panic!("a copy into a non-empty store: {other:?}"),
+    }
+    let again = copy(from, to, true).await.unwrap();
+    assert_eq!(
+        (again.releases, again.rollouts, again.audit),
+        ((0, 2), (0, 2), (0, 2))
+    );
+    assert_eq!(to.list_audit(10, None).await.unwrap().len(), 2);
+}

@@ -4,6 +4,7 @@
 //! the same trait and must pass the same [`conformance`] suite.
 
 pub mod conformance;
+pub mod copy;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 mod sqlite;

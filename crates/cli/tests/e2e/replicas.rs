@@ -442,3 +442,60 @@ async fn a_rollout_waits_out_a_lost_etcd_quorum() {
         assert_eq!(to_new, 1, "{} switched to 2.0.0 {to_new} times", node.name);
     }
 }
+
+/// An existing control plane's state moves from SQLite to etcd with one
+/// command; a non-empty target is refused unless forced, and a forced copy
+/// again changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn store_copy_moves_a_control_plane_to_etcd() {
+    let mut fleet = crate::harness::installed_fleet(2).await;
+    fleet.kill_server();
+    let etcd = TestEtcd::start().await;
+    let db = fleet.dir.join("server-data").join("rollwave.db");
+    let copy = |extra: &[&str]| {
+        let mut c = Command::new(exe());
+        c.args([
+            "store",
+            "copy",
+            "--from",
+            &format!("sqlite:{}", db.display()),
+        ])
+        .args(["--to", &etcd.store_url(), "--store-prefix", "/moved/"])
+        .args(extra);
+        c.output().unwrap()
+    };
+    let out = copy(&[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("copied 2 nodes"), "{stdout}");
+    let moved = etcd.store("/moved/").await;
+    use rollwave_store::Store;
+    assert_eq!(moved.list_rollouts().await.unwrap().len(), 1);
+    assert_eq!(moved.list_nodes().await.unwrap().len(), 2);
+
+    let out = copy(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--to: the target store is not empty (it holds nodes"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let out = copy(&["--force"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("0 rollouts (1 there already)"), "{stdout}");
+
+    let out = Command::new(exe())
+        .args([
+            "store",
+            "copy",
+            "--from",
+            "mysql://x",
+            "--to",
+            "sqlite:/tmp/x",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -88,3 +88,11 @@ async fn a_newer_schema_is_refused() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sqlite_store_is_copied_into_etcd() {
+    let etcd = TestEtcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = crate::SqliteStore::open(&dir.path().join("rollwave.db")).unwrap();
+    conformance::copy_suite(&sqlite, &etcd.store("/copy/").await).await;
+}

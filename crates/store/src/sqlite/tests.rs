@@ -272,3 +272,14 @@ async fn a_write_touches_only_the_nodes_that_changed() {
         .unwrap();
     assert_eq!(events as usize, next.events.len());
 }
+
+#[tokio::test]
+async fn copies_into_another_store() {
+    let (_a, from) = temp_db();
+    let (_b, to) = temp_db();
+    conformance::copy_suite(
+        &SqliteStore::open(&from).unwrap(),
+        &SqliteStore::open(&to).unwrap(),
+    )
+    .await;
+}
