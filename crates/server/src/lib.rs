@@ -145,6 +145,9 @@ pub async fn run(
     let store: Arc<dyn Store> = rollwave_store::open(&store_config)
         .await
         .map_err(|e| BadConfig(format!("--store: {e}")))?;
+    if let Some(election) = store.election() {
+        check_cluster(&config.data_dir, election.cluster_id())?;
+    }
     let blobs = Arc::new(blobs::Blobs::open(config.data_dir.join("blobs"))?);
     let listener = TcpListener::bind(config.listen)
         .await
@@ -200,6 +203,28 @@ pub async fn run(
         }
     };
     serve(&config, listener, app, shutdown).await
+}
+
+/// A replica's data dir holds artifacts of one cluster: it records the
+/// cluster id on first use and refuses to serve another cluster's store, so
+/// that two clusters' artifacts and tokens are never mixed by a wrong
+/// `--store` or `--store-prefix`.
+fn check_cluster(data_dir: &std::path::Path, cluster: &str) -> anyhow::Result<()> {
+    let path = data_dir.join("cluster");
+    match std::fs::read_to_string(&path) {
+        Ok(found) if found.trim() == cluster => Ok(()),
+        Ok(found) => Err(BadConfig(format!(
+            "--store: this store belongs to cluster {cluster}, but data dir {} was used by cluster {}: use that cluster's store, or another data dir",
+            data_dir.display(),
+            found.trim()
+        ))
+        .into()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            rollwave_tls::write_atomic(&path, format!("{cluster}\n").as_bytes(), 0o644)
+                .with_context(|| format!("writing {}", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
 }
 
 /// Loads the state and starts the reconciler: what the one control plane,

@@ -141,6 +141,8 @@ pub trait Election: Send + Sync {
     /// A secret every replica reads from the store, for the requests only
     /// replicas make of each other.
     fn secret(&self) -> &str;
+    /// The id the first control plane on this store chose for its cluster.
+    fn cluster_id(&self) -> &str;
 }
 
 #[async_trait]

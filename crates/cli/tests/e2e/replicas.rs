@@ -499,3 +499,57 @@ async fn store_copy_moves_a_control_plane_to_etcd() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A data dir used by one cluster is refused for another's store, naming
+/// both; an etcd that cannot be reached stops the server with one line.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_refuses_another_clusters_store_or_an_unreachable_one() {
+    let etcd = TestEtcd::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let serve = |prefix: &str, store: &str| {
+        Command::new(exe())
+            .args(["server", "--listen", "127.0.0.1:0", "--insecure-plain-http"])
+            .arg("--data-dir")
+            .arg(tmp.path().join("data"))
+            .args(["--store", store, "--store-prefix", prefix])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = serve("/one/", &etcd.store_url());
+    wait_until("the first cluster's id recorded", || async {
+        tmp.path()
+            .join("data")
+            .join("cluster")
+            .exists()
+            .then_some(())
+    })
+    .await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let out = serve("/two/", &etcd.store_url())
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("this store belongs to cluster") && err.contains("was used by cluster"),
+        "{err}"
+    );
+
+    let port = rollwave_store::etcd::testing::free_port();
+    let out = serve("/one/", &format!("etcd://127.0.0.1:{port}"))
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "--store: storage failure: etcd http://127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

@@ -121,6 +121,10 @@ impl Election for EtcdStore {
         &self.secret
     }
 
+    fn cluster_id(&self) -> &str {
+        &self.cluster
+    }
+
     async fn leader(&self) -> Result<Option<String>> {
         match self
             .client

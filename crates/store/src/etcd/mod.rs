@@ -196,11 +196,6 @@ impl EtcdStore {
         Ok(store)
     }
 
-    /// The cluster id every replica on this prefix shares.
-    pub fn cluster_id(&self) -> &str {
-        &self.cluster
-    }
-
     /// Reads the schema record, or writes it on a prefix never used; refuses
     /// a newer schema.
     async fn check_meta(&self) -> Result<Meta> {
