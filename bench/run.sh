@@ -5,7 +5,7 @@
 #   bench/run.sh dashboard [-- --nodes 1000 --dashboards 10]
 #   bench/run.sh verify [-- --mb 100]
 #   bench/run.sh planner
-#   bench/run.sh scale [-- --agents 10000 | --sizes 100,1000,10000]
+#   bench/run.sh scale [-- --agents 10000 | --sizes 100,1000,10000] [--store etcd]
 #   bench/run.sh fleet [-- --agents 200]
 #   bench/run.sh all
 #
@@ -32,13 +32,21 @@ need_wrk() {
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq wrk
 }
 
+need_etcd() {
+  command -v etcd >/dev/null 2>&1 && command -v protoc >/dev/null 2>&1 && return
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq etcd-server protobuf-compiler
+}
+
 run() {
   case "$1" in
     handoff) need_wrk; cargo bench -p rollwave --bench handoff -- "${@:2}" ;;
     dashboard) cargo bench -p rollwave --bench dashboard -- "${@:2}" ;;
     verify) cargo bench -p rollwave-agent --bench verify -- "${@:2}" ;;
     planner) cargo bench -p rollwave-core --bench planner -- "${@:2}" ;;
-    scale) cargo bench -p rollwave --bench scale -- "${@:2}" ;;
+    scale) need_etcd; cargo bench -p rollwave --features etcd --bench scale -- "${@:2}" ;;
     fleet) cargo bench -p rollwave --bench fleet -- "${@:2}" ;;
     *) echo "bench/run.sh: unknown benchmark \"$1\" (handoff, dashboard, verify, planner, scale, fleet, all)" >&2; exit 2 ;;
   esac

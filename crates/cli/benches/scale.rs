@@ -68,6 +68,11 @@ struct Args {
     /// Serve over TLS (certificates from `rollwave certs init`).
     #[arg(long)]
     tls: bool,
+    /// The control plane's store: `sqlite`, or `etcd` (a real etcd member
+    /// started by the benchmark; needs the bench built with the `etcd`
+    /// feature, as bench/run.sh does).
+    #[arg(long, default_value = "sqlite", value_parser = ["sqlite", "etcd"])]
+    store: String,
     /// Give up on connecting, or on a rollout, after this long.
     #[arg(long, default_value = "30m")]
     limit: String,
@@ -82,6 +87,7 @@ struct Settings {
     limit: Duration,
     concurrency: usize,
     tls: bool,
+    store: String,
 }
 
 fn exe() -> &'static str {
@@ -159,6 +165,11 @@ fn figure(value: impl Into<Value>, goal: &str, ideal: Value) -> Value {
 }
 
 struct ControlPlane {
+    /// `--store` and its value, for the etcd engine.
+    store_args: Vec<String>,
+    /// The etcd the control plane keeps its state in, if it does.
+    #[cfg(feature = "etcd")]
+    etcd: Option<rollwave_store::etcd::testing::TestEtcd>,
     dir: tempfile::TempDir,
     port: u16,
     url: String,
@@ -169,7 +180,22 @@ struct ControlPlane {
 }
 
 impl ControlPlane {
-    async fn start(tls: bool) -> anyhow::Result<ControlPlane> {
+    async fn start(tls: bool, store: &str) -> anyhow::Result<ControlPlane> {
+        #[cfg(feature = "etcd")]
+        let etcd = match store {
+            "etcd" => Some(rollwave_store::etcd::testing::TestEtcd::start().await),
+            _ => None,
+        };
+        #[cfg(feature = "etcd")]
+        let store_args = match &etcd {
+            Some(e) => vec!["--store".to_string(), e.store_url()],
+            None => Vec::new(),
+        };
+        #[cfg(not(feature = "etcd"))]
+        let store_args: Vec<String> = match store {
+            "etcd" => bail!("--store etcd: build the benchmark with --features etcd (bench/run.sh does)"),
+            _ => Vec::new(),
+        };
         let dir = tempfile::Builder::new()
             .prefix("rollwave-scale-")
             .tempdir()?;
@@ -189,6 +215,9 @@ impl ControlPlane {
         };
         let scheme = if tls { "https" } else { "http" };
         let mut cp = ControlPlane {
+            store_args,
+            #[cfg(feature = "etcd")]
+            etcd,
             url: format!("{scheme}://127.0.0.1:{port}"),
             dir,
             port,
@@ -203,6 +232,13 @@ impl ControlPlane {
             .path()
             .join("data")
             .join(rollwave_server::ADMIN_TOKEN_FILE);
+        // On etcd, written once the server is elected leader.
+        for _ in 0..300 {
+            if token_file.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         cp.admin = std::fs::read_to_string(&token_file)
             .with_context(|| format!("reading {}", token_file.display()))?
             .trim()
@@ -227,7 +263,8 @@ impl ControlPlane {
         let mut cmd = Command::new(exe());
         cmd.args(["server", "--listen", &format!("127.0.0.1:{}", self.port)])
             .arg("--data-dir")
-            .arg(self.dir.path().join("data"));
+            .arg(self.dir.path().join("data"))
+            .args(&self.store_args);
         match &self.ca_file {
             Some(_) => {
                 let certs = self.dir.path().join("certs");
@@ -280,6 +317,26 @@ impl ControlPlane {
 
     fn pid(&self) -> u32 {
         self.proc.as_ref().map_or(0, Proc::pid)
+    }
+
+    /// The store's own processes (etcd), whose CPU and writes are the
+    /// control plane's too.
+    fn store_pids(&self) -> Vec<u32> {
+        #[cfg(feature = "etcd")]
+        if let Some(e) = &self.etcd {
+            return e.pids();
+        }
+        Vec::new()
+    }
+
+    /// CPU time and bytes written of the store's processes together.
+    fn store_usage(&self) -> anyhow::Result<(Duration, u64)> {
+        let mut total = (Duration::ZERO, 0);
+        for pid in self.store_pids() {
+            total.0 += cpu(pid)?;
+            total.1 += write_bytes(pid)?;
+        }
+        Ok(total)
     }
 
     fn kill9(&mut self) {
@@ -451,7 +508,7 @@ fn not_once(report: &Value, version: &str) -> usize {
 
 async fn run_size(n: usize, s: &Settings) -> anyhow::Result<Value> {
     eprintln!("== {n} agents");
-    let mut cp = ControlPlane::start(s.tls).await?;
+    let mut cp = ControlPlane::start(s.tls, &s.store).await?;
     let baseline_rss = rss_kib(cp.pid())?;
     // The floor for any request: one bare round trip to an idle server.
     let mut floor = Vec::new();
@@ -521,6 +578,7 @@ async fn run_size(n: usize, s: &Settings) -> anyhow::Result<Value> {
 
     // The measured rollout.
     let (cpu0, written0) = (cpu(cp.pid())?, write_bytes(cp.pid())?);
+    let store0 = cp.store_usage()?;
     let stop = Arc::new(AtomicBool::new(false));
     let t0 = Instant::now();
     let id = cp.start_rollout("2.0.0").await?;
@@ -541,6 +599,8 @@ async fn run_size(n: usize, s: &Settings) -> anyhow::Result<Value> {
     let took = t0.elapsed();
     stop.store(true, Ordering::Relaxed);
     let (cpu_used, written) = (cpu(cp.pid())? - cpu0, write_bytes(cp.pid())? - written0);
+    let store1 = cp.store_usage()?;
+    let (store_cpu, store_written) = (store1.0 - store0.0, store1.1 - store0.1);
     let (health, status) = (health.await?, status.await?);
     let r = ended?;
     if !r.fully_upgraded() {
@@ -600,6 +660,7 @@ async fn run_size(n: usize, s: &Settings) -> anyhow::Result<Value> {
     let out = json!({
         "agents": n,
         "tls": s.tls,
+        "store": s.store,
         "task_latency_ms": s.latency.as_millis() as u64,
         "connect_enroll_s": figure(
             round(connect.as_secs_f64(), 2),
@@ -629,6 +690,12 @@ async fn run_size(n: usize, s: &Settings) -> anyhow::Result<Value> {
                 round(per_node(cpu_used.as_secs_f64() * 1000.0), 3), "< 0.5", json!(0)),
             "bytes_written_per_node": figure(
                 round(per_node(written as f64), 0), "< 8192", json!("one node record and a log entry, a few hundred bytes")),
+            // etcd's own work for the same rollout (zero on SQLite, whose
+            // work is the server's).
+            "store_cpu_ms_per_node": figure(
+                round(per_node(store_cpu.as_secs_f64() * 1000.0), 3), "< 0.5", json!(0)),
+            "store_bytes_written_per_node": figure(
+                round(per_node(store_written as f64), 0), "< 8192", json!("one node record and a log entry, a few hundred bytes")),
             "health_ms": {
                 "p50": round(percentile(health.clone(), 0.5), 2),
                 "p99": round(percentile(health.clone(), 0.99), 2),
@@ -733,6 +800,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         limit: parse("--limit", &args.limit)?,
         concurrency: args.concurrency,
         tls: args.tls,
+        store: args.store.clone(),
     };
     match &args.sizes {
         None => {
