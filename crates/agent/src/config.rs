@@ -10,6 +10,7 @@ use rollwave_core::{TrustedKey, TrustedKeys};
 use rollwave_tls::ClientTls;
 use serde::Deserialize;
 
+use crate::disk::DiskLimits;
 use crate::haproxy::{DrainConfig, Haproxy};
 use crate::health::{HealthCheck, ResolvedCheck};
 
@@ -29,8 +30,27 @@ struct RawConfig {
     trusted_keys: Vec<String>,
     #[serde(default)]
     trusted_key_files: Vec<PathBuf>,
+    max_release_size: Option<Size>,
+    min_free_disk: Option<Size>,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
+}
+
+/// A size in `agent.toml`: bytes, or a string with a unit (`"1GiB"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+impl Size {
+    fn bytes(self, field: &str) -> Result<u64, String> {
+        match self {
+            Size::Bytes(n) => Ok(n),
+            Size::Text(t) => crate::disk::parse_size(field, &t),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -70,6 +90,9 @@ pub struct AgentConfig {
     /// The keys release signatures must be made with; with none, releases
     /// are installed unsigned.
     pub trusted_keys: TrustedKeys,
+    /// `max_release_size` and `min_free_disk`: what staging a release may
+    /// take from the node's disk.
+    pub disk: DiskLimits,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -192,6 +215,16 @@ impl AgentConfig {
             }
         }
         let trusted_keys = trusted_keys(&raw.trusted_keys, &raw.trusted_key_files)?;
+        let mut disk = DiskLimits::default();
+        if let Some(size) = raw.max_release_size {
+            disk.max_release_size = size.bytes("max_release_size")?;
+            if disk.max_release_size == 0 {
+                return Err("max_release_size: must be more than 0".into());
+            }
+        }
+        if let Some(size) = raw.min_free_disk {
+            disk.min_free = Some(size.bytes("min_free_disk")?);
+        }
         if raw.services.is_empty() {
             return Err("service: at least one [[service]] is required".into());
         }
@@ -322,6 +355,7 @@ impl AgentConfig {
             join_token,
             labels: raw.labels,
             trusted_keys,
+            disk,
             services,
         })
     }

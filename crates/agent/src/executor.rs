@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::config::{ServiceConfig, SwitchMode};
+use crate::disk::DiskLimits;
 use crate::layout::{copy_tree, remove_path, write_atomic, ServiceDirs};
 use crate::supervisor::Supervisor;
 use crate::{artifact, download};
@@ -123,9 +124,12 @@ pub struct Executor {
     node: OnceLock<String>,
     /// With any, nothing is staged unless its signature verifies with one.
     trusted: TrustedKeys,
+    /// What staging may take from the disk.
+    disk: DiskLimits,
 }
 
 impl Executor {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         state_dir: PathBuf,
         server: String,
@@ -134,6 +138,7 @@ impl Executor {
         outbox: mpsc::UnboundedSender<AgentMessage>,
         changed: Arc<Notify>,
         trusted: TrustedKeys,
+        disk: DiskLimits,
     ) -> Arc<Self> {
         let hooks_client = rollwave_hooks::client().unwrap_or_else(|e| {
             // The agent's own client differs only in its read timeout, which
@@ -152,6 +157,7 @@ impl Executor {
             hooks_client,
             node: OnceLock::new(),
             trusted,
+            disk,
         })
     }
 
@@ -313,6 +319,11 @@ impl Executor {
                 .await
             }
         };
+        if let (TaskAction::Upgrade { version, .. }, TaskOutcome::Failed { .. }) =
+            (&task.action, &outcome)
+        {
+            self.discard_unused(&svc, version);
+        }
         journal.done = Some(outcome.clone());
         if let Err(e) = self.write_journal(&journal) {
             tracing::error!(task = %task.id, error = %e, "recording task result");
@@ -796,6 +807,19 @@ impl Executor {
         svc.dirs
             .discard_unverified(version)
             .map_err(|e| format!("removing a partial release: {e}"))?;
+        // Before a byte is fetched. An executable is as large as its
+        // artifact; an archive's files take at least about as much as the
+        // archive (gzip rarely shrinks what it cannot compress), and are
+        // checked again, each before it is written, while unpacking.
+        if art.format == rollwave_api::ArtifactFormat::Executable
+            && art.size > self.disk.max_release_size
+        {
+            return Err(not_installed(self.disk.too_large()));
+        }
+        let releases = svc.dirs.releases();
+        self.disk
+            .check_space(&releases, art.size.saturating_mul(2))
+            .map_err(not_installed)?;
         let file = self.download(svc, art).await.map_err(not_downloaded)?;
         let signer = if self.trusted.is_empty() {
             None
@@ -813,11 +837,13 @@ impl Executor {
         let exec_name = svc.config.name.clone();
         let format = art.format;
         let file2 = file.clone();
-        let staged =
-            tokio::task::spawn_blocking(move || artifact::stage(&file2, format, &exec_name, &dest))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
+        let disk = self.disk;
+        let staged = tokio::task::spawn_blocking(move || {
+            artifact::stage(&file2, format, &exec_name, &dest, disk)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
         let _ = std::fs::remove_file(&file);
         staged.map_err(not_installed)?;
         svc.dirs
@@ -825,6 +851,28 @@ impl Executor {
             .map_err(|e| format!("recording staged release: {e}"))?;
         self.changed.notify_one();
         Ok(())
+    }
+
+    /// Removes the release of a failed upgrade that the node does not run:
+    /// it failed here, and kept, it would only take disk space (a later
+    /// rollout to it stages it again).
+    fn discard_unused(&self, svc: &Service, version: &str) {
+        let running = svc.supervisor.status().borrow().version.clone();
+        if svc.dirs.current_version().as_deref() == Some(version)
+            || running.as_deref() == Some(version)
+        {
+            return;
+        }
+        match svc.dirs.remove_release(version) {
+            Ok(true) => {
+                tracing::info!(service = %svc.config.name, version, "removed the release of a failed upgrade");
+                self.changed.notify_one();
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(service = %svc.config.name, version, error = %e, "removing the release of a failed upgrade")
+            }
+        }
     }
 
     /// The artifact, size and sha256 verified, in a temporary file of the
@@ -1521,6 +1569,7 @@ mod tests {
                 tx,
                 Arc::new(Notify::new()),
                 trusted,
+                DiskLimits::default(),
             );
             executor.set_node("n1");
             let node = Node {

@@ -167,10 +167,23 @@ impl ServiceDirs {
 
     /// Removes a release that is present but not verified (a crash mid-stage).
     pub fn discard_unverified(&self, version: &str) -> io::Result<()> {
-        let _ = fs::remove_file(self.marker(version));
+        self.remove_release(version).map(drop)
+    }
+
+    /// Removes a release, its marker first so that a removal cut short
+    /// leaves an unverified directory, never a release that looks staged.
+    /// Returns whether there was anything to remove. The caller makes sure
+    /// `current` does not point at it.
+    pub fn remove_release(&self, version: &str) -> io::Result<bool> {
+        let marker = match fs::remove_file(self.marker(version)) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
         match fs::remove_dir_all(self.release(version)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(marker),
+            Err(e) => Err(e),
         }
     }
 

@@ -50,6 +50,9 @@ pub struct FleetSpec {
     pub command: Option<Vec<String>>,
     /// More arguments for `rollwave server`, e.g. `--max-downloads 1`.
     pub server_args: Vec<String>,
+    /// More top-level settings for every `agent.toml`, one per line, e.g.
+    /// `max_release_size = "1MiB"`.
+    pub agent_settings: Vec<String>,
 }
 
 impl FleetSpec {
@@ -66,6 +69,7 @@ impl FleetSpec {
             trusted_key_files: Vec::new(),
             command: None,
             server_args: Vec::new(),
+            agent_settings: Vec::new(),
         }
     }
 }
@@ -587,7 +591,7 @@ fn agent_toml(
 server = "{server}"
 {ca_file}state_dir = {state_dir:?}
 trusted_key_files = [{trusted}]
-
+{settings}
 [labels]
 rack = "r{rack}"
 
@@ -601,6 +605,7 @@ health = {{ type = "http", url = "http://127.0.0.1:{port}/healthz", interval = "
 "#,
         state_dir = state_dir.display().to_string(),
         trusted = trusted.join(", "),
+        settings = spec.agent_settings.join("\n"),
         rack = (i - 1) % 3 + 1,
         switch = spec.switch,
         data = state_dir.join("data").display().to_string(),
