@@ -473,6 +473,30 @@ health = { type = "http", url = "http://127.0.0.1:8080/healthz" }
     }
 
     #[test]
+    fn parses_what_a_release_may_take_from_the_disk() {
+        let c = AgentConfig::parse(GOOD).unwrap();
+        assert_eq!(c.disk, DiskLimits::default());
+        assert_eq!(c.disk.max_release_size, 1 << 30);
+        let with = |settings: &str| {
+            AgentConfig::parse(&GOOD.replace("state_dir", &format!("{settings}\nstate_dir")))
+        };
+        let c = with("max_release_size = \"256MiB\"\nmin_free_disk = 1048576").unwrap();
+        assert_eq!(c.disk.max_release_size, 256 << 20);
+        assert_eq!(c.disk.min_free, Some(1 << 20));
+        assert_eq!(
+            with("max_release_size = \"1GB\"").unwrap_err(),
+            "max_release_size: \"1GB\" is not a size like 512MiB or 1GiB (units: KiB, MiB, GiB, TiB)"
+        );
+        assert_eq!(
+            with("max_release_size = 0").unwrap_err(),
+            "max_release_size: must be more than 0"
+        );
+        assert!(with("min_free_disk = \"lots\"")
+            .unwrap_err()
+            .starts_with("min_free_disk: "));
+    }
+
+    #[test]
     fn an_unusable_ca_file_is_refused_at_load() {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("agent.toml");
