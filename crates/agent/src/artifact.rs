@@ -216,7 +216,7 @@ impl Limits {
     fn too_large(&self) -> ArtifactError {
         let disk = self.disk.unwrap_or(DiskLimits {
             max_release_size: self.max_bytes,
-            min_free: None,
+            ..DiskLimits::default()
         });
         ArtifactError::TooLarge(disk.too_large())
     }
@@ -925,6 +925,7 @@ mod tests {
     const DISK: DiskLimits = DiskLimits {
         max_release_size: crate::disk::DEFAULT_MAX_RELEASE_SIZE,
         min_free: Some(0),
+        keep_releases: crate::disk::DEFAULT_KEEP_RELEASES,
     };
 
     impl Limits {
@@ -1213,7 +1214,7 @@ mod tests {
             max_entries: 3,
             disk: Some(DiskLimits {
                 max_release_size: 1000,
-                min_free: Some(0),
+                ..DISK
             }),
         };
         // Exactly the limit is within it; one byte more is not.
@@ -1259,6 +1260,7 @@ mod tests {
             disk: Some(DiskLimits {
                 max_release_size: 1 << 20,
                 min_free: Some(u64::MAX / 2),
+                ..DISK
             }),
             ..Limits::DEFAULT
         };
@@ -1292,7 +1294,7 @@ mod tests {
         );
         let small = DiskLimits {
             max_release_size: 4,
-            min_free: Some(0),
+            ..DISK
         };
         let err = stage(&bin, ArtifactFormat::Executable, "api", &dest, small).unwrap_err();
         assert_eq!(

@@ -32,6 +32,7 @@ struct RawConfig {
     trusted_key_files: Vec<PathBuf>,
     max_release_size: Option<Size>,
     min_free_disk: Option<Size>,
+    keep_releases: Option<usize>,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
 }
@@ -90,8 +91,8 @@ pub struct AgentConfig {
     /// The keys release signatures must be made with; with none, releases
     /// are installed unsigned.
     pub trusted_keys: TrustedKeys,
-    /// `max_release_size` and `min_free_disk`: what staging a release may
-    /// take from the node's disk.
+    /// `max_release_size`, `min_free_disk` and `keep_releases`: what
+    /// releases may take from the node's disk.
     pub disk: DiskLimits,
     pub services: Vec<ServiceConfig>,
 }
@@ -224,6 +225,9 @@ impl AgentConfig {
         }
         if let Some(size) = raw.min_free_disk {
             disk.min_free = Some(size.bytes("min_free_disk")?);
+        }
+        if let Some(keep) = raw.keep_releases {
+            disk.keep_releases = keep;
         }
         if raw.services.is_empty() {
             return Err("service: at least one [[service]] is required".into());

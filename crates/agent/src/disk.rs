@@ -23,6 +23,9 @@ pub const DEFAULT_MAX_RELEASE_SIZE: u64 = 1 << 30;
 pub const DEFAULT_MIN_FREE_BYTES: u64 = 1 << 30;
 /// See [`DEFAULT_MIN_FREE_BYTES`].
 pub const DEFAULT_MIN_FREE_PERCENT: u64 = 5;
+/// Default `keep_releases`: releases kept besides the current and the
+/// previous one, for a quick switch back further than one step.
+pub const DEFAULT_KEEP_RELEASES: usize = 2;
 
 /// What staging a release needs from the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +36,9 @@ pub struct DiskLimits {
     /// Bytes left free on the file system after staging; `None`: the larger
     /// of [`DEFAULT_MIN_FREE_BYTES`] and [`DEFAULT_MIN_FREE_PERCENT`].
     pub min_free: Option<u64>,
+    /// Releases kept on disk besides the current one, the previous one and
+    /// the one a task is staging; older ones are removed.
+    pub keep_releases: usize,
 }
 
 impl Default for DiskLimits {
@@ -40,6 +46,7 @@ impl Default for DiskLimits {
         DiskLimits {
             max_release_size: DEFAULT_MAX_RELEASE_SIZE,
             min_free: None,
+            keep_releases: DEFAULT_KEEP_RELEASES,
         }
     }
 }

@@ -324,6 +324,11 @@ impl Executor {
         {
             self.discard_unused(&svc, version);
         }
+        if let TaskAction::Upgrade { version, .. } | TaskAction::Stage { version, .. } =
+            &task.action
+        {
+            self.prune_releases(&svc, version);
+        }
         journal.done = Some(outcome.clone());
         if let Err(e) = self.write_journal(&journal) {
             tracing::error!(task = %task.id, error = %e, "recording task result");
@@ -871,6 +876,35 @@ impl Executor {
             Ok(false) => {}
             Err(e) => {
                 tracing::warn!(service = %svc.config.name, version, error = %e, "removing the release of a failed upgrade")
+            }
+        }
+    }
+
+    /// Keeps `keep_releases` releases besides the current one, the previous
+    /// one and `staging` (the task's, which a later task of its rollout
+    /// switches to); removes older ones. Runs under the service's lock, so
+    /// no task of the service is staging meanwhile.
+    fn prune_releases(&self, svc: &Service, staging: &str) {
+        let current = svc.dirs.current_version();
+        let previous = svc.dirs.previous_version();
+        let running = svc.supervisor.status().borrow().version.clone();
+        let keep: Vec<&str> = [
+            Some(staging),
+            current.as_deref(),
+            previous.as_deref(),
+            running.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match svc.dirs.prune_releases(&keep, self.disk.keep_releases) {
+            Ok(removed) if removed.is_empty() => {}
+            Ok(removed) => {
+                tracing::info!(service = %svc.config.name, removed = %removed.join(", "), keep_releases = self.disk.keep_releases, "removed old releases");
+                self.changed.notify_one();
+            }
+            Err(e) => {
+                tracing::warn!(service = %svc.config.name, error = %e, "removing old releases")
             }
         }
     }

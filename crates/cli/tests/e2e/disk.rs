@@ -175,3 +175,32 @@ async fn a_push_does_not_read_past_the_manifest_scan_and_agents_agree() {
         ["1.0.0", "1.0.0.sha256"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_keep_the_current_the_previous_and_keep_releases_others() {
+    let fleet = installed(FleetSpec {
+        agent_settings: vec!["keep_releases = 1".into()],
+        ..FleetSpec::new(exe().into(), 1)
+    })
+    .await;
+    for version in ["2.0.0", "3.0.0", "4.0.0", "5.0.0"] {
+        push(&fleet, version, true).await;
+        let r = start(&fleet, version, |s| s.min_healthy_time = Some("0s".into()))
+            .await
+            .unwrap();
+        let r = wait_done(&fleet, r.id).await;
+        assert!(r.fully_upgraded(), "{r:#?}");
+    }
+    // 5.0.0 runs, 4.0.0 ran before it, and one more is kept.
+    assert_eq!(
+        releases_dir(&fleet.nodes[0].state_dir),
+        [
+            "3.0.0",
+            "3.0.0.sha256",
+            "4.0.0",
+            "4.0.0.sha256",
+            "5.0.0",
+            "5.0.0.sha256"
+        ]
+    );
+}
