@@ -38,18 +38,20 @@ struct RawConfig {
 }
 
 /// A size in `agent.toml`: bytes, or a string with a unit (`"1GiB"`).
+/// Read as any TOML value, so that a wrong type gets an error naming the
+/// field rather than serde's "did not match any variant".
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Size {
-    Bytes(u64),
-    Text(String),
-}
+#[serde(transparent)]
+struct Size(toml::Value);
 
 impl Size {
     fn bytes(self, field: &str) -> Result<u64, String> {
-        match self {
-            Size::Bytes(n) => Ok(n),
-            Size::Text(t) => crate::disk::parse_size(field, &t),
+        match self.0 {
+            toml::Value::Integer(n) if n >= 0 => Ok(n as u64),
+            toml::Value::String(t) => crate::disk::parse_size(field, &t),
+            other => Err(format!(
+                "{field}: {other} is not a size like \"512MiB\" or a number of bytes"
+            )),
         }
     }
 }
@@ -498,6 +500,14 @@ health = { type = "http", url = "http://127.0.0.1:8080/healthz" }
         assert!(with("min_free_disk = \"lots\"")
             .unwrap_err()
             .starts_with("min_free_disk: "));
+        assert_eq!(
+            with("min_free_disk = true").unwrap_err(),
+            "min_free_disk: true is not a size like \"512MiB\" or a number of bytes"
+        );
+        assert_eq!(
+            with("max_release_size = -1").unwrap_err(),
+            "max_release_size: -1 is not a size like \"512MiB\" or a number of bytes"
+        );
     }
 
     #[test]
