@@ -13,7 +13,10 @@
 //!   written one by one and anything that could land outside the release
 //!   directory (absolute paths, `..`, escaping symbolic links, writes through
 //!   symbolic links, hard links to foreign files, device nodes) is refused, as
-//!   are archives that unpack to absurd sizes. Staging happens in a temporary
+//!   are archives that unpack to more than the agent's `max_release_size` or
+//!   would leave less than its margin of free disk space ([`crate::disk`]),
+//!   and a `rollwave.toml` placed past where the control plane looks for it
+//!   ([`rollwave_core::MANIFEST_SCAN_ENTRIES`]). Staging happens in a temporary
 //!   sibling directory that is fsynced and renamed into place, so a crash
 //!   never leaves a half-unpacked release under its final name.
 //!
@@ -42,12 +45,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use flate2::read::GzDecoder;
-use rollwave_core::{ArtifactFormat, SignatureError, TrustedKeys};
+use rollwave_core::{
+    ArtifactFormat, SignatureError, TrustedKeys, MANIFEST_SCAN_BYTES, MANIFEST_SCAN_ENTRIES,
+    RELEASE_MANIFEST,
+};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-/// Largest total size of the regular files in one archive.
-pub const MAX_UNPACKED_BYTES: u64 = 4 << 30;
+use crate::disk::DiskLimits;
 
 /// Largest number of entries in one archive.
 pub const MAX_ENTRIES: u64 = 200_000;
@@ -77,6 +82,10 @@ pub enum ArtifactError {
     /// release directory, or that breaks a limit.
     #[error("refusing archive entry {path}: {why}")]
     UnsafeEntry { path: String, why: String },
+    /// The release would be larger than `max_release_size`, or would leave
+    /// too little free disk space: the message says which.
+    #[error("{0}")]
+    TooLarge(String),
     /// The archive is corrupt: bad gzip stream, bad tar header, truncated entry.
     #[error("unpacking {archive}: {source}")]
     Unpack {
@@ -169,6 +178,10 @@ pub fn verify_signature(
 /// the rename; on any error the temporary directory is removed and `dest`
 /// does not exist.
 ///
+/// The release may not unpack to more than `disk.max_release_size`, and
+/// each file is written only if the file system keeps `disk`'s margin free
+/// after it.
+///
 /// Two concurrent calls for the same `dest` are not supported: the caller
 /// serialises staging per service.
 pub fn stage(
@@ -176,8 +189,14 @@ pub fn stage(
     format: ArtifactFormat,
     exec_name: &str,
     dest: &Path,
+    disk: DiskLimits,
 ) -> Result<(), ArtifactError> {
-    stage_with_limits(file, format, exec_name, dest, Limits::DEFAULT)
+    let limits = Limits {
+        max_bytes: disk.max_release_size,
+        max_entries: MAX_ENTRIES,
+        disk: Some(disk),
+    };
+    stage_with_limits(file, format, exec_name, dest, limits)
 }
 
 /// [`stage`] of a tar.gz with smaller limits, for the fuzz targets in
@@ -192,6 +211,7 @@ pub fn stage_tar_gz_with_limits(
     let limits = Limits {
         max_bytes,
         max_entries,
+        disk: None,
     };
     stage_with_limits(file, ArtifactFormat::TarGz, "", dest, limits)
 }
@@ -200,13 +220,30 @@ pub fn stage_tar_gz_with_limits(
 struct Limits {
     max_bytes: u64,
     max_entries: u64,
+    /// The agent's settings, for the error's wording and the free space
+    /// checks; `None` (the fuzz targets): no free space check.
+    disk: Option<DiskLimits>,
 }
 
 impl Limits {
-    const DEFAULT: Limits = Limits {
-        max_bytes: MAX_UNPACKED_BYTES,
-        max_entries: MAX_ENTRIES,
-    };
+    fn too_large(&self) -> ArtifactError {
+        let disk = self.disk.unwrap_or(DiskLimits {
+            max_release_size: self.max_bytes,
+            ..DiskLimits::default()
+        });
+        ArtifactError::TooLarge(disk.too_large())
+    }
+
+    /// Refuses `bytes` more under `dir` if they would leave less than the
+    /// margin free.
+    fn check_space(&self, dir: &Path, bytes: u64) -> Result<(), ArtifactError> {
+        match &self.disk {
+            Some(disk) => disk
+                .check_space(dir, bytes)
+                .map_err(ArtifactError::TooLarge),
+            None => Ok(()),
+        }
+    }
 }
 
 fn stage_with_limits(
@@ -256,6 +293,13 @@ fn stage_with_limits(
             unpacker.sync_dirs()?;
         }
         ArtifactFormat::Executable => {
+            let size = fs::metadata(file)
+                .map_err(io_err("inspecting", file))?
+                .len();
+            if size > limits.max_bytes {
+                return Err(limits.too_large());
+            }
+            limits.check_space(&tmp, size)?;
             install_executable(file, exec_name, &tmp)?;
             sync_dir(&tmp)?;
         }
@@ -586,14 +630,20 @@ impl Unpacker<'_> {
         let file = File::open(self.archive).map_err(io_err("opening", self.archive))?;
         let mut archive = tar::Archive::new(GzDecoder::new(io::BufReader::new(file)));
         let entries = archive.entries().map_err(self.corrupt())?;
-        for entry in entries {
+        for (i, entry) in entries.enumerate() {
             let mut entry = entry.map_err(self.corrupt())?;
-            self.entry(&mut entry)?;
+            self.entry(i as u64, &mut entry)?;
         }
         Ok(())
     }
 
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), ArtifactError> {
+    /// Unpacks the `index`th entry of the archive (counting every header
+    /// the tar reader yields, as the control plane's manifest scan does).
+    fn entry<R: Read>(
+        &mut self,
+        index: u64,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<(), ArtifactError> {
         use tar::EntryType as T;
 
         let shown = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
@@ -629,17 +679,28 @@ impl Unpacker<'_> {
                 Err(refuse("its path is empty"))
             };
         }
+        if rel == Path::new(RELEASE_MANIFEST)
+            && (index >= MANIFEST_SCAN_ENTRIES
+                || entry.raw_header_position() >= MANIFEST_SCAN_BYTES)
+        {
+            return Err(refuse(&format!(
+                "{RELEASE_MANIFEST} must be among the archive's first {MANIFEST_SCAN_ENTRIES} entries and {}, where the control plane reads it when the release is pushed; put it first",
+                rollwave_core::format_bytes(MANIFEST_SCAN_BYTES)
+            )));
+        }
         let (dest, existing_dir) = self.prepare(&rel, kind.is_dir(), &refuse)?;
         let mode = entry.header().mode().map_err(self.corrupt())?;
 
         match kind {
             T::Regular | T::Continuous => {
+                // The header's size, before a byte of the file is written;
+                // what is written is held to it below.
                 let size = entry.size();
                 if self.bytes.saturating_add(size) > self.limits.max_bytes {
-                    return Err(refuse(&format!(
-                        "the archive unpacks to more than {}",
-                        human_bytes(self.limits.max_bytes)
-                    )));
+                    return Err(self.limits.too_large());
+                }
+                if size > 0 {
+                    self.limits.check_space(self.root, size)?;
                 }
                 // Only permission bits, no setuid/setgid/sticky, never
                 // writable by others; the owner can always write.
@@ -768,18 +829,6 @@ impl Unpacker<'_> {
     }
 }
 
-fn human_bytes(n: u64) -> String {
-    const GIB: u64 = 1 << 30;
-    const MIB: u64 = 1 << 20;
-    if n >= GIB && n.is_multiple_of(GIB) {
-        format!("{} GiB", n / GIB)
-    } else if n >= MIB && n.is_multiple_of(MIB) {
-        format!("{} MiB", n / MIB)
-    } else {
-        format!("{n} bytes")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -884,6 +933,22 @@ mod tests {
         }
     }
 
+    /// The defaults, without a margin of free space: tests do not depend on
+    /// the disk they run on.
+    const DISK: DiskLimits = DiskLimits {
+        max_release_size: crate::disk::DEFAULT_MAX_RELEASE_SIZE,
+        min_free: Some(0),
+        keep_releases: crate::disk::DEFAULT_KEEP_RELEASES,
+    };
+
+    impl Limits {
+        const DEFAULT: Limits = Limits {
+            max_bytes: crate::disk::DEFAULT_MAX_RELEASE_SIZE,
+            max_entries: MAX_ENTRIES,
+            disk: Some(DISK),
+        };
+    }
+
     fn stage_archive(entries: &[Entry], limits: Limits) -> Staged {
         let tmp = tempfile::tempdir().unwrap();
         let archive = tmp.path().join("artifact.tar.gz");
@@ -960,7 +1025,7 @@ mod tests {
         let bin = tmp.path().join("download");
         fs::write(&bin, b"\x7fELF...").unwrap();
         let dest = tmp.path().join("releases/2.0.0");
-        stage(&bin, ArtifactFormat::Executable, "api", &dest).unwrap();
+        stage(&bin, ArtifactFormat::Executable, "api", &dest, DISK).unwrap();
         assert_eq!(fs::read(dest.join("api")).unwrap(), b"\x7fELF...");
         assert_eq!(mode_of(&dest.join("api")), 0o755);
         assert_eq!(fs::read_dir(&dest).unwrap().count(), 1);
@@ -973,7 +1038,7 @@ mod tests {
         fs::write(&bin, b"bin").unwrap();
         for name in ["../api", "bin/api", "/api", ".", "..", ""] {
             let dest = tmp.path().join("releases/2.0.0");
-            let err = stage(&bin, ArtifactFormat::Executable, name, &dest).unwrap_err();
+            let err = stage(&bin, ArtifactFormat::Executable, name, &dest, DISK).unwrap_err();
             assert!(
                 matches!(err, ArtifactError::UnsafeEntry { .. }),
                 "{name:?}: {err}"
@@ -993,7 +1058,7 @@ mod tests {
         fs::write(&bin, b"bin").unwrap();
         let dest = tmp.path().join("releases/2.0.0");
         fs::create_dir_all(&dest).unwrap();
-        let err = stage(&bin, ArtifactFormat::Executable, "api", &dest).unwrap_err();
+        let err = stage(&bin, ArtifactFormat::Executable, "api", &dest, DISK).unwrap_err();
         assert!(matches!(err, ArtifactError::AlreadyExists(_)), "{err}");
         assert_eq!(fs::read_dir(&dest).unwrap().count(), 0);
     }
@@ -1160,19 +1225,32 @@ mod tests {
         let small = Limits {
             max_bytes: 1000,
             max_entries: 3,
+            disk: Some(DiskLimits {
+                max_release_size: 1000,
+                ..DISK
+            }),
         };
+        // Exactly the limit is within it; one byte more is not.
         let staged = stage_archive(
-            &[file("a", 0o644, &[0; 600]), file("b", 0o644, &[0; 600])],
+            &[file("a", 0o644, &[0; 600]), file("b", 0o644, &[0; 400])],
+            small,
+        );
+        staged.result.as_ref().unwrap();
+        let staged = stage_archive(
+            &[file("a", 0o644, &[0; 600]), file("b", 0o644, &[0; 401])],
             small,
         );
         let err = staged.result.as_ref().unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("refusing archive entry b: the archive unpacks to more than 1000 bytes"),
-            "{err}"
+        assert_eq!(
+            err.to_string(),
+            "release unpacks to more than max_release_size (1000 bytes)"
         );
         assert!(!staged.dest.exists());
         assert!(staged.releases().is_empty());
+
+        // Hard links add no bytes, but the files they name count once.
+        let staged = stage_archive(&[file("a", 0o644, &[0; 1000]), hardlink("b", "a")], small);
+        staged.result.as_ref().unwrap();
 
         let staged = stage_archive(
             &[
@@ -1190,6 +1268,80 @@ mod tests {
     }
 
     #[test]
+    fn stage_refuses_what_would_leave_too_little_free_space() {
+        let greedy = Limits {
+            disk: Some(DiskLimits {
+                max_release_size: 1 << 20,
+                min_free: Some(u64::MAX / 2),
+                ..DISK
+            }),
+            ..Limits::DEFAULT
+        };
+        // Empty files take no room.
+        stage_archive(&[dir("d/"), file("d/empty", 0o644, b"")], greedy)
+            .result
+            .unwrap();
+        let staged = stage_archive(&[file("a", 0o644, b"data")], greedy);
+        let err = staged.result.as_ref().unwrap_err().to_string();
+        assert!(err.starts_with("not enough free disk space on "), "{err}");
+        assert!(err.contains("releases/.1.2.3.tmp-"), "{err}");
+        assert!(!staged.dest.exists());
+        assert!(staged.releases().is_empty());
+
+        let tmp = tempfile::tempdir().unwrap();
+        let bin = tmp.path().join("bin");
+        fs::write(&bin, b"#!/bin/sh\n").unwrap();
+        let dest = tmp.path().join("releases").join("1.0.0");
+        let err = stage(
+            &bin,
+            ArtifactFormat::Executable,
+            "api",
+            &dest,
+            greedy.disk.unwrap(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("not enough free disk space on "),
+            "{err}"
+        );
+        let small = DiskLimits {
+            max_release_size: 4,
+            ..DISK
+        };
+        let err = stage(&bin, ArtifactFormat::Executable, "api", &dest, small).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "release unpacks to more than max_release_size (4 bytes)"
+        );
+        assert!(!dest.exists());
+    }
+
+    #[test]
+    fn a_manifest_past_the_control_planes_scan_is_refused() {
+        let many: Vec<String> = (0..MANIFEST_SCAN_ENTRIES)
+            .map(|i| format!("f{i}"))
+            .collect();
+        let mut entries: Vec<Entry> = many
+            .iter()
+            .map(|n| file(Box::leak(n.clone().into_boxed_str()), 0o644, b""))
+            .collect();
+        entries.push(file(RELEASE_MANIFEST, 0o644, b"[migrate]\n"));
+        let staged = stage_archive(&entries, Limits::DEFAULT);
+        let err = staged.result.as_ref().unwrap_err().to_string();
+        assert!(
+            err.starts_with("refusing archive entry rollwave.toml: rollwave.toml must be among the archive's first 10000 entries"),
+            "{err}"
+        );
+        assert!(staged.releases().is_empty());
+
+        // Within the scan, it is a file like any other.
+        entries.remove(0);
+        entries.rotate_right(1);
+        stage_archive(&entries, Limits::DEFAULT).result.unwrap();
+    }
+
+    #[test]
     fn stage_reports_corrupt_archives() {
         let tmp = tempfile::tempdir().unwrap();
         let archive = tmp.path().join("artifact.tar.gz");
@@ -1197,7 +1349,7 @@ mod tests {
         bytes.truncate(bytes.len() / 2);
         fs::write(&archive, bytes).unwrap();
         let dest = tmp.path().join("releases/1.0.0");
-        let err = stage(&archive, ArtifactFormat::TarGz, "app", &dest).unwrap_err();
+        let err = stage(&archive, ArtifactFormat::TarGz, "app", &dest, DISK).unwrap_err();
         assert!(matches!(err, ArtifactError::Unpack { .. }), "{err}");
         assert!(!dest.exists());
         assert_eq!(
@@ -1206,7 +1358,7 @@ mod tests {
         );
 
         fs::write(&archive, b"not gzip at all").unwrap();
-        let err = stage(&archive, ArtifactFormat::TarGz, "app", &dest).unwrap_err();
+        let err = stage(&archive, ArtifactFormat::TarGz, "app", &dest, DISK).unwrap_err();
         assert!(matches!(err, ArtifactError::Unpack { .. }), "{err}");
         assert!(!dest.exists());
     }

@@ -10,6 +10,7 @@ use rollwave_core::{TrustedKey, TrustedKeys};
 use rollwave_tls::ClientTls;
 use serde::Deserialize;
 
+use crate::disk::DiskLimits;
 use crate::haproxy::{DrainConfig, Haproxy};
 use crate::health::{HealthCheck, ResolvedCheck};
 
@@ -29,8 +30,30 @@ struct RawConfig {
     trusted_keys: Vec<String>,
     #[serde(default)]
     trusted_key_files: Vec<PathBuf>,
+    max_release_size: Option<Size>,
+    min_free_disk: Option<Size>,
+    keep_releases: Option<usize>,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
+}
+
+/// A size in `agent.toml`: bytes, or a string with a unit (`"1GiB"`).
+/// Read as any TOML value, so that a wrong type gets an error naming the
+/// field rather than serde's "did not match any variant".
+#[derive(Debug, Deserialize)]
+#[serde(transparent)]
+struct Size(toml::Value);
+
+impl Size {
+    fn bytes(self, field: &str) -> Result<u64, String> {
+        match self.0 {
+            toml::Value::Integer(n) if n >= 0 => Ok(n as u64),
+            toml::Value::String(t) => crate::disk::parse_size(field, &t),
+            other => Err(format!(
+                "{field}: {other} is not a size like \"512MiB\" or a number of bytes"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,6 +106,9 @@ pub struct AgentConfig {
     /// The keys release signatures must be made with; with none, releases
     /// are installed unsigned.
     pub trusted_keys: TrustedKeys,
+    /// `max_release_size`, `min_free_disk` and `keep_releases`: what
+    /// releases may take from the node's disk.
+    pub disk: DiskLimits,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -224,6 +250,19 @@ impl AgentConfig {
             }
         }
         let trusted_keys = trusted_keys(&raw.trusted_keys, &raw.trusted_key_files)?;
+        let mut disk = DiskLimits::default();
+        if let Some(size) = raw.max_release_size {
+            disk.max_release_size = size.bytes("max_release_size")?;
+            if disk.max_release_size == 0 {
+                return Err("max_release_size: must be more than 0".into());
+            }
+        }
+        if let Some(size) = raw.min_free_disk {
+            disk.min_free = Some(size.bytes("min_free_disk")?);
+        }
+        if let Some(keep) = raw.keep_releases {
+            disk.keep_releases = keep;
+        }
         if raw.services.is_empty() {
             return Err("service: at least one [[service]] is required".into());
         }
@@ -355,6 +394,7 @@ impl AgentConfig {
             join_token,
             labels: raw.labels,
             trusted_keys,
+            disk,
             services,
         })
     }
@@ -497,6 +537,38 @@ health = { type = "http", url = "http://127.0.0.1:8080/healthz" }
             AgentConfig::parse(&GOOD.replace("server = \"http://127.0.0.1:7700\"\n", "")).unwrap();
         assert_eq!(c.server, "https://127.0.0.1:7700");
         assert_eq!(c.tls.ca_file, None);
+    }
+
+    #[test]
+    fn parses_what_a_release_may_take_from_the_disk() {
+        let c = AgentConfig::parse(GOOD).unwrap();
+        assert_eq!(c.disk, DiskLimits::default());
+        assert_eq!(c.disk.max_release_size, 1 << 30);
+        let with = |settings: &str| {
+            AgentConfig::parse(&GOOD.replace("state_dir", &format!("{settings}\nstate_dir")))
+        };
+        let c = with("max_release_size = \"256MiB\"\nmin_free_disk = 1048576").unwrap();
+        assert_eq!(c.disk.max_release_size, 256 << 20);
+        assert_eq!(c.disk.min_free, Some(1 << 20));
+        assert_eq!(
+            with("max_release_size = \"1GB\"").unwrap_err(),
+            "max_release_size: \"1GB\" is not a size like 512MiB or 1GiB (units: KiB, MiB, GiB, TiB)"
+        );
+        assert_eq!(
+            with("max_release_size = 0").unwrap_err(),
+            "max_release_size: must be more than 0"
+        );
+        assert!(with("min_free_disk = \"lots\"")
+            .unwrap_err()
+            .starts_with("min_free_disk: "));
+        assert_eq!(
+            with("min_free_disk = true").unwrap_err(),
+            "min_free_disk: true is not a size like \"512MiB\" or a number of bytes"
+        );
+        assert_eq!(
+            with("max_release_size = -1").unwrap_err(),
+            "max_release_size: -1 is not a size like \"512MiB\" or a number of bytes"
+        );
     }
 
     #[test]

@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::config::{ServiceConfig, SwitchMode};
+use crate::disk::DiskLimits;
 use crate::layout::{copy_tree, remove_path, write_atomic, ServiceDirs};
 use crate::supervisor::Supervisor;
 use crate::{artifact, download};
@@ -125,6 +126,8 @@ pub struct Executor {
     node: OnceLock<String>,
     /// With any, nothing is staged unless its signature verifies with one.
     trusted: TrustedKeys,
+    /// What staging may take from the disk.
+    disk: DiskLimits,
 }
 
 impl Executor {
@@ -143,6 +146,7 @@ impl Executor {
             .clone()
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         state_dir: PathBuf,
         server: String,
@@ -151,6 +155,7 @@ impl Executor {
         outbox: mpsc::UnboundedSender<AgentMessage>,
         changed: Arc<Notify>,
         trusted: TrustedKeys,
+        disk: DiskLimits,
     ) -> Arc<Self> {
         let hooks_client = rollwave_hooks::client().unwrap_or_else(|e| {
             // The agent's own client differs only in its read timeout, which
@@ -169,6 +174,7 @@ impl Executor {
             hooks_client,
             node: OnceLock::new(),
             trusted,
+            disk,
         })
     }
 
@@ -330,6 +336,16 @@ impl Executor {
                 .await
             }
         };
+        if let (TaskAction::Upgrade { version, .. }, TaskOutcome::Failed { .. }) =
+            (&task.action, &outcome)
+        {
+            self.discard_unused(&svc, version);
+        }
+        if let TaskAction::Upgrade { version, .. } | TaskAction::Stage { version, .. } =
+            &task.action
+        {
+            self.prune_releases(&svc, version);
+        }
         journal.done = Some(outcome.clone());
         if let Err(e) = self.write_journal(&journal) {
             tracing::error!(task = %task.id, error = %e, "recording task result");
@@ -813,6 +829,19 @@ impl Executor {
         svc.dirs
             .discard_unverified(version)
             .map_err(|e| format!("removing a partial release: {e}"))?;
+        // Before a byte is fetched. An executable is as large as its
+        // artifact; an archive's files take at least about as much as the
+        // archive (gzip rarely shrinks what it cannot compress), and are
+        // checked again, each before it is written, while unpacking.
+        if art.format == rollwave_api::ArtifactFormat::Executable
+            && art.size > self.disk.max_release_size
+        {
+            return Err(not_installed(self.disk.too_large()));
+        }
+        let releases = svc.dirs.releases();
+        self.disk
+            .check_space(&releases, art.size.saturating_mul(2))
+            .map_err(not_installed)?;
         let file = self.download(svc, art).await.map_err(not_downloaded)?;
         let signer = if self.trusted.is_empty() {
             None
@@ -830,11 +859,13 @@ impl Executor {
         let exec_name = svc.config.name.clone();
         let format = art.format;
         let file2 = file.clone();
-        let staged =
-            tokio::task::spawn_blocking(move || artifact::stage(&file2, format, &exec_name, &dest))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
+        let disk = self.disk;
+        let staged = tokio::task::spawn_blocking(move || {
+            artifact::stage(&file2, format, &exec_name, &dest, disk)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
         let _ = std::fs::remove_file(&file);
         staged.map_err(not_installed)?;
         svc.dirs
@@ -842,6 +873,57 @@ impl Executor {
             .map_err(|e| format!("recording staged release: {e}"))?;
         self.changed.notify_one();
         Ok(())
+    }
+
+    /// Removes the release of a failed upgrade that the node does not run:
+    /// it failed here, and kept, it would only take disk space (a later
+    /// rollout to it stages it again).
+    fn discard_unused(&self, svc: &Service, version: &str) {
+        let running = svc.supervisor.status().borrow().version.clone();
+        if svc.dirs.current_version().as_deref() == Some(version)
+            || running.as_deref() == Some(version)
+        {
+            return;
+        }
+        match svc.dirs.remove_release(version) {
+            Ok(true) => {
+                tracing::info!(service = %svc.config.name, version, "removed the release of a failed upgrade");
+                self.changed.notify_one();
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(service = %svc.config.name, version, error = %e, "removing the release of a failed upgrade")
+            }
+        }
+    }
+
+    /// Keeps `keep_releases` releases besides the current one, the previous
+    /// one and `staging` (the task's, which a later task of its rollout
+    /// switches to); removes older ones. Runs under the service's lock, so
+    /// no task of the service is staging meanwhile.
+    fn prune_releases(&self, svc: &Service, staging: &str) {
+        let current = svc.dirs.current_version();
+        let previous = svc.dirs.previous_version();
+        let running = svc.supervisor.status().borrow().version.clone();
+        let keep: Vec<&str> = [
+            Some(staging),
+            current.as_deref(),
+            previous.as_deref(),
+            running.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match svc.dirs.prune_releases(&keep, self.disk.keep_releases) {
+            Ok(removed) if removed.is_empty() => {}
+            Ok(removed) => {
+                tracing::info!(service = %svc.config.name, removed = %removed.join(", "), keep_releases = self.disk.keep_releases, "removed old releases");
+                self.changed.notify_one();
+            }
+            Err(e) => {
+                tracing::warn!(service = %svc.config.name, error = %e, "removing old releases")
+            }
+        }
     }
 
     /// The artifact, size and sha256 verified, in a temporary file of the
@@ -1539,6 +1621,7 @@ mod tests {
                 tx,
                 Arc::new(Notify::new()),
                 trusted,
+                DiskLimits::default(),
             );
             executor.set_node("n1");
             let node = Node {

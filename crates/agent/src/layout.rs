@@ -165,12 +165,56 @@ impl ServiceDirs {
         out
     }
 
+    /// The version `current` pointed at before its last switch to the
+    /// version it points at now, from the switch history.
+    pub fn previous_version(&self) -> Option<String> {
+        let current = self.current_version()?;
+        let history = fs::read_to_string(self.history()).ok()?;
+        history.lines().rev().find_map(|line| {
+            // `<unix ms> <task> <from> -> <to>`
+            let mut words = line.split_whitespace().skip(2);
+            let (from, arrow, to) = (words.next()?, words.next()?, words.next()?);
+            (arrow == "->" && to == current && from != "none" && from != current)
+                .then(|| from.to_string())
+        })
+    }
+
+    /// Removes the oldest staged releases (by version) but `keep` and the
+    /// newest `others` of the rest. Returns the versions removed.
+    pub fn prune_releases(&self, keep: &[&str], others: usize) -> io::Result<Vec<String>> {
+        let rest: Vec<String> = self
+            .staged()
+            .into_iter()
+            .filter(|v| !keep.contains(&v.as_str()))
+            .collect();
+        let surplus = rest.len().saturating_sub(others);
+        let mut removed = Vec::new();
+        for v in rest.into_iter().take(surplus) {
+            self.remove_release(&v)?;
+            removed.push(v);
+        }
+        Ok(removed)
+    }
+
     /// Removes a release that is present but not verified (a crash mid-stage).
     pub fn discard_unverified(&self, version: &str) -> io::Result<()> {
-        let _ = fs::remove_file(self.marker(version));
+        self.remove_release(version).map(drop)
+    }
+
+    /// Removes a release, its marker first so that a removal cut short
+    /// leaves an unverified directory, never a release that looks staged.
+    /// Returns whether there was anything to remove. The caller makes sure
+    /// `current` does not point at it.
+    pub fn remove_release(&self, version: &str) -> io::Result<bool> {
+        let marker = match fs::remove_file(self.marker(version)) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
         match fs::remove_dir_all(self.release(version)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(marker),
+            Err(e) => Err(e),
         }
     }
 
@@ -309,6 +353,33 @@ mod tests {
         assert_eq!(dirs.current_version().as_deref(), Some("1.10.0"));
         dirs.switch_current(None).unwrap();
         assert_eq!(dirs.current_version(), None);
+    }
+
+    #[test]
+    fn prunes_the_oldest_releases_but_those_it_must_keep() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = ServiceDirs::new(tmp.path(), "api");
+        dirs.create().unwrap();
+        for v in ["1.0.0", "2.0.0", "3.0.0", "4.0.0", "5.0.0", "10.0.0"] {
+            fs::create_dir_all(dirs.release(v)).unwrap();
+            dirs.mark_staged(v, "abc", None).unwrap();
+        }
+        dirs.switch_current(Some("4.0.0")).unwrap();
+        dirs.record_switch("t1", None, Some("1.0.0")).unwrap();
+        dirs.record_switch("t2", Some("1.0.0"), Some("4.0.0"))
+            .unwrap();
+        assert_eq!(dirs.previous_version().as_deref(), Some("1.0.0"));
+        let removed = dirs.prune_releases(&["4.0.0", "1.0.0"], 2).unwrap();
+        assert_eq!(removed, ["2.0.0", "3.0.0"]);
+        assert_eq!(dirs.staged(), ["1.0.0", "4.0.0", "5.0.0", "10.0.0"]);
+        assert!(!dirs.release("2.0.0").exists());
+        assert!(!dirs.marker("2.0.0").exists());
+        // Nothing more to remove.
+        assert!(dirs
+            .prune_releases(&["4.0.0", "1.0.0"], 2)
+            .unwrap()
+            .is_empty());
+        assert!(!dirs.remove_release("2.0.0").unwrap());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod artifact;
 pub mod config;
+pub mod disk;
 pub mod download;
 pub mod enroll;
 mod executor;
@@ -91,6 +92,7 @@ pub async fn run(
         outbox_tx,
         changed.clone(),
         config.trusted_keys.clone(),
+        config.disk,
     );
     executor.set_node(&config.node);
     let endpoint = local::router(

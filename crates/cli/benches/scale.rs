@@ -193,7 +193,9 @@ impl ControlPlane {
         };
         #[cfg(not(feature = "etcd"))]
         let store_args: Vec<String> = match store {
-            "etcd" => bail!("--store etcd: build the benchmark with --features etcd (bench/run.sh does)"),
+            "etcd" => {
+                bail!("--store etcd: build the benchmark with --features etcd (bench/run.sh does)")
+            }
             _ => Vec::new(),
         };
         let dir = tempfile::Builder::new()

@@ -52,6 +52,9 @@ pub struct FleetSpec {
     pub server_args: Vec<String>,
     /// Other control plane replicas agents are told of, after the fleet's.
     pub extra_servers: Vec<String>,
+    /// More top-level settings for every `agent.toml`, one per line, e.g.
+    /// `max_release_size = "1MiB"`.
+    pub agent_settings: Vec<String>,
 }
 
 impl FleetSpec {
@@ -69,6 +72,7 @@ impl FleetSpec {
             command: None,
             server_args: Vec::new(),
             extra_servers: Vec::new(),
+            agent_settings: Vec::new(),
         }
     }
 }
@@ -608,7 +612,7 @@ fn agent_toml(
 server = {server}
 {ca_file}state_dir = {state_dir:?}
 trusted_key_files = [{trusted}]
-
+{settings}
 [labels]
 rack = "r{rack}"
 
@@ -622,6 +626,7 @@ health = {{ type = "http", url = "http://127.0.0.1:{port}/healthz", interval = "
 "#,
         state_dir = state_dir.display().to_string(),
         trusted = trusted.join(", "),
+        settings = spec.agent_settings.join("\n"),
         rack = (i - 1) % 3 + 1,
         switch = spec.switch,
         data = state_dir.join("data").display().to_string(),

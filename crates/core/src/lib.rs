@@ -37,7 +37,10 @@ pub use hooks::{
     check_haproxy_name, check_hook_name, Hook, HookAction, HookFile, HookReport, Hooks, HooksFile,
     LbState, OnError, DEFAULT_HOOK_TIMEOUT,
 };
-pub use manifest::{ReleaseManifest, MAX_MANIFEST_BYTES, RELEASE_MANIFEST};
+pub use manifest::{
+    ReleaseManifest, MANIFEST_SCAN_BYTES, MANIFEST_SCAN_ENTRIES, MAX_MANIFEST_BYTES,
+    RELEASE_MANIFEST,
+};
 pub use planner::{plan_batches, step, step_in_place, Actions, Decision, Dispatch};
 pub use rollout::{
     CommandError, Dependency, HookStage, NodeProgress, NodeState, Rollout, RolloutEvent,

@@ -30,6 +30,16 @@ use crate::{parse_duration, Hook, Span, SpecError};
 pub const RELEASE_MANIFEST: &str = "rollwave.toml";
 /// A manifest is a few lines; anything larger is not one.
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
+/// Where in an archive the manifest is looked for: among its first
+/// `MANIFEST_SCAN_ENTRIES` entries, with its header within the first
+/// `MANIFEST_SCAN_BYTES` of the inflated tar stream. The control plane reads
+/// no further when a release is pushed, so that a small upload that inflates
+/// to gigabytes costs it a bounded amount of work; agents refuse a
+/// `rollwave.toml` found further on, so that a node never runs a manifest the
+/// control plane did not see and validate.
+pub const MANIFEST_SCAN_ENTRIES: u64 = 10_000;
+/// See [`MANIFEST_SCAN_ENTRIES`].
+pub const MANIFEST_SCAN_BYTES: u64 = 64 << 20;
 /// Migrations touch all of a service's data: minutes, not seconds.
 pub const DEFAULT_MIGRATE_TIMEOUT: Span = 10 * 60_000;
 

@@ -448,10 +448,6 @@ pub fn step_in_place(r: &mut Rollout, fleet: &Fleet, now: Timestamp) -> Actions 
         }
     }
 
-    let mut stage = Vec::new();
-    if matches!(r.state, RolloutState::Running | RolloutState::Paused) && !r.spec.all_at_once {
-        stage_ahead(r, fleet, now, &mut stage);
-    }
     let state = r.state;
     match state {
         RolloutState::Running if !dry_run_first(r, fleet, now, &mut dispatch) => {}
@@ -466,6 +462,13 @@ pub fn step_in_place(r: &mut Rollout, fleet: &Fleet, now: Timestamp) -> Actions 
         RolloutState::Running => run_batches(r, fleet, now, &mut dispatch, &mut wake),
         RolloutState::RollingBack => roll_back(r, now, &mut dispatch),
         _ => {}
+    }
+    // After the upgrades of this step are assigned: a node upgraded now
+    // needs no stage task as well, which would fetch and unpack the release
+    // a second time, even after its upgrade failed.
+    let mut stage = Vec::new();
+    if matches!(r.state, RolloutState::Running | RolloutState::Paused) && !r.spec.all_at_once {
+        stage_ahead(r, fleet, now, &mut stage);
     }
     // Also in the step that completes the rollout: nodes already back get
     // their converge task now, not on a second look.

@@ -111,25 +111,52 @@ pub async fn discard(tmp: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Scanning an archive for its manifest reads it whole at worst: bound what
-/// a small, highly compressed upload can make the server inflate.
-const MAX_SCAN_BYTES: u64 = 8 << 30;
-const MAX_SCAN_ENTRIES: u64 = 200_000;
+use rollwave_core::{
+    MANIFEST_SCAN_BYTES, MANIFEST_SCAN_ENTRIES, MAX_MANIFEST_BYTES, RELEASE_MANIFEST,
+};
 
-/// The text of `rollwave.toml` at the root of a `.tar.gz`, if it has one.
+/// What the push-time scan found in a `.tar.gz`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ManifestScan {
+    /// The text of `rollwave.toml` at the archive's root.
+    Found(String),
+    /// The archive was read to its end and has no `rollwave.toml`.
+    Absent,
+    /// The scan stopped at its bound ([`MANIFEST_SCAN_ENTRIES`] entries,
+    /// [`MANIFEST_SCAN_BYTES`] inflated) without finding one. The release
+    /// has no manifest: agents refuse a `rollwave.toml` found past the bound.
+    Beyond,
+}
+
+/// Slack past [`MANIFEST_SCAN_BYTES`] for reading a manifest whose header
+/// starts just before the bound: its extended headers and its text.
+const SCAN_SLACK: u64 = (1 << 20) + MAX_MANIFEST_BYTES;
+
+/// Looks for `rollwave.toml` at the root of a `.tar.gz`, inflating at most
+/// [`MANIFEST_SCAN_BYTES`] (and a little slack), so that a small upload that
+/// inflates to gigabytes costs the control plane a bounded amount of work.
 /// Errors say why the archive is unreadable; such an upload is refused, as
 /// no agent could install it.
-pub fn read_manifest(archive: &Path) -> Result<Option<String>, String> {
-    use rollwave_core::{MAX_MANIFEST_BYTES, RELEASE_MANIFEST};
+pub fn read_manifest(archive: &Path) -> Result<ManifestScan, String> {
     let file = std::fs::File::open(archive).map_err(|e| e.to_string())?;
     let gz = flate2::read::GzDecoder::new(std::io::BufReader::new(file));
-    let mut tar = tar::Archive::new(gz.take(MAX_SCAN_BYTES));
+    let mut tar = tar::Archive::new(gz.take(MANIFEST_SCAN_BYTES + SCAN_SLACK));
+    let scan = scan_entries(&mut tar);
+    // An error because the bound cut the stream short is the bound, not a
+    // corrupt archive: what lies past it is the agents' to judge.
+    match scan {
+        Err(_) if tar.into_inner().limit() == 0 => Ok(ManifestScan::Beyond),
+        scan => scan,
+    }
+}
+
+fn scan_entries<R: Read>(tar: &mut tar::Archive<R>) -> Result<ManifestScan, String> {
     let entries = tar.entries().map_err(|e| e.to_string())?;
     for (i, entry) in entries.enumerate() {
-        if i as u64 >= MAX_SCAN_ENTRIES {
-            return Err(format!("more than {MAX_SCAN_ENTRIES} entries"));
-        }
         let mut entry = entry.map_err(|e| format!("entry {}: {e}", i + 1))?;
+        if i as u64 >= MANIFEST_SCAN_ENTRIES || entry.raw_header_position() >= MANIFEST_SCAN_BYTES {
+            return Ok(ManifestScan::Beyond);
+        }
         let path = entry.path().map_err(|e| format!("entry {}: {e}", i + 1))?;
         let at_root = path
             .components()
@@ -152,7 +179,7 @@ pub fn read_manifest(archive: &Path) -> Result<Option<String>, String> {
         entry
             .read_to_string(&mut text)
             .map_err(|e| format!("{RELEASE_MANIFEST}: {e}"))?;
-        return Ok(Some(text));
+        return Ok(ManifestScan::Found(text));
     }
-    Ok(None)
+    Ok(ManifestScan::Absent)
 }

@@ -667,11 +667,23 @@ fn push_signature(headers: &HeaderMap) -> ApiResult<Option<ReleaseSignature>> {
 /// manifest no agent would accept is refused at the door.
 async fn release_manifest(archive: &std::path::Path) -> Result<Option<ReleaseManifest>, String> {
     let path = archive.to_path_buf();
-    let text = tokio::task::spawn_blocking(move || crate::blobs::read_manifest(&path))
+    let scan = tokio::task::spawn_blocking(move || crate::blobs::read_manifest(&path))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("the archive is unreadable: {e}"))?;
-    let Some(text) = text else { return Ok(None) };
+    let text = match scan {
+        crate::blobs::ManifestScan::Found(text) => text,
+        crate::blobs::ManifestScan::Absent => return Ok(None),
+        crate::blobs::ManifestScan::Beyond => {
+            tracing::warn!(
+                archive = %archive.display(),
+                "no rollwave.toml among the archive's first {} entries and {}: the release has no manifest, and agents refuse one placed further on",
+                rollwave_core::MANIFEST_SCAN_ENTRIES,
+                rollwave_core::format_bytes(rollwave_core::MANIFEST_SCAN_BYTES),
+            );
+            return Ok(None);
+        }
+    };
     let manifest = ReleaseManifest::parse(&text).map_err(|e| e.to_string())?;
     Ok((!manifest.is_empty()).then_some(manifest))
 }

@@ -8,6 +8,7 @@ mod bad_input;
 mod browser;
 mod completions;
 mod dashboard;
+mod disk;
 mod downloads;
 mod faults;
 mod gate;
