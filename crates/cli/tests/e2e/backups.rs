@@ -113,3 +113,113 @@ async fn a_failed_migration_restores_every_nodes_data_verified() {
         "{stderr}"
     );
 }
+
+/// Overwrites every file of a backup but its manifest, keeping sizes, so
+/// that its restore fails verification.
+fn corrupt_backup(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            corrupt_backup(&path);
+        } else if path.file_name().is_some_and(|n| n != "manifest.json") {
+            let len = std::fs::metadata(&path).unwrap().len() as usize;
+            std::fs::write(&path, vec![b'x'; len]).unwrap();
+        }
+    }
+}
+
+/// A rollback that cannot bring a node back says so: the rollout ends
+/// `rollback_failed` naming the node and why, waiting exits non-zero, and
+/// `/metrics` counts it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_that_leaves_a_node_behind_ends_rollback_failed() {
+    let fleet = installed_fleet(2).await;
+    push(&fleet, "2.0.0", true).await;
+    for node in &fleet.nodes {
+        let file = node.state_dir.join("data").join("db.txt");
+        std::fs::write(&file, format!("data of {}\n", node.name)).unwrap();
+    }
+    let out = cli(
+        &fleet,
+        &[
+            "rollout",
+            "start",
+            "api@2.0.0",
+            "--waves",
+            "1:pause,100%",
+            "--min-healthy-time",
+            "300ms",
+            "--yes",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let api = fleet.api().unwrap();
+    let listed: Vec<rollwave_core::RolloutSummary> = api.get("/v1/rollouts").await.unwrap();
+    let id = listed[0].id;
+    let r = wait_rollout(&fleet, id, "the canary wave to finish", |r| {
+        r.waiting.as_deref().is_some_and(|w| w.contains("promote"))
+    })
+    .await;
+    let canary = r.batches[0][0].clone();
+    let node = fleet.nodes.iter().find(|n| n.name == canary).unwrap();
+    let backup = node
+        .state_dir
+        .join("services/api/backups")
+        .join(r.task_id(&canary, rollwave_core::TaskKind::Upgrade));
+    corrupt_backup(&backup);
+
+    let id_text = id.to_string();
+    let out = cli(&fleet, &["rollout", "rollback", &id_text, "--wait"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("rollback_failed"), "{stdout}");
+
+    let r = get(&api, id).await.unwrap();
+    assert_eq!(r.state, RolloutState::RollbackFailed, "{r:#?}");
+    let reason = r.reason.as_deref().unwrap();
+    assert!(
+        reason.starts_with(&format!(
+            "1 of 2 node(s) not back on their previous version: {canary} (rollback_failed: "
+        )),
+        "{reason}"
+    );
+    assert!(reason.contains("not verified"), "{reason}");
+    assert!(
+        reason.ends_with("the rollback followed: rollback requested by operator"),
+        "{reason}"
+    );
+    let summary: rollwave_core::RolloutSummary = api
+        .get(&format!("/v1/rollouts/{id}/summary"))
+        .await
+        .unwrap();
+    assert_eq!(summary.state, RolloutState::RollbackFailed);
+    assert_eq!(summary.problems.len(), 1, "{summary:#?}");
+    assert_eq!(summary.problems[0].node, canary);
+
+    let out = cli(&fleet, &["rollout", "status", &id_text, "--wait"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = fleet
+        .http()
+        .get(format!("{}/metrics", fleet.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == "rollwave_rollouts{state=\"rollback_failed\"} 1"),
+        "{text}"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("rollwave_rollouts{state=\"rolled_back\"}")),
+        "{text}"
+    );
+}
