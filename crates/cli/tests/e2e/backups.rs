@@ -223,3 +223,87 @@ async fn a_rollback_that_leaves_a_node_behind_ends_rollback_failed() {
         "{text}"
     );
 }
+
+/// A backup path with `restore = "never"` is copied before the switch and
+/// kept, but a rollback leaves the data the new version wrote there, and
+/// says so; the service's other path is restored as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_path_never_restored_keeps_what_the_new_version_wrote() {
+    // The hook writes to both paths, as the new version would, and fails on
+    // node-2 so that the rollout rolls node-1 back.
+    let migrate = "IFS=:; set -- $ROLLWAVE_DATA_PATHS; \
+         echo 'schema 2' > \"$1/db.txt\"; echo 'term 2' > \"$2/term\"; \
+         test \"$ROLLWAVE_NODE\" != node-2 || { echo 'migration check failed'; exit 1; }";
+    let mut spec = rollwave::fleet::FleetSpec::new(exe().into(), 2);
+    spec.hooks = vec![(
+        "migrate".into(),
+        vec!["sh".into(), "-c".into(), migrate.into()],
+    )];
+    spec.kept_data = true;
+    let fleet = installed(spec).await;
+    push(&fleet, "2.0.0", true).await;
+    for node in &fleet.nodes {
+        std::fs::write(node.state_dir.join("data/db.txt"), "schema 1\n").unwrap();
+        std::fs::write(node.state_dir.join("raft/term"), "term 1\n").unwrap();
+    }
+    let spec = RolloutFile {
+        service: Some(SERVICE.into()),
+        version: Some("2.0.0".into()),
+        hooks: Some(HooksFile {
+            post_node: vec![node_hook("migrate")],
+            ..Default::default()
+        }),
+        strategy: StrategyFile {
+            batch: Some("1".into()),
+            min_healthy_time: Some("300ms".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let r = start_file(&fleet, spec).await.unwrap().remove(0);
+    let r = wait_done(&fleet, r.id).await;
+    assert_eq!(r.state, RolloutState::RolledBack, "{r:#?}");
+    assert_fleet_on(&fleet, "1.0.0").await;
+    for node in &fleet.nodes {
+        let dir = &node.state_dir;
+        let db = std::fs::read_to_string(dir.join("data/db.txt")).unwrap();
+        assert_eq!(
+            db, "schema 1\n",
+            "{}: the on_rollback path is restored",
+            node.name
+        );
+        let term = std::fs::read_to_string(dir.join("raft/term")).unwrap();
+        assert_eq!(
+            term, "term 2\n",
+            "{}: the never path keeps its data",
+            node.name
+        );
+        // The copy is kept for manual recovery.
+        let task = r.task_id(&node.name, rollwave_core::TaskKind::Upgrade);
+        let copy = dir.join("services/api/backups").join(task).join("1/term");
+        assert_eq!(std::fs::read_to_string(&copy).unwrap(), "term 1\n");
+
+        let kept = format!(
+            "kept and not restored (restore = \"never\"): {}",
+            dir.join("raft").display()
+        );
+        assert!(
+            r.events
+                .iter()
+                .any(|e| e.node.as_deref() == Some(node.name.as_str())
+                    && e.message.contains("restored backup")
+                    && e.message.contains(&kept)),
+            "{}: {:#?}",
+            node.name,
+            r.events
+        );
+        let log = std::fs::read_to_string(dir.join("agent.log")).unwrap();
+        let raft = dir.join("raft").display().to_string();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("kept and not restored") && l.contains(&raft)),
+            "{}: {log}",
+            node.name
+        );
+    }
+}
