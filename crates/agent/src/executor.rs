@@ -48,6 +48,9 @@ struct Journal {
     #[serde(default)]
     migrated: bool,
     done: Option<TaskOutcome>,
+    /// Read back from disk by an agent that restarted while the task ran.
+    #[serde(skip)]
+    resumed: bool,
 }
 
 /// Turns `node` hooks into the commands this service declares for them.
@@ -246,7 +249,7 @@ impl Executor {
             Some(j) if j.done.is_some() => return j.done,
             Some(j) => {
                 tracing::info!(task = %task.id, "resuming task cut short by an agent restart");
-                j
+                Journal { resumed: true, ..j }
             }
             None => Journal {
                 task: task.clone(),
@@ -255,6 +258,7 @@ impl Executor {
                 migrating: false,
                 migrated: false,
                 done: None,
+                resumed: false,
             },
         };
         // Persisted before anything is touched: a resumed task must know the
@@ -380,6 +384,23 @@ impl Executor {
         }
         let deadline = Instant::now() + Duration::from_millis(deadline_ms);
         self.phase(task, "switching");
+        // `current` points at the new version but it is not what runs: the
+        // agent was killed mid-switch (a handoff candidate on trial is
+        // killed when the agent comes back; a restart may have stopped the
+        // old process only). The switch is idempotent and runs again, so
+        // the new version starts a second time: say so.
+        let running = svc.supervisor.status().borrow().version.clone();
+        if journal.resumed
+            && svc.dirs.current_version().as_deref() == Some(version)
+            && running.as_deref() != Some(version)
+        {
+            self.phase(
+                task,
+                &format!(
+                    "resuming the switch to {version} interrupted by an agent restart: starting it again"
+                ),
+            );
+        }
         let migration = release.migrate.as_ref().map(|hook| Migration {
             hook,
             ctx: self.data_context(task, svc, "migrate", previous, version, None),
