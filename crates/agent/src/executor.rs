@@ -1857,6 +1857,7 @@ mod tests {
                 migrating: true,
                 migrated: false,
                 done: None,
+                resumed: false,
             })
             .unwrap();
 
@@ -1924,6 +1925,7 @@ mod tests {
                 migrating: false,
                 migrated: false,
                 done: None,
+                resumed: false,
             })
             .unwrap();
         let (phases, outcome) = node.run(task).await;
