@@ -7,6 +7,7 @@
 #   bench/run.sh planner
 #   bench/run.sh scale [-- --agents 10000 | --sizes 100,1000,10000] [--store etcd]
 #   bench/run.sh fleet [-- --agents 200]
+#   bench/run.sh recovery [-- --rounds 20 --nodes 4]
 #   bench/run.sh all
 #
 # Each prints its figures beside the ideal it is compared to; README.md
@@ -15,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 usage() {
-  sed -n '4,9p' "$0" | sed 's/^#   /usage: /' >&2
+  sed -n '4,10p' "$0" | sed 's/^#   /usage: /' >&2
   exit 2
 }
 
@@ -48,7 +49,8 @@ run() {
     planner) cargo bench -p rollwave-core --bench planner -- "${@:2}" ;;
     scale) need_etcd; cargo bench -p rollwave --features etcd --bench scale -- "${@:2}" ;;
     fleet) cargo bench -p rollwave --bench fleet -- "${@:2}" ;;
-    *) echo "bench/run.sh: unknown benchmark \"$1\" (handoff, dashboard, verify, planner, scale, fleet, all)" >&2; exit 2 ;;
+    recovery) cargo bench -p rollwave --bench recovery -- "${@:2}" ;;
+    *) echo "bench/run.sh: unknown benchmark \"$1\" (handoff, dashboard, verify, planner, scale, fleet, recovery, all)" >&2; exit 2 ;;
   esac
 }
 

@@ -69,7 +69,7 @@ struct RawService {
     reload_signal: Option<String>,
     stop_grace: Option<String>,
     #[serde(default)]
-    backup: Vec<PathBuf>,
+    backup: Vec<RawBackup>,
     backups_kept: Option<usize>,
     #[serde(default)]
     listen: Vec<String>,
@@ -85,6 +85,18 @@ struct RawService {
 enum Servers {
     One(String),
     Many(Vec<String>),
+}
+
+/// A backup path: `"/var/lib/api"`, or a table that says whether a
+/// rollback restores it: `{ path = "/var/lib/etcd", restore = "never" }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawBackup {
+    Path(PathBuf),
+    Table {
+        path: PathBuf,
+        restore: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -128,6 +140,10 @@ pub struct ServiceConfig {
     pub stop_grace_ms: u64,
     /// Paths copied before a switch and restored by a rollback.
     pub backup: Vec<PathBuf>,
+    /// The backup paths with `restore = "never"`: copied like the others,
+    /// kept for manual recovery, never put back by a rollback (a consensus
+    /// member's data must not go back in time under peers that moved on).
+    pub never_restore: Vec<PathBuf>,
     pub backups_kept: usize,
     /// Sockets the agent opens and passes to the service (socket activation).
     pub listen: Vec<SocketAddr>,
@@ -313,13 +329,29 @@ impl AgentConfig {
                 Some(g) => rollwave_core::parse_duration(&format!("{at}.stop_grace"), g)
                     .map_err(|e| e.to_string())?,
             };
-            for p in &s.backup {
+            let mut backup = Vec::new();
+            let mut never_restore = Vec::new();
+            for (i, b) in s.backup.into_iter().enumerate() {
+                let (p, restore) = match b {
+                    RawBackup::Path(p) => (p, None),
+                    RawBackup::Table { path, restore } => (path, restore),
+                };
                 if !p.is_absolute() {
                     return Err(format!(
                         "{at}.backup: {} must be an absolute path",
                         p.display()
                     ));
                 }
+                match restore.as_deref() {
+                    None | Some("on_rollback") => {}
+                    Some("never") => never_restore.push(p.clone()),
+                    Some(other) => {
+                        return Err(format!(
+                            "{at}.backup[{i}].restore: {other:?} is not one of \"on_rollback\", \"never\""
+                        ))
+                    }
+                }
+                backup.push(p);
             }
             let mut listen = Vec::new();
             for a in &s.listen {
@@ -377,7 +409,8 @@ impl AgentConfig {
                 stop_signal,
                 reload_signal,
                 stop_grace_ms,
-                backup: s.backup,
+                backup,
+                never_restore,
                 backups_kept,
                 listen,
                 switch,
@@ -663,6 +696,20 @@ health = { type = "http", url = "http://127.0.0.1:8080/healthz" }
     }
 
     #[test]
+    fn a_backup_path_may_be_kept_and_never_restored() {
+        let text = GOOD.replace(
+            "\"/var/lib/api\"",
+            "\"/var/lib/api\", { path = \"/var/lib/etcd\", restore = \"never\" }, \
+             { path = \"/var/lib/cache\", restore = \"on_rollback\" }",
+        );
+        let c = AgentConfig::parse(&text).unwrap();
+        let s = &c.services[0];
+        let paths = ["/var/lib/api", "/var/lib/etcd", "/var/lib/cache"].map(PathBuf::from);
+        assert_eq!(s.backup, paths);
+        assert_eq!(s.never_restore, [PathBuf::from("/var/lib/etcd")]);
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let cases = [
             (
@@ -685,6 +732,13 @@ health = { type = "http", url = "http://127.0.0.1:8080/healthz" }
             (
                 GOOD.replace("\"/var/lib/api\"", "\"rel\""),
                 "service.api.backup",
+            ),
+            (
+                GOOD.replace(
+                    "\"/var/lib/api\"",
+                    "\"/var/lib/api\", { path = \"/var/lib/raft\", restore = \"sometimes\" }",
+                ),
+                "service.api.backup[1].restore: \"sometimes\" is not one of \"on_rollback\", \"never\"",
             ),
             (
                 GOOD.replace("name = \"api\"", "name = \"../x\""),

@@ -49,6 +49,9 @@ struct Journal {
     #[serde(default)]
     migrated: bool,
     done: Option<TaskOutcome>,
+    /// Read back from disk by an agent that restarted while the task ran.
+    #[serde(skip)]
+    resumed: bool,
 }
 
 /// Turns `node` hooks into the commands this service declares for them.
@@ -269,7 +272,7 @@ impl Executor {
             Some(j) if j.done.is_some() => return j.done,
             Some(j) => {
                 tracing::info!(task = %task.id, "resuming task cut short by an agent restart");
-                j
+                Journal { resumed: true, ..j }
             }
             None => Journal {
                 task: task.clone(),
@@ -278,6 +281,7 @@ impl Executor {
                 migrating: false,
                 migrated: false,
                 done: None,
+                resumed: false,
             },
         };
         // Persisted before anything is touched: a resumed task must know the
@@ -413,6 +417,23 @@ impl Executor {
         }
         let deadline = Instant::now() + Duration::from_millis(deadline_ms);
         self.phase(task, "switching");
+        // `current` points at the new version but it is not what runs: the
+        // agent was killed mid-switch (a handoff candidate on trial is
+        // killed when the agent comes back; a restart may have stopped the
+        // old process only). The switch is idempotent and runs again, so
+        // the new version starts a second time: say so.
+        let running = svc.supervisor.status().borrow().version.clone();
+        if journal.resumed
+            && svc.dirs.current_version().as_deref() == Some(version)
+            && running.as_deref() != Some(version)
+        {
+            self.phase(
+                task,
+                &format!(
+                    "resuming the switch to {version} interrupted by an agent restart: starting it again"
+                ),
+            );
+        }
         let migration = release.migrate.as_ref().map(|hook| Migration {
             hook,
             ctx: self.data_context(task, svc, "migrate", previous, version, None),
@@ -1131,15 +1152,25 @@ impl Data<'_> {
             Data::Backup(task) => backup(svc, task, from, to)
                 .map(|()| None)
                 .map_err(|e| format!("backup failed, nothing switched: {e}")),
-            Data::Restore(task) => Ok(restore(svc, task)?.map(|r| match r {
-                Restored::Verified { files, bytes } => format!(
-                    "restored backup {task}: {files} file{}, {}, verified",
-                    if files == 1 { "" } else { "s" },
-                    rollwave_core::format_bytes(bytes)
-                ),
-                Restored::Unverified => {
-                    format!("restored backup {task}: not verified: backup predates checksums")
+            Data::Restore(task) => Ok(restore(svc, task)?.map(|(r, kept)| {
+                let mut phase = match r {
+                    Restored::Verified { files, bytes } => format!(
+                        "restored backup {task}: {files} file{}, {}, verified",
+                        if files == 1 { "" } else { "s" },
+                        rollwave_core::format_bytes(bytes)
+                    ),
+                    Restored::Unverified => {
+                        format!("restored backup {task}: not verified: backup predates checksums")
+                    }
+                };
+                if !kept.is_empty() {
+                    let kept: Vec<String> = kept.iter().map(|p| p.display().to_string()).collect();
+                    phase.push_str(&format!(
+                        "; kept and not restored (restore = \"never\"): {}",
+                        kept.join(", ")
+                    ));
                 }
+                phase
             })),
         }
     }
@@ -1409,8 +1440,10 @@ enum Restored {
 
 /// Puts the backed-up paths back as they were (present ones replaced by the
 /// copy, ones that did not exist removed), then reads them back and checks
-/// them against the manifest. `None` if the task took no backup.
-fn restore(svc: &Service, task_id: &str) -> Result<Option<Restored>, String> {
+/// them against the manifest. Paths the service marks `restore = "never"`
+/// are left as they are (their copy stays in the backup) and returned
+/// beside what was restored. `None` if the task took no backup.
+fn restore(svc: &Service, task_id: &str) -> Result<Option<(Restored, Vec<PathBuf>)>, String> {
     let dir = svc.dirs.backups().join(task_id);
     let failed = |e: std::io::Error| format!("restoring backup {task_id}: {e}");
     let Some(manifest) = read_manifest(&dir).map_err(failed)? else {
@@ -1423,18 +1456,33 @@ fn restore(svc: &Service, task_id: &str) -> Result<Option<Restored>, String> {
         ),
         AnyManifest::V1(paths) => (paths, None),
     };
+    let kept_paths: Vec<PathBuf> = paths
+        .iter()
+        .filter(|(p, _)| svc.config.never_restore.contains(p))
+        .map(|(p, _)| p.clone())
+        .collect();
+    let kept = |i: usize| svc.config.never_restore.contains(&paths[i].0);
     for (i, (path, existed)) in paths.iter().enumerate() {
+        if kept(i) {
+            tracing::info!(backup = %task_id, path = %path.display(), "kept, not restored (restore = \"never\")");
+            continue;
+        }
         remove_path(path).map_err(failed)?;
         if *existed {
             copy_tree(&dir.join(i.to_string()), path).map_err(failed)?;
         }
     }
-    let Some(expected) = files else {
-        return Ok(Some(Restored::Unverified));
+    let Some(mut expected) = files else {
+        return Ok(Some((Restored::Unverified, kept_paths)));
     };
+    // A file's path in the manifest starts with its backup path's index.
+    expected.retain(|f| {
+        let index = f.path.split('/').next().and_then(|i| i.parse().ok());
+        !index.is_some_and(kept)
+    });
     let mut found = Vec::new();
     for (i, (path, existed)) in paths.iter().enumerate() {
-        if *existed {
+        if *existed && !kept(i) {
             walk_files(path, &i.to_string(), true, &mut found).map_err(failed)?;
         }
     }
@@ -1465,10 +1513,11 @@ fn restore(svc: &Service, task_id: &str) -> Result<Option<Restored>, String> {
             return Err(not_verified(format!("{}: sha256 differs", path.display())));
         }
     }
-    Ok(Some(Restored::Verified {
+    let restored = Restored::Verified {
         files: expected.len() as u64,
         bytes: expected.iter().map(|f| f.size).sum(),
-    }))
+    };
+    Ok(Some((restored, kept_paths)))
 }
 
 /// The complete backups of a service (those with a manifest), newest first.
@@ -1909,6 +1958,7 @@ mod tests {
                 migrating: true,
                 migrated: false,
                 done: None,
+                resumed: false,
             })
             .unwrap();
 
@@ -1976,6 +2026,7 @@ mod tests {
                 migrating: false,
                 migrated: false,
                 done: None,
+                resumed: false,
             })
             .unwrap();
         let (phases, outcome) = node.run(task).await;

@@ -17,7 +17,7 @@ pub mod local;
 mod session;
 mod supervisor;
 
-pub use session::{dial_session, session_url, Dialed, SessionStream, CONNECT_TIMEOUT};
+pub use session::{dial_session, session_url, Backoff, Dialed, SessionStream, CONNECT_TIMEOUT};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -22,8 +22,14 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use crate::config::AgentConfig;
 use crate::executor::{snapshot, Executor, Services};
 
+/// Waits between attempts to reach the control plane: at least
+/// `BACKOFF_MIN`, plus a random part (full jitter) of a span that doubles
+/// from `BACKOFF_MIN` to `BACKOFF_MAX`. A control plane restarted in a second
+/// or two is reached again within about a second of being back, while a
+/// fleet of 10,000 agents spreads its attempts over the span instead of
+/// arriving together.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
 /// TCP connect, TLS handshake and WebSocket upgrade together: a control
 /// plane that accepts connections but never answers is retried like one
@@ -39,7 +45,7 @@ pub async fn run(
     mut outbox: mpsc::UnboundedReceiver<AgentMessage>,
     changed: Arc<Notify>,
 ) {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::default();
     // Which of the replicas to try: the same again after a session that
     // ended (it may be back at once), the next after a failed attempt (it
     // may be down, or follow another and send agents to the leader).
@@ -53,10 +59,26 @@ pub async fn run(
             credential: &credential,
         };
         executor.set_server(server);
-        let ended = session(&config, dial, &services, &executor, &mut outbox, &changed).await;
+        let mut opened = false;
+        let ended = session(
+            &config,
+            dial,
+            &services,
+            &executor,
+            &mut outbox,
+            &changed,
+            &mut opened,
+        )
+        .await;
         if !matches!(ended, Ok(Ended::Closed)) {
             at += 1;
         }
+        // A session that was up and dropped (a restarted control plane)
+        // starts over with short waits, however long the last outage was.
+        if opened {
+            backoff = Backoff::default();
+        }
+        let wait = backoff.next(random());
         match ended {
             Ok(Ended::Refused(reason)) => {
                 tracing::error!(reason = %reason, "control plane refused this agent");
@@ -64,23 +86,51 @@ pub async fn run(
                 continue;
             }
             Ok(Ended::Closed) => {
-                tracing::warn!("connection to the control plane closed; reconnecting");
-                backoff = BACKOFF_MIN;
+                tracing::warn!(retry_in = ?wait, "connection to the control plane closed; reconnecting");
             }
             Err(e) => match rollwave_tls::describe_error(e.as_ref()) {
                 // Not a passing fault: said louder, and in rustls's words
                 // rather than behind the WebSocket's layers.
                 Some(tls) => {
-                    tracing::error!(server = %server, error = %tls, retry_in = ?backoff, "control plane's certificate refused")
+                    tracing::error!(server = %server, error = %tls, retry_in = ?wait, "control plane's certificate refused")
                 }
                 None => {
-                    tracing::warn!(server = %server, error = %e, retry_in = ?backoff, "control plane unreachable")
+                    tracing::warn!(server = %server, error = %e, retry_in = ?wait, "control plane unreachable")
                 }
             },
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        tokio::time::sleep(wait).await;
     }
+}
+
+/// The waits between reconnection attempts (see [`BACKOFF_MIN`]); shared
+/// with `rollwave sim`, whose virtual agents reconnect as agents do.
+#[derive(Debug)]
+pub struct Backoff {
+    /// The span the next wait's random part is drawn from.
+    span: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { span: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    /// The next wait, given a random number, and a longer span after it.
+    pub fn next(&mut self, random: u64) -> Duration {
+        let span = self.span.as_millis() as u64;
+        let wait = BACKOFF_MIN + Duration::from_millis(random % (span + 1));
+        self.span = (self.span * 2).min(BACKOFF_MAX - BACKOFF_MIN);
+        wait
+    }
+}
+
+/// A random number from the operating system; 0 if it has none to give,
+/// which only costs the jitter.
+fn random() -> u64 {
+    getrandom::u64().unwrap_or(0)
 }
 
 enum Ended {
@@ -158,6 +208,7 @@ async fn session(
     executor: &Arc<Executor>,
     outbox: &mut mpsc::UnboundedReceiver<AgentMessage>,
     changed: &Notify,
+    opened: &mut bool,
 ) -> anyhow::Result<Ended> {
     let server = dial.url.to_string();
     let ws = match dial_session(dial.url, dial.credential, dial.connector, None).await? {
@@ -180,6 +231,7 @@ async fn session(
     };
     sink.send(Message::text(serde_json::to_string(&hello)?))
         .await?;
+    *opened = true;
     tracing::info!(%server, node = %config.node, "connected to the control plane");
     // The control plane pings every few seconds. A connection that carries
     // nothing for longer is dead though never closed (a partition, a lost
@@ -240,5 +292,42 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_start_short_grow_to_the_max_and_spread() {
+        let ms = |d: Duration| d.as_millis() as u64;
+        let mut b = Backoff::default();
+        // The first retry comes within 100 to 200 ms.
+        assert_eq!(ms(b.next(0)), 100);
+        let mut b = Backoff::default();
+        assert_eq!(ms(b.next(100)), 200);
+        // Each span doubles, up to the max.
+        let mut b = Backoff::default();
+        let highest: Vec<u64> = (0..8).map(|_| ms(b.next(u64::MAX))).collect();
+        let spans: Vec<u64> = (0..8)
+            .scan(100u64, |s, _| {
+                let now = *s;
+                *s = (now * 2).min(1_900);
+                Some(100 + now)
+            })
+            .collect();
+        for (got, span) in highest.iter().zip(&spans) {
+            assert!(*got >= 100 && *got <= *span, "{highest:?} within {spans:?}");
+        }
+        // Wide enough at the max that 10,000 agents spread over it.
+        let mut b = Backoff::default();
+        for _ in 0..10 {
+            b.next(0);
+        }
+        let waits: std::collections::BTreeSet<u64> =
+            (0..2_000).map(|r| ms(b.next(r * 997))).collect();
+        assert!(waits.len() > 1_000, "{} distinct waits", waits.len());
+        assert!(waits.iter().all(|&w| (100..=2_000).contains(&w)));
     }
 }

@@ -898,6 +898,7 @@ pub(crate) mod testing {
             reload_signal,
             stop_grace_ms: 10_000,
             backup: Vec::new(),
+            never_restore: Vec::new(),
             backups_kept: 1,
             listen: Vec::new(),
             switch: SwitchMode::Restart,

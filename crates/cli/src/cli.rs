@@ -436,6 +436,10 @@ pub enum RolloutCommand {
     /// Return every node this rollout upgraded to its previous version.
     Rollback {
         id: u64,
+        /// Follow the rollback until it ends; exit non-zero unless every
+        /// node is back on its previous version (state `rolled_back`).
+        #[arg(long)]
+        wait: bool,
     },
     /// Let a canary continue past the wave it waits after.
     Promote {

@@ -12,8 +12,8 @@ use rollwave_api::{
     ServiceSummary, StartRollout,
 };
 use rollwave_core::{
-    format_duration, parse_version, validate_service_name, AuditEntry, Rollout, RolloutSummary,
-    StrategyFile, WaveFile,
+    format_duration, parse_version, validate_service_name, AuditEntry, Rollout, RolloutState,
+    RolloutSummary, StrategyFile, WaveFile,
 };
 use sha2::{Digest, Sha256};
 
@@ -508,7 +508,18 @@ async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode
         RolloutCommand::Pause { id } => command(&api, id, "pause").await,
         RolloutCommand::Resume { id } => command(&api, id, "resume").await,
         RolloutCommand::Cancel { id } => command(&api, id, "cancel").await,
-        RolloutCommand::Rollback { id } => command(&api, id, "rollback").await,
+        RolloutCommand::Rollback { id, wait } => {
+            command(&api, id, "rollback").await?;
+            if !wait {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let r = follow(&api, id, true).await?;
+            Ok(if r.state == RolloutState::RolledBack {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         RolloutCommand::Promote { id } => command(&api, id, "promote").await,
     }
 }

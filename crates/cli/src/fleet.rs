@@ -55,6 +55,9 @@ pub struct FleetSpec {
     /// More top-level settings for every `agent.toml`, one per line, e.g.
     /// `max_release_size = "1MiB"`.
     pub agent_settings: Vec<String>,
+    /// A second backup path for `api`, `state_dir/raft`, that a rollback
+    /// never restores (`restore = "never"`), as a consensus member's data.
+    pub kept_data: bool,
 }
 
 impl FleetSpec {
@@ -73,6 +76,7 @@ impl FleetSpec {
             server_args: Vec::new(),
             extra_servers: Vec::new(),
             agent_settings: Vec::new(),
+            kept_data: false,
         }
     }
 }
@@ -218,6 +222,9 @@ impl Fleet {
             let name = format!("node-{i}");
             let state_dir = dir.join(&name);
             std::fs::create_dir_all(state_dir.join("data"))?;
+            if spec.kept_data {
+                std::fs::create_dir_all(state_dir.join("raft"))?;
+            }
             let port = unique_port()?;
             let mut extra_ports = BTreeMap::new();
             for service in &spec.extra_services {
@@ -621,7 +628,7 @@ name = "api"
 command = [{command}]
 switch = "{switch}"
 {listen}{drain}{hooks}stop_grace = "5s"
-backup = [{data:?}]
+backup = [{data:?}{kept}]
 health = {{ type = "http", url = "http://127.0.0.1:{port}/healthz", interval = "{interval}", timeout = "1s", healthy_threshold = 1, unhealthy_threshold = 2 }}
 "#,
         state_dir = state_dir.display().to_string(),
@@ -630,6 +637,14 @@ health = {{ type = "http", url = "http://127.0.0.1:{port}/healthz", interval = "
         rack = (i - 1) % 3 + 1,
         switch = spec.switch,
         data = state_dir.join("data").display().to_string(),
+        kept = if spec.kept_data {
+            format!(
+                ", {{ path = {:?}, restore = \"never\" }}",
+                state_dir.join("raft").display().to_string()
+            )
+        } else {
+            String::new()
+        },
         interval = spec.check_interval,
     )
 }

@@ -43,8 +43,6 @@ use tokio_tungstenite::Connector;
 use crate::cli::SimArgs;
 use crate::client::user_error;
 
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// As the agent: a refused credential is not retried quickly.
 const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
 /// How long the control plane has to answer the first request before the
@@ -394,6 +392,12 @@ fn parse_labels(text: &str) -> Result<Vec<(String, Template)>, String> {
 
 /// A number in [0, 1) that depends only on its inputs: the same seed fails
 /// the same tasks on the same nodes whatever order they arrive in.
+/// A reconnection's random number, drawn from the seed.
+fn random(sim: &Sim, node: usize, attempt: u64) -> u64 {
+    let d = draw(sim.config.seed, node, &format!("reconnect-{attempt}"));
+    (d * u64::MAX as f64) as u64
+}
+
 fn draw(seed: u64, node: usize, task: &str) -> f64 {
     // FNV-1a over the task id, then splitmix64's finalizer to spread it.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
@@ -654,15 +658,15 @@ impl VirtualAgent {
         }
     }
 
-    /// Connects and reconnects for ever, with the agent's backoff (and some
-    /// jitter, so that a fleet cut off at once does not come back at once).
+    /// Connects and reconnects for ever, with the agent's backoff, its
+    /// jitter drawn from the seed.
     async fn run(mut self, sim: Arc<Sim>) {
         let url = rollwave_agent::session_url(&sim.config.server);
         // Small buffers: the messages are small, and there are many sessions.
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(4096)
             .write_buffer_size(0);
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = rollwave_agent::Backoff::default();
         let mut attempt = 0u64;
         loop {
             attempt += 1;
@@ -680,6 +684,7 @@ impl VirtualAgent {
                     sim.connected.fetch_sub(1, Ordering::Relaxed);
                     self.outbox
                         .retain(|m| matches!(m, AgentMessage::TaskResult { .. }));
+                    backoff = rollwave_agent::Backoff::default();
                     match ended {
                         Ok(Ended::Refused(reason)) => {
                             sim.refused.fetch_add(1, Ordering::Relaxed);
@@ -688,8 +693,7 @@ impl VirtualAgent {
                         }
                         Ok(Ended::Closed) | Err(_) => {
                             tracing::debug!(node = %self.name, "session ended; reconnecting");
-                            backoff = BACKOFF_MIN;
-                            backoff
+                            backoff.next(random(&sim, self.index, attempt))
                         }
                     }
                 }
@@ -700,14 +704,9 @@ impl VirtualAgent {
                 }
                 Err(e) => {
                     tracing::debug!(node = %self.name, error = %e, "control plane unreachable");
-                    let wait = backoff;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    wait
+                    backoff.next(random(&sim, self.index, attempt))
                 }
             };
-            // Half the wait, plus up to as much again.
-            let jitter = draw(sim.config.seed, self.index, &attempt.to_string());
-            let wait = wait / 2 + wait.mul_f64(jitter / 2.0);
             self.idle(&sim, wait).await;
         }
     }

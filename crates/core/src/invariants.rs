@@ -103,7 +103,9 @@ pub fn batch_order<'a>(
 }
 
 /// A finished rollout's nodes agree with its verdict: a rolled-back rollout
-/// leaves no node upgraded or in flight; a completed one leaves no node
+/// leaves no node upgraded, in flight or not back ([`crate::NodeProgress::not_back`]);
+/// one whose rollback failed leaves none upgraded or in flight and at least
+/// one not back; a completed one leaves no node
 /// pending or in flight (but converging: see [`converged_when_back`]), and no
 /// more failed nodes than `max_failures`.
 pub fn settled(r: &Rollout) -> Result<(), String> {
@@ -120,7 +122,21 @@ pub fn settled(r: &Rollout) -> Result<(), String> {
             })
     };
     let problem = match r.state {
-        RolloutState::RolledBack => bad(&|s| s != NodeState::Upgraded && !s.in_flight()),
+        RolloutState::RolledBack => r
+            .nodes
+            .iter()
+            .find(|(_, n)| n.not_back())
+            .map(|(name, n)| {
+                format!(
+                    "rollout is rolled_back but {name} is not back ({})",
+                    n.state.as_str()
+                )
+            })
+            .or_else(|| bad(&|s| s != NodeState::Upgraded && !s.in_flight())),
+        RolloutState::RollbackFailed if !r.nodes.values().any(|n| n.not_back()) => {
+            Some("rollout is rollback_failed but every node is back".into())
+        }
+        RolloutState::RollbackFailed => bad(&|s| s != NodeState::Upgraded && !s.in_flight()),
         RolloutState::Completed => {
             let failed = r.count(NodeState::Failed);
             if failed > r.spec.max_failures as usize {

@@ -1186,9 +1186,7 @@ fn roll_back(r: &mut Rollout, now: Timestamp, dispatch: &mut Vec<Dispatch>) {
     }
     let busy: Vec<&str> = r.in_flight().map(|(n, _)| n).collect();
     if busy.is_empty() {
-        let reason = r.reason.clone();
-        r.set_state(RolloutState::RolledBack, None, now);
-        r.reason = reason;
+        r.finish_rollback(now);
     } else {
         r.waiting = Some(format!("rolling back: waiting for {}", busy.join(", ")));
     }

@@ -23,7 +23,12 @@ pub enum RolloutState {
     Cancelled,
     /// Returning every upgraded node to its previous version.
     RollingBack,
+    /// Every node the rollout changed is back on its previous version.
     RolledBack,
+    /// The rollback ended with nodes that are not back, or not known to be:
+    /// a revert that failed, or a node lost while its task ran. The reason
+    /// names them.
+    RollbackFailed,
 }
 
 impl RolloutState {
@@ -34,6 +39,7 @@ impl RolloutState {
                 | RolloutState::Failed
                 | RolloutState::Cancelled
                 | RolloutState::RolledBack
+                | RolloutState::RollbackFailed
         )
     }
 
@@ -46,6 +52,7 @@ impl RolloutState {
             RolloutState::Cancelled => "cancelled",
             RolloutState::RollingBack => "rolling_back",
             RolloutState::RolledBack => "rolled_back",
+            RolloutState::RollbackFailed => "rollback_failed",
         }
     }
 }
@@ -174,6 +181,28 @@ pub struct NodeProgress {
     #[schema(value_type = u64)]
     pub updated_at: Timestamp,
 }
+
+impl NodeProgress {
+    /// Whether a rollback cannot count this node as back on the version it
+    /// ran before: its revert failed, or it was lost while a task that
+    /// switches versions ran, so what it runs now is not known.
+    pub fn not_back(&self) -> bool {
+        match self.state {
+            NodeState::RollbackFailed => true,
+            NodeState::Unreachable => self.task.as_ref().is_some_and(|t| {
+                matches!(
+                    t.kind,
+                    TaskKind::Upgrade | TaskKind::Revert | TaskKind::Converge
+                )
+            }),
+            _ => false,
+        }
+    }
+}
+
+/// Joins a rollback's own reason to why it was started, in a
+/// `RollbackFailed` rollout's reason; [`Rollout::rollback_cause`] splits it.
+const ROLLBACK_CAUSE: &str = "; the rollback followed: ";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RolloutEvent {
@@ -444,7 +473,7 @@ impl Rollout {
         let mut out = h.post_rollout.clone();
         match self.state {
             RolloutState::Completed => out.extend(h.on_success.iter().cloned()),
-            RolloutState::Failed | RolloutState::RolledBack => {
+            RolloutState::Failed | RolloutState::RolledBack | RolloutState::RollbackFailed => {
                 out.extend(h.on_failure.iter().cloned())
             }
             _ => {}
@@ -539,6 +568,54 @@ impl Rollout {
     pub fn fully_upgraded(&self) -> bool {
         self.state == RolloutState::Completed
             && self.nodes.values().all(|n| n.state == NodeState::Upgraded)
+    }
+
+    /// Ends a rollback that has nothing left in flight: `RolledBack` when
+    /// every node is back, else `RollbackFailed`, with a reason that names
+    /// the nodes that are not (and why) before why the rollback started.
+    pub(crate) fn finish_rollback(&mut self, now: Timestamp) {
+        let mut not_back = Vec::new();
+        let mut total = 0;
+        for (name, n) in self.nodes.iter().filter(|(_, n)| n.not_back()) {
+            total += 1;
+            if not_back.len() < crate::summary::PROBLEMS_SHOWN {
+                let why = n.reason.as_deref().unwrap_or("no reason given");
+                not_back.push(format!("{name} ({}: {why})", n.state.as_str()));
+            }
+        }
+        let cause = self.rollback_cause().map(str::to_string);
+        if total == 0 {
+            self.set_state(RolloutState::RolledBack, None, now);
+            self.reason = cause;
+            return;
+        }
+        let more = match total - not_back.len() {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        };
+        let mut reason = format!(
+            "{total} of {} node(s) not back on their previous version: {}{more}",
+            self.nodes.len(),
+            not_back.join("; ")
+        );
+        if let Some(c) = cause {
+            reason.push_str(ROLLBACK_CAUSE);
+            reason.push_str(&c);
+        }
+        self.set_state(RolloutState::RollbackFailed, Some(reason), now);
+    }
+
+    /// Why the rollback was started: the reason, without what a
+    /// `RollbackFailed` state added to it.
+    pub fn rollback_cause(&self) -> Option<&str> {
+        let reason = self.reason.as_deref()?;
+        if self.state != RolloutState::RollbackFailed {
+            return Some(reason);
+        }
+        reason
+            .split_once(ROLLBACK_CAUSE)
+            .map(|(_, cause)| cause)
+            .or(Some(reason))
     }
 
     pub(crate) fn event(&mut self, now: Timestamp, node: Option<&str>, message: String) {
@@ -665,7 +742,11 @@ impl Rollout {
     /// Returns every node this rollout upgraded to its previous version.
     pub fn rollback(&mut self, now: Timestamp) -> Result<(), CommandError> {
         match self.state {
-            RolloutState::RollingBack | RolloutState::RolledBack => Ok(()),
+            // A revert that failed is answered from the node's journal if
+            // sent again: a node that did not come back needs the operator.
+            RolloutState::RollingBack | RolloutState::RolledBack | RolloutState::RollbackFailed => {
+                Ok(())
+            }
             _ => {
                 self.set_state(
                     RolloutState::RollingBack,
@@ -818,8 +899,17 @@ impl Rollout {
         self.event(now, Some(node), msg);
         // A node given up as unreachable may report a late upgrade after the
         // rollback finished: reopen it, so that this node is returned too.
-        if state == NodeState::Upgraded && self.state == RolloutState::RolledBack {
+        // Any late result of a rollback that did not bring every node back
+        // may change that verdict: the next step decides it again.
+        let reopen = match self.state {
+            RolloutState::RolledBack => state == NodeState::Upgraded,
+            RolloutState::RollbackFailed => true,
+            _ => false,
+        };
+        if reopen {
+            let cause = self.rollback_cause().map(str::to_string);
             self.set_state(RolloutState::RollingBack, None, now);
+            self.reason = cause;
             self.finished_at = None;
         }
         true

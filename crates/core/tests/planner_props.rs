@@ -1406,7 +1406,10 @@ impl Sim {
             r.waiting
         );
         assert_eq!(r.in_flight().count(), 0);
-        if r.state == RolloutState::RolledBack {
+        if matches!(
+            r.state,
+            RolloutState::RolledBack | RolloutState::RollbackFailed
+        ) {
             settled(r).unwrap_or_else(|e| panic!("after late reports: {e}"));
         }
         // A late failure after completion is recorded without reopening the
@@ -1645,6 +1648,64 @@ fn a_failure_beyond_max_failures_reverts_every_upgraded_node_at_once() {
 }
 
 #[test]
+fn a_rollback_that_leaves_a_node_behind_ends_rollback_failed_naming_it() {
+    let fleet = healthy_fleet(3);
+    let mut r = plan_batches(1, spec("1", "1", StrategyFile::default()), &fleet, T0).unwrap();
+    let mut now = T0;
+    for _ in 0..2 {
+        let d = step(&r, &fleet, now);
+        r = d.rollout.clone();
+        now += 20 * SEC;
+        succeed_all(&mut r, &d, now);
+    }
+    // n3 fails: n1 and n2 go back, and n2's revert fails.
+    let d = step(&r, &fleet, now);
+    r = d.rollout.clone();
+    let failed = |reason: &str| TaskOutcome::Failed {
+        reason: reason.into(),
+    };
+    assert!(r.record_result(
+        "n3",
+        &d.dispatch[0].task.id,
+        &failed("health check failed"),
+        now
+    ));
+    let d = step(&r, &fleet, now);
+    assert_eq!(
+        dispatched(&d),
+        [("n1", TaskKind::Revert), ("n2", TaskKind::Revert)]
+    );
+    r = d.rollout.clone();
+    now += SEC;
+    assert!(r.record_result("n1", &d.dispatch[0].task.id, &TaskOutcome::Succeeded, now));
+    let restore = "restore of backup r1-up-n2 not verified: 0/db: sha256 differs";
+    assert!(r.record_result("n2", &d.dispatch[1].task.id, &failed(restore), now));
+    let d = step(&r, &fleet, now);
+    let r = d.rollout;
+    assert_eq!(r.state, RolloutState::RollbackFailed, "{:?}", r.reason);
+    assert!(r.state.is_terminal() && !r.is_active());
+    assert_eq!(
+        r.reason.as_deref(),
+        Some(
+            "1 of 3 node(s) not back on their previous version: \
+             n2 (rollback_failed: restore of backup r1-up-n2 not verified: 0/db: sha256 differs); \
+             the rollback followed: 1 node(s) failed, more than max_failures = 0 (n3: health check failed)"
+        )
+    );
+    assert_eq!(
+        r.rollback_cause(),
+        Some("1 node(s) failed, more than max_failures = 0 (n3: health check failed)")
+    );
+    settled(&r).unwrap();
+    // Nothing more to decide, and asking for a rollback again changes nothing.
+    let again = step(&r, &fleet, now + SEC);
+    assert!(!again.changed && again.dispatch.is_empty());
+    let mut asked = r.clone();
+    asked.rollback(now + SEC).unwrap();
+    assert_eq!(asked, r);
+}
+
+#[test]
 fn a_late_upgrade_after_the_rollback_finished_is_rolled_back_too() {
     let mut fleet = healthy_fleet(2);
     let strategy = StrategyFile {
@@ -1668,7 +1729,18 @@ fn a_late_upgrade_after_the_rollback_finished_is_rolled_back_too() {
     };
     assert!(r.record_result("n2", &d.dispatch[0].task.id, &failed, now));
     let d = step(&r, &fleet, now);
-    assert_eq!(d.rollout.state, RolloutState::RolledBack);
+    // What n1 runs is not known: the rollback cannot claim it is back.
+    assert_eq!(d.rollout.state, RolloutState::RollbackFailed);
+    let reason = d.rollout.reason.as_deref().unwrap();
+    assert!(
+        reason.starts_with("1 of 2 node(s) not back on their previous version: n1 (unreachable: agent unreachable for 1m"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("the rollback followed: 1 node(s) failed"),
+        "{reason}"
+    );
+    settled(&d.rollout).unwrap();
     assert!(!d.rollout.is_active());
 
     // n1 comes back and reports that its upgrade went through after all.
@@ -1685,6 +1757,8 @@ fn a_late_upgrade_after_the_rollback_finished_is_rolled_back_too() {
     let d = step(&r, &fleet, now + 2 * SEC);
     assert_eq!(d.rollout.state, RolloutState::RolledBack);
     assert_eq!(d.rollout.finished_at, Some(now + 2 * SEC));
+    let reason = d.rollout.reason.as_deref().unwrap();
+    assert!(reason.starts_with("1 node(s) failed"), "{reason}");
     settled(&d.rollout).unwrap();
 }
 

@@ -184,7 +184,7 @@ function compareVersions(a, b) {
   return pb[3].localeCompare(pa[3]);
 }
 
-const TERMINAL = new Set(['completed', 'failed', 'cancelled', 'rolled_back']);
+const TERMINAL = new Set(['completed', 'failed', 'cancelled', 'rolled_back', 'rollback_failed']);
 const IN_FLIGHT = new Set(['upgrading', 'rolling_back', 'staging', 'converging']);
 /** Node states, in the order progress bars show them. */
 const NODE_STATES = ['upgraded', 'staged', 'failed', 'rollback_failed', 'unreachable',
@@ -944,7 +944,7 @@ function refusal(cmd, r) {
     case 'resume': return s === 'paused' ? null : `the rollout is ${s.replace(/_/g, ' ')}`;
     case 'promote': return (s === 'running' || s === 'paused') && /promote/.test(r.waiting || '') ? null : 'no wave waits for a promotion';
     case 'cancel': return s === 'running' || s === 'paused' ? null : `the rollout is ${s.replace(/_/g, ' ')}`;
-    case 'rollback': return s === 'rolling_back' || s === 'rolled_back' ? `the rollout is ${s.replace(/_/g, ' ')}` : null;
+    case 'rollback': return ['rolling_back', 'rolled_back', 'rollback_failed'].includes(s) ? `the rollout is ${s.replace(/_/g, ' ')}` : null;
     case 'finalize': return s === 'completed' ? null : 'finalize once the rollout has completed';
     default: return null;
   }

@@ -118,6 +118,52 @@ async fn agent_killed_mid_task_resumes_it_without_switching_twice() {
     );
 }
 
+/// An agent killed mid-switch starts the new version again when it comes
+/// back (the switch is idempotent), and says so in its log and the node's
+/// lines of the rollout's execution log.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_killed_mid_switch_says_it_starts_the_new_version_again() {
+    let mut fleet = installed_fleet(2).await;
+    // Never healthy: the handoff's candidate stays on trial until the
+    // health deadline, which leaves time to kill the agent mid-switch.
+    push(&fleet, "2.0.0", false).await;
+    let r = start(&fleet, "2.0.0", |s| {
+        s.healthy_deadline = Some("4s".into());
+    })
+    .await
+    .unwrap();
+    let first = r.batches[0][0].clone();
+    let i = fleet.nodes.iter().position(|n| n.name == first).unwrap();
+    let current = fleet.nodes[i].state_dir.join("services/api/current");
+    wait_until("the first node's current link to point at 2.0.0", || {
+        let switched =
+            std::fs::read_link(&current).is_ok_and(|t| t.file_name().is_some_and(|n| n == "2.0.0"));
+        async move { switched.then_some(()) }
+    })
+    .await;
+    fleet.kill_agent(i);
+    fleet.start_agent(i).unwrap();
+
+    let r = wait_done(&fleet, r.id).await;
+    let line = "resuming the switch to 2.0.0 interrupted by an agent restart: starting it again";
+    assert!(
+        r.events
+            .iter()
+            .any(|e| e.node.as_deref() == Some(first.as_str()) && e.message == line),
+        "{:#?}",
+        r.events
+    );
+    let log = std::fs::read_to_string(fleet.nodes[i].state_dir.join("agent.log")).unwrap();
+    assert!(log.contains(line), "{log}");
+    // Only the restarted node's switch was cut short.
+    let other = &fleet.nodes[1 - i].name;
+    assert!(!r
+        .events
+        .iter()
+        .any(|e| e.node.as_deref() == Some(other.as_str())
+            && e.message.contains("interrupted by an agent restart")));
+}
+
 /// A stopped agent keeps its connection open and answers nothing, as one
 /// cut off by a partition would: no FIN, no RST, only silence.
 #[tokio::test(flavor = "multi_thread")]
