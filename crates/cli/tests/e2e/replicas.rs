@@ -439,7 +439,11 @@ async fn a_rollout_waits_out_a_lost_etcd_quorum() {
     assert_eq!(done.state, RolloutState::Completed, "{done:#?}");
     for node in &fleet.nodes {
         let to_new = crate::harness::switches_to(&node.state_dir, "2.0.0");
-        assert_eq!(to_new, 1, "{} switched to 2.0.0 {to_new} times", node.name);
+        assert_eq!(
+            to_new, 1,
+            "{} switched to 2.0.0 {to_new} times: {done:#?}",
+            node.name
+        );
     }
 }
 
