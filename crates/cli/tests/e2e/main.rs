@@ -14,6 +14,7 @@ mod gate;
 mod handoff;
 mod harness;
 mod hooks;
+mod integrity;
 mod json_output;
 mod lists;
 mod metrics;
