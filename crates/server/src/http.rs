@@ -82,10 +82,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
-                rollwave_api::ErrorCode::BadRequest,
+                rollwave_api::ErrorCode::MethodNotAllowed,
                 "method not allowed on this endpoint",
             )
         })
+        // Innermost: what axum's extractors refuse (a query that does not
+        // decode, a body over the limit) gets the same JSON error body as
+        // the handlers' own errors.
+        .layer(axum::middleware::map_response(crate::error::json_errors))
         // JSON bodies keep axum's default limit (2 MB); artifacts are read as
         // a stream, straight to disk, under their own limit (blobs.rs).
         // Innermost first: who is calling, then the audit trail (which

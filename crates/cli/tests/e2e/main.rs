@@ -12,6 +12,7 @@ mod downloads;
 mod faults;
 mod gate;
 mod handoff;
+mod hardening_http;
 mod harness;
 mod hooks;
 mod integrity;
