@@ -101,6 +101,17 @@ pub enum Command {
         #[arg(long, value_name = "N", default_value_t = rollwave_server::DEFAULT_MAX_DOWNLOADS,
               value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         max_downloads: usize,
+        /// Seconds a client has to send its request's headers before the
+        /// connection is closed (slow or stalled clients).
+        #[arg(long, value_name = "SECONDS", default_value_t = rollwave_server::DEFAULT_HEADER_READ_TIMEOUT.as_secs(),
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        header_read_timeout: u64,
+        /// Connections one source address may hold open without having sent
+        /// a request; past it, its new connections are closed at once.
+        /// Connections that sent one (agent sessions) do not count.
+        #[arg(long, value_name = "N", default_value_t = rollwave_server::DEFAULT_MAX_PENDING_PER_IP,
+              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        max_pending_per_ip: usize,
     },
     /// Certificates for the control plane.
     #[command(subcommand)]

@@ -32,6 +32,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tls_key,
             insecure_plain_http,
             max_downloads,
+            header_read_timeout,
+            max_pending_per_ip,
         } => {
             let tls = match (tls_cert, tls_key) {
                 (Some(cert), Some(key)) => Some(
@@ -50,6 +52,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 data_dir,
                 tls,
                 max_downloads,
+                limits: rollwave_server::ConnLimits {
+                    header_read_timeout: std::time::Duration::from_secs(header_read_timeout),
+                    max_pending_per_ip,
+                },
             };
             rollwave_server::run(config, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)

@@ -17,6 +17,7 @@ mod node_writes;
 mod openapi;
 mod reconciler;
 mod routes;
+mod serve;
 mod session;
 mod tokens;
 mod ui;
@@ -42,9 +43,13 @@ pub struct ServerConfig {
     pub tls: Option<rollwave_tls::ServerTls>,
     /// Artifact streams served at once; past it, `429` with `Retry-After`.
     pub max_downloads: usize,
+    /// Header read timeout and the per-address cap on connections that have
+    /// not sent a request.
+    pub limits: ConnLimits,
 }
 
 pub use downloads::DEFAULT_MAX_DOWNLOADS;
+pub use serve::{ConnLimits, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_PENDING_PER_IP};
 
 /// State shared by the HTTP handlers, the sessions and the reconciler.
 pub(crate) struct Shared {
@@ -175,7 +180,7 @@ pub async fn run(
     };
     println!("rollwave server listening on {scheme}://{addr}");
     let stream = shared.events.clone();
-    let app = http::router(shared).into_make_service_with_connect_info::<SocketAddr>();
+    let app = http::router(shared);
     // Event streams never end by themselves: end them, or the graceful
     // shutdown would wait for every open dashboard.
     let shutdown = async move {
@@ -184,20 +189,10 @@ pub async fn run(
     };
     match config.tls {
         Some(tls) => {
-            use axum::serve::ListenerExt;
-            // The tap does nothing: axum gives `ConnectInfo<SocketAddr>`
-            // (the audit trail's remote address) for a tapped listener of
-            // any kind, but untapped only for its own TcpListener.
-            let listener = rollwave_tls::TlsListener::new(listener, tls.config).tap_io(|_| {});
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-                .context("serving https")?;
+            let listener = rollwave_tls::TlsListener::new(listener, tls.config);
+            serve::serve(listener, app, config.limits, shutdown).await
         }
-        None => axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("serving http")?,
+        None => serve::serve(listener, app, config.limits, shutdown).await,
     }
     Ok(())
 }
