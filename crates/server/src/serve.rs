@@ -17,9 +17,9 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::watch;
 use tower::ServiceExt;
 
 /// Limits on connections that have not sent a request yet.
@@ -83,7 +83,8 @@ impl Drop for PendingGuard {
 }
 
 /// Serves `router` on the connections `listener` hands over until
-/// `shutdown` resolves, then waits for requests in flight.
+/// `shutdown` resolves, then lets requests in flight finish (as
+/// `axum::serve`'s graceful shutdown does: idle connections close at once).
 pub async fn serve<L>(
     mut listener: L,
     router: Router,
@@ -93,10 +94,12 @@ pub async fn serve<L>(
     L: axum::serve::Listener<Addr = SocketAddr>,
 {
     let pending = Arc::new(Pending::default());
-    let graceful = GracefulShutdown::new();
-    let mut builder = Builder::new(TokioExecutor::new());
+    // Dropped at shutdown, which each connection task watches for; each
+    // task holds a receiver of `closed_rx` until it ends.
+    let (signal_tx, signal_rx) = watch::channel(());
+    let (closed_tx, closed_rx) = watch::channel(());
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
     let mut shutdown = std::pin::pin!(shutdown);
@@ -117,20 +120,32 @@ pub async fn serve<L>(
             // pending one, whatever it does next.
             guard.lock().unwrap_or_else(|e| e.into_inner()).take();
             request.extensions_mut().insert(ConnectInfo(addr));
-            let router = router.clone();
-            router.oneshot(request.map(Body::new))
+            router.clone().oneshot(request.map(Body::new))
         });
         let service = hyper_util::service::TowerToHyperService::new(service);
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        let mut signal_rx = signal_rx.clone();
+        let closed_rx = closed_rx.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                _ = signal_rx.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 tracing::trace!(%addr, error = %e, "connection ended");
             }
+            drop(closed_rx);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    drop(signal_rx);
+    drop(signal_tx);
+    drop(closed_rx);
+    closed_tx.closed().await;
 }
