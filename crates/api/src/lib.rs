@@ -293,6 +293,8 @@ pub enum ErrorCode {
     /// A valid token whose role may not do this.
     Forbidden,
     NotFound,
+    /// The path exists, not with this method.
+    MethodNotAllowed,
     Conflict,
     PayloadTooLarge,
     /// A `Range` that starts beyond the end of the artifact.
@@ -313,6 +315,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
             ErrorCode::Conflict => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::RangeNotSatisfiable => 416,

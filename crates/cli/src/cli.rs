@@ -230,6 +230,17 @@ pub struct ServerArgs {
     #[arg(long, value_name = "N", default_value_t = rollwave_server::DEFAULT_MAX_DOWNLOADS,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_downloads: usize,
+    /// Seconds a client has to send its request's headers before the
+    /// connection is closed (slow or stalled clients).
+    #[arg(long, value_name = "SECONDS", default_value_t = rollwave_server::DEFAULT_HEADER_READ_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_read_timeout: u64,
+    /// Connections one source address may hold open without having sent
+    /// a request; past it, its new connections are closed at once.
+    /// Connections that sent one (agent sessions) do not count.
+    #[arg(long, value_name = "N", default_value_t = rollwave_server::DEFAULT_MAX_PENDING_PER_IP,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_pending_per_ip: usize,
 }
 
 #[derive(Debug, Subcommand)]

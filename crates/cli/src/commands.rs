@@ -38,6 +38,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 tls_key,
                 insecure_plain_http,
                 max_downloads,
+                header_read_timeout,
+                max_pending_per_ip,
             } = *args;
             let tls = match (tls_cert, tls_key) {
                 (Some(cert), Some(key)) => Some(
@@ -60,6 +62,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 replica_ca_file,
                 tls,
                 max_downloads,
+                limits: rollwave_server::ConnLimits {
+                    header_read_timeout: std::time::Duration::from_secs(header_read_timeout),
+                    max_pending_per_ip,
+                },
             };
             rollwave_server::run(config, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)

@@ -56,14 +56,37 @@ pub use summary::{NodeProblem, RolloutSummary, PROBLEMS_SHOWN};
 /// Milliseconds since the Unix epoch. The only notion of time in this crate.
 pub type Timestamp = u64;
 
-/// Validates a version string: semantic versioning, as releases are ordered by it.
+/// The longest version accepted, in bytes: a version names a directory on
+/// every node, and file names stop at 255 bytes.
+pub const MAX_VERSION_BYTES: usize = 128;
+
+/// Validates a version string: semantic versioning (`MAJOR.MINOR.PATCH`,
+/// optionally `-PRERELEASE` and `+BUILD` of `0-9A-Za-z-.`), at most
+/// [`MAX_VERSION_BYTES`] bytes, as releases are ordered by it. Surrounding
+/// whitespace is ignored; [`normalize_version`] gives the form to store.
 pub fn parse_version(field: &str, s: &str) -> Result<semver::Version, SpecError> {
-    semver::Version::parse(s.trim()).map_err(|e| {
+    let trimmed = s.trim();
+    if trimmed.len() > MAX_VERSION_BYTES {
+        return Err(SpecError::new(
+            field,
+            format!(
+                "{} bytes is longer than the limit of {MAX_VERSION_BYTES} for a version",
+                trimmed.len()
+            ),
+        ));
+    }
+    semver::Version::parse(trimmed).map_err(|e| {
         SpecError::new(
             field,
             format!("{s:?} is not a semantic version (like 1.2.3): {e}"),
         )
     })
+}
+
+/// A valid version in the one form it is stored, looked up and compared
+/// under: `" 2.0.0\n"` is `"2.0.0"`.
+pub fn normalize_version(field: &str, s: &str) -> Result<String, SpecError> {
+    parse_version(field, s).map(|v| v.to_string())
 }
 
 /// Validates a service name: it becomes a directory name on every node.
@@ -192,5 +215,25 @@ fn same_signature(a: &str, b: &str) -> bool {
     match (ReleaseSignature::parse(a), ReleaseSignature::parse(b)) {
         (Ok(a), Ok(b)) => a.key_id() == b.key_id() && a.trusted_comment() == b.trusted_comment(),
         _ => a == b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_stored_in_one_form() {
+        assert_eq!(normalize_version("v", " 2.0.0\n").unwrap(), "2.0.0");
+        assert_eq!(
+            normalize_version("v", "1.2.3-rc.1+build.7").unwrap(),
+            "1.2.3-rc.1+build.7"
+        );
+        let long = format!("1.0.0-{}", "a".repeat(MAX_VERSION_BYTES));
+        let e = normalize_version("version", &long).unwrap_err().to_string();
+        assert!(e.starts_with("version: "), "{e}");
+        assert!(e.contains("limit of 128"), "{e}");
+        assert!(normalize_version("version", "2.0.0/../x").is_err());
+        assert!(normalize_version("version", "2.0 .0").is_err());
     }
 }

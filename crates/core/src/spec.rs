@@ -2,7 +2,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::{
-    parse_duration, parse_version, validate_service_name, Amount, Selector, Span, SpecError,
+    normalize_version, parse_duration, validate_service_name, Amount, Selector, Span, SpecError,
 };
 
 /// A rollout as users write it, in `rollout.toml` or as flags: every field
@@ -358,7 +358,7 @@ impl RolloutFile {
         let service = service.ok_or_else(|| SpecError::new(service_field, "is required"))?;
         validate_service_name(service_field, service)?;
         let version = version.ok_or_else(|| SpecError::new(version_field, "is required"))?;
-        parse_version(version_field, version)?;
+        let version = normalize_version(version_field, version)?;
         let selector = Selector::parse("selector", self.selector.as_deref().unwrap_or(""))?;
         let s = &self.strategy;
         let all_at_once = s.kind.as_deref() == Some("all_at_once");
@@ -539,7 +539,7 @@ impl RolloutFile {
             spread,
             order,
             service: service.to_string(),
-            version: version.trim().to_string(),
+            version,
             selector,
             batch,
             max_unavailable,

@@ -26,9 +26,6 @@ use crate::{now_ms, Shared};
 #[derive(Debug, Clone)]
 pub struct AuditNote(pub String);
 
-/// An error body is a line of JSON; anything much larger is not one.
-const MAX_ERROR_BODY: usize = 64 * 1024;
-
 pub async fn record(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
@@ -59,9 +56,11 @@ pub async fn record(State(shared): State<Arc<Shared>>, request: Request, next: N
             .map(|n| n.0.clone());
         (response, note.unwrap_or_default())
     } else {
-        // The error's message, read and put back.
+        // The error's message, read and put back. Read whole: it is this
+        // server's own answer, already in memory and short (error.rs bounds
+        // messages), and a cut one would reach the client empty.
         let (parts, body) = response.into_parts();
-        let bytes = axum::body::to_bytes(body, MAX_ERROR_BODY)
+        let bytes = axum::body::to_bytes(body, usize::MAX)
             .await
             .unwrap_or_default();
         let message = serde_json::from_slice::<ErrorBody>(&bytes)

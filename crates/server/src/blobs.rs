@@ -1,9 +1,15 @@
 //! Content-addressed artifact files: `blobs/<sha256>`, written through a
-//! temporary file, fsynced and renamed, so a crash never leaves a partial
-//! blob under a valid name.
+//! temporary file of its own (uniquely named, so concurrent uploads never
+//! share one), fsynced, hashed again from disk and renamed, so a crash never
+//! leaves a partial blob under a valid name. A blob already there is
+//! re-hashed before a push relies on it and before it is first served: one
+//! whose content does not match its name is replaced by the next push of
+//! the right bytes and never served.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use futures_util::{Stream, StreamExt};
@@ -12,6 +18,9 @@ use tokio::io::AsyncWriteExt;
 
 pub struct Blobs {
     dir: PathBuf,
+    /// Blobs whose content was hashed and found to match their name since
+    /// the server started: each is checked once, not on every download.
+    verified: std::sync::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<()>>>>,
 }
 
 /// A received upload, hashed and on disk, not yet under its final name.
@@ -42,7 +51,10 @@ impl Blobs {
         // Leftovers of uploads cut short by a crash.
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        Ok(Blobs { dir })
+        Ok(Blobs {
+            dir,
+            verified: Default::default(),
+        })
     }
 
     pub fn path(&self, sha256: &str) -> PathBuf {
@@ -54,12 +66,15 @@ impl Blobs {
         S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let tmp =
-            self.dir
-                .join("tmp")
-                .join(format!("upload-{}-{}", std::process::id(), crate::now_ms()));
+        // Created exclusively under a random name: two uploads never write
+        // to one file, whatever the moment they start.
+        let (file, tmp) = tempfile::Builder::new()
+            .prefix("upload-")
+            .tempfile_in(self.dir.join("tmp"))?
+            .keep()
+            .map_err(|e| e.error)?;
         let result = async {
-            let mut file = tokio::fs::File::create(&tmp).await?;
+            let mut file = tokio::fs::File::from_std(file);
             let mut hasher = Sha256::new();
             let mut size = 0u64;
             let mut head = Vec::new();
@@ -93,15 +108,72 @@ impl Blobs {
         result
     }
 
-    /// Moves an upload under its content address (a no-op if already there).
+    /// Moves an upload under its content address. A blob already there is
+    /// kept if its content matches its name, and replaced if not (a write
+    /// cut short, a disk that lost it); the upload itself is hashed again
+    /// from disk first, so what goes under the name is what the name says.
     pub async fn commit(&self, upload: &Upload) -> std::io::Result<()> {
         let dest = self.path(&upload.sha256);
-        if tokio::fs::try_exists(&dest).await? {
+        if tokio::fs::try_exists(&dest).await? && hash_file(&dest).await? == upload.sha256 {
+            self.mark_verified(&upload.sha256);
             return discard(&upload.tmp).await;
         }
+        let on_disk = hash_file(&upload.tmp).await?;
+        if on_disk != upload.sha256 {
+            discard(&upload.tmp).await?;
+            return Err(std::io::Error::other(format!(
+                "the upload hashed to sha256 {} as received and {on_disk} as written to disk",
+                upload.sha256
+            )));
+        }
+        // Atomic: a reader sees the old file or the new one, never a mix.
         tokio::fs::rename(&upload.tmp, &dest).await?;
-        std::fs::File::open(&self.dir)?.sync_all()
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        self.mark_verified(&upload.sha256);
+        Ok(())
     }
+
+    /// Checks, once per blob and server run, that the blob's content hashes
+    /// to its name, before it is served. Concurrent callers share one check;
+    /// a failed check is not remembered, so a repaired blob is served.
+    pub async fn verify(&self, sha256: &str) -> Result<(), String> {
+        let cell = self.cell(sha256);
+        let path = self.path(sha256);
+        cell.get_or_try_init(|| async {
+            match hash_file(&path).await {
+                Ok(h) if h == sha256 => Ok(()),
+                Ok(h) => Err(format!(
+                    "artifact {} is corrupt: its content hashes to sha256 {h}; push the release again to repair it",
+                    path.display()
+                )),
+                Err(e) => Err(format!("reading artifact {}: {e}", path.display())),
+            }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    fn cell(&self, sha256: &str) -> Arc<tokio::sync::OnceCell<()>> {
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        verified.entry(sha256.to_string()).or_default().clone()
+    }
+
+    fn mark_verified(&self, sha256: &str) {
+        let _ = self.cell(sha256).set(());
+    }
+}
+
+/// The sha256 of a file, read on the blocking pool.
+async fn hash_file(path: &Path) -> std::io::Result<String> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::File::open(&path)?;
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut file, &mut hasher)?;
+        Ok(hex::encode(hasher.finalize()))
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 pub async fn discard(tmp: &Path) -> std::io::Result<()> {

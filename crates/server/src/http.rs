@@ -16,8 +16,8 @@ use rollwave_api::{
     AGENT_CONNECT_PATH, SIGNATURE_HEADER,
 };
 use rollwave_core::{
-    parse_version, validate_service_name, ArtifactFormat, AuditEntry, NodeState, NodeView, Release,
-    ReleaseManifest, ReleaseSignature, RolloutSummary, SignatureRecord,
+    normalize_version, validate_service_name, ArtifactFormat, AuditEntry, NodeState, NodeView,
+    Release, ReleaseManifest, ReleaseSignature, RolloutSummary, SignatureRecord,
 };
 use rollwave_store::PutRelease;
 use serde::Deserialize;
@@ -87,10 +87,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
-                rollwave_api::ErrorCode::BadRequest,
+                rollwave_api::ErrorCode::MethodNotAllowed,
                 "method not allowed on this endpoint",
             )
         })
+        // Innermost: what axum's extractors refuse (a query that does not
+        // decode, a body over the limit) gets the same JSON error body as
+        // the handlers' own errors.
+        .layer(axum::middleware::map_response(crate::error::json_errors))
         // JSON bodies keep axum's default limit (2 MB); artifacts are read as
         // a stream, straight to disk, under their own limit (blobs.rs).
         // Innermost first: who is calling, then the audit trail (which
@@ -314,7 +318,7 @@ async fn list_services(State(shared): State<Arc<Shared>>) -> ApiResult<Json<Vec<
     post,
     path = "/v1/services/{service}/finalize",
     tag = "services",
-    params(("service" = String, Path, description = "Service name")),
+    params(("service" = String, Path, description = "Service name: 1-64 characters of a-z, A-Z, 0-9, -, _, ., not starting with .")),
     request_body(
         content = Option<Finalize>,
         description = "May be empty: then the newest version any node runs",
@@ -389,10 +393,11 @@ async fn list_releases(State(shared): State<Arc<Shared>>) -> ApiResult<Json<Vec<
     Ok(Json(shared.store.list_releases().await?))
 }
 
-fn release_key(service: &str, version: &str) -> ApiResult<()> {
+/// Checks a release's service name and version (core's rules, one place
+/// for every route) and gives the version in the form it is stored under.
+fn release_key(service: &str, version: &str) -> ApiResult<String> {
     validate_service_name("service", service)?;
-    parse_version("version", version)?;
-    Ok(())
+    Ok(normalize_version("version", version)?)
 }
 
 #[utoipa::path(
@@ -400,8 +405,8 @@ fn release_key(service: &str, version: &str) -> ApiResult<()> {
     path = "/v1/releases/{service}/{version}",
     tag = "releases",
     params(
-        ("service" = String, Path, description = "Service name"),
-        ("version" = String, Path, description = "Semantic version, like 2.0.0"),
+        ("service" = String, Path, description = "Service name: 1-64 characters of a-z, A-Z, 0-9, -, _, ., not starting with ."),
+        ("version" = String, Path, description = "Semantic version, like 2.0.0 or 2.1.0-rc.1+build.7: digits, letters, -, ., +, at most 128 bytes; surrounding whitespace is dropped"),
     ),
     responses(
         (status = 200, description = "The release", body = Release),
@@ -414,7 +419,7 @@ async fn get_release(
     State(shared): State<Arc<Shared>>,
     Path((service, version)): Path<(String, String)>,
 ) -> ApiResult<Json<Release>> {
-    release_key(&service, &version)?;
+    let version = release_key(&service, &version)?;
     let release = shared
         .store
         .get_release(&service, &version)
@@ -433,8 +438,8 @@ struct PushQuery {
     path = "/v1/releases/{service}/{version}",
     tag = "releases",
     params(
-        ("service" = String, Path, description = "Service name"),
-        ("version" = String, Path, description = "Semantic version, like 2.0.0"),
+        ("service" = String, Path, description = "Service name: 1-64 characters of a-z, A-Z, 0-9, -, _, ., not starting with ."),
+        ("version" = String, Path, description = "Semantic version, like 2.0.0 or 2.1.0-rc.1+build.7: digits, letters, -, ., +, at most 128 bytes; surrounding whitespace is dropped"),
         ("filename" = Option<String>, Query, description = "The artifact's file name (default: the service name)"),
         ("rollwave-signature" = Option<String>, Header, description = "The release's minisign signature: the text of its .minisig file (prehashed, as minisign makes by default), base64 encoded. The control plane checks that it parses and stores it; agents with trusted keys verify it over the artifact and require its trusted comment to name `service@version`, as `rollwave release <service>@<version> sha256:<hex>` does. Pushing the same bytes again with another signature adds it beside those the release has (up to 16)"),
     ),
@@ -458,7 +463,7 @@ async fn push_release(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    release_key(&service, &version)?;
+    let version = release_key(&service, &version)?;
     // Before the upload: a bad header refuses the push without storing a byte.
     let signature = push_signature(&headers)?;
     let upload = shared
@@ -693,8 +698,8 @@ async fn release_manifest(archive: &std::path::Path) -> Result<Option<ReleaseMan
     path = "/v1/releases/{service}/{version}/artifact",
     tag = "releases",
     params(
-        ("service" = String, Path, description = "Service name"),
-        ("version" = String, Path, description = "Semantic version, like 2.0.0"),
+        ("service" = String, Path, description = "Service name: 1-64 characters of a-z, A-Z, 0-9, -, _, ., not starting with ."),
+        ("version" = String, Path, description = "Semantic version, like 2.0.0 or 2.1.0-rc.1+build.7: digits, letters, -, ., +, at most 128 bytes; surrounding whitespace is dropped"),
         ("Range" = Option<String>, Header, description = "One byte range, `bytes=a-b`, `bytes=a-` or `bytes=-n`, to resume a download; a multi-range, malformed or non-byte range is answered with the whole artifact"),
     ),
     responses(
@@ -714,7 +719,7 @@ async fn artifact(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     use crate::downloads::{self, Range};
-    release_key(&service, &version)?;
+    let version = release_key(&service, &version)?;
     // Before any work: past the cap, refusing must cost next to nothing.
     let permit = match shared.downloads.try_start() {
         Ok(permit) => permit,
@@ -725,6 +730,13 @@ async fn artifact(
         .get_release(&service, &version)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("release {service}@{version} not found")))?;
+    // Never serve bytes that are not what the release names: agents would
+    // refuse them after the whole download.
+    shared
+        .blobs
+        .verify(&release.sha256)
+        .await
+        .map_err(ApiError::internal)?;
     let path = shared.blobs.path(&release.sha256);
     let file = tokio::fs::File::open(&path)
         .await

@@ -18,6 +18,7 @@ mod openapi;
 mod reconciler;
 mod replicas;
 mod routes;
+mod serve;
 mod session;
 mod tokens;
 mod ui;
@@ -52,9 +53,13 @@ pub struct ServerConfig {
     pub tls: Option<rollwave_tls::ServerTls>,
     /// Artifact streams served at once; past it, `429` with `Retry-After`.
     pub max_downloads: usize,
+    /// Header read timeout and the per-address cap on connections that have
+    /// not sent a request.
+    pub limits: ConnLimits,
 }
 
 pub use downloads::DEFAULT_MAX_DOWNLOADS;
+pub use serve::{ConnLimits, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_PENDING_PER_IP};
 
 /// The control plane could not start with what it was given (a store it
 /// cannot open or use): the operator's input to fix, not a crash.
@@ -296,23 +301,12 @@ async fn serve(
         }
     };
     println!("rollwave server listening on {scheme}://{addr}");
-    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     match config.tls.clone() {
         Some(tls) => {
-            use axum::serve::ListenerExt;
-            // The tap does nothing: axum gives `ConnectInfo<SocketAddr>`
-            // (the audit trail's remote address) for a tapped listener of
-            // any kind, but untapped only for its own TcpListener.
-            let listener = rollwave_tls::TlsListener::new(listener, tls.config).tap_io(|_| {});
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-                .context("serving https")?;
+            let listener = rollwave_tls::TlsListener::new(listener, tls.config);
+            serve::serve(listener, app, config.limits, shutdown).await
         }
-        None => axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("serving http")?,
+        None => serve::serve(listener, app, config.limits, shutdown).await,
     }
     Ok(())
 }

@@ -20,6 +20,35 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// backlog instead of each costing a task and a buffer here.
 const MAX_HANDSHAKES: usize = 1024;
 
+/// The content type of a TLS handshake record, the first byte a client sends.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The body of the answer to a connection that speaks plain HTTP to the TLS
+/// port: the API's JSON error body.
+const PLAIN_HTTP_BODY: &str = r#"{"error":{"code":"bad_request","message":"this port speaks TLS: use https:// (this request was sent as plain HTTP)"}}"#;
+
+async fn answer_plain_http(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{PLAIN_HTTP_BODY}",
+        PLAIN_HTTP_BODY.len()
+    );
+    // Best effort: the client may be gone already.
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
+    // Closing with the request still unread would reset the connection,
+    // and the client could lose the answer: read what it sent (bounded,
+    // and under the handshake deadline) until it closes its side.
+    let mut sink = [0u8; 4096];
+    let mut left: usize = 64 * 1024;
+    while left > 0 {
+        match stream.read(&mut sink).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+}
+
 type Handshake = (SocketAddr, Result<TlsStream<TcpStream>, String>);
 
 pub struct TlsListener {
@@ -46,7 +75,18 @@ impl TlsListener {
             // Small writes (the session ticket, then a short answer) would
             // otherwise wait for the client's delayed ACK.
             let _ = stream.set_nodelay(true);
-            let result = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+            let handshake = async {
+                // A TLS connection opens with a handshake record; anything
+                // else is most likely plain HTTP sent to the wrong scheme,
+                // which gets an answer it can show instead of a reset.
+                let mut first = [0u8; 1];
+                if stream.peek(&mut first).await? == 1 && first[0] != TLS_HANDSHAKE_RECORD {
+                    answer_plain_http(stream).await;
+                    return Err(std::io::Error::other("plain HTTP sent to the TLS port"));
+                }
+                acceptor.accept(stream).await
+            };
+            let result = match tokio::time::timeout(timeout, handshake).await {
                 Ok(Ok(tls)) => Ok(tls),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err(format!("no handshake within {timeout:?}")),
@@ -167,5 +207,28 @@ mod tests {
             .expect("the connection was kept past the deadline");
         // Closed without a byte: the server never got a hello to answer.
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+
+    #[tokio::test]
+    async fn plain_http_gets_an_answer_that_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = serve(dir.path(), Duration::from_secs(3600)).await;
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /v1/health HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = String::new();
+        tokio::time::timeout(GUARD, tcp.read_to_string(&mut got))
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert!(got.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{got}");
+        let body = got.split("\r\n\r\n").nth(1).unwrap();
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"]["code"], "bad_request");
+        assert!(json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("this port speaks TLS"));
     }
 }
