@@ -437,6 +437,7 @@ async fn a_rollout_waits_out_a_lost_etcd_quorum() {
     })
     .await;
     assert_eq!(done.state, RolloutState::Completed, "{done:#?}");
+    assert!(done.fully_upgraded(), "{done:#?}");
     for node in &fleet.nodes {
         let to_new = crate::harness::switches_to(&node.state_dir, "2.0.0");
         assert_eq!(
