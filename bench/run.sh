@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 usage() {
-  sed -n '4,10p' "$0" | sed 's/^#   /usage: /' >&2
+  sed -n '4,11p' "$0" | sed 's/^#   /usage: /' >&2
   exit 2
 }
 
