@@ -163,7 +163,8 @@ async fn health(State(shared): State<Arc<Shared>>) -> Json<rollwave_api::HealthR
         status: "ok".into(),
         agents_connected: shared.sessions.connected(),
         leader: true,
-        leader_url: None,
+        // Among replicas, its own address; alone, none to name.
+        leader_url: shared.copies.as_ref().map(|c| c.address().to_string()),
     })
 }
 

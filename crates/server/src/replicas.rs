@@ -308,6 +308,11 @@ impl Copies {
         }))
     }
 
+    /// This replica's address, as it announces itself.
+    pub fn address(&self) -> &str {
+        &self.own
+    }
+
     async fn others(&self) -> Result<Vec<String>, String> {
         let election = self.store.election().ok_or("no election")?;
         let mut all = election.replicas().await.map_err(|e| e.to_string())?;

@@ -170,6 +170,12 @@ async fn a_follower_serves_through_the_leader_and_takes_over_when_it_dies() {
         .await
         .unwrap();
     assert!(metrics.contains("rollwave_leader 1"), "{metrics}");
+    let h = health(&follower.url).await.unwrap();
+    assert_eq!(
+        h.leader_url.as_deref(),
+        Some(follower.url.as_str()),
+        "the leader names itself"
+    );
 
     // The old leader, started again, follows.
     leader = replica(&etcd, tmp.path(), "again").await;
