@@ -325,9 +325,6 @@ impl StoreConfig {
     }
 }
 
-/// Whether this build has the etcd engine (the `etcd` feature).
-pub const HAS_ETCD: bool = cfg!(feature = "etcd");
-
 /// Opens the store a [`StoreConfig`] names. Errors are one line naming the
 /// file or the endpoints and the reason.
 pub async fn open(config: &StoreConfig) -> Result<std::sync::Arc<dyn Store>> {

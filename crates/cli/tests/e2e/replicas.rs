@@ -29,33 +29,7 @@ impl Drop for Replica {
 }
 
 async fn replica(etcd: &TestEtcd, dir: &Path, name: &str) -> Replica {
-    let dir = dir.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join("server.out");
-    let child = Command::new(exe())
-        .args(["server", "--listen", "127.0.0.1:0", "--insecure-plain-http"])
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .args(["--store", &etcd.endpoint.replace("http://", "etcd://")])
-        .args(["--store-prefix", "/replicas/"])
-        .env("ROLLWAVE_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(dir.join("server.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let url = wait_until(&format!("{name} listening"), || async {
-        let text = std::fs::read_to_string(&out).unwrap_or_default();
-        text.split("listening on ")
-            .nth(1)
-            .map(|rest| rest.lines().next().unwrap_or("").trim().to_string())
-    })
-    .await;
-    Replica {
-        child: Some(child),
-        url,
-        dir,
-    }
+    replica_at(etcd, dir, name, 0, "/replicas/").await
 }
 
 async fn health(url: &str) -> Option<HealthResponse> {
@@ -207,8 +181,8 @@ async fn a_follower_serves_through_the_leader_and_takes_over_when_it_dies() {
     assert!(log.contains("lost leadership: exiting"), "{log}");
 }
 
-/// A replica at a port chosen beforehand, so that agents can be told of it
-/// before it starts.
+/// A replica on `port` (0: any; a port chosen beforehand lets agents be
+/// told of it before it starts), keeping its records under `prefix`.
 async fn replica_at(etcd: &TestEtcd, dir: &Path, name: &str, port: u16, prefix: &str) -> Replica {
     let dir = dir.join(name);
     std::fs::create_dir_all(&dir).unwrap();
@@ -226,9 +200,11 @@ async fn replica_at(etcd: &TestEtcd, dir: &Path, name: &str, port: u16, prefix: 
         .stderr(std::fs::File::create(dir.join("server.log")).unwrap())
         .spawn()
         .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    wait_until(&format!("{name} listening"), || async {
-        health(&url).await.map(|_| ())
+    let url = wait_until(&format!("{name} listening"), || async {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        text.split("listening on ")
+            .nth(1)
+            .map(|rest| rest.lines().next().unwrap_or("").trim().to_string())
     })
     .await;
     Replica {
