@@ -251,6 +251,48 @@ pub enum StoreCommand {
     /// --to etcd://etcd1:2379`. Stop the source's control plane first.
     /// Artifacts stay in the data dir: copy its blobs/ to each replica's.
     Copy(Box<CopyArgs>),
+    /// Save everything the store holds, as of one instant, to a file (a
+    /// SQLite database): `rollwave store backup --from etcd://etcd1:2379
+    /// --to rollwave.backup`. Safe while control planes run. Artifacts are
+    /// not in it: back up the data dir's blobs/ as files.
+    Backup(Box<BackupArgs>),
+    /// Load a backup into an empty store (stop its control planes first):
+    /// `rollwave store restore --from rollwave.backup --to etcd://etcd1:2379`.
+    /// The store then leads in terms above any its cluster used, so agents
+    /// follow it.
+    Restore(Box<RestoreArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BackupArgs {
+    /// The store to save: sqlite:PATH or etcd://HOST:PORT[,...].
+    #[arg(long, value_name = "URL")]
+    pub from: rollwave_store::StoreUrl,
+    /// The backup file to write.
+    #[arg(long, value_name = "FILE")]
+    pub to: PathBuf,
+    /// Replace the file if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// How to reach etcd.
+    #[command(flatten)]
+    pub etcd: StoreArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// The backup file, from `rollwave store backup`.
+    #[arg(long, value_name = "FILE")]
+    pub from: PathBuf,
+    /// The store to load it into, empty unless --force.
+    #[arg(long, value_name = "URL")]
+    pub to: rollwave_store::StoreUrl,
+    /// Load into a store that holds records already, keeping those it has.
+    #[arg(long)]
+    pub force: bool,
+    /// How to reach etcd.
+    #[command(flatten)]
+    pub etcd: StoreArgs,
 }
 
 #[derive(Debug, clap::Args)]

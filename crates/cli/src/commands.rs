@@ -18,8 +18,8 @@ use rollwave_core::{
 use sha2::{Digest, Sha256};
 
 use crate::cli::{
-    CertsCommand, Cli, Command, CopyArgs, KeysCommand, ReleaseCommand, RolloutCommand, ServerArgs,
-    StartArgs, StoreCommand,
+    BackupArgs, CertsCommand, Cli, Command, CopyArgs, KeysCommand, ReleaseCommand, RestoreArgs,
+    RolloutCommand, ServerArgs, StartArgs, StoreCommand,
 };
 use crate::client::{user_error, ApiClient, UserError};
 use crate::{keys, render};
@@ -80,34 +80,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if from == to {
                 return Err(user_error("--to: the same store as --from"));
             }
-            let open = |url: rollwave_store::StoreUrl, flag: &'static str| {
-                let config = etcd.config_for(url);
-                async move {
-                    rollwave_store::open(&config)
-                        .await
-                        .map_err(|e| user_error(format!("{flag}: {e}")))
-                }
-            };
-            let source = open(from, "--from").await?;
-            let target = open(to, "--to").await?;
+            let source = open_store(&etcd, from, "--from").await?;
+            let target = open_store(&etcd, to, "--to").await?;
             let done = rollwave_store::copy::copy(source.as_ref(), target.as_ref(), force)
                 .await
-                .map_err(|e| match e {
-                    rollwave_store::copy::CopyError::Store(e) => anyhow::Error::new(e),
-                    e => user_error(format!("--to: {e}")),
-                })?;
-            println!(
-                "copied {} nodes, {} tokens, {} releases ({} there already), {} active versions, {} rollouts ({} there already), {} audit entries ({} there already)",
-                done.nodes,
-                done.tokens,
-                done.releases.0,
-                done.releases.1,
-                done.active_versions,
-                done.rollouts.0,
-                done.rollouts.1,
-                done.audit.0,
-                done.audit.1
-            );
+                .map_err(copy_error)?;
+            println!("copied {}", render::copied(&done));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Store(StoreCommand::Backup(args)) => {
+            let BackupArgs {
+                from,
+                to,
+                force,
+                etcd,
+            } = *args;
+            let source = open_store(&etcd, from, "--from").await?;
+            let done = rollwave_store::backup::backup(source.as_ref(), &to, force)
+                .await
+                .map_err(|e| backup_error(e, "--to"))?;
+            println!("saved {} to {}", render::copied(&done), to.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Store(StoreCommand::Restore(args)) => {
+            let RestoreArgs {
+                from,
+                to,
+                force,
+                etcd,
+            } = *args;
+            let target = open_store(&etcd, to, "--to").await?;
+            let done = rollwave_store::backup::restore(&from, target.as_ref(), force)
+                .await
+                .map_err(|e| backup_error(e, "--from"))?;
+            println!("restored {}", render::copied(&done));
             Ok(ExitCode::SUCCESS)
         }
         Command::Certs(CertsCommand::Init { dir, hosts, force }) => {
@@ -826,5 +832,34 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+async fn open_store(
+    etcd: &crate::cli::StoreArgs,
+    url: rollwave_store::StoreUrl,
+    flag: &str,
+) -> anyhow::Result<std::sync::Arc<dyn rollwave_store::Store>> {
+    rollwave_store::open(&etcd.config_for(url))
+        .await
+        .map_err(|e| user_error(format!("{flag}: {e}")))
+}
+
+/// A store that failed is the store's error; anything else is the
+/// target's (not empty, a conflicting release).
+fn copy_error(e: rollwave_store::copy::CopyError) -> anyhow::Error {
+    match e {
+        rollwave_store::copy::CopyError::Store(e) => anyhow::Error::new(e),
+        e => user_error(format!("--to: {e}")),
+    }
+}
+
+/// `flag` names the file: the backup's target, or the restore's source.
+fn backup_error(e: rollwave_store::backup::BackupError, flag: &str) -> anyhow::Error {
+    use rollwave_store::backup::BackupError;
+    match e {
+        BackupError::Copy(e) => copy_error(e),
+        BackupError::Io(..) => anyhow::Error::new(e),
+        e => user_error(format!("{flag}: {e}")),
     }
 }

@@ -824,3 +824,29 @@ pub fn plan(r: &Rollout, fleet: &[NodeView]) -> String {
     );
     out
 }
+
+/// What a store copy, backup or restore wrote: "3 nodes, 1 token, ...".
+pub fn copied(done: &rollwave_store::copy::Copied) -> String {
+    let there = |(new, old): (usize, usize), what: &str| match old {
+        0 => count(new, what),
+        old => format!("{} ({old} there already)", count(new, what)),
+    };
+    [
+        count(done.nodes, "node"),
+        count(done.tokens, "token"),
+        there(done.releases, "release"),
+        count(done.active_versions, "active version"),
+        there(done.rollouts, "rollout"),
+        there(done.audit, "audit entry"),
+    ]
+    .join(", ")
+}
+
+/// "1 node", "3 nodes", "2 audit entries".
+fn count(n: usize, what: &str) -> String {
+    match (n, what.strip_suffix('y')) {
+        (1, _) => format!("1 {what}"),
+        (n, Some(stem)) => format!("{n} {stem}ies"),
+        (n, None) => format!("{n} {what}s"),
+    }
+}

@@ -73,7 +73,8 @@ pub(crate) struct Shared {
     pub blobs: Arc<blobs::Blobs>,
     /// Among replicas: copies artifacts to the others.
     pub copies: Option<Arc<replicas::Copies>>,
-    /// The term this control plane leads in (0 on its own store), told to
+    /// The term this control plane leads in (on its own store: 0, or above
+    /// the terms of the store it was restored or copied from), told to
     /// agents.
     pub term: u64,
     /// The cap on concurrent artifact streams.
@@ -197,7 +198,12 @@ pub async fn run(
             .fallback(replicas::dispatch)
             .with_state(replica)
     } else {
-        let (app, events) = lead(&config, store, blobs, None, 0).await?;
+        // 0, unless this store took over a replicated one's history.
+        let term = store
+            .term_base()
+            .await
+            .map_err(|e| BadConfig(format!("--store: {e}")))?;
+        let (app, events) = lead(&config, store, blobs, None, term).await?;
         let _ = streams.set(events);
         app
     };

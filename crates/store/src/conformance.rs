@@ -729,8 +729,9 @@ async fn summaries(store: &dyn Store) {
 /// `store copy` between two engines: `from` and `to` must be empty. The
 /// copy brings every kind of record, refuses a non-empty target unless
 /// forced, and a forced copy again changes nothing.
-pub async fn copy_suite(from: &dyn Store, to: &dyn Store) {
-    use crate::copy::{copy, CopyError};
+/// Writes one record or more of every kind into `from`; returns its
+/// token, active version and last rollout id.
+pub async fn fill(from: &dyn Store) -> (TokenRecord, ActiveVersion, u64) {
     from.upsert_nodes(&[
         node("a", &[("zone", "z1")], Some("1.0.0")),
         node("b", &[], None),
@@ -784,6 +785,13 @@ pub async fn copy_suite(from: &dyn Store, to: &dyn Store) {
         .await
         .unwrap();
     }
+
+    (token, active, second)
+}
+
+pub async fn copy_suite(from: &dyn Store, to: &dyn Store) {
+    use crate::copy::{copy, CopyError};
+    let (token, active, second) = fill(from).await;
 
     let done = copy(from, to, false).await.unwrap();
     assert_eq!(
@@ -841,4 +849,168 @@ pub async fn copy_suite(from: &dyn Store, to: &dyn Store) {
         ((0, 2), (0, 2), (0, 2))
     );
     assert_eq!(to.list_audit(10, None).await.unwrap().len(), 2);
+}
+
+/// [`Store::snapshot`] on `store`, which must be empty: it holds what the
+/// lists hold, one instant of it while a rollout is written concurrently,
+/// and [`Store::continue_from`] only ever raises the term.
+pub async fn snapshot_suite(store: &dyn Store) {
+    fill(store).await;
+    let snapshot = store.snapshot().await.unwrap();
+    assert_eq!(snapshot.nodes, store.list_nodes().await.unwrap());
+    assert_eq!(snapshot.tokens, store.list_tokens().await.unwrap());
+    assert_eq!(snapshot.releases, store.list_releases().await.unwrap());
+    assert_eq!(
+        snapshot.active_versions,
+        store.list_active_versions().await.unwrap()
+    );
+    assert_eq!(snapshot.rollouts, store.list_rollouts().await.unwrap());
+    let mut audit = store.list_audit(100, None).await.unwrap();
+    audit.reverse();
+    assert_eq!(snapshot.audit, audit, "oldest first");
+
+    // A rollout written over and over, every node record and the header
+    // together: each snapshot sees one write whole, never half of one.
+    let id = store.next_rollout_id().await.unwrap();
+    let first = store.insert_rollout(&rollout(id, 40_000)).await.unwrap();
+    let writes = 30u64;
+    let writer = async {
+        let mut current = first.clone();
+        for k in 1..=writes {
+            let mut next = current.clone();
+            for n in next.nodes.values_mut() {
+                n.reason = Some(format!("write {k}"));
+            }
+            let generation = store
+                .write_rollouts(&[RolloutWrite::diff(&current, &next)])
+                .await
+                .unwrap()
+                .remove(0)
+                .unwrap();
+            current = Rollout { generation, ..next };
+        }
+    };
+    let seen = std::sync::Mutex::new(Vec::new());
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let reader = async {
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            let snapshot = store.snapshot().await.unwrap();
+            let r = snapshot.rollouts.iter().find(|r| r.id == id).unwrap();
+            let reasons: std::collections::BTreeSet<_> =
+                r.nodes.values().map(|n| n.reason.clone()).collect();
+            assert_eq!(reasons.len(), 1, "one write whole: {reasons:?}");
+            let reason = reasons.into_iter().next().unwrap();
+            let expected = (r.generation > 1).then(|| format!("write {}", r.generation - 1));
+            assert_eq!(reason, expected, "the header and its nodes of one write");
+            seen.lock().unwrap().push(r.generation);
+            tokio::task::yield_now().await;
+        }
+    };
+    let writer = async {
+        writer.await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    tokio::join!(writer, reader);
+    assert!(!seen.lock().unwrap().is_empty());
+
+    let before = store.snapshot().await.unwrap().term;
+    let base = store.term_base().await.unwrap();
+    store.continue_from(base + 1_000, None).await.unwrap();
+    assert_eq!(store.term_base().await.unwrap(), base + 1_000);
+    store.continue_from(base + 10, None).await.unwrap();
+    assert_eq!(
+        store.term_base().await.unwrap(),
+        base + 1_000,
+        "never lowered"
+    );
+    assert!(store.snapshot().await.unwrap().term >= before + 1_000);
+}
+
+/// `store backup` from `from` and `store restore` into `to`, both empty:
+/// the restored store holds what was saved, leads above its terms, and
+/// every bad input is refused without writing.
+pub async fn backup_suite(from: &dyn Store, to: &dyn Store, dir: &std::path::Path) {
+    use crate::backup::{backup, restore, BackupError};
+    use crate::copy::CopyError;
+    let (token, active, _) = fill(from).await;
+    let file = dir.join("rollwave.backup");
+    let saved = backup(from, &file, false).await.unwrap();
+    assert_eq!(
+        (saved.nodes, saved.rollouts, saved.audit),
+        (2, (2, 0), (2, 0))
+    );
+    match backup(from, &file, false).await {
+        Err(BackupError::Exists(p)) => assert_eq!(p, file),
+        other => panic!("a backup over an existing file: {other:?}"),
+    }
+    backup(from, &file, true).await.unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        leftovers,
+        vec!["rollwave.backup"],
+        "one file, nothing beside it"
+    );
+
+    let not_a_backup = dir.join("other.db");
+    rusqlite::Connection::open(&not_a_backup)
+        .unwrap()
+        .execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+        .unwrap();
+    for bad in [not_a_backup.clone(), dir.join("missing")] {
+        let err = restore(&bad, to, false).await.unwrap_err();
+        assert!(
+            matches!(err, BackupError::NotABackup(..) | BackupError::Missing(_)),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().starts_with(&bad.display().to_string()),
+            "{err}"
+        );
+    }
+    std::fs::write(&not_a_backup, "not a database at all").unwrap();
+    assert!(matches!(
+        restore(&not_a_backup, to, false).await,
+        Err(BackupError::NotABackup(..))
+    ));
+    assert_eq!(
+        to.snapshot().await.unwrap().nodes,
+        vec![],
+        "nothing written"
+    );
+
+    let term = from.snapshot().await.unwrap().term;
+    let restored = restore(&file, to, false).await.unwrap();
+    assert_eq!(restored, saved);
+    assert_eq!(
+        to.list_nodes().await.unwrap(),
+        from.list_nodes().await.unwrap()
+    );
+    assert_eq!(
+        to.list_releases().await.unwrap(),
+        from.list_releases().await.unwrap()
+    );
+    assert_eq!(to.list_tokens().await.unwrap(), vec![token]);
+    assert_eq!(to.list_active_versions().await.unwrap(), vec![active]);
+    let ids = |rs: Vec<Rollout>| rs.iter().map(|r| (r.id, r.state)).collect::<Vec<_>>();
+    assert_eq!(
+        ids(to.list_rollouts().await.unwrap()),
+        ids(from.list_rollouts().await.unwrap())
+    );
+    assert!(
+        to.term_base().await.unwrap() > term,
+        "the restored store leads above every term of the saved one"
+    );
+    match restore(&file, to, false).await {
+        Err(BackupError::Copy(CopyError::NotEmpty(_))) => {}
+        other => panic!("a restore into a store that is not empty: {other:?}"),
+    }
+    let again = restore(&file, to, true).await.unwrap();
+    assert_eq!(
+        again.rollouts,
+        (0, 2),
+        "a forced restore adds nothing twice"
+    );
 }

@@ -3,6 +3,7 @@
 //! The SQLite engine is the embedded default; other engines (etcd) implement
 //! the same trait and must pass the same [`conformance`] suite.
 
+pub mod backup;
 pub mod conformance;
 pub mod copy;
 #[cfg(feature = "etcd")]
@@ -247,6 +248,38 @@ pub trait Store: Send + Sync + 'static {
     async fn put_token(&self, token: &TokenRecord) -> Result<()>;
     /// Every token, revoked and expired ones included, oldest first.
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
+
+    /// Everything the store holds, as of one instant (one SQLite read
+    /// transaction, one etcd revision), however much is written meanwhile:
+    /// what `store backup` saves and `store copy` moves.
+    async fn snapshot(&self) -> Result<Snapshot>;
+    /// What terms are counted from: the term itself on SQLite (whose one
+    /// control plane leads for good), added to etcd's election revision.
+    async fn term_base(&self) -> Result<u64>;
+    /// Makes this store continue the history `snapshot` was taken of: the
+    /// terms it hands out from now on are above `term`, and (etcd) it takes
+    /// the cluster id `cluster`, which replicas' data dirs are bound to.
+    async fn continue_from(&self, term: u64, cluster: Option<&str>) -> Result<()>;
+}
+
+/// A store's whole content at one instant ([`Store::snapshot`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub nodes: Vec<NodeView>,
+    pub tokens: Vec<TokenRecord>,
+    /// Oldest first within a service, as [`Store::list_releases`].
+    pub releases: Vec<Release>,
+    pub active_versions: Vec<ActiveVersion>,
+    /// Newest first, as [`Store::list_rollouts`].
+    pub rollouts: Vec<Rollout>,
+    /// Oldest first.
+    pub audit: Vec<AuditEntry>,
+    /// At least every term a leader on this store was elected in so far:
+    /// agents remember the highest term they saw and refuse lower ones, so
+    /// a store that takes over this history must start above it.
+    pub term: u64,
+    /// The cluster id (etcd); SQLite's lone control plane has none.
+    pub cluster: Option<String>,
 }
 
 /// Where the control plane keeps its state: `--store sqlite:PATH` or

@@ -27,6 +27,7 @@ mod replicas;
 mod rollouts;
 mod signing;
 mod sim;
+mod store_backup;
 mod strategies;
 mod tls;
 mod trust;

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 
 use super::EtcdStore;
-use crate::{Election, Lead, Result};
+use crate::{Election, Lead, Result, Store};
 
 /// How long a leader that stops renewing (killed, paused, cut off) keeps
 /// its role: the time before another replica takes over.
@@ -80,8 +80,11 @@ impl Election for EtcdStore {
                         .write()
                         .unwrap_or_else(std::sync::PoisonError::into_inner) =
                         Some((key.key().to_vec(), key.rev()));
+                    // Above every term of the history this store took
+                    // over (`store restore`), if any.
+                    let base = self.term_base().await?;
                     return Ok(Lead {
-                        term: u64::try_from(key.rev()).unwrap_or(0),
+                        term: base.saturating_add(u64::try_from(key.rev()).unwrap_or(0)),
                         lost,
                     });
                 }

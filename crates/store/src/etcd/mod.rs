@@ -54,7 +54,7 @@ use rollwave_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{PutRelease, Result, RolloutWrite, Store, StoreError};
+use crate::{PutRelease, Result, RolloutWrite, Snapshot, Store, StoreError};
 
 /// The layout of keys this code writes and understands.
 const SCHEMA_VERSION: u64 = 1;
@@ -606,13 +606,7 @@ impl Store for EtcdStore {
         let (kvs, _) = self
             .range(&self.key("nodes/"), None, "listing nodes")
             .await?;
-        kvs.iter()
-            .map(|kv| {
-                let mut n: NodeView = decode("node", kv.value())?;
-                n.online = false;
-                Ok(n)
-            })
-            .collect()
+        nodes_of(&kvs)
     }
 
     async fn put_release(&self, release: &Release) -> Result<PutRelease> {
@@ -680,21 +674,7 @@ impl Store for EtcdStore {
         let (kvs, _) = self
             .range(&self.key("releases/"), None, "listing releases")
             .await?;
-        let mut releases = kvs
-            .iter()
-            .map(|kv| {
-                Ok((
-                    decode::<Release>("release", kv.value())?,
-                    kv.create_revision(),
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        // Creation order within a service; etcd's creation revision breaks
-        // ties between releases pushed in the same millisecond.
-        releases.sort_by(|(a, ra), (b, rb)| {
-            (&a.service, a.created_at, ra).cmp(&(&b.service, b.created_at, rb))
-        });
-        Ok(releases.into_iter().map(|(r, _)| r).collect())
+        releases_of(&kvs)
     }
 
     async fn set_active_version(&self, active: &ActiveVersion) -> Result<()> {
@@ -709,9 +689,7 @@ impl Store for EtcdStore {
         let (kvs, _) = self
             .range(&self.key("active/"), None, "listing active versions")
             .await?;
-        kvs.iter()
-            .map(|kv| decode("active version", kv.value()))
-            .collect()
+        active_versions_of(&kvs)
     }
 
     async fn get_active_version(&self, service: &str) -> Result<Option<ActiveVersion>> {
@@ -825,14 +803,7 @@ impl Store for EtcdStore {
                 "listing the audit trail",
             )
             .await?;
-        kvs.iter()
-            .map(|kv| {
-                let id = rollouts::id_of(kv)?;
-                let mut e: AuditEntry = decode(&format!("audit entry {id}"), kv.value())?;
-                e.id = id;
-                Ok(e)
-            })
-            .collect()
+        audit_of(&kvs)
     }
 
     async fn put_token(&self, token: &TokenRecord) -> Result<()> {
@@ -843,17 +814,170 @@ impl Store for EtcdStore {
         let (kvs, _) = self
             .range(&self.key("tokens/"), None, "listing tokens")
             .await?;
-        let mut tokens = kvs
-            .iter()
-            .map(|kv| {
-                Ok((
-                    kv.create_revision(),
-                    decode::<TokenRecord>("token", kv.value())?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        // Oldest first: a token keeps its creation revision when replaced.
-        tokens.sort_by_key(|(rev, _)| *rev);
-        Ok(tokens.into_iter().map(|(_, t)| t).collect())
+        tokens_of(&kvs)
     }
+
+    async fn snapshot(&self) -> Result<Snapshot> {
+        // Every range at the revision of the first: one instant of the
+        // whole prefix, however much the leader writes meanwhile.
+        let what = "taking a snapshot";
+        let (nodes, revision) = self.range(&self.key("nodes/"), None, what).await?;
+        let at = Some(revision);
+        let tokens = self.range(&self.key("tokens/"), at, what).await?.0;
+        let releases = self.range(&self.key("releases/"), at, what).await?.0;
+        let active = self.range(&self.key("active/"), at, what).await?.0;
+        let audit = self.range(&self.key("audit/"), at, what).await?.0;
+        let base = self
+            .range(&self.key("counters/term_base"), at, what)
+            .await?
+            .0;
+        let gens = self.range(&self.key("gen/"), at, what).await?.0;
+        let mut rollouts = Vec::with_capacity(gens.len());
+        for kv in gens.iter().rev() {
+            if let Some(r) = rollouts::read_at(self, rollouts::id_of(kv)?, revision).await? {
+                rollouts.push(r);
+            }
+        }
+        let base = match base.first() {
+            Some(kv) => parse_u64("counter term_base", kv.value())?,
+            None => 0,
+        };
+        Ok(Snapshot {
+            nodes: nodes_of(&nodes)?,
+            tokens: tokens_of(&tokens)?,
+            releases: releases_of(&releases)?,
+            active_versions: active_versions_of(&active)?,
+            rollouts,
+            audit: audit_of(&audit)?,
+            // Every election key so far was created at or below this
+            // revision, so every term handed out is at most this.
+            term: base.saturating_add(u64::try_from(revision).unwrap_or(0)),
+            cluster: Some(self.cluster.clone()),
+        })
+    }
+
+    async fn term_base(&self) -> Result<u64> {
+        let what = "reading the term";
+        match self.get(self.key("counters/term_base"), what).await? {
+            Some(kv) => parse_u64("counter term_base", kv.value()),
+            None => Ok(0),
+        }
+    }
+
+    async fn continue_from(&self, term: u64, cluster: Option<&str>) -> Result<()> {
+        let what = "continuing another store's history";
+        // Terms are this base plus an election key's revision (at least 1),
+        // so every term from now on is above `term`.
+        let key = self.key("counters/term_base");
+        for _ in 0..CAS_ATTEMPTS {
+            let current = self.get(key.clone(), what).await?;
+            let (base, compare) = match &current {
+                None => (
+                    0,
+                    Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                ),
+                Some(kv) => (
+                    parse_u64("counter term_base", kv.value())?,
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
+                ),
+            };
+            if base >= term {
+                break;
+            }
+            let put = TxnOp::put(key.clone(), term.to_string(), None);
+            if self
+                .txn(vec![compare], vec![put], Vec::new(), what)
+                .await?
+                .succeeded()
+            {
+                break;
+            }
+        }
+        let Some(cluster) = cluster else {
+            return Ok(());
+        };
+        let key = self.key("meta");
+        let Some(kv) = self.get(key.clone(), what).await? else {
+            return Err(self.backend(what, "meta record vanished"));
+        };
+        let mut meta: Meta = decode("meta", kv.value())?;
+        if meta.cluster == cluster {
+            return Ok(());
+        }
+        meta.cluster = cluster.to_string();
+        let compare = Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision());
+        let put = TxnOp::put(key, encode("meta", &meta)?, None);
+        if !self
+            .txn(vec![compare], vec![put], Vec::new(), what)
+            .await?
+            .succeeded()
+        {
+            return Err(self.backend(
+                what,
+                "the meta record changed meanwhile: is a control plane running on this store?",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn nodes_of(kvs: &[KeyValue]) -> Result<Vec<NodeView>> {
+    kvs.iter()
+        .map(|kv| {
+            let mut n: NodeView = decode("node", kv.value())?;
+            n.online = false;
+            Ok(n)
+        })
+        .collect()
+}
+
+fn releases_of(kvs: &[KeyValue]) -> Result<Vec<Release>> {
+    let mut releases = kvs
+        .iter()
+        .map(|kv| {
+            Ok((
+                decode::<Release>("release", kv.value())?,
+                kv.create_revision(),
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Creation order within a service; etcd's creation revision breaks
+    // ties between releases pushed in the same millisecond.
+    releases.sort_by(|(a, ra), (b, rb)| {
+        (&a.service, a.created_at, ra).cmp(&(&b.service, b.created_at, rb))
+    });
+    Ok(releases.into_iter().map(|(r, _)| r).collect())
+}
+
+fn active_versions_of(kvs: &[KeyValue]) -> Result<Vec<ActiveVersion>> {
+    kvs.iter()
+        .map(|kv| decode("active version", kv.value()))
+        .collect()
+}
+
+/// Entries in the order of `kvs`, with the ids their keys carry.
+fn audit_of(kvs: &[KeyValue]) -> Result<Vec<AuditEntry>> {
+    kvs.iter()
+        .map(|kv| {
+            let id = rollouts::id_of(kv)?;
+            let mut e: AuditEntry = decode(&format!("audit entry {id}"), kv.value())?;
+            e.id = id;
+            Ok(e)
+        })
+        .collect()
+}
+
+fn tokens_of(kvs: &[KeyValue]) -> Result<Vec<TokenRecord>> {
+    let mut tokens = kvs
+        .iter()
+        .map(|kv| {
+            Ok((
+                kv.create_revision(),
+                decode::<TokenRecord>("token", kv.value())?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Oldest first: a token keeps its creation revision when replaced.
+    tokens.sort_by_key(|(rev, _)| *rev);
+    Ok(tokens.into_iter().map(|(_, t)| t).collect())
 }

@@ -31,7 +31,7 @@ use rollwave_core::{
 };
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::{PutRelease, Result, RolloutWrite, Store, StoreError};
+use crate::{PutRelease, Result, RolloutWrite, Snapshot, Store, StoreError};
 use writer::Writer;
 
 /// `MIGRATIONS[i]` takes the schema from version `i` to version `i + 1`.
@@ -128,6 +128,9 @@ const MIGRATIONS: &[&str] = &[
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 const ROLLOUT_ID_COUNTER: &str = "rollout_id";
+/// The term this store's control plane leads in: 0 unless the store took
+/// over another's history ([`Store::continue_from`]).
+const TERM_BASE_COUNTER: &str = "term_base";
 
 /// Long enough to ride out another process's checkpoint or migration, short
 /// enough that a wedged lock surfaces as an error rather than a hang.
@@ -206,6 +209,32 @@ impl SqliteStore {
     /// The file this store was opened from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Writes the whole database, as of one instant, to the new file
+    /// `path`, as one file (no write-ahead log beside it), marked with
+    /// `application_id`.
+    pub(crate) async fn save_to(&self, path: &Path, application_id: i32) -> Result<()> {
+        let (path, source) = (path.to_path_buf(), self.path.clone());
+        // A connection of its own: the readers are query-only, and the
+        // writer's batches are transactions, which VACUUM cannot run in.
+        tokio::task::spawn_blocking(move || {
+            let target = path.to_str().ok_or_else(|| {
+                StoreError::Backend(format!("{}: not a UTF-8 path", path.display()))
+            })?;
+            connect(&source)?
+                .execute("VACUUM INTO ?1", params![target])
+                .map_err(at(&path, "writing"))?;
+            let out = Connection::open(&path).map_err(at(&path, "opening"))?;
+            out.pragma_update(None, "application_id", application_id)
+                .map_err(at(&path, "marking"))?;
+            let _: String = out
+                .query_row("PRAGMA journal_mode = DELETE", [], |row| row.get(0))
+                .map_err(at(&path, "leaving write-ahead logging on"))?;
+            out.close().map_err(|(_, e)| at(&path, "closing")(e))
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("saving a copy: the task failed: {e}")))?
     }
 
     /// Runs `f` on the reader connection, on the blocking pool. `what`
@@ -416,20 +445,9 @@ impl Store for SqliteStore {
     }
 
     async fn list_nodes(&self) -> Result<Vec<NodeView>> {
-        let fail = self.backend("listing nodes");
-        let rows = self
-            .read("listing nodes".into(), move |conn| {
-                pairs(conn, "SELECT name, json FROM nodes ORDER BY name").map_err(fail)
-            })
-            .await?;
-        rows.into_iter()
-            .map(|(name, json)| {
-                let mut node: NodeView = decode(format!("node {name}"), &json)?;
-                // Whatever an older version stored, liveness is never persisted.
-                node.online = false;
-                Ok(node)
-            })
-            .collect()
+        let path = self.path.clone();
+        self.read("listing nodes".into(), move |conn| nodes(conn, &path))
+            .await
     }
 
     async fn put_release(&self, release: &Release) -> Result<PutRelease> {
@@ -507,26 +525,9 @@ impl Store for SqliteStore {
     }
 
     async fn list_releases(&self) -> Result<Vec<Release>> {
-        let fail = self.backend("listing releases");
-        let rows = self
-            .read("listing releases".into(), move |conn| {
-                (|| {
-                    // rowid breaks ties between releases pushed in the same
-                    // millisecond in the order they were pushed.
-                    let mut stmt = conn.prepare_cached(
-                        "SELECT service, version, json FROM releases
-                         ORDER BY service, created_at, rowid",
-                    )?;
-                    let rows =
-                        stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
-                    rows.collect::<rusqlite::Result<Vec<(String, String, String)>>>()
-                })()
-                .map_err(fail)
-            })
-            .await?;
-        rows.iter()
-            .map(|(service, version, json)| decode_release(service, version, json))
-            .collect()
+        let path = self.path.clone();
+        self.read("listing releases".into(), move |conn| releases(conn, &path))
+            .await
     }
 
     async fn append_audit(&self, entry: &AuditEntry) -> Result<u64> {
@@ -548,27 +549,11 @@ impl Store for SqliteStore {
     async fn list_audit(&self, limit: usize, before: Option<u64>) -> Result<Vec<AuditEntry>> {
         let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let fail = self.backend("listing the audit trail");
-        let rows = self
-            .read("listing the audit trail".into(), move |conn| {
-                (|| {
-                    let mut stmt = conn.prepare_cached(
-                        "SELECT id, json FROM audit WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
-                    )?;
-                    let rows = stmt
-                        .query_map(params![before, limit], |row| Ok((row.get(0)?, row.get(1)?)))?;
-                    rows.collect::<rusqlite::Result<Vec<(i64, String)>>>()
-                })()
-                .map_err(fail)
-            })
-            .await?;
-        rows.iter()
-            .map(|(id, json)| {
-                let mut e: AuditEntry = decode(format!("audit entry {id}"), json)?;
-                e.id = *id as u64;
-                Ok(e)
-            })
-            .collect()
+        let path = self.path.clone();
+        self.read("listing the audit trail".into(), move |conn| {
+            audit(conn, &path, before, limit)
+        })
+        .await
     }
 
     async fn put_token(&self, token: &TokenRecord) -> Result<()> {
@@ -598,15 +583,9 @@ impl Store for SqliteStore {
     }
 
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
-        let fail = self.backend("listing tokens");
-        let rows = self
-            .read("listing tokens".into(), move |conn| {
-                pairs(conn, "SELECT id, json FROM tokens ORDER BY rowid").map_err(fail)
-            })
-            .await?;
-        rows.iter()
-            .map(|(id, json)| decode(format!("token {id}"), json))
-            .collect()
+        let path = self.path.clone();
+        self.read("listing tokens".into(), move |conn| tokens(conn, &path))
+            .await
     }
 
     async fn set_active_version(&self, active: &ActiveVersion) -> Result<()> {
@@ -628,29 +607,11 @@ impl Store for SqliteStore {
     }
 
     async fn list_active_versions(&self) -> Result<Vec<ActiveVersion>> {
-        let fail = self.backend("listing active versions");
-        let rows = self
-            .read("listing active versions".into(), move |conn| {
-                pairs(
-                    conn,
-                    "SELECT service, json FROM active_versions ORDER BY service",
-                )
-                .map_err(fail)
-            })
-            .await?;
-        rows.iter()
-            .map(|(service, json)| {
-                let key = format!("active version of {service}");
-                let a: ActiveVersion = decode(&key, json)?;
-                if &a.service != service {
-                    return Err(StoreError::Corrupt {
-                        key,
-                        message: format!("the record names service {:?}", a.service),
-                    });
-                }
-                Ok(a)
-            })
-            .collect()
+        let path = self.path.clone();
+        self.read("listing active versions".into(), move |conn| {
+            active_versions(conn, &path)
+        })
+        .await
     }
 
     async fn next_rollout_id(&self) -> Result<u64> {
@@ -812,4 +773,149 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn snapshot(&self) -> Result<Snapshot> {
+        let path = self.path.clone();
+        self.read("taking a snapshot".into(), move |conn| {
+            // One read transaction: every table as of the same commit,
+            // whatever the writer commits meanwhile (WAL).
+            let tx = conn
+                .unchecked_transaction()
+                .map_err(at(&path, "starting a read transaction in"))?;
+            let display = path.display().to_string();
+            let snapshot = Snapshot {
+                nodes: nodes(&tx, &path)?,
+                tokens: tokens(&tx, &path)?,
+                releases: releases(&tx, &path)?,
+                active_versions: active_versions(&tx, &path)?,
+                rollouts: rollouts::read_where(&tx, &display, "1 ORDER BY id DESC")?,
+                audit: {
+                    let mut all = audit(&tx, &path, i64::MAX, i64::MAX)?;
+                    all.reverse();
+                    all
+                },
+                term: counter(&tx, &path, TERM_BASE_COUNTER)?,
+                cluster: None,
+            };
+            tx.finish()
+                .map_err(at(&path, "ending a read transaction in"))?;
+            Ok(snapshot)
+        })
+        .await
+    }
+
+    async fn term_base(&self) -> Result<u64> {
+        let path = self.path.clone();
+        self.read("reading the term".into(), move |conn| {
+            counter(conn, &path, TERM_BASE_COUNTER)
+        })
+        .await
+    }
+
+    async fn continue_from(&self, term: u64, _cluster: Option<&str>) -> Result<()> {
+        // The lone control plane on SQLite leads in this term for good.
+        let term = sql_int("term", term)?;
+        let fail = self.backend("raising the term");
+        self.writer
+            .write(move |conn| {
+                conn.execute(
+                    "INSERT INTO counters (name, value) VALUES (?1, ?2)
+                     ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
+                    params![TERM_BASE_COUNTER, term],
+                )
+                .map_err(fail)?;
+                Ok(())
+            })
+            .await
+    }
+}
+
+/// Reads a counter, 0 if it was never set.
+fn counter(conn: &Connection, path: &Path, name: &str) -> Result<u64> {
+    let value: Option<i64> = conn
+        .query_row(
+            "SELECT value FROM counters WHERE name = ?1",
+            params![name],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(at(path, "reading a counter in"))?;
+    Ok(value.map_or(0, |v| u64::try_from(v).unwrap_or(0)))
+}
+
+fn nodes(conn: &Connection, path: &Path) -> Result<Vec<NodeView>> {
+    let rows = pairs(conn, "SELECT name, json FROM nodes ORDER BY name")
+        .map_err(at(path, "listing nodes in"))?;
+    rows.into_iter()
+        .map(|(name, json)| {
+            let mut node: NodeView = decode(format!("node {name}"), &json)?;
+            // Whatever an older version stored, liveness is never persisted.
+            node.online = false;
+            Ok(node)
+        })
+        .collect()
+}
+
+fn releases(conn: &Connection, path: &Path) -> Result<Vec<Release>> {
+    let rows = (|| {
+        // rowid breaks ties between releases pushed in the same
+        // millisecond in the order they were pushed.
+        let mut stmt = conn.prepare_cached(
+            "SELECT service, version, json FROM releases
+             ORDER BY service, created_at, rowid",
+        )?;
+        let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+        rows.collect::<rusqlite::Result<Vec<(String, String, String)>>>()
+    })()
+    .map_err(at(path, "listing releases in"))?;
+    rows.iter()
+        .map(|(service, version, json)| decode_release(service, version, json))
+        .collect()
+}
+
+/// Entries below `before`, newest first, at most `limit`.
+fn audit(conn: &Connection, path: &Path, before: i64, limit: i64) -> Result<Vec<AuditEntry>> {
+    let rows = (|| {
+        let mut stmt = conn
+            .prepare_cached("SELECT id, json FROM audit WHERE id < ?1 ORDER BY id DESC LIMIT ?2")?;
+        let rows = stmt.query_map(params![before, limit], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        rows.collect::<rusqlite::Result<Vec<(i64, String)>>>()
+    })()
+    .map_err(at(path, "listing the audit trail in"))?;
+    rows.iter()
+        .map(|(id, json)| {
+            let mut e: AuditEntry = decode(format!("audit entry {id}"), json)?;
+            e.id = *id as u64;
+            Ok(e)
+        })
+        .collect()
+}
+
+fn tokens(conn: &Connection, path: &Path) -> Result<Vec<TokenRecord>> {
+    let rows = pairs(conn, "SELECT id, json FROM tokens ORDER BY rowid")
+        .map_err(at(path, "listing tokens in"))?;
+    rows.iter()
+        .map(|(id, json)| decode(format!("token {id}"), json))
+        .collect()
+}
+
+fn active_versions(conn: &Connection, path: &Path) -> Result<Vec<ActiveVersion>> {
+    let rows = pairs(
+        conn,
+        "SELECT service, json FROM active_versions ORDER BY service",
+    )
+    .map_err(at(path, "listing active versions in"))?;
+    rows.iter()
+        .map(|(service, json)| {
+            let key = format!("active version of {service}");
+            let a: ActiveVersion = decode(&key, json)?;
+            if &a.service != service {
+                return Err(StoreError::Corrupt {
+                    key,
+                    message: format!("the record names service {:?}", a.service),
+                });
+            }
+            Ok(a)
+        })
+        .collect()
 }

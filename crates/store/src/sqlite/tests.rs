@@ -283,3 +283,22 @@ async fn copies_into_another_store() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn takes_a_snapshot_of_one_instant() {
+    let (_dir, path) = temp_db();
+    conformance::snapshot_suite(&SqliteStore::open(&path).unwrap()).await;
+}
+
+#[tokio::test]
+async fn is_backed_up_and_restored() {
+    let (_a, from) = temp_db();
+    let (_b, to) = temp_db();
+    let files = tempfile::tempdir().unwrap();
+    conformance::backup_suite(
+        &SqliteStore::open(&from).unwrap(),
+        &SqliteStore::open(&to).unwrap(),
+        files.path(),
+    )
+    .await;
+}
