@@ -1,11 +1,9 @@
 //! What each subcommand does.
 
-use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::CommandFactory;
 use rollwave_api::{
     Finalize, FinalizeResponse, NodeView, PushResponse, Release, RolloutFile, RolloutResponse,
@@ -85,7 +83,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let done = rollwave_store::copy::copy(source.as_ref(), target.as_ref(), force)
                 .await
                 .map_err(copy_error)?;
-            println!("copied {}", render::copied(&done));
+            crate::outln!("copied {}", render::copied(&done));
             Ok(ExitCode::SUCCESS)
         }
         Command::Store(StoreCommand::Backup(args)) => {
@@ -99,7 +97,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let done = rollwave_store::backup::backup(source.as_ref(), &to, force)
                 .await
                 .map_err(|e| backup_error(e, "--to"))?;
-            println!("saved {} to {}", render::copied(&done), to.display());
+            crate::outln!("saved {} to {}", render::copied(&done), to.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Store(StoreCommand::Restore(args)) => {
@@ -113,7 +111,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let done = rollwave_store::backup::restore(&from, target.as_ref(), force)
                 .await
                 .map_err(|e| backup_error(e, "--from"))?;
-            println!("restored {}", render::copied(&done));
+            crate::outln!("restored {}", render::copied(&done));
             Ok(ExitCode::SUCCESS)
         }
         Command::Certs(CertsCommand::Init { dir, hosts, force }) => {
@@ -121,7 +119,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rollwave_tls::TlsError::Host(_) => user_error(format!("--host: {e}")),
                 e => user_error(e.to_string()),
             })?;
-            print!("{}", render::certs(&made));
+            crate::out!("{}", render::certs(&made));
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent { config } => {
@@ -138,9 +136,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "rollwave", &mut script);
-            std::io::stdout()
-                .write_all(&script)
-                .context("writing the completion script")?;
+            crate::out!("{}", String::from_utf8_lossy(&script));
             Ok(ExitCode::SUCCESS)
         }
         Command::ListenExec { command } => {
@@ -156,7 +152,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&nodes)?;
             } else {
-                print!("{}", render::nodes(&nodes, now_ms()));
+                crate::out!("{}", render::nodes(&nodes, now_ms()));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -177,7 +173,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&s.backups)?;
             } else {
-                print!("{}", render::backups(&s.backups));
+                crate::out!("{}", render::backups(&s.backups));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -187,7 +183,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&entries)?;
             } else {
-                print!("{}", render::audit(&entries));
+                crate::out!("{}", render::audit(&entries));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -201,7 +197,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;
                 for r in &planned {
-                    print!("{}", render::plan(r, &nodes));
+                    crate::out!("{}", render::plan(r, &nodes));
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -212,7 +208,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&services)?;
             } else {
-                print!("{}", render::services(&services));
+                crate::out!("{}", render::services(&services));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -231,13 +227,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&resp)?;
             } else if resp.changed {
-                println!(
+                crate::outln!(
                     "{service}: active version {} (was {})",
                     resp.active.version,
                     resp.previous.as_deref().unwrap_or("none")
                 );
             } else {
-                println!(
+                crate::outln!(
                     "{service}: active version is already {}",
                     resp.active.version
                 );
@@ -259,13 +255,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Keys(KeysCommand::Generate { dir, name, force }) => {
             let k = keys::generate(&dir, &name, force)?;
-            println!("key id      {}", k.key_id);
-            println!("public key  {}", k.public_key);
-            println!(
+            crate::outln!("key id      {}", k.key_id);
+            crate::outln!("public key  {}", k.public_key);
+            crate::outln!(
                 "wrote {} (agents: trusted_key_files or trusted_keys)",
                 k.public.display()
             );
-            println!(
+            crate::outln!(
                 "wrote {} (secret, not encrypted, mode 0600: release push --sign-key)",
                 k.secret.display()
             );
@@ -335,19 +331,25 @@ async fn release(api: ApiClient, cmd: ReleaseCommand) -> anyhow::Result<ExitCode
                     .as_ref()
                     .map(|m| format!(", declares {}", m.describe()))
                     .unwrap_or_default();
-                println!(
+                crate::outln!(
                     "pushed {}@{} ({:?}, {} bytes, sha256 {}{declares}{signed})",
-                    r.service, r.version, r.format, r.size, r.sha256
+                    r.service,
+                    r.version,
+                    r.format,
+                    r.size,
+                    r.sha256
                 );
             } else if resp.signature_added {
-                println!(
+                crate::outln!(
                     "{}@{} was already pushed with the same content (sha256 {}){signed}: signature added",
                     r.service, r.version, r.sha256
                 );
             } else {
-                println!(
+                crate::outln!(
                     "{}@{} was already pushed with the same content (sha256 {}){signed}",
-                    r.service, r.version, r.sha256
+                    r.service,
+                    r.version,
+                    r.sha256
                 );
             }
             Ok(ExitCode::SUCCESS)
@@ -392,14 +394,14 @@ async fn release(api: ApiClient, cmd: ReleaseCommand) -> anyhow::Result<ExitCode
             let resp: PushResponse = api.post_bytes_with(&path, Vec::new(), &headers).await?;
             let r = &resp.release;
             if resp.signature_added {
-                println!(
+                crate::outln!(
                     "{}@{}: signature added{}",
                     r.service,
                     r.version,
                     signed_by(r)
                 );
             } else {
-                println!(
+                crate::outln!(
                     "{}@{}: already carries this signature{}",
                     r.service,
                     r.version,
@@ -413,7 +415,7 @@ async fn release(api: ApiClient, cmd: ReleaseCommand) -> anyhow::Result<ExitCode
             if json {
                 print_json(&releases)?;
             } else {
-                print!("{}", render::releases(&releases));
+                crate::out!("{}", render::releases(&releases));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -439,15 +441,15 @@ async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode
             if !json {
                 if yes {
                     for r in &started {
-                        print!("{}{}", render::started(r), render::warnings(r));
+                        crate::out!("{}{}", render::started(r), render::warnings(r));
                     }
                 } else {
                     let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;
                     for r in &started {
-                        print!("{}", render::plan(r, &nodes));
+                        crate::out!("{}", render::plan(r, &nodes));
                     }
                     for r in &started {
-                        print!("{}", render::started(r));
+                        crate::out!("{}", render::started(r));
                     }
                 }
             }
@@ -455,7 +457,7 @@ async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode
                 // In dependency order: each waits for the ones before it.
                 let mut finished = Vec::with_capacity(started.len());
                 for r in &started {
-                    finished.push(follow(&api, r.id, !json).await?);
+                    finished.push(follow(&api, r.id, !json, false).await?);
                 }
                 if json {
                     print_group_json(&finished)?;
@@ -480,7 +482,7 @@ async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode
                 None => newest(&api).await?,
             };
             if watch || wait {
-                let r = follow(&api, id, !json).await?;
+                let r = follow(&api, id, !json, watch && !wait).await?;
                 if json {
                     print_json(&r)?;
                 }
@@ -495,7 +497,7 @@ async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode
             if !nodes && !json {
                 let s: RolloutSummary = api.get(&format!("/v1/rollouts/{id}/summary")).await?;
                 if s.nodes > render::LIST_NODES_UP_TO {
-                    print!("{}", render::summary(&s, now_ms()));
+                    crate::out!("{}", render::summary(&s, now_ms()));
                     return Ok(ExitCode::SUCCESS);
                 }
             }
@@ -503,7 +505,7 @@ async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode
             if json {
                 print_json(&resp.rollout)?;
             } else {
-                print!("{}", render::status(&resp.rollout, now_ms()));
+                crate::out!("{}", render::status(&resp.rollout, now_ms()));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -513,7 +515,7 @@ async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode
             if json {
                 print_json(&rollouts)?;
             } else {
-                print!("{}", render::rollouts(&rollouts));
+                crate::out!("{}", render::rollouts(&rollouts));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -525,7 +527,7 @@ async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode
             if !wait {
                 return Ok(ExitCode::SUCCESS);
             }
-            let r = follow(&api, id, true).await?;
+            let r = follow(&api, id, true, false).await?;
             Ok(if r.state == RolloutState::RolledBack {
                 ExitCode::SUCCESS
             } else {
@@ -556,7 +558,7 @@ async fn command(api: &ApiClient, id: u64, verb: &str) -> anyhow::Result<ExitCod
     let resp: RolloutResponse = api
         .post(&format!("/v1/rollouts/{id}/{verb}"), &serde_json::json!({}))
         .await?;
-    println!("rollout {id} is {}", resp.rollout.state.as_str());
+    crate::outln!("rollout {id} is {}", resp.rollout.state.as_str());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -684,14 +686,14 @@ async fn logs(
         for e in r.events.iter().skip(printed) {
             if node.is_none() || e.node.is_none() || e.node.as_deref() == node {
                 if json {
-                    println!("{}", serde_json::to_string(e)?);
+                    crate::outln!("{}", serde_json::to_string(e)?);
                 } else {
-                    print!("{}", render::log_line(e));
+                    crate::out!("{}", render::log_line(e));
                 }
             }
         }
         printed = r.events.len();
-        if !follow || r.settled() {
+        if !follow || r.settled() || crate::out::closed() {
             return Ok(ExitCode::SUCCESS);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -712,7 +714,14 @@ const FOLLOW_POLL_TIMEOUT: Duration = Duration::from_secs(15);
 const FOLLOW_WHOLE_UP_TO: usize = 500;
 const FULL_EVERY: Duration = Duration::from_secs(2);
 
-pub async fn follow(api: &ApiClient, id: u64, show: bool) -> anyhow::Result<Rollout> {
+/// With `watch_only`, it also stops once nobody reads what it prints (its
+/// output piped into `head`): watching is all it does.
+pub async fn follow(
+    api: &ApiClient,
+    id: u64,
+    show: bool,
+    watch_only: bool,
+) -> anyhow::Result<Rollout> {
     let mut view = render::Follower::new(show);
     let mut down_since: Option<std::time::Instant> = None;
     let path = format!("/v1/rollouts/{id}");
@@ -783,7 +792,7 @@ pub async fn follow(api: &ApiClient, id: u64, show: bool) -> anyhow::Result<Roll
         view.update(&r);
         // A completed rollout may keep converging nodes that were offline
         // for as long as they stay away: that is not worth waiting for.
-        if r.settled() {
+        if r.settled() || (watch_only && crate::out::closed()) {
             view.finish(&r);
             return Ok(r);
         }
@@ -800,7 +809,7 @@ fn wait_code(r: &Rollout) -> ExitCode {
 }
 
 pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    crate::outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 

@@ -57,7 +57,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let quiet = args.json;
     let say = |s: String| {
         if !quiet {
-            println!("{s}");
+            crate::outln!("{s}");
         }
     };
     let exe = std::env::current_exe().context("locating the rollwave executable")?;
@@ -82,7 +82,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     push(&api, "1.0.0", true).await?;
     let install = start(&api, "1.0.0", "100%", "0s", "30s").await?;
-    let install = crate::commands::follow(&api, install.id, false).await?;
+    let install = crate::commands::follow(&api, install.id, false, false).await?;
     if !install.fully_upgraded() {
         bail!(
             "installing 1.0.0 failed: {}",
@@ -102,13 +102,13 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let rollout = start(&api, "2.0.0", &batch, MIN_HEALTHY_TIME, deadline).await?;
     if !quiet {
         let nodes = fleet.nodes_view().await?;
-        print!(
+        crate::out!(
             "{}{}",
             crate::render::plan(&rollout, &nodes),
             crate::render::started(&rollout)
         );
     }
-    let rollout = crate::commands::follow(&api, rollout.id, !quiet).await?;
+    let rollout = crate::commands::follow(&api, rollout.id, !quiet, false).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let stats = load.stop().await;
 
@@ -124,7 +124,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let summary = summarize(&rollout, stats.ok, stats.failed, versions);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         print_summary(&summary, &stats.errors);
     }
@@ -140,7 +140,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let token = dir
             .join("server-data")
             .join(rollwave_server::ADMIN_TOKEN_FILE);
-        println!(
+        crate::outln!(
             "fleet left running: server {url} (data and logs under {}); try `rollwave --server {url} --ca-file {} --token-file {} nodes`",
             dir.display(),
             ca_file.display(),
@@ -267,13 +267,14 @@ pub fn summarize(r: &Rollout, ok: u64, failed: u64, versions: BTreeMap<String, u
 }
 
 fn print_summary(s: &Summary, errors: &[String]) {
-    println!();
-    println!("summary");
-    println!("  nodes:            {}", s.nodes);
-    println!("  waves:            {}", s.waves);
-    println!(
+    crate::outln!();
+    crate::outln!("summary");
+    crate::outln!("  nodes:            {}", s.nodes);
+    crate::outln!("  waves:            {}", s.waves);
+    crate::outln!(
         "  rollout:          {} in {:.1}s",
-        s.rollout_state, s.elapsed_s
+        s.rollout_state,
+        s.elapsed_s
     );
     for (i, (w, o)) in s
         .wave_times_s
@@ -282,38 +283,39 @@ fn print_summary(s: &Summary, errors: &[String]) {
         .enumerate()
     {
         match o {
-            Some(o) => println!(
+            Some(o) => crate::outln!(
                 "  wave {}:           {w:.2}s (orchestration overhead {:.0} ms)",
                 i + 1,
                 o * 1000.0
             ),
-            None => println!(
+            None => crate::outln!(
                 "  wave {}:           {w:.2}s (not every node upgraded)",
                 i + 1
             ),
         }
     }
     if let Some(start) = s.service_start_s {
-        println!(
+        crate::outln!(
             "  per node:         service start {:.0} ms + min_healthy_time {:.1}s",
             start * 1000.0,
             s.min_healthy_time_s
         );
     }
-    println!(
+    crate::outln!(
         "  requests:         {} ok, {} failed",
-        s.requests_ok, s.requests_failed
+        s.requests_ok,
+        s.requests_failed
     );
     for e in errors.iter().take(3) {
-        println!("    e.g. {e}");
+        crate::outln!("    e.g. {e}");
     }
     let versions: Vec<String> = s
         .versions
         .iter()
         .map(|(v, c)| format!("{v}: {c}"))
         .collect();
-    println!("  versions:         {}", versions.join(", "));
+    crate::outln!("  versions:         {}", versions.join(", "));
     if let Some(reason) = &s.reason {
-        println!("  outcome:          {reason}");
+        crate::outln!("  outcome:          {reason}");
     }
 }

@@ -10,6 +10,7 @@ pub mod fleet;
 pub mod keys;
 pub mod load;
 pub mod logging;
+pub mod out;
 pub mod render;
 pub mod sim;
 mod tokens;

@@ -542,7 +542,7 @@ impl Follower {
             Some(b) => {
                 let _ = b.multi.println(s);
             }
-            None => println!("{s}"),
+            None => crate::outln!("{s}"),
         }
     }
 
@@ -563,7 +563,7 @@ impl Follower {
         match &self.bars {
             Some(b) => b.update(r, &summary),
             None if summary != self.last_line => {
-                println!("progress: {summary}");
+                crate::outln!("progress: {summary}");
             }
             None => {}
         }
@@ -579,7 +579,7 @@ impl Follower {
             let _ = b.multi.clear();
         }
         if self.show {
-            print!("{}", status(r, r.finished_at.unwrap_or(r.updated_at)));
+            crate::out!("{}", status(r, r.finished_at.unwrap_or(r.updated_at)));
         }
     }
 }

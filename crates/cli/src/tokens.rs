@@ -100,7 +100,7 @@ pub async fn run(api: ApiClient, cmd: TokenCommand) -> anyhow::Result<ExitCode> 
                         .map(|at| format!(", expires in {}", render::duration_until(now_ms(), at)))
                         .unwrap_or_default()
                 );
-                println!("{}", created.token);
+                crate::outln!("{}", created.token);
             }
         }
         TokenCommand::List { json } => {
@@ -108,7 +108,7 @@ pub async fn run(api: ApiClient, cmd: TokenCommand) -> anyhow::Result<ExitCode> 
             if json {
                 print_json(&tokens)?;
             } else {
-                print!("{}", render::tokens(&tokens, now_ms()));
+                crate::out!("{}", render::tokens(&tokens, now_ms()));
             }
         }
         TokenCommand::Revoke { name, json } => {
@@ -126,9 +126,11 @@ pub async fn run(api: ApiClient, cmd: TokenCommand) -> anyhow::Result<ExitCode> 
             if json {
                 print_json(&revoked)?;
             } else {
-                println!(
+                crate::outln!(
                     "revoked {} token {} (id {})",
-                    revoked.role, revoked.name, revoked.id
+                    revoked.role,
+                    revoked.name,
+                    revoked.id
                 );
             }
         }

@@ -32,6 +32,19 @@ pub enum RolloutState {
 }
 
 impl RolloutState {
+    /// Every state, for what lists them all (metrics export each from the
+    /// start, at 0).
+    pub const ALL: [RolloutState; 8] = [
+        RolloutState::Running,
+        RolloutState::Paused,
+        RolloutState::Completed,
+        RolloutState::Failed,
+        RolloutState::Cancelled,
+        RolloutState::RollingBack,
+        RolloutState::RolledBack,
+        RolloutState::RollbackFailed,
+    ];
+
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
@@ -132,6 +145,17 @@ pub enum TaskKind {
     /// Stage the release and run its dry run against a throwaway copy of
     /// the service's data; switches nothing.
     DryRun,
+}
+
+impl TaskKind {
+    /// Every kind, for what lists them all.
+    pub const ALL: [TaskKind; 5] = [
+        TaskKind::Upgrade,
+        TaskKind::Revert,
+        TaskKind::Stage,
+        TaskKind::Converge,
+        TaskKind::DryRun,
+    ];
 }
 
 /// A task assigned to a node. Its id is derived from the rollout, the node and

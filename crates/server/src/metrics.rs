@@ -130,6 +130,16 @@ impl Metrics {
             "Artifact downloads refused with 429 because --max-downloads streams were open",
             downloads_refused.clone(),
         );
+        // Every series that can be known is there from the start, at 0, so
+        // that alert rules and rates need no `or vector(0)`.
+        for on in ["control_plane", "node"] {
+            let _ = hook_failures.get_or_create(&vec![("on", on.into())]);
+        }
+        for kind in TaskKind::ALL {
+            for outcome in ["succeeded", "failed"] {
+                let _ = tasks.get_or_create(&task_labels(kind, outcome));
+            }
+        }
         Metrics {
             registry,
             rollouts,
@@ -162,9 +172,8 @@ impl Metrics {
             TaskOutcome::Succeeded => "succeeded",
             TaskOutcome::Failed { .. } => "failed",
         };
-        let kind = format!("{kind:?}").to_lowercase();
         self.tasks
-            .get_or_create(&vec![("kind", kind), ("outcome", outcome.into())])
+            .get_or_create(&task_labels(kind, outcome))
             .observe(ms as f64 / 1000.0);
     }
 
@@ -219,7 +228,8 @@ impl Metrics {
     ) -> String {
         let _one = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         self.rollouts.clear();
-        let mut by_state: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut by_state: BTreeMap<&str, i64> =
+            RolloutState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
         let finished = self.finished.lock().unwrap_or_else(|e| e.into_inner());
         for state in finished.values() {
             *by_state.entry(state).or_default() += 1;
@@ -235,6 +245,9 @@ impl Metrics {
         }
         self.nodes.clear();
         self.service_nodes.clear();
+        for online in ["true", "false"] {
+            let _ = self.nodes.get_or_create(&vec![("online", online.into())]);
+        }
         for n in fleet.values() {
             self.nodes
                 .get_or_create(&vec![("online", n.online.to_string())])
@@ -271,4 +284,9 @@ pub fn wave_done(r: &Rollout, node: &str) -> bool {
             .get(n)
             .is_some_and(|p| p.state != NodeState::Pending && !p.state.in_flight())
     })
+}
+
+fn task_labels(kind: TaskKind, outcome: &str) -> Labels {
+    let kind = format!("{kind:?}").to_lowercase();
+    vec![("kind", kind), ("outcome", outcome.into())]
 }

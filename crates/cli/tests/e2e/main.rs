@@ -22,6 +22,7 @@ mod lists;
 mod metrics;
 mod migrations;
 mod openapi;
+mod operator;
 #[cfg(feature = "etcd")]
 mod replicas;
 mod rollouts;

@@ -156,3 +156,45 @@ async fn metrics_parse_and_match_the_api() {
         ) >= 1.0
     );
 }
+
+/// Every series that can be known is exported from the start, at 0, so
+/// that alert rules need no `or vector(0)`.
+#[tokio::test(flavor = "multi_thread")]
+async fn known_series_are_exported_at_zero_from_the_start() {
+    let fleet = rollwave::fleet::Fleet::launch(rollwave::fleet::FleetSpec::new(exe().into(), 0))
+        .await
+        .unwrap();
+    let s = scrape(&fleet).await;
+    let present = |name: &str, labels: &[(&str, &str)]| {
+        s.samples
+            .iter()
+            .any(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+    };
+    for state in rollwave_core::RolloutState::ALL {
+        assert!(
+            present("rollwave_rollouts", &[("state", state.as_str())]),
+            "{state:?}"
+        );
+    }
+    for on in ["control_plane", "node"] {
+        assert!(
+            present("rollwave_hook_failures_total", &[("on", on)]),
+            "{on}"
+        );
+    }
+    for online in ["true", "false"] {
+        assert!(present("rollwave_nodes", &[("online", online)]), "{online}");
+    }
+    for kind in ["upgrade", "revert", "stage", "converge", "dryrun"] {
+        for outcome in ["succeeded", "failed"] {
+            assert!(
+                present(
+                    "rollwave_task_duration_seconds_count",
+                    &[("kind", kind), ("outcome", outcome)]
+                ),
+                "{kind} {outcome}"
+            );
+        }
+    }
+    assert_eq!(value(&s, "rollwave_rollouts", &[("state", "running")]), 0.0);
+}
