@@ -71,6 +71,50 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// The command line, as parsed and as completions and help show it:
+    /// the client's options (`--server`, `--token`, ...) are global, so
+    /// that they go anywhere on a client's command line, but mean nothing
+    /// to the daemons and `certs`, whose help leaves them out.
+    pub fn command_line() -> clap::Command {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        cmd.build();
+        for name in ["server", "agent", "certs"] {
+            cmd = cmd.mut_subcommand(name, hide_client_options);
+        }
+        cmd
+    }
+
+    /// Parses the process's arguments (exits on bad ones, as clap does).
+    pub fn from_env() -> Cli {
+        use clap::FromArgMatches;
+        let matches = Cli::command_line().get_matches();
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
+
+/// The options only a client uses.
+const CLIENT_OPTIONS: [&str; 5] = ["server", "token", "token-file", "ca-file", "pin"];
+
+fn hide_client_options(cmd: clap::Command) -> clap::Command {
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    let mut cmd = cmd.mut_args(|a| {
+        if a.is_global_set() && a.get_long().is_some_and(|l| CLIENT_OPTIONS.contains(&l)) {
+            a.hide(true)
+        } else {
+            a
+        }
+    });
+    for name in names {
+        cmd = cmd.mut_subcommand(name, hide_client_options);
+    }
+    cmd
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -89,7 +133,9 @@ pub enum Command {
     Certs(CertsCommand),
     /// Run the node agent.
     Agent {
-        #[arg(long, short = 'c')]
+        /// The agent's settings (agent.toml: its node name, the control
+        /// plane, its services).
+        #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
     },
     /// Push and list releases.
@@ -105,19 +151,24 @@ pub enum Command {
     Plan(Box<StartArgs>),
     /// Show the fleet: every node, its services, versions and health.
     Nodes {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Show each service's active version and the versions its nodes run.
     Services {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// List the backups of a service's data a node holds, newest first, as
     /// its agent last reported them.
     Backups {
+        /// The node's name.
         node: String,
+        /// The service whose backups to list.
         service: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -130,22 +181,26 @@ pub enum Command {
         /// How many entries (1 to 10000).
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Set a service's fleet-wide active version (the version gate), once
     /// every node runs it or newer.
     Finalize {
+        /// The service whose active version to set.
         service: String,
         /// The version to activate (default: the newest one any node runs).
         #[arg(long)]
         to: Option<String>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// The execution log of a rollout: every step of every node's tasks,
     /// with timestamps (the newest rollout if no id is given).
     Logs {
+        /// The rollout's id (default: the newest rollout).
         id: Option<u64>,
         /// Only this node's steps (and the rollout's own).
         #[arg(long)]
@@ -160,6 +215,7 @@ pub enum Command {
     /// Print a completion script for a shell, e.g. `source <(rollwave
     /// completions bash)`.
     Completions {
+        /// The shell to complete in.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -183,6 +239,7 @@ pub enum Command {
     /// Sets LISTEN_PID and runs a service in its place (used by the agent).
     #[command(hide = true)]
     ListenExec {
+        /// The service's command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<std::ffi::OsString>,
     },
@@ -198,9 +255,12 @@ impl Command {
 /// `rollwave server`.
 #[derive(Debug, clap::Args)]
 pub struct ServerArgs {
-    #[arg(long, default_value = "127.0.0.1:7700")]
+    /// The address to serve the API, the dashboard and agent sessions on.
+    #[arg(long, default_value = "127.0.0.1:7700", value_name = "ADDR")]
     pub listen: SocketAddr,
-    #[arg(long, default_value = "./rollwave-data")]
+    /// Where the control plane keeps release artifacts, its SQLite store
+    /// (unless --store says otherwise) and the bootstrap admin token.
+    #[arg(long, default_value = "./rollwave-data", value_name = "DIR")]
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub store: StoreArgs,
@@ -376,6 +436,7 @@ pub enum CertsCommand {
     /// with: ca.pem and ca.key, server.pem and server.key. The certificate
     /// is valid for localhost, 127.0.0.1, ::1 and every --host.
     Init {
+        /// The directory to write the four files in (created if missing).
         #[arg(long, default_value = "./rollwave-certs")]
         dir: PathBuf,
         /// Another DNS name or IP address the control plane is reached by
@@ -392,8 +453,12 @@ pub enum CertsCommand {
 pub enum ReleaseCommand {
     /// Upload a release: a .tar.gz or a single executable.
     Push {
+        /// The service the release is of, e.g. api.
         service: String,
+        /// Its version, e.g. 2.0.0 (semantic versioning).
         version: String,
+        /// The artifact: a .tar.gz (may hold a rollwave.toml) or an
+        /// executable.
         file: PathBuf,
         /// Sign the artifact with this minisign secret key before uploading
         /// (trusted comment `rollwave release SERVICE@VERSION sha256:HEX`).
@@ -424,6 +489,7 @@ pub enum ReleaseCommand {
     },
     /// List releases.
     List {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -453,6 +519,7 @@ pub enum RolloutCommand {
     Start(Box<StartArgs>),
     /// Show a rollout (the newest if no id is given).
     Status {
+        /// The rollout's id (default: the newest rollout).
         id: Option<u64>,
         /// Follow the rollout until it ends.
         #[arg(long)]
@@ -460,6 +527,7 @@ pub enum RolloutCommand {
         /// Wait for the end; exit non-zero unless every node is on the target version.
         #[arg(long)]
         wait: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
         /// List every node, however many (a rollout of more than 50 nodes
@@ -469,6 +537,7 @@ pub enum RolloutCommand {
     },
     /// List rollouts, newest first.
     List {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
         /// How many (1 to 1000).
@@ -477,18 +546,27 @@ pub enum RolloutCommand {
     },
     /// Stop starting nodes; nodes in flight finish.
     Pause {
-        id: u64,
+        /// A rollout id, or a service (its active rollout); default: the
+        /// only active rollout.
+        id: Option<String>,
     },
+    /// Go on with a paused rollout.
     Resume {
-        id: u64,
+        /// A rollout id, or a service (its active rollout); default: the
+        /// only active rollout.
+        id: Option<String>,
     },
     /// Stop the rollout; upgraded nodes keep the new version.
     Cancel {
-        id: u64,
+        /// A rollout id, or a service (its active rollout); default: the
+        /// only active rollout.
+        id: Option<String>,
     },
     /// Return every node this rollout upgraded to its previous version.
     Rollback {
-        id: u64,
+        /// A rollout id, or a service (its newest rollout); default: the
+        /// only active rollout.
+        id: Option<String>,
         /// Follow the rollback until it ends; exit non-zero unless every
         /// node is back on its previous version (state `rolled_back`).
         #[arg(long)]
@@ -496,7 +574,20 @@ pub enum RolloutCommand {
     },
     /// Let a canary continue past the wave it waits after.
     Promote {
-        id: u64,
+        /// A rollout id, or a service (its active rollout); default: the
+        /// only active rollout.
+        id: Option<String>,
+    },
+    /// A service's past rollouts, newest first.
+    History {
+        /// The service.
+        service: String,
+        /// How many (1 to 1000).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        limit: u16,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -700,18 +791,82 @@ pub enum TokenCommand {
         /// agent: the node the credential belongs to.
         #[arg(long)]
         node: Option<String>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// List every token (never a secret).
     List {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Revoke a token by name (or id); an agent credential's session ends.
     Revoke {
+        /// The token's name, or its id.
         name: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
+}
+
+#[cfg(test)]
+mod help_tests {
+    /// Every command and every argument a user can see says what it is.
+    #[test]
+    fn every_command_and_argument_is_described() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            // `help` is clap's own.
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(path.clone());
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        let cmd = super::Cli::command_line();
+        walk(&cmd, "rollwave", &mut missing);
+        assert!(missing.is_empty(), "undescribed:\n{}", missing.join("\n"));
+    }
+
+    /// `--server`, `--token` and the other client options are not offered
+    /// where they mean nothing; the store's own `--store-ca-file` stays.
+    #[test]
+    fn client_options_are_not_offered_to_the_daemons() {
+        let cmd = super::Cli::command_line();
+        let shown = |path: &[&str]| -> Vec<String> {
+            let mut c = &cmd;
+            for p in path {
+                c = c.find_subcommand(p).unwrap();
+            }
+            c.get_arguments()
+                .filter(|a| !a.is_hide_set())
+                .filter_map(|a| a.get_long().map(str::to_string))
+                .collect()
+        };
+        for path in [&["server"][..], &["agent"], &["certs", "init"]] {
+            let longs = shown(path);
+            for client in super::CLIENT_OPTIONS {
+                assert!(
+                    !longs.iter().any(|l| l == client),
+                    "{path:?} shows --{client}"
+                );
+            }
+        }
+        assert!(shown(&["server"]).iter().any(|l| l == "store-ca-file"));
+        assert!(shown(&["nodes"]).iter().any(|l| l == "server"));
+        assert!(shown(&["rollout", "start"]).iter().any(|l| l == "token"));
+    }
 }

@@ -4,7 +4,6 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::CommandFactory;
 use rollwave_api::{
     Finalize, FinalizeResponse, NodeView, PushResponse, Release, RolloutFile, RolloutResponse,
     ServiceSummary, StartRollout,
@@ -135,7 +134,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sim(args) => crate::sim::run(conn.server(), conn.tls(), *args).await,
         Command::Completions { shell } => {
             let mut script = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "rollwave", &mut script);
+            clap_complete::generate(shell, &mut Cli::command_line(), "rollwave", &mut script);
             crate::out!("{}", String::from_utf8_lossy(&script));
             Ok(ExitCode::SUCCESS)
         }
@@ -188,6 +187,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan(args) => {
+            // Shared with `rollout start`, but a plan starts nothing.
+            if args.yes {
+                return Err(user_error(
+                    "--yes: plan starts nothing, so there is nothing to confirm; use `rollout start`",
+                ));
+            }
+            if args.wait {
+                return Err(user_error(
+                    "--wait: plan starts nothing, so there is nothing to wait for; use `rollout start --wait`",
+                ));
+            }
             let api = conn.api()?;
             let spec = start_spec(&args)?;
             let resp: RolloutResponse = api.post("/v1/plan", &StartRollout { spec }).await?;
@@ -332,7 +342,7 @@ async fn release(api: ApiClient, cmd: ReleaseCommand) -> anyhow::Result<ExitCode
                     .map(|m| format!(", declares {}", m.describe()))
                     .unwrap_or_default();
                 crate::outln!(
-                    "pushed {}@{} ({:?}, {} bytes, sha256 {}{declares}{signed})",
+                    "pushed {}@{} ({}, {} bytes, sha256 {}{declares}{signed})",
                     r.service,
                     r.version,
                     r.format,
@@ -522,8 +532,27 @@ async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode
         RolloutCommand::Pause { id } => command(&api, id, "pause").await,
         RolloutCommand::Resume { id } => command(&api, id, "resume").await,
         RolloutCommand::Cancel { id } => command(&api, id, "cancel").await,
+        RolloutCommand::History {
+            service,
+            limit,
+            json,
+        } => {
+            validate_service_name("service", &service).map_err(|e| user_error(e.to_string()))?;
+            let rollouts: Vec<RolloutSummary> = api
+                .get(&format!("/v1/rollouts?service={service}&limit={limit}"))
+                .await?;
+            if json {
+                print_json(&rollouts)?;
+            } else if rollouts.is_empty() {
+                crate::outln!("{service} has no rollouts");
+            } else {
+                crate::out!("{}", render::rollouts(&rollouts));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         RolloutCommand::Rollback { id, wait } => {
-            command(&api, id, "rollback").await?;
+            let id = resolve(&api, id, Pick::Newest).await?;
+            command(&api, Some(id.to_string()), "rollback").await?;
             if !wait {
                 return Ok(ExitCode::SUCCESS);
             }
@@ -554,7 +583,8 @@ fn print_group_json(rollouts: &[Rollout]) -> anyhow::Result<()> {
     }
 }
 
-async fn command(api: &ApiClient, id: u64, verb: &str) -> anyhow::Result<ExitCode> {
+async fn command(api: &ApiClient, id: Option<String>, verb: &str) -> anyhow::Result<ExitCode> {
+    let id = resolve(api, id, Pick::Active).await?;
     let resp: RolloutResponse = api
         .post(&format!("/v1/rollouts/{id}/{verb}"), &serde_json::json!({}))
         .await?;
@@ -652,6 +682,69 @@ fn read_rollout_file(path: &Path) -> anyhow::Result<RolloutFile> {
             path.display()
         ))
     })
+}
+
+/// For a service named instead of a rollout id: its active rollout, or
+/// (to roll back one that ended) its newest.
+#[derive(Clone, Copy, PartialEq)]
+enum Pick {
+    Active,
+    Newest,
+}
+
+/// The rollout a steering command means: an id as given; a service's
+/// active rollout (or newest, for `pick` Newest); without either, the one
+/// rollout in progress, if there is exactly one.
+async fn resolve(api: &ApiClient, given: Option<String>, pick: Pick) -> anyhow::Result<u64> {
+    let given = given.map(|g| g.trim().to_string());
+    if let Some(id) = given.as_deref().and_then(|g| g.parse::<u64>().ok()) {
+        return Ok(id);
+    }
+    if let Some(service) = &given {
+        validate_service_name("id", service).map_err(|_| {
+            user_error(format!(
+                "id: {service:?} is neither a rollout id nor a service name"
+            ))
+        })?;
+        let active: Vec<RolloutSummary> = api
+            .get(&format!("/v1/rollouts?service={service}&active=true"))
+            .await?;
+        match (active.as_slice(), pick) {
+            ([one], _) => return Ok(one.id),
+            ([], Pick::Newest) => {}
+            ([], Pick::Active) => {
+                return Err(user_error(format!("{service} has no rollout in progress")))
+            }
+            (several, _) => return Err(several_active(several)),
+        }
+        let newest: Vec<RolloutSummary> = api
+            .get(&format!("/v1/rollouts?service={service}&limit=1"))
+            .await?;
+        return newest
+            .first()
+            .map(|r| r.id)
+            .ok_or_else(|| user_error(format!("{service} has no rollouts")));
+    }
+    let active: Vec<RolloutSummary> = api.get("/v1/rollouts?active=true").await?;
+    match active.as_slice() {
+        [one] => Ok(one.id),
+        [] => Err(user_error(
+            "no rollout is in progress: name one by id or by service",
+        )),
+        several => Err(several_active(several)),
+    }
+}
+
+fn several_active(rollouts: &[RolloutSummary]) -> anyhow::Error {
+    let named: Vec<String> = rollouts
+        .iter()
+        .map(|r| format!("{} ({}@{})", r.id, r.service, r.version))
+        .collect();
+    user_error(format!(
+        "{} rollouts are in progress: {}; name one by id",
+        rollouts.len(),
+        named.join(", ")
+    ))
 }
 
 async fn newest(api: &ApiClient) -> anyhow::Result<u64> {

@@ -1,9 +1,7 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    let cli = rollwave::cli::Cli::parse();
+    let cli = rollwave::cli::Cli::from_env();
     rollwave::logging::init(&cli);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -311,7 +311,7 @@ pub fn releases(releases: &[Release]) -> String {
         rows.push(vec![
             r.service.clone(),
             r.version.clone(),
-            format!("{:?}", r.format).to_lowercase(),
+            r.format.to_string(),
             r.size.to_string(),
             if declares.is_empty() {
                 "-".into()

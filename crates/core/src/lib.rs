@@ -89,6 +89,16 @@ pub fn normalize_version(field: &str, s: &str) -> Result<String, SpecError> {
     parse_version(field, s).map(|v| v.to_string())
 }
 
+/// `n` and a noun in the number it takes: "1 node", "3 nodes". For the
+/// nouns messages count (node, rollout, wave...), whose plural adds "s".
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// Validates a service name: it becomes a directory name on every node.
 pub fn validate_service_name(field: &str, s: &str) -> Result<(), SpecError> {
     let ok = !s.is_empty()
@@ -113,9 +123,27 @@ pub fn validate_service_name(field: &str, s: &str) -> Result<(), SpecError> {
 #[serde(rename_all = "snake_case")]
 pub enum ArtifactFormat {
     /// A gzip-compressed tarball, unpacked into the release directory.
+    /// Spelled `tar.gz` everywhere; records stored as `tar_gz` still read.
+    #[serde(rename = "tar.gz", alias = "tar_gz")]
     TarGz,
     /// A single executable, installed as `<release dir>/<service>`.
     Executable,
+}
+
+impl ArtifactFormat {
+    /// The one spelling of the format, in the API, the CLI and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArtifactFormat::TarGz => "tar.gz",
+            ArtifactFormat::Executable => "executable",
+        }
+    }
+}
+
+impl std::fmt::Display for ArtifactFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A pushed release: one version of one service, stored content-addressed.

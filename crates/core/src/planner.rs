@@ -62,8 +62,9 @@ pub fn plan_batches(
             return Err(SpecError::new(
                 "nodes",
                 format!(
-                    "{} do(es) not run service {}",
+                    "{} {} not run service {}",
                     unknown.join(", "),
+                    if unknown.len() == 1 { "does" } else { "do" },
                     spec.service
                 ),
             ));
@@ -90,6 +91,21 @@ pub fn plan_batches(
                 spec.service
             ),
         ));
+    }
+    if let Some(spread) = &spec.spread {
+        if !selected
+            .iter()
+            .any(|n| n.labels.contains_key(&spread.label))
+        {
+            return Err(SpecError::new(
+                "strategy.spread_by",
+                format!(
+                    "none of the {} selected nodes has label {:?}: there is nothing to spread over (`rollwave nodes` shows their labels)",
+                    selected.len(),
+                    spread.label
+                ),
+            ));
+        }
     }
     if spec.min_healthy as usize >= fleet_size
         && selected.iter().any(|n| n.available(&spec.service))
@@ -187,15 +203,43 @@ pub fn plan_batches(
         .filter(|n| !n.available(&rollout.spec.service))
         .map(|n| describe_down(n, &rollout.spec.service))
         .collect();
+    let on_target = |n: &&NodeView| {
+        n.services
+            .get(&rollout.spec.service)
+            .is_some_and(|s| s.version.as_deref() == Some(rollout.spec.version.as_str()))
+    };
+    if selected.iter().all(on_target) {
+        // Nothing to switch: said so, rather than a task per node that
+        // changes nothing and a count of nodes "upgraded".
+        let reason = format!(
+            "already on {}: {} it, nothing switched",
+            rollout.spec.version,
+            if selected.len() == 1 {
+                "the selected node runs".to_string()
+            } else {
+                format!("all {} selected nodes run", selected.len())
+            },
+        );
+        rollout.nodes.clear();
+        rollout.batches.clear();
+        rollout.pauses.clear();
+        // No hook runs and no dry run either: nothing happens.
+        rollout.pre_rollout_done = true;
+        rollout.dry_run_done = true;
+        rollout.end_hooks_done = true;
+        rollout.event(now, None, reason.clone());
+        rollout.set_state(RolloutState::Completed, Some(reason), now);
+        return Ok(rollout);
+    }
     rollout.event(
         now,
         None,
         format!(
-            "rollout of {}@{} over {} nodes in {} waves",
+            "rollout of {}@{} over {} in {}",
             rollout.spec.service,
             rollout.spec.version,
-            selected.len(),
-            rollout.batches.len()
+            crate::count(selected.len(), "node"),
+            crate::count(rollout.batches.len(), "wave")
         ),
     );
     if rollout.spec.dry_run {
@@ -212,8 +256,9 @@ pub fn plan_batches(
         let budget = rollout.spec.unavailable_budget(selected.len());
         let blocked = if offline >= budget && offline < selected.len() {
             format!(
-                "; the {offline} offline node(s) spend all of max_unavailable {budget}: \
+                "; {offline} offline {} all of max_unavailable {budget}: \
                  no healthy node can start until one returns, or progress_deadline ({}) fails the rollout",
+                if offline == 1 { "node spends" } else { "nodes spend" },
                 format_duration(rollout.spec.progress_deadline)
             )
         } else {
@@ -426,7 +471,8 @@ pub fn step_in_place(r: &mut Rollout, fleet: &Fleet, now: Timestamp) -> Actions 
                 .map(|(name, n)| format!("{name}: {}", n.reason.as_deref().unwrap_or("failed")))
                 .collect();
             let reason = format!(
-                "{failures} node(s) failed, more than max_failures = {} ({})",
+                "{} failed, more than max_failures = {} ({})",
+                crate::count(failures as usize, "node"),
                 r.spec.max_failures,
                 failed.join("; ")
             );
@@ -787,11 +833,8 @@ fn run_current_batch(
             unavailable += 1;
             healthy -= 1;
         }
-        r.event(
-            now,
-            Some(&name),
-            format!("upgrade to {} started", r.spec.version),
-        );
+        let started = format!("{} to {} started", r.move_of(&name), r.spec.version);
+        r.event(now, Some(&name), started);
         dispatch.push(assign(
             r,
             name,
@@ -919,8 +962,10 @@ impl Held<'_> {
                 spread: s,
                 value: d,
             } => format!(
-                "{name} waits: {in_domain} node(s) with {}={d} already in flight (max_per_domain {})",
-                s.label, s.max_per_domain
+                "{name} waits: {} with {}={d} already in flight (max_per_domain {})",
+                crate::count(in_domain, "node"),
+                s.label,
+                s.max_per_domain
             ),
         }
     }
@@ -1028,11 +1073,8 @@ fn run_all_at_once(
         }
         let names: Vec<String> = r.nodes.keys().cloned().collect();
         for name in names {
-            r.event(
-                now,
-                Some(&name),
-                format!("upgrade to {} started", r.spec.version),
-            );
+            let started = format!("{} to {} started", r.move_of(&name), r.spec.version);
+            r.event(now, Some(&name), started);
             dispatch.push(assign(
                 r,
                 name,
@@ -1195,7 +1237,17 @@ fn roll_back(r: &mut Rollout, now: Timestamp, dispatch: &mut Vec<Dispatch>) {
 fn summary(r: &Rollout) -> String {
     let total = r.nodes.len();
     let up = r.count(NodeState::Upgraded);
-    let mut parts = vec![format!("{up} of {total} nodes upgraded")];
+    let downgrades = r
+        .nodes
+        .keys()
+        .filter(|n| r.move_of(n) == "downgrade")
+        .count();
+    let moved = match downgrades {
+        0 => "upgraded",
+        d if d == total => "downgraded",
+        _ => "switched",
+    };
+    let mut parts = vec![format!("{up} of {total} nodes {moved}")];
     for (state, label) in [
         (NodeState::Failed, "failed"),
         (NodeState::Unreachable, "unreachable"),

@@ -326,6 +326,24 @@ pub struct CommandError {
 }
 
 impl Rollout {
+    /// What taking `node` to the rollout's version is, in words that say
+    /// so: "downgrade" when it runs a newer version, else "upgrade".
+    pub fn move_of(&self, node: &str) -> &'static str {
+        let from = self.nodes.get(node).and_then(|n| n.from_version.as_deref());
+        let newer = |from: &str| match (
+            semver::Version::parse(from),
+            semver::Version::parse(&self.spec.version),
+        ) {
+            (Ok(from), Ok(to)) => from > to,
+            _ => false,
+        };
+        if from.is_some_and(newer) {
+            "downgrade"
+        } else {
+            "upgrade"
+        }
+    }
+
     /// A copy without the parts that grow with the fleet (`nodes`,
     /// `events`, `batches`, `left_out`), which stores keep as records of
     /// their own. Every field is named, so a new one cannot be forgotten.
@@ -618,8 +636,8 @@ impl Rollout {
             n => format!(" and {n} more"),
         };
         let mut reason = format!(
-            "{total} of {} node(s) not back on their previous version: {}{more}",
-            self.nodes.len(),
+            "{total} of {} not back on their previous version: {}{more}",
+            crate::count(self.nodes.len(), "node"),
             not_back.join("; ")
         );
         if let Some(c) = cause {
@@ -847,6 +865,7 @@ impl Rollout {
         outcome: &TaskOutcome,
         now: Timestamp,
     ) -> bool {
+        let move_of = self.move_of(node);
         let Some(n) = self.nodes.get_mut(node) else {
             return false;
         };
@@ -889,7 +908,7 @@ impl Rollout {
                 NodeState::Upgraded,
                 None,
                 format!(
-                    "upgraded to {} in {}",
+                    "{move_of}d to {} in {}",
                     self.spec.version,
                     format_duration(elapsed)
                 ),
@@ -897,7 +916,7 @@ impl Rollout {
             (TaskKind::Upgrade, TaskOutcome::Failed { reason }) => (
                 NodeState::Failed,
                 Some(reason.clone()),
-                format!("upgrade failed, node back on its previous version: {reason}"),
+                format!("{move_of} failed, node back on its previous version: {reason}"),
             ),
             (TaskKind::Revert, TaskOutcome::Succeeded) => (
                 NodeState::RolledBack,

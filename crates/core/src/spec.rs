@@ -443,7 +443,7 @@ impl RolloutFile {
                         "is for rolling rollouts; a canary's waves set their own sizes",
                     ));
                 }
-                let mut out = Vec::new();
+                let mut out: Vec<Wave> = Vec::new();
                 for (i, w) in waves.iter().enumerate() {
                     let field = format!("strategy.waves[{i}]");
                     let (size, pause) = match w {
@@ -453,6 +453,24 @@ impl RolloutFile {
                     let size = size.amount(&field)?;
                     if matches!(size, Amount::Count(0) | Amount::Percent(0)) {
                         return Err(SpecError::new(field, "a wave must hold at least 1 node"));
+                    }
+                    // Sizes are cumulative: one not above an earlier one of
+                    // the same unit would add no node, and be dropped
+                    // without a word.
+                    let earlier = out.iter().rev().find_map(|w| match (w.size, size) {
+                        (Amount::Count(a), Amount::Count(b)) if b <= a => Some(format!("{a}")),
+                        (Amount::Percent(a), Amount::Percent(b)) if b <= a => Some(format!("{a}%")),
+                        (Amount::Percent(100), _) => Some("100%".into()),
+                        _ => None,
+                    });
+                    if let Some(earlier) = earlier {
+                        return Err(SpecError::new(
+                            field,
+                            format!(
+                                "{} is not above the wave before it ({earlier}): waves are cumulative sizes, each larger than the last, e.g. [\"1\", \"10%\", \"100%\"]",
+                                size
+                            ),
+                        ));
                     }
                     out.push(Wave { size, pause });
                 }
@@ -807,6 +825,29 @@ mod tests {
             (
                 Box::new(|s| s.waves = Some(vec![WaveFile::Size("0".into())])),
                 "strategy.waves[0]",
+            ),
+            (
+                Box::new(|s| {
+                    s.waves = Some(vec![
+                        WaveFile::Size("50%".into()),
+                        WaveFile::Size("10%".into()),
+                    ])
+                }),
+                "strategy.waves[1]",
+            ),
+            (
+                Box::new(|s| s.waves = Some(vec![WaveFile::Size("1".into()); 3])),
+                "strategy.waves[1]",
+            ),
+            (
+                Box::new(|s| {
+                    s.waves = Some(vec![
+                        WaveFile::Size("1".into()),
+                        WaveFile::Size("100%".into()),
+                        WaveFile::Size("5".into()),
+                    ])
+                }),
+                "strategy.waves[2]",
             ),
             (Box::new(|s| s.waves = Some(vec![])), "strategy.waves"),
             (

@@ -232,6 +232,24 @@ fn sized_amount(large: bool, min_percent: u32) -> BoxedStrategy<AmountGen> {
     }
 }
 
+/// The waves a spec accepts: each above the earlier ones of its unit, and
+/// none after 100% (sizes are cumulative); the others are left out.
+fn increasing(waves: &[(Amount, bool)]) -> Vec<(Amount, bool)> {
+    let mut out: Vec<(Amount, bool)> = Vec::new();
+    for &(size, pause) in waves {
+        let above = out.iter().all(|(earlier, _)| match (*earlier, size) {
+            (Amount::Count(a), Amount::Count(b)) => b > a,
+            (Amount::Percent(a), Amount::Percent(b)) => b > a,
+            (Amount::Percent(100), _) => false,
+            _ => true,
+        });
+        if above {
+            out.push((size, pause));
+        }
+    }
+    out
+}
+
 fn kind_gen(large: bool) -> impl Strategy<Value = KindGen> {
     let wave = (amount_gen(1), prop::bool::weighted(0.3));
     prop_oneof![
@@ -403,14 +421,19 @@ impl Case {
             }
             KindGen::AllAtOnce { .. } => (Some("all_at_once".into()), None, None),
             KindGen::Canary { waves, named } => {
-                let waves = waves
+                let resolved: Vec<(Amount, bool)> = waves
                     .iter()
+                    .map(|(size, pause)| (size.resolve(n), *pause))
+                    .collect();
+                let text = |a: Amount| CountOrText::Text(a.to_string());
+                let waves = increasing(&resolved)
+                    .into_iter()
                     .map(|(size, pause)| match pause {
                         true => WaveFile::Table {
-                            size: amount(size),
+                            size: text(size),
                             pause: true,
                         },
-                        false => WaveFile::Size(amount(size)),
+                        false => WaveFile::Size(text(size)),
                     })
                     .collect();
                 (named.then(|| "canary".into()), None, Some(waves))
@@ -1560,7 +1583,7 @@ fn an_offline_node_counts_against_the_budget_then_becomes_unreachable() {
     );
     assert!(
         blocked.events[1].message.ends_with(
-            "n2 (offline); the 1 offline node(s) spend all of max_unavailable 1: \
+            "n2 (offline); 1 offline node spends all of max_unavailable 1: \
              no healthy node can start until one returns, or progress_deadline (5m) fails the rollout"
         ),
         "{}",
@@ -1636,7 +1659,7 @@ fn a_failure_beyond_max_failures_reverts_every_upgraded_node_at_once() {
     );
     assert_eq!(
         d.rollout.reason.as_deref(),
-        Some("1 node(s) failed, more than max_failures = 0 (n6: health check failed)")
+        Some("1 node failed, more than max_failures = 0 (n6: health check failed)")
     );
     r = d.rollout.clone();
     succeed_all(&mut r, &d, now + SEC);
@@ -1687,14 +1710,14 @@ fn a_rollback_that_leaves_a_node_behind_ends_rollback_failed_naming_it() {
     assert_eq!(
         r.reason.as_deref(),
         Some(
-            "1 of 3 node(s) not back on their previous version: \
+            "1 of 3 nodes not back on their previous version: \
              n2 (rollback_failed: restore of backup r1-up-n2 not verified: 0/db: sha256 differs); \
-             the rollback followed: 1 node(s) failed, more than max_failures = 0 (n3: health check failed)"
+             the rollback followed: 1 node failed, more than max_failures = 0 (n3: health check failed)"
         )
     );
     assert_eq!(
         r.rollback_cause(),
-        Some("1 node(s) failed, more than max_failures = 0 (n3: health check failed)")
+        Some("1 node failed, more than max_failures = 0 (n3: health check failed)")
     );
     settled(&r).unwrap();
     // Nothing more to decide, and asking for a rollback again changes nothing.
@@ -1733,11 +1756,11 @@ fn a_late_upgrade_after_the_rollback_finished_is_rolled_back_too() {
     assert_eq!(d.rollout.state, RolloutState::RollbackFailed);
     let reason = d.rollout.reason.as_deref().unwrap();
     assert!(
-        reason.starts_with("1 of 2 node(s) not back on their previous version: n1 (unreachable: agent unreachable for 1m"),
+        reason.starts_with("1 of 2 nodes not back on their previous version: n1 (unreachable: agent unreachable for 1m"),
         "{reason}"
     );
     assert!(
-        reason.contains("the rollback followed: 1 node(s) failed"),
+        reason.contains("the rollback followed: 1 node failed"),
         "{reason}"
     );
     settled(&d.rollout).unwrap();
@@ -1758,7 +1781,7 @@ fn a_late_upgrade_after_the_rollback_finished_is_rolled_back_too() {
     assert_eq!(d.rollout.state, RolloutState::RolledBack);
     assert_eq!(d.rollout.finished_at, Some(now + 2 * SEC));
     let reason = d.rollout.reason.as_deref().unwrap();
-    assert!(reason.starts_with("1 node(s) failed"), "{reason}");
+    assert!(reason.starts_with("1 node failed"), "{reason}");
     settled(&d.rollout).unwrap();
 }
 
@@ -2002,7 +2025,7 @@ fn spread_by_rack_never_has_two_nodes_of_one_rack_in_flight() {
     );
     let waiting = d.rollout.waiting.as_deref().unwrap();
     assert!(
-        waiting.contains("n2 waits: 1 node(s) with rack=r1 already in flight (max_per_domain 1)"),
+        waiting.contains("n2 waits: 1 node with rack=r1 already in flight (max_per_domain 1)"),
         "{waiting}"
     );
     one_per_rack(&d.rollout, &fleet);

@@ -26,6 +26,11 @@ use crate::{now_ms, Shared};
 #[derive(Debug, Clone)]
 pub struct AuditNote(pub String);
 
+/// What a request acted on when its path does not say (a start names the
+/// rollout it made, e.g. `rollout 7`), in place of the route's target.
+#[derive(Debug, Clone)]
+pub struct AuditTarget(pub String);
+
 pub async fn record(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
@@ -49,6 +54,10 @@ pub async fn record(State(shared): State<Arc<Shared>>, request: Request, next: N
         .get::<Caller>()
         .map_or_else(|| "unauthenticated".to_string(), |c| c.name.clone());
     let status = response.status();
+    let target = response
+        .extensions()
+        .get::<AuditTarget>()
+        .map_or(target, |t| t.0.clone());
     let (response, detail) = if status.is_success() {
         let note = response
             .extensions()

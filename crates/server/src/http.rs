@@ -22,7 +22,7 @@ use rollwave_core::{
 use rollwave_store::PutRelease;
 use serde::Deserialize;
 
-use crate::audit::AuditNote;
+use crate::audit::{AuditNote, AuditTarget};
 use crate::auth::Caller;
 use crate::blobs::{discard, UploadError};
 use crate::reconciler::{Command, Event};
@@ -265,7 +265,8 @@ impl PageQuery {
 /// page, as GitHub's API does: the body stays a plain list.
 fn paged(mut resp: Response, path: &str, limit: Option<usize>, next: Option<String>) -> Response {
     if let (Some(limit), Some(next)) = (limit, next) {
-        let link = format!("<{path}?limit={limit}&cursor={next}>; rel=\"next\"");
+        let sep = if path.ends_with(['?', '&']) { "" } else { "?" };
+        let link = format!("<{path}{sep}limit={limit}&cursor={next}>; rel=\"next\"");
         if let Ok(value) = header::HeaderValue::from_str(&link) {
             resp.headers_mut().insert(header::LINK, value);
         }
@@ -754,17 +755,18 @@ async fn artifact(
     get,
     path = "/v1/rollouts",
     tag = "rollouts",
-    params(PageQuery),
+    params(PageQuery, RolloutFilter),
     responses(
         (status = 200, description = "A page of rollouts, newest first, as summaries (counts of nodes per state, the problems): `GET /v1/rollouts/{id}` has the nodes and the log. The next page, if any, is in the `Link` header", body = Vec<RolloutSummary>,
             headers(("link" = String, description = "`<...>; rel=\"next\"`: the address of the next page, when there is one"))),
-        (status = 400, description = "A limit out of range or a cursor that is not a rollout id", body = rollwave_api::ErrorBody),
+        (status = 400, description = "A limit out of range, a cursor that is not a rollout id, or `active` neither true nor false", body = rollwave_api::ErrorBody),
         (status = 500, description = "The store failed", body = rollwave_api::ErrorBody),
     )
 )]
 async fn list_rollouts(
     State(shared): State<Arc<Shared>>,
     Query(q): Query<PageQuery>,
+    Query(filter): Query<RolloutFilter>,
 ) -> ApiResult<Response> {
     let limit = q.limit(Some(100))?.unwrap_or(100);
     let before = match q.cursor.as_deref() {
@@ -774,10 +776,48 @@ async fn list_rollouts(
                 .map_err(|_| ApiError::bad_request(format!("cursor: {c:?} is not a rollout id")))?,
         ),
     };
-    let mut page = shared
-        .store
-        .list_rollout_summaries(limit + 1, before)
-        .await?;
+    let service = filter.service.as_deref();
+    match filter.active.as_deref() {
+        None | Some("false") => {}
+        Some("true") => {
+            // What the reconciler watches, from memory: a handful, never
+            // the whole history.
+            let mut active: Vec<RolloutSummary> = {
+                let live = shared.live.lock().unwrap_or_else(|e| e.into_inner());
+                live.values()
+                    .filter(|r| r.is_active() && service.is_none_or(|s| r.spec.service == s))
+                    .filter(|r| before.is_none_or(|b| r.id < b))
+                    .map(|r| RolloutSummary::of(r))
+                    .collect()
+            };
+            active.sort_by_key(|s| std::cmp::Reverse(s.id));
+            active.truncate(limit);
+            return Ok(Json(active).into_response());
+        }
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "active: {other:?} is neither true nor false"
+            )))
+        }
+    }
+    let mut page = Vec::new();
+    let mut from = before;
+    // One service's rollouts: pages of the history, newest first, until
+    // the page is full (the store keeps no index by service; retention
+    // bounds the history).
+    loop {
+        let batch = shared.store.list_rollout_summaries(limit + 1, from).await?;
+        let done = batch.len() <= limit;
+        from = batch.last().map(|s| s.id);
+        page.extend(
+            batch
+                .into_iter()
+                .filter(|s| service.is_none_or(|name| s.service == name)),
+        );
+        if done || page.len() > limit {
+            break;
+        }
+    }
     let next = (page.len() > limit).then(|| {
         page.truncate(limit);
         page.last().map(|s| s.id.to_string())
@@ -795,12 +835,27 @@ async fn list_rollouts(
             *s = RolloutSummary::of(&r);
         }
     }
+    let path = match service {
+        Some(s) => format!("/v1/rollouts?service={s}&"),
+        None => "/v1/rollouts?".to_string(),
+    };
     Ok(paged(
         Json(page).into_response(),
-        "/v1/rollouts",
+        &path,
         Some(limit),
         next.flatten(),
     ))
+}
+
+/// Which rollouts a list holds.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct RolloutFilter {
+    /// Only this service's rollouts.
+    service: Option<String>,
+    /// `true`: only the rollouts still in progress (running, paused,
+    /// rolling back), newest first, on one page.
+    active: Option<String>,
 }
 
 #[utoipa::path(
@@ -921,9 +976,15 @@ async fn start_rollout(
         .map(|r| format!("rollout {} of {}@{}", r.id, r.spec.service, r.spec.version))
         .collect();
     let note = AuditNote(format!("started {}", what.join(", ")));
+    let ids: Vec<String> = started.iter().map(|r| r.id.to_string()).collect();
+    let target = AuditTarget(match ids.as_slice() {
+        [one] => format!("rollout {one}"),
+        several => format!("rollouts {}", several.join(", ")),
+    });
     Ok((
         StatusCode::CREATED,
         Extension(note),
+        Extension(target),
         Json(group_response(started)),
     )
         .into_response())

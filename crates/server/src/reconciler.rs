@@ -516,6 +516,14 @@ impl Reconciler {
         let stored = self.shared.store.insert_rollouts(&planned).await?;
         for r in stored {
             tracing::info!(rollout = r.id, service = %r.spec.service, version = %r.spec.version, nodes = r.nodes.len(), after = ?r.after, "rollout started");
+            if !r.is_active() {
+                // Ended as planned (every node on the version already):
+                // nothing to watch.
+                tracing::info!(rollout = r.id, state = r.state.as_str(), reason = ?r.reason, "rollout finished");
+                self.shared.metrics.rollout_finished(r.id, r.state);
+                self.finished(&r);
+                continue;
+            }
             self.stored.insert(r.id, Stored::of(&r));
             self.now_due(r.id);
             self.active.insert(r.id, r);

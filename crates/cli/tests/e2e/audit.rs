@@ -50,10 +50,10 @@ async fn every_change_through_the_api_is_in_the_audit_trail() {
         got,
         [
             ("release.push", "api@1.0.0", true),
-            ("rollout.start", "", true),
+            ("rollout.start", "rollout 1", true),
             ("release.push", "api@2.0.0", true),
             ("release.push", "api@2.0.0", false),
-            ("rollout.start", "", true),
+            ("rollout.start", target.as_str(), true),
             ("rollout.pause", target.as_str(), true),
             ("rollout.promote", target.as_str(), false),
             ("rollout.resume", target.as_str(), true),

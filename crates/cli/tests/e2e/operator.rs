@@ -71,3 +71,185 @@ async fn logs_in_files_have_no_colour_codes() {
         assert!(!text.contains('\x1b'), "{}: {text}", log.display());
     }
 }
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn refused(out: &Output, names: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains(names), "{err}");
+}
+
+/// Steering by service name, or by nothing when one rollout is in
+/// progress; a service's history.
+#[tokio::test(flavor = "multi_thread")]
+async fn rollouts_are_steered_by_service_name() {
+    use crate::harness::{cli, start, wait_done, wait_rollout};
+    let fleet = installed_fleet(2).await;
+    refused(
+        &cli(&fleet, &["rollout", "pause"]),
+        "no rollout is in progress: name one by id or by service",
+    );
+    refused(
+        &cli(&fleet, &["rollout", "pause", "api"]),
+        "api has no rollout in progress",
+    );
+    refused(
+        &cli(&fleet, &["rollout", "pause", "not a name"]),
+        "id: \"not a name\" is neither a rollout id nor a service name",
+    );
+    push(&fleet, "2.0.0", true).await;
+    // Slow enough to steer: a wave of one node, a minute of health each.
+    let r = start(&fleet, "2.0.0", |s| {
+        s.min_healthy_time = Some("1m".into());
+        s.healthy_deadline = Some("2m".into());
+    })
+    .await
+    .unwrap();
+    let out = cli(&fleet, &["rollout", "pause"]);
+    assert_eq!(
+        stdout(&out).trim(),
+        format!("rollout {} is paused", r.id),
+        "{out:?}"
+    );
+    let out = cli(&fleet, &["rollout", "resume", "api"]);
+    assert_eq!(
+        stdout(&out).trim(),
+        format!("rollout {} is running", r.id),
+        "{out:?}"
+    );
+    wait_rollout(&fleet, r.id, "a node upgrading", |r| {
+        r.events
+            .iter()
+            .any(|e| e.message.starts_with("upgrade to 2.0.0 started"))
+    })
+    .await;
+    let out = cli(&fleet, &["rollout", "cancel", "api"]);
+    assert!(out.status.success(), "{out:?}");
+    let r = wait_done(&fleet, r.id).await;
+    assert_eq!(r.state, RolloutState::Cancelled);
+
+    // Rolling back by name takes the service's newest rollout, ended or not.
+    let out = cli(&fleet, &["rollout", "rollback", "api", "--wait"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = cli(&fleet, &["rollout", "history", "api", "--json"]);
+    let history: Vec<rollwave_core::RolloutSummary> = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<u64> = history.iter().map(|s| s.id).collect();
+    assert_eq!(ids, vec![r.id, 1], "newest first, only api's");
+    let out = cli(&fleet, &["rollout", "history", "web"]);
+    assert_eq!(stdout(&out).trim(), "web has no rollouts");
+}
+
+/// Bad strategies are refused by name instead of being changed quietly, and
+/// `plan` takes no flag that only starting means.
+#[tokio::test(flavor = "multi_thread")]
+async fn plans_and_strategies_that_would_surprise_are_refused() {
+    use crate::harness::cli;
+    let fleet = installed_fleet(2).await;
+    push(&fleet, "2.0.0", true).await;
+    refused(
+        &cli(&fleet, &["plan", "api@2.0.0", "--yes"]),
+        "--yes: plan starts nothing",
+    );
+    refused(
+        &cli(&fleet, &["plan", "api@2.0.0", "--wait"]),
+        "--wait: plan starts nothing",
+    );
+    for (waves, field) in [
+        ("50%,10%", "strategy.waves[1]: 10%"),
+        ("1,1,1", "strategy.waves[1]: 1"),
+    ] {
+        for verb in [&["plan"][..], &["rollout", "start", "--yes"]] {
+            let mut args = verb.to_vec();
+            args.extend(["api@2.0.0", "--waves", waves]);
+            refused(&cli(&fleet, &args), field);
+        }
+    }
+    refused(
+        &cli(&fleet, &["plan", "api@2.0.0", "--spread-by", "zone"]),
+        "strategy.spread_by: none of the 2 selected nodes has label \"zone\"",
+    );
+    let list: Vec<rollwave_core::RolloutSummary> =
+        serde_json::from_slice(&cli(&fleet, &["rollout", "list", "--json"]).stdout).unwrap();
+    assert_eq!(list.len(), 1, "nothing started");
+}
+
+/// What the rollout, the log and the audit trail say is what happened.
+#[tokio::test(flavor = "multi_thread")]
+async fn words_match_what_happened() {
+    use crate::harness::{cli, start, wait_done};
+    let fleet = installed_fleet(2).await;
+    push(&fleet, "2.0.0", true).await;
+    let up = start(&fleet, "2.0.0", |_| {}).await.unwrap();
+    let up = wait_done(&fleet, up.id).await;
+    assert!(up.fully_upgraded());
+
+    // Again to the version every node runs: done at once, and said so.
+    let again = start(&fleet, "2.0.0", |_| {}).await.unwrap();
+    let again = wait_done(&fleet, again.id).await;
+    assert_eq!(again.state, RolloutState::Completed);
+    assert_eq!(
+        again.reason.as_deref(),
+        Some("already on 2.0.0: all 2 selected nodes run it, nothing switched")
+    );
+    assert!(again.nodes.is_empty(), "{again:#?}");
+
+    // A downgrade is called one.
+    let mut spec = rollwave_api::RolloutFile {
+        service: Some("api".into()),
+        version: Some("1.0.0".into()),
+        downgrade: Some(true),
+        ..Default::default()
+    };
+    spec.strategy.min_healthy_time = Some("300ms".into());
+    let down = crate::harness::start_file(&fleet, spec)
+        .await
+        .unwrap()
+        .remove(0);
+    let down = wait_done(&fleet, down.id).await;
+    assert!(down.fully_upgraded(), "{down:#?}");
+    let messages: Vec<&str> = down.events.iter().map(|e| e.message.as_str()).collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("downgrade to 1.0.0 started")),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("downgraded to 1.0.0 in ")),
+        "{messages:?}"
+    );
+    assert!(
+        !messages.iter().any(|m| m.contains("upgrade")),
+        "{messages:?}"
+    );
+    assert!(
+        messages[0].ends_with("over 2 nodes in 2 waves"),
+        "{messages:?}"
+    );
+
+    // One spelling of the release format, in JSON and in text.
+    let releases = stdout(&cli(&fleet, &["release", "list", "--json"]));
+    assert!(releases.contains("\"format\": \"tar.gz\""), "{releases}");
+    let text = stdout(&cli(&fleet, &["release", "list"]));
+    assert!(text.contains("tar.gz") && !text.contains("targz"), "{text}");
+
+    // The audit trail names the rollout a start made.
+    let audit: Vec<rollwave_core::AuditEntry> =
+        serde_json::from_slice(&cli(&fleet, &["audit", "--json"]).stdout).unwrap();
+    let starts: Vec<&str> = audit
+        .iter()
+        .filter(|e| e.action == "rollout.start")
+        .map(|e| e.target.as_str())
+        .collect();
+    let expected: Vec<String> = [down.id, again.id, up.id, 1]
+        .iter()
+        .map(|id| format!("rollout {id}"))
+        .collect();
+    assert_eq!(starts, expected);
+}
