@@ -24,6 +24,7 @@ mod migrations;
 mod openapi;
 #[cfg(feature = "etcd")]
 mod replicas;
+mod retention;
 mod rollouts;
 mod signing;
 mod sim;
