@@ -1602,6 +1602,7 @@ pub fn snapshot(
                     version: s.version,
                     health: s.health,
                     staged: svc.dirs.staged(),
+                    previous: svc.dirs.previous_version(),
                     backups: list_backups(&svc.dirs.backups()),
                     ..Default::default()
                 },

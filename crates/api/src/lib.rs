@@ -186,6 +186,18 @@ pub struct PushResponse {
     pub signature_added: bool,
 }
 
+/// Response of `DELETE /v1/releases/{service}/{version}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DeleteReleaseResponse {
+    /// The release as it was stored.
+    pub release: Release,
+    /// Whether its artifact was removed from the control plane's disk:
+    /// false while another release has the same bytes (`shared_with`).
+    pub artifact_removed: bool,
+    /// The other releases with the same sha256, as `service@version`.
+    pub shared_with: Vec<String>,
+}
+
 /// Body of `POST /v1/rollouts`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct StartRollout {

@@ -301,6 +301,23 @@ pub struct ServerArgs {
     #[arg(long, value_name = "N", default_value_t = rollwave_server::DEFAULT_MAX_PENDING_PER_IP,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_pending_per_ip: usize,
+    /// How long rollouts that ended are kept: a duration like 365d, 12h
+    /// or 30m, or `forever`. A rollout still running, or still converging
+    /// nodes, is never deleted. Pruned at start and hourly, by the leader.
+    #[arg(long, value_name = "DURATION", default_value = "365d")]
+    pub rollout_retention: String,
+    /// At most this many rollouts are kept, the newest, whatever their age:
+    /// the bound on the space their history takes. A number, or
+    /// `unlimited`.
+    #[arg(long, value_name = "N", default_value_t = rollwave_server::DEFAULT_MAX_ROLLOUTS.to_string())]
+    pub max_rollouts: String,
+    /// How long audit entries are kept: a duration like 365d, or `forever`.
+    #[arg(long, value_name = "DURATION", default_value = "365d")]
+    pub audit_retention: String,
+    /// At most this many audit entries are kept, the newest. A number, or
+    /// `unlimited`.
+    #[arg(long, value_name = "N", default_value_t = rollwave_server::DEFAULT_MAX_AUDIT_ENTRIES.to_string())]
+    pub max_audit_entries: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -489,6 +506,17 @@ pub enum ReleaseCommand {
     },
     /// List releases.
     List {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a release, with its signatures, and its artifact unless
+    /// another release has the same bytes. Refused while a rollout that
+    /// has not finished targets it or may roll back to it, while it is the
+    /// service's active version, and while a node runs it or ran it last.
+    Delete {
+        /// `service@version`, like api@1.0.0.
+        release: String,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,

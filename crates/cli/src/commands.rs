@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use rollwave_api::{
-    Finalize, FinalizeResponse, NodeView, PushResponse, Release, RolloutFile, RolloutResponse,
-    ServiceSummary, StartRollout,
+    DeleteReleaseResponse, Finalize, FinalizeResponse, NodeView, PushResponse, Release,
+    RolloutFile, RolloutResponse, ServiceSummary, StartRollout,
 };
 use rollwave_core::{
     format_duration, parse_version, validate_service_name, AuditEntry, Rollout, RolloutState,
@@ -37,7 +37,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_downloads,
                 header_read_timeout,
                 max_pending_per_ip,
+                rollout_retention,
+                max_rollouts,
+                audit_retention,
+                max_audit_entries,
             } = *args;
+            let retention = rollwave_server::Retention {
+                rollouts: retention_flag("--rollout-retention", &rollout_retention)?,
+                max_rollouts: count_flag("--max-rollouts", &max_rollouts)?,
+                audit: retention_flag("--audit-retention", &audit_retention)?,
+                max_audit_entries: count_flag("--max-audit-entries", &max_audit_entries)?,
+            };
             let tls = match (tls_cert, tls_key) {
                 (Some(cert), Some(key)) => Some(
                     rollwave_tls::ServerTls::load(&cert, &key)
@@ -63,6 +73,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     header_read_timeout: std::time::Duration::from_secs(header_read_timeout),
                     max_pending_per_ip,
                 },
+                retention,
             };
             rollwave_server::run(config, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
@@ -420,6 +431,43 @@ async fn release(api: ApiClient, cmd: ReleaseCommand) -> anyhow::Result<ExitCode
             }
             Ok(ExitCode::SUCCESS)
         }
+        ReleaseCommand::Delete { release, json } => {
+            let (service, version) = release.split_once('@').ok_or_else(|| {
+                user_error(format!(
+                    "release: {release:?} must be service@version, like api@1.0.0"
+                ))
+            })?;
+            validate_service_name("release", service).map_err(|e| user_error(e.to_string()))?;
+            parse_version("release", version).map_err(|e| user_error(e.to_string()))?;
+            let resp: DeleteReleaseResponse = api
+                .delete(&format!("/v1/releases/{service}/{}", version.trim()))
+                .await?;
+            if json {
+                print_json(&resp)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let r = &resp.release;
+            let artifact = if resp.artifact_removed {
+                "artifact removed".to_string()
+            } else if resp.shared_with.is_empty() {
+                "artifact left for the next sweep (see the server's log)".to_string()
+            } else {
+                format!("artifact kept for {}", resp.shared_with.join(", "))
+            };
+            crate::outln!(
+                "deleted {}@{} (sha256 {}, {} bytes{}): {artifact}",
+                r.service,
+                r.version,
+                r.sha256,
+                r.size,
+                match r.signatures.len() {
+                    0 => String::new(),
+                    1 => ", 1 signature".to_string(),
+                    n => format!(", {n} signatures"),
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         ReleaseCommand::List { json } => {
             let releases: Vec<Release> = api.get("/v1/releases").await?;
             if json {
@@ -429,6 +477,39 @@ async fn release(api: ApiClient, cmd: ReleaseCommand) -> anyhow::Result<ExitCode
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// A `--*-retention` value: a duration like 365d, or `forever` (`None`).
+fn retention_flag(flag: &str, text: &str) -> anyhow::Result<Option<Duration>> {
+    let text = text.trim();
+    if text == "forever" {
+        return Ok(None);
+    }
+    let ms = rollwave_core::parse_duration(flag, text).map_err(|_| {
+        user_error(format!(
+            "{flag}: {text:?} is not a duration like 365d, 12h or 30m, or forever"
+        ))
+    })?;
+    if ms == 0 {
+        return Err(user_error(format!(
+            "{flag}: {text:?} would keep nothing: give a duration like 365d, or forever to keep everything"
+        )));
+    }
+    Ok(Some(Duration::from_millis(ms)))
+}
+
+/// A `--max-*` value: a whole number from 1, or `unlimited` (`None`).
+fn count_flag(flag: &str, text: &str) -> anyhow::Result<Option<usize>> {
+    let text = text.trim();
+    if text == "unlimited" {
+        return Ok(None);
+    }
+    match text.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(Some(n)),
+        _ => Err(user_error(format!(
+            "{flag}: {text:?} is not a whole number from 1, or unlimited"
+        ))),
     }
 }
 

@@ -385,6 +385,12 @@ impl Fleet {
         }
     }
 
+    /// Replaces the extra arguments of `rollwave server`, for its next
+    /// start ([`Fleet::restart_server`]).
+    pub fn set_server_args(&mut self, args: Vec<String>) {
+        self.server_args = args;
+    }
+
     /// Starts the control plane again on the same address and data dir.
     pub async fn restart_server(&mut self) -> anyhow::Result<()> {
         self.kill_server();

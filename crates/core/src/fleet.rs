@@ -27,6 +27,10 @@ pub struct ServiceView {
     /// Versions downloaded, verified and unpacked on the node.
     #[serde(default)]
     pub staged: Vec<String>,
+    /// The version the node ran before its last switch, which a revert
+    /// goes back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
     /// Set by the control plane, not the agent: the version a completed
     /// rollout wants here while the node is not on it (it was unreachable).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -167,6 +167,7 @@ mod tests {
                     version: Some("1.0.0".into()),
                     health: crate::Health::Healthy,
                     staged: vec![],
+                    previous: None,
                     desired: None,
                     converging: false,
                     backups: vec![],

@@ -105,6 +105,9 @@ fn describe(method: &Method, route: &str, path: &str) -> Option<(&'static str, S
     let at = |i: usize| parts.get(i).copied().unwrap_or_default().to_string();
     Some(match route {
         "/v1/plan" => return None,
+        "/v1/releases/{service}/{version}" if method == Method::DELETE => {
+            ("release.delete", format!("{}@{}", at(2), at(3)))
+        }
         "/v1/releases/{service}/{version}" => ("release.push", format!("{}@{}", at(2), at(3))),
         "/v1/rollouts" => ("rollout.start", String::new()),
         "/v1/rollouts/{id}/{command}" => (
@@ -162,6 +165,14 @@ mod tests {
         assert_eq!(
             describe(&Method::DELETE, "/v1/tokens/{name}", "/v1/tokens/ci"),
             Some(("token.revoke", "token ci".into()))
+        );
+        assert_eq!(
+            describe(
+                &Method::DELETE,
+                "/v1/releases/{service}/{version}",
+                "/v1/releases/api/1.0.0"
+            ),
+            Some(("release.delete", "api@1.0.0".into()))
         );
         // A route added later is still recorded, if not by name.
         assert_eq!(

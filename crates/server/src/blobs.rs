@@ -5,6 +5,12 @@
 //! re-hashed before a push relies on it and before it is first served: one
 //! whose content does not match its name is replaced by the next push of
 //! the right bytes and never served.
+//!
+//! A blob is deleted only when no release names it, and that is decided
+//! under the blob's lock ([`Blobs::lock`]), which a push holds from
+//! committing the blob to storing the release: a blob is never deleted
+//! under a release that names it, nor between a push's commit and its
+//! release.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -21,7 +27,12 @@ pub struct Blobs {
     /// Blobs whose content was hashed and found to match their name since
     /// the server started: each is checked once, not on every download.
     verified: std::sync::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<()>>>>,
+    /// One lock per blob in use (held or awaited); see [`Blobs::lock`].
+    locks: std::sync::Mutex<HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>,
 }
+
+/// The lock of one blob, held until dropped.
+pub type BlobGuard = tokio::sync::OwnedMutexGuard<()>;
 
 /// A received upload, hashed and on disk, not yet under its final name.
 pub struct Upload {
@@ -54,9 +65,57 @@ impl Blobs {
         Ok(Blobs {
             dir,
             verified: Default::default(),
+            locks: Default::default(),
         })
     }
 
+    /// Locks the blob `sha256` against the other writers of the same
+    /// bytes: a push holds it from committing the blob to storing its
+    /// release, a delete or a sweep from deciding that no release names
+    /// the blob to removing it. Pushes of other bytes do not wait.
+    pub async fn lock(&self, sha256: &str) -> BlobGuard {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            // Entries no one holds or awaits any more: the map stays the
+            // size of the pushes and deletes in progress.
+            locks.retain(|_, l| l.strong_count() > 0);
+            match locks.get(sha256).and_then(std::sync::Weak::upgrade) {
+                Some(l) => l,
+                None => {
+                    let l = Arc::new(tokio::sync::Mutex::new(()));
+                    locks.insert(sha256.to_string(), Arc::downgrade(&l));
+                    l
+                }
+            }
+        };
+        lock.lock_owned().await
+    }
+
+    /// Removes the blob `sha256`; whether it was there. The caller holds
+    /// its lock and has checked that no release names it.
+    pub async fn remove(&self, sha256: &str, _held: &BlobGuard) -> std::io::Result<bool> {
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(sha256);
+        match tokio::fs::remove_file(self.path(sha256)).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The sha256 of every blob on disk (not the uploads in progress,
+    /// which are not blobs until committed).
+    pub async fn list(&self) -> std::io::Result<Vec<String>> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || list_blobs(&dir))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+}
+
+impl Blobs {
     pub fn path(&self, sha256: &str) -> PathBuf {
         self.dir.join(sha256)
     }
@@ -161,6 +220,57 @@ impl Blobs {
     fn mark_verified(&self, sha256: &str) {
         let _ = self.cell(sha256).set(());
     }
+}
+
+fn list_blobs(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if is_sha256(name) {
+            out.push(name.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// Whether `s` is a sha256 in hex, as blobs are named.
+pub fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Removes every blob no release names, each under its lock, checked
+/// again under it; returns how many were removed. Run by the leader at
+/// start and with each retention pass: it catches blobs whose release was
+/// refused or deleted while a removal failed.
+pub async fn sweep(
+    store: &dyn rollwave_store::Store,
+    blobs: &Blobs,
+) -> Result<Vec<String>, String> {
+    let named =
+        |releases: &[rollwave_core::Release], sha: &str| releases.iter().any(|r| r.sha256 == sha);
+    let on_disk = blobs
+        .list()
+        .await
+        .map_err(|e| format!("listing {}: {e}", blobs.dir.display()))?;
+    let releases = store.list_releases().await.map_err(|e| e.to_string())?;
+    let mut removed = Vec::new();
+    for sha in on_disk.iter().filter(|sha| !named(&releases, sha)) {
+        let held = blobs.lock(sha).await;
+        // A push of these bytes may have stored its release meanwhile.
+        let releases = store.list_releases().await.map_err(|e| e.to_string())?;
+        if named(&releases, sha) {
+            continue;
+        }
+        match blobs.remove(sha, &held).await {
+            Ok(true) => removed.push(sha.clone()),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(sha256 = %sha, error = %e, "removing an artifact no release names")
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// The sha256 of a file, read on the blocking pool.

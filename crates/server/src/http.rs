@@ -12,8 +12,8 @@ use axum::{Extension, Json, Router};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use rollwave_api::{
-    Finalize, FinalizeResponse, PushResponse, RolloutResponse, ServiceSummary, StartRollout,
-    AGENT_CONNECT_PATH, SIGNATURE_HEADER,
+    DeleteReleaseResponse, Finalize, FinalizeResponse, PushResponse, RolloutResponse,
+    ServiceSummary, StartRollout, AGENT_CONNECT_PATH, SIGNATURE_HEADER,
 };
 use rollwave_core::{
     normalize_version, validate_service_name, ArtifactFormat, AuditEntry, NodeState, NodeView,
@@ -52,6 +52,7 @@ pub(crate) fn routes() -> Routes<Arc<Shared>> {
             sign_release,
         )
         .get("/v1/releases/{service}/{version}", Read, get_release)
+        .delete("/v1/releases/{service}/{version}", Admin, delete_release)
         .get(
             "/v1/releases/{service}/{version}/artifact",
             Download,
@@ -516,7 +517,9 @@ async fn push_release(
         signatures: signature.iter().map(signature_record).collect(),
     };
     // The blob is durable, here and on every replica, before the release
-    // that names it.
+    // that names it; under the blob's lock, so that a delete of a release
+    // with the same bytes cannot remove the blob in between.
+    let _held = shared.blobs.lock(&upload.sha256).await;
     shared.blobs.commit(&upload).await?;
     if let Some(copies) = &shared.copies {
         copies.spread(&upload.sha256).await.map_err(|e| {
@@ -549,6 +552,93 @@ async fn push_release(
             .into_response());
     }
     answer_repush(&shared, put, &release, signature.as_ref())
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/releases/{service}/{version}",
+    tag = "releases",
+    params(
+        ("service" = String, Path, description = "Service name: 1-64 characters of a-z, A-Z, 0-9, -, _, ., not starting with ."),
+        ("version" = String, Path, description = "Semantic version, like 2.0.0; surrounding whitespace is dropped"),
+    ),
+    responses(
+        (status = 200, description = "Deleted, with its signatures; its artifact too unless another release has the same bytes (`shared_with`)", body = DeleteReleaseResponse),
+        (status = 400, description = "Invalid service name or version", body = rollwave_api::ErrorBody),
+        (status = 404, description = "No such release", body = rollwave_api::ErrorBody),
+        (status = 409, description = "In use: a rollout not finished targets it or may roll nodes back to it, it is the service's active version, or a node runs it or ran it last. The message names which", body = rollwave_api::ErrorBody),
+        (status = 500, description = "The store failed", body = rollwave_api::ErrorBody),
+    )
+)]
+/// Deletes a release nothing uses, then its artifact once no other release
+/// names the same bytes.
+async fn delete_release(
+    State(shared): State<Arc<Shared>>,
+    Path((service, version)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let version = release_key(&service, &version)?;
+    let found = shared
+        .store
+        .get_release(&service, &version)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("release {service}@{version} not found")))?;
+    // Held until the artifact is dealt with: a push of the same bytes
+    // waits, so the artifact is never removed under a release it stores.
+    let held = shared.blobs.lock(&found.sha256).await;
+    let release = shared
+        .reconciler
+        .delete_release(service.clone(), version.clone(), found.sha256.clone())
+        .await?;
+    let sha = &release.sha256;
+    let shared_with: Vec<String> = shared
+        .store
+        .list_releases()
+        .await?
+        .into_iter()
+        .filter(|r| &r.sha256 == sha)
+        .map(|r| format!("{}@{}", r.service, r.version))
+        .collect();
+    let artifact_removed = if shared_with.is_empty() {
+        // The release is gone either way: an artifact that could not be
+        // removed now is removed by the next sweep.
+        match shared.blobs.remove(sha, &held).await {
+            Ok(_) => {
+                if let Some(copies) = &shared.copies {
+                    copies.remove(sha).await;
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(sha256 = %sha, error = %e, "removing the artifact of a deleted release");
+                false
+            }
+        }
+    } else {
+        false
+    };
+    drop(held);
+    let note = AuditNote(if artifact_removed {
+        format!(
+            "deleted sha256 {sha}, {} bytes, and its artifact",
+            release.size
+        )
+    } else if shared_with.is_empty() {
+        format!("deleted sha256 {sha}; its artifact could not be removed yet")
+    } else {
+        format!(
+            "deleted sha256 {sha}; its artifact stays for {}",
+            shared_with.join(", ")
+        )
+    });
+    Ok((
+        Extension(note),
+        Json(DeleteReleaseResponse {
+            release,
+            artifact_removed,
+            shared_with,
+        }),
+    )
+        .into_response())
 }
 
 /// Answers a push onto a release that exists, or a signature added to one.

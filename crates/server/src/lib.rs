@@ -17,6 +17,7 @@ mod node_writes;
 mod openapi;
 mod reconciler;
 mod replicas;
+mod retention;
 mod routes;
 mod serve;
 mod session;
@@ -56,7 +57,13 @@ pub struct ServerConfig {
     /// Header read timeout and the per-address cap on connections that have
     /// not sent a request.
     pub limits: ConnLimits,
+    /// How much history (rollouts, audit entries) is kept.
+    pub retention: Retention,
 }
+
+pub use retention::{
+    Retention, DEFAULT_MAX_AUDIT_ENTRIES, DEFAULT_MAX_ROLLOUTS, DEFAULT_RETENTION,
+};
 
 pub use downloads::DEFAULT_MAX_DOWNLOADS;
 pub use serve::{ConnLimits, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_PENDING_PER_IP};
@@ -284,6 +291,7 @@ async fn lead(
     reconciler::spawn(shared.clone(), events)
         .await
         .context("loading rollouts")?;
+    retention::spawn(shared.clone(), config.retention);
     let stream = shared.events.clone();
     Ok((http::router(shared), stream))
 }

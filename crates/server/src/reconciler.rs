@@ -50,6 +50,17 @@ fn explicit_downgrade(r: &Rollout) -> Result<(), ApiError> {
     )))
 }
 
+/// `node a, node b and 3 others`: a few names and how many more.
+fn some_of(nodes: &[&str]) -> String {
+    const SHOWN: usize = 3;
+    let word = if nodes.len() == 1 { "node" } else { "nodes" };
+    let names = nodes[..nodes.len().min(SHOWN)].join(", ");
+    match nodes.len().saturating_sub(SHOWN) {
+        0 => format!("{word} {names}"),
+        more => format!("{word} {names} and {more} more"),
+    }
+}
+
 /// Even with nothing to wake for, look again this often: a cheap backstop.
 const MAX_SLEEP: Duration = Duration::from_secs(5);
 
@@ -107,6 +118,16 @@ pub enum Event {
         file: RolloutFile,
         reply: oneshot::Sender<Result<Vec<Rollout>, ApiError>>,
     },
+    /// Deletes a release unless something uses it: decided here, in turn
+    /// with rollout starts, so that no rollout can start on a release
+    /// being deleted nor a release go under a rollout being started.
+    DeleteRelease {
+        service: String,
+        version: String,
+        /// The bytes the caller locked: refused if the release now has others.
+        sha256: String,
+        reply: oneshot::Sender<Result<Release, ApiError>>,
+    },
     /// A release pushed unsigned was signed: the one change a stored
     /// release can undergo, so tasks sent from now on carry the signature.
     ReleaseSigned {
@@ -159,6 +180,23 @@ impl Handle {
     ) -> Result<FinalizeResponse, ApiError> {
         let (reply, rx) = oneshot::channel();
         self.send(Event::Finalize { service, to, reply });
+        rx.await
+            .unwrap_or_else(|_| Err(ApiError::internal("reconciler stopped")))
+    }
+
+    pub async fn delete_release(
+        &self,
+        service: String,
+        version: String,
+        sha256: String,
+    ) -> Result<Release, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Event::DeleteRelease {
+            service,
+            version,
+            sha256,
+            reply,
+        });
         rx.await
             .unwrap_or_else(|_| Err(ApiError::internal("reconciler stopped")))
     }
@@ -433,7 +471,105 @@ impl Reconciler {
                 let result = self.command(id, command, now).await;
                 let _ = reply.send(result);
             }
+            Event::DeleteRelease {
+                service,
+                version,
+                sha256,
+                reply,
+            } => {
+                let result = self.delete_release(&service, &version, &sha256).await;
+                let _ = reply.send(result);
+            }
         }
+    }
+
+    /// Deletes a release from the store if no rollout the reconciler
+    /// watches targets it or may roll back to it, it is not the service's
+    /// active version, and no node runs it or ran it last (a revert goes
+    /// back there). The refusal names what uses it.
+    async fn delete_release(
+        &mut self,
+        service: &str,
+        version: &str,
+        sha256: &str,
+    ) -> Result<Release, ApiError> {
+        let name = format!("{service}@{version}");
+        let release = self
+            .shared
+            .store
+            .get_release(service, version)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("release {name} not found")))?;
+        if release.sha256 != sha256 {
+            return Err(ApiError::conflict(format!(
+                "release {name} was pushed again with other bytes while it was being deleted: try again"
+            )));
+        }
+        let in_use = |why: String| ApiError::conflict(format!("release {name} is in use: {why}"));
+        for r in self.active.values().filter(|r| r.spec.service == service) {
+            let what = format!("rollout {} of {}@{}", r.id, r.spec.service, r.spec.version);
+            let state = if r.converging() {
+                "converging nodes that came back"
+            } else {
+                r.state.as_str()
+            };
+            if r.spec.version == version {
+                return Err(in_use(format!("{what} targets it ({state})")));
+            }
+            let back: Vec<&str> = r
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.from_version.as_deref() == Some(version))
+                .map(|(node, _)| node.as_str())
+                .collect();
+            if !back.is_empty() {
+                return Err(in_use(format!(
+                    "{what} ({state}) may roll {} back to it",
+                    some_of(&back)
+                )));
+            }
+        }
+        if let Some(active) = self.shared.store.get_active_version(service).await? {
+            if active.version == version {
+                return Err(in_use(format!(
+                    "it is the active version of {service} (set by {})",
+                    active.by
+                )));
+            }
+        }
+        let (running, previous) = {
+            let fleet = self.shared.fleet.lock().unwrap_or_else(|e| e.into_inner());
+            let mut running = Vec::new();
+            let mut previous = Vec::new();
+            for (node, view) in fleet.iter() {
+                let Some(s) = view.services.get(service) else {
+                    continue;
+                };
+                if s.version.as_deref() == Some(version) {
+                    running.push(node.clone());
+                } else if s.previous.as_deref() == Some(version) {
+                    previous.push(node.clone());
+                }
+            }
+            (running, previous)
+        };
+        if !running.is_empty() {
+            let nodes: Vec<&str> = running.iter().map(String::as_str).collect();
+            let verb = if nodes.len() == 1 { "runs" } else { "run" };
+            return Err(in_use(format!("{} {verb} it", some_of(&nodes))));
+        }
+        if !previous.is_empty() {
+            let nodes: Vec<&str> = previous.iter().map(String::as_str).collect();
+            return Err(in_use(format!(
+                "{} ran it before their current version and would go back to it",
+                some_of(&nodes)
+            )));
+        }
+        self.shared.store.delete_release(service, version).await?;
+        self.releases
+            .remove(&(service.to_string(), version.to_string()));
+        tracing::info!(service, version, sha256, "release deleted");
+        Ok(release)
     }
 
     /// Validates a request against the releases and the fleet and plans one

@@ -345,6 +345,37 @@ impl Copies {
         Ok(())
     }
 
+    /// Asks every other replica listed now to drop its copy of the artifact
+    /// `sha256`, which no release names any more. A replica that cannot be
+    /// reached keeps its copy, which only takes space: it is swept when
+    /// that replica leads.
+    pub async fn remove(&self, sha256: &str) {
+        let others = match self.others().await {
+            Ok(others) => others,
+            Err(e) => {
+                tracing::warn!(sha256, error = %e, "listing replicas to remove an artifact");
+                return;
+            }
+        };
+        for replica in others {
+            let resp = self
+                .client
+                .delete(format!("{replica}{BLOBS_PATH}{sha256}"))
+                .header(SECRET_HEADER, &self.secret)
+                .send()
+                .await;
+            match resp {
+                Ok(r) if r.status().is_success() => {}
+                Ok(r) => {
+                    tracing::warn!(sha256, %replica, status = %r.status(), "a replica kept an artifact no release names")
+                }
+                Err(e) => {
+                    tracing::warn!(sha256, %replica, error = %e, "a replica kept an artifact no release names")
+                }
+            }
+        }
+    }
+
     /// Fetches every stored release's artifact this replica lacks from a
     /// replica that has it, verifying its sha256.
     pub async fn fill(&self) {
@@ -415,8 +446,10 @@ where
     blobs.commit(&upload).await.map_err(|e| e.to_string())
 }
 
-/// `PUT` and `GET /v1/replica/blobs/<sha256>`, answered by any replica to
-/// another that shows the secret.
+/// `PUT`, `GET` and `DELETE /v1/replica/blobs/<sha256>`, answered by any
+/// replica to another that shows the secret. Only the leader puts and
+/// deletes, each under the blob's lock there, so a replica sees a push's
+/// copy and a delete of the same bytes in the order the leader made them.
 async fn replica_blobs(blobs: &crate::blobs::Blobs, secret: &str, req: Request) -> Response {
     let shown = req
         .headers()
@@ -434,7 +467,7 @@ async fn replica_blobs(blobs: &crate::blobs::Blobs, secret: &str, req: Request) 
         return ApiError::new(ErrorCode::Forbidden, "only replicas copy artifacts").into_response();
     }
     let sha256 = req.uri().path()[BLOBS_PATH.len()..].to_string();
-    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !crate::blobs::is_sha256(&sha256) {
         return ApiError::bad_request("not a sha256").into_response();
     }
     match *req.method() {
@@ -448,6 +481,15 @@ async fn replica_blobs(blobs: &crate::blobs::Blobs, secret: &str, req: Request) 
             Ok(file) => Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response(),
             Err(_) => ApiError::not_found(format!("no artifact {sha256} here")).into_response(),
         },
-        _ => ApiError::bad_request("PUT or GET").into_response(),
+        axum::http::Method::DELETE => {
+            let held = blobs.lock(&sha256).await;
+            match blobs.remove(&sha256, &held).await {
+                Ok(_) => StatusCode::NO_CONTENT.into_response(),
+                Err(e) => {
+                    ApiError::internal(format!("removing artifact {sha256}: {e}")).into_response()
+                }
+            }
+        }
+        _ => ApiError::bad_request("PUT, GET or DELETE").into_response(),
     }
 }

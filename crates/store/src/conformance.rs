@@ -15,7 +15,7 @@ use rollwave_core::{
     Role, Rollout, RolloutFile, ServiceView, SignatureRecord, Timestamp, TokenRecord,
 };
 
-use crate::{PutRelease, RolloutWrite, Store, StoreError};
+use crate::{Prune, PutRelease, RolloutWrite, Store, StoreError};
 
 /// Runs every check against `store`, which must be empty.
 pub async fn test_suite(store: &dyn Store) {
@@ -29,6 +29,214 @@ pub async fn test_suite(store: &dyn Store) {
     active_versions(store).await;
     audit(store).await;
     tokens(store).await;
+}
+
+/// Deleting releases and pruning rollouts and audit entries, against
+/// `store`, which must be empty.
+pub async fn retention_suite(store: &dyn Store) {
+    release_deletion(store).await;
+    rollout_pruning(store).await;
+    audit_pruning(store).await;
+}
+
+async fn release_deletion(store: &dyn Store) {
+    let a = release("api", "1.0.0", "aaaa", 10);
+    // The same bytes under another version.
+    let b = release("api", "2.0.0", "aaaa", 20);
+    let c = release("web", "1.0.0", "cccc", 30);
+    for r in [&a, &b, &c] {
+        store.put_release(r).await.unwrap();
+    }
+    let signature = SignatureRecord {
+        key_id: "K1".into(),
+        text: "sig".into(),
+    };
+    store
+        .sign_release("api", "1.0.0", &signature)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(store.delete_release("api", "1.0.0").await.unwrap());
+    assert_eq!(store.get_release("api", "1.0.0").await.unwrap(), None);
+    assert_eq!(
+        store.list_releases().await.unwrap(),
+        vec![b.clone(), c.clone()],
+        "the other version of the same bytes stays"
+    );
+    assert!(
+        !store.delete_release("api", "1.0.0").await.unwrap(),
+        "deleting again finds nothing"
+    );
+    assert!(!store.delete_release("api", "9.9.9").await.unwrap());
+    // Pushed again, it is a new release: its old signature went with it.
+    assert_eq!(
+        store.put_release(&a).await.unwrap(),
+        PutRelease::Created(a.clone())
+    );
+    assert_eq!(store.get_release("api", "1.0.0").await.unwrap(), Some(a));
+}
+
+async fn rollout_pruning(store: &dyn Store) {
+    let prune = |before, keep, limit| Prune {
+        before,
+        keep,
+        limit,
+    };
+    let ids_listed = || async {
+        store
+            .list_rollouts()
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        store.prune_rollouts(&prune(u64::MAX, 1, 10)).await.unwrap(),
+        0
+    );
+    // Eight rollouts, created a second apart; each but two cancelled half a
+    // second after it was created.
+    let mut ids = Vec::new();
+    for i in 0..8u64 {
+        let id = store.next_rollout_id().await.unwrap();
+        let created = 1_000 * (i + 1);
+        let mut r = rollout(id, created);
+        match i {
+            // Running: never pruned.
+            2 => {}
+            // Completed, but a node could not be reached: the rollout still
+            // converges it, so it is active.
+            4 => {
+                r.state = rollwave_core::RolloutState::Completed;
+                r.finished_at = Some(created + 500);
+                if let Some(n) = r.nodes.values_mut().next() {
+                    n.state = rollwave_core::NodeState::Unreachable;
+                }
+                assert!(r.is_active());
+            }
+            _ => r.cancel(created + 500).unwrap(),
+        }
+        store.insert_rollout(&r).await.unwrap();
+        ids.push(id);
+    }
+    assert_eq!(
+        store.prune_rollouts(&prune(1_000, 1, 10)).await.unwrap(),
+        0,
+        "nothing ended before the first was created"
+    );
+    // Two ended before 3,600 (the third runs); one per call.
+    for want in [1, 1, 0] {
+        assert_eq!(
+            store.prune_rollouts(&prune(3_600, 1, 1)).await.unwrap(),
+            want
+        );
+    }
+    let mut left: Vec<u64> = ids[2..].iter().rev().copied().collect();
+    assert_eq!(ids_listed().await, left);
+    assert_eq!(store.get_rollout(ids[0]).await.unwrap(), None);
+    // The count alone: the newest three stay; of the others, only the
+    // cancelled one goes (one runs, one converges).
+    assert_eq!(
+        store
+            .prune_rollouts(&prune(u64::MAX, 3, 100))
+            .await
+            .unwrap(),
+        1
+    );
+    left.retain(|id| *id != ids[3]);
+    assert_eq!(ids_listed().await, left);
+    // Keeping none keeps the newest all the same.
+    assert_eq!(
+        store
+            .prune_rollouts(&prune(u64::MAX, 0, 100))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(ids_listed().await, vec![ids[7], ids[4], ids[2]]);
+    let active: Vec<u64> = store
+        .list_active_rollouts()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(active, vec![ids[2], ids[4]]);
+    // Pages are still right across the gaps.
+    let page = |limit, before| async move {
+        store
+            .list_rollout_summaries(limit, before)
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| s.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(page(2, None).await, vec![ids[7], ids[4]]);
+    assert_eq!(page(2, Some(ids[4])).await, vec![ids[2]]);
+    assert_eq!(page(2, Some(ids[2])).await, Vec::<u64>::new());
+    let next = store.next_rollout_id().await.unwrap();
+    assert!(next > ids[7], "id {next} handed out again");
+    // Nothing of a pruned rollout is left behind: one stored again under
+    // its id reads back as stored, without the old one's nodes or log.
+    let mut again = rollout(ids[0], 50_000);
+    again.nodes.retain(|name, _| name == "web-1");
+    again.batches = vec![vec!["web-1".into()]];
+    let stored = store.insert_rollout(&again).await.unwrap();
+    assert_eq!(store.get_rollout(ids[0]).await.unwrap(), Some(stored));
+}
+
+async fn audit_pruning(store: &dyn Store) {
+    let prune = |before, keep, limit| Prune {
+        before,
+        keep,
+        limit,
+    };
+    let entry = |at| AuditEntry {
+        id: 0,
+        at,
+        actor: "ops".into(),
+        remote: None,
+        action: "rollout.start".into(),
+        target: String::new(),
+        ok: true,
+        status: 201,
+        detail: String::new(),
+    };
+    let mut ids = Vec::new();
+    for at in [10, 20, 30, 40, 50, 60] {
+        ids.push(store.append_audit(&entry(at)).await.unwrap());
+    }
+    let ats = || async {
+        store
+            .list_audit(100, None)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.at)
+            .collect::<Vec<_>>()
+    };
+    for want in [2, 1, 0] {
+        assert_eq!(store.prune_audit(&prune(35, 1, 2)).await.unwrap(), want);
+    }
+    assert_eq!(ats().await, vec![60, 50, 40]);
+    assert_eq!(
+        store.prune_audit(&prune(u64::MAX, 2, 100)).await.unwrap(),
+        1
+    );
+    assert_eq!(ats().await, vec![60, 50]);
+    let page = store.list_audit(1, Some(ids[5])).await.unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!((page[0].id, page[0].at), (ids[4], 50), "paging back");
+    assert_eq!(
+        store.prune_audit(&prune(u64::MAX, 0, 100)).await.unwrap(),
+        1,
+        "the newest stays"
+    );
+    assert_eq!(ats().await, vec![60]);
+    let next = store.append_audit(&entry(70)).await.unwrap();
+    assert!(next > ids[5], "audit id {next} handed out again");
 }
 
 async fn tokens(store: &dyn Store) {

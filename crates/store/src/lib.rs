@@ -116,6 +116,25 @@ impl<'a> RolloutWrite<'a> {
     }
 }
 
+/// What one call of [`Store::prune_rollouts`] or [`Store::prune_audit`]
+/// may delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prune {
+    /// Only records older than this (Unix milliseconds): rollouts that
+    /// finished before it, audit entries written before it.
+    /// `Timestamp::MAX` lets the count alone decide.
+    pub before: rollwave_core::Timestamp,
+    /// The newest this many records (by id, active rollouts included) are
+    /// kept whatever their age. At least one always is: the newest id stays
+    /// in the store, so ids are never handed out again even if a counter
+    /// were lost.
+    pub keep: usize,
+    /// At most this many are deleted by one call, so that a large backlog
+    /// is pruned in steps of bounded work (one transaction each on SQLite,
+    /// transactions of bounded size on etcd) rather than in one.
+    pub limit: usize,
+}
+
 /// This replica's leadership, as [`Election::campaign`] won it.
 pub struct Lead {
     /// Increases with each election: what tasks carry so that agents can
@@ -182,6 +201,10 @@ pub trait Store: Send + Sync + 'static {
     async fn get_release(&self, service: &str, version: &str) -> Result<Option<Release>>;
     /// All releases ordered by service, then creation time.
     async fn list_releases(&self) -> Result<Vec<Release>>;
+    /// Deletes the release `service@version` with its signatures, in one
+    /// write; whether it existed (deleting one that does not is not an
+    /// error). What uses a release is the caller's to check first.
+    async fn delete_release(&self, service: &str, version: &str) -> Result<bool>;
 
     /// Sets a service's active version (the version gate) in one write.
     async fn set_active_version(&self, active: &ActiveVersion) -> Result<()>;
@@ -238,11 +261,26 @@ pub trait Store: Send + Sync + 'static {
         before: Option<u64>,
     ) -> Result<Vec<RolloutSummary>>;
 
+    /// Deletes up to `prune.limit` rollouts, oldest first, that ended
+    /// (their state is terminal and nothing is left to do:
+    /// [`Rollout::is_active`] is false) before `prune.before` and are not
+    /// among the newest `prune.keep`, with their nodes, plan and log.
+    /// Never an active rollout, nor one written since it was looked at.
+    /// Returns how many were deleted; fewer than the limit means none is
+    /// left to prune. Ids are never reused after.
+    async fn prune_rollouts(&self, prune: &Prune) -> Result<usize>;
+
     /// Appends to the audit trail; returns the entry's id (increasing).
     async fn append_audit(&self, entry: &AuditEntry) -> Result<u64>;
     /// The newest `limit` entries, newest first, with ids below `before` if
     /// given (to page back).
     async fn list_audit(&self, limit: usize, before: Option<u64>) -> Result<Vec<AuditEntry>>;
+    /// Deletes up to `prune.limit` audit entries, oldest first, written
+    /// before `prune.before` and not among the newest `prune.keep`. The
+    /// trail is read in id order and the first entry written at or after
+    /// `prune.before` ends the step, so a call costs what it deletes.
+    /// Returns how many were deleted.
+    async fn prune_audit(&self, prune: &Prune) -> Result<usize>;
 
     /// Inserts or replaces a token by id.
     async fn put_token(&self, token: &TokenRecord) -> Result<()>;

@@ -25,6 +25,7 @@ mod openapi;
 mod operator;
 #[cfg(feature = "etcd")]
 mod replicas;
+mod retention;
 mod rollouts;
 mod signing;
 mod sim;

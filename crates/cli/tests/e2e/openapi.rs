@@ -273,6 +273,28 @@ async fn every_answer_matches_the_openapi_document() {
             panic!("POST {real} ({status}) does not match the document: {e}\n{answer:#}");
         }
     }
+    // Deletes: a release the nodes would go back to, one unknown, one
+    // nothing uses.
+    push(&fleet, "3.0.0", true).await;
+    let deletes = [
+        ("/v1/releases/api/1.0.0", 409),
+        ("/v1/releases/api/9.9.9", 404),
+        ("/v1/releases/api/3.0.0", 200),
+    ];
+    for (real, status) in deletes {
+        let resp = http.delete(format!("{url}{real}")).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "DELETE {real}");
+        let answer: Value = resp.json().await.unwrap();
+        let schema = schema_of(
+            &doc,
+            "delete",
+            "/v1/releases/{service}/{version}",
+            Some(status),
+        );
+        if let Err(e) = check(&doc, schema, &answer, "") {
+            panic!("DELETE {real} ({status}) does not match the document: {e}\n{answer:#}");
+        }
+    }
     // The validator itself refuses what it should.
     let rollout = schema_of(&doc, "get", "/v1/rollouts/{id}", Some(200));
     assert!(check(&doc, rollout, &json!({"rollout": {"id": 1}}), "").is_err());

@@ -181,6 +181,50 @@ async fn a_follower_serves_through_the_leader_and_takes_over_when_it_dies() {
     assert!(log.contains("lost leadership: exiting"), "{log}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_release_leaves_its_artifact_on_no_replica() {
+    let etcd = TestEtcd::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let a = replica(&etcd, tmp.path(), "a").await;
+    let b = replica(&etcd, tmp.path(), "b").await;
+    let leader = leader_of(&[&a, &b]).await;
+    let follower = if std::ptr::eq(leader, &a) { &b } else { &a };
+    wait_until("the follower to know the leader", || async {
+        health(&follower.url)
+            .await
+            .filter(|h| h.leader_url.is_some())
+    })
+    .await;
+    let token = admin_token(&leader.dir);
+    let http = reqwest::Client::new();
+    let bytes = b"#!/bin/sh\nexec sleep 60\n".to_vec();
+    let sha = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    let push = http
+        .post(format!("{}/v1/releases/api/1.0.0", follower.url))
+        .bearer_auth(&token)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(push.status(), 201, "{:?}", push.text().await);
+    let copies = [&a, &b].map(|r| r.dir.join("data").join("blobs").join(&sha));
+    for c in &copies {
+        assert!(c.exists(), "{} before the delete", c.display());
+    }
+    // Through the follower: the leader deletes, and has both copies dropped
+    // before it answers.
+    let deleted = http
+        .delete(format!("{}/v1/releases/api/1.0.0", follower.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200, "{:?}", deleted.text().await);
+    for c in &copies {
+        assert!(!c.exists(), "{} after the delete", c.display());
+    }
+}
+
 /// A replica on `port` (0: any; a port chosen beforehand lets agents be
 /// told of it before it starts), keeping its records under `prefix`.
 async fn replica_at(etcd: &TestEtcd, dir: &Path, name: &str, port: u16, prefix: &str) -> Replica {

@@ -54,7 +54,7 @@ use rollwave_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{PutRelease, Result, RolloutWrite, Snapshot, Store, StoreError};
+use crate::{Prune, PutRelease, Result, RolloutWrite, Snapshot, Store, StoreError};
 
 /// The layout of keys this code writes and understands.
 const SCHEMA_VERSION: u64 = 1;
@@ -347,6 +347,42 @@ impl EtcdStore {
             .await
             .map_err(|e| self.backend(what, e))?;
         Ok(resp.take_kvs())
+    }
+
+    /// How many keys there are under `prefix`.
+    async fn count(&self, prefix: &[u8], what: &str) -> Result<usize> {
+        let options = GetOptions::new()
+            .with_range(prefix_end(prefix))
+            .with_count_only();
+        let resp = self
+            .client
+            .kv_client()
+            .get(prefix.to_vec(), Some(options))
+            .await
+            .map_err(|e| self.backend(what, e))?;
+        Ok(usize::try_from(resp.count()).unwrap_or(0))
+    }
+
+    /// Up to `limit` keys from `start` to (not including) `end`, in key
+    /// order, and whether more follow.
+    async fn range_page(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        what: &str,
+    ) -> Result<(Vec<KeyValue>, bool)> {
+        let options = GetOptions::new()
+            .with_range(end.to_vec())
+            .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+        let mut resp = self
+            .client
+            .kv_client()
+            .get(start.to_vec(), Some(options))
+            .await
+            .map_err(|e| self.backend(what, e))?;
+        let more = resp.more();
+        Ok((resp.take_kvs(), more))
     }
 
     /// Runs `ops` in as few transactions as etcd takes, each under
@@ -677,6 +713,25 @@ impl Store for EtcdStore {
         releases_of(&kvs)
     }
 
+    async fn delete_release(&self, service: &str, version: &str) -> Result<bool> {
+        let key = self.key(&format!("releases/{service}/{version}"));
+        let what = format!("deleting release {service}@{version}");
+        // Its signatures are part of its record.
+        let resp = self
+            .txn(
+                vec![Compare::create_revision(
+                    key.clone(),
+                    CompareOp::NotEqual,
+                    0,
+                )],
+                vec![TxnOp::delete(key, None)],
+                Vec::new(),
+                &what,
+            )
+            .await?;
+        Ok(resp.succeeded())
+    }
+
     async fn set_active_version(&self, active: &ActiveVersion) -> Result<()> {
         let key = self.key(&format!("active/{}", active.service));
         let what = format!("storing the active version of {}", active.service);
@@ -766,6 +821,10 @@ impl Store for EtcdStore {
         Ok(out)
     }
 
+    async fn prune_rollouts(&self, prune: &Prune) -> Result<usize> {
+        rollouts::prune(self, prune).await
+    }
+
     async fn list_rollout_summaries(
         &self,
         limit: usize,
@@ -804,6 +863,53 @@ impl Store for EtcdStore {
             )
             .await?;
         audit_of(&kvs)
+    }
+
+    async fn prune_audit(&self, prune: &Prune) -> Result<usize> {
+        let what = "pruning the audit trail";
+        let prefix = self.key("audit/");
+        let allowed = self
+            .count(&prefix, what)
+            .await?
+            .saturating_sub(prune.keep.max(1))
+            .min(prune.limit);
+        if allowed == 0 {
+            return Ok(0);
+        }
+        let (kvs, _) = self
+            .range_page(&prefix, &prefix_end(&prefix), allowed, what)
+            .await?;
+        // The oldest entries, up to the first written at or after the
+        // cutoff: entries are appended as they happen, so the ones after it
+        // are newer too (a clock set back only delays their turn).
+        let mut last = None;
+        for kv in &kvs {
+            let e: AuditEntry = decode("audit entry", kv.value())?;
+            if e.at >= prune.before {
+                break;
+            }
+            last = Some(kv.key().to_vec());
+        }
+        let Some(mut end) = last else { return Ok(0) };
+        end.push(0);
+        // One range, one operation: the entries chosen are the first ones.
+        let resp = self
+            .txn(
+                Vec::new(),
+                vec![Op::DeleteRange(prefix, end).into_txn()],
+                Vec::new(),
+                what,
+            )
+            .await?;
+        let deleted = resp
+            .op_responses()
+            .into_iter()
+            .map(|r| match r {
+                TxnOpResponse::Delete(d) => usize::try_from(d.deleted()).unwrap_or(0),
+                _ => 0,
+            })
+            .sum();
+        Ok(deleted)
     }
 
     async fn put_token(&self, token: &TokenRecord) -> Result<()> {

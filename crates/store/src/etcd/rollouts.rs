@@ -320,3 +320,74 @@ pub(super) async fn read_at(store: &EtcdStore, id: u64, revision: i64) -> Result
     r.events = events;
     Ok(Some(r))
 }
+
+/// Deletes what [`crate::Store::prune_rollouts`] says: the oldest rollouts
+/// but the newest `keep`, read from their summaries in id order, each
+/// deleted in a transaction of its own (seven operations, however large the
+/// rollout: its nodes and log go as two ranges) that requires its
+/// generation to be the one its summary showed and no `live` marker, so a
+/// rollout written meanwhile (a finished one rolled back) is left alone.
+pub(super) async fn prune(store: &EtcdStore, prune: &crate::Prune) -> Result<usize> {
+    let what = "pruning rollouts";
+    let mut allowed = store
+        .count(&store.key("gen/"), what)
+        .await?
+        .saturating_sub(prune.keep.max(1));
+    let prefix = store.key("summary/");
+    let mut start = prefix.clone();
+    let mut deleted = 0;
+    'scan: while allowed > 0 && deleted < prune.limit {
+        let (kvs, more) = store
+            .range_page(&start, &prefix_end(&prefix), allowed.min(500), what)
+            .await?;
+        for kv in &kvs {
+            allowed -= 1;
+            let s: RolloutSummary = decode("rollout summary", kv.value())?;
+            // Ids follow creation: once rollouts were created after the
+            // cutoff, none further on can have finished before it.
+            if s.created_at >= prune.before {
+                break 'scan;
+            }
+            let ended = s.state.is_terminal() && s.finished_at.is_some_and(|f| f < prune.before);
+            if ended && delete(store, s.id, s.generation).await? {
+                deleted += 1;
+                if deleted == prune.limit {
+                    break 'scan;
+                }
+            }
+            if allowed == 0 {
+                break 'scan;
+            }
+        }
+        let Some(last) = kvs.last() else { break };
+        start = last.key().to_vec();
+        start.push(0);
+        if !more {
+            break;
+        }
+    }
+    Ok(deleted)
+}
+
+/// Deletes rollout `id` if it is still at `generation` and not watched.
+async fn delete(store: &EtcdStore, id: u64, generation: u64) -> Result<bool> {
+    let keys = Keys::of(store, id);
+    let what = format!("pruning rollout {id}");
+    let compares = vec![
+        Compare::value(keys.gen.clone(), CompareOp::Equal, generation.to_string()),
+        Compare::create_revision(keys.live.clone(), CompareOp::Equal, 0),
+    ];
+    let ops = vec![
+        Op::Delete(keys.gen),
+        Op::Delete(keys.header),
+        Op::Delete(keys.plan),
+        Op::Delete(keys.summary),
+        Op::DeleteRange(keys.nodes.clone(), prefix_end(&keys.nodes)),
+        Op::DeleteRange(keys.log.clone(), prefix_end(&keys.log)),
+    ];
+    let ops = ops.into_iter().map(Op::into_txn).collect();
+    Ok(store
+        .txn(compares, ops, Vec::new(), &what)
+        .await?
+        .succeeded())
+}

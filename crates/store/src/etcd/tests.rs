@@ -13,6 +13,12 @@ async fn passes_the_conformance_suite() {
     conformance::test_suite(&etcd.store("/suite/").await).await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn passes_the_retention_suite() {
+    let etcd = TestEtcd::start().await;
+    conformance::retention_suite(&etcd.store("/retention/").await).await;
+}
+
 /// A rollout too large for one etcd transaction is split, and reads back
 /// whole; a later write of a few nodes is one small transaction.
 #[tokio::test(flavor = "multi_thread")]

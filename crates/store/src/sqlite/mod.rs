@@ -31,7 +31,7 @@ use rollwave_core::{
 };
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::{PutRelease, Result, RolloutWrite, Snapshot, Store, StoreError};
+use crate::{Prune, PutRelease, Result, RolloutWrite, Snapshot, Store, StoreError};
 use writer::Writer;
 
 /// `MIGRATIONS[i]` takes the schema from version `i` to version `i + 1`.
@@ -527,6 +527,79 @@ impl Store for SqliteStore {
     async fn list_releases(&self) -> Result<Vec<Release>> {
         let path = self.path.clone();
         self.read("listing releases".into(), move |conn| releases(conn, &path))
+            .await
+    }
+
+    async fn delete_release(&self, service: &str, version: &str) -> Result<bool> {
+        let (s, v) = (service.to_string(), version.to_string());
+        let fail = self.backend(&format!("deleting release {service}@{version}"));
+        self.writer
+            .write(move |conn| {
+                // Its signatures are part of its record.
+                let deleted = conn
+                    .execute(
+                        "DELETE FROM releases WHERE service = ?1 AND version = ?2",
+                        params![s, v],
+                    )
+                    .map_err(fail)?;
+                Ok(deleted > 0)
+            })
+            .await
+    }
+
+    async fn prune_rollouts(&self, prune: &Prune) -> Result<usize> {
+        let prune = *prune;
+        let path = self.path.display().to_string();
+        self.writer
+            .write(move |conn| rollouts::prune(conn, &path, &prune))
+            .await
+    }
+
+    async fn prune_audit(&self, prune: &Prune) -> Result<usize> {
+        let keep = i64::try_from(prune.keep.max(1)).unwrap_or(i64::MAX);
+        let before = i64::try_from(prune.before).unwrap_or(i64::MAX);
+        let limit = i64::try_from(prune.limit).unwrap_or(i64::MAX);
+        let fail = self.backend("pruning the audit trail");
+        self.writer
+            .write(move |conn| {
+                let below: Option<i64> = conn
+                    .prepare_cached("SELECT id FROM audit ORDER BY id DESC LIMIT 1 OFFSET ?1")
+                    .and_then(|mut s| s.query_row(params![keep - 1], |row| row.get(0)).optional())
+                    .map_err(&fail)?;
+                let Some(below) = below else {
+                    return Ok(0);
+                };
+                // The oldest entries, up to the first written at or after
+                // the cutoff: entries are appended as they happen, so the
+                // ones after it are newer too (a clock set back only delays
+                // their turn).
+                let rows = {
+                    let mut stmt = conn
+                        .prepare_cached(
+                            "SELECT id, json_extract(json, '$.at') FROM audit
+                             WHERE id < ?1 ORDER BY id LIMIT ?2",
+                        )
+                        .map_err(&fail)?;
+                    let rows = stmt
+                        .query_map(params![below, limit], |row| {
+                            Ok((row.get::<_, i64>(0)?, row.get::<_, Option<i64>>(1)?))
+                        })
+                        .map_err(&fail)?;
+                    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(&fail)?
+                };
+                let last = rows
+                    .iter()
+                    .take_while(|(_, at)| at.is_some_and(|at| at < before))
+                    .last()
+                    .map(|(id, _)| *id);
+                let Some(last) = last else { return Ok(0) };
+                // AUTOINCREMENT: the ids deleted are never handed out again.
+                let deleted = conn
+                    .prepare_cached("DELETE FROM audit WHERE id <= ?1")
+                    .and_then(|mut s| s.execute(params![last]))
+                    .map_err(&fail)?;
+                Ok(deleted)
+            })
             .await
     }
 

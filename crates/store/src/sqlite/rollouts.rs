@@ -406,3 +406,74 @@ pub(super) fn summaries(
     }
     Ok(out)
 }
+
+/// The terminal states, as the header's `state` field spells them
+/// ([`rollwave_core::RolloutState::is_terminal`]).
+const TERMINAL: [&str; 5] = [
+    "completed",
+    "failed",
+    "cancelled",
+    "rolled_back",
+    "rollback_failed",
+];
+
+/// Deletes what [`crate::Store::prune_rollouts`] says, inside a write: the
+/// rollouts are chosen and deleted in one transaction, so none written in
+/// between (a finished rollout rolled back) can be deleted.
+pub(super) fn prune(conn: &Connection, path: &str, prune: &crate::Prune) -> Result<usize> {
+    let fail = failed(path, "pruning rollouts");
+    let keep = i64::try_from(prune.keep.max(1)).unwrap_or(i64::MAX);
+    let before = i64::try_from(prune.before).unwrap_or(i64::MAX);
+    // Rollouts below the newest `keep` may go.
+    let below: Option<i64> = conn
+        .prepare_cached("SELECT id FROM rollouts ORDER BY id DESC LIMIT 1 OFFSET ?1")
+        .and_then(|mut s| s.query_row(params![keep - 1], |row| row.get(0)).optional())
+        .map_err(&fail)?;
+    let Some(below) = below else {
+        return Ok(0);
+    };
+    let mut doomed = Vec::new();
+    {
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, active, json_extract(json, '$.state'),
+                        json_extract(json, '$.created_at'), json_extract(json, '$.finished_at')
+                 FROM rollouts WHERE id < ?1 ORDER BY id",
+            )
+            .map_err(&fail)?;
+        let mut rows = stmt.query(params![below]).map_err(&fail)?;
+        while doomed.len() < prune.limit {
+            let Some(row) = rows.next().map_err(&fail)? else {
+                break;
+            };
+            let id: i64 = row.get(0).map_err(&fail)?;
+            let active: bool = row.get(1).map_err(&fail)?;
+            let state: Option<String> = row.get(2).map_err(&fail)?;
+            let created: Option<i64> = row.get(3).map_err(&fail)?;
+            let finished: Option<i64> = row.get(4).map_err(&fail)?;
+            // Ids follow creation: once rollouts were created after the
+            // cutoff, none further on can have finished before it (a clock
+            // set back only delays their turn).
+            if created.is_some_and(|c| c >= before) {
+                break;
+            }
+            let ended = !active && state.as_deref().is_some_and(|s| TERMINAL.contains(&s));
+            if ended && finished.is_some_and(|f| f < before) {
+                doomed.push(id);
+            }
+        }
+    }
+    for id in &doomed {
+        for sql in [
+            "DELETE FROM rollout_nodes WHERE rollout_id = ?1",
+            "DELETE FROM rollout_events WHERE rollout_id = ?1",
+            "DELETE FROM rollout_plans WHERE rollout_id = ?1",
+            "DELETE FROM rollouts WHERE id = ?1",
+        ] {
+            conn.prepare_cached(sql)
+                .and_then(|mut s| s.execute(params![id]))
+                .map_err(&fail)?;
+        }
+    }
+    Ok(doomed.len())
+}

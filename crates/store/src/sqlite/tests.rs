@@ -17,6 +17,13 @@ async fn passes_the_conformance_suite() {
 }
 
 #[tokio::test]
+async fn passes_the_retention_suite() {
+    let (_dir, path) = temp_db();
+    let store = SqliteStore::open(&path).unwrap();
+    conformance::retention_suite(&store).await;
+}
+
+#[tokio::test]
 async fn data_and_id_counter_survive_reopen() {
     let (_dir, path) = temp_db();
     let node = conformance::node("web-1", &[("zone", "a")], Some("1.0.0"));
