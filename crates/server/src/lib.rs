@@ -19,6 +19,7 @@ mod reconciler;
 mod replicas;
 mod routes;
 mod serve;
+mod service_logs;
 mod session;
 mod tokens;
 mod ui;

@@ -26,6 +26,7 @@ mod operator;
 #[cfg(feature = "etcd")]
 mod replicas;
 mod rollouts;
+mod service_logs;
 mod signing;
 mod sim;
 mod store_backup;
