@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::disk::DiskLimits;
 use crate::haproxy::{DrainConfig, Haproxy};
 use crate::health::{HealthCheck, ResolvedCheck};
+use crate::logs::LogSettings;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,8 +34,46 @@ struct RawConfig {
     max_release_size: Option<Size>,
     min_free_disk: Option<Size>,
     keep_releases: Option<usize>,
+    logs: Option<RawLogs>,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
+}
+
+/// `[logs]`, or a service's `logs = { ... }`: how its output is kept.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogs {
+    max_size: Option<Size>,
+    keep: Option<toml::Value>,
+}
+
+impl RawLogs {
+    /// `base` with what this table sets; `at` names the table in errors.
+    fn apply(self, at: &str, base: LogSettings) -> Result<LogSettings, String> {
+        let mut out = base;
+        if let Some(size) = self.max_size {
+            let field = format!("{at}.max_size");
+            out.max_size = size.bytes(&field)?;
+            if out.max_size < crate::logs::MIN_MAX_SIZE {
+                return Err(format!(
+                    "{field}: {} bytes is below the smallest log file, 1KiB",
+                    out.max_size
+                ));
+            }
+        }
+        if let Some(keep) = self.keep {
+            let max = crate::logs::MAX_KEEP;
+            out.keep = match keep {
+                toml::Value::Integer(n) if (0..=max as i64).contains(&n) => n as usize,
+                other => {
+                    return Err(format!(
+                        "{at}.keep: {other} is not a number of files from 0 to {max}"
+                    ))
+                }
+            };
+        }
+        Ok(out)
+    }
 }
 
 /// A size in `agent.toml`: bytes, or a string with a unit (`"1GiB"`).
@@ -77,6 +116,7 @@ struct RawService {
     drain: Option<DrainConfig>,
     #[serde(default)]
     hooks: BTreeMap<String, Vec<String>>,
+    logs: Option<RawLogs>,
 }
 
 /// `server = "https://cp:7700"` or a list, one per control plane replica.
@@ -154,6 +194,9 @@ pub struct ServiceConfig {
     /// (`kind = "node"` hooks): the only commands the control plane can
     /// ask this node to run.
     pub hooks: BTreeMap<String, Vec<String>>,
+    /// How its output is kept: `[logs]`, with the service's own `logs`
+    /// over it.
+    pub logs: LogSettings,
 }
 
 /// How a service moves from one version to the next.
@@ -279,6 +322,10 @@ impl AgentConfig {
         if let Some(keep) = raw.keep_releases {
             disk.keep_releases = keep;
         }
+        let logs = match raw.logs {
+            Some(l) => l.apply("logs", LogSettings::default())?,
+            None => LogSettings::default(),
+        };
         if raw.services.is_empty() {
             return Err("service: at least one [[service]] is required".into());
         }
@@ -396,6 +443,10 @@ impl AgentConfig {
                     ));
                 }
             }
+            let service_logs = match s.logs {
+                Some(l) => l.apply(&format!("{at}.logs"), logs)?,
+                None => logs,
+            };
             let backups_kept = s.backups_kept.unwrap_or(3);
             if backups_kept == 0 {
                 return Err(format!("{at}.backups_kept: must be at least 1"));
@@ -416,6 +467,7 @@ impl AgentConfig {
                 switch,
                 drain,
                 hooks: s.hooks,
+                logs: service_logs,
             });
         }
         Ok(AgentConfig {
@@ -601,6 +653,56 @@ health = { type = "http", url = "http://127.0.0.1:8080/healthz" }
         assert_eq!(
             with("max_release_size = -1").unwrap_err(),
             "max_release_size: -1 is not a size like \"512MiB\" or a number of bytes"
+        );
+    }
+
+    #[test]
+    fn parses_how_service_output_is_kept() {
+        let c = AgentConfig::parse(GOOD).unwrap();
+        assert_eq!(c.services[0].logs, LogSettings::default());
+        assert_eq!(c.services[0].logs.max_size, 10 << 20);
+        assert_eq!(c.services[0].logs.keep, 5);
+        let text = GOOD
+            .replace(
+                "labels = { rack = \"r1\" }",
+                "labels = { rack = \"r1\" }\nlogs = { max_size = \"1MiB\", keep = 2 }",
+            )
+            .replace("stop_grace", "logs = { keep = 0 }\nstop_grace");
+        let c = AgentConfig::parse(&text).unwrap();
+        assert_eq!(
+            c.services[0].logs,
+            LogSettings {
+                max_size: 1 << 20,
+                keep: 0
+            }
+        );
+        let with = |table: &str| {
+            AgentConfig::parse(&GOOD.replace("state_dir", &format!("logs = {table}\nstate_dir")))
+                .unwrap_err()
+        };
+        assert_eq!(
+            with("{ max_size = \"10MB\" }"),
+            "logs.max_size: \"10MB\" is not a size like 512MiB or 1GiB (units: KiB, MiB, GiB, TiB)"
+        );
+        assert_eq!(
+            with("{ max_size = 100 }"),
+            "logs.max_size: 100 bytes is below the smallest log file, 1KiB"
+        );
+        assert_eq!(
+            with("{ keep = -1 }"),
+            "logs.keep: -1 is not a number of files from 0 to 1000"
+        );
+        assert_eq!(
+            with("{ keep = \"5\" }"),
+            "logs.keep: \"5\" is not a number of files from 0 to 1000"
+        );
+        assert!(with("{ size = 5 }").contains("unknown field `size`"));
+        let err =
+            AgentConfig::parse(&GOOD.replace("stop_grace", "logs = { keep = 1001 }\nstop_grace"))
+                .unwrap_err();
+        assert_eq!(
+            err,
+            "service.api.logs.keep: 1001 is not a number of files from 0 to 1000"
         );
     }
 

@@ -14,6 +14,7 @@ pub use rollwave_hooks::haproxy;
 pub mod health;
 pub mod layout;
 pub mod local;
+pub mod logs;
 mod session;
 mod supervisor;
 
@@ -59,10 +60,22 @@ pub async fn run(
     let check_client = health::check_client().context("building health check client")?;
     let changed = Arc::new(Notify::new());
     let mut services = BTreeMap::new();
+    let mut service_logs = BTreeMap::new();
     for svc in &config.services {
         let dirs = ServiceDirs::new(&config.state_dir, &svc.name);
         dirs.create()
             .with_context(|| format!("creating {}", dirs.root.display()))?;
+        // Before the supervisor: a re-adopted process may have written to
+        // the pipe while no agent ran, and a new one is started on it.
+        let log =
+            logs::ServiceLog::start(&config.state_dir, &svc.name, svc.logs).with_context(|| {
+                format!(
+                    "opening the log of service {} in {}",
+                    svc.name,
+                    logs::logs_dir(&config.state_dir).display()
+                )
+            })?;
+        service_logs.insert(svc.name.clone(), log.clone());
         let sup = supervisor::spawn(
             config.node.clone(),
             svc.clone(),
@@ -70,6 +83,7 @@ pub async fn run(
             changed.clone(),
             check_client.clone(),
             socket.clone(),
+            log,
         );
         services.insert(
             svc.name.clone(),
@@ -84,6 +98,7 @@ pub async fn run(
     };
     let client = http_client(Some(&credential), tls.as_deref())?;
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
+    let log_replies = outbox_tx.clone();
     let executor = Executor::new(
         config.state_dir.clone(),
         config.server.clone(),
@@ -108,7 +123,16 @@ pub async fn run(
         tracing::info!(trusted = %config.trusted_keys.ids(), "releases must be signed by a trusted key");
     }
     tokio::select! {
-        _ = session::run(config.clone(), tls, credential, services, executor, outbox_rx, changed) => {}
+        _ = session::run(
+            config.clone(),
+            tls,
+            credential,
+            services,
+            executor,
+            (outbox_rx, log_replies),
+            changed,
+            Arc::new(service_logs),
+        ) => {}
         r = local::serve(listener, endpoint) => {
             r.with_context(|| format!("serving the agent socket {}", socket.display()))?;
         }

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use rollwave_api::{
-    AgentMessage, ServerMessage, AGENT_CONNECT_PATH, AGENT_PROTOCOL, SESSION_SILENCE_LIMIT,
+    AgentMessage, LogsOutcome, LogsReply, LogsRequest, ServerMessage, AGENT_CONNECT_PATH,
+    AGENT_PROTOCOL, SESSION_SILENCE_LIMIT,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
@@ -21,6 +22,7 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::config::AgentConfig;
 use crate::executor::{snapshot, Executor, Services};
+use crate::logs::ServiceLog;
 
 /// Waits between attempts to reach the control plane: at least
 /// `BACKOFF_MIN`, plus a random part (full jitter) of a span that doubles
@@ -36,15 +38,26 @@ const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
 /// that refuses them.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The services' logs, by service name.
+pub type Logs = Arc<std::collections::BTreeMap<String, Arc<ServiceLog>>>;
+
+/// `outbox`: what goes to the control plane, and a sender for the answers
+/// to its log requests.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: Arc<AgentConfig>,
     tls: Option<Arc<rollwave_tls::ClientConfig>>,
     credential: String,
     services: Services,
     executor: Arc<Executor>,
-    mut outbox: mpsc::UnboundedReceiver<AgentMessage>,
+    outbox: (
+        mpsc::UnboundedReceiver<AgentMessage>,
+        mpsc::UnboundedSender<AgentMessage>,
+    ),
     changed: Arc<Notify>,
+    logs: Logs,
 ) {
+    let (mut outbox, replies) = outbox;
     let mut backoff = Backoff::default();
     // Which of the replicas to try: the same again after a session that
     // ended (it may be back at once), the next after a failed attempt (it
@@ -63,8 +76,12 @@ pub async fn run(
         let ended = session(
             &config,
             dial,
-            &services,
-            &executor,
+            Local {
+                services: &services,
+                executor: &executor,
+                logs: &logs,
+                replies: &replies,
+            },
             &mut outbox,
             &changed,
             &mut opened,
@@ -201,15 +218,29 @@ pub async fn dial_session(
     }
 }
 
+/// What a session acts on, on this node.
+struct Local<'a> {
+    services: &'a Services,
+    executor: &'a Arc<Executor>,
+    logs: &'a Logs,
+    /// Where answers to log requests go, to be sent in turn.
+    replies: &'a mpsc::UnboundedSender<AgentMessage>,
+}
+
 async fn session(
     config: &AgentConfig,
     dial: Dial<'_>,
-    services: &Services,
-    executor: &Arc<Executor>,
+    local: Local<'_>,
     outbox: &mut mpsc::UnboundedReceiver<AgentMessage>,
     changed: &Notify,
     opened: &mut bool,
 ) -> anyhow::Result<Ended> {
+    let Local {
+        services,
+        executor,
+        logs,
+        replies,
+    } = local;
     let server = dial.url.to_string();
     let ws = match dial_session(dial.url, dial.credential, dial.connector, None).await? {
         Dialed::Open(ws) => ws,
@@ -267,6 +298,7 @@ async fn session(
                         Ok(ServerMessage::ActiveVersions { active_versions }) => {
                             crate::gate::apply(services, &active_versions);
                         }
+                        Ok(ServerMessage::Logs(req)) => answer_logs(logs, replies, req),
                         Ok(ServerMessage::Refused { reason }) => return Ok(Ended::Refused(reason)),
                         Err(e) => tracing::warn!(error = %e, "malformed message from the control plane"),
                     },
@@ -293,6 +325,23 @@ async fn session(
             }
         }
     }
+}
+
+/// Reads the log in a task of its own (a request may wait for new lines),
+/// and queues the answer.
+fn answer_logs(logs: &Logs, replies: &mpsc::UnboundedSender<AgentMessage>, req: LogsRequest) {
+    let id = req.id;
+    let log = logs.get(&req.service).cloned();
+    let replies = replies.clone();
+    tokio::spawn(async move {
+        let outcome = match log {
+            Some(log) => log.answer(req).await,
+            None => LogsOutcome::UnknownService,
+        };
+        // Queued for the session: one that ended meanwhile carries it to
+        // the next, whose control plane ignores an id it did not issue.
+        let _ = replies.send(AgentMessage::Logs(LogsReply { id, outcome }));
+    });
 }
 
 #[cfg(test)]

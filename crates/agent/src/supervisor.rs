@@ -34,6 +34,7 @@ use crate::config::{ServiceConfig, RELEASE_PLACEHOLDER};
 use crate::fds;
 use crate::health::{run_check, CheckKind, CheckResult, HealthTracker, ResolvedCheck};
 use crate::layout::{write_atomic, ServiceDirs};
+use crate::logs::ServiceLog;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -188,6 +189,7 @@ pub fn spawn(
     changed: Arc<Notify>,
     client: reqwest::Client,
     agent_socket: PathBuf,
+    log: Arc<ServiceLog>,
 ) -> Supervisor {
     let (tx, rx) = mpsc::channel(16);
     let (status_tx, status) = watch::channel(Status::default());
@@ -200,6 +202,7 @@ pub fn spawn(
         changed,
         client,
         agent_socket,
+        log,
         status: status_tx,
         proc: None,
         candidate: None,
@@ -224,6 +227,8 @@ struct State {
     client: reqwest::Client,
     /// Told to every process, so it can ask the agent for its active version.
     agent_socket: PathBuf,
+    /// Every process's stdout and stderr.
+    log: Arc<ServiceLog>,
     status: watch::Sender<Status>,
     proc: Option<Proc>,
     candidate: Option<Proc>,
@@ -577,6 +582,13 @@ impl State {
             c.args(&args);
             c
         };
+        let (out, err) = self.log.stdio().map_err(|e| {
+            format!(
+                "opening the log pipe of {} in {}: {e}",
+                self.config.name,
+                self.log.path().parent().unwrap_or(Path::new(".")).display()
+            )
+        })?;
         let active_file = self.dirs.active_version_file();
         // Read at spawn time: a change after this reaches the process by the
         // file, the agent socket or the reload signal, not by its env.
@@ -602,6 +614,10 @@ impl State {
                     .unwrap_or_else(|| release.clone()),
             )
             .stdin(Stdio::null())
+            // Never the agent's own: a service's output goes to its log,
+            // and keeps going there after the agent is gone.
+            .stdout(out)
+            .stderr(err)
             .process_group(0)
             .kill_on_drop(false);
         if let Some(v) = &active {
@@ -867,6 +883,7 @@ pub(crate) mod testing {
         pub config: ServiceConfig,
         pub dirs: ServiceDirs,
         socket: PathBuf,
+        state_dir: PathBuf,
     }
 
     /// A service running `sh -c script` from release 1.0.0 once installed.
@@ -904,11 +921,13 @@ pub(crate) mod testing {
             switch: SwitchMode::Restart,
             drain: None,
             hooks: Default::default(),
+            logs: Default::default(),
         };
         ShellService {
             config,
             dirs,
             socket: agent_socket(state_dir),
+            state_dir: state_dir.to_path_buf(),
         }
     }
 
@@ -929,6 +948,12 @@ pub(crate) mod testing {
 
         /// Starts its supervisor, which starts the service if installed.
         pub fn start(self) -> Service {
+            let log = crate::logs::ServiceLog::start(
+                &self.state_dir,
+                &self.config.name,
+                self.config.logs,
+            )
+            .unwrap();
             let sup = super::spawn(
                 "n1".into(),
                 self.config.clone(),
@@ -936,6 +961,7 @@ pub(crate) mod testing {
                 Arc::new(Notify::new()),
                 reqwest::Client::new(),
                 self.socket,
+                log,
             );
             Service::new(self.config, self.dirs, sup)
         }

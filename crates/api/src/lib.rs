@@ -52,6 +52,8 @@ pub enum AgentMessage {
         task_id: String,
         outcome: TaskOutcome,
     },
+    /// The answer to a [`ServerMessage::Logs`] request, by its `id`.
+    Logs(LogsReply),
 }
 
 /// Sent by the control plane over an agent session.
@@ -80,6 +82,80 @@ pub enum ServerMessage {
         reason: String,
     },
     Task(Task),
+    /// Read a service's log on the node; answered by [`AgentMessage::Logs`]
+    /// with the same `id`. An agent that predates it ignores it, and the
+    /// control plane gives up waiting.
+    Logs(LogsRequest),
+}
+
+/// What a [`ServerMessage::Logs`] asks of a service's log, which the agent
+/// keeps as lines of `<RFC 3339 time> <output line>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LogsRequest {
+    /// Chosen by the control plane, unique among its requests in flight.
+    pub id: u64,
+    pub service: String,
+    /// Without `after`: the newest lines, only those written at or after
+    /// this time (Unix milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
+    /// The lines written after this position (a `cursor` of an earlier
+    /// answer) instead of the newest ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// At most this many bytes of lines: the newest ones, or with `after`
+    /// the first ones after it.
+    pub max_bytes: u64,
+    /// With `after`: when nothing follows it yet, the agent holds the
+    /// request up to this long for a line to arrive (a long poll).
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+/// Body of [`AgentMessage::Logs`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LogsReply {
+    pub id: u64,
+    pub outcome: LogsOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum LogsOutcome {
+    Lines(LogChunk),
+    /// The node supervises no service of that name.
+    UnknownService,
+    /// The log could not be read.
+    Failed {
+        reason: String,
+    },
+}
+
+/// Whole lines of a service's log, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LogChunk {
+    /// Lines, each ending in a newline.
+    pub text: String,
+    /// Where these lines end: the `after` of the next request. Opaque; it
+    /// stays valid across agent restarts and rotations, until the file it
+    /// points into is rotated away.
+    pub cursor: String,
+    /// Older lines matched too but were left out for `max_bytes`.
+    #[serde(default)]
+    pub truncated: bool,
+    /// Lines after `after` were rotated away before they were read: the
+    /// text starts at the oldest line kept.
+    #[serde(default)]
+    pub skipped: bool,
+}
+
+/// Response header of [`service_logs_path`]: `true` when older lines
+/// matched but did not fit in the answer.
+pub const SERVICE_LOGS_TRUNCATED_HEADER: &str = "rollwave-logs-truncated";
+
+/// The route of a service's log on a node.
+pub fn service_logs_path(node: &str, service: &str) -> String {
+    format!("/v1/nodes/{node}/services/{service}/logs")
 }
 
 /// Work for one service on one node. Tasks are idempotent by `id`.

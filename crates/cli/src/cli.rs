@@ -198,17 +198,29 @@ pub enum Command {
         json: bool,
     },
     /// The execution log of a rollout: every step of every node's tasks,
-    /// with timestamps (the newest rollout if no id is given).
+    /// with timestamps (the newest rollout if no id is given). With
+    /// `--node N --service S`: that service's output on that node instead.
     Logs {
         /// The rollout's id (default: the newest rollout).
         id: Option<u64>,
-        /// Only this node's steps (and the rollout's own).
+        /// Only this node's steps (and the rollout's own); with `--service`,
+        /// the node whose service's output to show.
         #[arg(long)]
         node: Option<String>,
-        /// Keep printing new steps until the rollout ends.
+        /// Show this service's output on `--node` (what it writes to stdout
+        /// and stderr, as its agent keeps it), not a rollout's log.
+        #[arg(long)]
+        service: Option<String>,
+        /// With `--service`: only lines written since, a duration back
+        /// (`10m`) or a time (`2026-01-02T15:04:05Z`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Keep printing new steps until the rollout ends; with `--service`,
+        /// new lines until interrupted.
         #[arg(long, short = 'f')]
         follow: bool,
-        /// One JSON object per line per step, as in the rollout's `events`.
+        /// One JSON object per line per step, as in the rollout's `events`;
+        /// with `--service`, `{"time", "line"}` per line.
         #[arg(long)]
         json: bool,
     },

@@ -162,6 +162,23 @@ impl ApiClient {
         &self,
         build: impl Fn(&str) -> reqwest::RequestBuilder,
     ) -> anyhow::Result<T> {
+        let resp = self.send_raw(build).await?;
+        let bytes = resp.bytes().await.context("reading the response")?;
+        serde_json::from_slice(&bytes).context("decoding the response")
+    }
+
+    /// A GET whose successful answer is not JSON (text, or a stream to read
+    /// as it comes); failures as [`ApiClient::get`] reports them.
+    pub async fn get_response(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        self.send_raw(|base| self.http.get(format!("{base}{path}")))
+            .await
+    }
+
+    /// [`ApiClient::send`] up to a successful response, unread.
+    async fn send_raw(
+        &self,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> anyhow::Result<reqwest::Response> {
         let n = self.bases.len();
         let first = self.current.load(Ordering::Relaxed);
         let attempts = if n == 1 { 1 } else { n * ROUNDS };
@@ -198,10 +215,10 @@ impl ApiClient {
             }
         };
         let status = resp.status();
-        let bytes = resp.bytes().await.context("reading the response")?;
         if status.is_success() {
-            return serde_json::from_slice(&bytes).context("decoding the response");
+            return Ok(resp);
         }
+        let bytes = resp.bytes().await.context("reading the response")?;
         let message = serde_json::from_slice::<ErrorBody>(&bytes)
             .map(|b| b.error.message)
             .unwrap_or_else(|_| format!("http {status}: {}", String::from_utf8_lossy(&bytes)));

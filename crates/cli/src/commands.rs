@@ -264,9 +264,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Logs {
             id,
             node,
+            service,
+            since,
             follow,
             json,
         } => {
+            if let Some(service) = service {
+                let Some(node) = node else {
+                    return Err(user_error(
+                        "--service: also name the node it runs on with --node",
+                    ));
+                };
+                if let Some(id) = id {
+                    return Err(user_error(format!(
+                        "--service: shows a service's output, not rollout {id}'s log; drop one of them"
+                    )));
+                }
+                let api = conn.api()?;
+                let how = crate::service_logs::Show {
+                    since: since.as_deref(),
+                    follow,
+                    json,
+                };
+                return crate::service_logs::show(&api, &node, &service, how).await;
+            }
+            if since.is_some() {
+                return Err(user_error(
+                    "--since: only with --service (a rollout's log is shown whole)",
+                ));
+            }
             let api = conn.api()?;
             let id = match id {
                 Some(id) => id,

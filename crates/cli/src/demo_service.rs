@@ -80,7 +80,8 @@ pub async fn run(
         .route(
             "/active-version",
             get(move || async move { active_version(active_file.as_deref()).await }),
-        );
+        )
+        .layer(axum::middleware::from_fn(log_request));
     let listeners = match listen {
         Some(addr) => vec![tokio::net::TcpListener::bind(addr)
             .await
@@ -110,8 +111,14 @@ pub async fn run(
                 .await
         });
     }
+    say(format_args!(
+        "api {} serving (pid {})",
+        release.version,
+        std::process::id()
+    ));
     tokio::spawn(async move {
         shutdown.await;
+        say(format_args!("stopping: draining open connections"));
         let _ = stop_accepting.send(false);
         tokio::time::sleep(DRAIN_DELAY).await;
         let _ = stop.send(true);
@@ -120,6 +127,31 @@ pub async fn run(
         r??;
     }
     Ok(())
+}
+
+/// One line of output, as a service writes its log: to stdout, which the
+/// agent keeps in the service's log. A write that fails is dropped (the
+/// service must serve whether or not anyone reads its output).
+fn say(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out
+        .write_fmt(format_args!("{line}\n"))
+        .and_then(|()| out.flush());
+}
+
+/// A line per request, as an access log, but for the health checks, which
+/// come every interval and say nothing.
+async fn log_request(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let resp = next.run(req).await;
+    if path != "/healthz" {
+        say(format_args!("{method} {path} {}", resp.status().as_u16()));
+    }
+    resp
 }
 
 /// The active version the agent delivered, read on every request because

@@ -12,6 +12,7 @@ pub mod load;
 pub mod logging;
 pub mod out;
 pub mod render;
+mod service_logs;
 pub mod sim;
 mod tokens;
 

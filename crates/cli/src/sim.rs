@@ -780,6 +780,17 @@ impl VirtualAgent {
                                 self.receive(sim, task);
                                 self.flush(&mut sink).await?;
                             }
+                            Ok(ServerMessage::Logs(req)) => {
+                                // Answered, as an agent would, so that a
+                                // request to a virtual node does not wait.
+                                self.outbox.push_back(AgentMessage::Logs(rollwave_api::LogsReply {
+                                    id: req.id,
+                                    outcome: rollwave_api::LogsOutcome::Failed {
+                                        reason: "a virtual agent runs no service and keeps no log".into(),
+                                    },
+                                }));
+                                self.flush(&mut sink).await?;
+                            }
                             Ok(ServerMessage::Refused { reason }) => return Ok(Ended::Refused(reason)),
                             Ok(ServerMessage::Welcome { .. } | ServerMessage::ActiveVersions { .. }) => {}
                             Err(e) => tracing::warn!(node = %self.name, error = %e, "malformed message from the control plane"),

@@ -27,7 +27,7 @@ use crate::auth::Caller;
 use crate::blobs::{discard, UploadError};
 use crate::reconciler::{Command, Event};
 use crate::routes::Routes;
-use crate::{events, now_ms, openapi, session, tokens, ui, ApiError, Shared};
+use crate::{events, now_ms, openapi, service_logs, session, tokens, ui, ApiError, Shared};
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -44,6 +44,11 @@ pub(crate) fn routes() -> Routes<Arc<Shared>> {
         .get(AGENT_CONNECT_PATH, Session, session::connect)
         .post("/v1/enroll", Enroll, tokens::enroll)
         .get("/v1/nodes", Read, list_nodes)
+        .get(
+            "/v1/nodes/{node}/services/{service}/logs",
+            Read,
+            service_logs::logs,
+        )
         .get("/v1/releases", Read, list_releases)
         .post("/v1/releases/{service}/{version}", Admin, push_release)
         .post(

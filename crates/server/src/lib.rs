@@ -20,6 +20,7 @@ mod replicas;
 mod retention;
 mod routes;
 mod serve;
+mod service_logs;
 mod session;
 mod tokens;
 mod ui;

@@ -6,7 +6,7 @@ use axum::Json;
 use rollwave_api::{AgentMessage, ErrorBody, ServerMessage};
 use utoipa::OpenApi;
 
-use crate::{events, http, session, tokens};
+use crate::{events, http, service_logs, session, tokens};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,6 +20,7 @@ response says plain text. Times are Unix milliseconds, durations milliseconds.",
         http::health,
         session::connect,
         http::list_nodes,
+        service_logs::logs,
         http::list_releases,
         http::push_release,
         http::sign_release,

@@ -14,10 +14,11 @@ use axum::response::Response;
 use axum::Extension;
 use futures_util::{SinkExt, StreamExt};
 use rollwave_api::{
-    AgentMessage, ServerMessage, AGENT_PROTOCOL, SESSION_PING_EVERY, SESSION_SILENCE_LIMIT,
+    AgentMessage, LogsOutcome, LogsReply, LogsRequest, ServerMessage, AGENT_PROTOCOL,
+    SESSION_PING_EVERY, SESSION_SILENCE_LIMIT,
 };
 use rollwave_core::{AuditEntry, NodeView};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::Caller;
 use crate::reconciler::Event;
@@ -34,6 +35,21 @@ pub struct Sessions {
 struct SessionHandle {
     id: u64,
     tx: mpsc::UnboundedSender<ServerMessage>,
+    /// Log requests sent over this session and not answered yet, by id.
+    /// Dropped with the session, which ends their waits.
+    pending: HashMap<u64, oneshot::Sender<LogsOutcome>>,
+}
+
+/// Why a node's agent gave no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AskError {
+    /// The node holds no session.
+    Offline,
+    /// Its session ended before it answered.
+    Gone,
+    /// It did not answer in time (an agent that predates the request, or
+    /// one that is stuck).
+    NoAnswer,
 }
 
 impl Sessions {
@@ -61,6 +77,55 @@ impl Sessions {
         );
     }
 
+    /// Asks a node's agent for lines of a service's log and waits up to
+    /// `patience` for the answer. Touches that node's session only.
+    pub async fn logs(
+        &self,
+        node: &str,
+        mut req: LogsRequest,
+        patience: Duration,
+    ) -> Result<LogsOutcome, AskError> {
+        // Random, not counted from 0: an answer queued by an agent during
+        // an earlier run of the control plane must not match a new request.
+        req.id = getrandom::u64().unwrap_or_else(|_| self.next_id.fetch_add(1, Ordering::Relaxed));
+        let id = req.id;
+        let rx = {
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(session) = inner.get_mut(node) else {
+                return Err(AskError::Offline);
+            };
+            let (tx, rx) = oneshot::channel();
+            session.pending.insert(id, tx);
+            if session.tx.send(ServerMessage::Logs(req)).is_err() {
+                session.pending.remove(&id);
+                return Err(AskError::Gone);
+            }
+            rx
+        };
+        match tokio::time::timeout(patience, rx).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(_)) => Err(AskError::Gone),
+            Err(_) => {
+                let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(session) = inner.get_mut(node) {
+                    session.pending.remove(&id);
+                }
+                Err(AskError::NoAnswer)
+            }
+        }
+    }
+
+    /// An answer to a log request, from the session `session` of `node`:
+    /// only the request's own session can answer it.
+    fn answered(&self, node: &str, session: u64, reply: LogsReply) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = inner.get_mut(node).filter(|s| s.id == session) {
+            if let Some(tx) = s.pending.remove(&reply.id) {
+                let _ = tx.send(reply.outcome);
+            }
+        }
+    }
+
     pub fn connected(&self) -> usize {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
@@ -71,7 +136,14 @@ impl Sessions {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.insert(node.to_string(), SessionHandle { id, tx });
+        inner.insert(
+            node.to_string(),
+            SessionHandle {
+                id,
+                tx,
+                pending: HashMap::new(),
+            },
+        );
         (id, rx)
     }
 
@@ -233,7 +305,7 @@ async fn serve(shared: Arc<Shared>, caller: Caller, socket: WebSocket) -> anyhow
                     match frame {
                         Some(Ok(Message::Text(text))) => {
                             match serde_json::from_str::<AgentMessage>(text.as_str()) {
-                                Ok(msg) => handle(&shared, &node, msg).await,
+                                Ok(msg) => handle(&shared, &node, id, msg).await,
                                 Err(e) => tracing::warn!(node = %node, error = %e, "malformed agent message"),
                             }
                         }
@@ -265,7 +337,7 @@ async fn serve(shared: Arc<Shared>, caller: Caller, socket: WebSocket) -> anyhow
     result
 }
 
-async fn handle(shared: &Shared, node: &str, msg: AgentMessage) {
+async fn handle(shared: &Shared, node: &str, session: u64, msg: AgentMessage) {
     match msg {
         AgentMessage::Hello { .. } => tracing::warn!(node = %node, "duplicate hello ignored"),
         AgentMessage::Status { services } => {
@@ -298,6 +370,7 @@ async fn handle(shared: &Shared, node: &str, msg: AgentMessage) {
             task_id,
             outcome,
         }),
+        AgentMessage::Logs(reply) => shared.sessions.answered(node, session, reply),
     }
 }
 

@@ -27,6 +27,7 @@ mod operator;
 mod replicas;
 mod retention;
 mod rollouts;
+mod service_logs;
 mod signing;
 mod sim;
 mod store_backup;
