@@ -307,6 +307,20 @@ pub enum RolloutCommand {
     Promote,
 }
 
+/// Body of `POST /v1/rollouts/{id}/rollback`, all optional: how many
+/// nodes go back at once.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// A count (`"2"`) or a percentage of the rollout's nodes (`"25%"`);
+    /// default: the rollout's `max_unavailable`.
+    #[serde(default)]
+    pub batch: Option<String>,
+    /// Every node back at once, whatever the budget.
+    #[serde(default)]
+    pub all_at_once: bool,
+}
+
 /// Body of `POST /v1/services/{service}/finalize`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -515,6 +529,7 @@ pub struct RolloutHead<'a> {
     pub pre_rollout_done: bool,
     pub end_hooks_done: bool,
     pub dry_run_done: bool,
+    pub rollback_batch: Option<rollwave_core::Amount>,
 }
 
 impl<'a> RolloutHead<'a> {
@@ -544,6 +559,7 @@ impl<'a> RolloutHead<'a> {
             pre_rollout_done,
             end_hooks_done,
             dry_run_done,
+            rollback_batch,
         } = r;
         RolloutHead {
             id: *id,
@@ -566,6 +582,7 @@ impl<'a> RolloutHead<'a> {
             pre_rollout_done: *pre_rollout_done,
             end_hooks_done: *end_hooks_done,
             dry_run_done: *dry_run_done,
+            rollback_batch: *rollback_batch,
         }
     }
 }

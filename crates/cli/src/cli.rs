@@ -611,6 +611,13 @@ pub enum RolloutCommand {
         /// node is back on its previous version (state `rolled_back`).
         #[arg(long)]
         wait: bool,
+        /// Nodes sent back at once: a count or a percentage of the
+        /// rollout's nodes (default: the rollout's max_unavailable).
+        #[arg(long, value_name = "N|P%")]
+        batch: Option<String>,
+        /// Send every node back at once, whatever the rollout's budget.
+        #[arg(long, conflicts_with = "batch")]
+        all_at_once: bool,
     },
     /// Let a canary continue past the wave it waits after.
     Promote {

@@ -657,9 +657,22 @@ async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode
             }
             Ok(ExitCode::SUCCESS)
         }
-        RolloutCommand::Rollback { id, wait } => {
+        RolloutCommand::Rollback {
+            id,
+            wait,
+            batch,
+            all_at_once,
+        } => {
+            if let Some(b) = &batch {
+                rollwave_core::Amount::parse("--batch", b)
+                    .map_err(|e| user_error(e.to_string()))?;
+            }
             let id = resolve(&api, id, Pick::Newest).await?;
-            command(&api, Some(id.to_string()), "rollback").await?;
+            let body = rollwave_api::RollbackRequest { batch, all_at_once };
+            let resp: RolloutResponse = api
+                .post(&format!("/v1/rollouts/{id}/rollback"), &body)
+                .await?;
+            crate::outln!("rollout {id} is {}", resp.rollout.state.as_str());
             if !wait {
                 return Ok(ExitCode::SUCCESS);
             }

@@ -197,6 +197,7 @@ pub fn plan_batches(
         pre_rollout_done: false,
         end_hooks_done: false,
         dry_run_done: false,
+        rollback_batch: None,
     };
     let down: Vec<String> = selected
         .iter()
@@ -1211,7 +1212,17 @@ fn roll_back(r: &mut Rollout, now: Timestamp, dispatch: &mut Vec<Dispatch>) {
         .filter(|(_, n)| n.state == NodeState::Upgraded)
         .map(|(name, _)| name.clone())
         .collect();
-    // Straight back, all at once: no batches, no waiting for waves.
+    // In waves no wider than the rollout's budget (or what the operator
+    // asked): a rollback takes no more of the service down at once than the
+    // rollout might. Last upgraded first, no waiting between waves.
+    let width = match r.rollback_batch {
+        Some(batch) => batch.resolve_down(r.nodes.len()).max(1),
+        None => r.spec.unavailable_budget(r.nodes.len()),
+    };
+    let room = width.saturating_sub(r.in_flight().count());
+    let mut to_revert = to_revert;
+    to_revert.sort_by_key(|name| std::cmp::Reverse(r.nodes[name].batch));
+    to_revert.truncate(room);
     for name in to_revert {
         let to = r.nodes[&name]
             .from_version

@@ -298,6 +298,13 @@ pub struct Rollout {
     /// The release's dry run passed (see [`RolloutSpec::dry_run`]).
     #[serde(default)]
     pub dry_run_done: bool,
+    /// How many nodes a rollback sends back at once, as the operator asked
+    /// (`rollback --batch`; 100% with `--all-at-once`); `None`: the
+    /// rollout's own `max_unavailable`, so that a rollback takes no more of
+    /// the service down than the rollout was allowed to.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub rollback_batch: Option<crate::Amount>,
 }
 
 /// Which hooks of a rollout run now.
@@ -372,6 +379,7 @@ impl Rollout {
             pre_rollout_done,
             end_hooks_done,
             dry_run_done,
+            rollback_batch,
         } = self;
         Rollout {
             id: *id,
@@ -397,6 +405,7 @@ impl Rollout {
             pre_rollout_done: *pre_rollout_done,
             end_hooks_done: *end_hooks_done,
             dry_run_done: *dry_run_done,
+            rollback_batch: *rollback_batch,
         }
     }
 
@@ -782,7 +791,13 @@ impl Rollout {
     }
 
     /// Returns every node this rollout upgraded to its previous version.
-    pub fn rollback(&mut self, now: Timestamp) -> Result<(), CommandError> {
+    /// Starts rolling back, `batch` nodes at a time (`None`: within the
+    /// rollout's `max_unavailable`).
+    pub fn rollback(
+        &mut self,
+        batch: Option<crate::Amount>,
+        now: Timestamp,
+    ) -> Result<(), CommandError> {
         match self.state {
             // A revert that failed is answered from the node's journal if
             // sent again: a node that did not come back needs the operator.
@@ -796,6 +811,7 @@ impl Rollout {
                     now,
                 );
                 self.finished_at = None;
+                self.rollback_batch = batch;
                 Ok(())
             }
         }

@@ -1290,7 +1290,7 @@ impl Sim {
                 (false, _, _) | (true, true, Verdict::Promote) => r
                     .promote(now)
                     .map(|()| assert_eq!(r.promoted.last(), Some(&w))),
-                (true, true, Verdict::RollBack) => r.rollback(now),
+                (true, true, Verdict::RollBack) => r.rollback(None, now),
                 (true, true, Verdict::Cancel) => r.cancel(now),
             };
             result.unwrap_or_else(|e| panic!("{verdict:?} at wave {}: {e}", w + 1));
@@ -1307,7 +1307,7 @@ impl Sim {
         let now = self.now;
         let result = match command {
             0 => self.rollout.cancel(now),
-            1 => self.rollout.rollback(now),
+            1 => self.rollout.rollback(None, now),
             2 => self.rollout.pause(now),
             3 => self.rollout.resume(now),
             _ => self.rollout.promote(now),
@@ -1631,7 +1631,7 @@ fn an_offline_node_counts_against_the_budget_then_becomes_unreachable() {
 }
 
 #[test]
-fn a_failure_beyond_max_failures_reverts_every_upgraded_node_at_once() {
+fn a_failure_beyond_max_failures_reverts_every_upgraded_node_within_the_budget() {
     let fleet = healthy_fleet(6);
     let mut r = plan_batches(1, spec("2", "2", StrategyFile::default()), &fleet, T0).unwrap();
     let mut now = T0;
@@ -1650,20 +1650,23 @@ fn a_failure_beyond_max_failures_reverts_every_upgraded_node_at_once() {
     assert!(r.record_result("n5", &d.dispatch[0].task.id, &TaskOutcome::Succeeded, now));
     assert!(r.record_result("n6", &d.dispatch[1].task.id, &failed, now));
 
-    let d = step(&r, &fleet, now);
+    let mut d = step(&r, &fleet, now);
     assert_eq!(d.rollout.state, RolloutState::RollingBack);
-    let reverted: Vec<_> = dispatched(&d);
-    assert_eq!(
-        reverted,
-        ["n1", "n2", "n3", "n4", "n5"].map(|n| (n, TaskKind::Revert))
-    );
     assert_eq!(
         d.rollout.reason.as_deref(),
         Some("1 node failed, more than max_failures = 0 (n6: health check failed)")
     );
-    r = d.rollout.clone();
-    succeed_all(&mut r, &d, now + SEC);
-    let d = step(&r, &fleet, now + SEC);
+    // Two at a time (max_unavailable 2), the last upgraded first.
+    let mut reverted = Vec::new();
+    while d.rollout.state == RolloutState::RollingBack {
+        assert!(d.dispatch.len() <= 2, "{:?}", dispatched(&d));
+        reverted.extend(dispatched(&d).into_iter().map(|(n, _)| n.to_string()));
+        r = d.rollout.clone();
+        now += SEC;
+        succeed_all(&mut r, &d, now);
+        d = step(&r, &fleet, now);
+    }
+    assert_eq!(reverted, names(&["n5", "n3", "n4", "n1", "n2"]));
     assert_eq!(d.rollout.state, RolloutState::RolledBack);
     assert_eq!(d.rollout.count(NodeState::RolledBack), 5);
     assert_eq!(d.rollout.count(NodeState::Failed), 1);
@@ -1693,16 +1696,18 @@ fn a_rollback_that_leaves_a_node_behind_ends_rollback_failed_naming_it() {
         &failed("health check failed"),
         now
     ));
+    // One at a time (max_unavailable 1), the last upgraded first.
     let d = step(&r, &fleet, now);
-    assert_eq!(
-        dispatched(&d),
-        [("n1", TaskKind::Revert), ("n2", TaskKind::Revert)]
-    );
+    assert_eq!(dispatched(&d), [("n2", TaskKind::Revert)]);
+    r = d.rollout.clone();
+    now += SEC;
+    let restore = "restore of backup r1-up-n2 not verified: 0/db: sha256 differs";
+    assert!(r.record_result("n2", &d.dispatch[0].task.id, &failed(restore), now));
+    let d = step(&r, &fleet, now);
+    assert_eq!(dispatched(&d), [("n1", TaskKind::Revert)]);
     r = d.rollout.clone();
     now += SEC;
     assert!(r.record_result("n1", &d.dispatch[0].task.id, &TaskOutcome::Succeeded, now));
-    let restore = "restore of backup r1-up-n2 not verified: 0/db: sha256 differs";
-    assert!(r.record_result("n2", &d.dispatch[1].task.id, &failed(restore), now));
     let d = step(&r, &fleet, now);
     let r = d.rollout;
     assert_eq!(r.state, RolloutState::RollbackFailed, "{:?}", r.reason);
@@ -1724,7 +1729,7 @@ fn a_rollback_that_leaves_a_node_behind_ends_rollback_failed_naming_it() {
     let again = step(&r, &fleet, now + SEC);
     assert!(!again.changed && again.dispatch.is_empty());
     let mut asked = r.clone();
-    asked.rollback(now + SEC).unwrap();
+    asked.rollback(None, now + SEC).unwrap();
     assert_eq!(asked, r);
 }
 
@@ -2609,4 +2614,50 @@ fn the_step_that_completes_a_rollout_converges_the_nodes_already_back() {
     assert_eq!(dispatched(&d), [("n1", TaskKind::Converge)]);
     let again = step(&d.rollout, &fleet, T0 + 70 * SEC);
     assert!(again.dispatch.is_empty() && !again.changed);
+}
+
+/// A rollback sends nodes back no more at once than the rollout's
+/// `max_unavailable`, or than the operator asked; all at once only when
+/// asked, last upgraded first.
+#[test]
+fn a_rollback_goes_in_waves_within_the_budget() {
+    let fleet = healthy_fleet(4);
+    let upgraded = || {
+        let mut r = plan_batches(1, spec("1", "1", StrategyFile::default()), &fleet, T0).unwrap();
+        for n in r.nodes.values_mut() {
+            n.state = NodeState::Upgraded;
+        }
+        r
+    };
+    let first_wave = |batch: Option<Amount>| {
+        let mut r = upgraded();
+        r.rollback(batch, T0 + SEC).unwrap();
+        let d = step(&r, &fleet, T0 + SEC);
+        assert!(d.dispatch.iter().all(|x| x.task.kind == TaskKind::Revert));
+        d
+    };
+    let d = first_wave(None);
+    assert_eq!(
+        dispatched(&d),
+        vec![("n4", TaskKind::Revert)],
+        "within max_unavailable 1"
+    );
+    // The next goes once that one is back, and the rollback ends with all.
+    let mut r = d.rollout.clone();
+    let mut now = T0 + SEC;
+    let mut order = vec!["n4".to_string()];
+    let mut d = d;
+    while r.state == RolloutState::RollingBack {
+        now += SEC;
+        succeed_all(&mut r, &d, now);
+        d = step(&r, &fleet, now);
+        assert!(d.dispatch.len() <= 1, "{:?}", dispatched(&d));
+        order.extend(d.dispatch.iter().map(|x| x.node.clone()));
+        r = d.rollout.clone();
+    }
+    assert_eq!(r.state, RolloutState::RolledBack);
+    assert_eq!(order, names(&["n4", "n3", "n2", "n1"]));
+
+    assert_eq!(first_wave(Some(Amount::Count(2))).dispatch.len(), 2);
+    assert_eq!(first_wave(Some(Amount::Percent(100))).dispatch.len(), 4);
 }

@@ -1108,6 +1108,34 @@ async fn plan_rollout(
     Ok(Json(group_response(planned)))
 }
 
+/// How many nodes a rollback sends back at once, from its optional body.
+fn rollback_batch(body: &[u8]) -> ApiResult<Option<rollwave_core::Amount>> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let req: rollwave_api::RollbackRequest = crate::json_body("rollback request", body)?;
+    match (req.batch, req.all_at_once) {
+        (Some(_), true) => Err(ApiError::bad_request(
+            "batch: give a batch or all_at_once, not both",
+        )),
+        (None, true) => Ok(Some(rollwave_core::Amount::Percent(100))),
+        (Some(b), false) => {
+            let amount = rollwave_core::Amount::parse("batch", &b)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            if matches!(
+                amount,
+                rollwave_core::Amount::Count(0) | rollwave_core::Amount::Percent(0)
+            ) {
+                return Err(ApiError::bad_request(format!(
+                    "batch: {b:?} sends no node back; at least 1"
+                )));
+            }
+            Ok(Some(amount))
+        }
+        (None, false) => Ok(None),
+    }
+}
+
 /// The first rollout of a request, with the ones that depend on it.
 fn group_response(mut rollouts: Vec<rollwave_core::Rollout>) -> RolloutResponse {
     let rollout = rollouts.remove(0);
@@ -1125,9 +1153,10 @@ fn group_response(mut rollouts: Vec<rollwave_core::Rollout>) -> RolloutResponse 
         ("id" = u64, Path, description = "Rollout id"),
         ("command" = inline(rollwave_api::RolloutCommand), Path, description = "The operator command"),
     ),
+    request_body(content = Option<rollwave_api::RollbackRequest>, description = "For `rollback` only, optional: how many nodes go back at once (default: the rollout's `max_unavailable`)"),
     responses(
         (status = 200, description = "The rollout after the command", body = RolloutResponse),
-        (status = 400, description = "The id is not a number", body = rollwave_api::ErrorBody),
+        (status = 400, description = "The id is not a number, or a rollback's body is not valid", body = rollwave_api::ErrorBody),
         (status = 404, description = "No such rollout, or no such command", body = rollwave_api::ErrorBody),
         (status = 409, description = "The command does not apply in the rollout's state", body = rollwave_api::ErrorBody),
         (status = 500, description = "The store failed", body = rollwave_api::ErrorBody),
@@ -1136,13 +1165,14 @@ fn group_response(mut rollouts: Vec<rollwave_core::Rollout>) -> RolloutResponse 
 async fn rollout_command(
     State(shared): State<Arc<Shared>>,
     Path((id, command)): Path<(String, String)>,
+    body: axum::body::Bytes,
 ) -> ApiResult<Json<RolloutResponse>> {
     let id = parse_id(&id)?;
     let command = match command.as_str() {
         "pause" => Command::Pause,
         "resume" => Command::Resume,
         "cancel" => Command::Cancel,
-        "rollback" => Command::Rollback,
+        "rollback" => Command::Rollback(rollback_batch(&body)?),
         "promote" => Command::Promote,
         other => {
             return Err(ApiError::not_found(format!(

@@ -141,7 +141,8 @@ pub enum Command {
     Pause,
     Resume,
     Cancel,
-    Rollback,
+    /// How many nodes at once (`None`: within the rollout's budget).
+    Rollback(Option<rollwave_core::Amount>),
     Promote,
 }
 
@@ -855,7 +856,7 @@ impl Reconciler {
         };
         // Read from the store, its log is older than this stream or carried.
         self.feed.baseline(&r);
-        if let (Command::Rollback, Some(other)) = (
+        if let (Command::Rollback(_), Some(other)) = (
             command,
             self.active
                 .values()
@@ -868,7 +869,7 @@ impl Reconciler {
                 other.state.as_str()
             )));
         }
-        if let Command::Rollback = command {
+        if let Command::Rollback(_) = command {
             let active = self
                 .shared
                 .store
@@ -893,7 +894,7 @@ impl Reconciler {
             Command::Pause => r.pause(now)?,
             Command::Resume => r.resume(now)?,
             Command::Cancel => r.cancel(now)?,
-            Command::Rollback => r.rollback(now)?,
+            Command::Rollback(batch) => r.rollback(batch, now)?,
             Command::Promote => r.promote(now)?,
         }
         if r != before {

@@ -253,3 +253,60 @@ async fn words_match_what_happened() {
         .collect();
     assert_eq!(starts, expected);
 }
+
+/// The most reverts in flight at once, from the rollout's log.
+fn reverts_at_once(r: &rollwave_core::Rollout) -> usize {
+    let (mut now, mut most) = (0usize, 0usize);
+    for e in &r.events {
+        if e.message.starts_with("rollback to ") {
+            now += 1;
+            most = most.max(now);
+        } else if e.message.starts_with("rolled back to ")
+            || e.message.starts_with("rollback failed")
+        {
+            now = now.saturating_sub(1);
+        }
+    }
+    most
+}
+
+/// A rollback keeps to the rollout's budget unless told otherwise.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_goes_in_waves_within_the_budget() {
+    use crate::harness::{cli, start, wait_done};
+    let fleet = installed_fleet(4).await;
+    push(&fleet, "2.0.0", true).await;
+    let roll = |batch: Option<&'static str>| {
+        let fleet = &fleet;
+        async move {
+            // One node at a time: max_unavailable is the batch, 1.
+            let r = start(fleet, "2.0.0", |_| {}).await.unwrap();
+            let r = wait_done(fleet, r.id).await;
+            assert!(r.fully_upgraded(), "{r:#?}");
+            let id = r.id.to_string();
+            let mut args = vec!["rollout", "rollback", id.as_str(), "--wait"];
+            args.extend(batch.iter().flat_map(|b| ["--batch", *b]));
+            let out = cli(fleet, &args);
+            assert!(out.status.success(), "{out:?}");
+            let r = get(&fleet.api().unwrap(), r.id).await.unwrap();
+            assert_eq!(r.state, RolloutState::RolledBack, "{r:#?}");
+            r
+        }
+    };
+    let r = roll(None).await;
+    assert_eq!(reverts_at_once(&r), 1, "{:#?}", r.events);
+    // Two at a time, when asked: both sent in one step.
+    let r = roll(Some("2")).await;
+    assert_eq!(reverts_at_once(&r), 2, "{:#?}", r.events);
+
+    for bad in [
+        &["--batch", "0"][..],
+        &["--batch", "x"],
+        &["--batch", "2", "--all-at-once"],
+    ] {
+        let mut args = vec!["rollout", "rollback", "api"];
+        args.extend(bad);
+        let out = cli(&fleet, &args);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {out:?}");
+    }
+}
