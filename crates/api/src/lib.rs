@@ -278,6 +278,10 @@ pub struct DeleteReleaseResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct StartRollout {
     pub spec: RolloutFile,
+    /// Start only if the plan made now is the one `POST /v1/plan` named
+    /// so (its `plan_id`): the fleet, the release and the spec as reviewed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_id: Option<String>,
 }
 
 /// Response of the rollout endpoints: the rollout and what the fleet looked
@@ -289,6 +293,9 @@ pub struct RolloutResponse {
     /// multi-service rollout), each after the ones it depends on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dependents: Vec<Rollout>,
+    /// From `POST /v1/plan`: what names this plan, for `start --plan-id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_id: Option<String>,
 }
 
 /// The operator commands, as the last segment of

@@ -393,7 +393,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let cpu_before = server.cpu()?;
     let t0 = Instant::now();
-    let resp: RolloutResponse = api.post("/v1/rollouts", &StartRollout { spec }).await?;
+    let resp: RolloutResponse = api
+        .post(
+            "/v1/rollouts",
+            &StartRollout {
+                spec,
+                plan_id: None,
+            },
+        )
+        .await?;
     let id = resp.rollout.id;
     let dashboards: Vec<_> = (0..args.dashboards)
         .map(|_| tokio::spawn(dashboard(server.url.clone(), viewer.token.clone(), id)))

@@ -392,7 +392,10 @@ impl ControlPlane {
             },
             ..Default::default()
         };
-        let body = serde_json::to_vec(&StartRollout { spec })?;
+        let body = serde_json::to_vec(&StartRollout {
+            spec,
+            plan_id: None,
+        })?;
         let resp: RolloutResponse = self.post("/v1/rollouts", body.into(), true).await?;
         Ok(resp.rollout.id)
     }

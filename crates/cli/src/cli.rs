@@ -703,9 +703,14 @@ pub struct StartArgs {
     /// Values of `--order-by` to go first, in order, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub order: Option<Vec<String>>,
-    /// Start without printing the plan first.
+    /// Start without showing the plan and asking first (on a terminal;
+    /// elsewhere a start never asks).
     #[arg(long, short = 'y')]
     pub yes: bool,
+    /// Start only if the plan is still the one `rollwave plan` printed with
+    /// this id (the fleet, the release and the spec unchanged).
+    #[arg(long, value_name = "ID")]
+    pub plan_id: Option<String>,
     /// Wait for the end; exit non-zero unless every node is on the target version.
     #[arg(long)]
     pub wait: bool,

@@ -209,17 +209,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "--wait: plan starts nothing, so there is nothing to wait for; use `rollout start --wait`",
                 ));
             }
+            if args.plan_id.is_some() {
+                return Err(user_error(
+                    "--plan-id: plan makes a plan id; `rollout start --plan-id` takes one",
+                ));
+            }
             let api = conn.api()?;
             let spec = start_spec(&args)?;
-            let resp: RolloutResponse = api.post("/v1/plan", &StartRollout { spec }).await?;
-            let planned = group(resp);
+            let resp: RolloutResponse = api
+                .post(
+                    "/v1/plan",
+                    &StartRollout {
+                        spec,
+                        plan_id: None,
+                    },
+                )
+                .await?;
             if args.json {
-                print_group_json(&planned)?;
+                print_json(&resp)?;
             } else {
+                let plan_id = resp.plan_id.clone().unwrap_or_default();
                 let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;
-                for r in &planned {
+                for r in &group(resp) {
                     crate::out!("{}", render::plan(r, &nodes));
                 }
+                crate::outln!(
+                    "plan id: {plan_id} (`rollout start ... --plan-id {plan_id}` starts this plan, or nothing if it changed)"
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -553,10 +569,36 @@ async fn rollout(api: ApiClient, cmd: RolloutCommand) -> anyhow::Result<ExitCode
         RolloutCommand::Start(args) => {
             let (wait, json, yes) = (args.wait, args.json, args.yes);
             let spec = start_spec(&args)?;
-            let resp: RolloutResponse = api.post("/v1/rollouts", &StartRollout { spec }).await?;
+            let mut plan_id = args.plan_id.clone();
+            // A person at a terminal sees the plan before anything starts,
+            // and what starts is that plan.
+            let ask = !yes && !json && plan_id.is_none() && interactive();
+            if ask {
+                let resp: RolloutResponse = api
+                    .post(
+                        "/v1/plan",
+                        &StartRollout {
+                            spec: spec.clone(),
+                            plan_id: None,
+                        },
+                    )
+                    .await?;
+                plan_id = resp.plan_id.clone();
+                let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;
+                for r in &group(resp) {
+                    crate::out!("{}", render::plan(r, &nodes));
+                }
+                if !confirm("Start this rollout?")? {
+                    crate::outln!("nothing started");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+            let resp: RolloutResponse = api
+                .post("/v1/rollouts", &StartRollout { spec, plan_id })
+                .await?;
             let started = group(resp);
             if !json {
-                if yes {
+                if yes || ask {
                     for r in &started {
                         crate::out!("{}{}", render::started(r), render::warnings(r));
                     }
@@ -696,6 +738,26 @@ fn group(resp: RolloutResponse) -> Vec<Rollout> {
 
 /// One rollout as an object (as before multi-service requests); several as
 /// an array.
+/// Whether a person is at the command: stdin and stdout both terminals.
+fn interactive() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdin().is_terminal() && std::io::stdout().is_terminal()
+}
+
+/// Asks `question` on the terminal; only "y" or "yes" is a yes.
+fn confirm(question: &str) -> anyhow::Result<bool> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    write!(out, "{question} [y/N] ")?;
+    out.flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(matches!(
+        answer.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
+}
+
 fn print_group_json(rollouts: &[Rollout]) -> anyhow::Result<()> {
     match rollouts {
         [one] => print_json(one),

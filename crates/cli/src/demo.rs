@@ -193,7 +193,15 @@ pub async fn start(
             ..Default::default()
         },
     };
-    let resp: RolloutResponse = api.post("/v1/rollouts", &StartRollout { spec }).await?;
+    let resp: RolloutResponse = api
+        .post(
+            "/v1/rollouts",
+            &StartRollout {
+                spec,
+                plan_id: None,
+            },
+        )
+        .await?;
     Ok(resp.rollout)
 }
 

@@ -716,6 +716,14 @@ pub fn plan(r: &Rollout, fleet: &[NodeView]) -> String {
             };
             rows.push(vec![wave, name.clone(), labels(name)]);
         }
+        let (width, why) = wave_width(r, fleet, b);
+        if width < b.len() {
+            rows.push(vec![
+                "  ".into(),
+                format!("({} at a time: {why})", width),
+                String::new(),
+            ]);
+        }
         if r.pauses.get(i) == Some(&true) {
             rows.push(vec![
                 "  ".into(),
@@ -792,23 +800,8 @@ pub fn plan(r: &Rollout, fleet: &[NodeView]) -> String {
     let per_round = SWITCH_ESTIMATE_MS + s.min_healthy_time;
     let mut total = 0;
     for b in &r.batches {
-        let mut width = if s.all_at_once { b.len() } else { budget };
-        if let Some(sp) = &s.spread {
-            let mut domains: Vec<String> = b
-                .iter()
-                .map(|n| {
-                    fleet
-                        .iter()
-                        .find(|v| &v.name == n)
-                        .and_then(|v| v.labels.get(&sp.label).cloned())
-                        .unwrap_or_default()
-                })
-                .collect();
-            domains.sort();
-            domains.dedup();
-            width = width.min(domains.len() * sp.max_per_domain as usize);
-        }
-        total += b.len().div_ceil(width.max(1)) as u64 * per_round;
+        let (width, _) = wave_width(r, fleet, b);
+        total += b.len().div_ceil(width) as u64 * per_round;
     }
     let _ = writeln!(
         out,
@@ -823,6 +816,54 @@ pub fn plan(r: &Rollout, fleet: &[NodeView]) -> String {
         }
     );
     out
+}
+
+/// How many nodes of wave `b` can be switched at once, and what limits it
+/// below the wave's size: `max_unavailable`, the spread limit, or the
+/// quorum floor (`min_healthy` among the healthy nodes running the service
+/// fleet-wide), as the planner will apply them.
+fn wave_width(r: &Rollout, fleet: &[NodeView], b: &[String]) -> (usize, String) {
+    let s = &r.spec;
+    if s.all_at_once {
+        return (b.len().max(1), String::new());
+    }
+    let budget = s.unavailable_budget(r.nodes.len());
+    let mut width = (budget, format!("max_unavailable {}", s.max_unavailable));
+    if let Some(sp) = &s.spread {
+        let mut domains: Vec<String> = b
+            .iter()
+            .map(|n| {
+                fleet
+                    .iter()
+                    .find(|v| &v.name == n)
+                    .and_then(|v| v.labels.get(&sp.label).cloned())
+                    .unwrap_or_default()
+            })
+            .collect();
+        domains.sort();
+        domains.dedup();
+        let spread = domains.len() * sp.max_per_domain as usize;
+        if spread < width.0 {
+            width = (
+                spread,
+                format!("spread_by {}, {} per value", sp.label, sp.max_per_domain),
+            );
+        }
+    }
+    if s.min_healthy > 0 {
+        let healthy = fleet.iter().filter(|n| n.available(&s.service)).count();
+        let room = healthy.saturating_sub(s.min_healthy as usize);
+        if room < width.0 {
+            width = (
+                room,
+                format!(
+                    "min_healthy {} of {healthy} healthy nodes running {}",
+                    s.min_healthy, s.service
+                ),
+            );
+        }
+    }
+    (width.0.max(1), width.1)
 }
 
 /// What a store copy, backup or restore wrote: "3 nodes, 1 token, ...".

@@ -41,7 +41,7 @@ pub use manifest::{
     ReleaseManifest, MANIFEST_SCAN_BYTES, MANIFEST_SCAN_ENTRIES, MAX_MANIFEST_BYTES,
     RELEASE_MANIFEST,
 };
-pub use planner::{plan_batches, step, step_in_place, Actions, Decision, Dispatch};
+pub use planner::{plan_batches, plan_id, step, step_in_place, Actions, Decision, Dispatch};
 pub use rollout::{
     CommandError, Dependency, HookStage, NodeProgress, NodeState, Rollout, RolloutEvent,
     RolloutState, TaskKind, TaskOutcome, TaskRef,

@@ -1245,6 +1245,35 @@ fn roll_back(r: &mut Rollout, now: Timestamp, dispatch: &mut Vec<Dispatch>) {
     }
 }
 
+/// Names a plan by what it would do: the specs, the waves, the pauses, the
+/// nodes left out, and each node's wave and the version it runs, never the
+/// time it was made. `start --plan-id` starts only if a fresh plan has the
+/// same id, so that what an operator reviewed is what runs (as Nomad's `job
+/// plan` and `-check-index`).
+pub fn plan_id(planned: &[Rollout]) -> String {
+    use sha2::{Digest, Sha256};
+    let what: Vec<serde_json::Value> = planned
+        .iter()
+        .map(|r| {
+            let nodes: BTreeMap<&str, (usize, Option<&str>)> = r
+                .nodes
+                .iter()
+                .map(|(name, n)| (name.as_str(), (n.batch, n.from_version.as_deref())))
+                .collect();
+            serde_json::json!({
+                "spec": r.spec,
+                "state": r.state,
+                "batches": r.batches,
+                "pauses": r.pauses,
+                "left_out": r.left_out,
+                "nodes": nodes,
+            })
+        })
+        .collect();
+    let bytes = serde_json::to_vec(&what).unwrap_or_default();
+    hex::encode(&Sha256::digest(&bytes)[..8])
+}
+
 fn summary(r: &Rollout) -> String {
     let total = r.nodes.len();
     let up = r.count(NodeState::Upgraded);

@@ -1028,6 +1028,7 @@ async fn get_rollout(
     Ok(Json(RolloutResponse {
         rollout,
         dependents: Vec::new(),
+        plan_id: None,
     }))
 }
 
@@ -1065,7 +1066,7 @@ async fn start_rollout(
             format!("{field}: exec hooks run commands on the control plane and need an admin token; token {:?} has the {} role", caller.name, caller.role),
         ));
     }
-    let started = shared.reconciler.start(req.spec).await?;
+    let started = shared.reconciler.start(req.spec, req.plan_id).await?;
     let what: Vec<String> = started
         .iter()
         .map(|r| format!("rollout {} of {}@{}", r.id, r.spec.service, r.spec.version))
@@ -1092,9 +1093,10 @@ async fn start_rollout(
     tag = "rollouts",
     request_body = StartRollout,
     responses(
-        (status = 200, description = "The rollouts `POST /v1/rollouts` would start now, stored nowhere", body = RolloutResponse),
+        (status = 200, description = "The rollouts `POST /v1/rollouts` would start now, stored nowhere, and the plan's `plan_id`", body = RolloutResponse),
         (status = 400, description = "Invalid spec (the message names the field), or a plan the fleet cannot meet", body = rollwave_api::ErrorBody),
         (status = 404, description = "No such release", body = rollwave_api::ErrorBody),
+        (status = 409, description = "Starting it would be refused: a downgrade not asked for or below the active version, or another rollout of the service in progress", body = rollwave_api::ErrorBody),
         (status = 413, description = "Body above 2 MB, refused by the HTTP layer in plain text", content_type = "text/plain", body = String),
         (status = 500, description = "The store failed", body = rollwave_api::ErrorBody),
     )
@@ -1105,7 +1107,11 @@ async fn plan_rollout(
 ) -> ApiResult<Json<RolloutResponse>> {
     let req: StartRollout = crate::json_body("rollout request", &body)?;
     let planned = shared.reconciler.plan(req.spec).await?;
-    Ok(Json(group_response(planned)))
+    let plan_id = rollwave_core::plan_id(&planned);
+    Ok(Json(RolloutResponse {
+        plan_id: Some(plan_id),
+        ..group_response(planned)
+    }))
 }
 
 /// How many nodes a rollback sends back at once, from its optional body.
@@ -1142,6 +1148,7 @@ fn group_response(mut rollouts: Vec<rollwave_core::Rollout>) -> RolloutResponse 
     RolloutResponse {
         rollout,
         dependents: rollouts,
+        plan_id: None,
     }
 }
 
@@ -1184,6 +1191,7 @@ async fn rollout_command(
     Ok(Json(RolloutResponse {
         rollout,
         dependents: Vec::new(),
+        plan_id: None,
     }))
 }
 

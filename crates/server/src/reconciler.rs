@@ -94,6 +94,8 @@ pub enum Event {
     /// Starts the rollouts of a request: one per service, in dependency order.
     Start {
         file: RolloutFile,
+        /// Start only if the plan made now has this id.
+        plan_id: Option<String>,
         reply: oneshot::Sender<Result<Vec<Rollout>, ApiError>>,
     },
     Command {
@@ -160,9 +162,17 @@ impl Handle {
         let _ = self.0.send(event);
     }
 
-    pub async fn start(&self, file: RolloutFile) -> Result<Vec<Rollout>, ApiError> {
+    pub async fn start(
+        &self,
+        file: RolloutFile,
+        plan_id: Option<String>,
+    ) -> Result<Vec<Rollout>, ApiError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Event::Start { file, reply });
+        self.send(Event::Start {
+            file,
+            plan_id,
+            reply,
+        });
         rx.await
             .unwrap_or_else(|_| Err(ApiError::internal("reconciler stopped")))
     }
@@ -440,8 +450,12 @@ impl Reconciler {
                     }
                 }
             }
-            Event::Start { file, reply } => {
-                let result = self.start(file, now).await;
+            Event::Start {
+                file,
+                plan_id,
+                reply,
+            } => {
+                let result = self.start(file, plan_id, now).await;
                 let _ = reply.send(result);
             }
             Event::Plan { file, reply } => {
@@ -575,7 +589,15 @@ impl Reconciler {
 
     /// Validates a request against the releases and the fleet and plans one
     /// rollout per service (id 0), changing nothing.
+    /// The plan `start` would follow now, refused for every reason `start`
+    /// would refuse it: a plan that is the plan.
     async fn plan(&mut self, file: RolloutFile, now: u64) -> Result<Vec<Rollout>, ApiError> {
+        let planned = self.make_plan(file, now).await?;
+        self.check_start(&planned).await?;
+        Ok(planned)
+    }
+
+    async fn make_plan(&mut self, file: RolloutFile, now: u64) -> Result<Vec<Rollout>, ApiError> {
         let specs = file.resolve_all()?;
         let fleet = self.fleet();
         let mut planned = Vec::with_capacity(specs.len());
@@ -595,9 +617,31 @@ impl Reconciler {
         Ok(planned)
     }
 
-    async fn start(&mut self, file: RolloutFile, now: u64) -> Result<Vec<Rollout>, ApiError> {
-        let mut planned = self.plan(file, now).await?;
-        for p in &planned {
+    async fn start(
+        &mut self,
+        file: RolloutFile,
+        plan_id: Option<String>,
+        now: u64,
+    ) -> Result<Vec<Rollout>, ApiError> {
+        let planned = self.make_plan(file, now).await?;
+        let superseded = self.check_start(&planned).await?;
+        if let Some(reviewed) = plan_id {
+            let current = rollwave_core::plan_id(&planned);
+            if current != reviewed.trim() {
+                return Err(ApiError::conflict(format!(
+                    "plan_id: the plan changed since plan {} (the fleet, the release or the spec): it is now plan {current}; review it again with `rollwave plan`",
+                    reviewed.trim()
+                )));
+            }
+        }
+        self.insert(planned, superseded, now).await
+    }
+
+    /// What would refuse to start `planned` now (a downgrade not asked for
+    /// or below the active version, another rollout of the service in
+    /// progress); else the converging rollouts the new ones supersede.
+    async fn check_start(&self, planned: &[Rollout]) -> Result<Vec<u64>, ApiError> {
+        for p in planned {
             let active = self
                 .shared
                 .store
@@ -610,7 +654,7 @@ impl Reconciler {
             }
         }
         let mut superseded = Vec::new();
-        for p in &planned {
+        for p in planned {
             let service = &p.spec.service;
             let same = self.active.values().filter(|r| &r.spec.service == service);
             for r in same {
@@ -632,6 +676,15 @@ impl Reconciler {
                 )));
             }
         }
+        Ok(superseded)
+    }
+
+    async fn insert(
+        &mut self,
+        mut planned: Vec<Rollout>,
+        superseded: Vec<u64>,
+        now: u64,
+    ) -> Result<Vec<Rollout>, ApiError> {
         // Ids are allocated only for plans that stand.
         let mut ids = HashMap::new();
         for p in &mut planned {

@@ -21,7 +21,13 @@ async fn every_change_through_the_api_is_in_the_audit_trail() {
     };
     // A plan changes nothing: not audited.
     let _: RolloutResponse = api
-        .post("/v1/plan", &StartRollout { spec: spec.clone() })
+        .post(
+            "/v1/plan",
+            &StartRollout {
+                spec: spec.clone(),
+                plan_id: None,
+            },
+        )
         .await
         .unwrap();
     let r = start(&fleet, "2.0.0", |_| {}).await.unwrap();

@@ -141,7 +141,13 @@ pub async fn push_with(
 pub async fn start_file(fleet: &Fleet, spec: RolloutFile) -> anyhow::Result<Vec<Rollout>> {
     let resp: RolloutResponse = fleet
         .api()?
-        .post("/v1/rollouts", &StartRollout { spec })
+        .post(
+            "/v1/rollouts",
+            &StartRollout {
+                spec,
+                plan_id: None,
+            },
+        )
         .await?;
     let mut all = vec![resp.rollout];
     all.extend(resp.dependents);
@@ -174,7 +180,13 @@ pub async fn start(
     };
     let resp: RolloutResponse = fleet
         .api()?
-        .post("/v1/rollouts", &StartRollout { spec })
+        .post(
+            "/v1/rollouts",
+            &StartRollout {
+                spec,
+                plan_id: None,
+            },
+        )
         .await?;
     Ok(resp.rollout)
 }

@@ -110,10 +110,12 @@ async fn read_commands_print_the_apis_json() {
         .json()
         .await
         .unwrap();
+    // The API's answer as it is: the rollout and the plan's id.
     assert_eq!(
         shape(&cli_json(&fleet, &["plan", "api@2.0.0", "--json"])),
-        shape(&planned["rollout"])
+        shape(&planned)
     );
+    assert!(planned["plan_id"].is_string(), "{planned}");
 
     // `logs --json`: one event per line, as in the rollout's `events`.
     let events = api["rollout"]["events"].as_array().unwrap();

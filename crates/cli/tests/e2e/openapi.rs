@@ -235,10 +235,27 @@ async fn every_answer_matches_the_openapi_document() {
         },
         ..Default::default()
     };
-    let plan = serde_json::to_value(StartRollout { spec }).unwrap();
+    let same = RolloutFile {
+        version: Some("2.0.0".into()),
+        downgrade: None,
+        ..spec.clone()
+    };
+    let plan = serde_json::to_value(StartRollout {
+        spec,
+        plan_id: None,
+    })
+    .unwrap();
+    let plan_same = serde_json::to_value(StartRollout {
+        spec: same,
+        plan_id: None,
+    })
+    .unwrap();
     let posts: Vec<(String, &str, Value, u16)> = vec![
-        ("/v1/plan".into(), "/v1/plan", plan.clone(), 200),
-        // Below the active version, finalized by the rollout.
+        // The version every node runs: a plan that switches nothing.
+        ("/v1/plan".into(), "/v1/plan", plan_same, 200),
+        // Below the active version, finalized by the rollout: a plan is
+        // refused as a start is.
+        ("/v1/plan".into(), "/v1/plan", plan.clone(), 409),
         ("/v1/rollouts".into(), "/v1/rollouts", plan, 409),
         (
             "/v1/services/api/finalize".into(),

@@ -310,3 +310,154 @@ async fn a_rollback_goes_in_waves_within_the_budget() {
         assert_eq!(out.status.code(), Some(2), "{bad:?}: {out:?}");
     }
 }
+
+/// Runs `rollwave rollout start ...` on a terminal (a pseudo-terminal),
+/// answering `answer` to its question; returns what the terminal showed
+/// and the exit code.
+fn start_on_a_terminal(
+    fleet: &rollwave::fleet::Fleet,
+    args: &[&str],
+    answer: &str,
+) -> (String, i32) {
+    use std::io::{Read, Write};
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave = || Stdio::from(pty.slave.try_clone().unwrap());
+    let mut child = fleet
+        .command()
+        .args(args)
+        .stdin(slave())
+        .stdout(slave())
+        .stderr(slave())
+        .spawn()
+        .unwrap();
+    drop(pty.slave);
+    let mut master = std::fs::File::from(pty.master);
+    master.write_all(answer.as_bytes()).unwrap();
+    let status = child.wait().unwrap();
+    // Once the child is gone, reading ends with EIO after what it wrote.
+    let mut shown = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = master.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        shown.extend_from_slice(&buf[..n]);
+    }
+    (
+        String::from_utf8_lossy(&shown).to_string(),
+        status.code().unwrap_or(-1),
+    )
+}
+
+/// `plan` refuses what `start` would refuse and shows what the quorum floor
+/// does to a wave; its id holds `start` to the plan reviewed; on a terminal
+/// `start` shows the plan and asks before anything starts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_is_the_plan() {
+    use crate::harness::{cli, start, wait_done};
+    let fleet = installed_fleet(3).await;
+    push(&fleet, "2.0.0", true).await;
+
+    // The quorum floor serialises a wave of two.
+    let out = cli(
+        &fleet,
+        &["plan", "api@2.0.0", "--batch", "2", "--min-healthy", "2"],
+    );
+    let text = stdout(&out);
+    assert!(
+        text.contains("(1 at a time: min_healthy 2 of 3 healthy nodes running api)"),
+        "{text}"
+    );
+
+    // The id holds a start to the plan reviewed.
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("plan id: "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let changed = cli(
+        &fleet,
+        &[
+            "rollout",
+            "start",
+            "api@2.0.0",
+            "--yes",
+            "--batch",
+            "1",
+            "--min-healthy",
+            "2",
+            "--plan-id",
+            &id,
+        ],
+    );
+    refused(&changed, "plan_id: the plan changed since plan");
+    refused(
+        &cli(&fleet, &["plan", "api@2.0.0", "--plan-id", &id]),
+        "--plan-id: plan makes a plan id",
+    );
+
+    // On a terminal: the plan, a question, and nothing started on a no.
+    let (shown, code) = start_on_a_terminal(&fleet, &["rollout", "start", "api@2.0.0"], "n\n");
+    assert_eq!(code, 1, "{shown}");
+    assert!(
+        shown.contains("plan: api") && shown.contains("Start this rollout? [y/N]"),
+        "{shown}"
+    );
+    assert!(shown.contains("nothing started"), "{shown}");
+    let list: Vec<rollwave_core::RolloutSummary> =
+        serde_json::from_slice(&cli(&fleet, &["rollout", "list", "--json"]).stdout).unwrap();
+    assert_eq!(list.len(), 1, "only the install");
+
+    let out = cli(
+        &fleet,
+        &[
+            "rollout",
+            "start",
+            "api@2.0.0",
+            "--yes",
+            "--batch",
+            "2",
+            "--min-healthy",
+            "2",
+            "--plan-id",
+            &id,
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let r = wait_done(&fleet, 2).await;
+    assert!(r.fully_upgraded(), "{r:#?}");
+
+    // What start refuses, plan refuses: a downgrade not asked for, and a
+    // start beside a rollout in progress.
+    refused(&cli(&fleet, &["plan", "api@1.0.0"]), "--downgrade");
+    let slow = start(&fleet, "1.0.0", |s| {
+        s.min_healthy_time = Some("1m".into());
+        s.healthy_deadline = Some("2m".into());
+    });
+    let _ = slow.await.unwrap_err();
+    let mut spec = rollwave_api::RolloutFile {
+        service: Some("api".into()),
+        version: Some("1.0.0".into()),
+        downgrade: Some(true),
+        ..Default::default()
+    };
+    spec.strategy.min_healthy_time = Some("1m".into());
+    spec.strategy.healthy_deadline = Some("2m".into());
+    let down = crate::harness::start_file(&fleet, spec)
+        .await
+        .unwrap()
+        .remove(0);
+    refused(
+        &cli(&fleet, &["plan", "api@1.0.0", "--downgrade"]),
+        &format!("rollout {} of api is running", down.id),
+    );
+
+    // On a terminal, a yes starts the plan shown.
+    let (shown, code) = start_on_a_terminal(
+        &fleet,
+        &["rollout", "start", "api@2.0.0", "--downgrade"],
+        "y\n",
+    );
+    assert_eq!(code, 2, "refused beside the rollout in progress: {shown}");
+}
