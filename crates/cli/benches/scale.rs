@@ -256,6 +256,19 @@ impl ControlPlane {
             builder = builder.use_preconfigured_tls((*tls.config()?).clone());
         }
         cp.http = builder.build()?;
+        // On etcd the token is written while the elected server loads the
+        // state, before it answers as the leader.
+        let began = Instant::now();
+        while !cp
+            .get::<rollwave_api::HealthResponse>("/v1/health")
+            .await
+            .is_ok_and(|h| h.leader)
+        {
+            if began.elapsed() > Duration::from_secs(60) {
+                bail!("the control plane did not lead within 60s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         Ok(cp)
     }
 

@@ -21,7 +21,7 @@ use axum::http::{HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use futures_util::TryStreamExt;
-use rollwave_api::{ErrorCode, HealthResponse, AGENT_CONNECT_PATH};
+use rollwave_api::{ErrorCode, HealthResponse, AGENT_CONNECT_PATH, LEADER_HEADER};
 
 use crate::error::ApiError;
 
@@ -94,8 +94,8 @@ impl Replica {
     }
 
     /// Follows the election until this replica leads: who leads is read
-    /// every half second, so a follower passes requests to a new leader
-    /// soon after it is elected.
+    /// every 200 ms, so a follower passes requests (and sends agents) to a
+    /// new leader soon after it is elected; one small etcd read each time.
     pub fn watch_leader(self: &Arc<Self>, store: Arc<dyn rollwave_store::Store>) {
         let replica = self.clone();
         tokio::spawn(async move {
@@ -107,7 +107,7 @@ impl Replica {
                     Ok(url) => replica.set_leader_url(url),
                     Err(e) => tracing::warn!(error = %e, "reading the leader"),
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
     }
@@ -226,12 +226,17 @@ async fn follow(replica: &Replica, req: Request) -> Response {
         .into_response();
     };
     if path == AGENT_CONNECT_PATH {
-        // Sessions live on the leader, where tasks are sent from.
-        return ApiError::new(
+        // Sessions live on the leader, where tasks are sent from; the
+        // header lets an agent go there next rather than down its list.
+        let mut resp = ApiError::new(
             ErrorCode::Unavailable,
             format!("this control plane follows; agents connect to the leader, {leader}"),
         )
         .into_response();
+        if let Ok(value) = leader.parse() {
+            resp.headers_mut().insert(LEADER_HEADER, value);
+        }
+        return resp;
     }
     match forward(replica, &leader, req).await {
         Ok(resp) => resp,

@@ -35,6 +35,7 @@
 //! on one writer per rollout, the leader's reconciler.
 
 mod leader;
+pub use leader::LEASE_TTL;
 mod rollouts;
 pub mod testing;
 #[cfg(test)]
