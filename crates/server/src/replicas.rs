@@ -136,7 +136,7 @@ pub(crate) fn advertised(
         .map_err(|e| format!("--advertise-url: {url:?} is not a URL: {e}"))?;
     if parsed.scheme() != scheme || parsed.host_str().is_none_or(str::is_empty) {
         return Err(format!(
-            "--advertise-url: {url:?} is not a {scheme}:// URL with a host, as this control plane serves {}",
+            "--advertise-url: {url:?} is not an {scheme}:// URL with a host, as this control plane serves {}",
             if scheme == "https" { "HTTPS" } else { "plain HTTP" }
         ));
     }
@@ -514,5 +514,41 @@ async fn replica_blobs(blobs: &crate::blobs::Blobs, secret: &str, req: Request) 
             Err(_) => ApiError::not_found(format!("no artifact {sha256} here")).into_response(),
         },
         _ => ApiError::bad_request("PUT or GET").into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised;
+
+    #[test]
+    fn the_advertised_url_is_checked_against_what_the_replica_serves() {
+        let local = "127.0.0.1:7700".parse().unwrap();
+        let any = "0.0.0.0:7700".parse().unwrap();
+        assert_eq!(
+            advertised(None, "https", local).unwrap(),
+            "https://127.0.0.1:7700"
+        );
+        assert_eq!(
+            advertised(Some("https://cp1:7700/"), "https", any).unwrap(),
+            "https://cp1:7700"
+        );
+        let err = advertised(None, "https", any).unwrap_err();
+        assert!(
+            err.starts_with("--advertise-url: needed with --listen 0.0.0.0:7700"),
+            "{err}"
+        );
+        for (url, why) in [
+            ("cp1:7700", "is not an https:// URL with a host"),
+            ("http://cp1:7700", "is not an https:// URL with a host"),
+            ("https://cp1:7700/api", "has a path"),
+            ("not a url", "is not a URL"),
+        ] {
+            let err = advertised(Some(url), "https", local).unwrap_err();
+            assert!(
+                err.starts_with(&format!("--advertise-url: {url:?} {why}")),
+                "{url}: {err}"
+            );
+        }
     }
 }

@@ -206,6 +206,11 @@ async fn a_follower_serves_through_the_leader_and_takes_over_when_it_dies() {
         .await
         .unwrap();
     assert_eq!(session.status(), 503, "agents are sent to the leader");
+    assert_eq!(
+        session.headers()[rollwave_api::LEADER_HEADER],
+        leader.url.as_str(),
+        "named in a header for agents"
+    );
     let body = session.text().await.unwrap();
     assert!(body.contains(&leader.url), "{body}");
 
@@ -574,9 +579,8 @@ async fn a_release_outlives_the_replica_it_was_pushed_to() {
     })
     .await
     .unwrap();
-    assert!(crate::harness::wait_done(&fleet, install.id)
-        .await
-        .fully_upgraded());
+    let installed = crate::harness::wait_done(&fleet, install.id).await;
+    assert!(installed.fully_upgraded(), "{installed:#?}");
     let release = crate::harness::push(&fleet, "2.0.0", true).await.release;
     for r in [&b, &c] {
         assert_eq!(sha256_hex(&blob(r, &release.sha256)), release.sha256);
@@ -997,6 +1001,24 @@ async fn a_replica_refuses_another_clusters_store_or_an_unreachable_one() {
         err.contains("this store belongs to cluster") && err.contains("was used by cluster"),
         "{err}"
     );
+
+    // An advertised address the others could not use.
+    let out = Command::new(exe())
+        .args(["server", "--listen", "127.0.0.1:0", "--insecure-plain-http"])
+        .arg("--data-dir")
+        .arg(tmp.path().join("advertise"))
+        .args(["--store", &etcd.store_url(), "--store-prefix", "/three/"])
+        .args(["--advertise-url", "https://cp1:7700"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--advertise-url: \"https://cp1:7700\" is not an http:// URL with a host, as this control plane serves plain HTTP"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 
     let port = rollwave_store::etcd::testing::free_port();
     let out = serve("/one/", &format!("etcd://127.0.0.1:{port}"))

@@ -72,17 +72,23 @@ impl EtcdStore {
 impl Election for EtcdStore {
     async fn campaign(&self, address: &str) -> Result<Lead> {
         let (lease, mut lost) = self.keep_lease().await?;
-        let mut election = self.client.election_client();
+        let mut election = self.campaigner.election_client();
         loop {
             if let Ok(why) = lost.try_recv() {
                 return Err(self.backend("campaigning", why));
             }
-            // The client's request timeout cuts a long wait short: campaign
-            // again with the same lease, which keeps this replica's place.
-            match election
-                .campaign(self.election_name(), address, lease)
-                .await
-            {
+            // Waits until elected, as long as it takes: cut short, etcd
+            // would resign the campaign and this replica lose its place.
+            // The lease lapsing ends the wait (etcd deletes the key).
+            let campaign = election.campaign(self.election_name(), address, lease);
+            let result = tokio::select! {
+                r = campaign => r,
+                why = &mut lost => {
+                    let why = why.unwrap_or_else(|_| "the lease keeper stopped".into());
+                    return Err(self.backend("campaigning", why));
+                }
+            };
+            match result {
                 Ok(mut resp) => {
                     let Some(key) = resp.take_leader() else {
                         return Err(self.backend("campaigning", "etcd named no leader key"));
