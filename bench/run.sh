@@ -5,7 +5,7 @@
 #   bench/run.sh dashboard [-- --nodes 1000 --dashboards 10]
 #   bench/run.sh verify [-- --mb 100]
 #   bench/run.sh planner
-#   bench/run.sh scale [-- --agents 10000 | --sizes 100,1000,10000 --store etcd]
+#   bench/run.sh scale [-- --agents 10000 | --sizes 100,1000,10000 --store sqlite,etcd]
 #   bench/run.sh fleet [-- --agents 200]
 #   bench/run.sh recovery [-- --rounds 20 --nodes 4]
 #   bench/run.sh leader [-- --rounds 20 --nodes 6]
