@@ -5,9 +5,10 @@
 #   bench/run.sh dashboard [-- --nodes 1000 --dashboards 10]
 #   bench/run.sh verify [-- --mb 100]
 #   bench/run.sh planner
-#   bench/run.sh scale [-- --agents 10000 | --sizes 100,1000,10000 --store etcd]
+#   bench/run.sh scale [-- --agents 10000 | --sizes 100,1000,10000 --store sqlite,etcd]
 #   bench/run.sh fleet [-- --agents 200]
 #   bench/run.sh recovery [-- --rounds 20 --nodes 4]
+#   bench/run.sh leader [-- --rounds 20 --nodes 6]
 #   bench/run.sh all
 #
 # Each prints its figures beside the ideal it is compared to; README.md
@@ -16,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 usage() {
-  sed -n '4,11p' "$0" | sed 's/^#   /usage: /' >&2
+  sed -n '4,12p' "$0" | sed 's/^#   /usage: /' >&2
   exit 2
 }
 
@@ -50,10 +51,13 @@ run() {
     scale) need_etcd; cargo bench -p rollwave --features etcd --bench scale -- "${@:2}" ;;
     fleet) cargo bench -p rollwave --bench fleet -- "${@:2}" ;;
     recovery) cargo bench -p rollwave --bench recovery -- "${@:2}" ;;
-    *) echo "bench/run.sh: unknown benchmark \"$1\" (handoff, dashboard, verify, planner, scale, fleet, recovery, all)" >&2; exit 2 ;;
+    leader) need_etcd; cargo bench -p rollwave --features etcd --bench leader -- "${@:2}" ;;
+    *) echo "bench/run.sh: unknown benchmark \"$1\" (handoff, dashboard, verify, planner, scale, fleet, recovery, leader, all)" >&2; exit 2 ;;
   esac
 }
 
+# fleet, recovery and leader start real agents and run for minutes: by name
+# only.
 if [ "$name" = all ]; then
   for b in planner verify handoff dashboard scale; do
     echo "== $b"

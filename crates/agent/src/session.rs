@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use rollwave_api::{
     AgentMessage, LogsOutcome, LogsReply, LogsRequest, ServerMessage, AGENT_CONNECT_PATH,
-    AGENT_PROTOCOL, SESSION_SILENCE_LIMIT,
+    AGENT_PROTOCOL, LEADER_HEADER, SESSION_SILENCE_LIMIT,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
@@ -63,6 +63,13 @@ pub async fn run(
     // ended (it may be back at once), the next after a failed attempt (it
     // may be down, or follow another and send agents to the leader).
     let mut at = 0;
+    // The last server that could not be reached since a session was up: a
+    // follower still naming it as the leader (its lease has not lapsed
+    // yet) is not followed there again at once.
+    let mut unreachable: Option<usize> = None;
+    // Followers sent to in a row: two with stale views of the election
+    // could otherwise send the agent back and forth.
+    let mut hops = 0;
     loop {
         let server = &config.servers[at % config.servers.len()];
         let url = session_url(server);
@@ -87,6 +94,29 @@ pub async fn run(
             &mut opened,
         )
         .await;
+        // A follower names a newly elected leader: go there next, after
+        // the shortest wait and without lengthening the next ones, so that
+        // a fleet moves to a new leader as soon as the replicas know it.
+        if let Ok(Ended::Follower(leader)) = &ended {
+            let leader = leader.trim_end_matches('/');
+            let known = config
+                .servers
+                .iter()
+                .position(|s| s.trim_end_matches('/') == leader);
+            if let Some(i) =
+                known.filter(|i| Some(*i) != unreachable && hops < config.servers.len())
+            {
+                tracing::info!(follower = %server, %leader, "sent to the leader");
+                hops += 1;
+                at = i;
+                tokio::time::sleep(BACKOFF_MIN + Duration::from_millis(random() % 100)).await;
+                continue;
+            }
+        }
+        hops = 0;
+        if ended.is_err() {
+            unreachable = Some(at % config.servers.len());
+        }
         if !matches!(ended, Ok(Ended::Closed)) {
             at += 1;
         }
@@ -94,6 +124,7 @@ pub async fn run(
         // starts over with short waits, however long the last outage was.
         if opened {
             backoff = Backoff::default();
+            unreachable = None;
         }
         let wait = backoff.next(random());
         match ended {
@@ -104,6 +135,9 @@ pub async fn run(
             }
             Ok(Ended::Closed) => {
                 tracing::warn!(retry_in = ?wait, "connection to the control plane closed; reconnecting");
+            }
+            Ok(Ended::Follower(leader)) => {
+                tracing::info!(follower = %server, %leader, retry_in = ?wait, "this control plane follows; trying the next");
             }
             Err(e) => match rollwave_tls::describe_error(e.as_ref()) {
                 // Not a passing fault: said louder, and in rustls's words
@@ -153,6 +187,8 @@ fn random() -> u64 {
 enum Ended {
     Closed,
     Refused(String),
+    /// A replica that follows named the leader.
+    Follower(String),
 }
 
 /// Where and how to open the session.
@@ -180,6 +216,9 @@ pub enum Dialed {
     Open(Box<SessionStream>),
     /// The control plane refused the credential (401 or 403), in its words.
     Refused(String),
+    /// A replica that follows sent the agent to the leader, at this
+    /// address.
+    Follower(String),
 }
 
 /// Opens a session with `credential` (TCP connect, TLS handshake when
@@ -213,6 +252,13 @@ pub async fn dial_session(
                 .and_then(|b| serde_json::from_slice::<rollwave_api::ErrorBody>(b).ok())
                 .map_or_else(|| resp.status().to_string(), |b| b.error.message);
             Ok(Dialed::Refused(body))
+        }
+        Err(WsError::Http(resp))
+            if resp.status() == StatusCode::SERVICE_UNAVAILABLE
+                && resp.headers().contains_key(LEADER_HEADER) =>
+        {
+            let leader = resp.headers()[LEADER_HEADER].to_str().unwrap_or_default();
+            Ok(Dialed::Follower(leader.to_string()))
         }
         Err(e) => Err(e.into()),
     }
@@ -250,6 +296,7 @@ async fn session(
                 crate::enroll::credential_path(&config.state_dir).display()
             )));
         }
+        Dialed::Follower(leader) => return Ok(Ended::Follower(leader)),
     };
     let (mut sink, mut stream) = (*ws).split();
     let mut reported = snapshot(services);

@@ -16,6 +16,9 @@ pub const AGENT_PROTOCOL: u32 = 1;
 
 /// Path of the agent session WebSocket.
 pub const AGENT_CONNECT_PATH: &str = "/v1/agent/connect";
+/// On a follower's `503` to an agent's session: the leader's address, where
+/// the agent goes next if it is among its servers.
+pub const LEADER_HEADER: &str = "rollwave-leader";
 
 /// The control plane pings every agent session this often.
 pub const SESSION_PING_EVERY: std::time::Duration = std::time::Duration::from_secs(5);

@@ -2,6 +2,7 @@
 //!
 //! `cargo bench -p rollwave --bench scale [-- --agents 1000]`
 //! `cargo bench -p rollwave --bench scale -- --sizes 100,1000,10000`
+//! `cargo bench -p rollwave --features etcd --bench scale -- --sizes 1000,10000 --store sqlite,etcd`
 //!
 //! For each size N: starts a control plane (the built binary, in a temporary
 //! directory, so that its CPU, memory and disk writes can be read from
@@ -20,7 +21,8 @@
 //!   counts).
 //!
 //! Prints one JSON object: each figure beside its goal and the ideal it is
-//! compared to (with `--sizes`, one per size, and a table on stderr).
+//! compared to (with `--sizes` or several `--store`s, one per store and
+//! size, and a table on stderr, a column each).
 //! Timings never fail it; it exits non-zero only if something broke (a
 //! rollout that did not complete, a node switched twice, a process that
 //! would not start).
@@ -70,9 +72,10 @@ struct Args {
     tls: bool,
     /// The control plane's store: `sqlite`, or `etcd` (a real etcd member
     /// started by the benchmark; needs the bench built with the `etcd`
-    /// feature, as bench/run.sh does).
-    #[arg(long, default_value = "sqlite", value_parser = ["sqlite", "etcd"])]
-    store: String,
+    /// feature, as bench/run.sh does); `sqlite,etcd` runs every size on
+    /// each, side by side in the table.
+    #[arg(long, alias = "stores", default_value = "sqlite", value_delimiter = ',', value_parser = ["sqlite", "etcd"])]
+    store: Vec<String>,
     /// Give up on connecting, or on a rollout, after this long.
     #[arg(long, default_value = "30m")]
     limit: String,
@@ -81,6 +84,7 @@ struct Args {
     bench: bool,
 }
 
+#[derive(Clone)]
 struct Settings {
     latency: Duration,
     idle: Duration,
@@ -256,6 +260,19 @@ impl ControlPlane {
             builder = builder.use_preconfigured_tls((*tls.config()?).clone());
         }
         cp.http = builder.build()?;
+        // On etcd the token is written while the elected server loads the
+        // state, before it answers as the leader.
+        let began = Instant::now();
+        while !cp
+            .get::<rollwave_api::HealthResponse>("/v1/health")
+            .await
+            .is_ok_and(|h| h.leader)
+        {
+            if began.elapsed() > Duration::from_secs(60) {
+                bail!("the control plane did not lead within 60s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         Ok(cp)
     }
 
@@ -734,7 +751,7 @@ async fn run_size(n: usize, s: &Settings) -> anyhow::Result<Value> {
 
 /// The sizes side by side, one figure a row, on stderr.
 fn table(runs: &[Value]) -> String {
-    let rows: [(&str, &str, &[&str]); 9] = [
+    let rows: [(&str, &str, &[&str]); 12] = [
         (
             "connect + enroll (s)",
             "< 60 at 10k",
@@ -767,6 +784,16 @@ fn table(runs: &[Value]) -> String {
             &["rollout", "bytes_written_per_node", "value"],
         ),
         (
+            "store's CPU per node (ms; etcd)",
+            "< 0.5",
+            &["rollout", "store_cpu_ms_per_node", "value"],
+        ),
+        (
+            "store's bytes written per node (etcd)",
+            "< 8192",
+            &["rollout", "store_bytes_written_per_node", "value"],
+        ),
+        (
             "GET /v1/health p99 (ms)",
             "< 100",
             &["rollout", "health_ms", "p99"],
@@ -776,11 +803,16 @@ fn table(runs: &[Value]) -> String {
             "< 100",
             &["rollout", "status_ms", "p99"],
         ),
+        (
+            "kill -9 mid-rollout: all back (s)",
+            "",
+            &["kill_9_mid_rollout", "reconnect_s"],
+        ),
     ];
     let mut out = format!(
         "| figure | goal | {} |\n|---|---|{}\n",
         runs.iter()
-            .map(|r| r["agents"].to_string())
+            .map(|r| format!("{} {}", r["store"].as_str().unwrap_or("?"), r["agents"]))
             .collect::<Vec<_>>()
             .join(" | "),
         "---|".repeat(runs.len())
@@ -805,22 +837,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
         limit: parse("--limit", &args.limit)?,
         concurrency: args.concurrency,
         tls: args.tls,
-        store: args.store.clone(),
+        store: String::new(),
     };
-    match &args.sizes {
-        None => {
-            let out = run_size(args.agents, &settings).await?;
-            println!("{out:#}");
-        }
-        Some(sizes) => {
-            let mut runs = Vec::new();
-            for &n in sizes {
-                runs.push(run_size(n, &settings).await?);
-            }
-            eprint!("{}", table(&runs));
-            println!("{:#}", json!({ "runs": runs }));
+    let mut stores = args.store.clone();
+    stores.dedup();
+    let sizes = args.sizes.clone().unwrap_or_else(|| vec![args.agents]);
+    if stores.len() == 1 && args.sizes.is_none() {
+        let settings = Settings {
+            store: stores[0].clone(),
+            ..settings
+        };
+        let out = run_size(args.agents, &settings).await?;
+        println!("{out:#}");
+        return Ok(());
+    }
+    // Each store at each size, one after the other on the same machine,
+    // so that the columns compare.
+    let mut runs = Vec::new();
+    for store in &stores {
+        let settings = Settings {
+            store: store.clone(),
+            ..settings.clone()
+        };
+        for &n in &sizes {
+            runs.push(run_size(n, &settings).await?);
         }
     }
+    eprint!("{}", table(&runs));
+    println!("{:#}", json!({ "runs": runs }));
     Ok(())
 }
 

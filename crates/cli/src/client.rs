@@ -36,9 +36,12 @@ pub struct ApiClient {
     token: Option<String>,
 }
 
-/// Rounds over every replica before a command gives up on reaching one:
-/// enough to ride out a leader election (a lease of a few seconds).
-const ROUNDS: usize = 8;
+/// How long a command keeps going round the replicas before it gives up on
+/// reaching a leader: a leader election (the lease running out, then the
+/// new leader loading the state) several times over, on a loaded etcd.
+/// Counted in time rather than rounds, so that replicas refusing at once
+/// do not use it up before the lease has even lapsed.
+const RIDE_OUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl ApiClient {
     /// A client of the control plane at `base`, which it verifies as `tls`
@@ -181,7 +184,7 @@ impl ApiClient {
     ) -> anyhow::Result<reqwest::Response> {
         let n = self.bases.len();
         let first = self.current.load(Ordering::Relaxed);
-        let attempts = if n == 1 { 1 } else { n * ROUNDS };
+        let began = std::time::Instant::now();
         let mut attempt = 0;
         let resp = loop {
             let at = (first + attempt) % n;
@@ -192,7 +195,7 @@ impl ApiClient {
                 None => req,
             };
             attempt += 1;
-            let retry = attempt < attempts;
+            let retry = n > 1 && began.elapsed() < RIDE_OUT;
             match req.send().await {
                 Ok(resp) if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE && retry => {}
                 Ok(resp) => {

@@ -200,6 +200,9 @@ impl Fleet {
             nodes: Vec::new(),
             admin_token,
         };
+        // The token is written while the elected replica loads the state,
+        // before it answers as the leader.
+        fleet.wait_leading().await?;
         // One join token for the whole fleet, as an operator would make
         // for a batch of machines; each agent trades it for its own
         // credential.
@@ -404,6 +407,24 @@ impl Fleet {
         .await?;
         self.server = Some(child);
         Ok(())
+    }
+
+    /// Waits until the control plane answers as the leader: at once on its
+    /// own store; on a shared one (etcd), once it is elected and has loaded
+    /// the state (until then it answers as a follower, 503 to the API).
+    pub async fn wait_leading(&self) -> anyhow::Result<()> {
+        let api = self.api()?;
+        for _ in 0..600 {
+            let health = api.get::<rollwave_api::HealthResponse>("/v1/health").await;
+            if health.is_ok_and(|h| h.leader) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!(
+            "the control plane did not lead within 30s; see {}",
+            self.dir.join("server.log").display()
+        )
     }
 
     pub async fn nodes_view(&self) -> anyhow::Result<Vec<NodeView>> {

@@ -702,6 +702,11 @@ impl VirtualAgent {
                     tracing::warn!(node = %self.name, reason = %reason, "the control plane refused the credential");
                     REFUSED_BACKOFF
                 }
+                // One server: a follower is retried like one that is down.
+                Ok(Dialed::Follower(leader)) => {
+                    tracing::debug!(node = %self.name, %leader, "the control plane follows");
+                    backoff.next(random(&sim, self.index, attempt))
+                }
                 Err(e) => {
                     tracing::debug!(node = %self.name, error = %e, "control plane unreachable");
                     backoff.next(random(&sim, self.index, attempt))

@@ -177,16 +177,15 @@ pub async fn run(
     let streams: Arc<OnceLock<Arc<events::Events>>> = Arc::default();
     let app = if store.election().is_some() {
         let secret = store.election().map(|e| e.secret().to_string());
+        let address = replicas::advertised(config.advertise_url.as_deref(), scheme, addr)
+            .map_err(BadConfig)?;
         let replica = replicas::Replica::new(
             config.replica_ca_file.as_deref(),
             blobs.clone(),
             secret.unwrap_or_default(),
-        )?;
+        )
+        .map_err(BadConfig)?;
         replica.watch_leader(store.clone());
-        let address = config
-            .advertise_url
-            .clone()
-            .unwrap_or_else(|| format!("{scheme}://{addr}"));
         replicas::register(store.clone(), address.clone());
         let copies = replicas::Copies::new(store.clone(), address.clone(), &replica, blobs.clone());
         let (lead_config, lead_store, lead_streams) =

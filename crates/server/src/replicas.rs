@@ -21,7 +21,7 @@ use axum::http::{HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use futures_util::TryStreamExt;
-use rollwave_api::{ErrorCode, HealthResponse, AGENT_CONNECT_PATH};
+use rollwave_api::{ErrorCode, HealthResponse, AGENT_CONNECT_PATH, LEADER_HEADER};
 
 use crate::error::ApiError;
 
@@ -43,7 +43,7 @@ impl Replica {
         ca_file: Option<&std::path::Path>,
         blobs: Arc<crate::blobs::Blobs>,
         secret: String,
-    ) -> anyhow::Result<Arc<Replica>> {
+    ) -> Result<Arc<Replica>, String> {
         let mut client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             // Requests to the leader are the caller's: no redirect is
@@ -51,10 +51,16 @@ impl Replica {
             .redirect(reqwest::redirect::Policy::none());
         if let Some(ca) = ca_file {
             let pem = std::fs::read(ca)
-                .map_err(|e| anyhow::anyhow!("reading --replica-ca-file {}: {e}", ca.display()))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| anyhow::anyhow!("--replica-ca-file {}: {e}", ca.display()))?
-            {
+                .map_err(|e| format!("--replica-ca-file: reading {}: {e}", ca.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("--replica-ca-file: {}: {e}", ca.display()))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "--replica-ca-file: {} holds no PEM certificate",
+                    ca.display()
+                ));
+            }
+            for cert in certs {
                 client = client.add_root_certificate(cert);
             }
         }
@@ -63,7 +69,9 @@ impl Replica {
             secret,
             leader_url: RwLock::new(None),
             leading: OnceLock::new(),
-            client: client.build()?,
+            client: client
+                .build()
+                .map_err(|e| format!("building the replicas' HTTP client: {e}"))?,
         }))
     }
 
@@ -86,8 +94,8 @@ impl Replica {
     }
 
     /// Follows the election until this replica leads: who leads is read
-    /// every half second, so a follower passes requests to a new leader
-    /// soon after it is elected.
+    /// every 200 ms, so a follower passes requests (and sends agents) to a
+    /// new leader soon after it is elected; one small etcd read each time.
     pub fn watch_leader(self: &Arc<Self>, store: Arc<dyn rollwave_store::Store>) {
         let replica = self.clone();
         tokio::spawn(async move {
@@ -99,9 +107,56 @@ impl Replica {
                     Ok(url) => replica.set_leader_url(url),
                     Err(e) => tracing::warn!(error = %e, "reading the leader"),
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
+    }
+}
+
+/// The address the other replicas reach this one at: `--advertise-url`,
+/// checked, or the scheme and the address it listens on. A wildcard
+/// listen address names no host another machine could reach, so it needs
+/// `--advertise-url`; an `http://` address of a replica serving HTTPS (or
+/// the reverse) would fail every request passed to it.
+pub(crate) fn advertised(
+    advertise_url: Option<&str>,
+    scheme: &str,
+    listen: std::net::SocketAddr,
+) -> Result<String, String> {
+    let Some(url) = advertise_url else {
+        if listen.ip().is_unspecified() {
+            return Err(format!(
+                "--advertise-url: needed with --listen {listen} on a shared store: the URL the other replicas reach this one at, e.g. {scheme}://cp1:{}",
+                listen.port()
+            ));
+        }
+        return Ok(format!("{scheme}://{listen}"));
+    };
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| format!("--advertise-url: {url:?} is not a URL: {e}"))?;
+    if parsed.scheme() != scheme || parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!(
+            "--advertise-url: {url:?} is not an {scheme}:// URL with a host, as this control plane serves {}",
+            if scheme == "https" { "HTTPS" } else { "plain HTTP" }
+        ));
+    }
+    if parsed.path() != "/" || parsed.query().is_some() {
+        return Err(format!(
+            "--advertise-url: {url:?} has a path; give the scheme, host and port only"
+        ));
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+/// A failed request to another replica in one line: for a refused
+/// certificate, rustls's reason rather than reqwest's "error sending
+/// request", and the flag that fixes it.
+fn describe(e: &reqwest::Error) -> String {
+    match rollwave_tls::describe_error(e) {
+        Some(tls) => format!(
+            "its certificate was refused ({tls}): is --replica-ca-file the CA that signed it?"
+        ),
+        None => rollwave_core::error_chain(e),
     }
 }
 
@@ -171,20 +226,28 @@ async fn follow(replica: &Replica, req: Request) -> Response {
         .into_response();
     };
     if path == AGENT_CONNECT_PATH {
-        // Sessions live on the leader, where tasks are sent from.
-        return ApiError::new(
+        // Sessions live on the leader, where tasks are sent from; the
+        // header lets an agent go there next rather than down its list.
+        let mut resp = ApiError::new(
             ErrorCode::Unavailable,
             format!("this control plane follows; agents connect to the leader, {leader}"),
         )
         .into_response();
+        if let Ok(value) = leader.parse() {
+            resp.headers_mut().insert(LEADER_HEADER, value);
+        }
+        return resp;
     }
     match forward(replica, &leader, req).await {
         Ok(resp) => resp,
-        Err(e) => ApiError::new(
-            ErrorCode::Unavailable,
-            format!("passing the request to the leader, {leader}: {e}"),
-        )
-        .into_response(),
+        Err(e) => {
+            tracing::warn!(%leader, error = %e, "passing a request to the leader");
+            ApiError::new(
+                ErrorCode::Unavailable,
+                format!("passing the request to the leader, {leader}: {e}"),
+            )
+            .into_response()
+        }
     }
 }
 
@@ -200,7 +263,7 @@ const HOP_BY_HOP: [&str; 8] = [
     "host",
 ];
 
-async fn forward(replica: &Replica, leader: &str, req: Request) -> anyhow::Result<Response> {
+async fn forward(replica: &Replica, leader: &str, req: Request) -> Result<Response, String> {
     let (parts, body) = req.into_parts();
     let path = parts
         .uri
@@ -215,7 +278,7 @@ async fn forward(replica: &Replica, leader: &str, req: Request) -> anyhow::Resul
         }
     }
     let body = reqwest::Body::wrap_stream(body.into_data_stream());
-    let resp = out.body(body).send().await?;
+    let resp = out.body(body).send().await.map_err(|e| describe(&e))?;
     let mut answer = Response::builder().status(resp.status());
     for (name, value) in resp.headers() {
         if !HOP_BY_HOP.contains(&name.as_str()) {
@@ -223,7 +286,9 @@ async fn forward(replica: &Replica, leader: &str, req: Request) -> anyhow::Resul
         }
     }
     let stream = resp.bytes_stream().map_err(std::io::Error::other);
-    Ok(answer.body(Body::from_stream(stream))?)
+    answer
+        .body(Body::from_stream(stream))
+        .map_err(|e| e.to_string())
 }
 
 /// Campaigns until elected, then builds the leader's app with `lead` and
@@ -337,7 +402,7 @@ impl Copies {
                 .body(body)
                 .send()
                 .await
-                .map_err(|e| format!("copying to {replica}: {e}"))?;
+                .map_err(|e| format!("copying to {replica}: {}", describe(&e)))?;
             if !resp.status().is_success() {
                 return Err(format!("copying to {replica}: {}", resp.status()));
             }
@@ -414,7 +479,7 @@ impl Copies {
                     .header(SECRET_HEADER, &self.secret)
                     .send()
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| describe(&e))?;
                 if !resp.status().is_success() {
                     return Err(resp.status().to_string());
                 }
@@ -491,5 +556,41 @@ async fn replica_blobs(blobs: &crate::blobs::Blobs, secret: &str, req: Request) 
             }
         }
         _ => ApiError::bad_request("PUT, GET or DELETE").into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised;
+
+    #[test]
+    fn the_advertised_url_is_checked_against_what_the_replica_serves() {
+        let local = "127.0.0.1:7700".parse().unwrap();
+        let any = "0.0.0.0:7700".parse().unwrap();
+        assert_eq!(
+            advertised(None, "https", local).unwrap(),
+            "https://127.0.0.1:7700"
+        );
+        assert_eq!(
+            advertised(Some("https://cp1:7700/"), "https", any).unwrap(),
+            "https://cp1:7700"
+        );
+        let err = advertised(None, "https", any).unwrap_err();
+        assert!(
+            err.starts_with("--advertise-url: needed with --listen 0.0.0.0:7700"),
+            "{err}"
+        );
+        for (url, why) in [
+            ("cp1:7700", "is not an https:// URL with a host"),
+            ("http://cp1:7700", "is not an https:// URL with a host"),
+            ("https://cp1:7700/api", "has a path"),
+            ("not a url", "is not a URL"),
+        ] {
+            let err = advertised(Some(url), "https", local).unwrap_err();
+            assert!(
+                err.starts_with(&format!("--advertise-url: {url:?} {why}")),
+                "{url}: {err}"
+            );
+        }
     }
 }

@@ -160,6 +160,15 @@ pub async fn start(
     version: &str,
     f: impl FnOnce(&mut StrategyFile),
 ) -> anyhow::Result<Rollout> {
+    start_on(&fleet.api()?, version, f).await
+}
+
+/// [`start`] through `api`, e.g. another replica of the control plane.
+pub async fn start_on(
+    api: &ApiClient,
+    version: &str,
+    f: impl FnOnce(&mut StrategyFile),
+) -> anyhow::Result<Rollout> {
     let mut strategy = StrategyFile {
         batch: Some("1".into()),
         min_healthy_time: Some("300ms".into()),
@@ -178,8 +187,7 @@ pub async fn start(
         hooks: None,
         strategy,
     };
-    let resp: RolloutResponse = fleet
-        .api()?
+    let resp: RolloutResponse = api
         .post(
             "/v1/rollouts",
             &StartRollout {

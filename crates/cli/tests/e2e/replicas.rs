@@ -19,8 +19,9 @@ struct Replica {
     dir: PathBuf,
 }
 
-impl Drop for Replica {
-    fn drop(&mut self) {
+impl Replica {
+    /// kill -9, and wait for it to be gone.
+    fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -28,8 +29,28 @@ impl Drop for Replica {
     }
 }
 
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 async fn replica(etcd: &TestEtcd, dir: &Path, name: &str) -> Replica {
     replica_at(etcd, dir, name, 0, "/replicas/").await
+}
+
+/// How a replica is started besides its store.
+#[derive(Default)]
+struct Launch<'a> {
+    /// 0: any; a port chosen beforehand lets agents be told of it before
+    /// it starts.
+    port: u16,
+    prefix: &'a str,
+    /// Serve HTTPS with the certificate `rollwave certs init` wrote there,
+    /// announcing `https://127.0.0.1:PORT` (`port` must be set).
+    tls: Option<&'a Path>,
+    /// `--replica-ca-file`.
+    replica_ca: Option<&'a Path>,
 }
 
 async fn health(url: &str) -> Option<HealthResponse> {
@@ -54,6 +75,79 @@ fn admin_token(dir: &Path) -> String {
         .unwrap()
         .trim()
         .to_string()
+}
+
+/// `--store` and `--store-prefix` for a fleet's control plane.
+fn store_args(etcd: &TestEtcd, prefix: &str) -> Vec<String> {
+    vec![
+        "--store".into(),
+        etcd.store_url(),
+        "--store-prefix".into(),
+        prefix.into(),
+    ]
+}
+
+/// Two distinct free ports, for replicas agents are told of beforehand.
+fn two_ports() -> (u16, u16) {
+    let first = rollwave::fleet::free_port().unwrap();
+    loop {
+        let second = rollwave::fleet::free_port().unwrap();
+        if second != first {
+            return (first, second);
+        }
+    }
+}
+
+/// Waits until the replicas listed under `prefix` are `urls`, no more, no
+/// fewer (a killed one stays listed until its lease lapses): from then on,
+/// a push copies its artifact to each other one before it is answered.
+async fn wait_listed(etcd: &TestEtcd, prefix: &str, urls: &[&str]) {
+    let view = etcd.store(prefix).await;
+    wait_until("the replicas listed", || async {
+        let listed = rollwave_store::Store::election(&view)?
+            .replicas()
+            .await
+            .ok()?;
+        let mut listed: Vec<&str> = listed.iter().map(String::as_str).collect();
+        listed.sort();
+        listed.dedup();
+        let mut want = urls.to_vec();
+        want.sort();
+        (listed == want).then_some(())
+    })
+    .await;
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The artifact a replica holds itself, copied from the one that took the
+/// push.
+fn blob(replica: &Replica, sha256: &str) -> Vec<u8> {
+    std::fs::read(replica.dir.join("data").join("blobs").join(sha256))
+        .unwrap_or_else(|e| panic!("{}: no artifact {sha256}: {e}", replica.url))
+}
+
+/// `rollwave ARGS --json` with every replica in `--server`, as the admin.
+fn cli_json(servers: &[&str], token: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(exe())
+        .args(["--server", &servers.join(",")])
+        .args(args)
+        .arg("--json")
+        .env("ROLLWAVE_TOKEN", token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -112,6 +206,11 @@ async fn a_follower_serves_through_the_leader_and_takes_over_when_it_dies() {
         .await
         .unwrap();
     assert_eq!(session.status(), 503, "agents are sent to the leader");
+    assert_eq!(
+        session.headers()[rollwave_api::LEADER_HEADER],
+        leader.url.as_str(),
+        "named in a header for agents"
+    );
     let body = session.text().await.unwrap();
     assert!(body.contains(&leader.url), "{body}");
 
@@ -228,16 +327,50 @@ async fn a_deleted_release_leaves_its_artifact_on_no_replica() {
 /// A replica on `port` (0: any; a port chosen beforehand lets agents be
 /// told of it before it starts), keeping its records under `prefix`.
 async fn replica_at(etcd: &TestEtcd, dir: &Path, name: &str, port: u16, prefix: &str) -> Replica {
+    launch(
+        etcd,
+        dir,
+        name,
+        Launch {
+            port,
+            prefix,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+async fn launch(etcd: &TestEtcd, dir: &Path, name: &str, how: Launch<'_>) -> Replica {
     let dir = dir.join(name);
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("server.out");
-    let child = Command::new(exe())
-        .args(["server", "--insecure-plain-http"])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+    let mut cmd = Command::new(exe());
+    cmd.arg("server")
+        .args(["--listen", &format!("127.0.0.1:{}", how.port)])
         .arg("--data-dir")
         .arg(dir.join("data"))
         .args(["--store", &etcd.store_url()])
-        .args(["--store-prefix", prefix])
+        .args(["--store-prefix", how.prefix]);
+    match how.tls {
+        Some(certs) => {
+            assert_ne!(how.port, 0, "an advertised https URL needs its port");
+            cmd.arg("--tls-cert")
+                .arg(certs.join(rollwave_tls::certs::SERVER_CERT))
+                .arg("--tls-key")
+                .arg(certs.join(rollwave_tls::certs::SERVER_KEY))
+                .args([
+                    "--advertise-url",
+                    &format!("https://127.0.0.1:{}", how.port),
+                ]);
+        }
+        None => {
+            cmd.arg("--insecure-plain-http");
+        }
+    }
+    if let Some(ca) = how.replica_ca {
+        cmd.arg("--replica-ca-file").arg(ca);
+    }
+    let child = cmd
         .env("ROLLWAVE_LOG", "info")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out).unwrap())
@@ -258,64 +391,53 @@ async fn replica_at(etcd: &TestEtcd, dir: &Path, name: &str, port: u16, prefix: 
     }
 }
 
-/// The leader is killed mid-rollout: the other replica is elected, the
+/// The leader is killed mid-rollout: another replica is elected, the
 /// agents move to it, it has the release's artifact (copied at the push),
-/// and the rollout completes with no node switched twice.
+/// and the rollout completes with no node switched twice. Meanwhile the
+/// CLI given every replica, and the dashboard through the replica that
+/// follows, answer as before.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rollout_completes_across_the_death_of_its_leader() {
-    use rollwave::fleet::{free_port, Fleet, FleetSpec};
+    use rollwave::fleet::{Fleet, FleetSpec};
     use rollwave_core::{NodeState, RolloutState};
 
     let etcd = TestEtcd::start().await;
-    let store = etcd.endpoint.replace("http://", "etcd://");
-    let b_port = free_port().unwrap();
+    let (b_port, c_port) = two_ports();
     let b_url = format!("http://127.0.0.1:{b_port}");
+    let c_url = format!("http://127.0.0.1:{c_port}");
     let mut fleet = Fleet::launch(FleetSpec {
-        server_args: vec![
-            "--store".into(),
-            store,
-            "--store-prefix".into(),
-            "/roll/".into(),
-        ],
-        extra_servers: vec![b_url.clone()],
+        server_args: store_args(&etcd, "/roll/"),
+        extra_servers: vec![b_url.clone(), c_url.clone()],
         ..FleetSpec::new(exe().into(), 3)
     })
     .await
     .unwrap();
+    let a_url = fleet.url();
     let tmp = tempfile::tempdir().unwrap();
     let b = replica_at(&etcd, tmp.path(), "b", b_port, "/roll/").await;
-    wait_until("b to follow the fleet's control plane", || async {
-        health(&b.url)
-            .await
-            .filter(|h| !h.leader && h.leader_url.as_deref() == Some(&fleet.url()))
-    })
-    .await;
-    // Once b is listed, a push copies the artifact to it before answering.
-    let view = etcd.store("/roll/").await;
-    wait_until("b listed as a replica", || async {
-        let listed = rollwave_store::Store::election(&view)?
-            .replicas()
-            .await
-            .ok()?;
-        listed.contains(&b_url).then_some(())
-    })
-    .await;
-    crate::harness::push(&fleet, "1.0.0", true).await;
-    crate::harness::push(&fleet, "2.0.0", true).await;
-    let copied = std::fs::read_dir(b.dir.join("data").join("blobs"))
+    let c = replica_at(&etcd, tmp.path(), "c", c_port, "/roll/").await;
+    for r in [&b, &c] {
+        wait_until("b and c to follow the fleet's control plane", || async {
+            health(&r.url)
+                .await
+                .filter(|h| !h.leader && h.leader_url.as_deref() == Some(&a_url))
+        })
+        .await;
+    }
+    // Once b and c are listed, a push copies the artifact to them before
+    // answering.
+    wait_listed(&etcd, "/roll/", &[&a_url, &b_url, &c_url]).await;
+    let v1 = crate::harness::push(&fleet, "1.0.0", true).await.release;
+    let v2 = crate::harness::push(&fleet, "2.0.0", true).await.release;
+    for r in [&b, &c] {
+        for v in [&v1, &v2] {
+            assert_eq!(sha256_hex(&blob(r, &v.sha256)), v.sha256);
+        }
+    }
+    let all = [a_url.as_str(), b_url.as_str(), c_url.as_str()];
+    let api = rollwave::client::ApiClient::new(&all.join(","), &fleet.client_tls())
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_type().unwrap().is_file())
-        .count();
-    assert_eq!(
-        copied, 2,
-        "both artifacts are on b before the pushes answered"
-    );
-    let api = rollwave::client::ApiClient::new(
-        &format!("{},{}", fleet.url(), b_url),
-        &fleet.client_tls(),
-    )
-    .unwrap()
-    .with_token(Some(fleet.admin_token.clone()));
+        .with_token(Some(fleet.admin_token.clone()));
     let install = crate::harness::start(&fleet, "1.0.0", |s| {
         s.batch = Some("100%".into());
         s.min_healthy_time = Some("0s".into());
@@ -338,6 +460,14 @@ async fn a_rollout_completes_across_the_death_of_its_leader() {
     assert!(first_term > 0, "agents learn the leader's term");
     fleet.kill_server();
 
+    // At once, while no replica leads yet: the CLI passes over the dead
+    // one and the followers' 503s until a leader answers.
+    let token = fleet.admin_token.clone();
+    let id = r.id.to_string();
+    let status = cli_json(&all, &token, &["rollout", "status", &id]);
+    assert_eq!(status["id"], r.id, "{status:#}");
+    assert_eq!(status["spec"]["version"], "2.0.0", "{status:#}");
+
     let done = wait_until("the rollout to complete under the new leader", || {
         let api = api.clone();
         async move {
@@ -348,12 +478,13 @@ async fn a_rollout_completes_across_the_death_of_its_leader() {
     .await;
     assert_eq!(done.state, RolloutState::Completed, "{done:#?}");
     assert!(done.fully_upgraded());
-    assert!(health(&b.url).await.unwrap().leader);
     for node in &fleet.nodes {
         let to_new = crate::harness::switches_to(&node.state_dir, "2.0.0");
         assert_eq!(to_new, 1, "{} switched to 2.0.0 {to_new} times", node.name);
     }
-    let log = std::fs::read_to_string(b.dir.join("server.log")).unwrap();
+    let leader = leader_of(&[&b, &c]).await;
+    let follower = if std::ptr::eq(leader, &b) { &c } else { &b };
+    let log = std::fs::read_to_string(leader.dir.join("server.log")).unwrap();
     assert!(log.contains("elected leader"), "{log}");
     for node in &fleet.nodes {
         assert!(
@@ -362,6 +493,351 @@ async fn a_rollout_completes_across_the_death_of_its_leader() {
             node.name
         );
     }
+
+    // The CLI, with one replica dead.
+    let status = cli_json(&all, &token, &["rollout", "status", &id]);
+    assert_eq!(status["state"], "completed", "{status:#}");
+    let nodes = cli_json(&all, &token, &["nodes"]);
+    let nodes = nodes.as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{nodes:#?}");
+    for n in nodes {
+        assert_eq!(n["online"], true, "{n:#}");
+        assert_eq!(n["services"]["api"]["version"], "2.0.0", "{n:#}");
+    }
+    wait_until("the follower to know the new leader", || async {
+        health(&follower.url)
+            .await
+            .filter(|h| h.leader_url.as_deref() == Some(leader.url.as_str()))
+    })
+    .await;
+    dashboard_through(follower, &token, r.id, &mut fleet).await;
+}
+
+/// What the dashboard loads, through a replica that follows: its page and
+/// assets, the snapshots it fetches, and its change stream, which carries
+/// what happens on the leader (an agent lost, here).
+async fn dashboard_through(
+    follower: &Replica,
+    token: &str,
+    rollout: u64,
+    fleet: &mut rollwave::fleet::Fleet,
+) {
+    let http = reqwest::Client::new();
+    let base = &follower.url;
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/ui/app.js", "text/javascript"),
+        ("/ui/app.css", "text/css"),
+    ] {
+        let resp = http.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        let got = resp.headers()["content-type"].to_str().unwrap();
+        assert!(got.starts_with(kind), "{path}: {got}");
+    }
+    let get = |path: String| {
+        let http = http.clone();
+        async move {
+            let resp = http
+                .get(format!("{base}{path}"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "{path}");
+            resp.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let nodes = get("/v1/nodes".into()).await;
+    assert_eq!(nodes.as_array().unwrap().len(), 3, "{nodes:#}");
+    let rollouts = get("/v1/rollouts".into()).await;
+    assert!(
+        rollouts
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == rollout && r["state"] == "completed"),
+        "{rollouts:#}"
+    );
+    let services = get("/v1/services".into()).await;
+    assert!(services.is_array(), "{services:#}");
+    let one = get(format!("/v1/rollouts/{rollout}")).await;
+    assert_eq!(one["rollout"]["state"], "completed", "{one:#}");
+
+    // The stream, with the token in the query as the browser's EventSource
+    // sends it.
+    let mut stream = http
+        .get(format!("{base}/v1/events?access_token={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let kind = stream.headers()["content-type"].to_str().unwrap();
+    assert!(kind.starts_with("text/event-stream"), "{kind}");
+    fleet.kill_agent(0);
+    let mut text = String::new();
+    let offline = |frame: &str| {
+        frame.contains("event: node")
+            && frame.contains("\"name\":\"node-1\"")
+            && frame.contains("\"online\":false")
+    };
+    // The limit only guards against a hung test.
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(120), async {
+        while !text.split("\n\n").any(offline) {
+            let chunk = stream.chunk().await.unwrap().expect("the stream ended");
+            text.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    })
+    .await;
+    assert!(seen.is_ok(), "no event said node-1 went offline: {text}");
+}
+
+/// A release is on every replica before its push is answered: with the
+/// replica that took the push killed (it led, too), agents download it from
+/// the two others, and a rollout started through one of them completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_release_outlives_the_replica_it_was_pushed_to() {
+    use rollwave::fleet::{Fleet, FleetSpec};
+    use rollwave_core::RolloutState;
+
+    let etcd = TestEtcd::start().await;
+    let (b_port, c_port) = two_ports();
+    let b_url = format!("http://127.0.0.1:{b_port}");
+    let c_url = format!("http://127.0.0.1:{c_port}");
+    let mut fleet = Fleet::launch(FleetSpec {
+        server_args: store_args(&etcd, "/outlive/"),
+        extra_servers: vec![b_url.clone(), c_url.clone()],
+        ..FleetSpec::new(exe().into(), 3)
+    })
+    .await
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let b = replica_at(&etcd, tmp.path(), "b", b_port, "/outlive/").await;
+    let c = replica_at(&etcd, tmp.path(), "c", c_port, "/outlive/").await;
+    wait_listed(&etcd, "/outlive/", &[&fleet.url(), &b_url, &c_url]).await;
+
+    // a, the fleet's control plane, takes both pushes.
+    crate::harness::push(&fleet, "1.0.0", true).await;
+    let install = crate::harness::start(&fleet, "1.0.0", |s| {
+        s.batch = Some("100%".into());
+        s.min_healthy_time = Some("0s".into());
+    })
+    .await
+    .unwrap();
+    let installed = crate::harness::wait_done(&fleet, install.id).await;
+    assert!(installed.fully_upgraded(), "{installed:#?}");
+    let release = crate::harness::push(&fleet, "2.0.0", true).await.release;
+    for r in [&b, &c] {
+        assert_eq!(sha256_hex(&blob(r, &release.sha256)), release.sha256);
+    }
+    fleet.kill_server();
+
+    // Through b, whichever of b and c is elected.
+    let leader = leader_of(&[&b, &c]).await;
+    wait_until("b to know the new leader", || async {
+        health(&b.url)
+            .await
+            .filter(|h| h.leader_url.as_deref() == Some(leader.url.as_str()))
+    })
+    .await;
+    let via_b = rollwave::client::ApiClient::new(&b_url, &fleet.client_tls())
+        .unwrap()
+        .with_token(Some(fleet.admin_token.clone()));
+    let r = crate::harness::start_on(&via_b, "2.0.0", |s| {
+        s.min_healthy_time = Some("0s".into());
+    })
+    .await
+    .unwrap();
+    let done = wait_until("the rollout to complete", || {
+        let api = via_b.clone();
+        async move {
+            let r = crate::harness::get(&api, r.id).await.ok()?;
+            r.state.is_terminal().then_some(r)
+        }
+    })
+    .await;
+    assert_eq!(done.state, RolloutState::Completed, "{done:#?}");
+    assert!(done.fully_upgraded(), "{done:#?}");
+    // a is dead: each node downloaded 2.0.0 from b or c, and switched once.
+    for node in &fleet.nodes {
+        let to_new = crate::harness::switches_to(&node.state_dir, "2.0.0");
+        assert_eq!(to_new, 1, "{} switched to 2.0.0 {to_new} times", node.name);
+    }
+    let http = reqwest::Client::new();
+    for r in [&b, &c] {
+        let resp = http
+            .get(format!("{}/v1/releases/api/2.0.0/artifact", r.url))
+            .bearer_auth(&fleet.admin_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{}", r.url);
+        let bytes = resp.bytes().await.unwrap();
+        assert_eq!(sha256_hex(&bytes), release.sha256, "{}", r.url);
+    }
+}
+
+/// A replica over HTTPS on `port`, with the certificate `rollwave certs
+/// init` wrote into `certs`, trusting `replica_ca` for the others.
+async fn tls_replica(
+    etcd: &TestEtcd,
+    dir: &Path,
+    name: &str,
+    port: u16,
+    certs: &Path,
+    replica_ca: &Path,
+) -> Replica {
+    let how = Launch {
+        port,
+        prefix: "/tls/",
+        tls: Some(certs),
+        replica_ca: Some(replica_ca),
+    };
+    launch(etcd, dir, name, how).await
+}
+
+async fn health_over(https: &reqwest::Client, url: &str) -> Option<HealthResponse> {
+    let resp = https.get(format!("{url}/v1/health")).send().await.ok()?;
+    resp.json().await.ok()
+}
+
+/// Replicas over HTTPS: a follower passes requests to the leader, and the
+/// leader copies artifacts to the others, verifying their certificates
+/// with `--replica-ca-file`. A replica given another CA reaches none of the
+/// others: what it passes on is answered 503 naming the refused
+/// certificate, and a push it would have to copy is refused, storing
+/// nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_over_https_verify_each_other_with_the_replica_ca() {
+    let etcd = TestEtcd::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let certs_init = |name: &str| {
+        let certs = dir.join(name);
+        let out = Command::new(exe())
+            .args(["certs", "init", "--dir"])
+            .arg(&certs)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        certs
+    };
+    let certs = certs_init("certs");
+    let ca = certs.join(rollwave_tls::certs::CA_CERT);
+    let other_ca = certs_init("other").join(rollwave_tls::certs::CA_CERT);
+    let (a_port, b_port) = two_ports();
+    let c_port = loop {
+        let p = rollwave::fleet::free_port().unwrap();
+        if p != a_port && p != b_port {
+            break p;
+        }
+    };
+    let https = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap())
+        .build()
+        .unwrap();
+    let mut a = tls_replica(&etcd, dir, "a", a_port, &certs, &ca).await;
+    assert_eq!(a.url, format!("https://127.0.0.1:{a_port}"));
+    wait_until("a to lead", || async {
+        health_over(&https, &a.url).await.filter(|h| h.leader)
+    })
+    .await;
+    let mut b = tls_replica(&etcd, dir, "b", b_port, &certs, &ca).await;
+    wait_listed(&etcd, "/tls/", &[&a.url, &b.url]).await;
+    wait_until("b to follow a", || async {
+        health_over(&https, &b.url)
+            .await
+            .filter(|h| h.leader_url.as_deref() == Some(a.url.as_str()))
+    })
+    .await;
+
+    // Through b, over HTTPS to a; a copies the artifact to b over HTTPS.
+    let token = admin_token(&a.dir);
+    let artifact = b"#!/bin/sh\nexec sleep 60\n".to_vec();
+    let push = https
+        .post(format!("{}/v1/releases/api/1.0.0", b.url))
+        .bearer_auth(&token)
+        .body(artifact.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(push.status(), 201, "{:?}", push.text().await);
+    assert_eq!(blob(&b, &sha256_hex(&artifact)), artifact, "copied to b");
+
+    // c trusts another CA: it cannot pass anything on to a.
+    let mut c = tls_replica(&etcd, dir, "c", c_port, &certs, &other_ca).await;
+    wait_until("c to know the leader", || async {
+        health_over(&https, &c.url)
+            .await
+            .filter(|h| h.leader_url.is_some())
+    })
+    .await;
+    let refused = https
+        .get(format!("{}/v1/releases", c.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    let message = refused
+        .json::<rollwave_api::ErrorBody>()
+        .await
+        .unwrap()
+        .error
+        .message;
+    let refusal = "its certificate was refused (invalid peer certificate: UnknownIssuer): is --replica-ca-file the CA that signed it?";
+    assert_eq!(
+        message,
+        format!("passing the request to the leader, {}: {refusal}", a.url)
+    );
+
+    // With a and b gone, c leads; b, started again, follows it. A push
+    // through b reaches c, which cannot copy the artifact to b: refused,
+    // and the release is not stored.
+    a.kill();
+    b.kill();
+    wait_until("c to lead", || async {
+        health_over(&https, &c.url).await.filter(|h| h.leader)
+    })
+    .await;
+    b = tls_replica(&etcd, dir, "b", b_port, &certs, &ca).await;
+    wait_listed(&etcd, "/tls/", &[&b.url, &c.url]).await;
+    wait_until("b to follow c", || async {
+        health_over(&https, &b.url)
+            .await
+            .filter(|h| h.leader_url.as_deref() == Some(c.url.as_str()))
+    })
+    .await;
+    let push = https
+        .post(format!("{}/v1/releases/api/2.0.0", b.url))
+        .bearer_auth(&token)
+        .body(b"#!/bin/sh\nexec sleep 61\n".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(push.status(), 503);
+    let message = push
+        .json::<rollwave_api::ErrorBody>()
+        .await
+        .unwrap()
+        .error
+        .message;
+    assert_eq!(
+        message,
+        format!("release api@2.0.0 not stored: the artifact could not be copied to every replica (copying to {}: {refusal}); push it again", b.url)
+    );
+    let releases: Vec<rollwave_core::Release> = https
+        .get(format!("{}/v1/releases", b.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let versions: Vec<&str> = releases.iter().map(|r| r.version.as_str()).collect();
+    assert_eq!(versions, ["1.0.0"], "nothing stored of 2.0.0");
+    c.kill();
 }
 
 /// etcd loses its quorum mid-rollout: nothing moves, the leader gives up
@@ -569,6 +1045,24 @@ async fn a_replica_refuses_another_clusters_store_or_an_unreachable_one() {
         err.contains("this store belongs to cluster") && err.contains("was used by cluster"),
         "{err}"
     );
+
+    // An advertised address the others could not use.
+    let out = Command::new(exe())
+        .args(["server", "--listen", "127.0.0.1:0", "--insecure-plain-http"])
+        .arg("--data-dir")
+        .arg(tmp.path().join("advertise"))
+        .args(["--store", &etcd.store_url(), "--store-prefix", "/three/"])
+        .args(["--advertise-url", "https://cp1:7700"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--advertise-url: \"https://cp1:7700\" is not an http:// URL with a host, as this control plane serves plain HTTP"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 
     let port = rollwave_store::etcd::testing::free_port();
     let out = serve("/one/", &format!("etcd://127.0.0.1:{port}"))

@@ -13,8 +13,11 @@ use super::EtcdStore;
 use crate::{Election, Lead, Result, Store};
 
 /// How long a leader that stops renewing (killed, paused, cut off) keeps
-/// its role: the time before another replica takes over.
-pub const LEASE_TTL: Duration = Duration::from_secs(5);
+/// its role: the time before another replica takes over. Two seconds is
+/// the shortest lease etcd grants with its default election timeout (1 s):
+/// a lease shorter than etcd's own failover would lapse whenever etcd
+/// changes leader. Renewed every third of it.
+pub const LEASE_TTL: Duration = Duration::from_secs(2);
 
 impl EtcdStore {
     fn election_name(&self) -> Vec<u8> {
@@ -36,18 +39,27 @@ impl EtcdStore {
             .await
             .map_err(|e| self.backend("keeping the leader lease alive", e))?;
         let (lost, on_lost) = oneshot::channel();
+        // Held from the grant: the lease runs at least TTL from when the
+        // last renewal that etcd confirmed was sent.
+        let mut held_from = tokio::time::Instant::now();
         tokio::spawn(async move {
             let why = loop {
-                tokio::time::sleep(LEASE_TTL / 3).await;
+                tokio::time::sleep_until(held_from + LEASE_TTL / 3).await;
+                let sent = tokio::time::Instant::now();
                 if let Err(e) = keeper.keep_alive().await {
                     break format!("renewing the lease: {e}");
                 }
-                match tokio::time::timeout(LEASE_TTL / 2, stream.message()).await {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                // A slow answer is waited for as long as the lease may
+                // still run: given up on sooner, a loaded etcd would depose
+                // a leader that still holds its lease.
+                match tokio::time::timeout_at(held_from + LEASE_TTL, stream.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => held_from = sent,
                     Ok(Ok(Some(_))) => break "the lease expired".to_string(),
                     Ok(Ok(None)) => break "etcd closed the lease stream".to_string(),
                     Ok(Err(e)) => break format!("renewing the lease: {e}"),
-                    Err(_) => break "etcd did not answer a lease renewal in time".to_string(),
+                    Err(_) => {
+                        break "etcd confirmed no lease renewal within the lease's TTL".to_string()
+                    }
                 }
             };
             let _ = lost.send(why);
@@ -60,17 +72,23 @@ impl EtcdStore {
 impl Election for EtcdStore {
     async fn campaign(&self, address: &str) -> Result<Lead> {
         let (lease, mut lost) = self.keep_lease().await?;
-        let mut election = self.client.election_client();
+        let mut election = self.campaigner.election_client();
         loop {
             if let Ok(why) = lost.try_recv() {
                 return Err(self.backend("campaigning", why));
             }
-            // The client's request timeout cuts a long wait short: campaign
-            // again with the same lease, which keeps this replica's place.
-            match election
-                .campaign(self.election_name(), address, lease)
-                .await
-            {
+            // Waits until elected, as long as it takes: cut short, etcd
+            // would resign the campaign and this replica lose its place.
+            // The lease lapsing ends the wait (etcd deletes the key).
+            let campaign = election.campaign(self.election_name(), address, lease);
+            let result = tokio::select! {
+                r = campaign => r,
+                why = &mut lost => {
+                    let why = why.unwrap_or_else(|_| "the lease keeper stopped".into());
+                    return Err(self.backend("campaigning", why));
+                }
+            };
+            match result {
                 Ok(mut resp) => {
                     let Some(key) = resp.take_leader() else {
                         return Err(self.backend("campaigning", "etcd named no leader key"));

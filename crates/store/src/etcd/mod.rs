@@ -35,6 +35,7 @@
 //! on one writer per rollout, the leader's reconciler.
 
 mod leader;
+pub use leader::LEASE_TTL;
 mod rollouts;
 pub mod testing;
 #[cfg(test)]
@@ -105,6 +106,11 @@ struct Meta {
 
 pub struct EtcdStore {
     client: Client,
+    /// For campaigning alone: without the request timeout, since etcd
+    /// resigns a campaign whose call is cancelled (deleting its key), and
+    /// a replica campaigning again would go to the back of the line,
+    /// behind one that started later.
+    campaigner: Client,
     /// While this replica leads: its election key and that key's creation
     /// revision, which every write requires.
     fence: std::sync::RwLock<Option<(Vec<u8>, i64)>>,
@@ -126,9 +132,9 @@ impl EtcdStore {
         if options.endpoints.is_empty() {
             return Err(StoreError::Backend("etcd: no endpoint given".into()));
         }
+        // Keep-alive pings find a dead connection, timeouts or not.
         let mut connect = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(10))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
             .with_require_leader(true);
         if let (Some(user), password) = (&options.user, &options.password) {
@@ -172,6 +178,10 @@ impl EtcdStore {
                 }
             })
             .collect();
+        let campaigner = Client::connect(&urls, Some(connect.clone()))
+            .await
+            .map_err(|e| fail("connecting", &e))?;
+        let connect = connect.with_timeout(Duration::from_secs(10));
         let client = Client::connect(&urls, Some(connect))
             .await
             .map_err(|e| fail("connecting", &e))?;
@@ -184,6 +194,7 @@ impl EtcdStore {
         };
         let mut store = EtcdStore {
             client,
+            campaigner,
             fence: Default::default(),
             prefix,
             endpoints,
