@@ -34,6 +34,8 @@ const access = {
     const dialog = $('#signin');
     $('#signin-error').textContent = access.token() ? why : '';
     $('#signout').hidden = !access.token();
+    // Back to the form after closing it without signing in.
+    $('#signin-open').hidden = false;
     if (!dialog.open) {
       dialog.showModal();
       $('#signin-token').focus();
@@ -47,6 +49,7 @@ const access = {
       access.token = () => token;
     }
     $('#signout').hidden = false;
+    $('#signin-open').hidden = true;
     // Start over with the new token: the stream and every snapshot.
     if (source) source.close();
     connect();
@@ -85,8 +88,13 @@ async function api(method, path, body) {
     // Not JSON: reported below with the status.
   }
   if (!resp.ok) {
-    const message = data && data.error && data.error.message;
-    if (resp.status === 401) access.ask(message || 'the token was refused');
+    let message = data && data.error && data.error.message;
+    if (resp.status === 401) {
+      // Without a token the server answers how a CLI user passes one; here
+      // the token comes from the sign-in form, which says so itself.
+      if (!access.token()) message = 'not signed in: sign in with an API token';
+      access.ask(message || 'the token was refused');
+    }
     const err = new Error(message || `http ${resp.status}: ${text.slice(0, 200)}`);
     err.status = resp.status;
     throw err;
@@ -185,13 +193,53 @@ function compareVersions(a, b) {
 }
 
 const TERMINAL = new Set(['completed', 'failed', 'cancelled', 'rolled_back', 'rollback_failed']);
-const IN_FLIGHT = new Set(['upgrading', 'rolling_back', 'staging', 'converging']);
+const IN_FLIGHT = new Set(['upgrading', 'rolling_back', 'staging', 'converging', 'dry_running']);
 /** Node states, in the order progress bars show them. */
 const NODE_STATES = ['upgraded', 'staged', 'failed', 'rollback_failed', 'unreachable',
-  'rolled_back', 'upgrading', 'staging', 'converging', 'rolling_back', 'pending'];
-const DONE_STATES = new Set(['upgraded', 'failed', 'unreachable', 'rolled_back', 'rollback_failed']);
+  'rolled_back', 'upgrading', 'staging', 'converging', 'dry_running', 'rolling_back', 'pending'];
+/** Node states that ended a node's part other than on the target version. */
+const ENDED_ELSEWHERE = ['failed', 'rollback_failed', 'unreachable', 'rolled_back'];
 
 const badge = (state, id) => h('span', { class: `badge s-${state}`, id }, String(state).replace(/_/g, ' '));
+
+/** FNV-1a over the string's UTF-16 units, with a final mix of the bits. */
+function hashString(text) {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) h = Math.imul(h ^ text.charCodeAt(i), 0x01000193);
+  h = Math.imul(h ^ (h >>> 16), 0x45d9f3b);
+  return (h ^ (h >>> 16)) >>> 0;
+}
+
+/**
+ * A version's colour, from the version string alone, so that a version
+ * keeps its colour whatever else the fleet runs and on every page. A
+ * semantic version turns each of its numbers by its own angle (the major
+ * by the golden angle), so that neighbouring releases (1.0.0, 2.0.0, 3.0.0;
+ * 1.1.0, 1.2.0; 1.0.1, 1.0.2) land far apart on the colour wheel, which a
+ * hash would not promise; anything after the numbers, and any other
+ * string, turns it by a hash.
+ */
+function versionColor(v) {
+  if (!v || v === 'none') return null;
+  const m = /^(\d+)\.(\d+)\.(\d+)(.*)$/.exec(v);
+  const turn = m
+    ? Number(m[1]) * 137.508 + Number(m[2]) * 83.1 + Number(m[3]) * 29.7 + (m[4] ? hashString(m[4]) % 360 : 0)
+    : hashString(v) % 360;
+  const hue = Math.round(((turn % 360) + 360) % 360);
+  return `hsl(${hue}, 60%, 45%)`;
+}
+
+/** A small square in a version's colour (grey for none). */
+function swatch(v) {
+  const color = versionColor(v);
+  return h('span', {
+    class: color ? 'swatch' : 'swatch cnone', 'data-version': v || 'none', 'aria-hidden': 'true',
+    style: color ? { 'background-color': color } : null,
+  });
+}
+
+/** A version with its colour. */
+const versionTag = (v) => h('span', { class: 'version-tag' }, swatch(v), h('span', { class: 'version' }, v || 'none'));
 
 // ---------------------------------------------------------------------------
 // State: what the page knows, from snapshots and then events.
@@ -212,6 +260,7 @@ const S = {
     group: '',
     openWaves: new Set(), // "id:wave" of big waves shown
     allLog: new Set(), // rollout ids whose whole log is shown
+    logOpen: new Map(), // rollout id -> whether its log was opened or folded by hand
   },
 };
 
@@ -253,6 +302,51 @@ function stub(id) {
 
 function isActive(r) {
   return !TERMINAL.has(r.state) || Object.values(r.nodes).some((n) => IN_FLIGHT.has(n.state) || n.state === 'unreachable');
+}
+
+/**
+ * The wave (from 0) that is done and waits for an operator to promote the
+ * rollout, or -1: the planner's `awaiting_promotion`. It needs the plan, so
+ * a rollout known only from the list (a summary) never waits here; an
+ * active one's full copy is fetched at once.
+ */
+function promotionWait(r) {
+  if (!r.batches || !r.pauses) return -1;
+  const open = r.batches.findIndex((b) => b.some((name) => {
+    const s = (r.nodes[name] || {}).state || 'pending';
+    return s === 'pending' || IN_FLIGHT.has(s);
+  }));
+  const done = open - 1;
+  return open > 0 && r.pauses[done] === true && !(r.promoted || []).includes(done) ? done : -1;
+}
+
+/**
+ * A rollout's state in words. A canary held after a wave for a promotion is
+ * `running` in the API (nothing failed, nobody paused it), but what it does
+ * is wait for an operator, and the badge says so.
+ */
+function stateOf(r) {
+  if (r.state === 'running' && promotionWait(r) >= 0) return { key: 'waiting', text: 'waiting for promotion' };
+  return { key: r.state, text: String(r.state).replace(/_/g, ' ') };
+}
+
+function stateBadge(r, id) {
+  const s = stateOf(r);
+  return h('span', { class: `badge s-${s.key} rollout-state`, id, 'data-state': r.state }, s.text);
+}
+
+/**
+ * What the rollout waits for, in words for someone at this page: the API's
+ * `waiting` names the CLI command for a promotion, which is the Promote
+ * button here. Said only from the full copy, which has the plan.
+ */
+function waitingText(r) {
+  if (TERMINAL.has(r.state) || r.partial) return '';
+  const done = promotionWait(r);
+  if (done >= 0) {
+    return `Wave ${done + 1} of ${r.batches.length} is done. The rollout waits for an operator to promote it before wave ${done + 2} starts.`;
+  }
+  return r.waiting || '';
 }
 
 /** Appends the pending log entries that now follow on. */
@@ -671,19 +765,6 @@ function versionCounts(service, nodes) {
   return [...counts.entries()].sort((a, b) => (a[0] === 'none' ? 1 : b[0] === 'none' ? -1 : compareVersions(a[0], b[0])));
 }
 
-/** A colour per version of a service, the newest first in the palette. */
-function versionColors(service) {
-  const versions = new Set();
-  for (const n of S.nodes.values()) {
-    const s = n.services[service];
-    if (s && s.version) versions.add(s.version);
-  }
-  const sorted = [...versions].sort(compareVersions);
-  const colors = new Map(sorted.map((v, i) => [v, `c${i % 8}`]));
-  colors.set('none', 'cnone');
-  return colors;
-}
-
 function fleetView(root) {
   const filter = h('input', {
     id: 'fleet-filter', type: 'search', autocomplete: 'off', spellcheck: 'false',
@@ -699,11 +780,13 @@ function fleetView(root) {
     S.ui.group = group.value;
     schedule();
   });
+  const active = h('section', { id: 'active-rollouts', 'aria-label': 'Rollouts in progress', 'aria-live': 'polite' });
   const services = h('section', { id: 'services', class: 'services', 'aria-label': 'Versions per service' });
   const count = h('span', { id: 'fleet-count', class: 'muted', 'aria-live': 'polite' });
   const table = h('div', { id: 'fleet-table' });
   fill(root,
     h('h1', {}, 'Fleet'),
+    active,
     services,
     h('div', { class: 'toolbar' },
       h('label', {}, 'Filter ', filter),
@@ -733,7 +816,6 @@ function fleetView(root) {
 
   function serviceCard(name, all) {
     const counts = versionCounts(name, all);
-    const colors = versionColors(name);
     const total = counts.reduce((a, [, n]) => a + n, 0);
     const summary = S.services.get(name);
     const active = summary && summary.active;
@@ -748,9 +830,13 @@ function fleetView(root) {
         h('span', { class: 'active muted' }, 'active: ', h('span', { class: 'version' }, active ? active.version : 'none')),
         finalizeButton),
       h('div', { class: 'bar', role: 'img', 'aria-label': `${name}: ${label}` },
-        counts.map(([v, n]) => h('span', {
-          class: colors.get(v) || 'cnone', title: `${v}: ${n} of ${total}`, style: { 'flex-grow': String(n) },
-        }))),
+        counts.map(([v, n]) => {
+          const color = versionColor(v);
+          return h('span', {
+            class: color ? null : 'cnone', 'data-version': v, title: `${v}: ${n} of ${total}`,
+            style: Object.assign({ 'flex-grow': String(n) }, color ? { 'background-color': color } : {}),
+          });
+        })),
       h('ul', { class: 'legend', 'aria-label': `${name} versions` },
         counts.map(([v, n]) => {
           const term = `${name}@${v}`;
@@ -760,7 +846,7 @@ function fleetView(root) {
               title: `Show the nodes running ${term}`,
               onclick: () => setFilter(S.ui.filter.trim() === term ? '' : term),
             },
-            h('span', { class: `swatch ${colors.get(v) || 'cnone'}` }),
+            swatch(v),
             h('span', { class: 'version' }, v), ' ',
             h('span', { class: 'count' }, String(n))));
         })));
@@ -778,15 +864,34 @@ function fleetView(root) {
         const d = want.get(`${n.name}/${svc}`) || (s.desired ? { version: s.desired, converging: s.converging } : null);
         return h('td', { 'data-service': svc },
           h('div', { class: 'svc' },
-            h('span', { class: 'version' }, s.version || 'none'),
+            versionTag(s.version),
             n.online ? badge(s.health) : h('span', { class: 'badge muted' }, 'unknown'),
             s.staged && s.staged.length ? h('span', { class: 'staged' }, `staged ${s.staged.join(', ')}`) : null,
             d ? h('span', { class: 'desired' }, `${d.converging ? 'converging' : 'behind'}: ${d.version}`) : null));
       }));
   }
 
+  /**
+   * Every rollout under way (not ended), each a link to its page, so that
+   * the fleet's versions moving are never a surprise.
+   */
+  function updateActive() {
+    const list = [...S.rollouts.values()].filter((r) => r.spec && !TERMINAL.has(r.state)).sort((a, b) => a.id - b.id);
+    active.hidden = !list.length;
+    fill(active, list.map((r) => {
+      const wait = waitingText(r);
+      return h('p', { class: 'active-rollout', 'data-rollout': r.id },
+        h('a', { href: `#/rollouts/${r.id}`, 'data-key': `active:${r.id}` },
+          `Rollout #${r.id}: ${r.spec.service} `, versionList(r), ' → ', versionTag(r.spec.version)),
+        ' ', stateBadge(r),
+        ' ', h('span', { class: 'progress-text' }, progressText(stateCounts(r))),
+        wait ? h('span', { class: 'muted' }, ` · ${wait}`) : null);
+    }));
+  }
+
   return {
     update() {
+      updateActive();
       const all = [...S.nodes.values()].sort((a, b) => a.name.localeCompare(b.name, undefined, { numeric: true }));
       const names = serviceNames();
       const labelKeys = [...new Set(all.flatMap((n) => Object.keys(n.labels)))].sort();
@@ -859,10 +964,38 @@ function fleetView(root) {
 // ---------------------------------------------------------------------------
 // Rollouts.
 
+/** The versions the rollout's nodes ran before it, newest first. */
+function sourceVersions(r) {
+  return [...new Set(Object.values(r.nodes).map((n) => n.from_version || 'none'))].sort(compareVersions);
+}
+
 function fromVersions(r) {
-  const vs = [...new Set(Object.values(r.nodes).map((n) => n.from_version || 'none'))].sort(compareVersions);
+  const vs = sourceVersions(r);
   if (vs.length <= 2) return vs.join(', ') || '-';
   return `${vs.slice(0, 2).join(', ')} +${vs.length - 2}`;
+}
+
+/** The same, each version with its colour. */
+function versionList(r) {
+  const vs = sourceVersions(r);
+  if (!vs.length) return h('span', { class: 'muted' }, '-');
+  const shown = vs.slice(0, 2).map(versionTag);
+  const out = [];
+  shown.forEach((el, i) => out.push(i ? ', ' : null, el));
+  if (vs.length > 2) out.push(` +${vs.length - 2}`);
+  return h('span', { class: 'versions' }, out);
+}
+
+/**
+ * Progress as `rollwave rollout list` counts it, from the same counts: the
+ * nodes on the target version out of all of them, then the nodes whose part
+ * ended otherwise. A rolled-back rollout of 4 nodes is `0/4 upgraded, 4
+ * rolled back`: counting every finished node as progress would say 4/4.
+ */
+function progressText(counts) {
+  const total = Object.values(counts).reduce((a, b) => a + b, 0);
+  const others = ENDED_ELSEWHERE.filter((s) => counts[s]).map((s) => `${counts[s]} ${s.replace(/_/g, ' ')}`);
+  return [`${counts.upgraded || 0}/${total} upgraded`, ...others].join(', ');
 }
 
 function stateCounts(r) {
@@ -876,13 +1009,12 @@ function stateCounts(r) {
 function progressBar(r) {
   const counts = stateCounts(r);
   const total = Object.values(counts).reduce((a, b) => a + b, 0);
-  const done = Object.entries(counts).filter(([s]) => DONE_STATES.has(s)).reduce((a, [, n]) => a + n, 0);
   const text = NODE_STATES.filter((s) => counts[s]).map((s) => `${counts[s]} ${s.replace(/_/g, ' ')}`).join(', ');
   return h('div', { class: 'progress-cell' },
     h('div', { class: 'progress', role: 'img', 'aria-label': text || 'no nodes', title: text },
       NODE_STATES.filter((s) => counts[s] && s !== 'pending').map((s) =>
         h('span', { class: `p-${s}`, style: { width: `${(100 * counts[s]) / total}%` } }))),
-    h('span', { class: 'progress-text' }, `${done}/${total}`));
+    h('span', { class: 'progress-text' }, progressText(counts)));
 }
 
 function duration(r) {
@@ -903,8 +1035,8 @@ function rolloutsView(root) {
       const rows = list.map((r) => h('tr', { 'data-rollout': r.id },
         h('th', { scope: 'row' }, h('a', { href: `#/rollouts/${r.id}`, 'data-key': `rollout:${r.id}` }, `#${r.id}`)),
         h('td', { class: 'service-name' }, r.spec.service),
-        h('td', { class: 'versions' }, h('span', { class: 'version' }, fromVersions(r)), ' → ', h('span', { class: 'version' }, r.spec.version)),
-        h('td', { class: 'state' }, badge(r.state), r.waiting && !TERMINAL.has(r.state) ? h('div', { class: 'muted' }, r.waiting) : null),
+        h('td', { class: 'versions' }, versionList(r), ' → ', versionTag(r.spec.version)),
+        h('td', { class: 'state' }, stateBadge(r), waitingText(r) ? h('div', { class: 'muted' }, waitingText(r)) : null),
         h('td', {}, progressBar(r)),
         h('td', { class: 'num' }, r.batches ? r.batches.length : r.waves || '-'),
         h('td', {}, timeEl(r.created_at)),
@@ -942,7 +1074,7 @@ function refusal(cmd, r) {
   switch (cmd) {
     case 'pause': return s === 'running' ? null : `the rollout is ${s.replace(/_/g, ' ')}`;
     case 'resume': return s === 'paused' ? null : `the rollout is ${s.replace(/_/g, ' ')}`;
-    case 'promote': return (s === 'running' || s === 'paused') && /promote/.test(r.waiting || '') ? null : 'no wave waits for a promotion';
+    case 'promote': return (s === 'running' || s === 'paused') && promotionWait(r) >= 0 ? null : 'no wave waits for a promotion';
     case 'cancel': return s === 'running' || s === 'paused' ? null : `the rollout is ${s.replace(/_/g, ' ')}`;
     case 'rollback': return ['rolling_back', 'rolled_back', 'rollback_failed'].includes(s) ? `the rollout is ${s.replace(/_/g, ' ')}` : null;
     case 'finalize': return s === 'completed' ? null : 'finalize once the rollout has completed';
@@ -995,7 +1127,14 @@ function rolloutView(root, route) {
   const waves = h('section', { id: 'waves', 'aria-label': 'Waves' });
   const nodeLog = h('aside', { id: 'node-log', class: 'node-log', hidden: true, 'aria-labelledby': 'node-log-title' });
   const split = h('div', { class: 'split' }, waves, nodeLog);
-  const log = h('section', { id: 'rollout-log-section', 'aria-labelledby': 'rollout-log-title' });
+  // The whole log repeats what the waves show node by node (a failure's
+  // reason among it): open while the rollout runs, to follow it, folded
+  // once it has ended unless asked for.
+  const logTitle = h('h2', { id: 'rollout-log-title' });
+  const log = h('details', { id: 'rollout-log-section' },
+    h('summary', { 'data-key': 'log-summary', onclick: () => S.ui.logOpen.set(id, !log.open) }, logTitle));
+  const logBody = h('div');
+  log.append(logBody);
   const missing = h('p', { class: 'error', hidden: true }, `Rollout ${id} does not exist.`);
   fill(root,
     h('p', {}, h('a', { href: '#/rollouts' }, '← All rollouts')),
@@ -1020,8 +1159,8 @@ function rolloutView(root, route) {
     const spec = r.spec;
     fill(facts,
       fact('Service', spec.service),
-      fact('From', h('span', { class: 'version' }, fromVersions(r))),
-      fact('To', h('span', { class: 'version' }, spec.version)),
+      fact('From', versionList(r)),
+      fact('To', versionTag(spec.version)),
       fact('Strategy', strategy(spec)),
       fact('Max unavailable', spec.max_unavailable ? ('percent' in spec.max_unavailable ? `${spec.max_unavailable.percent}%` : String(spec.max_unavailable.count)) : '-'),
       fact('Healthy for', fmtDuration(spec.min_healthy_time)),
@@ -1053,23 +1192,38 @@ function rolloutView(root, route) {
     return out;
   }
 
+  /**
+   * A node's reason is said once on the page: in the rollout's reason when
+   * that quotes it (a failure names the nodes that caused it), else under
+   * the node's row; its step that ended with it shows the step alone.
+   */
+  function nodeReasonShown(r, n) {
+    return n.reason && !(r.reason && r.reason.includes(n.reason));
+  }
+
+  function stepText(n, message) {
+    const tail = n.reason ? `: ${n.reason}` : null;
+    return tail && message.endsWith(tail) && message.length > tail.length ? message.slice(0, -tail.length) : message;
+  }
+
   function nodeRows(r, name, steps) {
     const n = r.nodes[name] || {};
     const view = S.nodes.get(name);
-    const svc = view && view.services[r.spec.service];
     const mine = steps.get(name) || [];
+    // What this rollout moved the node from and to, which stays true once
+    // the node has moved on; what it runs now is on the Fleet page.
     const row = h('tr', { 'data-node': name, class: shownNode === name ? 'selected' : null },
       h('th', { scope: 'row' }, name, view && !view.online ? h('span', { class: 'muted' }, ' (offline)') : null),
       h('td', { class: 'node-state' }, badge(n.state || 'pending')),
-      h('td', { class: 'version' }, svc ? svc.version || 'none' : '-'),
+      h('td', { class: 'node-versions' }, versionTag(n.from_version), ' → ', versionTag(r.spec.version)),
       h('td', { class: 'steps' }, h('ol', { class: 'steps', 'aria-label': `${name} steps` },
-        mine.map((e) => h('li', {}, timeEl(e.at), e.message)))),
+        mine.map((e) => h('li', {}, timeEl(e.at), stepText(n, e.message))))),
       h('td', {}, h('a', {
         class: 'show-log', href: `#/rollouts/${r.id}/nodes/${encodeURIComponent(name)}`,
         'data-key': `log:${name}`, 'aria-label': `Log of ${name}`,
       }, 'Log')));
     const out = [row];
-    if (n.reason) {
+    if (nodeReasonShown(r, n)) {
       out.push(h('tr', { class: 'reason', 'data-node-reason': name },
         h('td', { colspan: 5 }, h('span', { class: 'reason' }, n.reason))));
     }
@@ -1113,7 +1267,7 @@ function rolloutView(root, route) {
           toggle),
         names.length ? h('table', { class: 'wave-nodes' },
           h('thead', {}, h('tr', {},
-            [['Node', 'c-node'], ['State', 'c-state'], ['Running', 'c-running'], ['Steps', 'c-steps'], ['', 'c-log']]
+            [['Node', 'c-node'], ['State', 'c-state'], ['From → to', 'c-versions'], ['Steps', 'c-steps'], ['', 'c-log']]
               .map(([t, c]) => h('th', { scope: 'col', class: c }, t)))),
           h('tbody', {}, names.map((name) => nodeRows(r, name, steps)))) : null,
         open && batch.length > WAVE_ROWS ? h('p', { class: 'more muted' }, `and ${batch.length - WAVE_ROWS} more`) : null);
@@ -1162,8 +1316,11 @@ function rolloutView(root, route) {
         },
       }, all ? `Show the last ${LOG_TAIL}` : `Show all ${r.events.length}`)
       : null;
-    fill(log,
-      h('h2', { id: 'rollout-log-title' }, 'Execution log ', h('span', { class: 'muted' }, `(${r.events.length} entries)`), ' ', toggle),
+    const open = S.ui.logOpen.has(r.id) ? S.ui.logOpen.get(r.id) : !TERMINAL.has(r.state);
+    if (log.open !== open) log.open = open;
+    fill(logTitle, 'Execution log ', h('span', { class: 'muted' }, `(${r.events.length} entries)`));
+    fill(logBody,
+      toggle ? h('p', {}, toggle) : null,
       h('ol', { class: 'log', id: 'rollout-log', 'aria-label': 'Execution log' },
         entries.map((e) => h('li', { class: 'log-entry' },
           timeEl(e.at, true),
@@ -1180,12 +1337,13 @@ function rolloutView(root, route) {
         return;
       }
       title.textContent = `${r.spec.service} ${fromVersions(r)} → ${r.spec.version}`;
-      state.className = `badge s-${r.state}`;
-      state.textContent = r.state.replace(/_/g, ' ');
+      const shown = stateOf(r);
+      state.className = `badge s-${shown.key}`;
+      state.textContent = shown.text;
       state.dataset.state = r.state;
       reason.textContent = r.reason || '';
       reason.className = r.state === 'completed' ? 'muted' : 'warn';
-      waiting.textContent = TERMINAL.has(r.state) ? '' : r.waiting || '';
+      waiting.textContent = waitingText(r);
       updateFacts(r);
       fill(progress, progressBar(r));
       updateControls(r);
@@ -1207,6 +1365,7 @@ function start() {
     if (token) access.signIn(token);
   });
   $('#signout').addEventListener('click', () => access.signOut());
+  $('#signin-open').addEventListener('click', () => access.ask(''));
   $('#signout').hidden = !access.token();
   window.addEventListener('hashchange', () => {
     const before = mounted && mounted.key;
