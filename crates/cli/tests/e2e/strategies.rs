@@ -169,8 +169,9 @@ async fn plan_shows_waves_and_changes_nothing() {
             "--json",
         ],
     );
-    let plan: rollwave_core::Rollout = serde_json::from_slice(&out.stdout).unwrap();
-    for wave in &plan.batches {
+    let plan: rollwave_api::RolloutResponse = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(plan.plan_id.is_some());
+    for wave in &plan.rollout.batches {
         let mut racks: Vec<_> = wave
             .iter()
             .map(|n| (n.trim_start_matches("node-").parse::<usize>().unwrap() - 1) % 3)
