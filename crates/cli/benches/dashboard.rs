@@ -29,8 +29,8 @@ use futures_util::{SinkExt, StreamExt};
 use rollwave::client::ApiClient;
 use rollwave::fleet::free_port;
 use rollwave_api::{
-    AgentMessage, CreateToken, CreatedToken, RolloutResponse, ServerMessage, StartRollout,
-    TaskAction, TaskOutcome, AGENT_CONNECT_PATH, AGENT_PROTOCOL,
+    AgentMessage, CreateToken, CreatedToken, RolloutResponse, ServerMessage, TaskAction,
+    TaskOutcome, AGENT_CONNECT_PATH, AGENT_PROTOCOL,
 };
 use rollwave_core::{Health, Role, Rollout, RolloutFile, ServiceView, StrategyFile};
 use tokio_tungstenite::tungstenite::Message;
@@ -393,15 +393,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let cpu_before = server.cpu()?;
     let t0 = Instant::now();
-    let resp: RolloutResponse = api
-        .post(
-            "/v1/rollouts",
-            &StartRollout {
-                spec,
-                plan_id: None,
-            },
-        )
-        .await?;
+    let resp: RolloutResponse = api.start_rollout(spec).await?;
     let id = resp.rollout.id;
     let dashboards: Vec<_> = (0..args.dashboards)
         .map(|_| tokio::spawn(dashboard(server.url.clone(), viewer.token.clone(), id)))

@@ -35,7 +35,7 @@ use clap::Parser;
 use rollwave::client::ApiClient;
 use rollwave::demo::push;
 use rollwave::fleet::{free_port, Fleet, FleetSpec};
-use rollwave_api::{HealthResponse, RolloutResponse, StartRollout};
+use rollwave_api::{HealthResponse, RolloutResponse};
 use rollwave_core::{NodeState, Rollout, RolloutFile, RolloutState, StrategyFile};
 use rollwave_store::etcd::testing::TestEtcd;
 use serde_json::json;
@@ -487,15 +487,7 @@ async fn start(
         },
         ..Default::default()
     };
-    let resp: RolloutResponse = api
-        .post(
-            "/v1/rollouts",
-            &StartRollout {
-                spec,
-                plan_id: None,
-            },
-        )
-        .await?;
+    let resp: RolloutResponse = api.start_rollout(spec).await?;
     Ok(resp.rollout)
 }
 

@@ -125,6 +125,18 @@ impl ApiClient {
             .await
     }
 
+    /// Starts a rollout of `spec` (`POST /v1/rollouts`), whatever its plan.
+    pub async fn start_rollout(
+        &self,
+        spec: rollwave_api::RolloutFile,
+    ) -> anyhow::Result<rollwave_api::RolloutResponse> {
+        let body = rollwave_api::StartRollout {
+            spec,
+            plan_id: None,
+        };
+        self.post("/v1/rollouts", &body).await
+    }
+
     pub async fn post_bytes<T: DeserializeOwned>(
         &self,
         path: &str,

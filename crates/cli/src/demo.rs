@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use rollwave_api::{PushResponse, RolloutFile, RolloutResponse, StartRollout};
+use rollwave_api::{PushResponse, RolloutFile, RolloutResponse};
 use rollwave_core::{NodeState, Rollout, RolloutState, StrategyFile};
 use serde::Serialize;
 
@@ -193,15 +193,7 @@ pub async fn start(
             ..Default::default()
         },
     };
-    let resp: RolloutResponse = api
-        .post(
-            "/v1/rollouts",
-            &StartRollout {
-                spec,
-                plan_id: None,
-            },
-        )
-        .await?;
+    let resp: RolloutResponse = api.start_rollout(spec).await?;
     Ok(resp.rollout)
 }
 

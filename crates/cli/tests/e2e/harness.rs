@@ -9,7 +9,7 @@ use std::time::Duration;
 use rollwave::client::ApiClient;
 use rollwave::demo_service::{tarball, tarball_with, DemoRelease};
 use rollwave::fleet::{Fleet, FleetSpec};
-use rollwave_api::{NodeView, PushResponse, RolloutFile, RolloutResponse, StartRollout};
+use rollwave_api::{NodeView, PushResponse, RolloutFile, RolloutResponse};
 use rollwave_core::{Rollout, StrategyFile};
 
 pub const SERVICE: &str = "api";
@@ -139,16 +139,7 @@ pub async fn push_with(
 
 /// Starts the rollouts of a request; returns them in dependency order.
 pub async fn start_file(fleet: &Fleet, spec: RolloutFile) -> anyhow::Result<Vec<Rollout>> {
-    let resp: RolloutResponse = fleet
-        .api()?
-        .post(
-            "/v1/rollouts",
-            &StartRollout {
-                spec,
-                plan_id: None,
-            },
-        )
-        .await?;
+    let resp = fleet.api()?.start_rollout(spec).await?;
     let mut all = vec![resp.rollout];
     all.extend(resp.dependents);
     Ok(all)
@@ -187,15 +178,7 @@ pub async fn start_on(
         hooks: None,
         strategy,
     };
-    let resp: RolloutResponse = api
-        .post(
-            "/v1/rollouts",
-            &StartRollout {
-                spec,
-                plan_id: None,
-            },
-        )
-        .await?;
+    let resp: RolloutResponse = api.start_rollout(spec).await?;
     Ok(resp.rollout)
 }
 

@@ -324,6 +324,31 @@ async fn a_deleted_release_leaves_its_artifact_on_no_replica() {
     }
 }
 
+/// A fleet of three agents whose control plane is replica a, with
+/// replicas b and c beside it on the same `prefix`: the agents know all
+/// three.
+async fn three_replicas(
+    etcd: &TestEtcd,
+    dir: &Path,
+    prefix: &str,
+) -> (rollwave::fleet::Fleet, Replica, Replica) {
+    use rollwave::fleet::{Fleet, FleetSpec};
+    let (b_port, c_port) = two_ports();
+    let fleet = Fleet::launch(FleetSpec {
+        server_args: store_args(etcd, prefix),
+        extra_servers: vec![
+            format!("http://127.0.0.1:{b_port}"),
+            format!("http://127.0.0.1:{c_port}"),
+        ],
+        ..FleetSpec::new(exe().into(), 3)
+    })
+    .await
+    .unwrap();
+    let b = replica_at(etcd, dir, "b", b_port, prefix).await;
+    let c = replica_at(etcd, dir, "c", c_port, prefix).await;
+    (fleet, b, c)
+}
+
 /// A replica on `port` (0: any; a port chosen beforehand lets agents be
 /// told of it before it starts), keeping its records under `prefix`.
 async fn replica_at(etcd: &TestEtcd, dir: &Path, name: &str, port: u16, prefix: &str) -> Replica {
@@ -398,24 +423,12 @@ async fn launch(etcd: &TestEtcd, dir: &Path, name: &str, how: Launch<'_>) -> Rep
 /// follows, answer as before.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rollout_completes_across_the_death_of_its_leader() {
-    use rollwave::fleet::{Fleet, FleetSpec};
     use rollwave_core::{NodeState, RolloutState};
 
     let etcd = TestEtcd::start().await;
-    let (b_port, c_port) = two_ports();
-    let b_url = format!("http://127.0.0.1:{b_port}");
-    let c_url = format!("http://127.0.0.1:{c_port}");
-    let mut fleet = Fleet::launch(FleetSpec {
-        server_args: store_args(&etcd, "/roll/"),
-        extra_servers: vec![b_url.clone(), c_url.clone()],
-        ..FleetSpec::new(exe().into(), 3)
-    })
-    .await
-    .unwrap();
-    let a_url = fleet.url();
     let tmp = tempfile::tempdir().unwrap();
-    let b = replica_at(&etcd, tmp.path(), "b", b_port, "/roll/").await;
-    let c = replica_at(&etcd, tmp.path(), "c", c_port, "/roll/").await;
+    let (mut fleet, b, c) = three_replicas(&etcd, tmp.path(), "/roll/").await;
+    let (a_url, b_url, c_url) = (fleet.url(), b.url.clone(), c.url.clone());
     for r in [&b, &c] {
         wait_until("b and c to follow the fleet's control plane", || async {
             health(&r.url)
@@ -596,24 +609,12 @@ async fn dashboard_through(
 /// the two others, and a rollout started through one of them completes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_release_outlives_the_replica_it_was_pushed_to() {
-    use rollwave::fleet::{Fleet, FleetSpec};
     use rollwave_core::RolloutState;
 
     let etcd = TestEtcd::start().await;
-    let (b_port, c_port) = two_ports();
-    let b_url = format!("http://127.0.0.1:{b_port}");
-    let c_url = format!("http://127.0.0.1:{c_port}");
-    let mut fleet = Fleet::launch(FleetSpec {
-        server_args: store_args(&etcd, "/outlive/"),
-        extra_servers: vec![b_url.clone(), c_url.clone()],
-        ..FleetSpec::new(exe().into(), 3)
-    })
-    .await
-    .unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let b = replica_at(&etcd, tmp.path(), "b", b_port, "/outlive/").await;
-    let c = replica_at(&etcd, tmp.path(), "c", c_port, "/outlive/").await;
-    wait_listed(&etcd, "/outlive/", &[&fleet.url(), &b_url, &c_url]).await;
+    let (mut fleet, b, c) = three_replicas(&etcd, tmp.path(), "/outlive/").await;
+    wait_listed(&etcd, "/outlive/", &[&fleet.url(), &b.url, &c.url]).await;
 
     // a, the fleet's control plane, takes both pushes.
     crate::harness::push(&fleet, "1.0.0", true).await;
@@ -639,7 +640,7 @@ async fn a_release_outlives_the_replica_it_was_pushed_to() {
             .filter(|h| h.leader_url.as_deref() == Some(leader.url.as_str()))
     })
     .await;
-    let via_b = rollwave::client::ApiClient::new(&b_url, &fleet.client_tls())
+    let via_b = rollwave::client::ApiClient::new(&b.url, &fleet.client_tls())
         .unwrap()
         .with_token(Some(fleet.admin_token.clone()));
     let r = crate::harness::start_on(&via_b, "2.0.0", |s| {
