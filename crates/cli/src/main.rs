@@ -11,6 +11,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(rollwave::run(cli)) {
+        Ok(_) if rollwave::out::failed() => ExitCode::FAILURE,
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", rollwave::error_line(&e));

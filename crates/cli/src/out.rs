@@ -12,6 +12,9 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static CLOSED: AtomicBool = AtomicBool::new(false);
+/// Output was lost for another reason than a reader gone (a full disk):
+/// the command must not exit as if all was well.
+static FAILED: AtomicBool = AtomicBool::new(false);
 
 /// Writes to stdout, unless its reader is gone.
 pub fn write(args: std::fmt::Arguments) {
@@ -24,7 +27,9 @@ pub fn write(args: std::fmt::Arguments) {
             CLOSED.store(true, Ordering::Relaxed);
         } else {
             // Another failure (a full disk under a redirect) is not
-            // something a reader can ignore: say so once, then go on.
+            // something a reader can ignore: said once, and the exit code
+            // says it too (see `failed`).
+            FAILED.store(true, Ordering::Relaxed);
             if !CLOSED.swap(true, Ordering::Relaxed) {
                 eprintln!("error: writing to standard output: {e}");
             }
@@ -35,6 +40,11 @@ pub fn write(args: std::fmt::Arguments) {
 /// Whether stdout's reader has gone away.
 pub fn closed() -> bool {
     CLOSED.load(Ordering::Relaxed)
+}
+
+/// Whether output was lost for another reason than its reader leaving.
+pub fn failed() -> bool {
+    FAILED.load(Ordering::Relaxed)
 }
 
 /// `print!` that survives a closed stdout.

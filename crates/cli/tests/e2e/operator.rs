@@ -42,6 +42,24 @@ async fn output_into_a_closed_pipe_ends_quietly() {
         assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
     }
 
+    // Output lost otherwise (a full disk) is said, and fails the command.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = fleet
+        .command()
+        .args(["nodes"])
+        .stdout(Stdio::from(full))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err.trim(),
+        "error: writing to standard output: No space left on device (os error 28)"
+    );
+
     // A script waiting on a rollout with its output piped into `grep -q`:
     // the wait goes on to the rollout's end, and the exit code says how it
     // ended, not whether anyone read the progress.
