@@ -31,6 +31,14 @@ pub struct ServiceView {
     /// goes back to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<String>,
+    /// What the service's role probe last answered (`leader`, `follower`):
+    /// `order = "leader_last"` switches the node that says `leader` last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// Why the role probe gave no role, when it failed or answered
+    /// something that is not a role word.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_error: Option<String>,
     /// Set by the control plane, not the agent: the version a completed
     /// rollout wants here while the node is not on it (it was unreachable).
     #[serde(default, skip_serializing_if = "Option::is_none")]

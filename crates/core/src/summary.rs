@@ -170,6 +170,8 @@ mod tests {
                     previous: None,
                     desired: None,
                     converging: false,
+                    role: None,
+                    role_error: None,
                     backups: vec![],
                 },
             );
