@@ -688,9 +688,19 @@ pub struct StartArgs {
     /// version (as `rollwave finalize` does).
     #[arg(long)]
     pub auto_finalize: bool,
-    /// Healthy nodes of the service, fleet-wide, that must always remain.
-    #[arg(long)]
-    pub min_healthy: Option<u32>,
+    /// Healthy nodes of the service that must always remain: a count, a
+    /// percentage ("60%") or "majority"; fleet-wide, or in each group of
+    /// `--min-healthy-per`.
+    #[arg(long, value_name = "N|P%|majority")]
+    pub min_healthy: Option<String>,
+    /// A label: `--min-healthy` applies within each group of nodes sharing
+    /// its value (e.g. cluster), like one disruption budget per group.
+    #[arg(long, value_name = "LABEL", requires = "min_healthy")]
+    pub min_healthy_per: Option<String>,
+    /// Switch the node whose role probe says `leader` after the others of
+    /// its group, re-read as each node's turn comes (order = "leader_last").
+    #[arg(long, conflicts_with = "order")]
+    pub leader_last: bool,
     /// A label whose values are failure domains (e.g. rack).
     #[arg(long)]
     pub spread_by: Option<String>,

@@ -9,8 +9,8 @@ use rollwave_api::{
     RolloutFile, RolloutResponse, ServiceSummary, StartRollout,
 };
 use rollwave_core::{
-    format_duration, parse_version, validate_service_name, AuditEntry, Rollout, RolloutState,
-    RolloutSummary, StrategyFile, WaveFile,
+    format_duration, parse_version, validate_service_name, AuditEntry, CountOrText, OrderFile,
+    Rollout, RolloutState, RolloutSummary, StrategyFile, WaveFile,
 };
 use sha2::{Digest, Sha256};
 
@@ -821,11 +821,19 @@ fn start_spec(args: &StartArgs) -> anyhow::Result<RolloutFile> {
                 waves.as_ref().map(|_| "canary".to_string())
             },
             waves,
-            min_healthy: args.min_healthy,
+            min_healthy: args.min_healthy.as_deref().map(|m| match m.parse::<i64>() {
+                Ok(n) => CountOrText::Count(n),
+                Err(_) => m.into(),
+            }),
+            min_healthy_per: args.min_healthy_per.clone(),
             spread_by: args.spread_by.clone(),
             max_per_domain: args.max_per_domain,
             order_by: args.order_by.clone(),
-            order: args.order.clone(),
+            order: if args.leader_last {
+                Some(OrderFile::Named("leader_last".into()))
+            } else {
+                args.order.clone().map(OrderFile::Values)
+            },
             batch: args.batch.as_deref().map(Into::into),
             max_unavailable: args.max_unavailable.as_deref().map(Into::into),
             min_healthy_time: args.min_healthy_time.clone(),

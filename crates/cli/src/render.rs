@@ -449,8 +449,16 @@ fn after(r: &Rollout) -> String {
 pub fn warnings(r: &Rollout) -> String {
     r.events
         .iter()
-        .filter(|e| e.message.starts_with("already unavailable"))
-        .map(|e| format!("  warning: {}\n", e.message))
+        .filter_map(|e| {
+            if e.message.starts_with("already unavailable") {
+                Some(format!("  warning: {}\n", e.message))
+            } else if e.message.starts_with("bootstrap:") {
+                // Why the plan is one wave when batches were asked for.
+                Some(format!("  {}\n", e.message))
+            } else {
+                None
+            }
+        })
         .collect()
 }
 
@@ -754,8 +762,17 @@ pub fn plan(r: &Rollout, fleet: &[NodeView]) -> String {
         s.max_unavailable,
         r.nodes.len()
     ));
-    if s.min_healthy > 0 {
-        constraints.push(format!("min_healthy {} fleet-wide", s.min_healthy));
+    if !s.min_healthy.is_none() {
+        constraints.push(match &s.min_healthy_per {
+            None => format!("min_healthy {} fleet-wide", s.min_healthy),
+            Some(label) => format!("min_healthy {} in each value of {label}", s.min_healthy),
+        });
+    }
+    if s.leader_last {
+        constraints.push(
+            "leader last: the node whose role probe says leader goes after the others of its group"
+                .into(),
+        );
     }
     if let Some(sp) = &s.spread {
         constraints.push(format!(
@@ -850,20 +867,71 @@ fn wave_width(r: &Rollout, fleet: &[NodeView], b: &[String]) -> (usize, String) 
             );
         }
     }
-    if s.min_healthy > 0 {
-        let healthy = fleet.iter().filter(|n| n.available(&s.service)).count();
-        let room = healthy.saturating_sub(s.min_healthy as usize);
+    if !s.min_healthy.is_none() {
+        // Per quorum group the wave touches: the healthy nodes above the
+        // group's floor may go at once, summed over those groups.
+        let group = |v: &NodeView| {
+            s.min_healthy_per.as_ref().map_or(String::new(), |l| {
+                v.labels.get(l).cloned().unwrap_or_default()
+            })
+        };
+        let mut groups: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
+        for v in fleet.iter().filter(|v| v.services.contains_key(&s.service)) {
+            let g = groups.entry(group(v)).or_default();
+            g.0 += 1;
+            if v.available(&s.service) {
+                g.1 += 1;
+            }
+        }
+        for v in fleet.iter().filter(|v| b.contains(&v.name)) {
+            if let Some(g) = groups.get_mut(&group(v)) {
+                g.2 += 1;
+            }
+        }
+        let touched: Vec<(&String, &(usize, usize, usize))> =
+            groups.iter().filter(|(_, g)| g.2 > 0).collect();
+        let room: usize = touched
+            .iter()
+            .map(|(_, (members, healthy, in_wave))| {
+                healthy
+                    .saturating_sub(s.min_healthy.of(*members))
+                    .min(*in_wave)
+            })
+            .sum();
         if room < width.0 {
-            width = (
-                room,
-                format!(
+            let why = match (&s.min_healthy_per, touched.as_slice()) {
+                (None, [(_, (members, healthy, _))]) => format!(
                     "min_healthy {} of {healthy} healthy nodes running {}",
-                    s.min_healthy, s.service
+                    floor_text(s.min_healthy, *members),
+                    s.service
                 ),
-            );
+                (Some(label), touched) => {
+                    let each: Vec<String> = touched
+                        .iter()
+                        .map(|(g, (members, healthy, _))| {
+                            format!(
+                                "{label}={g}: {} of {healthy} healthy",
+                                floor_text(s.min_healthy, *members)
+                            )
+                        })
+                        .collect();
+                    format!("min_healthy per {label}, {}", each.join(", "))
+                }
+                _ => format!("min_healthy {}", s.min_healthy),
+            };
+            width = (room, why);
         }
     }
     (width.0.max(1), width.1)
+}
+
+/// A floor as written and, unless a count, as it resolves for a group of
+/// `members`: "2", "majority (2)".
+fn floor_text(f: rollwave_core::Floor, members: usize) -> String {
+    match f {
+        rollwave_core::Floor::Count(n) => n.to_string(),
+        f => format!("{f} ({})", f.of(members)),
+    }
 }
 
 /// What a store copy, backup or restore wrote: "3 nodes, 1 token, ...".

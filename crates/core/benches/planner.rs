@@ -73,11 +73,11 @@ fn main() {
         strategy: StrategyFile {
             batch: Some("5%".into()),
             max_unavailable: Some("5%".into()),
-            min_healthy: Some(9_000),
+            min_healthy: Some(rollwave_core::CountOrText::Count(9_000)),
             spread_by: Some("rack".into()),
             max_per_domain: Some(20),
             order_by: Some("region".into()),
-            order: Some(vec!["eu-1".into(), "us-1".into()]),
+            order: Some(vec!["eu-1".to_string(), "us-1".to_string()].into()),
             ..Default::default()
         },
         ..Default::default()

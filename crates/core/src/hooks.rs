@@ -22,6 +22,11 @@ pub struct HooksFile {
     pub pre_node: Vec<HookFile>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub post_node: Vec<HookFile>,
+    /// Node hooks run on the leader only (`order = "leader_last"`), before
+    /// its `pre_node` hooks: `etcdctl move-leader`, so that its switch
+    /// forces no election while another member is down.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pre_leader: Vec<HookFile>,
 }
 
 /// One hook as written: `exec` (a command) or `http` (a webhook).
@@ -79,6 +84,8 @@ pub struct Hooks {
     pub pre_node: Vec<Hook>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub post_node: Vec<Hook>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pre_leader: Vec<Hook>,
 }
 
 impl Hooks {
@@ -180,7 +187,7 @@ impl HooksFile {
                 };
                 return Err(SpecError::new(
                     format!("{}.kind", h.name),
-                    format!("{why}: use them in pre_node or post_node, not {name}"),
+                    format!("{why}: use them in pre_node, post_node or pre_leader, not {name}"),
                 ));
             }
             Ok(hooks)
@@ -206,6 +213,7 @@ impl HooksFile {
             on_failure: node_only("on_failure", list("on_failure", &self.on_failure)?)?,
             pre_node: on_nodes(list("pre_node", &self.pre_node)?)?,
             post_node: on_nodes(list("post_node", &self.post_node)?)?,
+            pre_leader: on_nodes(list("pre_leader", &self.pre_leader)?)?,
         })
     }
 }

@@ -230,6 +230,20 @@ pub fn healthy_floor(before: usize, after: usize, min_healthy: usize) -> Result<
     }
 }
 
+/// [`healthy_floor`] in each quorum group (`min_healthy_per`), from the
+/// rollout before a step and after it, over the same fleet.
+pub fn floors_kept(before: &Rollout, after: &Rollout, fleet: &Fleet) -> Result<(), String> {
+    let (b, a) = (
+        crate::Quorum::of(before, fleet),
+        crate::Quorum::of(after, fleet),
+    );
+    for g in a.groups.keys() {
+        healthy_floor(b.healthy(g), a.healthy(g), a.floor_of(g))
+            .map_err(|e| format!("{}: {e}", a.describe(g)))?;
+    }
+    Ok(())
+}
+
 /// `order_by`, as planned: no batch mixes values of the label, and the values
 /// come in their order (listed ones first, then the others by name). `fleet`
 /// holds the labels the rollout was planned with.
@@ -445,13 +459,9 @@ pub fn switched_together<'a>(
             times.len()
         ));
     }
-    // Every selected node is in flight now: only nodes outside are counted.
-    let outside = fleet_healthy(after, fleet);
-    if outside < after.spec.min_healthy as usize {
-        return Err(format!(
-            "all_at_once switched leaving {outside} healthy nodes outside the rollout, min_healthy {}",
-            after.spec.min_healthy
-        ));
+    let short = crate::quorum::short_outside(after, fleet);
+    if !short.is_empty() {
+        return Err(format!("all_at_once switched leaving {}", short.join("; ")));
     }
     Ok(())
 }
@@ -475,17 +485,12 @@ pub fn staged_then_switched(r: &Rollout, fleet: &Fleet) -> Result<(), String> {
     {
         return Err(format!("{name} is online but still pending, not staging"));
     }
-    if r.nodes.values().all(|n| n.state == NodeState::Staged) {
-        let outside = fleet
-            .values()
-            .filter(|v| !r.nodes.contains_key(&v.name) && v.available(&r.spec.service))
-            .count();
-        if outside >= r.spec.min_healthy as usize {
-            return Err(format!(
-                "every node is staged but not switched, with {outside} healthy nodes outside the rollout and min_healthy {}",
-                r.spec.min_healthy
-            ));
-        }
+    if r.nodes.values().all(|n| n.state == NodeState::Staged)
+        && crate::quorum::short_outside(r, fleet).is_empty()
+    {
+        return Err(
+            "every node is staged but not switched, and no quorum floor holds the switch".into(),
+        );
     }
     Ok(())
 }
@@ -583,9 +588,7 @@ pub fn converged_when_back(r: &Rollout, fleet: &Fleet) -> Result<(), String> {
     }
     let budget = r.spec.unavailable_budget(r.nodes.len());
     let unavailable = unavailable_count(r, fleet);
-    let healthy = fleet_healthy(r, fleet);
-    let floor = r.spec.min_healthy as usize;
-    let held = unavailable >= budget || healthy <= floor;
+    let quorum = crate::Quorum::of(r, fleet);
     for (name, n, view) in join_by_name(fleet, &r.nodes) {
         let Some(v) = view.filter(|v| v.online) else {
             continue;
@@ -606,9 +609,13 @@ pub fn converged_when_back(r: &Rollout, fleet: &Fleet) -> Result<(), String> {
         if !v.available(&r.spec.service) {
             return Err(format!("{name} is back, down already, but not converging"));
         }
-        if !held {
+        let group = quorum.group_of(v);
+        if unavailable < budget && !quorum.holds(group) {
             return Err(format!(
-                "{name} is back but not converging: {unavailable} of at most {budget} nodes unavailable, {healthy} healthy fleet-wide, min_healthy {floor}"
+                "{name} is back but not converging: {unavailable} of at most {budget} nodes unavailable, {} healthy {}, min_healthy {}",
+                quorum.healthy(group),
+                quorum.describe(group),
+                quorum.describe_floor(group)
             ));
         }
     }

@@ -16,6 +16,7 @@ mod hooks;
 pub mod invariants;
 mod manifest;
 mod planner;
+mod quorum;
 mod rollout;
 mod selector;
 pub mod signing;
@@ -42,6 +43,7 @@ pub use manifest::{
     RELEASE_MANIFEST,
 };
 pub use planner::{plan_batches, plan_id, step, step_in_place, Actions, Decision, Dispatch};
+pub use quorum::{describe_group, Floor, GroupCount, Quorum};
 pub use rollout::{
     CommandError, Dependency, HookStage, NodeProgress, NodeState, Rollout, RolloutEvent,
     RolloutState, TaskKind, TaskOutcome, TaskRef,
@@ -49,7 +51,8 @@ pub use rollout::{
 pub use selector::Selector;
 pub use signing::{ReleaseSignature, SignatureError, TrustedKey, TrustedKeys};
 pub use spec::{
-    CountOrText, Order, RolloutFile, RolloutSpec, ServiceFile, Spread, StrategyFile, Wave, WaveFile,
+    CountOrText, Order, OrderFile, RolloutFile, RolloutSpec, ServiceFile, Spread, StrategyFile,
+    Wave, WaveFile,
 };
 pub use summary::{NodeProblem, RolloutSummary, PROBLEMS_SHOWN};
 

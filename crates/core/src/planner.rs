@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 use crate::fleet::join_by_name;
 use crate::invariants::{self, unavailable_count};
 use crate::{
-    format_duration, Fleet, Health, NodeProgress, NodeState, NodeView, Rollout, RolloutSpec,
-    RolloutState, SpecError, TaskKind, TaskOutcome, TaskRef, Timestamp,
+    describe_group, format_duration, Fleet, Health, NodeProgress, NodeState, NodeView, Quorum,
+    Rollout, RolloutSpec, RolloutState, SpecError, TaskKind, TaskOutcome, TaskRef, Timestamp,
 };
 
 /// A task to send to a node's agent, persisted before it is sent.
@@ -48,7 +48,6 @@ pub fn plan_batches(
             format!("no node runs service {:?}", spec.service),
         ));
     }
-    let fleet_size = runs.len();
     let wanted: BTreeSet<&str> = spec.nodes.iter().map(String::as_str).collect();
     if !spec.nodes.is_empty() {
         let running: BTreeSet<&str> = runs.iter().map(|v| v.name.as_str()).collect();
@@ -107,37 +106,14 @@ pub fn plan_batches(
             ));
         }
     }
-    if spec.min_healthy as usize >= fleet_size
-        && selected.iter().any(|n| n.available(&spec.service))
-    {
-        return Err(SpecError::new(
-            "strategy.min_healthy",
-            format!(
-                "{} healthy nodes must remain but {} runs on {fleet_size}: no healthy node could ever be taken down",
-                spec.min_healthy, spec.service
-            ),
-        ));
-    }
-    if spec.all_at_once && spec.min_healthy > 0 {
-        let outside = fleet
-            .values()
-            .filter(|n| n.available(&spec.service))
-            .filter(|n| !selected.iter().any(|s| s.name == n.name))
-            .count();
-        if outside < spec.min_healthy as usize {
-            return Err(SpecError::new(
-                "strategy.min_healthy",
-                format!(
-                    "all_at_once switches all {} selected nodes together, leaving {outside} healthy nodes of {} outside the selection, fewer than {}",
-                    selected.len(),
-                    spec.service,
-                    spec.min_healthy
-                ),
-            ));
-        }
-    }
+    check_floor(&spec, &selected, &left_out)?;
+    check_leader_last(&spec, &selected)?;
+    let bootstrap = bootstrap(&spec, &selected, &left_out)?;
     let ordered = order_nodes(&spec, &selected);
-    let (waves, pauses) = cut(&spec, &ordered);
+    let (waves, pauses) = match &bootstrap {
+        Some(_) => (vec![ordered.concat()], vec![false]),
+        None => cut(&spec, &ordered),
+    };
     let batches: Vec<Vec<String>> = waves
         .iter()
         .map(|w| w.iter().map(|&i| selected[i].name.clone()).collect())
@@ -168,6 +144,7 @@ pub fn plan_batches(
                 waiting_since: None,
                 stage_sent: false,
                 converged: false,
+                leader: false,
                 updated_at: now,
             };
             (n.name.clone(), progress)
@@ -243,6 +220,9 @@ pub fn plan_batches(
             crate::count(rollout.batches.len(), "wave")
         ),
     );
+    if let Some(why) = bootstrap {
+        rollout.event(now, None, why);
+    }
     if rollout.spec.dry_run {
         rollout.event(
             now,
@@ -321,15 +301,227 @@ fn order_nodes(spec: &RolloutSpec, selected: &[&NodeView]) -> Vec<Vec<usize>> {
             for class in &mut classes {
                 class.sort_by(|&a, &b| selected[a].name.cmp(&selected[b].name));
             }
-            match &spec.spread {
+            let mut order: Vec<usize> = match &spec.spread {
                 None => classes.concat(),
                 Some(spread) => classes
                     .into_iter()
                     .flat_map(|class| interleave(class, selected, &spread.label))
                     .collect(),
+            };
+            if spec.leader_last {
+                // As leadership stands now; `leaders_last` moves a node that
+                // leads when its turn comes.
+                let (leaders, others): (Vec<usize>, Vec<usize>) = order
+                    .into_iter()
+                    .partition(|&i| is_leader(selected[i], &spec.service));
+                order = others;
+                order.extend(leaders);
             }
+            order
         })
         .collect()
+}
+
+/// The role word that makes a node go last with `order = "leader_last"`.
+pub const LEADER: &str = "leader";
+
+fn is_leader(v: &NodeView, service: &str) -> bool {
+    v.services
+        .get(service)
+        .is_some_and(|s| s.role.as_deref() == Some(LEADER))
+}
+
+/// The group a node's quorum floor and leadership are counted in.
+fn quorum_group<'v>(spec: &RolloutSpec, v: &'v NodeView) -> &'v str {
+    spec.min_healthy_per
+        .as_deref()
+        .map_or("", |label| label_value(v, label))
+}
+
+/// Refuses a floor that could never let a healthy node go, in any group
+/// the rollout takes healthy nodes from.
+fn check_floor(
+    spec: &RolloutSpec,
+    selected: &[&NodeView],
+    left_out: &[&NodeView],
+) -> Result<(), SpecError> {
+    if spec.min_healthy.is_none() {
+        return Ok(());
+    }
+    if let Some(label) = &spec.min_healthy_per {
+        if !selected.iter().any(|n| n.labels.contains_key(label)) {
+            return Err(SpecError::new(
+                "strategy.min_healthy_per",
+                format!(
+                    "none of the {} selected nodes has label {label:?}: there are no groups to keep a floor in (`rollwave nodes` shows their labels)",
+                    selected.len()
+                ),
+            ));
+        }
+    }
+    // Per group: members, healthy selected, healthy left out.
+    let mut groups: BTreeMap<&str, (usize, usize, usize)> = BTreeMap::new();
+    for (nodes, is_selected) in [(selected, true), (left_out, false)] {
+        for n in nodes {
+            let g = groups.entry(quorum_group(spec, n)).or_default();
+            g.0 += 1;
+            if n.available(&spec.service) {
+                if is_selected {
+                    g.1 += 1;
+                } else {
+                    g.2 += 1;
+                }
+            }
+        }
+    }
+    let per = spec.min_healthy_per.as_deref();
+    for (g, (members, healthy_selected, healthy_outside)) in groups {
+        if healthy_selected == 0 {
+            // Nothing healthy is taken down there: a fresh install.
+            continue;
+        }
+        let floor = spec.min_healthy.of(members);
+        let floor_text = match spec.min_healthy {
+            crate::Floor::Count(_) => format!("{floor}"),
+            f => format!("{floor} ({f} of {members})"),
+        };
+        let place = match per {
+            None => format!("{} runs on {members}", spec.service),
+            Some(_) => format!("{} has {members}", describe_group(per, g)),
+        };
+        if floor >= members {
+            return Err(SpecError::new(
+                "strategy.min_healthy",
+                format!(
+                    "{floor_text} healthy nodes must remain but {place}: no healthy node could ever be taken down"
+                ),
+            ));
+        }
+        if spec.all_at_once && healthy_outside < floor {
+            return Err(SpecError::new(
+                "strategy.min_healthy",
+                format!(
+                    "all_at_once switches all {} selected nodes together, leaving {healthy_outside} healthy nodes of {} outside the selection{}, fewer than {floor_text}",
+                    selected.len(),
+                    spec.service,
+                    match per {
+                        None => String::new(),
+                        Some(_) => format!(" in {}", describe_group(per, g)),
+                    }
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `leader_last` needs nodes that report a role: refused when none of the
+/// serving selected nodes does, as the order would silently be by name.
+fn check_leader_last(spec: &RolloutSpec, selected: &[&NodeView]) -> Result<(), SpecError> {
+    if !spec.leader_last {
+        return Ok(());
+    }
+    let serving: Vec<&&NodeView> = selected
+        .iter()
+        .filter(|n| n.available(&spec.service))
+        .collect();
+    let probed = serving.iter().any(|n| {
+        n.services
+            .get(&spec.service)
+            .is_some_and(|s| s.role.is_some() || s.role_error.is_some())
+    });
+    if !serving.is_empty() && !probed {
+        return Err(SpecError::new(
+            "strategy.order",
+            format!(
+                "leader_last needs a role probe: none of the {} serving selected nodes reports a role for {} (declare `role = {{ ... }}` in its [[service]] in agent.toml)",
+                serving.len(),
+                spec.service
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A quorum service installed where it runs nowhere yet: members started
+/// one at a time never become healthy (a lone raft member elects no
+/// leader), so every node goes in one wave. Returns the plan's word on it,
+/// or refuses what cannot be planned so.
+fn bootstrap(
+    spec: &RolloutSpec,
+    selected: &[&NodeView],
+    left_out: &[&NodeView],
+) -> Result<Option<String>, SpecError> {
+    if spec.min_healthy.is_none() || spec.all_at_once {
+        return Ok(None);
+    }
+    let fresh = |n: &&NodeView| {
+        n.services
+            .get(&spec.service)
+            .is_none_or(|s| s.version.is_none())
+    };
+    // Groups with no version anywhere, and how many selected nodes each has.
+    let mut groups: BTreeMap<&str, (bool, usize)> = BTreeMap::new();
+    for n in left_out {
+        let g = groups.entry(quorum_group(spec, n)).or_insert((true, 0));
+        g.0 &= fresh(n);
+    }
+    for n in selected {
+        let g = groups.entry(quorum_group(spec, n)).or_insert((true, 0));
+        g.0 &= fresh(n);
+        g.1 += 1;
+    }
+    let per = spec.min_healthy_per.as_deref();
+    let new_groups: Vec<&str> = groups
+        .iter()
+        .filter(|(_, (all_fresh, chosen))| *all_fresh && *chosen > 1)
+        .map(|(g, _)| *g)
+        .collect();
+    if new_groups.is_empty() {
+        return Ok(None);
+    }
+    let place = match per {
+        None => String::new(),
+        Some(_) => {
+            let names: Vec<String> = new_groups.iter().map(|g| describe_group(per, g)).collect();
+            format!(" of {}", names.join(", "))
+        }
+    };
+    let why = format!(
+        "no node{place} runs {} yet and min_healthy is {}: members started one at a time never become healthy",
+        spec.service, spec.min_healthy
+    );
+    if !selected.iter().all(fresh) {
+        let fix = match per {
+            Some(label) => format!("--selector {label}={}", new_groups[0]),
+            None => "--nodes with only the new nodes".to_string(),
+        };
+        return Err(SpecError::new(
+            "selector",
+            format!(
+                "{why}, but this rollout also takes running nodes one wave at a time; roll the new nodes out on their own ({fix}) and they are planned in one wave"
+            ),
+        ));
+    }
+    if !spec.waves.is_empty() {
+        return Err(SpecError::new(
+            "strategy.waves",
+            format!("{why}, so a canary's first wave would wait out healthy_deadline; install with kind = \"rolling\" (planned as one wave) or \"all_at_once\""),
+        ));
+    }
+    if let Some(spread) = &spec.spread {
+        return Err(SpecError::new(
+            "strategy.spread_by",
+            format!(
+                "{why}, and spread_by {} would start them a few at a time; install without it",
+                spread.label
+            ),
+        ));
+    }
+    Ok(Some(format!(
+        "bootstrap: {why}, so all {} go in one wave",
+        crate::count(selected.len(), "node")
+    )))
 }
 
 /// Round-robin over the values of `label`, keeping each value's order.
@@ -763,11 +955,13 @@ fn run_current_batch(
         ));
         return false;
     }
+    if r.spec.leader_last {
+        leaders_last(r, fleet, batch, now);
+    }
     let service = r.spec.service.clone();
     let budget = r.spec.unavailable_budget(r.nodes.len());
     let mut unavailable = unavailable_count(r, fleet);
-    let min_healthy = r.spec.min_healthy as usize;
-    let mut healthy = invariants::fleet_healthy(r, fleet);
+    let mut quorum = Quorum::of(r, fleet);
     let spread = r.spec.spread.clone();
     let mut busy = spread
         .as_ref()
@@ -776,7 +970,6 @@ fn run_current_batch(
     let limits = Limits {
         service: service.clone(),
         budget,
-        min_healthy,
         spread: spread.clone(),
     };
     // Why each pending node waits is said once every start of this step is
@@ -816,13 +1009,25 @@ fn run_current_batch(
             n.waiting_since = None;
         }
         let already_down = !view.available(&service);
+        let mut leader = false;
+        if r.spec.leader_last && !already_down {
+            match leadership(r, fleet, view) {
+                Leadership::Follower => {}
+                Leadership::Leader => leader = true,
+                other => {
+                    waits.push(Wait::Role(other.reason(r, view)));
+                    continue;
+                }
+            }
+        }
         let domain = spread.as_ref().map(|s| label_value(view, &s.label));
         let held = Held {
             name,
             already_down,
             domain,
+            group: quorum_group(&r.spec, view),
         };
-        if held.hold(&limits, unavailable, healthy, &busy).is_some() {
+        if held.hold(&limits, unavailable, &quorum, &busy).is_some() {
             waits.push(Wait::Held(held));
             continue;
         }
@@ -832,17 +1037,24 @@ fn run_current_batch(
         }
         if !already_down {
             unavailable += 1;
-            healthy -= 1;
+            quorum.take(held.group);
         }
-        let started = format!("{} to {} started", r.move_of(&name), r.spec.version);
+        let started = format!(
+            "{} to {} started{}",
+            r.move_of(&name),
+            r.spec.version,
+            if leader {
+                ", last of its group: its role probe says leader"
+            } else {
+                ""
+            }
+        );
         r.event(now, Some(&name), started);
-        dispatch.push(assign(
-            r,
-            name,
-            TaskKind::Upgrade,
-            NodeState::Upgrading,
-            now,
-        ));
+        let d = assign(r, name, TaskKind::Upgrade, NodeState::Upgrading, now);
+        if leader {
+            r.nodes.get_mut(&d.node).expect("assigned above").leader = true;
+        }
+        dispatch.push(d);
     }
     let held = waits.len();
     let down = invariants::unavailable_nodes(r, fleet);
@@ -852,11 +1064,12 @@ fn run_current_batch(
         .map(|w| match w {
             Wait::Held(h) => {
                 let hold = h
-                    .hold(&limits, unavailable, healthy, &busy)
+                    .hold(&limits, unavailable, &quorum, &busy)
                     .expect("a held node stays held as the step starts others");
-                h.reason(&limits, hold, &down)
+                h.reason(&limits, hold, &quorum, &down)
             }
             Wait::Offline(name) => format!("{name} is offline"),
+            Wait::Role(why) => why,
         })
         .collect();
     if held > MAX_WAITS_SHOWN {
@@ -879,19 +1092,139 @@ fn run_current_batch(
     !batch_open(r, batch)
 }
 
+/// Where a pending node stands for `leader_last`, from its role probe.
+enum Leadership {
+    Follower,
+    Leader,
+    /// It leads, and other nodes of its group still have to go first.
+    LeaderWaits(Vec<String>),
+    /// Its probe gave no role: which node leads is not known.
+    Unknown,
+}
+
+impl Leadership {
+    fn reason(&self, r: &Rollout, v: &NodeView) -> String {
+        match self {
+            Leadership::LeaderWaits(before) => format!(
+                "{} waits: its role probe says leader, so it goes after {}",
+                v.name,
+                names_capped(&before.iter().map(String::as_str).collect::<Vec<_>>())
+            ),
+            _ => {
+                let s = v.services.get(&r.spec.service);
+                format!(
+                    "{} waits: leader_last and its role is not known ({})",
+                    v.name,
+                    s.and_then(|s| s.role_error.as_deref())
+                        .unwrap_or("its agent reports no role for the service")
+                )
+            }
+        }
+    }
+}
+
+/// Reads `v`'s role now: leadership moves, so it is read as the node's turn
+/// comes rather than planned once.
+fn leadership(r: &Rollout, fleet: &Fleet, v: &NodeView) -> Leadership {
+    let Some(role) = v
+        .services
+        .get(&r.spec.service)
+        .and_then(|s| s.role.as_deref())
+    else {
+        return Leadership::Unknown;
+    };
+    if role != LEADER {
+        return Leadership::Follower;
+    }
+    let before = others_first(r, fleet, v);
+    if before.is_empty() {
+        Leadership::Leader
+    } else {
+        Leadership::LeaderWaits(before)
+    }
+}
+
+/// Nodes of `leader`'s group in this rollout, not leading, still pending or
+/// in flight: they go before it. The rollout's nodes only, so a leader
+/// outside the selection is not waited for.
+fn others_first(r: &Rollout, fleet: &Fleet, leader: &NodeView) -> Vec<String> {
+    // Runs for leaders only: a node or two per group, per step.
+    let group = quorum_group(&r.spec, leader);
+    r.nodes
+        .iter()
+        .filter(|(name, n)| {
+            **name != leader.name && (n.state == NodeState::Pending || n.state.in_flight())
+        })
+        .filter(|(name, _)| match fleet.get(name.as_str()) {
+            Some(v) => quorum_group(&r.spec, v) == group && !is_leader(v, &r.spec.service),
+            None => group.is_empty(),
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// With `leader_last`, a node of batch `b` that leads when its turn comes
+/// trades places with the last pending node of its group in a later batch,
+/// so that the group's leader goes in its last wave, whoever leads by then.
+fn leaders_last(r: &mut Rollout, fleet: &Fleet, b: usize, now: Timestamp) {
+    let service = r.spec.service.clone();
+    let leaders: Vec<String> = r.batches[b]
+        .iter()
+        .filter(|n| r.nodes[*n].state == NodeState::Pending)
+        .filter(|n| {
+            fleet
+                .get(n.as_str())
+                .is_some_and(|v| is_leader(v, &service))
+        })
+        .cloned()
+        .collect();
+    for leader in leaders {
+        let group = quorum_group(&r.spec, &fleet[&leader]).to_string();
+        let later = (b + 1..r.batches.len()).rev().find_map(|lb| {
+            r.batches[lb]
+                .iter()
+                .rposition(|n| {
+                    r.nodes[n].state == NodeState::Pending
+                        && fleet.get(n.as_str()).is_some_and(|v| {
+                            quorum_group(&r.spec, v) == group && !is_leader(v, &service)
+                        })
+                })
+                .map(|i| (lb, i))
+        });
+        let Some((lb, i)) = later else { continue };
+        let at = r.batches[b]
+            .iter()
+            .position(|n| *n == leader)
+            .expect("the leader is in this batch");
+        let other = std::mem::replace(&mut r.batches[lb][i], leader.clone());
+        r.batches[b][at] = other.clone();
+        r.nodes.get_mut(&leader).expect("planned").batch = lb;
+        r.nodes.get_mut(&other).expect("planned").batch = b;
+        r.event(
+            now,
+            Some(&leader),
+            format!(
+                "its role probe says leader: moved to wave {} in place of {other}, so that it goes last",
+                lb + 1
+            ),
+        );
+    }
+}
+
 /// Held nodes named in `waiting`; the rest are counted.
 const MAX_WAITS_SHOWN: usize = 5;
 
 enum Wait<'f> {
     Offline(String),
     Held(Held<'f>),
+    /// Waits on leadership (`leader_last`): the reason is final when found.
+    Role(String),
 }
 
 /// What holds a pending node back, re-evaluated against the step's counts.
 struct Limits {
     service: String,
     budget: usize,
-    min_healthy: usize,
     spread: Option<crate::Spread>,
 }
 
@@ -899,6 +1232,8 @@ struct Held<'f> {
     name: String,
     already_down: bool,
     domain: Option<&'f str>,
+    /// Its quorum group (see `quorum_group`).
+    group: &'f str,
 }
 
 /// The limit a held node waits on, with the count that reached it. Kept
@@ -918,14 +1253,14 @@ impl Held<'_> {
         &'a self,
         l: &'a Limits,
         unavailable: usize,
-        healthy: usize,
+        quorum: &Quorum,
         busy: &BTreeMap<String, usize>,
     ) -> Option<Hold<'a>> {
         if !self.already_down && unavailable >= l.budget {
             return Some(Hold::Budget(unavailable));
         }
-        if !self.already_down && healthy <= l.min_healthy {
-            return Some(Hold::Floor(healthy));
+        if !self.already_down && quorum.holds(self.group) {
+            return Some(Hold::Floor(quorum.healthy(self.group)));
         }
         if let (Some(spread), Some(value)) = (&l.spread, self.domain) {
             let in_domain = busy.get(value).copied().unwrap_or(0);
@@ -941,7 +1276,7 @@ impl Held<'_> {
     }
 
     /// `down`: the unavailable nodes, named when the budget holds this one.
-    fn reason(&self, l: &Limits, hold: Hold, down: &[String]) -> String {
+    fn reason(&self, l: &Limits, hold: Hold, quorum: &Quorum, down: &[String]) -> String {
         let name = &self.name;
         match hold {
             Hold::Budget(unavailable) => {
@@ -955,8 +1290,13 @@ impl Held<'_> {
                 )
             }
             Hold::Floor(healthy) => format!(
-                "{name} waits: {healthy} nodes of {} are healthy fleet-wide and min_healthy is {}",
-                l.service, l.min_healthy
+                "{name} waits: {healthy} nodes of {} are healthy {} and min_healthy is {}",
+                l.service,
+                match quorum.per {
+                    None => "fleet-wide".to_string(),
+                    Some(_) => format!("in {}", quorum.describe(self.group)),
+                },
+                quorum.describe_floor(self.group),
             ),
             Hold::Domain {
                 in_domain,
@@ -1053,22 +1393,11 @@ fn run_all_at_once(
     let total = r.nodes.len();
     let staged = r.count(NodeState::Staged);
     if staged == total {
-        let floor = r.spec.min_healthy as usize;
-        let healthy = invariants::fleet_healthy(r, fleet);
-        let selected_healthy = r
-            .nodes
-            .keys()
-            .filter(|name| {
-                fleet
-                    .get(name.as_str())
-                    .is_some_and(|v| v.available(&r.spec.service))
-            })
-            .count();
-        let outside = healthy.saturating_sub(selected_healthy);
-        if outside < floor {
+        let short = crate::quorum::short_outside(r, fleet);
+        if !short.is_empty() {
             r.waiting = Some(format!(
-                "all {total} nodes staged: the switch waits, {outside} healthy nodes of {} outside the rollout and min_healthy is {floor}",
-                r.spec.service
+                "all {total} nodes staged: the switch waits, {}",
+                short.join("; ")
             ));
             return;
         }
@@ -1148,9 +1477,12 @@ fn converge(r: &mut Rollout, fleet: &Fleet, now: Timestamp, dispatch: &mut Vec<D
     }
     let budget = r.spec.unavailable_budget(r.nodes.len());
     let mut unavailable = unavailable_count(r, fleet);
-    let mut healthy = invariants::fleet_healthy(r, fleet);
-    let floor = r.spec.min_healthy as usize;
+    let mut quorum = Quorum::of(r, fleet);
     for (name, on_target, already_down) in back {
+        let group = fleet
+            .get(&name)
+            .map_or("", |v| quorum_group(&r.spec, v))
+            .to_string();
         let n = r.nodes.get_mut(&name).expect("node is in the rollout");
         if on_target {
             // Its upgrade finished while it could not report.
@@ -1160,12 +1492,12 @@ fn converge(r: &mut Rollout, fleet: &Fleet, now: Timestamp, dispatch: &mut Vec<D
             r.event(now, Some(&name), format!("came back on {}", r.spec.version));
             continue;
         }
-        if !already_down && (unavailable >= budget || healthy <= floor) {
+        if !already_down && (unavailable >= budget || quorum.holds(&group)) {
             continue;
         }
         if !already_down {
             unavailable += 1;
-            healthy -= 1;
+            quorum.take(&group);
         }
         n.reason = None;
         r.event(

@@ -201,6 +201,10 @@ pub struct NodeProgress {
     /// backup is under the converge task).
     #[serde(default)]
     pub converged: bool,
+    /// Whether its role probe said `leader` when it started (with
+    /// `order = "leader_last"`): its task runs the `pre_leader` hooks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leader: bool,
     /// Unix milliseconds.
     #[schema(value_type = u64)]
     pub updated_at: Timestamp,

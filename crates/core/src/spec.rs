@@ -74,17 +74,38 @@ pub struct StrategyFile {
     /// Canary waves, cumulative: `["1", "10%", {size = "50%", pause = true}, "100%"]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waves: Option<Vec<WaveFile>>,
-    /// Healthy nodes of the service, fleet-wide, that must always remain.
+    /// Healthy nodes of the service that must always remain: a count, a
+    /// percentage or `"majority"`, fleet-wide or per `min_healthy_per` group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min_healthy: Option<u32>,
+    pub min_healthy: Option<CountOrText>,
+    /// A label: `min_healthy` applies within each group of nodes sharing its
+    /// value (`cluster=etcd-a`, `cluster=etcd-b`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_healthy_per: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spread_by: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_per_domain: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub order_by: Option<String>,
+    /// The values of `order_by` to go first, or `"leader_last"`: the node
+    /// whose role probe says `leader` goes after the others of its group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub order: Option<Vec<String>>,
+    pub order: Option<OrderFile>,
+}
+
+/// `order = ["eu", "us"]` (with `order_by`) or `order = "leader_last"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum OrderFile {
+    Values(Vec<String>),
+    Named(String),
+}
+
+impl From<Vec<String>> for OrderFile {
+    fn from(v: Vec<String>) -> Self {
+        OrderFile::Values(v)
+    }
 }
 
 /// A canary wave: its cumulative size, and whether the rollout waits for
@@ -189,9 +210,17 @@ pub struct RolloutSpec {
     /// Canary waves (empty: rolling batches of `batch`).
     #[serde(default)]
     pub waves: Vec<Wave>,
-    /// Healthy nodes of the service, across the whole fleet, never to go below.
+    /// Healthy nodes of the service never to go below, fleet-wide or in
+    /// each `min_healthy_per` group.
     #[serde(default)]
-    pub min_healthy: u32,
+    #[schema(value_type = CountOrText, example = "majority")]
+    pub min_healthy: crate::Floor,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_healthy_per: Option<String>,
+    /// The node whose role probe says `leader` is switched after the others
+    /// of its group, re-read before each node starts as leadership moves.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leader_last: bool,
     #[serde(default)]
     pub spread: Option<Spread>,
     #[serde(default)]
@@ -259,7 +288,8 @@ impl RolloutFile {
         let t = &mut self.strategy;
         t.kind = s.kind.or(t.kind.take());
         t.waves = s.waves.or(t.waves.take());
-        t.min_healthy = s.min_healthy.or(t.min_healthy);
+        t.min_healthy = s.min_healthy.or(t.min_healthy.take());
+        t.min_healthy_per = s.min_healthy_per.or(t.min_healthy_per.take());
         t.spread_by = s.spread_by.or(t.spread_by.take());
         t.max_per_domain = s.max_per_domain.or(t.max_per_domain);
         t.order_by = s.order_by.or(t.order_by.take());
@@ -519,10 +549,21 @@ impl RolloutFile {
             }
             (None, None) => None,
         };
-        let order = match (&s.order_by, &s.order) {
+        let (values, leader_last) = match &s.order {
+            None => (None, false),
+            Some(OrderFile::Values(v)) => (Some(v), false),
+            Some(OrderFile::Named(n)) if n == "leader_last" => (None, true),
+            Some(OrderFile::Named(n)) => {
+                return Err(SpecError::new(
+                    "strategy.order",
+                    format!("{n:?} is not an order: \"leader_last\", or a list of strategy.order_by's values"),
+                ))
+            }
+        };
+        let order = match (&s.order_by, values) {
             (Some(label), values) => {
                 label_key("strategy.order_by", label)?;
-                let values = values.clone().unwrap_or_default();
+                let values = values.cloned().unwrap_or_default();
                 if let Some(dup) = values
                     .iter()
                     .enumerate()
@@ -546,6 +587,29 @@ impl RolloutFile {
             }
             (None, None) => None,
         };
+        let min_healthy = match &s.min_healthy {
+            Some(m) => crate::Floor::parse("strategy.min_healthy", m)?,
+            None => crate::Floor::NONE,
+        };
+        if let Some(label) = &s.min_healthy_per {
+            label_key("strategy.min_healthy_per", label)?;
+            if min_healthy.is_none() {
+                return Err(SpecError::new(
+                    "strategy.min_healthy_per",
+                    "needs strategy.min_healthy, the floor to keep in each group",
+                ));
+            }
+        }
+        let hooks = match &self.hooks {
+            Some(h) => h.resolve()?,
+            None => crate::Hooks::default(),
+        };
+        if !hooks.pre_leader.is_empty() && !leader_last {
+            return Err(SpecError::new(
+                "hooks.pre_leader",
+                "runs on the leader before its switch, which only strategy.order = \"leader_last\" picks out",
+            ));
+        }
         let nodes = self.nodes.clone().unwrap_or_default();
         if let Some(n) = nodes.iter().find(|n| n.trim().is_empty()) {
             return Err(SpecError::new("nodes", format!("{n:?} is not a node name")));
@@ -553,7 +617,9 @@ impl RolloutFile {
         Ok(RolloutSpec {
             nodes,
             waves,
-            min_healthy: s.min_healthy.unwrap_or(0),
+            min_healthy,
+            min_healthy_per: s.min_healthy_per.clone(),
+            leader_last,
             spread,
             order,
             service: service.to_string(),
@@ -570,10 +636,7 @@ impl RolloutFile {
             depends_on: Vec::new(),
             downgrade: self.downgrade.unwrap_or(false),
             auto_finalize: s.auto_finalize.unwrap_or(false),
-            hooks: match &self.hooks {
-                Some(h) => h.resolve()?,
-                None => crate::Hooks::default(),
-            },
+            hooks,
             dry_run: false,
         })
     }
@@ -772,14 +835,14 @@ mod tests {
         ]);
         f.strategy.spread_by = Some("rack".into());
         f.strategy.order_by = Some("region".into());
-        f.strategy.order = Some(vec!["eu-1".into()]);
-        f.strategy.min_healthy = Some(2);
+        f.strategy.order = Some(vec!["eu-1".to_string()].into());
+        f.strategy.min_healthy = Some(CountOrText::Count(2));
         let spec = f.resolve().unwrap();
         assert_eq!(spec.waves.len(), 2);
         assert!(spec.waves[1].pause);
         assert_eq!(spec.spread.unwrap().max_per_domain, 1);
         assert_eq!(spec.order.unwrap().values, ["eu-1"]);
-        assert_eq!(spec.min_healthy, 2);
+        assert_eq!(spec.min_healthy, crate::Floor::Count(2));
     }
 
     #[test]
@@ -866,13 +929,13 @@ mod tests {
                 "strategy.max_per_domain",
             ),
             (
-                Box::new(|s| s.order = Some(vec!["a".into()])),
+                Box::new(|s| s.order = Some(vec!["a".to_string()].into())),
                 "strategy.order",
             ),
             (
                 Box::new(|s| {
                     s.order_by = Some("region".into());
-                    s.order = Some(vec!["a".into(), "a".into()]);
+                    s.order = Some(vec!["a".to_string(), "a".to_string()].into());
                 }),
                 "strategy.order",
             ),

@@ -16,14 +16,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 use rollwave_core::invariants::{
     all_or_nothing, batch_cuts, batch_order, batches_within, converged_when_back, domain_order,
-    domains_in_order, dry_run_first, fails_as_one, fleet_healthy, healthy_floor,
-    in_flight_by_domain, planned_once, promotion_respected, settled, spread_within,
-    staged_then_switched, switched_together, unavailable_count, within_budget,
+    domains_in_order, dry_run_first, fails_as_one, fleet_healthy, floors_kept, in_flight_by_domain,
+    planned_once, promotion_respected, settled, spread_within, staged_then_switched,
+    switched_together, unavailable_count, within_budget,
 };
 use rollwave_core::{
-    plan_batches, step, Amount, CountOrText, Decision, Fleet, Health, NodeState, NodeView, Rollout,
-    RolloutFile, RolloutSpec, RolloutState, ServiceView, StrategyFile, TaskKind, TaskOutcome,
-    Timestamp, WaveFile,
+    plan_batches, step, Amount, CountOrText, Decision, Fleet, Health, NodeState, NodeView,
+    OrderFile, Rollout, RolloutFile, RolloutSpec, RolloutState, ServiceView, StrategyFile,
+    TaskKind, TaskOutcome, Timestamp, WaveFile,
 };
 
 const SEC: u64 = 1000;
@@ -148,6 +148,9 @@ struct Case {
     max_unavailable: Option<AmountGen>,
     /// `min_healthy` as a percentage of the nodes running the service.
     min_healthy_pct: Option<u32>,
+    /// How the floor is written: 0 a count (from `min_healthy_pct`), 1 that
+    /// percentage, 2 `"majority"`; and whether per `rack` (`min_healthy_per`).
+    floor_kind: (u8, bool),
     /// `spread_by = "rack"`, with `max_per_domain` if set.
     spread: Option<Option<u32>>,
     /// `order_by = "region"`, with these values first.
@@ -324,7 +327,14 @@ fn case_gen(large: bool) -> impl Strategy<Value = Case> {
             kind_gen(large),
             prop::option::weighted(0.8, sized_amount(large, 0)),
         ),
-        (min_healthy, spread, order, 0u32..=3, any::<bool>()),
+        (
+            min_healthy,
+            spread,
+            order,
+            0u32..=3,
+            any::<bool>(),
+            (0u8..=2, any::<bool>()),
+        ),
         (0u64..=10, 1u64..=30, 0u64..=60, tick),
         (
             fail_pct,
@@ -343,7 +353,7 @@ fn case_gen(large: bool) -> impl Strategy<Value = Case> {
         .prop_map(
             |(
                 (nodes, selector, explicit, kind, max_unavailable),
-                (min_healthy_pct, spread, order, max_failures, auto_rollback),
+                (min_healthy_pct, spread, order, max_failures, auto_rollback, floor_kind),
                 (healthy_time_s, healthy_extra_s, progress_extra_s, tick),
                 (fail_pct, flap_pct, churn_pct, operator_pct, abandon_pct, seed),
                 (gone_pct, lose_pct, supersede_pct),
@@ -354,6 +364,7 @@ fn case_gen(large: bool) -> impl Strategy<Value = Case> {
                 kind,
                 max_unavailable,
                 min_healthy_pct,
+                floor_kind,
                 spread,
                 order,
                 max_failures,
@@ -379,7 +390,63 @@ fn node_name(i: usize) -> String {
     format!("n{i:04}")
 }
 
+/// One quorum group as the model sees it, to predict the planner's refusals.
+struct FloorGroup {
+    members: usize,
+    floor: usize,
+    healthy_selected: usize,
+    healthy_outside: usize,
+}
+
+/// The quorum groups of `runs` (by rack with `min_healthy_per`), from
+/// scratch rather than through the crate's own `Quorum`.
+fn floor_groups(
+    spec: &RolloutSpec,
+    runs: &[&NodeView],
+    selected: &BTreeSet<String>,
+) -> Vec<FloorGroup> {
+    let mut by: BTreeMap<String, Vec<&NodeView>> = BTreeMap::new();
+    for n in runs {
+        let g = match &spec.min_healthy_per {
+            Some(l) => n.labels.get(l).cloned().unwrap_or_default(),
+            None => String::new(),
+        };
+        by.entry(g).or_default().push(n);
+    }
+    by.into_values()
+        .map(|nodes| {
+            let members = nodes.len();
+            let floor = match spec.min_healthy {
+                rollwave_core::Floor::Count(n) => n as usize,
+                rollwave_core::Floor::Percent(p) => (members * p as usize).div_ceil(100),
+                rollwave_core::Floor::Majority => members / 2 + 1,
+            };
+            let healthy = |inside: bool| {
+                nodes
+                    .iter()
+                    .filter(|n| n.available(SERVICE) && selected.contains(&n.name) == inside)
+                    .count()
+            };
+            FloorGroup {
+                members,
+                floor,
+                healthy_selected: healthy(true),
+                healthy_outside: healthy(false),
+            }
+        })
+        .collect()
+}
+
 impl Case {
+    /// `min_healthy` as written, see `floor_kind`.
+    fn min_healthy(&self, running: usize) -> Option<CountOrText> {
+        let p = self.min_healthy_pct?;
+        Some(match self.floor_kind.0 {
+            0 => CountOrText::Count((p as usize * running / 100) as i64),
+            1 => CountOrText::Text(format!("{p}%")),
+            _ => CountOrText::Text("majority".into()),
+        })
+    }
     fn fleet(&self) -> Fleet {
         fleet_of(self.nodes.iter().enumerate().map(|(i, g)| {
             let mut n = node(
@@ -456,9 +523,15 @@ impl Case {
                 batch,
                 waves,
                 max_unavailable: self.max_unavailable.as_ref().map(amount),
-                min_healthy: self
-                    .min_healthy_pct
-                    .map(|p| (p as usize * running / 100) as u32),
+                min_healthy: self.min_healthy(running),
+                min_healthy_per: self
+                    .min_healthy(running)
+                    .filter(|m| {
+                        self.floor_kind.1
+                            && !matches!(m, CountOrText::Count(0))
+                            && *m != CountOrText::Text("0%".into())
+                    })
+                    .map(|_| "rack".into()),
                 spread_by: self.spread.map(|_| "rack".into()),
                 max_per_domain: self.spread.flatten(),
                 order_by: self.order.as_ref().map(|_| "region".into()),
@@ -466,7 +539,7 @@ impl Case {
                     .order
                     .as_ref()
                     .filter(|o| !o.is_empty())
-                    .map(|o| o.iter().map(|v| v.to_string()).collect()),
+                    .map(|o| OrderFile::Values(o.iter().map(|v| v.to_string()).collect())),
                 min_healthy_time: Some(format!("{}s", self.healthy_time_s)),
                 healthy_deadline: Some(format!("{healthy_s}s")),
                 progress_deadline: Some(format!("{}s", healthy_s + self.progress_extra_s)),
@@ -649,16 +722,15 @@ impl Sim {
             Some("nodes")
         } else if selected.is_empty() {
             Some("selector")
-        } else if spec.min_healthy as usize >= runs.len()
-            && selected.iter().any(|n| fleet[n].available(SERVICE))
+        } else if floor_groups(&spec, &runs, &selected)
+            .iter()
+            .any(|g| g.floor >= g.members && g.healthy_selected > 0)
         {
             Some("strategy.min_healthy")
         } else if spec.all_at_once
-            && runs
+            && floor_groups(&spec, &runs, &selected)
                 .iter()
-                .filter(|n| n.available(SERVICE) && !selected.contains(&n.name))
-                .count()
-                < spec.min_healthy as usize
+                .any(|g| g.healthy_outside < g.floor && g.healthy_selected > 0)
         {
             // Switching every selected node at once would leave fewer
             // healthy nodes than the floor.
@@ -805,9 +877,7 @@ impl Sim {
             let fleet = &self.fleet;
             let (before, after) = (unavailable_count(old, fleet), unavailable_count(r, fleet));
             within_budget(before, after, self.budget).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
-            let (before, after) = (fleet_healthy(old, fleet), fleet_healthy(r, fleet));
-            healthy_floor(before, after, r.spec.min_healthy as usize)
-                .unwrap_or_else(|e| panic!("{e}: {}", ctx()));
+            floors_kept(old, r, fleet).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
         }
         spread_within(r, &self.fleet).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
 
@@ -1954,7 +2024,7 @@ fn min_healthy_keeps_two_of_a_three_node_quorum_upgrading_the_down_node_first() 
     let spec = spec_of(StrategyFile {
         batch: Some("100%".into()),
         max_unavailable: Some("100%".into()),
-        min_healthy: Some(2),
+        min_healthy: Some(CountOrText::Count(2)),
         ..StrategyFile::default()
     });
     let mut r = plan_batches(1, spec, &fleet, T0).unwrap();
@@ -2071,7 +2141,7 @@ fn order_by_region_finishes_eu_before_any_us_node_starts() {
         batch: Some("100%".into()),
         max_unavailable: Some("100%".into()),
         order_by: Some("region".into()),
-        order: Some(vec!["eu-1".into(), "us-1".into()]),
+        order: Some(OrderFile::Values(vec!["eu-1".into(), "us-1".into()])),
         ..StrategyFile::default()
     });
     let mut r = plan_batches(1, spec, &fleet, T0).unwrap();
@@ -2402,10 +2472,22 @@ fn all_at_once_keeps_min_healthy_nodes_serving_outside_the_selection() {
         },
     };
     // Switching n1 and n2 together leaves only n3: a floor of 2 is refused.
-    let refused = plan_batches(1, file(2).resolve().unwrap(), &fleet, T0).unwrap_err();
+    let refused = plan_batches(
+        1,
+        file(CountOrText::Count(2)).resolve().unwrap(),
+        &fleet,
+        T0,
+    )
+    .unwrap_err();
     assert_eq!(refused.field, "strategy.min_healthy");
 
-    let r = plan_batches(1, file(1).resolve().unwrap(), &fleet, T0).unwrap();
+    let r = plan_batches(
+        1,
+        file(CountOrText::Count(1)).resolve().unwrap(),
+        &fleet,
+        T0,
+    )
+    .unwrap();
     let staging = step(&r, &fleet, T0);
     let mut r = staging.rollout.clone();
     succeed_all(&mut r, &staging, T0 + SEC);

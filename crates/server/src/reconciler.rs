@@ -279,6 +279,7 @@ fn decided(stored: &NodeProgress, now: &NodeProgress) -> bool {
         waiting_since,
         stage_sent,
         converged,
+        leader,
         updated_at: _,
     } = now;
     *batch != stored.batch
@@ -289,6 +290,7 @@ fn decided(stored: &NodeProgress, now: &NodeProgress) -> bool {
         || *waiting_since != stored.waiting_since
         || *stage_sent != stored.stage_sent
         || *converged != stored.converged
+        || *leader != stored.leader
 }
 
 /// The rollout a task id belongs to: ids are `r<rollout>-<kind>-<node>`
@@ -1350,7 +1352,14 @@ impl Reconciler {
                         artifact,
                         min_healthy_time_ms: r.spec.min_healthy_time,
                         healthy_deadline_ms: r.spec.healthy_deadline,
-                        pre_node: r.spec.hooks.pre_node.clone(),
+                        // The leader's own hooks (moving leadership away)
+                        // come before any other, as its turn starts.
+                        pre_node: if r.nodes.get(node).is_some_and(|n| n.leader) {
+                            let hooks = &r.spec.hooks;
+                            [hooks.pre_leader.as_slice(), &hooks.pre_node].concat()
+                        } else {
+                            r.spec.hooks.pre_node.clone()
+                        },
                         post_node: r.spec.hooks.post_node.clone(),
                     }
                 }

@@ -81,6 +81,7 @@ async fn hooks_run_in_order_with_the_rollout_and_node_in_their_environment() {
         )],
         pre_node: vec![node_hook("pre")],
         post_node: vec![node_hook("post")],
+        pre_leader: Vec::new(),
         post_rollout: vec![append(&log, "post_rollout $ROLLWAVE_STATE")],
         on_success: vec![
             append(&log, "on_success"),

@@ -104,7 +104,7 @@ async fn min_healthy_holds_while_a_node_is_already_down() {
     let r = start(&fleet, "2.0.0", |s| {
         s.batch = Some("1".into());
         s.max_unavailable = Some("3".into());
-        s.min_healthy = Some(2);
+        s.min_healthy = Some(rollwave_core::CountOrText::Count(2));
     })
     .await
     .unwrap();
