@@ -192,6 +192,7 @@ pub async fn start(
             healthy_deadline: Some(healthy_deadline.into()),
             ..Default::default()
         },
+        analysis: None,
     };
     let resp: RolloutResponse = api.start_rollout(spec).await?;
     Ok(resp.rollout)

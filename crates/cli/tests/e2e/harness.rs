@@ -177,6 +177,7 @@ pub async fn start_on(
         downgrade: None,
         hooks: None,
         strategy,
+        analysis: None,
     };
     let resp: RolloutResponse = api.start_rollout(spec).await?;
     Ok(resp.rollout)
