@@ -70,6 +70,7 @@ pub async fn push(fleet: &Fleet, version: &str, healthy: bool) -> PushResponse {
             version: version.into(),
             healthy,
             broken_on: Vec::new(),
+            error_rate: 0.0,
         },
     )
     .await
@@ -84,6 +85,7 @@ pub async fn push_broken_on(fleet: &Fleet, version: &str, nodes: &[&str]) -> Pus
             version: version.into(),
             healthy: true,
             broken_on: nodes.iter().map(|n| n.to_string()).collect(),
+            error_rate: 0.0,
         },
     )
     .await
@@ -99,6 +101,7 @@ pub async fn push_service(fleet: &Fleet, service: &str, version: &str) -> PushRe
         version: version.into(),
         healthy: true,
         broken_on: Vec::new(),
+        error_rate: 0.0,
     };
     upload_to(fleet, service, version, release).await
 }
@@ -129,6 +132,7 @@ pub async fn push_with(
         version: version.into(),
         healthy: true,
         broken_on: Vec::new(),
+        error_rate: 0.0,
     };
     let bytes = tarball_with(&release, files)?;
     fleet
