@@ -91,6 +91,22 @@ pub async fn push_broken_on(fleet: &Fleet, version: &str, nodes: &[&str]) -> Pus
     .await
 }
 
+/// A release that passes its health checks everywhere but answers 500 to
+/// `rate` of the requests to `/` (0.1: every tenth).
+pub async fn push_failing_requests(fleet: &Fleet, version: &str, rate: f64) -> PushResponse {
+    upload(
+        fleet,
+        version,
+        DemoRelease {
+            version: version.into(),
+            healthy: true,
+            broken_on: Vec::new(),
+            error_rate: rate,
+        },
+    )
+    .await
+}
+
 async fn upload(fleet: &Fleet, version: &str, release: DemoRelease) -> PushResponse {
     upload_to(fleet, SERVICE, version, release).await
 }
