@@ -540,6 +540,8 @@ pub struct RolloutHead<'a> {
     pub end_hooks_done: bool,
     pub dry_run_done: bool,
     pub rollback_batch: Option<rollwave_core::Amount>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub analysis: &'a [rollwave_core::AnalysisRun],
 }
 
 impl<'a> RolloutHead<'a> {
@@ -570,6 +572,7 @@ impl<'a> RolloutHead<'a> {
             end_hooks_done,
             dry_run_done,
             rollback_batch,
+            analysis,
         } = r;
         RolloutHead {
             id: *id,
@@ -593,6 +596,7 @@ impl<'a> RolloutHead<'a> {
             end_hooks_done: *end_hooks_done,
             dry_run_done: *dry_run_done,
             rollback_batch: *rollback_batch,
+            analysis,
         }
     }
 }

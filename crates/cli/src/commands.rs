@@ -843,6 +843,7 @@ fn start_spec(args: &StartArgs) -> anyhow::Result<RolloutFile> {
             auto_rollback: args.no_auto_rollback.then_some(false),
             auto_finalize: args.auto_finalize.then_some(true),
         },
+        analysis: None,
     };
     let file = base.merge(flags);
     let origin = args

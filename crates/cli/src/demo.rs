@@ -160,6 +160,7 @@ pub async fn push(api: &ApiClient, version: &str, healthy: bool) -> anyhow::Resu
         version: version.into(),
         healthy,
         broken_on: Vec::new(),
+        error_rate: 0.0,
     })?;
     let _: PushResponse = api
         .post_bytes(
@@ -192,6 +193,7 @@ pub async fn start(
             healthy_deadline: Some(healthy_deadline.into()),
             ..Default::default()
         },
+        analysis: None,
     };
     let resp: RolloutResponse = api.start_rollout(spec).await?;
     Ok(resp.rollout)

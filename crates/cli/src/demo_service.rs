@@ -21,10 +21,59 @@ pub struct DemoRelease {
     /// Nodes (by `ROLLWAVE_NODE`) on which this release is broken.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub broken_on: Vec<String>,
+    /// The share of requests to `/` answered with 500 (0.1: every tenth),
+    /// while `/healthz` still passes: a release only an analysis of its
+    /// traffic can catch.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub error_rate: f64,
 }
 
 fn yes() -> bool {
     true
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+/// Requests answered, by status code, for `/metrics`. `/healthz` and
+/// `/metrics` are not counted: they are the agent's and Prometheus's, not
+/// the service's traffic.
+#[derive(Default)]
+struct Counts {
+    served: std::sync::atomic::AtomicU64,
+    by_code: std::sync::Mutex<std::collections::BTreeMap<u16, u64>>,
+}
+
+impl Counts {
+    /// Whether the next request to `/` fails, as `rate` says: the n-th
+    /// fails when it takes floor(n * rate) up by one, so exactly that share
+    /// fails, evenly spread.
+    fn next_fails(&self, rate: f64) -> bool {
+        let n = self
+            .served
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed) as f64;
+        ((n + 1.0) * rate).floor() > (n * rate).floor()
+    }
+
+    fn count(&self, code: u16) {
+        let mut by = self.by_code.lock().unwrap_or_else(|e| e.into_inner());
+        *by.entry(code).or_default() += 1;
+    }
+
+    /// The Prometheus text format.
+    fn render(&self, version: &str) -> String {
+        let by = self.by_code.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = String::from(
+            "# HELP demo_requests_total Requests answered, by status code.\n# TYPE demo_requests_total counter\n",
+        );
+        for (code, n) in by.iter() {
+            out.push_str(&format!(
+                "demo_requests_total{{code=\"{code}\",version=\"{version}\"}} {n}\n"
+            ));
+        }
+        out
+    }
 }
 
 /// Builds a demo release tarball in memory.
@@ -65,8 +114,45 @@ pub async fn run(
     let node = std::env::var("ROLLWAVE_NODE").unwrap_or_default();
     let healthy = release.healthy && !release.broken_on.contains(&node);
     let active_file = std::env::var_os("ROLLWAVE_ACTIVE_VERSION_FILE").map(PathBuf::from);
+    let counts = std::sync::Arc::new(Counts::default());
+    // Both series from the start, at 0: a ratio of errors to requests then
+    // has a numerator before the first error.
+    for code in [200, 500] {
+        counts
+            .by_code
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(code, 0);
+    }
+    let error_rate = release.error_rate;
+    let (served, metrics) = (counts.clone(), counts.clone());
+    let metrics_version = version.clone();
     let app = Router::new()
-        .route("/", get(move || async move { format!("api {version}\n") }))
+        .route(
+            "/",
+            get(move || async move {
+                if served.next_fails(error_rate) {
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("api {version} failed this request\n"),
+                    )
+                } else {
+                    (StatusCode::OK, format!("api {version}\n"))
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    metrics.render(&metrics_version),
+                )
+            }),
+        )
         .route(
             "/healthz",
             get(move || async move {
@@ -81,7 +167,10 @@ pub async fn run(
             "/active-version",
             get(move || async move { active_version(active_file.as_deref()).await }),
         )
-        .layer(axum::middleware::from_fn(log_request));
+        .layer(axum::middleware::from_fn(log_request))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            count_request(counts.clone(), req, next)
+        }));
     let listeners = match listen {
         Some(addr) => vec![tokio::net::TcpListener::bind(addr)
             .await
@@ -140,16 +229,29 @@ fn say(line: std::fmt::Arguments) {
         .and_then(|()| out.flush());
 }
 
-/// A line per request, as an access log, but for the health checks, which
-/// come every interval and say nothing.
+/// A line per request, as an access log, but for the health checks and
+/// metric scrapes, which come every interval and say nothing.
 async fn log_request(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let resp = next.run(req).await;
-    if path != "/healthz" {
+    if path != "/healthz" && path != "/metrics" {
         say(format_args!("{method} {path} {}", resp.status().as_u16()));
+    }
+    resp
+}
+
+async fn count_request(
+    counts: std::sync::Arc<Counts>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    if path != "/healthz" && path != "/metrics" {
+        counts.count(resp.status().as_u16());
     }
     resp
 }

@@ -6,6 +6,7 @@ use std::io::IsTerminal;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rollwave_api::{NodeView, Release, ServiceSummary};
+use rollwave_core::analysis::format_value;
 use rollwave_core::{
     format_duration, AuditEntry, BackupInfo, Health, NodeState, Rollout, RolloutEvent,
     RolloutSummary, TokenView,
@@ -480,6 +481,7 @@ pub fn status(r: &Rollout, now: u64) -> String {
     if let Some(w) = &r.waiting {
         let _ = writeln!(out, "  waiting: {w}");
     }
+    out.push_str(&analysis_runs(r));
     let mut rows = vec![vec![
         "  BATCH".into(),
         "NODE".into(),
@@ -511,6 +513,45 @@ pub fn status(r: &Rollout, now: u64) -> String {
         }
     }
     out.push_str(&table(rows));
+    out
+}
+
+/// Each analysis run: its wave, its state and every measurement.
+fn analysis_runs(r: &Rollout) -> String {
+    let mut out = String::new();
+    for run in &r.analysis {
+        let Some(a) = r.spec.analysis.iter().find(|a| a.name == run.name) else {
+            continue;
+        };
+        let values: Vec<String> = run
+            .measurements
+            .iter()
+            .map(|m| match m.value {
+                Some(v) => format!("{} {}", format_value(v), m.verdict.as_str()),
+                None => m.verdict.as_str().to_string(),
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "  analysis {} wave {}: {}, {} of {} measurements ({}){}",
+            run.name,
+            run.wave + 1,
+            run.state.as_str(),
+            run.taken(),
+            a.count,
+            a.success,
+            if values.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", values.join(", "))
+            }
+        );
+        if let Some(last) = run.measurements.last().filter(|m| m.value.is_none()) {
+            if let Some(d) = &last.detail {
+                let _ = writeln!(out, "    last: {d}");
+            }
+        }
+    }
     out
 }
 
@@ -811,6 +852,25 @@ pub fn plan(r: &Rollout, fleet: &[NodeView]) -> String {
             s.depends_on.join(", ")
         );
     }
+    for a in &s.analysis {
+        let _ = writeln!(
+            out,
+            "  analysis {}: each wave waits for {} measurements {} apart passing {} (failure_limit {}, inconclusive_limit {} then {}, consecutive_error_limit {})\n    query: {}\n    prometheus: {}",
+            a.name,
+            a.count,
+            format_duration(a.interval),
+            a.success,
+            a.failure_limit,
+            a.inconclusive_limit,
+            match a.on_inconclusive {
+                rollwave_core::OnInconclusive::Fail => "fail",
+                rollwave_core::OnInconclusive::Pause => "pause",
+            },
+            a.consecutive_error_limit,
+            a.query,
+            a.prometheus
+        );
+    }
     out.push_str(&warnings(r));
     // Each wave runs in rounds of at most `budget` nodes (fewer with a spread
     // limit); a round is a switch plus the health gate.
@@ -818,7 +878,15 @@ pub fn plan(r: &Rollout, fleet: &[NodeView]) -> String {
     let mut total = 0;
     for b in &r.batches {
         let (width, _) = wave_width(r, fleet, b);
-        total += b.len().div_ceil(width) as u64 * per_round;
+        // A wave also lasts until its analyses have measured, from its
+        // first switch.
+        let measured = s
+            .analysis
+            .iter()
+            .map(|a| SWITCH_ESTIMATE_MS + u64::from(a.count) * a.interval)
+            .max()
+            .unwrap_or(0);
+        total += (b.len().div_ceil(width) as u64 * per_round).max(measured);
     }
     let _ = writeln!(
         out,

@@ -5,6 +5,7 @@
 //! [`Timestamp`] argument, so every decision can be replayed and property-tested.
 
 mod amount;
+pub mod analysis;
 mod audit;
 mod auth;
 mod describe;
@@ -24,6 +25,9 @@ mod spec;
 mod summary;
 
 pub use amount::Amount;
+pub use analysis::{
+    Analysis, AnalysisFile, AnalysisRun, Measurement, OnInconclusive, RunState, Verdict,
+};
 pub use audit::AuditEntry;
 pub use auth::{
     hash_secret, split_token, validate_token_name, Access, Role, TokenProblem, TokenRecord,

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 
+use crate::analysis;
 use crate::fleet::join_by_name;
 use crate::invariants::{self, unavailable_count};
 use crate::{
@@ -175,6 +176,7 @@ pub fn plan_batches(
         end_hooks_done: false,
         dry_run_done: false,
         rollback_batch: None,
+        analysis: Vec::new(),
     };
     let down: Vec<String> = selected
         .iter()
@@ -670,6 +672,8 @@ pub fn step_in_place(r: &mut Rollout, fleet: &Fleet, now: Timestamp) -> Actions 
                 failed.join("; ")
             );
             fail(r, reason, now);
+        } else if let Some(reason) = analysis::failure(r) {
+            fail(r, reason, now);
         } else if awaiting_promotion(r) {
             // Waiting for the operator, like a pause: not a lack of progress.
         } else if now >= r.last_progress_at + r.spec.progress_deadline {
@@ -942,11 +946,17 @@ fn run_current_batch(
     wake: &mut Wake,
 ) -> bool {
     let Some(batch) = first_open_batch(r) else {
+        if analysis::holds(r, r.batches.len()) {
+            return false;
+        }
         let reason = summary(r);
         r.set_state(RolloutState::Completed, Some(reason), now);
         return false;
     };
 
+    if analysis::holds(r, batch) {
+        return false;
+    }
     if paused_before(r, batch) {
         r.waiting = Some(format!(
             "wave {batch} of {} is done: waiting for `rollwave rollout promote {}`",
@@ -1056,6 +1066,7 @@ fn run_current_batch(
         }
         dispatch.push(d);
     }
+    analysis::start(r, batch, now);
     let held = waits.len();
     let down = invariants::unavailable_nodes(r, fleet);
     let mut waits: Vec<String> = waits
@@ -1413,8 +1424,12 @@ fn run_all_at_once(
                 now,
             ));
         }
+        analysis::start(r, 0, now);
     }
     if r.nodes.values().all(|n| n.state == NodeState::Upgraded) {
+        if analysis::holds(r, r.batches.len()) {
+            return;
+        }
         let reason = summary(r);
         r.set_state(RolloutState::Completed, Some(reason), now);
         return;

@@ -309,6 +309,9 @@ pub struct Rollout {
     #[serde(default)]
     #[schema(value_type = Option<String>)]
     pub rollback_batch: Option<crate::Amount>,
+    /// The analyses of each wave so far, with their measurements.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub analysis: Vec<crate::AnalysisRun>,
 }
 
 /// Which hooks of a rollout run now.
@@ -384,6 +387,7 @@ impl Rollout {
             end_hooks_done,
             dry_run_done,
             rollback_batch,
+            analysis,
         } = self;
         Rollout {
             id: *id,
@@ -410,6 +414,7 @@ impl Rollout {
             end_hooks_done: *end_hooks_done,
             dry_run_done: *dry_run_done,
             rollback_batch: *rollback_batch,
+            analysis: analysis.clone(),
         }
     }
 

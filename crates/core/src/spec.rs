@@ -31,6 +31,9 @@ pub struct RolloutFile {
     pub hooks: Option<crate::HooksFile>,
     #[serde(default)]
     pub strategy: StrategyFile,
+    /// Analysis gates (`[[analysis]]`): queries each wave must pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<Vec<crate::AnalysisFile>>,
 }
 
 /// One service of a multi-service rollout (`[[services]]`).
@@ -245,6 +248,9 @@ pub struct RolloutSpec {
     /// its data before any node changes. Set from the release, not the file.
     #[serde(default)]
     pub dry_run: bool,
+    /// Analysis gates: each wave waits for them to pass.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub analysis: Vec<crate::Analysis>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -285,6 +291,7 @@ impl RolloutFile {
         self.services = other.services.or(self.services);
         self.downgrade = other.downgrade.or(self.downgrade);
         self.hooks = other.hooks.or(self.hooks);
+        self.analysis = other.analysis.or(self.analysis);
         let t = &mut self.strategy;
         t.kind = s.kind.or(t.kind.take());
         t.waves = s.waves.or(t.waves.take());
@@ -638,6 +645,10 @@ impl RolloutFile {
             auto_finalize: s.auto_finalize.unwrap_or(false),
             hooks,
             dry_run: false,
+            analysis: crate::analysis::resolve(
+                self.analysis.as_deref().unwrap_or_default(),
+                progress_deadline,
+            )?,
         })
     }
 }

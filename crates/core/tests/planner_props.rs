@@ -72,6 +72,7 @@ fn spec_of(strategy: StrategyFile) -> RolloutSpec {
         downgrade: None,
         hooks: None,
         strategy,
+        analysis: None,
     }
     .resolve()
     .expect("test spec is valid")
@@ -547,6 +548,7 @@ impl Case {
                 auto_rollback: Some(self.auto_rollback),
                 auto_finalize: None,
             },
+            analysis: None,
         };
         if let KindGen::AllAtOnce {
             max_unavailable,
@@ -2470,6 +2472,7 @@ fn all_at_once_keeps_min_healthy_nodes_serving_outside_the_selection() {
             min_healthy: Some(min_healthy),
             ..StrategyFile::default()
         },
+        analysis: None,
     };
     // Switching n1 and n2 together leaves only n3: a floor of 2 is refused.
     let refused = plan_batches(

@@ -1039,7 +1039,7 @@ async fn get_rollout(
     request_body = StartRollout,
     responses(
         (status = 201, description = "Started: the first rollout, and one per further service in dependency order", body = RolloutResponse),
-        (status = 400, description = "Invalid spec (the message names the field), a plan the fleet cannot meet, or an undeclared downgrade", body = rollwave_api::ErrorBody),
+        (status = 400, description = "Invalid spec (the message names the field), a plan the fleet cannot meet, an undeclared downgrade, or an analysis whose trial query failed (`analysis[i].query`: Prometheus rejected it; `analysis[i].prometheus`: no answer)", body = rollwave_api::ErrorBody),
         (status = 403, description = "The token may not start rollouts, or the spec has control-plane exec hooks and the token is not an admin's", body = rollwave_api::ErrorBody),
         (status = 404, description = "No such release", body = rollwave_api::ErrorBody),
         (status = 409, description = "Refused: a rollout of the service is active, or the version is below the active one", body = rollwave_api::ErrorBody),
@@ -1066,6 +1066,8 @@ async fn start_rollout(
             format!("{field}: exec hooks run commands on the control plane and need an admin token; token {:?} has the {} role", caller.name, caller.role),
         ));
     }
+    // Before the reconciler, which must not wait on a Prometheus.
+    crate::analysis::check(&req.spec).await?;
     let started = shared.reconciler.start(req.spec, req.plan_id).await?;
     let what: Vec<String> = started
         .iter()
@@ -1094,7 +1096,7 @@ async fn start_rollout(
     request_body = StartRollout,
     responses(
         (status = 200, description = "The rollouts `POST /v1/rollouts` would start now, stored nowhere, and the plan's `plan_id`", body = RolloutResponse),
-        (status = 400, description = "Invalid spec (the message names the field), or a plan the fleet cannot meet", body = rollwave_api::ErrorBody),
+        (status = 400, description = "Invalid spec (the message names the field), a plan the fleet cannot meet, or an analysis whose trial query failed (`analysis[i].query`: Prometheus rejected it; `analysis[i].prometheus`: no answer)", body = rollwave_api::ErrorBody),
         (status = 404, description = "No such release", body = rollwave_api::ErrorBody),
         (status = 409, description = "Starting it would be refused: a downgrade not asked for or below the active version, or another rollout of the service in progress", body = rollwave_api::ErrorBody),
         (status = 413, description = "Body above 2 MB, refused by the HTTP layer in plain text", content_type = "text/plain", body = String),
@@ -1106,6 +1108,7 @@ async fn plan_rollout(
     body: Bytes,
 ) -> ApiResult<Json<RolloutResponse>> {
     let req: StartRollout = crate::json_body("rollout request", &body)?;
+    crate::analysis::check(&req.spec).await?;
     let planned = shared.reconciler.plan(req.spec).await?;
     let plan_id = rollwave_core::plan_id(&planned);
     Ok(Json(RolloutResponse {

@@ -5,6 +5,7 @@
 //! active rollout, runs the pure planner on each change and persists each
 //! decision in the [`Store`] before sending the tasks it implies.
 
+mod analysis;
 mod audit;
 mod auth;
 mod blobs;

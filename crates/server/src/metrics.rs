@@ -15,7 +15,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use rollwave_core::{Fleet, NodeState, Rollout, RolloutState, TaskKind, TaskOutcome, Timestamp};
+use rollwave_core::{
+    Fleet, NodeState, Rollout, RolloutState, TaskKind, TaskOutcome, Timestamp, Verdict,
+};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -30,6 +32,7 @@ pub struct Metrics {
     tasks: Family<Labels, Histogram>,
     waves: Family<Labels, Histogram>,
     hook_failures: Family<Labels, Counter>,
+    analysis_measurements: Family<Labels, Counter>,
     requests: Family<Labels, Counter>,
     request_seconds: Family<Labels, Histogram>,
     /// Artifact streams open now, and requests refused past the cap
@@ -104,6 +107,12 @@ impl Metrics {
             "Hooks that failed (after their retries), by where they ran",
             hook_failures.clone(),
         );
+        let analysis_measurements = Family::<Labels, Counter>::default();
+        registry.register(
+            "analysis_measurements",
+            "Analysis queries taken during rollouts, by verdict",
+            analysis_measurements.clone(),
+        );
         let requests = Family::<Labels, Counter>::default();
         registry.register(
             "http_requests",
@@ -135,6 +144,10 @@ impl Metrics {
         for on in ["control_plane", "node"] {
             let _ = hook_failures.get_or_create(&vec![("on", on.into())]);
         }
+        for verdict in Verdict::ALL {
+            let _ =
+                analysis_measurements.get_or_create(&vec![("verdict", verdict.as_str().into())]);
+        }
         for kind in TaskKind::ALL {
             for outcome in ["succeeded", "failed"] {
                 let _ = tasks.get_or_create(&task_labels(kind, outcome));
@@ -149,6 +162,7 @@ impl Metrics {
             tasks,
             waves,
             hook_failures,
+            analysis_measurements,
             requests,
             request_seconds,
             downloads_in_flight,
@@ -202,6 +216,12 @@ impl Metrics {
     pub fn hook_failed(&self, on: &'static str) {
         self.hook_failures
             .get_or_create(&vec![("on", on.into())])
+            .inc();
+    }
+
+    pub fn measured(&self, verdict: Verdict) {
+        self.analysis_measurements
+            .get_or_create(&vec![("verdict", verdict.as_str().into())])
             .inc();
     }
 

@@ -16,8 +16,8 @@ use rollwave_api::{artifact_path, ArtifactRef, FinalizeResponse, ServerMessage, 
 use rollwave_core::{
     check_downgrade, check_finalize, newest_running, plan_batches, step_in_place,
     validate_service_name, ActiveVersion, Dependency, Dispatch, FinalizeError, Hook, HookReport,
-    HookStage, NodeProgress, NodeState, OnError, Release, Rollout, RolloutFile, RolloutState,
-    TaskKind, TaskOutcome, TaskRef,
+    HookStage, Measurement, NodeProgress, NodeState, OnError, Release, Rollout, RolloutFile,
+    RolloutState, TaskKind, TaskOutcome, TaskRef,
 };
 use rollwave_store::{RolloutWrite, StoreError};
 use tokio::sync::{mpsc, oneshot};
@@ -130,6 +130,14 @@ pub enum Event {
         sha256: String,
         reply: oneshot::Sender<Result<Release, ApiError>>,
     },
+    /// An analysis query answered (or failed): recorded on the rollout
+    /// here, and written with the step that follows, like a task result.
+    Measured {
+        id: u64,
+        wave: usize,
+        name: String,
+        measurement: Measurement,
+    },
     /// A release pushed unsigned was signed: the one change a stored
     /// release can undergo, so tasks sent from now on carry the signature.
     ReleaseSigned {
@@ -240,6 +248,11 @@ struct Reconciler {
     /// hook holds up only its rollout.
     hooks_running: HashSet<(u64, HookStage)>,
     hook_client: reqwest::Client,
+    /// Analysis queries in flight, by rollout, wave and analysis: one at a
+    /// time each, in a task of its own, so that a slow Prometheus holds up
+    /// nothing but its analysis.
+    measuring: HashSet<(u64, usize, String)>,
+    prometheus: reqwest::Client,
     /// What the change stream has carried of each rollout.
     feed: crate::events::RolloutFeed,
 }
@@ -324,6 +337,8 @@ pub async fn spawn(
     }
     let hook_client = rollwave_hooks::client()
         .map_err(|e| StoreError::Backend(format!("building the webhook client: {e}")))?;
+    let prometheus = crate::analysis::client()
+        .map_err(|e| StoreError::Backend(format!("building the Prometheus client: {e}")))?;
     let mut feed = crate::events::RolloutFeed::default();
     for r in active.values() {
         feed.baseline(r);
@@ -341,6 +356,8 @@ pub async fn spawn(
         releases: HashMap::new(),
         hooks_running: HashSet::new(),
         hook_client,
+        measuring: HashSet::new(),
+        prometheus,
     };
     tokio::spawn(r.run(events));
     Ok(())
@@ -450,6 +467,23 @@ impl Reconciler {
                         tracing::info!(rollout = id, node = %node, task = %task_id, ?outcome, "task ended");
                         self.due.insert(id);
                     }
+                }
+            }
+            Event::Measured {
+                id,
+                wave,
+                name,
+                measurement,
+            } => {
+                self.measuring.remove(&(id, wave, name.clone()));
+                let verdict = measurement.verdict;
+                let Some(r) = self.active.get_mut(&id) else {
+                    return;
+                };
+                if r.record_measurement(wave, &name, measurement, now) {
+                    self.shared.metrics.measured(verdict);
+                    tracing::info!(rollout = id, wave, analysis = %name, verdict = verdict.as_str(), "measured");
+                    self.due.insert(id);
                 }
             }
             Event::Start {
@@ -989,6 +1023,9 @@ impl Reconciler {
         let now = now_ms();
         let clock = Instant::now();
         let mut wake = now + MAX_SLEEP.as_millis() as u64;
+        if let Some(at) = self.measure(now) {
+            wake = wake.min(at);
+        }
         let mut ready = Vec::new();
         for (&id, &at) in &self.wakeups {
             if at <= now {
@@ -1084,6 +1121,43 @@ impl Reconciler {
         }
         let now = now_ms();
         Duration::from_millis(wake.saturating_sub(now).max(1))
+    }
+
+    /// Sends the analysis queries that are due, each in a task of its own
+    /// whose answer comes back as `Measured`; returns when the next one is
+    /// due. The rollout says what is due (from its stored measurements), so
+    /// after a restart an analysis goes on where it was.
+    fn measure(&mut self, now: u64) -> Option<u64> {
+        let mut next: Option<u64> = None;
+        let mut go = Vec::new();
+        for r in self.active.values() {
+            for due in r.analysis_due() {
+                if due.at > now {
+                    next = Some(next.map_or(due.at, |n| n.min(due.at)));
+                    continue;
+                }
+                let key = (due.rollout, due.wave, due.analysis.name.clone());
+                if !self.measuring.contains(&key) {
+                    go.push((key, due));
+                }
+            }
+        }
+        for (key, due) in go {
+            self.measuring.insert(key);
+            let client = self.prometheus.clone();
+            let handle = self.shared.reconciler.clone();
+            tokio::spawn(async move {
+                let answer = crate::analysis::query(&client, &due.analysis).await;
+                let measurement = due.analysis.judge(answer, now_ms());
+                handle.send(Event::Measured {
+                    id: due.rollout,
+                    wave: due.wave,
+                    name: due.analysis.name,
+                    measurement,
+                });
+            });
+        }
+        next
     }
 
     /// Sets when a rollout stepped at `started` may be stepped again.

@@ -1164,6 +1164,7 @@ function rolloutView(root, route) {
       fact('Strategy', strategy(spec)),
       fact('Max unavailable', spec.max_unavailable ? ('percent' in spec.max_unavailable ? `${spec.max_unavailable.percent}%` : String(spec.max_unavailable.count)) : '-'),
       fact('Healthy for', fmtDuration(spec.min_healthy_time)),
+      spec.analysis && spec.analysis.length ? fact('Analysis', spec.analysis.map((a) => `${a.name}: ${a.success}`).join('; ')) : null,
       fact('Started', timeEl(r.created_at)),
       fact('Finished', r.finished_at ? timeEl(r.finished_at) : '-'),
       fact('Duration', duration(r)),
@@ -1230,6 +1231,30 @@ function rolloutView(root, route) {
     return out;
   }
 
+  /** A measured value as people read it, as the CLI writes it. */
+  function fmtValue(v) {
+    if (v !== 0 && Math.abs(v) < 1e-3) return v.toExponential(2);
+    return String(Number(v.toFixed(4)));
+  }
+
+  /** The analyses of wave `i`, each with its state and its measurements. */
+  function analysisList(r, i) {
+    const runs = (r.analysis || []).filter((a) => a.wave === i);
+    if (!runs.length) return null;
+    const specs = (r.spec && r.spec.analysis) || [];
+    return h('ul', { class: 'analysis', 'aria-label': `Analyses of wave ${i + 1}` }, runs.map((a) => {
+      const spec = specs.find((s) => s.name === a.name) || {};
+      const taken = a.measurements.filter((m) => m.verdict !== 'error').length;
+      return h('li', { 'data-analysis': a.name },
+        h('span', { class: 'analysis-name' }, `analysis ${a.name}`), ' ', badge(a.state), ' ',
+        h('span', { class: 'muted' }, `${taken} of ${spec.count || '?'} measurements, passing when ${spec.success || '?'}: `),
+        a.measurements.map((m) => h('span', {
+          class: `measurement s-${m.verdict}`, title: `${m.verdict}${m.detail ? `: ${m.detail}` : ''}`,
+        }, m.value !== undefined ? fmtValue(m.value) : m.verdict)),
+        a.reason ? h('div', { class: 'reason' }, a.reason) : null);
+    }));
+  }
+
   function updateWaves(r) {
     if (!r.batches) {
       fill(waves, h('p', { class: 'muted' }, 'Loading the plan…'));
@@ -1265,6 +1290,7 @@ function rolloutView(root, route) {
           h('span', { class: 'muted' }, `${batch.length} node${batch.length === 1 ? '' : 's'}: ${summary}`),
           pause ? h('span', { class: promoted ? 'muted' : 'badge s-paused' }, promoted ? 'promoted' : 'pauses for promotion') : null,
           toggle),
+        analysisList(r, i),
         names.length ? h('table', { class: 'wave-nodes' },
           h('thead', {}, h('tr', {},
             [['Node', 'c-node'], ['State', 'c-state'], ['From → to', 'c-versions'], ['Steps', 'c-steps'], ['', 'c-log']]

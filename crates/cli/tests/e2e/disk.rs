@@ -27,6 +27,7 @@ fn demo(version: &str) -> DemoRelease {
         version: version.into(),
         healthy: true,
         broken_on: Vec::new(),
+        error_rate: 0.0,
     }
 }
 

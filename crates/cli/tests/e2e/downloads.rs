@@ -19,6 +19,7 @@ fn large_release(version: &str) -> Vec<u8> {
         version: version.into(),
         healthy: true,
         broken_on: Vec::new(),
+        error_rate: 0.0,
     };
     let toml = toml::to_string(&release).unwrap();
     let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(

@@ -194,6 +194,7 @@ async fn push_wsgi(fleet: &Fleet, version: &str, healthy: bool) {
         version: version.into(),
         healthy,
         broken_on: Vec::new(),
+        error_rate: 0.0,
     };
     let bytes =
         rollwave::demo_service::tarball_with(&release, &[("app.py", WSGI_APP, 0o644)]).unwrap();

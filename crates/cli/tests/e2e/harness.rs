@@ -70,6 +70,7 @@ pub async fn push(fleet: &Fleet, version: &str, healthy: bool) -> PushResponse {
             version: version.into(),
             healthy,
             broken_on: Vec::new(),
+            error_rate: 0.0,
         },
     )
     .await
@@ -84,6 +85,23 @@ pub async fn push_broken_on(fleet: &Fleet, version: &str, nodes: &[&str]) -> Pus
             version: version.into(),
             healthy: true,
             broken_on: nodes.iter().map(|n| n.to_string()).collect(),
+            error_rate: 0.0,
+        },
+    )
+    .await
+}
+
+/// A release that passes its health checks everywhere but answers 500 to
+/// `rate` of the requests to `/` (0.1: every tenth).
+pub async fn push_failing_requests(fleet: &Fleet, version: &str, rate: f64) -> PushResponse {
+    upload(
+        fleet,
+        version,
+        DemoRelease {
+            version: version.into(),
+            healthy: true,
+            broken_on: Vec::new(),
+            error_rate: rate,
         },
     )
     .await
@@ -99,6 +117,7 @@ pub async fn push_service(fleet: &Fleet, service: &str, version: &str) -> PushRe
         version: version.into(),
         healthy: true,
         broken_on: Vec::new(),
+        error_rate: 0.0,
     };
     upload_to(fleet, service, version, release).await
 }
@@ -129,6 +148,7 @@ pub async fn push_with(
         version: version.into(),
         healthy: true,
         broken_on: Vec::new(),
+        error_rate: 0.0,
     };
     let bytes = tarball_with(&release, files)?;
     fleet
@@ -177,6 +197,7 @@ pub async fn start_on(
         downgrade: None,
         hooks: None,
         strategy,
+        analysis: None,
     };
     let resp: RolloutResponse = api.start_rollout(spec).await?;
     Ok(resp.rollout)

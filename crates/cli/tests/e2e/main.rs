@@ -2,6 +2,7 @@
 //! from the built `rollwave` binary, real demo services on loopback ports,
 //! temporary directories. One test binary, to keep link time down.
 
+mod analysis;
 mod audit;
 mod backups;
 mod bad_input;

@@ -65,6 +65,7 @@ fn artifact(fleet: &Fleet, version: &str) -> PathBuf {
         version: version.into(),
         healthy: true,
         broken_on: Vec::new(),
+        error_rate: 0.0,
     })
     .unwrap();
     let path = fleet.dir.join(format!("api-{version}.tar.gz"));
