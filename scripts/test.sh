@@ -5,11 +5,12 @@
 # the handoff benchmark; chromium and chromium-driver: the dashboard's browser
 # test; etcd-server: the etcd store engine's tests run real etcd members;
 # protobuf-compiler: the etcd client's gRPC code is generated at build time,
-# which is why that engine is behind the `etcd` feature).
+# which is why that engine is behind the `etcd` feature; prometheus: rollout
+# analyses query a real one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(haproxy gunicorn wrk chromium chromium-driver etcd-server protobuf-compiler)
+packages=(haproxy gunicorn wrk chromium chromium-driver etcd-server protobuf-compiler prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
