@@ -3,14 +3,15 @@
 # tests need first (haproxy: the agent's drain tests run a real one; gunicorn:
 # a third-party server taking the agent's sockets by socket activation; wrk:
 # the handoff benchmark; chromium and chromium-driver: the dashboard's browser
-# test; etcd-server: the etcd store engine's tests run real etcd members;
+# test; etcd-server: the etcd store engine's tests run real etcd members, and
+# quorum upgrades roll real etcd clusters; etcd-client: their etcdctl;
 # protobuf-compiler: the etcd client's gRPC code is generated at build time,
 # which is why that engine is behind the `etcd` feature; prometheus: rollout
 # analyses query a real one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(haproxy gunicorn wrk chromium chromium-driver etcd-server protobuf-compiler prometheus)
+packages=(haproxy gunicorn wrk chromium chromium-driver etcd-server etcd-client protobuf-compiler prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

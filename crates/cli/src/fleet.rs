@@ -331,6 +331,47 @@ impl Fleet {
             .collect()
     }
 
+    /// Adds a node whose `agent.toml` says `body` (labels and services)
+    /// after what every agent of this fleet is told (name, control plane,
+    /// state dir, a join token); `{state_dir}` in `body` is the node's state
+    /// directory. Starts its agent; returns its index in `nodes`.
+    pub async fn add_node(&mut self, name: &str, body: &str) -> anyhow::Result<usize> {
+        let join = self
+            .create_token(
+                &format!("join-{name}"),
+                rollwave_core::Role::Join,
+                Some("1h"),
+            )
+            .await
+            .context("creating a join token")?;
+        let state_dir = self.dir.join(name);
+        std::fs::create_dir_all(&state_dir)?;
+        let ca_file = match &self.certs {
+            Some(c) => format!("ca_file = {:?}\n", c.ca_file.display().to_string()),
+            None => String::new(),
+        };
+        let dir = state_dir.display().to_string();
+        let toml = format!(
+            "join_token = {:?}\nnode = {name:?}\nserver = {:?}\n{ca_file}state_dir = {dir:?}\n{}",
+            join.token,
+            self.url(),
+            body.replace("{state_dir}", &dir)
+        );
+        let config = state_dir.join("agent.toml");
+        std::fs::write(&config, toml)?;
+        self.nodes.push(Node {
+            name: name.to_string(),
+            state_dir,
+            config,
+            port: 0,
+            extra_ports: BTreeMap::new(),
+            agent: None,
+        });
+        let i = self.nodes.len() - 1;
+        self.start_agent(i)?;
+        Ok(i)
+    }
+
     pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
         let node = &mut self.nodes[i];
         let log = File::options()

@@ -6,6 +6,7 @@ pub mod client;
 mod commands;
 pub mod demo;
 pub mod demo_service;
+pub mod etcd_fleet;
 pub mod fleet;
 pub mod keys;
 pub mod load;
