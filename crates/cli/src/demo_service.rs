@@ -65,8 +65,15 @@ pub async fn run(
     let node = std::env::var("ROLLWAVE_NODE").unwrap_or_default();
     let healthy = release.healthy && !release.broken_on.contains(&node);
     let active_file = std::env::var_os("ROLLWAVE_ACTIVE_VERSION_FILE").map(PathBuf::from);
+    let answered = version.clone();
     let app = Router::new()
         .route("/", get(move || async move { format!("api {version}\n") }))
+        // What a health check with `expect_json` reads: the version from
+        // `release.toml`, which a release built from old code gets wrong.
+        .route(
+            "/version",
+            get(move || async move { axum::Json(serde_json::json!({ "version": answered })) }),
+        )
         .route(
             "/healthz",
             get(move || async move {

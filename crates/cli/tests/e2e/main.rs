@@ -23,6 +23,7 @@ mod metrics;
 mod migrations;
 mod openapi;
 mod operator;
+mod probes;
 #[cfg(feature = "etcd")]
 mod replicas;
 mod retention;
