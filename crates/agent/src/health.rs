@@ -72,7 +72,8 @@ pub struct HealthCheck {
     /// `"http"`, `"tcp"` or `"exec"`.
     #[serde(rename = "type")]
     pub kind: Option<String>,
-    /// For `http`: the URL to GET; any 2xx passes.
+    /// For `http`: the URL to GET; any 2xx passes, unless `expect_status`
+    /// says which.
     pub url: Option<String>,
     /// For `tcp`: `host:port` to connect to.
     pub address: Option<String>,
