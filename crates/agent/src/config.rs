@@ -14,6 +14,7 @@ use crate::disk::DiskLimits;
 use crate::haproxy::{DrainConfig, Haproxy};
 use crate::health::{HealthCheck, ResolvedCheck};
 use crate::logs::LogSettings;
+use crate::role::{ResolvedProbe, RoleProbe};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,6 +105,7 @@ struct RawService {
     env: BTreeMap<String, String>,
     working_dir: Option<String>,
     health: Option<HealthCheck>,
+    role: Option<RoleProbe>,
     stop_signal: Option<String>,
     reload_signal: Option<String>,
     stop_grace: Option<String>,
@@ -172,6 +174,9 @@ pub struct ServiceConfig {
     pub env: BTreeMap<String, String>,
     pub working_dir: Option<String>,
     pub health: ResolvedCheck,
+    /// What the service says it is (`leader`, `follower`), probed while it
+    /// runs and reported to the control plane.
+    pub role: Option<ResolvedProbe>,
     pub stop_signal: Signal,
     /// Sent to the running process when the service's active version
     /// changes; without it the service learns of the change from the file
@@ -348,6 +353,13 @@ impl AgentConfig {
                 .ok_or_else(|| format!("{at}.health: is required"))?
                 .resolve(&format!("{at}.health"))
                 .map_err(|e| e.to_string())?;
+            let role = match &s.role {
+                None => None,
+                Some(r) => Some(
+                    r.resolve(&format!("{at}.role"))
+                        .map_err(|e| e.to_string())?,
+                ),
+            };
             let stop_signal = match s.stop_signal.as_deref() {
                 None => Signal::SIGTERM,
                 Some(sig) => parse_signal(sig).ok_or_else(|| {
@@ -457,6 +469,7 @@ impl AgentConfig {
                 env: s.env,
                 working_dir: s.working_dir,
                 health,
+                role,
                 stop_signal,
                 reload_signal,
                 stop_grace_ms,
@@ -878,5 +891,77 @@ health = { type = "http", url = "http://127.0.0.1:8080/healthz" }
             assert!(err.contains(field), "{err} should name {field}");
             assert!(!err.contains('\n'), "{err} should be one line");
         }
+    }
+
+    #[test]
+    fn parses_a_role_probe_and_what_a_check_expects() {
+        let c = AgentConfig::parse(GOOD).unwrap();
+        assert_eq!(c.services[0].role, None);
+        let text = GOOD
+            .replace(
+                "health = { type = \"http\", url = \"http://127.0.0.1:8080/healthz\" }",
+                "health = { type = \"http\", url = \"http://127.0.0.1:8080/version\", \
+                 expect_status = 200, expect_json = { field = \"version\", equals = \"{version}\" } }",
+            )
+            .replace(
+                "stop_grace",
+                "role = { type = \"exec\", command = [\"cat\", \"/run/api/role\"], interval = \"5s\" }\nstop_grace",
+            );
+        let c = AgentConfig::parse(&text).unwrap();
+        let s = &c.services[0];
+        let role = s.role.as_ref().unwrap();
+        assert_eq!(
+            role.kind,
+            crate::role::ProbeKind::Exec {
+                command: vec!["cat".into(), "/run/api/role".into()]
+            }
+        );
+        assert_eq!(role.interval, std::time::Duration::from_secs(5));
+        assert_eq!(role.timeout, std::time::Duration::from_secs(1));
+        let crate::health::CheckKind::Http { expect, .. } = &s.health.kind else {
+            panic!("{:?}", s.health)
+        };
+        assert_eq!(expect.status, Some(vec![200]));
+        assert_eq!(expect.json.as_ref().unwrap().field, "version");
+
+        let with = |line: &str| {
+            AgentConfig::parse(&GOOD.replace("stop_grace", &format!("{line}\nstop_grace")))
+                .unwrap_err()
+        };
+        assert_eq!(
+            with("role = { type = \"http\", url = \"http://x/\", json_field = \"a.\" }"),
+            "service.api.role.json_field: \"a.\" is not a field path like \"version\", \"build.version\" or \"members.0.name\""
+        );
+        assert_eq!(
+            with("role = { type = \"exec\" }"),
+            "service.api.role.command: is required for type = \"exec\""
+        );
+        assert!(
+            with("role = { type = \"exec\", command = [\"x\"], every = \"1s\" }")
+                .contains("unknown field `every`")
+        );
+        let health = |table: &str| {
+            AgentConfig::parse(&GOOD.replace(
+                "health = { type = \"http\", url = \"http://127.0.0.1:8080/healthz\" }",
+                &format!("health = {table}"),
+            ))
+            .unwrap_err()
+        };
+        assert_eq!(
+            health("{ type = \"tcp\", address = \"127.0.0.1:8080\", expect_body = \"ok\" }"),
+            "service.api.health.expect_body: is not used by type = \"tcp\" (only http checks read an answer)"
+        );
+        assert_eq!(
+            health("{ type = \"http\", url = \"http://x/\", expect_json = { equals = \"1\" } }"),
+            "service.api.health.expect_json.field: is required (a dotted path like \"build.version\")"
+        );
+        assert_eq!(
+            health("{ type = \"http\", url = \"http://x/\", expect_status = [200, 700] }"),
+            "service.api.health.expect_status: 700 is not an HTTP status (100 to 599)"
+        );
+        assert!(health(
+            "{ type = \"http\", url = \"http://x/\", expect_json = { field = \"v\", equals = \"1\", is = \"2\" } }"
+        )
+        .contains("unknown field `is`"));
     }
 }

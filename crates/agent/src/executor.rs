@@ -1596,11 +1596,14 @@ pub fn snapshot(
         .iter()
         .map(|(name, svc)| {
             let s = svc.supervisor.status().borrow().clone();
+            let role = svc.supervisor.role().borrow().clone();
             (
                 name.clone(),
                 rollwave_core::ServiceView {
                     version: s.version,
                     health: s.health,
+                    role: role.role,
+                    role_error: role.error,
                     staged: svc.dirs.staged(),
                     previous: svc.dirs.previous_version(),
                     backups: list_backups(&svc.dirs.backups()),

@@ -15,6 +15,7 @@ pub mod health;
 pub mod layout;
 pub mod local;
 pub mod logs;
+pub mod role;
 mod session;
 mod supervisor;
 

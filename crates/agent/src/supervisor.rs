@@ -35,6 +35,7 @@ use crate::fds;
 use crate::health::{run_check, CheckKind, CheckResult, HealthTracker, ResolvedCheck};
 use crate::layout::{write_atomic, ServiceDirs};
 use crate::logs::ServiceLog;
+use crate::role::RoleStatus;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -85,11 +86,18 @@ enum Cmd {
 pub struct Supervisor {
     tx: mpsc::Sender<Cmd>,
     status: watch::Receiver<Status>,
+    role: watch::Receiver<RoleStatus>,
 }
 
 impl Supervisor {
     pub fn status(&self) -> watch::Receiver<Status> {
         self.status.clone()
+    }
+
+    /// What the service's role probe last found; always empty for a
+    /// service without one.
+    pub fn role(&self) -> watch::Receiver<RoleStatus> {
+        self.role.clone()
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, String> {
@@ -193,6 +201,20 @@ pub fn spawn(
 ) -> Supervisor {
     let (tx, rx) = mpsc::channel(16);
     let (status_tx, status) = watch::channel(Status::default());
+    let (role_tx, role) = watch::channel(RoleStatus::default());
+    // Beside the supervisor's loop rather than in it, unlike the health
+    // check: a role probe decides no switch, so it must never hold up one.
+    if let Some(probe) = config.role.clone() {
+        tokio::spawn(crate::role::watch(
+            probe,
+            node.clone(),
+            config.name.clone(),
+            client.clone(),
+            status.clone(),
+            role_tx,
+            changed.clone(),
+        ));
+    }
     let s = State {
         me: tx.clone(),
         retiring: Vec::new(),
@@ -212,7 +234,7 @@ pub fn spawn(
         restart_at: Some(Instant::now()),
     };
     tokio::spawn(s.run(rx));
-    Supervisor { tx, status }
+    Supervisor { tx, status, role }
 }
 
 struct State {
@@ -487,7 +509,7 @@ impl State {
             if proc_start_ticks(rec.pid) != Some(rec.start_ticks) {
                 continue;
             }
-            let check = aimed(&self.config.health, rec.health_addr);
+            let check = aimed(&self.config.health, rec.health_addr).for_version(&rec.version);
             let p = Proc {
                 pid: rec.pid,
                 start_ticks: rec.start_ticks,
@@ -647,7 +669,7 @@ impl State {
         drop(keep);
         let child = spawned.map_err(|e| format!("starting {program}: {e}"))?;
         let pid = child.id().unwrap_or(0);
-        let check = aimed(&self.config.health, health_addr);
+        let check = aimed(&self.config.health, health_addr).for_version(version);
         Ok(Proc {
             pid,
             start_ticks: proc_start_ticks(pid).unwrap_or(0),
@@ -787,11 +809,12 @@ fn aimed(check: &ResolvedCheck, private: Option<SocketAddr>) -> ResolvedCheck {
     };
     let mut c = check.clone();
     c.kind = match &check.kind {
-        CheckKind::Http { url } => {
+        CheckKind::Http { url, expect } => {
             let (scheme, rest) = url.split_once("://").unwrap_or(("http", url));
             let path = rest.find('/').map(|i| &rest[i..]).unwrap_or("/");
             CheckKind::Http {
                 url: format!("{scheme}://{addr}{path}"),
+                expect: expect.clone(),
             }
         }
         CheckKind::Tcp { .. } => CheckKind::Tcp {
@@ -902,6 +925,7 @@ pub(crate) mod testing {
             command: vec!["sh".into(), "-c".into(), script.into()],
             env: Default::default(),
             working_dir: None,
+            role: None,
             health: ResolvedCheck {
                 kind: CheckKind::Exec {
                     command: vec!["true".into()],
@@ -1009,13 +1033,19 @@ mod tests {
             unhealthy_threshold: 1,
         };
         let addr: SocketAddr = "127.0.0.1:4321".parse().unwrap();
+        let expect = crate::health::HttpExpect {
+            status: Some(vec![200]),
+            ..Default::default()
+        };
         let http = check(CheckKind::Http {
             url: "http://127.0.0.1:8080/healthz?x=1".into(),
+            expect: expect.clone(),
         });
         assert_eq!(
             aimed(&http, Some(addr)).kind,
             CheckKind::Http {
-                url: "http://127.0.0.1:4321/healthz?x=1".into()
+                url: "http://127.0.0.1:4321/healthz?x=1".into(),
+                expect,
             }
         );
         assert_eq!(aimed(&http, None), http);
@@ -1075,5 +1105,72 @@ i=0; while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done"#;
         assert_eq!(wait_for_file(&env, |_| true).await, "unset\n");
         assert_eq!(svc.supervisor.reload().await.unwrap(), Vec::<u32>::new());
         svc.supervisor.stop().await.unwrap();
+    }
+
+    /// Waits until the service's role status satisfies `done`.
+    async fn wait_role(
+        svc: &crate::executor::Service,
+        done: impl Fn(&RoleStatus) -> bool,
+    ) -> RoleStatus {
+        let mut role = svc.supervisor.role();
+        let deadline = Instant::now() + super::testing::PATIENCE;
+        loop {
+            let now = role.borrow_and_update().clone();
+            if done(&now) {
+                return now;
+            }
+            assert!(Instant::now() < deadline, "role still {now:?}");
+            let _ = tokio::time::timeout(Duration::from_millis(100), role.changed()).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn probes_the_role_while_the_service_runs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("role");
+        std::fs::write(&file, "leader\n").unwrap();
+        let script = "i=0; while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done";
+        let mut svc = shell_service(tmp.path(), "etcd", script, None).installed();
+        svc.config.role = Some(crate::role::ResolvedProbe {
+            kind: crate::role::ProbeKind::Exec {
+                command: vec!["cat".into(), file.display().to_string()],
+            },
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(100),
+        });
+        let svc = svc.start();
+        let leader = RoleStatus {
+            role: Some("leader".into()),
+            error: None,
+        };
+        wait_role(&svc, |r| *r == leader).await;
+
+        std::fs::write(&file, "Follower").unwrap();
+        wait_role(&svc, |r| r.role.as_deref() == Some("follower")).await;
+
+        // A bad answer is named, and the last good role kept beside it.
+        std::fs::write(&file, "I am the leader!").unwrap();
+        let bad = wait_role(&svc, |r| r.error.is_some()).await;
+        assert_eq!(bad.role.as_deref(), Some("follower"));
+        assert_eq!(
+            bad.error.as_deref(),
+            Some(
+                r#"answered "I am the leader!" which is not a role word (1-32 letters, digits, _ or -)"#
+            )
+        );
+        std::fs::remove_file(&file).unwrap();
+        let missing = wait_role(&svc, |r| {
+            r.error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("exit status 1: "))
+        })
+        .await;
+        assert!(missing.error.unwrap().contains("No such file"));
+
+        // A stopped service has no role.
+        std::fs::write(&file, "leader").unwrap();
+        wait_role(&svc, |r| *r == leader).await;
+        svc.supervisor.stop().await.unwrap();
+        wait_role(&svc, |r| *r == RoleStatus::default()).await;
     }
 }

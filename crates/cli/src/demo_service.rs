@@ -127,6 +127,7 @@ pub async fn run(
     let error_rate = release.error_rate;
     let (served, metrics) = (counts.clone(), counts.clone());
     let metrics_version = version.clone();
+    let answered = version.clone();
     let app = Router::new()
         .route(
             "/",
@@ -152,6 +153,12 @@ pub async fn run(
                     metrics.render(&metrics_version),
                 )
             }),
+        )
+        // What a health check with `expect_json` reads: the version from
+        // `release.toml`, which a release built from old code gets wrong.
+        .route(
+            "/version",
+            get(move || async move { axum::Json(serde_json::json!({ "version": answered })) }),
         )
         .route(
             "/healthz",

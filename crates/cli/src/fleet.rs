@@ -58,6 +58,13 @@ pub struct FleetSpec {
     /// A second backup path for `api`, `state_dir/raft`, that a rollback
     /// never restores (`restore = "never"`), as a consensus member's data.
     pub kept_data: bool,
+    /// The path the `api` health check GETs on the node's port.
+    pub health_path: String,
+    /// More entries for the `api` health check's table, e.g.
+    /// `expect_json = { field = "version", equals = "{version}" }`.
+    pub health_settings: Vec<String>,
+    /// More lines for every node's `api` service table, e.g. a role probe.
+    pub service_settings: Vec<String>,
 }
 
 impl FleetSpec {
@@ -77,6 +84,9 @@ impl FleetSpec {
             extra_servers: Vec::new(),
             agent_settings: Vec::new(),
             kept_data: false,
+            health_path: "/healthz".into(),
+            health_settings: Vec::new(),
+            service_settings: Vec::new(),
         }
     }
 }
@@ -695,9 +705,9 @@ rack = "r{rack}"
 name = "api"
 command = [{command}]
 switch = "{switch}"
-{listen}{drain}{hooks}stop_grace = "5s"
+{listen}{drain}{hooks}{service_settings}stop_grace = "5s"
 backup = [{data:?}{kept}]
-health = {{ type = "http", url = "http://127.0.0.1:{port}/healthz", interval = "{interval}", timeout = "1s", healthy_threshold = 1, unhealthy_threshold = 2 }}
+health = {{ type = "http", url = "http://127.0.0.1:{port}{health_path}", interval = "{interval}", timeout = "1s", healthy_threshold = 1, unhealthy_threshold = 2{health_settings} }}
 "#,
         state_dir = state_dir.display().to_string(),
         trusted = trusted.join(", "),
@@ -714,6 +724,17 @@ health = {{ type = "http", url = "http://127.0.0.1:{port}/healthz", interval = "
             String::new()
         },
         interval = spec.check_interval,
+        health_path = spec.health_path,
+        health_settings = spec
+            .health_settings
+            .iter()
+            .map(|s| format!(", {s}"))
+            .collect::<String>(),
+        service_settings = spec
+            .service_settings
+            .iter()
+            .map(|s| format!("{s}\n"))
+            .collect::<String>(),
     )
 }
 

@@ -9,7 +9,7 @@ use rollwave_api::{NodeView, Release, ServiceSummary};
 use rollwave_core::analysis::format_value;
 use rollwave_core::{
     format_duration, AuditEntry, BackupInfo, Health, NodeState, Rollout, RolloutEvent,
-    RolloutSummary, TokenView,
+    RolloutSummary, ServiceView, TokenView,
 };
 
 fn secs(ms: u64) -> String {
@@ -61,6 +61,18 @@ fn health(h: Health) -> &'static str {
     }
 }
 
+/// What the service's role probe says: `leader`; with a failing probe the
+/// last role it gave, marked stale, and why (`leader (stale: timed out
+/// after 1s)`, `? (exit status 1: ...)`).
+fn role(s: &ServiceView) -> String {
+    let last = s.role.as_deref();
+    match (&s.role_error, last) {
+        (None, r) => r.unwrap_or("-").to_string(),
+        (Some(e), Some(r)) => format!("{r} (stale: {e})"),
+        (Some(e), None) => format!("? ({e})"),
+    }
+}
+
 pub fn nodes(nodes: &[NodeView], now: u64) -> String {
     let mut rows = vec![vec![
         "NODE".into(),
@@ -69,6 +81,7 @@ pub fn nodes(nodes: &[NodeView], now: u64) -> String {
         "SERVICE".into(),
         "VERSION".into(),
         "HEALTH".into(),
+        "ROLE".into(),
         "STAGED".into(),
         "CONVERGENCE".into(),
         "LABELS".into(),
@@ -86,6 +99,7 @@ pub fn nodes(nodes: &[NodeView], now: u64) -> String {
                 n.name.clone(),
                 status.into(),
                 seen.clone(),
+                "-".into(),
                 "-".into(),
                 "-".into(),
                 "-".into(),
@@ -113,6 +127,7 @@ pub fn nodes(nodes: &[NodeView], now: u64) -> String {
                 } else {
                     "unknown".into()
                 },
+                role(s),
                 if s.staged.is_empty() {
                     "-".into()
                 } else {
@@ -1025,5 +1040,29 @@ fn count(n: usize, what: &str) -> String {
         (1, _) => format!("1 {what}"),
         (n, Some(stem)) => format!("{n} {stem}ies"),
         (n, None) => format!("{n} {what}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_role_shows_with_why_it_may_be_stale() {
+        let view = |role: Option<&str>, error: Option<&str>| ServiceView {
+            role: role.map(str::to_string),
+            role_error: error.map(str::to_string),
+            ..Default::default()
+        };
+        assert_eq!(role(&view(None, None)), "-");
+        assert_eq!(role(&view(Some("leader"), None)), "leader");
+        assert_eq!(
+            role(&view(Some("leader"), Some("timed out after 1s"))),
+            "leader (stale: timed out after 1s)"
+        );
+        assert_eq!(
+            role(&view(None, Some("exit status 1"))),
+            "? (exit status 1)"
+        );
     }
 }

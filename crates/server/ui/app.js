@@ -866,6 +866,9 @@ function fleetView(root) {
           h('div', { class: 'svc' },
             versionTag(s.version),
             n.online ? badge(s.health) : h('span', { class: 'badge muted' }, 'unknown'),
+            s.role || s.role_error
+              ? h('span', { class: s.role_error ? 'role stale' : 'role', title: s.role_error ? `role probe: ${s.role_error}` : 'role' }, s.role || 'role unknown')
+              : null,
             s.staged && s.staged.length ? h('span', { class: 'staged' }, `staged ${s.staged.join(', ')}`) : null,
             d ? h('span', { class: 'desired' }, `${d.converging ? 'converging' : 'behind'}: ${d.version}`) : null));
       }));

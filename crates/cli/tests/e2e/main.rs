@@ -24,6 +24,7 @@ mod metrics;
 mod migrations;
 mod openapi;
 mod operator;
+mod probes;
 mod quorum;
 #[cfg(feature = "etcd")]
 mod replicas;
