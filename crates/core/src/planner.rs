@@ -965,9 +965,14 @@ fn run_current_batch(
         ));
         return false;
     }
-    if r.spec.leader_last {
+    // With leader_last: each group's followers still pending or in flight,
+    // counted once per step rather than once per leader.
+    let open_followers = if r.spec.leader_last {
         leaders_last(r, fleet, batch, now);
-    }
+        open_followers(r, fleet)
+    } else {
+        BTreeMap::new()
+    };
     let service = r.spec.service.clone();
     let budget = r.spec.unavailable_budget(r.nodes.len());
     let mut unavailable = unavailable_count(r, fleet);
@@ -1021,7 +1026,7 @@ fn run_current_batch(
         let already_down = !view.available(&service);
         let mut leader = false;
         if r.spec.leader_last && !already_down {
-            match leadership(r, fleet, view) {
+            match leadership(r, &open_followers, view) {
                 Leadership::Follower => {}
                 Leadership::Leader => leader = true,
                 other => {
@@ -1135,8 +1140,8 @@ impl Leadership {
 }
 
 /// Reads `v`'s role now: leadership moves, so it is read as the node's turn
-/// comes rather than planned once.
-fn leadership(r: &Rollout, fleet: &Fleet, v: &NodeView) -> Leadership {
+/// comes rather than planned once. `open`: see `open_followers`.
+fn leadership(r: &Rollout, open: &BTreeMap<String, Vec<String>>, v: &NodeView) -> Leadership {
     let Some(role) = v
         .services
         .get(&r.spec.service)
@@ -1147,31 +1152,31 @@ fn leadership(r: &Rollout, fleet: &Fleet, v: &NodeView) -> Leadership {
     if role != LEADER {
         return Leadership::Follower;
     }
-    let before = others_first(r, fleet, v);
-    if before.is_empty() {
-        Leadership::Leader
-    } else {
-        Leadership::LeaderWaits(before)
+    match open.get(quorum_group(&r.spec, v)) {
+        Some(before) if !before.is_empty() => Leadership::LeaderWaits(before.clone()),
+        _ => Leadership::Leader,
     }
 }
 
-/// Nodes of `leader`'s group in this rollout, not leading, still pending or
-/// in flight: they go before it. The rollout's nodes only, so a leader
-/// outside the selection is not waited for.
-fn others_first(r: &Rollout, fleet: &Fleet, leader: &NodeView) -> Vec<String> {
-    // Runs for leaders only: a node or two per group, per step.
-    let group = quorum_group(&r.spec, leader);
-    r.nodes
-        .iter()
-        .filter(|(name, n)| {
-            **name != leader.name && (n.state == NodeState::Pending || n.state.in_flight())
-        })
-        .filter(|(name, _)| match fleet.get(name.as_str()) {
-            Some(v) => quorum_group(&r.spec, v) == group && !is_leader(v, &r.spec.service),
-            None => group.is_empty(),
-        })
-        .map(|(name, _)| name.clone())
-        .collect()
+/// Per quorum group, the rollout's nodes that do not lead and are still
+/// pending or in flight: a group's leader goes after them. The rollout's
+/// nodes only, so a leader outside the selection is not waited for.
+fn open_followers(r: &Rollout, fleet: &Fleet) -> BTreeMap<String, Vec<String>> {
+    let mut open: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, n, v) in join_by_name(fleet, &r.nodes) {
+        if !(n.state == NodeState::Pending || n.state.in_flight()) {
+            continue;
+        }
+        let group = match v {
+            Some(v) if is_leader(v, &r.spec.service) => continue,
+            Some(v) => quorum_group(&r.spec, v),
+            None => "",
+        };
+        open.entry(group.to_string())
+            .or_default()
+            .push(name.clone());
+    }
+    open
 }
 
 /// With `leader_last`, a node of batch `b` that leads when its turn comes
